@@ -1,0 +1,47 @@
+"""`editscale <verb>`: one sub-command per stage; every Snakemake rule calls one of them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .io import EditscaleError
+
+# Each stage module exposes register(subparsers) adding its verbs; a verb sets func=callable(args).
+STAGES = ["models", "data", "stats", "edit", "evaluate", "report", "audit"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="editscale", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for stage in STAGES:
+        try:
+            module = importlib.import_module(f"editscale.{stage}.cli")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"editscale.{stage}.cli":
+                continue  # stage not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        args.func(args)
+    except EditscaleError as exc:
+        print(f"editscale {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Edit stage: editing methods, the segmented edit chain and exact replay."""

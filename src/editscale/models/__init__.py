@@ -1,0 +1,1 @@
+"""Model stage: fetching/building models, the architecture registry and module tracing."""

@@ -1,0 +1,119 @@
+"""Architecture registry: where each model family keeps the modules that editing touches.
+
+Templates take the layer index with `str.format`. `weight_in_out` is True where the edited
+matrix is stored as (in_features, out_features) (GPT-2's Conv1D); editscale always does its
+math on the (out, in) orientation and transposes at the boundary.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import torch
+
+from ..io import EditscaleError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    mlp_out: str  # MLP output projection (the edited matrix), e.g. transformer.h.{}.mlp.c_proj
+    layer: str  # transformer block whose output is the residual stream after layer i
+    final_norm: str
+    lm_head: str
+    embed: str
+    weight_in_out: bool = False
+    n_layers_attr: str = "num_hidden_layers"
+
+
+_LLAMA_LIKE = ArchSpec(
+    mlp_out="model.layers.{}.mlp.down_proj",
+    layer="model.layers.{}",
+    final_norm="model.norm",
+    lm_head="lm_head",
+    embed="model.embed_tokens",
+)
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "gpt2": ArchSpec(
+        mlp_out="transformer.h.{}.mlp.c_proj",
+        layer="transformer.h.{}",
+        final_norm="transformer.ln_f",
+        lm_head="lm_head",
+        embed="transformer.wte",
+        weight_in_out=True,
+        n_layers_attr="n_layer",
+    ),
+    "gptj": ArchSpec(
+        mlp_out="transformer.h.{}.mlp.fc_out",
+        layer="transformer.h.{}",
+        final_norm="transformer.ln_f",
+        lm_head="lm_head",
+        embed="transformer.wte",
+        n_layers_attr="n_layer",
+    ),
+    "gpt_neox": ArchSpec(
+        mlp_out="gpt_neox.layers.{}.mlp.dense_4h_to_h",
+        layer="gpt_neox.layers.{}",
+        final_norm="gpt_neox.final_layer_norm",
+        lm_head="embed_out",
+        embed="gpt_neox.embed_in",
+    ),
+    "llama": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+}
+
+
+def arch_spec(model_or_type) -> ArchSpec:
+    model_type = model_or_type if isinstance(model_or_type, str) else model_or_type.config.model_type
+    if model_type not in ARCHITECTURES:
+        near = difflib.get_close_matches(model_type, ARCHITECTURES, n=3, cutoff=0.3)
+        raise EditscaleError(
+            f"unknown architecture (model_type) {model_type!r}: editscale knows {sorted(ARCHITECTURES)}"
+            + (f"; nearest: {near}" if near else "")
+            + ". Add an ArchSpec to editscale.models.registry.ARCHITECTURES."
+        )
+    return ARCHITECTURES[model_type]
+
+
+def n_layers(model) -> int:
+    return getattr(model.config, arch_spec(model).n_layers_attr)
+
+
+def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """Module by dotted name; a missing name raises one error listing the nearest existing names."""
+    modules = dict(model.named_modules())
+    if name in modules:
+        return modules[name]
+    near = difflib.get_close_matches(name, list(modules), n=5, cutoff=0.5)
+    raise EditscaleError(
+        f"module {name!r} does not exist in {type(model).__name__}; nearest existing module names: {near}"
+    )
+
+
+def mlp_out_name(model, layer: int) -> str:
+    return arch_spec(model).mlp_out.format(layer)
+
+
+def layer_name(model, layer: int) -> str:
+    return arch_spec(model).layer.format(layer)
+
+
+def edited_weight(model: torch.nn.Module, module_name: str) -> torch.nn.Parameter:
+    """The parameter of an edited module (stored orientation; see `to_math` / `from_math`)."""
+    module = get_module(model, module_name)
+    if not hasattr(module, "weight") or module.weight.dim() != 2:
+        raise EditscaleError(f"module {module_name!r} has no 2-D weight to edit")
+    return module.weight
+
+
+def to_math(model, weight: torch.Tensor) -> torch.Tensor:
+    """Stored weight -> (out, in) orientation."""
+    return weight.T if arch_spec(model).weight_in_out else weight
+
+
+def from_math(model, matrix: torch.Tensor) -> torch.Tensor:
+    """(out, in) matrix -> stored orientation."""
+    return matrix.T if arch_spec(model).weight_in_out else matrix
