@@ -35,6 +35,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix + ".tmp")
     os.close(fd)
     tmp = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -119,3 +122,17 @@ def provenance(config_hash: str = "", inputs: dict[str, str] | None = None, devi
         "device": device,
         "python": platform.python_version(),
     }
+
+
+def write_parquet_atomic(df, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write a polars DataFrame to parquet atomically, with string key/value metadata (provenance)."""
+    with atomic_path(path) as tmp:
+        df.write_parquet(tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def read_parquet_metadata(path: str | os.PathLike) -> dict[str, str]:
+    import polars as pl
+
+    meta = pl.read_parquet_metadata(path)
+    meta.pop("ARROW:schema", None)
+    return meta

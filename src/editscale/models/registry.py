@@ -56,7 +56,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         mlp_out="gpt_neox.layers.{}.mlp.dense_4h_to_h",
         layer="gpt_neox.layers.{}",
         final_norm="gpt_neox.final_layer_norm",
-        lm_head="embed_out",
+        lm_head="lm_head",  # transformers >= 5 (older releases: embed_out)
         embed="gpt_neox.embed_in",
     ),
     "llama": _LLAMA_LIKE,

@@ -1,0 +1,20 @@
+# Stage 7 — audit: provenance and hash chains of every output, re-derivation of sampled checkpoints
+
+
+rule audit:
+    input:
+        rules.report_tables.output.tables,
+    output:
+        "results/audit.json",
+    params:
+        cfg=json.dumps(config["audit"], sort_keys=True),
+        models=json.dumps({name: f"data/models/{name}" for name in config["models"]}),
+    log:
+        "results/logs/audit.log",
+    resources:
+        mem_mb=lambda w: max(model_mem_mb(m) for m in config["models"]),
+        runtime=60,
+    conda:
+        ENV
+    shell:
+        "editscale --threads {threads} audit results --params-json {params.cfg:q} --out {output} 2> {log}"

@@ -1,0 +1,92 @@
+# Stage 4 — edit: the sequential chain in segments; each segment reads the state at k - segment
+# and writes deltas/{k}.h5 (cumulative) and factors/{k}.h5 (every update, for exact replay).
+
+
+def stats_inputs(run):
+    return {
+        m: f"results/stats/{run['model']}/{run['corpus']}/{m}.h5" for m in wf.stats_modules(config, run)
+    }
+
+
+def projection_inputs(run):
+    if run["method"] != "alphaedit":
+        return {}
+    t = wf.run_hparams(run)["nullspace_threshold"]
+    return {
+        m: f"results/stats/{run['model']}/{run['corpus']}/nullspace/{m}.t{t}.h5"
+        for m in wf.edited_modules(config, run)
+    }
+
+
+def previous_segment(w):
+    run = RUNS[w.run]
+    k_prev = int(w.k) - run["segment"]
+    if k_prev <= 0:
+        return []
+    return [f"results/{w.run}/deltas/{k_prev:06d}.h5", f"results/{w.run}/factors/{k_prev:06d}.h5"]
+
+
+rule run_config:
+    output:
+        "results/{run}/run.json",
+    params:
+        # n_edits is left out: raising it must not re-run anything that finished segments depend on
+        run=lambda w: json.dumps({k: v for k, v in RUNS[w.run].items() if k != "n_edits"}),
+    log:
+        "results/logs/{run}/run_config.log",
+    conda:
+        ENV
+    shell:
+        "editscale --threads {threads} run-config --run-json {params.run:q} --out {output} 2> {log}"
+
+
+rule context_templates:
+    input:
+        model=lambda w: f"data/models/{RUNS[w.run]['model']}/manifest.json",
+        run="results/{run}/run.json",
+    output:
+        "results/{run}/context_templates.json",
+    params:
+        model_dir=lambda w: f"data/models/{RUNS[w.run]['model']}",
+    log:
+        "results/logs/{run}/context_templates.log",
+    resources:
+        mem_mb=lambda w: model_mem_mb(RUNS[w.run]["model"]),
+        runtime=30,
+    conda:
+        ENV
+    shell:
+        "editscale --threads {threads} context-templates --model-dir {params.model_dir}"
+        " --run-dir results/{wildcards.run} --out {output} 2> {log}"
+
+
+rule edit_segment:
+    input:
+        model=lambda w: f"data/models/{RUNS[w.run]['model']}/manifest.json",
+        run="results/{run}/run.json",
+        edits="results/{run}/edits.jsonl",
+        templates="results/{run}/context_templates.json",
+        stats=lambda w: list(stats_inputs(RUNS[w.run]).values()),
+        projections=lambda w: list(projection_inputs(RUNS[w.run]).values()),
+        previous=previous_segment,
+    output:
+        delta="results/{run}/deltas/{k}.h5",
+        factors="results/{run}/factors/{k}.h5",
+    params:
+        model_dir=lambda w: f"data/models/{RUNS[w.run]['model']}",
+        stats=lambda w: " ".join(f"{m}={p}" for m, p in stats_inputs(RUNS[w.run]).items()),
+        projections=lambda w: " ".join(f"{m}={p}" for m, p in projection_inputs(RUNS[w.run]).items()),
+        k=lambda w: int(w.k),
+        device=config["resources"]["device"],
+    log:
+        "results/logs/{run}/edit_segment_{k}.log",
+    resources:
+        mem_mb=lambda w: model_mem_mb(RUNS[w.run]["model"]) * 2,
+        runtime=lambda w: 10 + 2 * RUNS[w.run]["segment"],
+        **gpu_resources(),
+    conda:
+        ENV
+    shell:
+        "editscale --threads {threads} edit-segment --model-dir {params.model_dir} --run-dir results/{wildcards.run}"
+        " --k {params.k} --templates {input.templates} --stats {params.stats}"
+        " --projections {params.projections} --device {params.device} 2> {log}"

@@ -1,0 +1,20 @@
+# Stage 1 — model: data/models/{model}/ (safetensors, tokenizer, manifest.json with sha256s)
+
+
+rule model:
+    output:
+        "data/models/{model}/manifest.json",
+    params:
+        source=lambda w: config["models"][w.model]["source"],
+        revision=lambda w: (
+            f"--revision {config['models'][w.model]['revision']}" if config["models"][w.model]["revision"] else ""
+        ),
+    log:
+        "results/logs/model/{model}.log",
+    resources:
+        mem_mb=lambda w: model_mem_mb(w.model) * 2,
+        runtime=60,
+    conda:
+        ENV
+    shell:
+        "editscale --threads {threads} model --source {params.source:q} --out data/models/{wildcards.model} {params.revision} 2> {log}"

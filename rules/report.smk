@@ -1,0 +1,71 @@
+# Stage 6 — report: tidy tables (polars), phase detection, altair figures, `snakemake --report`.
+
+FAMILIES = ["edit_scores", "history", "downstream", "generation", "perplexity", "weights"]
+FIGURES = ["edit_scores", "forgetting", "downstream", "weight_distance", "update_norms", "overview"]
+
+
+def all_metric_files(wildcards=None):
+    return [f for run in RUNS for m in FAMILIES for f in metric_files(m, run)]
+
+
+def runs_meta():
+    return json.dumps(
+        [
+            {k: run[k] for k in ("name", "model", "method", "hparams", "dataset", "sample", "n_edits", "segment")}
+            for run in RUNS.values()
+        ]
+    )
+
+
+rule report_tables:
+    input:
+        metrics=all_metric_files,
+        factors=[f"results/{r}/factors/{k:06d}.h5" for r, run in RUNS.items() for k in wf.segment_ends(run)],
+    output:
+        summary=report(
+            "results/tables/summary.csv",
+            caption="../report/summary.rst",
+            category="Tables",
+        ),
+        tables=expand("results/tables/{family}.parquet", family=FAMILIES + ["summary", "edit_log", "phases"]),
+    params:
+        runs=runs_meta(),
+        report=json.dumps(config["report"], sort_keys=True),
+    log:
+        "results/logs/report_tables.log",
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        ENV
+    shell:
+        "editscale --threads {threads} report-tables --runs-json {params.runs:q} --results results --out-dir results/tables"
+        " --params-json {params.report:q} 2> {log}"
+
+
+rule report_plots:
+    input:
+        rules.report_tables.output.tables,
+    output:
+        html=report(
+            expand("results/plots/{figure}.html", figure=FIGURES),
+            caption="../report/figures.rst",
+            category="Figures (interactive)",
+        ),
+        png=report(
+            expand("results/plots/{figure}.png", figure=FIGURES),
+            caption="../report/figures.rst",
+            category="Figures",
+        ),
+        svg=expand("results/plots/{figure}.svg", figure=FIGURES),
+    params:
+        smooth=config["report"]["smooth"],
+    log:
+        "results/logs/report_plots.log",
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        ENV
+    shell:
+        "editscale --threads {threads} report-plots --tables results/tables --out-dir results/plots --smooth {params.smooth} 2> {log}"

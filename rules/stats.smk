@@ -1,0 +1,64 @@
+# Stage 3 — stats: token sample of a corpus (stats + disjoint held-out part), then the uncentred
+# second moment E[k k^T] of each edited module's input, one HDF5 file per module.
+
+
+rule corpus_tokens:
+    input:
+        "data/models/{model}/manifest.json",
+    output:
+        stats="data/corpora/{model}/{corpus}/stats.npy",
+        heldout="data/corpora/{model}/{corpus}/heldout.npy",
+    params:
+        spec=lambda w: json.dumps(config["corpora"][w.corpus]),
+        device=config["resources"]["device"],
+    log:
+        "results/logs/corpus/{model}/{corpus}.log",
+    resources:
+        mem_mb=lambda w: model_mem_mb(w.model),
+        runtime=120,
+        **gpu_resources(),
+    conda:
+        ENV
+    shell:
+        "editscale --threads {threads} corpus --model-dir data/models/{wildcards.model} --corpus-json {params.spec:q}"
+        " --out-dir data/corpora/{wildcards.model}/{wildcards.corpus} --device {params.device} 2> {log}"
+
+
+rule stats:
+    input:
+        manifest="data/models/{model}/manifest.json",
+        tokens="data/corpora/{model}/{corpus}/stats.npy",
+    output:
+        "results/stats/{model}/{corpus}/{module}.h5",
+    params:
+        spec=lambda w: json.dumps(config["corpora"][w.corpus]),
+        device=config["resources"]["device"],
+    log:
+        "results/logs/stats/{model}/{corpus}/{module}.log",
+    resources:
+        mem_mb=lambda w: model_mem_mb(w.model),
+        runtime=240,
+        **gpu_resources(),
+    conda:
+        ENV
+    shell:
+        "editscale --threads {threads} stats --model-dir data/models/{wildcards.model} --tokens {input.tokens}"
+        " --corpus-json {params.spec:q} --corpus-id {wildcards.corpus} --modules {wildcards.module}"
+        " --out-dir results/stats/{wildcards.model}/{wildcards.corpus} --device {params.device} 2> {log}"
+
+
+rule nullspace:
+    # AlphaEdit's projection onto the null space of the preserved keys; once per (model, layer, threshold)
+    input:
+        "results/stats/{model}/{corpus}/{module}.h5",
+    output:
+        "results/stats/{model}/{corpus}/nullspace/{module}.t{threshold}.h5",
+    log:
+        "results/logs/stats/{model}/{corpus}/nullspace-{module}-{threshold}.log",
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        ENV
+    shell:
+        "editscale --threads {threads} nullspace --stats {input} --threshold {wildcards.threshold} --out {output} 2> {log}"

@@ -1,0 +1,1 @@
+"""Audit stage: provenance, hash chains and re-derivation of checkpoints from factors."""

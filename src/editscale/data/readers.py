@@ -1,0 +1,355 @@
+"""Readers from the public edit datasets into the normalized schema, and the dataset entry point.
+
+Every reader returns a list of cases in the schema of editscale.data.schema. Records that cannot
+become an edit (subject not in the prompt, empty target, target_new == target_true) are skipped,
+counted and reported in one log line per reason; a reader that is left with no case at all raises.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+from ..io import EditscaleError, write_jsonl_atomic
+from .schema import UNKNOWN_RELATION, fill, make_template, validate_case
+
+log = logging.getLogger(__name__)
+
+# Canonical downloads of the original ROME/MEMIT files, for the workflow's download rule.
+COUNTERFACT_URLS = {
+    "counterfact": "https://rome.baulab.info/data/dsets/counterfact.json",
+    "multi_counterfact": "https://rome.baulab.info/data/dsets/multi_counterfact.json",
+}
+
+
+def counterfact_url(name: str = "counterfact") -> str:
+    """Download URL of the original CounterFact ("counterfact") or MultiCounterFact ("multi_counterfact")."""
+    if name not in COUNTERFACT_URLS:
+        raise EditscaleError(f"unknown CounterFact variant {name!r}; known: {', '.join(sorted(COUNTERFACT_URLS))}")
+    return COUNTERFACT_URLS[name]
+
+
+class _Skips:
+    """Counts skipped records per reason and remembers the first example of each."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.first: dict[str, str] = {}
+
+    def add(self, reason: str, ident: Any) -> None:
+        self.counts[reason] += 1
+        self.first.setdefault(reason, str(ident))
+
+    def report(self, reader: str, path: Path, n_records: int, n_kept: int) -> None:
+        log.info("%s: %d records in %s, %d cases kept, %d skipped", reader, n_records, path, n_kept, n_records - n_kept)
+        for reason, count in sorted(self.counts.items()):
+            log.warning("%s: skipped %d records in %s: %s (first: %s)", reader, count, path, reason, self.first[reason])
+
+
+def _load_json_list(path: str | os.PathLike) -> list:
+    path = Path(path)
+    if not path.is_file():
+        raise EditscaleError(f"dataset file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise EditscaleError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, list):
+        raise EditscaleError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def _get(record: Any, key: str, kind: type | tuple, path: Path, ident: Any) -> Any:
+    """record[key], checked to be of `kind`; errors name the file, the record and the key."""
+    if not isinstance(record, dict):
+        raise EditscaleError(f"{path}: record {ident} is not a JSON object")
+    if key not in record:
+        raise EditscaleError(f"{path}: record {ident} has no key '{key}'")
+    value = record[key]
+    if not isinstance(value, kind):
+        expected = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+        raise EditscaleError(f"{path}: record {ident} key '{key}' must be {expected}, got {type(value).__name__}")
+    return value
+
+
+def _str_list(record: dict, key: str, path: Path, ident: Any) -> list[str]:
+    value = _get(record, key, list, path, ident)
+    if not all(isinstance(v, str) for v in value):
+        raise EditscaleError(f"{path}: record {ident} key '{key}' must be a list of strings")
+    return list(value)
+
+
+def _targets_ok(target_true: str, target_new: str, skips: _Skips, ident: Any) -> bool:
+    if not target_new or not target_true:
+        skips.add("empty target_new or target_true", ident)
+        return False
+    if target_new == target_true:
+        skips.add("target_new equals target_true (nothing to edit)", ident)
+        return False
+    return True
+
+
+def read_counterfact(path: str | os.PathLike) -> list[dict]:
+    """Original CounterFact / MultiCounterFact json (ROME's counterfact.json, MEMIT's multi_counterfact.json).
+
+    Each record: case_id, requested_rewrite {prompt, subject, relation_id, target_new {str},
+    target_true {str}}, paraphrase_prompts, neighborhood_prompts, attribute_prompts,
+    generation_prompts. The prompt is already a "{}" template.
+    """
+    path = Path(path)
+    records = _load_json_list(path)
+    skips = _Skips()
+    cases = []
+    for i, rec in enumerate(records):
+        ident = rec.get("case_id", f"#{i}") if isinstance(rec, dict) else f"#{i}"
+        case_id = _get(rec, "case_id", (int, str), path, ident)
+        rw = _get(rec, "requested_rewrite", dict, path, ident)
+        target_new = _get(_get(rw, "target_new", dict, path, ident), "str", str, path, ident).strip()
+        target_true = _get(_get(rw, "target_true", dict, path, ident), "str", str, path, ident).strip()
+        if not _targets_ok(target_true, target_new, skips, ident):
+            continue
+        prompt = _get(rw, "prompt", str, path, ident)
+        if prompt.count("{}") != 1 or prompt.count("{") != 1 or prompt.count("}") != 1:
+            skips.add("prompt does not hold exactly one '{}' and no other braces", ident)
+            continue
+        cases.append(
+            {
+                "case_id": str(case_id),
+                "subject": _get(rw, "subject", str, path, ident),
+                "relation_id": _get(rw, "relation_id", str, path, ident),
+                "prompt": prompt,
+                "target_true": target_true,
+                "target_new": target_new,
+                "paraphrase_prompts": _str_list(rec, "paraphrase_prompts", path, ident),
+                "neighborhood_prompts": _str_list(rec, "neighborhood_prompts", path, ident),
+                "attribute_prompts": _str_list(rec, "attribute_prompts", path, ident),
+                "generation_prompts": _str_list(rec, "generation_prompts", path, ident),
+            }
+        )
+    skips.report("counterfact", path, len(records), len(cases))
+    return cases
+
+
+def read_counterfact_easyedit(paths: str | os.PathLike | list) -> list[dict]:
+    """EasyEdit/KnowEdit CounterFact json (counterfact-train.json, counterfact-val.json), one or more files.
+
+    Each record: case_id, prompt (subject filled in), subject, target_new, ground_truth,
+    rephrase_prompt, locality_prompt, locality_ground_truth. The prompt becomes a template by
+    replacing the subject's first occurrence by "{}"; records whose prompt does not contain the
+    subject are skipped and counted (none in the public train/val files). The format carries no
+    relation id, attribute prompts or generation prompts: relation_id is "unknown",
+    attribute_prompts is empty, and generation_prompts are the filled prompt and its paraphrase
+    so that fluency can still be measured on the edited subject.
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    cases: list[dict] = []
+    for path in map(Path, paths):
+        records = _load_json_list(path)
+        skips = _Skips()
+        n_before = len(cases)
+        for i, rec in enumerate(records):
+            ident = rec.get("case_id", f"#{i}") if isinstance(rec, dict) else f"#{i}"
+            case_id = _get(rec, "case_id", (int, str), path, ident)
+            subject = _get(rec, "subject", str, path, ident)
+            prompt = _get(rec, "prompt", str, path, ident).strip()
+            target_new = _get(rec, "target_new", str, path, ident).strip()
+            target_true = _get(rec, "ground_truth", str, path, ident).strip()
+            rephrase = _get(rec, "rephrase_prompt", str, path, ident).strip()
+            locality = _get(rec, "locality_prompt", str, path, ident).strip()
+            locality_answer = _get(rec, "locality_ground_truth", str, path, ident).strip()
+            if not _targets_ok(target_true, target_new, skips, ident):
+                continue
+            template = make_template(prompt, subject)
+            if template is None:
+                skips.add("subject does not occur in prompt (or prompt holds braces)", ident)
+                continue
+            case = {
+                "case_id": str(case_id),
+                "subject": subject,
+                "relation_id": UNKNOWN_RELATION,
+                "prompt": template,
+                "target_true": target_true,
+                "target_new": target_new,
+                "paraphrase_prompts": [rephrase],
+                "neighborhood_prompts": [locality],
+                "attribute_prompts": [],
+                "generation_prompts": [prompt, rephrase],
+            }
+            if locality_answer and locality_answer != target_true:
+                case["neighborhood_target"] = locality_answer
+            cases.append(case)
+        skips.report("counterfact_easyedit", path, len(records), len(cases) - n_before)
+    return cases
+
+
+def read_zsre_mend(path: str | os.PathLike) -> list[dict]:
+    """zsRE in MEND format (zsre_mend_train*.json / zsre_mend_eval.json).
+
+    Each record: subject, src (question), pred, rephrase, alt (new answer), answers (true answers),
+    loc ("nq question: ..."), loc_ans, cond. Mapping: prompt = src with the subject replaced by
+    "{}"; target_new = alt; target_true = answers[0]; paraphrase = [rephrase]; neighborhood =
+    [loc] with neighborhood_target = loc_ans. When the subject does not occur in src, the prompt
+    is "{}: " + src (the subject as a prefix, so the edit still has a subject position to act on;
+    fill(prompt, subject) then differs from src). Records with an empty alt or alt == answers[0]
+    are skipped (2 + 17 in zsre_mend_train-1k.json, leaving 981). case_id = "zsre-<index in file>".
+    """
+    path = Path(path)
+    records = _load_json_list(path)
+    skips = _Skips()
+    n_prefixed = 0
+    cases = []
+    for i, rec in enumerate(records):
+        ident = f"#{i}"
+        subject = _get(rec, "subject", str, path, ident)
+        src = _get(rec, "src", str, path, ident).strip()
+        answers = _str_list(rec, "answers", path, ident)
+        if not answers:
+            raise EditscaleError(f"{path}: record {ident} key 'answers' is an empty list")
+        target_true = answers[0].strip()
+        target_new = _get(rec, "alt", str, path, ident).strip()
+        rephrase = _get(rec, "rephrase", str, path, ident).strip()
+        loc = _get(rec, "loc", str, path, ident).strip()
+        loc_ans = _get(rec, "loc_ans", str, path, ident).strip()
+        if not _targets_ok(target_true, target_new, skips, ident):
+            continue
+        if "{" in src or "}" in src:
+            skips.add("question holds braces", ident)
+            continue
+        template = make_template(src, subject)
+        if template is None:
+            template = "{}: " + src
+            n_prefixed += 1
+        case = {
+            "case_id": f"zsre-{i:06d}",
+            "subject": subject,
+            "relation_id": UNKNOWN_RELATION,
+            "prompt": template,
+            "target_true": target_true,
+            "target_new": target_new,
+            "paraphrase_prompts": [rephrase],
+            "neighborhood_prompts": [loc],
+            "attribute_prompts": [],
+            "generation_prompts": [fill(template, subject), rephrase],
+        }
+        if loc_ans and loc_ans != target_true:
+            case["neighborhood_target"] = loc_ans
+        cases.append(case)
+    skips.report("zsre_mend", path, len(records), len(cases))
+    if n_prefixed:
+        log.warning("zsre_mend: %d questions in %s do not contain their subject; prompt is '{}: ' + question", n_prefixed, path)
+    return cases
+
+
+def _read_geofacts(spec: dict) -> list[dict]:
+    from .geofacts import build_geofacts
+
+    # n_cases is applied by build_geofacts itself (seeded subset, same rule as build_dataset).
+    return build_geofacts(n_cases=spec.get("n_cases"), seed=spec.get("seed", 0))
+
+
+# reader name -> (function of the expanded path list, whether several files are allowed)
+FILE_READERS: dict[str, tuple[Callable[..., list[dict]], bool]] = {
+    "counterfact": (read_counterfact, False),
+    "counterfact_easyedit": (read_counterfact_easyedit, True),
+    "zsre_mend": (read_zsre_mend, False),
+}
+READERS = ("geofacts", *FILE_READERS)
+# The config's dataset entry is passed whole: `url` belongs to the download rule and `order_file`
+# to the sequence rule; they are accepted here and not used.
+SPEC_KEYS = {"reader", "path", "n_cases", "seed", "url", "order_file"}
+
+
+def expand_paths(spec_path: Any) -> list[Path]:
+    """A path, a glob, or a list of them -> existing files, globs sorted; errors name what is missing."""
+    items = spec_path if isinstance(spec_path, list) else [spec_path]
+    if not items or not all(isinstance(p, (str, os.PathLike)) for p in items):
+        raise EditscaleError(f"dataset spec 'path' must be a path, a glob or a list of them, got {spec_path!r}")
+    out: list[Path] = []
+    for item in items:
+        item = str(item)
+        if item.startswith(("http://", "https://")):
+            raise EditscaleError(f"dataset spec 'path' is a URL ({item}); download it first and give the local file")
+        if glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise EditscaleError(f"dataset spec 'path': no file matches {item!r}")
+            out.extend(Path(m) for m in matches)
+        elif not Path(item).is_file():
+            raise EditscaleError(f"dataset spec 'path': file not found: {item}")
+        else:
+            out.append(Path(item))
+    return out
+
+
+def subsample(cases: list[dict], n_cases: int | None, seed: int, what: str) -> list[dict]:
+    """A seeded random subset of n_cases, kept in source order (None: all cases)."""
+    if n_cases is None:
+        return cases
+    if n_cases > len(cases):
+        raise EditscaleError(f"{what}: n_cases={n_cases} requested but only {len(cases)} cases are available")
+    keep = set(random.Random(f"editscale-subsample:{seed}").sample(range(len(cases)), n_cases))
+    return [c for i, c in enumerate(cases) if i in keep]
+
+
+def load_cases(spec: dict) -> list[dict]:
+    """Read and validate the cases a dataset spec describes (see build_dataset)."""
+    if not isinstance(spec, dict):
+        raise EditscaleError(f"dataset spec must be a mapping, got {type(spec).__name__}")
+    reader = spec.get("reader")
+    if reader not in READERS:
+        raise EditscaleError(f"dataset spec 'reader': unknown reader {reader!r}; known readers: {', '.join(READERS)}")
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise EditscaleError(f"dataset spec: unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(SPEC_KEYS))}")
+    n_cases = spec.get("n_cases")
+    if n_cases is not None and (not isinstance(n_cases, int) or isinstance(n_cases, bool) or n_cases < 1):
+        raise EditscaleError(f"dataset spec 'n_cases' must be a positive integer or null, got {n_cases!r}")
+    seed = spec.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise EditscaleError(f"dataset spec 'seed' must be an integer, got {seed!r}")
+
+    if reader == "geofacts":
+        cases = _read_geofacts(spec)
+        source = "geofacts"
+    else:
+        if spec.get("path") is None:
+            raise EditscaleError(f"dataset spec: reader {reader!r} needs 'path'")
+        func, many = FILE_READERS[reader]
+        paths = expand_paths(spec["path"])
+        if len(paths) > 1 and not many:
+            raise EditscaleError(f"dataset spec 'path': reader {reader!r} reads one file, got {len(paths)}: {[str(p) for p in paths]}")
+        cases = func(paths if many else paths[0])
+        source = ", ".join(map(str, paths))
+        cases = subsample(cases, n_cases, seed, source)
+
+    if not cases:
+        raise EditscaleError(f"dataset {source}: reader {reader!r} produced no cases")
+    seen: set[str] = set()
+    for case in cases:
+        validate_case(case, source)
+        if case["case_id"] in seen:
+            raise EditscaleError(f"dataset {source}: duplicate case_id {case['case_id']!r}")
+        seen.add(case["case_id"])
+    return cases
+
+
+def build_dataset(spec: dict, out_path: str | os.PathLike) -> list[dict]:
+    """Write data/datasets/{dataset}.jsonl: the validated cases of `spec`, one per line, sorted keys.
+
+    spec = {"reader": "geofacts" | "counterfact" | "counterfact_easyedit" | "zsre_mend",
+            "path": file, glob, or list of them (not for geofacts; a list only for counterfact_easyedit),
+            "n_cases": optional int, a seeded random subset kept in source order,
+            "seed": int (default 0),
+            "url", "order_file": accepted and ignored (used by the download and sequence rules)}
+    """
+    cases = load_cases(spec)
+    write_jsonl_atomic(out_path, cases)
+    log.info("dataset: wrote %d cases (reader %s) to %s", len(cases), spec["reader"], out_path)
+    return cases

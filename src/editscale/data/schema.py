@@ -1,0 +1,100 @@
+"""The normalized edit-case schema that every reader produces and every later stage consumes.
+
+One case is one JSON object (one line of data/datasets/{dataset}.jsonl):
+
+    case_id               str   unique within the dataset
+    subject               str   the entity being edited
+    relation_id           str   e.g. "P36" (Wikidata id) or "unknown" when the source has none
+    prompt                str   template with exactly one "{}" where the subject goes
+    target_true           str   the true object, without leading space (the scorer adds " ")
+    target_new            str   the counterfactual object, same convention, != target_true
+    paraphrase_prompts    list[str]  full strings (subject filled in) asking for the same fact
+    neighborhood_prompts  list[str]  full strings about OTHER subjects; their true answer is
+                                     target_true, or neighborhood_target when that is present
+    attribute_prompts     list[str]  full strings about subjects whose true answer is target_new
+    generation_prompts    list[str]  open-ended prompts mentioning the subject
+
+Optional fields:
+
+    neighborhood_target   str   true answer of the neighborhood prompts when it is not target_true
+                                (EasyEdit CounterFact locality, zsRE nq questions)
+    edit_index            int   1-based position in an edit sequence (results/{run}/edits.jsonl)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..io import EditscaleError
+
+STRING_FIELDS = ("case_id", "subject", "relation_id", "prompt", "target_true", "target_new")
+LIST_FIELDS = ("paraphrase_prompts", "neighborhood_prompts", "attribute_prompts", "generation_prompts")
+REQUIRED_FIELDS = STRING_FIELDS + LIST_FIELDS
+OPTIONAL_FIELDS = {"neighborhood_target": str, "edit_index": int}
+
+UNKNOWN_RELATION = "unknown"
+
+
+def fill(template: str, subject: str) -> str:
+    """The full prompt: the template with its single "{}" replaced by the subject.
+
+    str.replace rather than str.format so that a subject containing braces cannot break it.
+    """
+    return template.replace("{}", subject, 1)
+
+
+def make_template(prompt: str, subject: str) -> str | None:
+    """Turn a full prompt into a template by replacing the first occurrence of `subject` by "{}".
+
+    Returns None when the subject does not occur in the prompt, or when the prompt already holds
+    braces (a literal "{" would be ambiguous with the placeholder). Only the first occurrence is
+    replaced, so fill(template, subject) always reproduces `prompt`.
+    """
+    if not subject or subject not in prompt or "{" in prompt or "}" in prompt:
+        return None
+    return prompt.replace(subject, "{}", 1)
+
+
+def validate_case(d: Any, source: str | None = None) -> dict:
+    """Check one case against the schema; return it unchanged or raise EditscaleError.
+
+    The message names the case_id (or the position when there is none), the field and the
+    problem, and `source` (a file name) when given.
+    """
+    where = f" in {source}" if source else ""
+    if not isinstance(d, dict):
+        raise EditscaleError(f"edit case{where} must be a JSON object, got {type(d).__name__}")
+    case = f"case {d.get('case_id')!r}{where}"
+
+    for field in REQUIRED_FIELDS:
+        if field not in d:
+            raise EditscaleError(f"{case}: missing required field '{field}'")
+    for field in STRING_FIELDS:
+        value = d[field]
+        if not isinstance(value, str):
+            raise EditscaleError(f"{case}: field '{field}' must be a string, got {type(value).__name__}")
+        if field != "relation_id" and not value.strip():
+            raise EditscaleError(f"{case}: field '{field}' is empty")
+    for field in ("target_true", "target_new"):
+        # The scorer prepends " " itself; a stored leading space would double it.
+        if d[field] != d[field].strip():
+            raise EditscaleError(f"{case}: field '{field}' has leading/trailing whitespace: {d[field]!r}")
+    if d["target_true"] == d["target_new"]:
+        raise EditscaleError(f"{case}: target_new equals target_true ({d['target_new']!r}); nothing to edit")
+
+    prompt = d["prompt"]
+    if prompt.count("{}") != 1 or prompt.count("{") != 1 or prompt.count("}") != 1:
+        raise EditscaleError(f"{case}: field 'prompt' must contain exactly one '{{}}' and no other braces: {prompt!r}")
+
+    for field in LIST_FIELDS:
+        value = d[field]
+        if not isinstance(value, list):
+            raise EditscaleError(f"{case}: field '{field}' must be a list, got {type(value).__name__}")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise EditscaleError(f"{case}: field '{field}'[{i}] must be a string, got {type(item).__name__}")
+
+    for field, kind in OPTIONAL_FIELDS.items():
+        if field in d and (not isinstance(d[field], kind) or isinstance(d[field], bool)):
+            raise EditscaleError(f"{case}: field '{field}' must be {kind.__name__}, got {type(d[field]).__name__}")
+    return d

@@ -1,0 +1,182 @@
+"""AlphaEdit (Fang et al., ICLR 2025): MEMIT with the update projected onto the null space of the
+preserved knowledge.
+
+Targets z and keys K are MEMIT's (see memit.py). For edited layer l (i-th of the list):
+
+    P   = U0 U0^T, U0 = eigenvectors of C = E[k k^T] (preserved knowledge, the layer statistics)
+          with eigenvalue < nullspace_threshold          (computed once; or passed in / restored)
+    Kp  = keys of every earlier edit of the chain at this layer (AlphaEdit's cache_c = Kp Kp^T)
+    M   = P (Kp Kp^T + K K^T) + L2 I
+    dW  = (M^-1 P K R^T)^T = R K^T P (Kp Kp^T P + K K^T P + L2 I)^-1
+
+as in AlphaEdit_main.py (`torch.linalg.solve(P @ (K K^T + cache_c) + L2 I, P @ K @ R^T)`, there in
+float32, here in float64). It is applied as one low-rank update u v^T with u = R [out x B] and
+v = M^-1 P K [in x B]. For any k0 with P k0 = 0 (the preserved space), M k0 = L2 k0, so
+dW k0 = R K^T P k0 / L2 = 0: the edit leaves the preserved keys' outputs unchanged.
+
+Unlike MEMIT, the covariance itself does not enter the solve; mom2_update_weight is unused.
+After the batch is written, the keys of the batch are recomputed at every edited layer on the
+edited model and appended to Kp (the reference code does exactly this to update cache_c).
+
+State: the keys of all earlier edits per layer (`state_dict()` -> {f"{module}/keys": [n, d_in]
+float32}). Kp Kp^T is kept as a sum over fixed chunks of `key_fold_size` consecutive keys (by
+their index in the chain, not by batch) plus the not yet folded tail, so that a chain restored from
+its keys rebuilds exactly the same matrix as the uninterrupted chain: the next update is identical.
+
+Hyperparameters: MEMIT's names, plus nullspace_threshold (AlphaEdit: 2e-2, an absolute bound on
+the eigenvalues of C, so it depends on the activation scale of the model), L2 (AlphaEdit: 10),
+key_fold_size (64) and projection_dtype (float64; float32 halves the memory for GPT-J-size
+matrices, as the reference stores P).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from ..io import EditscaleError
+from .memit import Memit, solve_checked
+
+try:  # the stats stage owns the eigendecomposition; the fallback below has the same contract
+    from ..stats.mom2 import null_space_basis as _stats_null_space_basis
+except ImportError:  # pragma: no cover - depends on what the stats stage provides
+    _stats_null_space_basis = None
+
+
+def null_space_projection(mom2, threshold: float, device="cpu") -> torch.Tensor:
+    """P = U0 U0^T (float64 tensor on `device`) over the eigenvectors of the symmetric PSD `mom2`
+    with eigenvalue < threshold (editscale.stats.mom2's definition, computed on `device`)."""
+    m = torch.as_tensor(mom2).detach().to(torch.float64)
+    if _stats_null_space_basis is not None:
+        u0, _ = _stats_null_space_basis(m.cpu().numpy(), float(threshold), device=str(device))
+        U0 = torch.from_numpy(u0).to(device)
+    else:
+        m = m.to(device)
+        vals, vecs = torch.linalg.eigh((m + m.T) / 2)
+        U0 = vecs[:, vals < float(threshold)]
+    return U0 @ U0.T
+
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class AlphaEdit(Memit):
+    """Null-space constrained MEMIT for sequential editing."""
+
+    name = "alphaedit"
+    required_hparams = tuple(k for k in Memit.required_hparams if k != "mom2_update_weight") + ("nullspace_threshold", "L2")
+    default_hparams = {**Memit.default_hparams, "key_fold_size": 64, "projection_dtype": "float64"}
+
+    @classmethod
+    def validate_hparams(cls, hp: dict, source: str = "hparams") -> None:
+        super().validate_hparams(hp, source)
+        if hp.get("projection_dtype", "float64") not in _DTYPES:
+            raise EditscaleError(f"{source}: projection_dtype must be one of {sorted(_DTYPES)}, got {hp['projection_dtype']!r}")
+        fold = hp.get("key_fold_size", 64)
+        if isinstance(fold, bool) or not isinstance(fold, int) or fold < 1:
+            raise EditscaleError(f"{source}: key_fold_size must be a positive integer, got {fold!r}")
+
+    def __init__(
+        self,
+        model,
+        tok,
+        hparams: dict,
+        stats: dict,
+        context_templates,
+        state=None,
+        projections: dict | None = None,
+    ):
+        super().__init__(model, tok, hparams, stats, context_templates, state)
+        pdt = _DTYPES[self.hparams["projection_dtype"]]
+        self.fold = int(self.hparams["key_fold_size"])
+        device = next(model.parameters()).device
+        self.P: dict[str, torch.Tensor] = {}
+        for m in self._modules:
+            if projections is not None and m in projections:
+                P = torch.as_tensor(projections[m])
+            elif m in self.stats:
+                P = null_space_projection(self.stats[m], float(self.hparams["nullspace_threshold"]), device=device)
+            else:
+                raise EditscaleError(f"alphaedit: neither a null-space projection nor statistics for {m}")
+            self.P[m] = P.to(device=device, dtype=pdt)
+        # dimension of the null space (trace of the projector): 0 means every update is zero
+        self.null_dim = {m: int(round(float(torch.diagonal(P).sum()))) for m, P in self.P.items()}
+        for m, r in self.null_dim.items():
+            if r == 0:
+                log.warning("alphaedit: the null space of %s is empty (threshold %g): every update will be zero", m, self.hparams["nullspace_threshold"])
+            elif r == self.P[m].shape[0]:
+                log.warning("alphaedit: the null space of %s is everything (threshold %g): no knowledge is preserved", m, self.hparams["nullspace_threshold"])
+        d_in = {m: self.P[m].shape[0] for m in self._modules}
+        # keys of earlier edits: folded chunks (already in _folded) + the pending tail
+        self._blocks: dict[str, list[torch.Tensor]] = {m: [] for m in self._modules}
+        self._pending: dict[str, torch.Tensor] = {m: torch.zeros((0, d_in[m]), dtype=torch.float32, device=device) for m in self._modules}
+        self._folded: dict[str, torch.Tensor] = {m: torch.zeros((d_in[m], d_in[m]), dtype=torch.float64, device=device) for m in self._modules}
+        if state:
+            for m in self._modules:
+                key = f"{m}/keys"
+                if key not in state:
+                    raise EditscaleError(f"alphaedit: state has no {key!r} (has {sorted(state)})")
+                arr = torch.from_numpy(np.ascontiguousarray(np.asarray(state[key], dtype=np.float32)))
+                if arr.dim() != 2 or arr.shape[1] != d_in[m]:
+                    raise EditscaleError(f"alphaedit: state {key!r} has shape {tuple(arr.shape)}, expected [n, {d_in[m]}]")
+                self._append_keys(m, arr.to(device))
+
+    def _needs_cov(self) -> bool:
+        return False  # C enters only through P
+
+    # -- earlier keys ---------------------------------------------------------------------------
+
+    def _append_keys(self, module: str, new: torch.Tensor) -> None:
+        """Append keys [n, d_in] (float32) and fold every completed chunk of `fold` keys."""
+        pending = torch.cat([self._pending[module], new.to(torch.float32)], dim=0)
+        while pending.shape[0] >= self.fold:
+            chunk = pending[: self.fold].clone()
+            c64 = chunk.to(torch.float64).clone()  # fresh, aligned storage: same op on same data
+            self._folded[module].add_(c64.T @ c64)
+            self._blocks[module].append(chunk)
+            pending = pending[self.fold :]
+        self._pending[module] = pending.clone()
+
+    def prior_kkt(self, module: str) -> torch.Tensor:
+        """Kp Kp^T of all earlier edits at `module`, float64 [d_in x d_in]."""
+        tail = self._pending[module].to(torch.float64).clone()
+        if tail.shape[0] == 0:
+            return self._folded[module].clone()
+        return self._folded[module] + tail.T @ tail
+
+    def prior_keys(self, module: str) -> torch.Tensor:
+        """All earlier keys at `module` in chain order, float32 [n, d_in]."""
+        return torch.cat([*self._blocks[module], self._pending[module]], dim=0)
+
+    def n_prior_keys(self, module: str) -> int:
+        return sum(b.shape[0] for b in self._blocks[module]) + int(self._pending[module].shape[0])
+
+    def state_dict(self) -> dict:
+        return {f"{m}/keys": self.prior_keys(m).detach().cpu().numpy().astype(np.float32) for m in self._modules}
+
+    # -- the update -----------------------------------------------------------------------------
+
+    def solve_layer(self, index: int, module: str, K: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        P = self.P[module].to(device=K.device, dtype=torch.float64)
+        d = K.shape[0]
+        if P.shape != (d, d):
+            raise EditscaleError(f"alphaedit: projection of {module} has shape {tuple(P.shape)}, keys have dimension {d}")
+        A = self.prior_kkt(module).to(K.device) + K @ K.T
+        M = P @ A + float(self.hparams["L2"]) * torch.eye(d, dtype=torch.float64, device=K.device)
+        v = solve_checked(M, P @ K, f"alphaedit: P (Kp Kp^T + K K^T) + L2 I of {module}")
+        return R, v
+
+    def row_extra(self) -> dict:
+        return {
+            "n_keys_stored": self.n_prior_keys(self._modules[0]),
+            "null_dim_min": min(self.null_dim.values()),
+        }
+
+    def after_apply(self, cases: list[dict]) -> None:
+        for m in self._modules:
+            K = self.keys(m, cases).T.to(torch.float32)  # [B, d_in], on the edited model
+            self._append_keys(m, K.to(self._pending[m].device))

@@ -1,0 +1,307 @@
+"""The sequential edit chain, in segments, with exact checkpoints.
+
+Segment ending at edit k reads the cumulative delta after edit k - segment and writes:
+
+  deltas/{k:06d}.h5   one fp32 dataset per edited module: D_k = W_k - W_0, (out, in) orientation;
+                      attrs: model_sha256, k, config_hash, factors_sha256, prev_delta_sha256, provenance
+  factors/{k:06d}.h5  updates/{i:06d}: u, v (or dense) of every update in application order, attrs
+                      module, kind, step, edit_indices; log/<column>: one row per edit (case_id,
+                      edit_index, v_loss, update_norm, update_rel, seconds, factor_kind);
+                      method_state/<name>: the method's state after the segment (AlphaEdit keys)
+
+Replaying the factors on D_{k-segment} with the same elementwise operations (weights.add_update)
+reproduces every intermediate state bit for bit: the weights after any edit j are recovered
+without re-editing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..io import EditscaleError, atomic_path, provenance, read_jsonl, sha256_file
+from ..models.load import load_model, model_sha, pick_device
+from .weights import Update, WeightState, add_update
+
+log = logging.getLogger(__name__)
+
+LOG_COLUMNS = ("case_id", "edit_index", "step", "v_loss", "update_norm", "update_rel", "seconds", "factor_kind")
+
+
+def delta_path(run_dir: str | Path, k: int) -> Path:
+    return Path(run_dir) / "deltas" / f"{k:06d}.h5"
+
+
+def factors_path(run_dir: str | Path, k: int) -> Path:
+    return Path(run_dir) / "factors" / f"{k:06d}.h5"
+
+
+# ---------------------------------------------------------------------------------------------
+# HDF5 I/O
+
+
+def write_delta(path, delta: dict[str, torch.Tensor], attrs: dict) -> None:
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for module, d in delta.items():
+                f.create_dataset(module, data=d.cpu().numpy().astype(np.float32))
+            f.attrs.update({k: v for k, v in attrs.items() if v is not None})
+
+
+def read_delta(path, expected_model_sha: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    path = Path(path)
+    if not path.exists():
+        raise EditscaleError(f"delta file {path} not found")
+    with h5py.File(path, "r") as f:
+        attrs = dict(f.attrs)
+        if expected_model_sha and attrs.get("model_sha256") != expected_model_sha:
+            raise EditscaleError(
+                f"{path} was computed on model {attrs.get('model_sha256')}, not on {expected_model_sha}"
+            )
+        return {name: torch.from_numpy(f[name][()]) for name in f.keys()}, attrs
+
+
+def write_factors(path, updates: list[Update], steps: list[int], rows: list[dict], method_state: dict, attrs: dict) -> None:
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            g = f.create_group("updates")
+            for i, (upd, step) in enumerate(zip(updates, steps)):
+                ug = g.create_group(f"{i:06d}")
+                ug.attrs.update({"module": upd.module, "kind": upd.kind, "step": step, "meta": json.dumps(upd.meta, default=str)})
+                if upd.kind == "dense":
+                    ug.create_dataset("dense", data=upd.dense.cpu().numpy().astype(np.float32))
+                else:
+                    ug.create_dataset("u", data=upd.u.cpu().numpy().astype(np.float32))
+                    ug.create_dataset("v", data=upd.v.cpu().numpy().astype(np.float32))
+            lg = f.create_group("log")
+            for col in LOG_COLUMNS:
+                values = [r.get(col) for r in rows]
+                if col in ("case_id", "factor_kind"):
+                    lg.create_dataset(col, data=np.array([str(v) for v in values], dtype=h5py.string_dtype()))
+                elif col in ("edit_index", "step"):
+                    lg.create_dataset(col, data=np.array(values, dtype=np.int64))
+                else:
+                    lg.create_dataset(col, data=np.array([np.nan if v is None else v for v in values], dtype=np.float64))
+            sg = f.create_group("method_state")
+            for name, arr in method_state.items():
+                sg.create_dataset(name, data=np.asarray(arr))
+            f.attrs.update({k: v for k, v in attrs.items() if v is not None})
+
+
+def read_factors(path) -> tuple[list[tuple[int, Update]], list[dict], dict[str, np.ndarray], dict]:
+    """Return ([(step, Update)...] in order, log rows, method state, attrs)."""
+    path = Path(path)
+    if not path.exists():
+        raise EditscaleError(f"factors file {path} not found")
+    with h5py.File(path, "r") as f:
+        updates = []
+        for name in sorted(f["updates"].keys()):
+            ug = f["updates"][name]
+            kw = {"dense": torch.from_numpy(ug["dense"][()])} if ug.attrs["kind"] == "dense" else {
+                "u": torch.from_numpy(ug["u"][()]), "v": torch.from_numpy(ug["v"][()])}
+            updates.append((int(ug.attrs["step"]), Update(str(ug.attrs["module"]), meta=json.loads(ug.attrs["meta"]), **kw)))
+        cols = {c: f["log"][c][()] for c in f["log"].keys()}
+        n = len(cols.get("edit_index", []))
+        rows = []
+        for i in range(n):
+            row = {}
+            for c, arr in cols.items():
+                v = arr[i]
+                row[c] = v.decode() if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v
+            rows.append(row)
+        state: dict[str, np.ndarray] = {}
+        # State names may contain "/" (e.g. "<module>/keys"), which HDF5 stores as nested groups.
+        f["method_state"].visititems(lambda name, obj: state.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        return updates, rows, state, dict(f.attrs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a segment
+
+
+def _cases_between(edits_path, k_start: int, k_end: int) -> list[dict]:
+    cases = [c for c in read_jsonl(edits_path) if k_start < c["edit_index"] <= k_end]
+    if len(cases) != k_end - k_start:
+        raise EditscaleError(f"{edits_path} has {len(cases)} edits in ({k_start}, {k_end}], expected {k_end - k_start}")
+    return sorted(cases, key=lambda c: c["edit_index"])
+
+
+def load_stats(stats_paths: dict[str, str], model_sha256: str, device) -> dict[str, torch.Tensor]:
+    from ..stats.mom2 import read_mom2
+
+    return {m: torch.from_numpy(read_mom2(p, expected_model_sha=model_sha256)).to(device) for m, p in stats_paths.items()}
+
+
+def run_segment(
+    model_dir: str | Path,
+    run_dir: str | Path,
+    k_end: int,
+    segment: int,
+    method: str,
+    hparams: dict,
+    stats_paths: dict[str, str],
+    templates_path: str | Path,
+    edits_per_step: int = 1,
+    config_hash: str = "",
+    dtype: str = "float32",
+    device: str = "auto",
+    projection_paths: dict[str, str] | None = None,
+) -> None:
+    from .methods import get_method
+
+    run_dir = Path(run_dir)
+    k_start = k_end - segment
+    if k_start < 0 or segment <= 0 or segment % edits_per_step:
+        raise EditscaleError(f"segment {segment} must be positive, <= k={k_end}, and a multiple of edits_per_step {edits_per_step}")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cases = _cases_between(run_dir / "edits.jsonl", k_start, k_end)
+    sha = model_sha(model_dir)
+    model, tok = load_model(model_dir, dtype=dtype, device=device)
+    dev = pick_device(device)
+    method_cls = get_method(method)
+    modules = method_cls.modules(model, hparams)
+    stats = load_stats({m: p for m, p in stats_paths.items() if m in modules}, sha, dev)
+    templates = json.loads(Path(templates_path).read_text())["templates"]
+
+    prev_delta, prev_attrs, state = None, {}, None
+    if k_start > 0:
+        prev_delta, prev_attrs = read_delta(delta_path(run_dir, k_start), expected_model_sha=sha)
+        _, _, state, _ = read_factors(factors_path(run_dir, k_start))
+    weights = WeightState(model, modules, delta=prev_delta)
+    extra = {}
+    if projection_paths:  # AlphaEdit: the cached null-space projections of the stats stage
+        from ..stats.mom2 import read_projection
+
+        extra["projections"] = {
+            m: torch.from_numpy(read_projection(p, expected_model_sha=sha)).to(dev) for m, p in projection_paths.items() if m in modules
+        }
+    editor = method_cls(model, tok, hparams, stats, templates, state=state or None, **extra)
+
+    log.info("run %s: %s edits %d..%d on %s (%s), writing %s", run_dir.name, method, k_start + 1, k_end, model_dir, dev, run_dir)
+    updates, steps, rows = [], [], []
+    bar = tqdm(range(0, len(cases), edits_per_step), desc=f"{method} edits {k_start + 1}-{k_end}", unit="step")
+    for step_i, i in enumerate(bar):
+        batch = cases[i : i + edits_per_step]
+        before = {m: weights.current(m).norm().item() for m in modules}
+        t0 = time.perf_counter()
+        logs = editor.apply(batch, weights)
+        seconds = time.perf_counter() - t0
+        applied = weights.take_applied()
+        step_dw = {}
+        for upd in applied:
+            d = step_dw.setdefault(upd.module, torch.zeros_like(weights.base[upd.module]))
+            add_update(d, upd)
+        norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in step_dw.values()))) if step_dw else 0.0
+        rel = norm / float(np.sqrt(sum(before[m] ** 2 for m in step_dw))) if step_dw else 0.0
+        kind = "dense" if any(u.kind == "dense" for u in applied) else "lowrank"
+        by_case = {str(r.get("case_id")): r for r in logs}
+        for case in batch:
+            r = by_case.get(str(case["case_id"]), {})
+            rows.append({
+                "case_id": case["case_id"], "edit_index": case["edit_index"], "step": k_start // edits_per_step + step_i + 1,
+                "v_loss": r.get("v_loss"), "update_norm": norm, "update_rel": rel,
+                "seconds": seconds / len(batch), "factor_kind": kind,
+            })
+        updates.extend(applied)
+        steps.extend([rows[-1]["step"]] * len(applied))
+        bar.set_postfix(loss=f"{rows[-1]['v_loss'] or 0:.3f}", norm=f"{norm:.3g}")
+
+    attrs = {
+        "model_sha256": sha, "k": k_end, "k_start": k_start, "segment": segment, "method": method,
+        "hparams": json.dumps(hparams, sort_keys=True), **provenance(config_hash, {"model": sha}, str(dev)),
+    }
+    fpath = factors_path(run_dir, k_end)
+    write_factors(fpath, updates, steps, rows, editor.state_dict(), attrs)
+    prev_sha = sha256_file(delta_path(run_dir, k_start)) if k_start > 0 else None
+    write_delta(delta_path(run_dir, k_end), weights.delta,
+                {**attrs, "factors_sha256": sha256_file(fpath), "prev_delta_sha256": prev_sha})
+    med = float(np.median([r["seconds"] for r in rows]))
+    log.info("wrote %s and %s (median %.2f s per edit)", fpath, delta_path(run_dir, k_end), med)
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay
+
+
+def replay_delta(run_dir: str | Path, j: int, segment: int, model_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Cumulative delta after edit j, rebuilt from the checkpoint before j's segment plus factors."""
+    run_dir = Path(run_dir)
+    if j < 0:
+        raise EditscaleError(f"edit count {j} must be >= 0")
+    if j % segment == 0:  # a checkpoint: its delta file holds the state
+        return read_delta(delta_path(run_dir, j), model_sha256)[0] if j else {}
+    k_start = (j // segment) * segment
+    delta = read_delta(delta_path(run_dir, k_start), model_sha256)[0] if k_start else {}
+    updates, rows, _, _ = read_factors(factors_path(run_dir, k_start + segment))
+    last_step_j = next(r["step"] for r in rows if r["edit_index"] == j)
+    for step, upd in updates:
+        if step > last_step_j:
+            break
+        if upd.module not in delta:
+            shape = upd.dense.shape if upd.dense is not None else (upd.u.shape[0], upd.v.shape[0])
+            delta[upd.module] = torch.zeros(shape, dtype=torch.float32)
+        add_update(delta[upd.module], upd)
+    return delta
+
+
+def apply_delta(model, delta: dict[str, torch.Tensor]) -> None:
+    """Set every edited module's weight to W0 + D (the model must hold base weights)."""
+    ws = WeightState(model, list(delta), delta=delta)
+    del ws
+
+
+def _segment_of(run_dir: Path) -> int:
+    return int(read_run(run_dir)["segment"])
+
+
+def model_at(model_dir, run_dir, k: int, dtype: str = "float32", device: str = "auto"):
+    """(model, tok) after k edits of the run (k = 0: the base model)."""
+    run_dir = Path(run_dir)
+    model, tok = load_model(model_dir, dtype=dtype, device=device)
+    if k > 0:
+        apply_delta(model, replay_delta(run_dir, k, _segment_of(run_dir), model_sha(model_dir)))
+    return model, tok
+
+
+def states_in_segment(model_dir, run_dir, k_end: int, segment: int, dtype: str = "float32", device: str = "auto") -> Iterator[tuple[int, object, object]]:
+    """Yield (j, model, tok) right after each edit j of the segment ending at k_end (replayed in place)."""
+    run_dir = Path(run_dir)
+    sha = model_sha(model_dir)
+    model, tok = load_model(model_dir, dtype=dtype, device=device)
+    k_start = k_end - segment
+    delta = read_delta(delta_path(run_dir, k_start), sha)[0] if k_start > 0 else {}
+    updates, rows, _, _ = read_factors(factors_path(run_dir, k_end))
+    modules = sorted({u.module for _, u in updates} | set(delta))
+    ws = WeightState(model, modules, delta=delta)
+    by_step: dict[int, list[int]] = {}
+    for r in rows:
+        by_step.setdefault(r["step"], []).append(r["edit_index"])
+    i = 0
+    for step in sorted(by_step):
+        while i < len(updates) and updates[i][0] == step:
+            ws.apply(updates[i][1])
+            i += 1
+        for j in sorted(by_step[step]):
+            yield j, model, tok
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (fp32, C order): the bit-identity check of replay and audit."""
+    import hashlib
+
+    return hashlib.sha256(t.detach().cpu().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+def read_run(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "run.json"
+    if not path.exists():
+        raise EditscaleError(f"{path} not found: not an editscale run directory")
+    return json.loads(path.read_text())

@@ -1,0 +1,125 @@
+"""`editscale run-config | context-templates | edit-segment | replay | methods`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..io import EditscaleError, sha256_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run-config", help="write results/{run}/run.json (the run's resolved config, hparams included)")
+    p.add_argument("--run-json", required=True, help="the run's entry of config.yaml `runs`, as JSON")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_run_config)
+
+    p = sub.add_parser("context-templates", help="sample ROME/MEMIT context templates once from the unedited model")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_context_templates)
+
+    p = sub.add_parser("edit-segment", help="apply the edits of one segment and write deltas/ and factors/")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--k", type=int, required=True, help="edit count at the end of the segment")
+    p.add_argument("--stats", nargs="*", default=[], help="MODULE=PATH of each edited module's second moment")
+    p.add_argument("--templates", required=True)
+    p.add_argument("--projections", nargs="*", default=[], help="MODULE=PATH of AlphaEdit null-space projections")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_edit_segment)
+
+    p = sub.add_parser("replay", help="rebuild the edited weights after any edit j from base weights + factors")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--edit", type=int, required=True, help="edit count j")
+    p.add_argument("--out", default=None, help="optional .h5 to write the delta to")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("methods", help="list the editing methods")
+    p.set_defaults(func=cmd_methods)
+
+
+def load_hparams_file(path: str) -> dict:
+    from .common import load_hparams
+
+    return load_hparams(path)
+
+
+def resolve_run(run: dict) -> dict:
+    """The run's config with its hparams file read in; n_edits is left out so raising it changes
+    nothing that finished segments depend on."""
+    resolved = {k: v for k, v in run.items() if k != "n_edits"}
+    overrides = run.get("hparams_overrides") or {}
+    resolved["hparams"] = {**load_hparams_file(run["hparams"]), **overrides}
+    if run["method"] == "r-rome":
+        resolved["hparams"]["key_averaging"] = "templates"
+    resolved["config_hash"] = sha256_json({k: v for k, v in resolved.items() if k != "name"})
+    return resolved
+
+
+def cmd_run_config(args) -> None:
+    run = json.loads(args.run_json)
+    write_json_atomic(args.out, resolve_run(run))
+    log.info("wrote %s", args.out)
+
+
+def cmd_context_templates(args) -> None:
+    from ..models.load import load_model
+    from .chain import read_run
+    from .common import sample_context_templates
+
+    run = read_run(args.run_dir)
+    hp = run["hparams"]
+    model, tok = load_model(args.model_dir)
+    params = hp.get("context_template_length_params", [[5, 10], [10, 10]])
+    seed = int(run.get("seed", 0))
+    templates = sample_context_templates(model, tok, params, seed)
+    write_json_atomic(args.out, {"templates": templates, "length_params": params, "seed": seed})
+    log.info("sampled %d context templates -> %s", len(templates), args.out)
+
+
+def cmd_edit_segment(args) -> None:
+    from .chain import read_run, run_segment
+
+    run = read_run(args.run_dir)
+    run_segment(
+        args.model_dir, args.run_dir, args.k, int(run["segment"]), run["method"], run["hparams"], _module_paths(args.stats, "--stats"),
+        args.templates, edits_per_step=int(run.get("edits_per_step", 1)), config_hash=run["config_hash"],
+        dtype=run.get("dtype", "float32"), device=args.device,
+        projection_paths=_module_paths(args.projections, "--projections"),
+    )
+
+
+def _module_paths(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        module, sep, path = item.partition("=")
+        if not sep:
+            raise EditscaleError(f"{flag} expects MODULE=PATH, got {item!r}")
+        out[module] = path
+    return out
+
+
+def cmd_replay(args) -> None:
+    from ..models.load import model_sha
+    from .chain import read_run, replay_delta, tensor_sha256, write_delta
+
+    run = read_run(args.run_dir)
+    delta = replay_delta(args.run_dir, args.edit, int(run["segment"]), model_sha(args.model_dir))
+    hashes = {m: tensor_sha256(d) for m, d in sorted(delta.items())}
+    print(json.dumps({"edit": args.edit, "sha256": hashes}, indent=2))
+    if args.out:
+        write_delta(args.out, delta, {"k": args.edit, "model_sha256": model_sha(args.model_dir), "replayed": True})
+        log.info("wrote replayed delta after edit %d to %s", args.edit, args.out)
+
+
+def cmd_methods(args) -> None:
+    from .methods import describe_methods
+
+    for name, desc in describe_methods():
+        print(f"{name:10s} {desc}")

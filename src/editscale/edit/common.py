@@ -1,0 +1,492 @@
+"""Building blocks shared by the locate-then-edit methods (ROME, r-ROME, EMMET, MEMIT, AlphaEdit).
+
+Everything here follows the reference implementation of ROME (Meng et al. 2022, `rome/compute_u.py`,
+`compute_v.py`, `repr_tools.py`) and its MEMIT variant of the value optimization, re-written for
+batched tokenization and for the architectures of `editscale.models.registry`:
+
+- `sample_context_templates`: the random prefixes ROME averages keys over ("{}" first).
+- `subject_last_index`: ROME's `fact_token: subject_last` lookup position.
+- `module_io_at_subject` / `compute_keys`: module inputs/outputs at that position, one padded
+  batch, forward stopped right after the module.
+- `optimize_value`: ROME's compute_v (the target output v* of the edited module / layer).
+- `CovSolver`: C^-1 applied through a Cholesky factor computed once (float64).
+- `load_hparams`: YAML hyper-parameters validated against the method's required keys.
+
+Conventions: every prompt is a template with exactly one "{}" for the subject. Tokenizers are used
+with right padding; inputs are padded by hand so a left-padding tokenizer setting cannot change the
+lookup positions. Edit cases are dicts in the normalized schema (`subject`, `prompt`,
+`target_new`, `case_id`, ...); `target_new` may be a string or CounterFact's {"str": ...}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from ..io import EditscaleError
+from ..models.nethook import Trace
+from ..models.registry import arch_spec, get_module, layer_name, n_layers
+
+OPENERS = ["The", "Therefore", "Because", "I", "You"]
+KL_PROMPTS = ["{} is a"]
+EARLY_STOP_LOSS = 5e-2
+KEY_BATCH = 256  # rows per forward pass when computing keys of many cases x templates
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def target_str(case: dict, field: str = "target_new") -> str:
+    """The target string of a case (plain string or CounterFact's {"str": ..., "id": ...})."""
+    t = case[field]
+    if isinstance(t, dict):
+        t = t["str"]
+    return str(t)
+
+
+def target_token_ids(tok, target: str) -> list[int]:
+    """Token ids of a target completion, with the leading space ROME adds (" " + target)."""
+    text = target if target.startswith(" ") else " " + target
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise EditscaleError(f"target {target!r} tokenizes to nothing")
+    return list(ids)
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_id(tok) -> int:
+    for cand in (tok.pad_token_id, tok.eos_token_id):
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+def _check_template(prompt: str) -> None:
+    if prompt.count("{}") != 1:
+        raise EditscaleError(f"prompt {prompt!r} must contain exactly one '{{}}' for the subject")
+
+
+@contextlib.contextmanager
+def frozen_eval(model):
+    """Eval mode and requires_grad False on every parameter for the duration; restored after.
+
+    Guarantees the value optimization never writes `.grad` of a model parameter and that dropout is
+    off (determinism), whatever state the caller left the model in.
+    """
+    was_training = model.training
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    model.eval()
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        model.train(was_training)
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists -> (input_ids [n, T], attention_mask [n, T])."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subject positions
+
+
+def _subject_char_end(prompt: str, subject: str) -> int:
+    """Index (in prompt.format(subject)) of the subject's last character."""
+    _check_template(prompt)
+    if not subject:
+        raise EditscaleError(f"empty subject for prompt {prompt!r}")
+    return prompt.index("{}") + len(subject) - 1
+
+
+def encode_with_subject(tok, prompts: Sequence[str], subjects: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+    """Tokenize prompt.format(subject) for every pair (one batched tokenizer call) and return
+    (token id lists, index of the subject's last token in each).
+
+    With a fast tokenizer the index is the token whose character span contains the subject's last
+    character (exact for the actual tokenization, BOS included when the tokenizer adds one). Slow
+    tokenizers fall back to ROME's rule: len(tok(prefix + subject)) - 1.
+    """
+    if len(prompts) != len(subjects):
+        raise EditscaleError(f"{len(prompts)} prompts but {len(subjects)} subjects")
+    texts = [p.format(s) for p, s in zip(prompts, subjects)]
+    char_end = [_subject_char_end(p, s) for p, s in zip(prompts, subjects)]
+    if getattr(tok, "is_fast", False):
+        enc = tok(texts, return_offsets_mapping=True)
+        ids = [list(x) for x in enc["input_ids"]]
+        T = max(len(x) for x in ids)
+        offs = torch.full((len(ids), T, 2), -1, dtype=torch.long)
+        for i, o in enumerate(enc["offset_mapping"]):
+            offs[i, : len(o)] = torch.tensor(o, dtype=torch.long).reshape(-1, 2)
+        c = torch.tensor(char_end, dtype=torch.long)[:, None]
+        hit = (offs[..., 0] <= c) & (c < offs[..., 1])
+        pos = torch.arange(T)[None, :].expand_as(hit)
+        idx = torch.where(hit, pos, torch.full_like(pos, -1)).max(dim=1).values
+        bad = (idx < 0).nonzero().flatten().tolist()
+        if bad:
+            i = bad[0]
+            raise EditscaleError(f"subject {subjects[i]!r} not found among the tokens of {texts[i]!r}")
+        return ids, idx.tolist()
+    ids = [list(x) for x in tok(texts)["input_ids"]]
+    idxs = []
+    for p, s in zip(prompts, subjects):
+        prefix = p[: p.index("{}")]
+        idxs.append(len(tok(prefix + s)["input_ids"]) - 1)
+    return ids, idxs
+
+
+def subject_last_index(tok, prompt: str, subject: str) -> int:
+    """Index of the subject's last token in tok(prompt.format(subject)) (ROME's `subject_last`)."""
+    return encode_with_subject(tok, [prompt], [subject])[1][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Context templates
+
+
+def next_token_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits at one position per row (default: the last) without running the LM head on every
+    position: the forward stops after the last layer, then final norm + LM head on those rows."""
+    last = layer_name(model, n_layers(model) - 1)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if positions is None:
+        positions = attention_mask.sum(dim=1) - 1
+    with Trace(model, [last], stop=True, keep_inputs=False) as tr:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    h = tr.outputs[last][torch.arange(input_ids.shape[0], device=input_ids.device), positions]
+    return lm_head_module(model)(get_module(model, arch_spec(model).final_norm)(h))
+
+
+@torch.no_grad()
+def _sample_continuations(model, tok, opener: str, n: int, length: int, gen: torch.Generator, top_k: int = 5) -> list[str]:
+    """n samples of `length` new tokens after `opener` (top-k sampling, seeded generator)."""
+    device = _model_device(model)
+    prompt_ids = tok(opener)["input_ids"]
+    ids = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
+    for _ in range(length):
+        logits = next_token_logits(model, ids).float().cpu()
+        top_vals, top_idx = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+        probs = torch.softmax(top_vals, dim=-1)
+        choice = torch.multinomial(probs, 1, generator=gen)
+        nxt = top_idx.gather(1, choice).to(device)
+        ids = torch.cat([ids, nxt], dim=1)
+    return tok.batch_decode(ids, skip_special_tokens=True)
+
+
+def sample_context_templates(model, tok, length_params: list[list[int]], seed: int) -> list[str]:
+    """ROME/MEMIT context templates: ["{}"] + for each [length, count], `count` sampled texts of
+    `length` new tokens after the openers "The", "Therefore", "Because", "I", "You" (cycled), each as
+    text + ". {}" with "{" / "}" removed from the text. Deterministic for a seed."""
+    gen = torch.Generator().manual_seed(int(seed))
+    templates = ["{}"]
+    with frozen_eval(model):
+        for pair in length_params:
+            if len(pair) != 2:
+                raise EditscaleError(f"context_template_length_params entries are [length, count], got {pair!r}")
+            length, count = int(pair[0]), int(pair[1])
+            openers = [OPENERS[i % len(OPENERS)] for i in range(count)]
+            # one batch per distinct opener (equal prompt lengths, no padding), output in cycled order
+            by_opener = {o: iter(_sample_continuations(model, tok, o, openers.count(o), length, gen)) for o in dict.fromkeys(openers)}
+            for o in openers:
+                text = next(by_opener[o]).replace("{", "").replace("}", "")
+                templates.append(text + ". {}")
+    return templates
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys and module outputs at the subject
+
+
+@torch.no_grad()
+def module_io_at_subject(model, tok, module: str, prompts: list[str], subjects: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input [n, d_in] and output [n, d_out] of `module` at the subject-last token of each
+    prompt.format(subject); batches of KEY_BATCH right-padded rows, forward stopped after the module."""
+    get_module(model, module)  # clear error on a bad name
+    ids, idxs = encode_with_subject(tok, prompts, subjects)
+    device = _model_device(model)
+    ins, outs = [], []
+    with frozen_eval(model):
+        for s in range(0, len(ids), KEY_BATCH):
+            input_ids, mask = pad_right(ids[s : s + KEY_BATCH], _pad_id(tok), device)
+            rows = torch.arange(input_ids.shape[0], device=device)
+            cols = torch.tensor(idxs[s : s + KEY_BATCH], device=device)
+            with Trace(model, [module], stop=True) as tr:
+                model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            ins.append(tr.inputs[module][rows, cols].float())
+            outs.append(tr.outputs[module][rows, cols].float())
+    return torch.cat(ins), torch.cat(outs)
+
+
+@torch.no_grad()
+def compute_keys(model, tok, module: str, cases: list[dict], templates: list[str]) -> torch.Tensor:
+    """[n_cases, d_in]: input of `module` at the subject-last token of
+    template.format(case["prompt"]).format(subject), averaged over the templates (ROME's k*)."""
+    if not cases:
+        raise EditscaleError("compute_keys: no cases")
+    prompts = [t.format(c["prompt"]) for c in cases for t in templates]
+    subjects = [c["subject"] for c in cases for _ in templates]
+    keys, _ = module_io_at_subject(model, tok, module, prompts, subjects)
+    return keys.reshape(len(cases), len(templates), -1).mean(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Value optimization (ROME compute_v / MEMIT compute_z)
+
+
+def optimize_value(model, tok, case: dict, templates: list[str], inject_module: str, hp: dict) -> tuple[torch.Tensor, dict]:
+    """ROME's compute_v: the output v* of `inject_module` at the subject-last token that makes the
+    model predict case["target_new"].
+
+    Rewriting prompts: template.format(case["prompt"]) followed by the target tokens except the last
+    (token ids are concatenated, so the target tokenization is exactly " " + target_new's); one KL
+    prompt "{} is a". A vector delta (zeros) is added to `inject_module`'s output at the subject-last
+    token of every prompt; target_init is that output at prompt 0 before the delta. Loss =
+    mean token NLL of target_new read from the residual after layer hp["v_loss_layer"] through the
+    final norm and LM head + kl_factor * KL at the KL prompt's subject position (as the reference
+    code computes it: F.kl_div(log p_init, log p_cur, log_target=True), i.e. KL(p_cur || p_init))
+    + v_weight_decay * ||delta|| / ||target_init||^2. Adam(v_lr) for at most v_num_grad_steps
+    forward passes (the last one only measures), stop when loss < 5e-2, ||delta|| clamped to
+    clamp_norm_factor * ||target_init|| after every step. Deterministic, no seed involved; model
+    parameters never receive gradients.
+
+    Returns (v* = target_init + delta, float32 [d], log) with log keys v_loss (final NLL),
+    v_loss_init, v_prob (mean target prob at the end), kl, weight_decay, steps (optimizer steps
+    taken), delta_norm, target_init_norm.
+    """
+    spec = arch_spec(model)
+    device = _model_device(model)
+    subject = case["subject"]
+    _check_template(case["prompt"])
+    target_ids = target_token_ids(tok, target_str(case))
+    n_t = len(target_ids)
+
+    rewriting = [t.format(case["prompt"]) for t in templates]
+    prompts = rewriting + KL_PROMPTS
+    ids, lookup = encode_with_subject(tok, prompts, [subject] * len(prompts))
+    n_rw = len(rewriting)
+    prompt_lens = [len(x) for x in ids[:n_rw]]
+    seqs = [x + target_ids[:-1] for x in ids[:n_rw]] + ids[n_rw:]
+    input_ids, mask = pad_right(seqs, _pad_id(tok), device)
+
+    # positions whose next-token prediction is a target token
+    rows = torch.tensor([i for i in range(n_rw) for _ in range(n_t)], device=device)
+    cols = torch.tensor([prompt_lens[i] - 1 + j for i in range(n_rw) for j in range(n_t)], device=device)
+    targets = torch.tensor(target_ids * n_rw, device=device)
+    kl_rows = torch.arange(n_rw, len(prompts), device=device)
+    kl_cols = torch.tensor(lookup[n_rw:], device=device)
+
+    n_layer = n_layers(model)
+    loss_layer_idx = int(hp["v_loss_layer"])
+    if not 0 <= loss_layer_idx < n_layer:
+        raise EditscaleError(f"v_loss_layer {loss_layer_idx} out of range: the model has {n_layer} layers")
+    loss_layer = layer_name(model, loss_layer_idx)
+    last_layer = layer_name(model, n_layer - 1)
+    names = list(dict.fromkeys([inject_module, loss_layer, last_layer]))
+    final_norm = get_module(model, spec.final_norm)
+    lm_head = lm_head_module(model)
+
+    inj_mask = torch.zeros(input_ids.shape, device=device)
+    inj_mask[torch.arange(len(prompts), device=device), torch.tensor(lookup, device=device)] = 1.0
+
+    state: dict = {"target_init": None}
+    delta_holder: dict = {}
+
+    def edit_output(name, out):
+        if name != inject_module:
+            return out
+        if state["target_init"] is None:
+            state["target_init"] = out[0, lookup[0]].detach().float().clone()
+            delta_holder["delta"] = torch.zeros(out.shape[-1], device=device, dtype=torch.float32, requires_grad=True)
+            delta_holder["opt"] = torch.optim.Adam([delta_holder["delta"]], lr=float(hp["v_lr"]))
+        d = delta_holder["delta"]
+        return out + inj_mask[..., None].to(out.dtype) * d.to(out.dtype)
+
+    def read_out(h: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(lm_head(final_norm(h[r, c])).float(), dim=-1)
+
+    kl_init = None
+    log: dict = {}
+    steps_taken = 0
+    n_steps = int(hp["v_num_grad_steps"])
+    with frozen_eval(model), torch.enable_grad():
+        for it in range(max(n_steps, 1)):
+            if "opt" in delta_holder:
+                delta_holder["opt"].zero_grad()
+            with Trace(model, names, stop=True, edit_output=edit_output, keep_inputs=False) as tr:
+                model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            delta = delta_holder["delta"]
+            target_init = state["target_init"]
+            logp = read_out(tr.outputs[loss_layer], rows, cols)
+            nll = -logp.gather(1, targets[:, None]).squeeze(1).mean()
+            kl_logp = read_out(tr.outputs[last_layer], kl_rows, kl_cols)
+            if kl_init is None:
+                kl_init = kl_logp.detach().clone()
+            kl = float(hp["kl_factor"]) * torch.nn.functional.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
+            wd = float(hp["v_weight_decay"]) * (delta.norm() / target_init.norm() ** 2)
+            loss = nll + kl + wd
+            if it == 0:
+                log["v_loss_init"] = float(nll.item())
+            log.update(v_loss=float(nll.item()), kl=float(kl.item()), weight_decay=float(wd.item()), loss=float(loss.item()))
+            log["v_prob"] = float(torch.exp(-nll).item())
+            if loss.item() < EARLY_STOP_LOSS or it >= n_steps - 1:
+                break
+            loss.backward()
+            delta_holder["opt"].step()
+            steps_taken += 1
+            max_norm = float(hp["clamp_norm_factor"]) * target_init.norm()
+            with torch.no_grad():
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    delta = delta_holder["delta"].detach()
+    target_init = state["target_init"]
+    log.update(steps=steps_taken, delta_norm=float(delta.norm().item()), target_init_norm=float(target_init.norm().item()))
+    return (target_init + delta).float(), log
+
+
+# ---------------------------------------------------------------------------------------------
+# Second-moment solves
+
+
+class CovSolver:
+    """x -> (scale * C + ridge * I)^-1 x for a fixed second moment C (float64, factored once).
+
+    Cholesky when C is positive definite; otherwise an LU factorization (C singular up to float64
+    precision raises EditscaleError naming the module).
+    """
+
+    def __init__(self, C: torch.Tensor, module: str = "", scale: float = 1.0, ridge: float = 0.0, device=None):
+        C = torch.as_tensor(C).to(device=device, dtype=torch.float64)
+        if C.dim() != 2 or C.shape[0] != C.shape[1]:
+            raise EditscaleError(f"second moment of {module!r} must be square, got shape {tuple(C.shape)}")
+        A = C * float(scale)
+        if ridge:
+            A = A + float(ridge) * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        self.module = module
+        self.dim = A.shape[0]
+        self._chol, info = torch.linalg.cholesky_ex(A)
+        self._lu = None
+        if int(info) != 0:
+            self._chol = None
+            lu, piv, info = torch.linalg.lu_factor_ex(A)
+            if int(info) != 0:
+                raise EditscaleError(f"second moment of {module!r} is singular; collect more tokens or add a ridge")
+            self._lu = (lu, piv)
+
+    def solve(self, x: torch.Tensor) -> torch.Tensor:
+        """A^-1 x, float64; x of shape [d] or [d, r]."""
+        x64 = x.to(dtype=torch.float64, device=(self._chol if self._chol is not None else self._lu[0]).device)
+        vec = x64.dim() == 1
+        b = x64[:, None] if vec else x64
+        if self._chol is not None:
+            out = torch.cholesky_solve(b, self._chol)
+        else:
+            out = torch.linalg.lu_solve(*self._lu, b)
+        return out[:, 0] if vec else out
+
+
+def lm_head_module(model) -> torch.nn.Module:
+    """The LM head: the registry's name when it exists, else the model's output embeddings
+    (transformers 5 renamed GPT-NeoX's `embed_out` to `lm_head`)."""
+    name = arch_spec(model).lm_head
+    modules = dict(model.named_modules())
+    if name in modules:
+        return modules[name]
+    head = model.get_output_embeddings()
+    if head is None:
+        raise EditscaleError(f"cannot find the LM head of {type(model).__name__} (registry name {name!r})")
+    return head
+
+
+def module_bias(model, module: str) -> torch.Tensor | None:
+    b = getattr(get_module(model, module), "bias", None)
+    return None if b is None else b.detach().float()
+
+
+def module_forward(model, weights, module: str, keys: torch.Tensor) -> torch.Tensor:
+    """Output of the (linear) edited module at keys [d_in] or [d_in, n], computed from the current
+    fp32 weight in float64: W k + b."""
+    W = weights.current(module).to(torch.float64)
+    k = keys.to(device=W.device, dtype=torch.float64)
+    out = W @ k
+    b = module_bias(model, module)
+    if b is not None:
+        b = b.to(device=W.device, dtype=torch.float64)
+        out = out + (b if k.dim() == 1 else b[:, None])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyper-parameters
+
+
+def load_hparams(path, method: str | None = None, required: Iterable[str] | None = None) -> dict:
+    """Read a YAML hyper-parameter file and validate it.
+
+    Required keys come from `required`, else from the method class (`required_hparams`, defaults
+    `default_hparams`, value checks `validate_hparams`) named by `method`, by a `method:` key in the
+    file, or by the file's directory (config/hparams/<method>/<model>.yaml). A missing key raises
+    EditscaleError naming the key and the file. Returns defaults updated with the file's values.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise EditscaleError(f"hyper-parameter file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise EditscaleError(f"hyper-parameter file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise EditscaleError(f"hyper-parameter file {path} must hold a mapping of names to values")
+    from .methods import METHODS, get_method
+
+    cls = None
+    name = method or data.get("method") or (path.parent.name if path.parent.name in METHODS else None)
+    if name is not None:
+        cls = get_method(name)
+    req = list(required) if required is not None else list(getattr(cls, "required_hparams", ()))
+    missing = [k for k in req if k not in data]
+    if missing:
+        raise EditscaleError(f"hyper-parameter file {path} is missing required key(s) {missing}" + (f" for method {name!r}" if name else ""))
+    hp = {**getattr(cls, "default_hparams", {}), **data}
+    hp.pop("method", None)
+    if cls is not None and hasattr(cls, "validate_hparams"):
+        cls.validate_hparams(hp, source=str(path))
+    return hp
+
+
+def check_common_hparams(hp: dict, source: str = "hparams") -> None:
+    """Value checks shared by the methods that use `optimize_value`."""
+    layers = hp.get("layers")
+    if not isinstance(layers, list) or not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+        raise EditscaleError(f"{source}: 'layers' must be a non-empty list of integers, got {layers!r}")
+    if "fact_token" in hp and hp["fact_token"] != "subject_last":
+        raise EditscaleError(f"{source}: fact_token {hp['fact_token']!r} is not supported (use subject_last)")
+    for key in ("v_num_grad_steps", "v_loss_layer"):
+        if key in hp and (not isinstance(hp[key], int) or hp[key] < 0):
+            raise EditscaleError(f"{source}: {key!r} must be a non-negative integer, got {hp[key]!r}")
+    for key in ("v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor"):
+        if key in hp and (not isinstance(hp[key], (int, float)) or isinstance(hp[key], bool) or not math.isfinite(hp[key]) or hp[key] < 0):
+            raise EditscaleError(f"{source}: {key!r} must be a non-negative number, got {hp[key]!r}")
+    ctp = hp.get("context_template_length_params")
+    if ctp is not None and (not isinstance(ctp, list) or not all(isinstance(p, list) and len(p) == 2 for p in ctp)):
+        raise EditscaleError(f"{source}: context_template_length_params must be a list of [length, count], got {ctp!r}")

@@ -1,0 +1,207 @@
+"""MEMIT (Meng et al., ICLR 2023): mass-editing memory in a transformer.
+
+For a batch of B cases:
+
+1. z_i (one per case): the residual stream output of the last edited layer L at the subject-last
+   token that makes the model predict target_new (common.optimize_value with inject_module =
+   the block of layer L; ROME/MEMIT's compute_z).
+2. For each edited layer l in ascending order, on the model as updated so far:
+     K   = template-averaged keys at the input of mlp_out(l) (common.compute_keys), d_in x B
+     Z0  = the current residual output of layer L at the subject-last token of the plain prompt
+     R   = (Z - Z0) / (number of layers not yet updated, l included)
+     dW  = R K^T (lambda C + K K^T)^-1,  lambda = mom2_update_weight, C = E[k k^T] of mlp_out(l)
+   dW minimizes ||dW K - R||^2 + lambda tr(dW C dW^T); it is solved in float64 and applied as one
+   low-rank update u v^T with u = R (out x B) and v = (lambda C + K K^T)^-1 K (in x B), so the
+   recorded factors are the update. Keys of the next layer are then recomputed on the edited
+   model (the reference code does the same: compute_ks is called inside the layer loop).
+
+`mom2_adjustment: false` replaces C by the identity (a ridge penalty); the published MEMIT
+configurations all use the covariance. Hyperparameter names follow MEMIT's hparams files.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..io import EditscaleError
+from ..models.registry import get_module, layer_name, mlp_out_name
+from . import common
+from .methods import EditMethod
+from .weights import Update, WeightState
+
+
+def _num(x) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def solve_checked(A: torch.Tensor, B: torch.Tensor, what: str) -> torch.Tensor:
+    """A^-1 B (float64 LU); a singular A raises EditscaleError naming `what`."""
+    X, info = torch.linalg.solve_ex(A, B)
+    if int(info) != 0 or not torch.isfinite(X).all():
+        raise EditscaleError(f"{what} is singular (LU pivot {int(info)}): collect statistics over more tokens")
+    return X
+
+
+class Memit(EditMethod):
+    """MEMIT's multi-layer least-squares update, one batch of cases per `apply`."""
+
+    name = "memit"
+    required_hparams = (
+        "layers",
+        "v_num_grad_steps",
+        "v_lr",
+        "v_loss_layer",
+        "v_weight_decay",
+        "clamp_norm_factor",
+        "kl_factor",
+        "mom2_update_weight",
+    )
+    default_hparams = {
+        "layer_selection": "all",
+        "fact_token": "subject_last",
+        "mom2_adjustment": True,
+        # MEMIT's memit_main.get_context_templates: ["{}"] + 5 samples of length 10
+        "context_template_length_params": [[10, 5]],
+    }
+
+    @classmethod
+    def validate_hparams(cls, hp: dict, source: str = "hparams") -> None:
+        super().validate_hparams(hp, source)
+        common.check_common_hparams(hp, source)
+        layers = hp["layers"]
+        if layers != sorted(set(layers)):
+            raise EditscaleError(f"{source}: layers {layers} must be strictly ascending")
+        if hp.get("layer_selection", "all") != "all":
+            raise EditscaleError(f"{source}: layer_selection {hp['layer_selection']!r} unsupported (only 'all', as published)")
+        for key in ("mom2_update_weight", "L2", "nullspace_threshold"):
+            if key in hp and (isinstance(hp[key], bool) or not isinstance(hp[key], (int, float)) or hp[key] < 0):
+                raise EditscaleError(f"{source}: {key!r} must be a non-negative number, got {hp[key]!r}")
+
+    def __init__(self, model, tok, hparams: dict, stats: dict, context_templates, state=None):
+        super().__init__(model, tok, hparams, stats, context_templates, state)
+        self.layers = [int(x) for x in self.hparams["layers"]]
+        self._modules = self.modules(model, self.hparams)
+        for m in self._modules:
+            get_module(model, m)
+        if self._needs_cov():
+            missing = [m for m in self._modules if m not in self.stats]
+            if missing:
+                raise EditscaleError(f"{self.name}: no second-moment statistics for {missing}; compute the stats stage first")
+        self.z_module = layer_name(model, self.layers[-1])
+        # diagnostics of the last apply (tests, debugging): keys and residual per module
+        self.last_keys: dict[str, torch.Tensor] = {}
+        self.last_resid: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def modules(model, hparams: dict) -> list[str]:
+        return [mlp_out_name(model, int(layer)) for layer in hparams["layers"]]
+
+    def _needs_cov(self) -> bool:
+        return bool(self.hparams.get("mom2_adjustment", True))
+
+    def state_dict(self) -> dict:
+        return {}
+
+    # -- pieces shared with AlphaEdit ---------------------------------------------------------
+
+    def compute_targets(self, cases: list[dict]) -> tuple[torch.Tensor, list[dict]]:
+        """z of every case at the last edited layer, stacked as columns [d_model x B]."""
+        zs, logs = [], []
+        for case in cases:
+            z, lg = common.optimize_value(self.model, self.tok, case, self.context_templates, self.z_module, self.hparams)
+            zs.append(z.detach().reshape(-1))
+            logs.append(lg or {})
+        return torch.stack(zs, dim=1), logs
+
+    def current_z(self, cases: list[dict]) -> torch.Tensor:
+        """Residual output of the last edited layer at the subject-last token of each prompt [d x B]."""
+        _, out = common.module_io_at_subject(
+            self.model, self.tok, self.z_module, [c["prompt"] for c in cases], [c["subject"] for c in cases]
+        )
+        return out.detach().T
+
+    def keys(self, module: str, cases: list[dict]) -> torch.Tensor:
+        """Template-averaged keys at the input of `module` [d_in x B]."""
+        return common.compute_keys(self.model, self.tok, module, cases, self.context_templates).detach().T
+
+    def solve_layer(self, index: int, module: str, K: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u, v) with dW = u v^T; K [d_in x B], R [d_out x B], both float64."""
+        lam = float(self.hparams["mom2_update_weight"])
+        if self._needs_cov():
+            C = self.stats[module].to(device=K.device, dtype=torch.float64)
+            if C.shape != (K.shape[0], K.shape[0]):
+                raise EditscaleError(f"{self.name}: statistics of {module} have shape {tuple(C.shape)}, keys have dimension {K.shape[0]}")
+            A = lam * C + K @ K.T
+        else:
+            A = lam * torch.eye(K.shape[0], dtype=torch.float64, device=K.device) + K @ K.T
+        return R, solve_checked(A, K, f"{self.name}: lambda C + K K^T of {module}")
+
+    def after_apply(self, cases: list[dict]) -> None:
+        """Hook run once the batch is fully written (AlphaEdit stores the new keys here)."""
+
+    def row_extra(self) -> dict:
+        """Method-specific columns added to every log row of the last apply."""
+        return {}
+
+    # -- the update ---------------------------------------------------------------------------
+
+    def apply(self, cases: list[dict], weights: WeightState) -> list[dict]:
+        if not cases:
+            return []
+        t0 = time.perf_counter()
+        Z, vlogs = self.compute_targets(cases)
+        Z = Z.to(torch.float64)
+        t_z = time.perf_counter() - t0
+        n = len(self.layers)
+        self.last_keys, self.last_resid = {}, {}
+        z_err_first = None
+        per_layer = {}
+        for i, module in enumerate(self._modules):
+            K = self.keys(module, cases).to(torch.float64)
+            cur = self.current_z(cases).to(torch.float64)
+            err = Z - cur
+            if z_err_first is None:
+                z_err_first = err.norm(dim=0)
+            R = err / (n - i)
+            u, v = self.solve_layer(i, module, K, R)
+            u32 = u.to(torch.float32).contiguous()
+            v32 = v.to(torch.float32).contiguous()
+            self.last_keys[module] = K
+            self.last_resid[module] = R
+            weights.apply(
+                Update(
+                    module=module,
+                    u=u32,
+                    v=v32,
+                    meta={"method": self.name, "layer_index": i, "case_ids": [c.get("case_id") for c in cases]},
+                )
+            )
+            # ||u v^T||_F without forming the matrix: sqrt(sum((u^T u) * (v^T v)))
+            per_layer[module] = float(((u32.double().T @ u32.double()) * (v32.double().T @ v32.double())).sum().clamp_min(0).sqrt())
+        z_err_last = (Z - self.current_z(cases).to(torch.float64)).norm(dim=0)
+        self.after_apply(cases)
+        seconds = time.perf_counter() - t0
+        rows = []
+        for j, case in enumerate(cases):
+            lg = vlogs[j]
+            rows.append(
+                {
+                    "case_id": case.get("case_id"),
+                    **{k: v for k, v in lg.items() if isinstance(v, (int, float, str))},
+                    "v_loss": _num(lg.get("v_loss")),
+                    "z_error_before": float(z_err_first[j]),
+                    "z_error_after": float(z_err_last[j]),
+                    "update_norm_by_module": per_layer,
+                    "factor_kind": "lowrank",
+                    "batch_size": len(cases),
+                    "seconds_z": t_z / len(cases),
+                    "seconds": seconds / len(cases),
+                    **self.row_extra(),
+                }
+            )
+        return rows

@@ -1,0 +1,109 @@
+"""The registry of editing methods and the interface every method implements.
+
+A method is a class derived from `EditMethod`, registered in `METHODS` by dotted path (imported
+lazily, so the registry works before every method's module exists). The edit chain creates one
+method object per segment, calls `apply` once per batch of cases (batch size 1 for sequential
+single edits), and saves `state_dict()` with the segment.
+
+Methods never write model parameters: they read the current fp32 (out, in) matrix with
+`weights.current(module)` and change it only through `weights.apply(Update(...))`, so every update
+is recorded as factors and can be replayed exactly.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import torch
+
+from ..io import EditscaleError
+from ..models.registry import mlp_out_name
+from .weights import WeightState
+
+# name -> (class dotted path, one-line description)
+METHODS: dict[str, tuple[str, str]] = {
+    "rome": ("editscale.edit.rome.Rome", "ROME (Meng et al. 2022): rank-one update of one MLP output matrix, C^-1 k* direction, key at the plain prompt"),
+    "r-rome": ("editscale.edit.rome.RRome", "r-ROME (Gupta et al. 2024): ROME with the template-averaged key k* used in both places of the update"),
+    "memit": ("editscale.edit.memit.Memit", "MEMIT (Meng et al. 2023): least-squares batch update spread over several MLP layers"),
+    "ft-c": ("editscale.edit.ftc.FineTuneConstrained", "FT-C: constrained (L-inf bounded) fine-tuning of one MLP layer on the target"),
+    "emmet": ("editscale.edit.emmet.Emmet", "EMMET (Gupta et al. 2024): equality-constrained batch edit of one layer (B=1 equals r-ROME)"),
+    "alphaedit": ("editscale.edit.alphaedit.AlphaEdit", "AlphaEdit (Fang et al. 2025): MEMIT with the update projected on the null space of preserved keys"),
+}
+
+
+class EditMethod:
+    """Base class of an editing method.
+
+    Class attributes:
+        name: registry name.
+        required_hparams: keys a hyper-parameter file must define (checked by `load_hparams`).
+        default_hparams: values used for keys a file leaves out.
+
+    Construction (once per segment):
+        model, tok: the loaded model (eval mode, parameters requires_grad False) and its tokenizer
+            (pad token set, right padding).
+        hparams: the method's hyper-parameters (see `editscale.edit.common.load_hparams`).
+        stats: module name -> second moment E[k k^T] of that module's inputs (float64 [d_in, d_in]),
+            for each module of `modules(model, hparams)` the method needs statistics for.
+        context_templates: ["{}", "<prefix>. {}", ...] from `sample_context_templates`.
+        state: what `state_dict()` returned at the end of the previous segment (None at the start).
+    """
+
+    name: str = ""
+    required_hparams: tuple[str, ...] = ()
+    default_hparams: dict = {}
+
+    def __init__(self, model, tok, hparams: dict, stats: dict[str, torch.Tensor], context_templates: list[str], state: dict | None = None):
+        self.model = model
+        self.tok = tok
+        self.hparams = {**self.default_hparams, **hparams}
+        self.validate_hparams(self.hparams, source=f"{self.name} hparams")
+        self.stats = stats or {}
+        self.context_templates = list(context_templates)
+        if not self.context_templates:
+            raise EditscaleError(f"{self.name}: no context templates (expected at least ['{{}}'])")
+
+    @staticmethod
+    def modules(model, hparams) -> list[str]:
+        """Names of the edited modules (also the modules whose input statistics the method needs)."""
+        return [mlp_out_name(model, int(layer)) for layer in hparams["layers"]]
+
+    @classmethod
+    def validate_hparams(cls, hp: dict, source: str = "hparams") -> None:
+        """Raise EditscaleError naming `source` and the key when a value is unusable."""
+        missing = [k for k in cls.required_hparams if k not in hp]
+        if missing:
+            raise EditscaleError(f"{source}: missing required key(s) {missing} for method {cls.name!r}")
+
+    def apply(self, cases: list[dict], weights: WeightState) -> list[dict]:
+        """Edit the model so that every case's prompt predicts its target_new; one log row per case
+        (at least case_id and v_loss)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Method state saved with each segment and passed back as `state`; {} when stateless."""
+        return {}
+
+
+def get_method(name: str) -> type[EditMethod]:
+    """The class registered under `name` (imported on demand)."""
+    if name not in METHODS:
+        raise EditscaleError(f"unknown editing method {name!r}; available: {sorted(METHODS)}")
+    path = METHODS[name][0]
+    module_name, _, cls_name = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise EditscaleError(f"method {name!r} is registered as {path} but {module_name} is not available in this installation") from exc
+        raise
+    try:
+        return getattr(module, cls_name)
+    except AttributeError as exc:
+        raise EditscaleError(f"method {name!r}: {module_name} has no class {cls_name}") from exc
+
+
+def describe_methods() -> list[tuple[str, str]]:
+    """(name, one-line description) of every registered method, for `editscale methods`."""
+    return [(name, desc) for name, (_, desc) in METHODS.items()]

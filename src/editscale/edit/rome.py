@@ -1,0 +1,115 @@
+"""ROME (Meng et al. 2022, "Locating and Editing Factual Associations in GPT") and r-ROME
+(Gupta et al. 2024, "Rebuilding ROME").
+
+One edit changes the MLP output matrix W of layer L = hparams["layers"][0] by a rank-one update
+
+    dW = right u^T,   u = C^-1 k* / ||C^-1 k*||,   right = (v* - W k - b) / (k . u)
+
+where k* is the module input at the subject's last token averaged over the context templates, C
+the second moment E[k k^T] of the module's inputs (identity when mom2_adjustment is false), v* the
+module output found by `optimize_value`, and (k, W k + b):
+  - key_averaging "prompt" (original ROME): input/output of the module at the plain edit prompt;
+  - key_averaging "templates" (r-ROME): k = k*, output W k* + b computed from the current weights.
+After the update W' k + b = v* (exactly, up to float error). Several cases given to `apply` are
+edited one after another, each on the weights left by the previous one (as ROME does).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..io import EditscaleError
+from .common import CovSolver, check_common_hparams, compute_keys, module_forward, module_io_at_subject, optimize_value
+from .methods import EditMethod
+from .weights import Update, WeightState
+
+ROME_HPARAMS = (
+    "layers",
+    "fact_token",
+    "v_num_grad_steps",
+    "v_lr",
+    "v_weight_decay",
+    "clamp_norm_factor",
+    "kl_factor",
+    "mom2_adjustment",
+    "mom2_update_weight",
+    "context_template_length_params",
+    "v_loss_layer",
+)
+
+
+class Rome(EditMethod):
+    name = "rome"
+    required_hparams = ROME_HPARAMS
+    default_hparams = {"key_averaging": "prompt"}
+    forced_hparams: dict = {}
+
+    def __init__(self, model, tok, hparams, stats, context_templates, state=None):
+        super().__init__(model, tok, {**hparams, **self.forced_hparams}, stats, context_templates, state)
+        self.module = self.modules(model, self.hparams)[0]
+        self._solvers: dict[str, CovSolver] = {}
+        # diagnostics of the last edit (tests, debugging): k_star, u, v_star, key, key_output, right
+        self.last: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def validate_hparams(cls, hp, source="hparams"):
+        super().validate_hparams(hp, source)
+        check_common_hparams(hp, source)
+        if len(hp["layers"]) != 1:
+            raise EditscaleError(f"{source}: {cls.name} edits exactly one layer, got layers {hp['layers']}")
+        if hp.get("key_averaging", "prompt") not in ("prompt", "templates"):
+            raise EditscaleError(f"{source}: key_averaging must be 'prompt' or 'templates', got {hp['key_averaging']!r}")
+
+    def solver(self, module: str) -> CovSolver:
+        """C^-1 for `module`, factored once per method object (i.e. once per segment)."""
+        if module not in self._solvers:
+            if module not in self.stats:
+                raise EditscaleError(f"{self.name}: mom2_adjustment needs the second moment of {module!r}; stats hold {sorted(self.stats)}")
+            self._solvers[module] = CovSolver(self.stats[module], module=module)
+        return self._solvers[module]
+
+    def left_vector(self, k_star: torch.Tensor) -> torch.Tensor:
+        """u = C^-1 k* / ||C^-1 k*|| (float64); k* / ||k*|| without mom2_adjustment."""
+        u = self.solver(self.module).solve(k_star) if self.hparams["mom2_adjustment"] else k_star.to(torch.float64)
+        return u / u.norm()
+
+    def apply(self, cases: list[dict], weights: WeightState) -> list[dict]:
+        return [self.edit_one(case, weights) for case in cases]
+
+    def edit_one(self, case: dict, weights: WeightState) -> dict:
+        t0 = time.perf_counter()
+        hp, module = self.hparams, self.module
+        k_star = compute_keys(self.model, self.tok, module, [case], self.context_templates)[0]
+        u = self.left_vector(k_star)
+        v_star, vlog = optimize_value(self.model, self.tok, case, self.context_templates, module, hp)
+        if hp["key_averaging"] == "prompt":
+            k_in, k_out = module_io_at_subject(self.model, self.tok, module, [case["prompt"]], [case["subject"]])
+            cur_in, cur_out = k_in[0].to(torch.float64), k_out[0].to(torch.float64)
+        else:
+            cur_in = k_star.to(torch.float64)
+            cur_out = module_forward(self.model, weights, module, k_star)
+        u = u.to(cur_in.device)
+        denom = torch.dot(cur_in, u)
+        right = (v_star.to(torch.float64) - cur_out) / denom
+        meta = {"method": self.name, "case_id": case.get("case_id"), "key_averaging": hp["key_averaging"]}
+        weights.apply(Update(module, u=right.float()[:, None], v=u.float()[:, None], meta=meta))
+        self.last = {"k_star": k_star, "u": u, "v_star": v_star, "key": cur_in, "key_output": cur_out, "right": right}
+        return {
+            "case_id": case.get("case_id"),
+            "module": module,
+            **vlog,
+            "update_norm": float(right.norm().item()),  # ||right u^T||_F, u has unit norm
+            "key_dot_u": float(denom.item()),
+            "residual_norm": float((v_star.to(torch.float64) - cur_out).norm().item()),
+            "seconds": time.perf_counter() - t0,
+        }
+
+
+class RRome(Rome):
+    """r-ROME: ROME with key_averaging forced to "templates"."""
+
+    name = "r-rome"
+    default_hparams = {"key_averaging": "templates"}
+    forced_hparams = {"key_averaging": "templates"}

@@ -1,0 +1,280 @@
+"""`editscale score-edits | history | downstream | generation | perplexity | weights`.
+
+Each verb evaluates one checkpoint k of a run and writes one long parquet table
+(`results/{run}/metrics/{metric}/{k:06d}.parquet`: k, item, metric, value [, edit_index]) with
+provenance metadata (config_hash = sha256 of the metric's params JSON, input hashes, device).
+`--params-json` takes a JSON object, or @FILE / a path to a .json file holding one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from ..io import EditscaleError, provenance, read_jsonl, sha256_file, sha256_json, write_parquet_atomic
+
+log = logging.getLogger(__name__)
+
+
+def _common(p, segment: bool = False) -> None:
+    p.add_argument("--model-dir", required=True, help="prepared model directory (data/models/{model})")
+    p.add_argument("--run-dir", required=True, help="the run's results directory (results/{run})")
+    p.add_argument("--k", type=int, required=True, help="checkpoint: the model after k edits (0 = unedited)")
+    if segment:
+        p.add_argument("--segment", type=int, default=None, help="segment length (default: the run's)")
+    p.add_argument("--out", required=True, help="output parquet")
+    p.add_argument("--params-json", default="{}", help="the metric's config section as JSON (or @file.json)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the run's, else float32)")
+    p.add_argument("--device", default="auto")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("score-edits", help="efficacy / paraphrase / neighborhood scores of each edit of a segment, right after it")
+    _common(p, segment=True)
+    p.set_defaults(func=cmd_score_edits)
+
+    p = sub.add_parser("history", help="re-score every edit made so far on the model after k edits")
+    _common(p)
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("downstream", help="few-shot downstream tasks and offline probes at checkpoint k")
+    _common(p)
+    p.add_argument("--n-edits", type=int, default=None,
+                   help="the run's n_edits: probes leave out the subjects of edits 1..n_edits (default: every edit of the sequence)")
+    p.set_defaults(func=cmd_downstream)
+
+    p = sub.add_parser("generation", help="n-gram entropy of sampled continuations at checkpoint k")
+    _common(p)
+    p.set_defaults(func=cmd_generation)
+
+    p = sub.add_parser("perplexity", help="perplexity on a held-out token sample at checkpoint k")
+    _common(p)
+    p.add_argument("--tokens", required=True, help=".npy of int64 token ids [n_seq, seq_len]")
+    p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("weights", help="drift of the edited matrices and per-edit update-norm outliers at checkpoint k")
+    _common(p)
+    p.set_defaults(func=cmd_weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def parse_params(text: str | None) -> dict:
+    if not text:
+        return {}
+    text = text.strip()
+    if text.startswith("@") or (text.endswith(".json") and Path(text).exists()):
+        path = Path(text.lstrip("@"))
+        if not path.exists():
+            raise EditscaleError(f"--params-json file {path} not found")
+        text = path.read_text()
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EditscaleError(f"--params-json is not valid JSON: {exc}") from exc
+    if not isinstance(params, dict):
+        raise EditscaleError("--params-json must be a JSON object")
+    return params
+
+
+def _run_info(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "run.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _dtype(args) -> str:
+    return args.dtype or _run_info(args.run_dir).get("dtype") or "float32"
+
+
+def _edits(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "edits.jsonl"
+    if not path.exists():
+        raise EditscaleError(f"{path} not found: the run's edit sequence (rule `sequence`) must exist")
+    cases = read_jsonl(path)
+    for c in cases:
+        if "edit_index" not in c:
+            raise EditscaleError(f"{path}: case {c.get('case_id')!r} has no edit_index")
+    return sorted(cases, key=lambda c: int(c["edit_index"]))
+
+
+def _inputs(args, extra: dict | None = None) -> dict:
+    """Provenance inputs: the model's sha256, and {path, sha256} of each file the state came from
+    (the audit re-hashes those paths)."""
+    from ..models.load import model_sha
+
+    out: dict = {"model": model_sha(args.model_dir)}
+    edits = Path(args.run_dir) / "edits.jsonl"
+    if edits.exists():
+        out["edits"] = {"path": str(edits), "sha256": sha256_file(edits)}
+    if args.k > 0:
+        run = _run_info(args.run_dir)
+        seg = int(run.get("segment", 0) or 0)
+        if seg:
+            end = args.k if args.k % seg == 0 else (args.k // seg + 1) * seg
+            kind, path = ("delta", Path(args.run_dir) / "deltas" / f"{args.k:06d}.h5") if args.k % seg == 0 else (
+                "factors", Path(args.run_dir) / "factors" / f"{end:06d}.h5")
+            if path.exists():
+                out[kind] = {"path": str(path), "sha256": sha256_file(path)}
+    out.update(extra or {})
+    return out
+
+
+def _write(df, args, params: dict, extra_inputs: dict[str, str] | None = None, seconds: float | None = None) -> None:
+    from ..models.load import pick_device
+
+    meta = provenance(config_hash=sha256_json(params), inputs=_inputs(args, extra_inputs), device=str(pick_device(args.device)))
+    meta["params"] = json.dumps(params, sort_keys=True)
+    if seconds is not None:
+        meta["seconds"] = f"{seconds:.2f}"
+    write_parquet_atomic(df, args.out, metadata=meta)
+    log.info("wrote %s (%d rows%s)", args.out, df.height, f", {seconds:.1f} s" if seconds is not None else "")
+
+
+def _model_at(args, k: int | None = None):
+    from ..edit.chain import model_at
+
+    return model_at(args.model_dir, args.run_dir, args.k if k is None else k, dtype=_dtype(args), device=args.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# verbs
+
+
+def cmd_score_edits(args) -> None:
+    import polars as pl
+
+    from ..edit.chain import states_in_segment
+    from .edit_scores import score_cases
+
+    t0 = time.time()
+    params = parse_params(args.params_json)
+    segment = args.segment or int(_run_info(args.run_dir).get("segment", 0) or 0)
+    if segment <= 0:
+        raise EditscaleError("score-edits needs --segment (or a run.json with `segment`)")
+    by_index = {int(c["edit_index"]): c for c in _edits(args.run_dir)}
+    bs = int(params.get("batch_size", 64))
+    frames = []
+    for j, model, tok in states_in_segment(args.model_dir, args.run_dir, args.k, segment, dtype=_dtype(args), device=args.device):
+        if j not in by_index:
+            raise EditscaleError(f"edit {j} of the chain is not in {args.run_dir}/edits.jsonl")
+        frames.append(score_cases(model, tok, [by_index[j]], k=j, batch_size=bs))
+    df = pl.concat(frames) if frames else score_cases(None, None, [], k=args.k)
+    _write(df, args, params, seconds=time.time() - t0)
+
+
+def cmd_history(args) -> None:
+    from .history import HISTORY_PARTS, score_history
+
+    t0 = time.time()
+    params = parse_params(args.params_json)
+    cases = _edits(args.run_dir)
+    model, tok = _model_at(args)
+    df = score_history(model, tok, cases, args.k, parts=tuple(params.get("parts", HISTORY_PARTS)), batch_size=int(params.get("batch_size", 64)))
+    _write(df, args, params, seconds=time.time() - t0)
+
+
+def cmd_downstream(args) -> None:
+    import polars as pl
+
+    from .downstream import build_tasks, evaluate_task, metrics_rows, task_config
+    from .probes import keep_solved
+
+    t0 = time.time()
+    params = parse_params(args.params_json)
+    tasks_cfg = task_config(params)
+    if not tasks_cfg:
+        raise EditscaleError("downstream: no tasks: set `tasks` and/or `probes` in the config's metrics.downstream")
+    edits_path = Path(args.run_dir) / "edits.jsonl"
+    n_edits = args.n_edits if args.n_edits is not None else params.get("exclude_edits")
+    excluded = [
+        c["subject"] for c in (read_jsonl(edits_path) if edits_path.exists() else [])
+        if n_edits is None or int(c.get("edit_index", 0)) <= int(n_edits)
+    ]
+    log.info("probes leave out the %d subjects of edits 1..%s", len(excluded), n_edits if n_edits is not None else "all")
+    tasks = build_tasks(tasks_cfg, excluded)
+    bs = int(params.get("batch_size", 16))
+    generation = bool(params.get("generation", True))
+    # optional per-task "keep_solved": restrict to the items the UNEDITED model gets right
+    need_base = [i for i, t in enumerate(tasks) if (tasks_cfg.get(t.name) or {}).get("keep_solved")]
+    if need_base:
+        base, btok = _model_at(args, 0)
+        for i in need_base:
+            reading = tasks_cfg[tasks[i].name]["keep_solved"]
+            tasks[i] = keep_solved(base, btok, tasks[i], reading if isinstance(reading, str) else "ll", bs)
+        if args.k == 0:
+            model, tok = base, btok
+        else:
+            del base
+    if not need_base or args.k != 0:
+        model, tok = _model_at(args)
+    frames = []
+    files = {}
+    for task in tasks:
+        ts = time.time()
+        metrics, _ = evaluate_task(model, tok, task, batch_size=bs, generation=generation)
+        metrics["seconds"] = time.time() - ts
+        frames.append(metrics_rows(args.k, task.name, metrics))
+        path = (tasks_cfg.get(task.name) or {}).get("path")
+        if path and Path(path).exists():
+            files[f"task:{task.name}"] = sha256_file(path)
+        log.info("%s: %s", task.name, {m: round(v, 4) for m, v in metrics.items()})
+    _write(pl.concat(frames), args, params, files, seconds=time.time() - t0)
+
+
+def cmd_generation(args) -> None:
+    from .generation import generation_metrics, pick_prompts
+
+    t0 = time.time()
+    params = parse_params(args.params_json)
+    prompts = params.get("prompts") or pick_prompts(_edits(args.run_dir), params.get("n_prompts", 50), int(params.get("seed", 0)))
+    model, tok = _model_at(args)
+    df, conts = generation_metrics(
+        model, tok, prompts, args.k, int(params.get("max_new_tokens", 100)), int(params.get("top_k", 5)), int(params.get("seed", 0)),
+        int(params.get("batch_size", 16)),
+    )
+    for p, c in list(zip(prompts, conts))[:3]:
+        log.info("k=%d sample: %r -> %r", args.k, p, c[:200])
+    _write(df, args, params, seconds=time.time() - t0)
+
+
+def cmd_perplexity(args) -> None:
+    from .perplexity import load_tokens, perplexity, perplexity_rows
+
+    t0 = time.time()
+    params = parse_params(args.params_json)
+    tokens = load_tokens(args.tokens)
+    model, tok = _model_at(args)
+    res = perplexity(model, tokens, batch_size=params.get("batch_size"), ignore_id=params.get("ignore_id"))
+    _write(perplexity_rows(args.k, res), args, params, {"tokens": sha256_file(args.tokens)}, seconds=time.time() - t0)
+
+
+def cmd_weights(args) -> None:
+    import polars as pl
+    import torch
+
+    from ..edit.chain import replay_delta
+    from ..models.load import load_model, model_sha
+    from ..models.registry import edited_weight, to_math
+    from .weights import read_edit_logs, update_norm_rows, weight_drift
+
+    t0 = time.time()
+    params = parse_params(args.params_json)
+    threshold = float(params.get("outlier_z", params.get("threshold", 5.0)))
+    frames = []
+    if args.k > 0:
+        segment = int(_run_info(args.run_dir).get("segment", 0) or 0)
+        if segment <= 0:
+            raise EditscaleError(f"{args.run_dir}/run.json has no `segment`")
+        delta = replay_delta(args.run_dir, args.k, segment, model_sha(args.model_dir))
+        model, _ = load_model(args.model_dir, dtype="float32", device="cpu")
+        base = {m: to_math(model, edited_weight(model, m)).detach().to(torch.float32) for m in delta}
+        frames.append(weight_drift(delta, base, k=args.k).with_columns(pl.lit(None, dtype=pl.Int64).alias("edit_index")))
+        del model
+    frames.append(update_norm_rows(read_edit_logs(args.run_dir, args.k), args.k, threshold))
+    cols = ["k", "item", "edit_index", "metric", "value"]
+    df = pl.concat([f.select(cols) for f in frames])
+    _write(df, args, params, seconds=time.time() - t0)

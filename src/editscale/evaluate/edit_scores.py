@@ -1,0 +1,142 @@
+"""Editing proficiency of one edit, scored on the model right after that edit (CounterFact metrics).
+
+For a case with new object o* and true object o (nll = mean token NLL of " " + object, see
+`scoring`):
+
+  es   efficacy score: fraction of edit prompts (the one filled template) with P(o*) > P(o),
+       i.e. nll_new < nll_true (ROME/MEMIT "rewrite accuracy")
+  em   efficacy magnitude: mean over the edit prompts of exp(-nll_new) - exp(-nll_true), the
+       difference of the geometric-mean token probabilities (ROME's `*_diff` in summarize.py)
+  ps   paraphrase score: same comparison averaged over paraphrase_prompts
+  pm   paraphrase magnitude: same difference averaged over paraphrase_prompts
+  ns   neighborhood score: fraction of neighborhood prompts where the correct answer stays more
+       likely than o*: P(o_n) > P(o*), o_n = neighborhood_target if the case has one else o
+  nm   neighborhood magnitude: mean of exp(-nll(o_n)) - exp(-nll(o*))
+  score  harmonic mean of es, ps, ns (ROME/MEMIT "S"); components that are undefined because
+       the case has no such prompts (NaN) are left out; 0 if any component is 0
+  efficacy_em     1.0 if every token of o* is the argmax on the edit prompt (teacher forcing)
+  paraphrase_em   fraction of paraphrase prompts on which o* is the argmax continuation
+  neighborhood_em fraction of neighborhood prompts on which o_n is the argmax continuation
+  nll_new, nll_true  NLL of o* and o on the edit prompt
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import polars as pl
+
+from .scoring import run_prompts
+
+PARTS = ("efficacy", "paraphrase", "neighborhood")
+EDIT_METRICS = (
+    "es", "em", "ps", "pm", "ns", "nm", "score", "efficacy_em", "paraphrase_em", "neighborhood_em", "nll_new", "nll_true",
+)
+
+
+def fill(template: str, subject: str) -> str:
+    return template.replace("{}", subject, 1)
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """Harmonic mean of the non-NaN values; 0 if any is 0 (or negative); NaN if none."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not vals:
+        return math.nan
+    if any(v <= 0 for v in vals):
+        return 0.0
+    return len(vals) / sum(1.0 / v for v in vals)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def case_metrics(
+    model, tok, cases: Sequence[dict], parts: Sequence[str] = PARTS, batch_size: int = 64
+) -> list[dict[str, float]]:
+    """Per-case metric dicts (keys as in the module docstring, restricted to `parts`).
+
+    All prompts of all cases go through one batched `scoring.run_prompts` call: each distinct
+    prompt is run once and its new and correct targets are scored as continuations of its KV
+    cache (same numbers as `score_pairs`, tested).
+    """
+    prompts: list[str] = []
+    targets: list[str] = []
+    slots: list[tuple[int, str, int]] = []  # (case, part, prompt number) for each pair of rows
+    for ci, case in enumerate(cases):
+        groups = {
+            "efficacy": ([fill(case["prompt"], case["subject"])], case["target_true"]),
+            "paraphrase": (list(case.get("paraphrase_prompts") or []), case["target_true"]),
+            "neighborhood": (list(case.get("neighborhood_prompts") or []), case.get("neighborhood_target") or case["target_true"]),
+        }
+        for part in parts:
+            ps, correct = groups[part]
+            for pi, p in enumerate(ps):
+                prompts += [p, p]
+                targets += [case["target_new"], correct]
+                slots.append((ci, part, pi))
+    # each prompt once (KV cache), with its two targets as continuations
+    uniq: dict[tuple[str, str, str], int] = {}
+    for s_ in range(len(slots)):
+        uniq.setdefault((prompts[2 * s_], targets[2 * s_], targets[2 * s_ + 1]), len(uniq))
+    keys = list(uniq)
+    res = run_prompts(model, tok, [p for p, _, _ in keys], 0, [[a, b] for _, a, b in keys], batch_size=batch_size)
+    nll, hit = [], []
+    for s_ in range(len(slots)):
+        u = uniq[(prompts[2 * s_], targets[2 * s_], targets[2 * s_ + 1])]
+        nll += [-res.choice_ll[u][0], -res.choice_ll[u][1]]
+        hit += [res.choice_match[u][0], res.choice_match[u][1]]
+    per: list[dict[str, dict[str, list]]] = [{p: {"new": [], "old": [], "hit_new": [], "hit_old": []} for p in parts} for _ in cases]
+    for s, (ci, part, _) in enumerate(slots):
+        d = per[ci][part]
+        d["new"].append(nll[2 * s])
+        d["old"].append(nll[2 * s + 1])
+        d["hit_new"].append(float(hit[2 * s]))
+        d["hit_old"].append(float(hit[2 * s + 1]))
+    out = []
+    for ci in range(len(cases)):
+        m: dict[str, float] = {}
+        if "efficacy" in parts:
+            d = per[ci]["efficacy"]
+            m["es"] = _mean([float(a < b) for a, b in zip(d["new"], d["old"])])
+            m["em"] = _mean([math.exp(-a) - math.exp(-b) for a, b in zip(d["new"], d["old"])])
+            m["efficacy_em"] = _mean(d["hit_new"])
+            m["nll_new"] = _mean(d["new"])
+            m["nll_true"] = _mean(d["old"])
+        if "paraphrase" in parts:
+            d = per[ci]["paraphrase"]
+            m["ps"] = _mean([float(a < b) for a, b in zip(d["new"], d["old"])])
+            m["pm"] = _mean([math.exp(-a) - math.exp(-b) for a, b in zip(d["new"], d["old"])])
+            m["paraphrase_em"] = _mean(d["hit_new"])
+        if "neighborhood" in parts:
+            d = per[ci]["neighborhood"]
+            m["ns"] = _mean([float(b < a) for a, b in zip(d["new"], d["old"])])
+            m["nm"] = _mean([math.exp(-b) - math.exp(-a) for a, b in zip(d["new"], d["old"])])
+            m["neighborhood_em"] = _mean(d["hit_old"])
+        if all(p in parts for p in PARTS):
+            m["score"] = harmonic_mean([m["es"], m["ps"], m["ns"]])
+        out.append(m)
+    return out
+
+
+def metrics_to_rows(cases: Sequence[dict], metrics: Sequence[dict[str, float]], k: int | Sequence[int]) -> pl.DataFrame:
+    """Long table: k, item (case_id), edit_index, metric, value. `k` is one int or one per case."""
+    ks = [k] * len(cases) if isinstance(k, int) else list(k)
+    rows = {"k": [], "item": [], "edit_index": [], "metric": [], "value": []}
+    for case, m, kk in zip(cases, metrics, ks):
+        for name, v in m.items():
+            rows["k"].append(int(kk))
+            rows["item"].append(str(case["case_id"]))
+            rows["edit_index"].append(case.get("edit_index"))
+            rows["metric"].append(name)
+            rows["value"].append(float(v))
+    return pl.DataFrame(
+        rows, schema={"k": pl.Int64, "item": pl.Utf8, "edit_index": pl.Int64, "metric": pl.Utf8, "value": pl.Float64}
+    )
+
+
+def score_cases(model, tok, cases: Sequence[dict], k: int | Sequence[int] = 0, parts: Sequence[str] = PARTS, batch_size: int = 64) -> pl.DataFrame:
+    """Score `cases` on the current model -> long rows (k, item=case_id, edit_index, metric, value)."""
+    return metrics_to_rows(cases, case_metrics(model, tok, cases, parts, batch_size), k)

@@ -1,0 +1,363 @@
+"""Batched model calls shared by every metric: target likelihoods, exact match, greedy generation.
+
+Conventions
+-----------
+* A (prompt, target) pair is scored as the tokens of `" " + target` (`space=True`, CounterFact's
+  convention: targets are stored without the leading space) appended to the tokens of `prompt`.
+  Prompt and target are tokenized separately (prompt with the tokenizer's special tokens, e.g. a
+  BOS, target without), so the prompt/target token boundary is always where the target starts.
+  ROME tokenizes the joined string instead; for byte-level BPE tokenizers (GPT-2, GPT-J, NeoX,
+  SmolLM/Llama-3 style) the two agree because the leading space starts a new token.
+* NLL is the MEAN per-token negative log-likelihood of the target tokens (ROME's
+  `test_batch_prediction`), so exp(-nll) is the geometric-mean token probability.
+* Every call pads a batch on the LEFT with explicit position ids, so each sequence ends at the
+  last column: only the last `max target length + 1` positions go through the LM head
+  (`logits_to_keep`), which keeps memory at B x T x V instead of B x L x V for long few-shot
+  prompts. Sequences are sorted by length and batched under a token budget; results come back in
+  input order. Padding does not change the result beyond float rounding (tested to 1e-5).
+* Prompts longer than the model's context are truncated from the left (the end of a prompt is
+  what predicts the target).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+DEFAULT_MAX_BATCH_TOKENS = 16384
+
+
+def pad_id(tok) -> int:
+    for tid in (tok.pad_token_id, tok.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def max_positions(model) -> int:
+    cfg = model.config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 1 << 30
+
+
+def encode_prompts(tok, prompts: Sequence[str]) -> list[list[int]]:
+    return [list(ids) for ids in tok(list(prompts), add_special_tokens=True)["input_ids"]] if prompts else []
+
+
+def encode_targets(tok, targets: Sequence[str], space: bool = True) -> list[list[int]]:
+    texts = [(" " + t if space else t) for t in targets]
+    out = [list(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    for t, ids in zip(targets, out):
+        if not ids:
+            raise ValueError(f"target {t!r} tokenizes to no tokens")
+    return out
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> Iterator[list[int]]:
+    """Indices grouped into batches, longest first, each under `batch_size` rows and roughly
+    `max_batch_tokens` padded tokens (a single over-long sequence still forms its own batch)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batch: list[int] = []
+    for i in order:
+        width = lengths[batch[0]] if batch else lengths[i]
+        if batch and (len(batch) >= batch_size or (len(batch) + 1) * width > max_batch_tokens):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids), left padded."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        if len(s):
+            ids[r, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[r, width - len(s):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
+def model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@dataclass
+class PairScores:
+    nll: torch.Tensor  # [n] mean token NLL of the target (nats)
+    nll_sum: torch.Tensor  # [n] summed token NLL
+    n_tokens: torch.Tensor  # [n] number of target tokens
+    match: torch.Tensor  # [n] bool: every target token is the argmax given its prefix
+
+
+def score_token_pairs(
+    model,
+    tok,
+    prompt_ids: Sequence[Sequence[int]],
+    target_ids: Sequence[Sequence[int]],
+    batch_size: int = 64,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+) -> PairScores:
+    """Score pre-tokenized pairs (see the module docstring)."""
+    n = len(prompt_ids)
+    if n != len(target_ids):
+        raise ValueError(f"{n} prompts but {len(target_ids)} targets")
+    nll_sum = torch.zeros(n, dtype=torch.float64)
+    n_tok = torch.zeros(n, dtype=torch.long)
+    match = torch.zeros(n, dtype=torch.bool)
+    if n == 0:
+        return PairScores(nll_sum.clone(), nll_sum, n_tok, match)
+    limit = max_positions(model)
+    seqs = []
+    for p, t in zip(prompt_ids, target_ids):
+        p = list(p)[-max(1, limit - len(t)):] if len(p) + len(t) > limit else list(p)
+        seqs.append(p + list(t))
+    device = model_device(model)
+    pad = pad_id(tok)
+    with torch.inference_mode():
+        for idx in length_batches([len(s) for s in seqs], batch_size, max_batch_tokens):
+            ids, mask, pos = left_pad([seqs[i] for i in idx], pad, device)
+            t_lens = [len(target_ids[i]) for i in idx]
+            t_max = max(t_lens)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=t_max + 1, use_cache=False)
+            logits = out.logits[:, -(t_max + 1):-1, :].float()  # kept[:, j] predicts position L - t_max + j
+            logp = torch.log_softmax(logits, dim=-1)
+            # target token t of row r sits at column L - T_r + t, i.e. kept column t_max - T_r + t
+            tgt = torch.full((len(idx), t_max), 0, dtype=torch.long, device=device)
+            valid = torch.zeros((len(idx), t_max), dtype=torch.bool, device=device)
+            for r, i in enumerate(idx):
+                T = t_lens[r]
+                tgt[r, t_max - T:] = torch.tensor(target_ids[i], dtype=torch.long)
+                valid[r, t_max - T:] = True
+            tok_lp = logp.gather(-1, tgt[..., None])[..., 0]
+            tok_hit = logp.argmax(-1) == tgt
+            sums = -(tok_lp * valid).sum(-1).double().cpu()
+            hits = (tok_hit | ~valid).all(-1).cpu()
+            for r, i in enumerate(idx):
+                nll_sum[i] = sums[r]
+                n_tok[i] = t_lens[r]
+                match[i] = hits[r]
+    return PairScores(nll_sum / n_tok, nll_sum, n_tok, match)
+
+
+def score_pairs(
+    model,
+    tok,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 64,
+    space: bool = True,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+) -> PairScores:
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    return score_token_pairs(
+        model, tok, encode_prompts(tok, prompts), encode_targets(tok, targets, space), batch_size, max_batch_tokens
+    )
+
+
+def target_nll(model, tok, prompts: list[str], targets: list[str], batch_size: int = 64, space: bool = True) -> torch.Tensor:
+    """Mean token NLL (nats) of `" " + target` after each prompt, shape [n], float64."""
+    return score_pairs(model, tok, prompts, targets, batch_size, space).nll
+
+
+def argmax_match(model, tok, prompts: list[str], targets: list[str], batch_size: int = 64, space: bool = True) -> torch.Tensor:
+    """Exact match under teacher forcing: every target token is the argmax given the prompt and the
+    target tokens before it. Shape [n], bool."""
+    return score_pairs(model, tok, prompts, targets, batch_size, space).match
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt pass + continuations: one forward pass over each prompt (KV cache), then greedy or
+# sampled decoding and the likelihood of candidate continuations both reuse that cache.
+
+
+@dataclass
+class PromptResult:
+    new_ids: list[list[int]]  # decoded tokens per prompt (cut at EOS)
+    first_lp: torch.Tensor | None  # [n, V] log P(next token | prompt), float32 CPU (keep_first_lp)
+    choice_ll: list[list[float]]  # mean token log-likelihood of " " + each choice
+    choice_match: list[list[bool]] | None = None  # every choice token is the argmax (teacher forcing)
+
+
+def _cache_kw(model) -> str:
+    """Name of the KV-cache argument: `cache` (transformers >= 5.x) or `past_key_values`."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out):
+    c = getattr(out, "cache", None)
+    return c if c is not None else getattr(out, "past_key_values", None)
+
+
+def _select_cache(cache, index: torch.Tensor):
+    """A new cache holding rows `index` of `cache` (the original is left untouched)."""
+    import copy
+
+    if not hasattr(cache, "batch_select_indices"):
+        return None
+    new = copy.deepcopy(cache)
+    new.batch_select_indices(index)
+    return new
+
+
+def _choice_logliks(model, cache, mask, n_real, last_lp, rows, toks, chunk: int = 64):
+    """(mean token log-likelihood, all-argmax flag) of each token list toks[i] continuing batch
+    row rows[i]; None if the cache cannot be row-selected."""
+    out = [0.0] * len(rows)
+    hits = [False] * len(rows)
+    top = last_lp.argmax(-1).tolist()
+    device = mask.device
+    for s in range(0, len(rows), chunk):
+        r_idx = rows[s : s + chunk]
+        t_ids = toks[s : s + chunk]
+        sel = torch.tensor(r_idx, dtype=torch.long, device=device)
+        width = max(len(t) for t in t_ids) - 1
+        sums = [float(last_lp[r, t[0]]) for r, t in zip(r_idx, t_ids)]
+        ok = [top[r] == t[0] for r, t in zip(r_idx, t_ids)]
+        if width > 0:
+            sub = _select_cache(cache, sel)
+            if sub is None:
+                return None
+            ids = torch.zeros((len(r_idx), width), dtype=torch.long)
+            cmask = torch.zeros((len(r_idx), width), dtype=torch.long)
+            for j, t in enumerate(t_ids):
+                ids[j, : len(t) - 1] = torch.tensor(t[:-1])
+                cmask[j, : len(t) - 1] = 1
+            ids, cmask = ids.to(device), cmask.to(device)
+            pos = n_real[sel][:, None] + torch.arange(width, device=device)[None, :]
+            lg = model(
+                input_ids=ids, attention_mask=torch.cat([mask[sel], cmask], dim=1), position_ids=pos,
+                use_cache=True, **{_cache_kw(model): sub},
+            ).logits.float()
+            lp = torch.log_softmax(lg, dim=-1)
+            am = lp.argmax(-1).tolist()
+            for j, t in enumerate(t_ids):
+                for q in range(1, len(t)):
+                    sums[j] += float(lp[j, q - 1, t[q]])
+                    ok[j] = ok[j] and am[j][q - 1] == t[q]
+        for j, t in enumerate(t_ids):
+            out[s + j] = sums[j] / len(t)
+            hits[s + j] = ok[j]
+    return out, hits
+
+
+def run_prompts(
+    model,
+    tok,
+    prompts: Sequence[str],
+    max_new_tokens: int = 0,
+    choices: Sequence[Sequence[str]] | None = None,
+    pick=None,
+    batch_size: int = 16,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    stop_at_eos: bool = True,
+    keep_first_lp: bool = False,
+    space: bool = True,
+) -> PromptResult:
+    """One prompt pass per batch (left padded, KV cache), then
+
+    * the mean token log-likelihood of `(" " if space) + choice` for every choice of the prompt
+      (single-token choices are read off the prompt pass; longer ones continue the cache),
+    * `max_new_tokens` decoding steps: greedy, or `pick(step, logits [B, V], prompt indices) ->
+      token ids [B]` (used for paired sampling).
+
+    Equivalent to `score_pairs` / greedy `model.generate` up to float rounding (tested).
+    """
+    n = len(prompts)
+    choices = [list(c) for c in choices] if choices is not None else [[] for _ in range(n)]
+    res = PromptResult([[] for _ in range(n)], None, [[math.nan] * len(c) for c in choices], [[False] * len(c) for c in choices])
+    if n == 0:
+        return res
+    limit = max_positions(model)
+    enc = [p[-max(1, limit - max(max_new_tokens, 8)):] for p in encode_prompts(tok, prompts)]
+    ctoks = [encode_targets(tok, c, space) if c else [] for c in choices]
+    device = model_device(model)
+    pad = pad_id(tok)
+    eos = tok.eos_token_id if stop_at_eos else None
+    with torch.inference_mode():
+        for idx in length_batches([len(s) + max_new_tokens for s in enc], batch_size, max_batch_tokens):
+            ids, mask, pos = left_pad([enc[i] for i in idx], pad, device)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+            cache = _cache_of(out)
+            last = out.logits[:, -1].float()
+            last_lp = torch.log_softmax(last, dim=-1)
+            if keep_first_lp:
+                if res.first_lp is None:
+                    res.first_lp = torch.zeros((n, last_lp.shape[-1]), dtype=torch.float32)
+                res.first_lp[torch.tensor(idx)] = last_lp.cpu()
+            n_real = mask.sum(-1)
+            # candidate continuations, before decoding extends the cache
+            rows, toks, where = [], [], []
+            for r, i in enumerate(idx):
+                for j, t in enumerate(ctoks[i]):
+                    rows.append(r)
+                    toks.append(t)
+                    where.append((i, j))
+            if rows:
+                got = None if cache is None else _choice_logliks(model, cache, mask, n_real, last_lp, rows, toks)
+                if got is None:  # a cache without row selection: score the pairs from scratch
+                    sc = score_token_pairs(model, tok, [enc[idx[r]] for r in rows], toks, batch_size, max_batch_tokens)
+                    got = ((-sc.nll).tolist(), sc.match.tolist())
+                for (i, j), v, h in zip(where, got[0], got[1]):
+                    res.choice_ll[i][j] = v
+                    res.choice_match[i][j] = bool(h)
+            if max_new_tokens <= 0:
+                continue
+            if cache is None:
+                raise RuntimeError(f"{type(model).__name__} returned no KV cache; cannot decode")
+            done = torch.zeros(len(idx), dtype=torch.bool, device=device)
+            gen = []
+            logits = last
+            for step in range(max_new_tokens):
+                nxt = pick(step, logits, idx) if pick is not None else logits.argmax(-1)
+                nxt = nxt.to(device)
+                if eos is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                gen.append(nxt)
+                if eos is not None:
+                    done |= nxt == eos
+                    if bool(done.all()):
+                        break
+                if step == max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, torch.ones((len(idx), 1), dtype=mask.dtype, device=device)], dim=1)
+                out = model(
+                    input_ids=nxt[:, None], attention_mask=mask, position_ids=(n_real + step)[:, None],
+                    use_cache=True, **{_cache_kw(model): cache},
+                )
+                cache = _cache_of(out)
+                logits = out.logits[:, -1].float()
+            g = torch.stack(gen, dim=1).cpu().tolist()
+            for r, i in enumerate(idx):
+                seq = g[r]
+                if eos is not None and eos in seq:
+                    seq = seq[: seq.index(eos)]
+                res.new_ids[i] = seq
+    return res
+
+
+def generate(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16, pick=None,
+             stop_at_eos: bool = True) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy (or `pick`) decoding: (new token ids per prompt, log P(next token | prompt) [n, V])."""
+    r = run_prompts(model, tok, prompts, max_new_tokens, None, pick, batch_size, stop_at_eos=stop_at_eos, keep_first_lp=True)
+    return r.new_ids, r.first_lp
+
+
+def decode(tok, ids_list: Sequence[Sequence[int]]) -> list[str]:
+    return [tok.decode(list(ids), skip_special_tokens=True) for ids in ids_list]

@@ -1,0 +1,148 @@
+"""Weight drift of the edited matrices and per-edit update norms with outlier ("disabling edit") flags.
+
+Per edited module, D_k = W_k - W_0 (the chain's cumulative delta, (out, in) orientation; norms
+do not depend on the orientation):
+  fro           ||D_k||_F
+  fro_per_numel ||D_k||_F / numel(W)  (the study's normalized distance between edited and
+                unedited weights)
+  spectral      ||D_k||_2, the largest singular value (torch.linalg.matrix_norm(ord=2))
+  rel_fro       ||D_k||_F / ||W_0||_F
+  weight_fro    ||W_k||_F
+plus item "all": fro and fro_per_numel over all edited matrices together.
+
+Per edit (from the factors' per-edit log: case_id, edit_index, update_norm = ||dW||_F,
+update_rel = ||dW||_F / ||W||_F): robust z-score of the update norm among all edits 1..k,
+  z_i = (x_i - median(x)) / (1.4826 * MAD(x)),  MAD = median |x - median(x)|
+(1.4826 makes the MAD a consistent estimate of the standard deviation for normal data; if the MAD
+is 0, the mean absolute deviation * 1.2533 is used instead; if that is 0 too, nothing is flagged).
+An edit with z > threshold (default 5, one-sided: unusually LARGE updates) is flagged as a
+candidate disabling edit: "Rebuilding ROME" (Gupta et al. 2024) shows that sequential ROME
+collapses at single edits whose update norm is orders of magnitude above the others.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+SCHEMA = {"k": pl.Int64, "item": pl.Utf8, "metric": pl.Utf8, "value": pl.Float64}
+
+
+def weight_drift(delta: dict[str, torch.Tensor], base: dict[str, torch.Tensor], k: int = 0) -> pl.DataFrame:
+    """Rows (k, item=module, metric, value) for every module of `delta` (see module doc)."""
+    rows = {"k": [], "item": [], "metric": [], "value": []}
+
+    def add(item, metric, value):
+        rows["k"].append(k)
+        rows["item"].append(item)
+        rows["metric"].append(metric)
+        rows["value"].append(float(value))
+
+    tot_sq, tot_numel = 0.0, 0
+    for module in sorted(delta):
+        d = delta[module].detach().to(torch.float64)
+        w0 = base[module].detach().to(torch.float64)
+        if w0.shape != d.shape:
+            if w0.T.shape == d.shape:
+                w0 = w0.T
+            else:
+                raise ValueError(f"{module}: delta shape {tuple(d.shape)} != weight shape {tuple(w0.shape)}")
+        fro = float(torch.linalg.matrix_norm(d, ord="fro"))
+        add(module, "fro", fro)
+        add(module, "fro_per_numel", fro / d.numel())
+        add(module, "spectral", float(torch.linalg.matrix_norm(d, ord=2)) if d.abs().max() > 0 else 0.0)
+        w0_fro = float(torch.linalg.matrix_norm(w0, ord="fro"))
+        add(module, "rel_fro", fro / w0_fro if w0_fro else math.nan)
+        add(module, "weight_fro", float(torch.linalg.matrix_norm(w0 + d, ord="fro")))
+        tot_sq += fro * fro
+        tot_numel += d.numel()
+    if delta:
+        add("all", "fro", math.sqrt(tot_sq))
+        add("all", "fro_per_numel", math.sqrt(tot_sq) / tot_numel)
+    return pl.DataFrame(rows, schema=SCHEMA)
+
+
+def robust_z(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    ok = np.isfinite(x)
+    z = np.full(x.shape, np.nan)
+    if not ok.any():
+        return z
+    med = np.median(x[ok])
+    scale = 1.4826 * np.median(np.abs(x[ok] - med))
+    if scale == 0:
+        scale = 1.2533 * np.mean(np.abs(x[ok] - med))
+    if scale == 0:
+        z[ok] = 0.0
+        return z
+    z[ok] = (x[ok] - med) / scale
+    return z
+
+
+def flag_outliers(norms: np.ndarray, threshold: float = 5.0) -> np.ndarray:
+    """Boolean flags: robust z-score of the norm > threshold (NaN norms are never flagged)."""
+    z = robust_z(norms)
+    return np.nan_to_num(z, nan=-np.inf) > threshold
+
+
+def update_norm_rows(log: pl.DataFrame, k: int, threshold: float = 5.0) -> pl.DataFrame:
+    """Per-edit rows from the per-edit log table (edits with edit_index <= k): item=case_id,
+    edit_index, metrics update_norm, update_rel, robust_z, outlier (0/1); plus item "all":
+    n_outliers, update_norm_median, update_norm_max."""
+    log = log.filter(pl.col("edit_index") <= k).sort("edit_index")
+    norms = log["update_norm"].cast(pl.Float64).to_numpy() if log.height else np.zeros(0)
+    z = robust_z(norms)
+    flags = flag_outliers(norms, threshold)
+    rows = {"k": [], "item": [], "edit_index": [], "metric": [], "value": []}
+
+    def add(item, e, metric, value):
+        rows["k"].append(k)
+        rows["item"].append(item)
+        rows["edit_index"].append(e)
+        rows["metric"].append(metric)
+        rows["value"].append(float(value))
+
+    has_rel = "update_rel" in log.columns
+    for i, r in enumerate(log.iter_rows(named=True)):
+        item, e = str(r["case_id"]), int(r["edit_index"])
+        add(item, e, "update_norm", r["update_norm"] if r["update_norm"] is not None else math.nan)
+        if has_rel:
+            add(item, e, "update_rel", r["update_rel"] if r["update_rel"] is not None else math.nan)
+        add(item, e, "robust_z", z[i])
+        add(item, e, "outlier", float(flags[i]))
+    add("all", None, "n_outliers", float(flags.sum()))
+    add("all", None, "update_norm_median", float(np.nanmedian(norms)) if norms.size else math.nan)
+    add("all", None, "update_norm_max", float(np.nanmax(norms)) if norms.size else math.nan)
+    return pl.DataFrame(rows, schema={**SCHEMA, "edit_index": pl.Int64}).select("k", "item", "edit_index", "metric", "value")
+
+
+def read_edit_logs(run_dir: str | Path, k: int) -> pl.DataFrame:
+    """The per-edit log of every factors file of the run up to edit k (only the `log` group is read)."""
+    import h5py
+
+    frames = []
+    for path in sorted((Path(run_dir) / "factors").glob("*.h5")):
+        try:
+            end = int(path.stem)
+        except ValueError:
+            continue
+        with h5py.File(path, "r") as f:
+            if "log" not in f:
+                continue
+            cols = {}
+            for c in f["log"].keys():
+                arr = f["log"][c][()]
+                if arr.dtype.kind in ("O", "S"):
+                    arr = [a.decode() if isinstance(a, bytes) else str(a) for a in arr]
+                cols[c] = arr
+        df = pl.DataFrame(cols)
+        frames.append(df)
+        if end >= k:
+            break
+    if not frames:
+        return pl.DataFrame(schema={"case_id": pl.Utf8, "edit_index": pl.Int64, "update_norm": pl.Float64, "update_rel": pl.Float64})
+    return pl.concat(frames, how="diagonal_relaxed").filter(pl.col("edit_index") <= k)

@@ -1,0 +1,578 @@
+"""Report tables: every metric of every run gathered into tidy polars tables.
+
+Input convention (written by the evaluate stage): `results/{run}/metrics/{family}/{k:06d}.parquet`,
+a long table with columns k (Int64, model state after k edits), item (Utf8), metric (Utf8),
+value (Float64) and optional extra columns (edit_index, ...).
+
+Output (`results/tables/`, each as .parquet with provenance metadata and as .csv, written
+atomically):
+
+- `{family}.parquet` for history, downstream, generation, perplexity, weights: tidy long tables
+  with columns run, model, method, dataset, sample, edit (= k), metric, item, value, then any extra
+  columns of the inputs (e.g. edit_index of history rows). `sample` is kept as text.
+- `edit_scores.parquet`: one row per run and edit, wide: run, model, method, dataset, sample, edit,
+  case_id, es, em, ps, pm, ns, nm, score, efficacy_em, paraphrase_em (whatever metrics exist).
+- `forgetting.parquet`: per run and checkpoint, the history re-scored: n_scored (earlier edits
+  scored), retention (mean es of all earlier edits), paraphrase_retention (mean ps), n_successful
+  (edits that succeeded when they were made: es >= threshold right after the edit) and
+  forgotten_pct (share of those whose es is now below the threshold, in %). Without edit scores
+  every scored edit counts as successful.
+- `edit_log.parquet`: the per-edit log (run, edit_index, case_id, seconds, update_norm,
+  update_rel, v_loss, ...): the one the caller passed, else the `log` group of every
+  results/{run}/factors/*.h5 (empty when there is none).
+- `phases.parquet`, `disabling_edits.parquet`: editscale.report.phases (onset of catastrophic
+  forgetting per curve and combined; disabling edits with reasons).
+- `summary.parquet`: one row per run, see `summary_table`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import polars as pl
+
+from ..io import EditscaleError, atomic_path, provenance, sha256_json, write_parquet_atomic
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("edit_scores", "history", "downstream", "generation", "perplexity", "weights")
+META_COLS = ("run", "model", "method", "dataset", "sample")
+TIDY_SCHEMA = {
+    "run": pl.Utf8,
+    "model": pl.Utf8,
+    "method": pl.Utf8,
+    "dataset": pl.Utf8,
+    "sample": pl.Utf8,
+    "edit": pl.Int64,
+    "metric": pl.Utf8,
+    "item": pl.Utf8,
+    "value": pl.Float64,
+}
+EDIT_SCORE_METRICS = ("es", "em", "ps", "pm", "ns", "nm", "score", "efficacy_em", "paraphrase_em")
+SUMMARY_COUNTS = (10, 50, 100, 200, 500, 1000)
+REQUIRED = ("k", "item", "metric", "value")
+
+
+# ----------------------------------------------------------------------------------------------
+# run descriptions
+
+
+def normalize_runs_meta(runs_meta) -> dict[str, dict]:
+    """Run descriptions keyed by name, from a list of dicts, a mapping name -> dict, a config dict
+    with a "runs" list, or None."""
+    if runs_meta is None:
+        return {}
+    if isinstance(runs_meta, Mapping) and "runs" in runs_meta:
+        runs_meta = runs_meta["runs"]
+    if isinstance(runs_meta, Mapping):
+        return {str(name): {"name": str(name), **dict(meta or {})} for name, meta in runs_meta.items()}
+    out = {}
+    for meta in runs_meta:
+        if "name" not in meta:
+            raise EditscaleError(f"run description without a name: {meta}")
+        out[str(meta["name"])] = dict(meta)
+    return out
+
+
+def load_json_arg(value: str | os.PathLike, what: str = "json"):
+    """A JSON value given inline (starting with '[' or '{') or as a path to a file."""
+    text = str(value).strip()
+    if text.startswith(("[", "{")):
+        source = "inline JSON"
+    else:
+        path = Path(text)
+        if not path.exists():
+            raise EditscaleError(f"{what} not found: {path}")
+        text, source = path.read_text(), str(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EditscaleError(f"{what} ({source}): not valid JSON ({exc})") from exc
+
+
+def load_runs_json(value: str | os.PathLike) -> dict[str, dict]:
+    """Run descriptions from inline JSON or a JSON file (see normalize_runs_meta)."""
+    return normalize_runs_meta(load_json_arg(value, "runs json"))
+
+
+def _meta_frame(runs: Iterable[str], meta: Mapping[str, dict]) -> pl.DataFrame:
+    rows = []
+    for r in runs:
+        m = meta.get(r, {})
+        rows.append(
+            {
+                "run": r,
+                "model": None if m.get("model") is None else str(m["model"]),
+                "method": None if m.get("method") is None else str(m["method"]),
+                "dataset": None if m.get("dataset") is None else str(m["dataset"]),
+                "sample": None if m.get("sample") is None else str(m["sample"]),
+            }
+        )
+    return pl.DataFrame(rows, schema={c: pl.Utf8 for c in META_COLS})
+
+
+# ----------------------------------------------------------------------------------------------
+# collecting metric files
+
+
+def metric_files(family: str, sources, runs: Iterable[str] | None = None) -> list[tuple[str, Path]]:
+    """(run, parquet path) of one metric family.
+
+    `sources`: a results directory (holding {run}/metrics/{family}/*.parquet), a mapping
+    run -> run directory, or an iterable of parquet paths (the run is the directory three levels
+    up: {run}/metrics/{family}/{k}.parquet).
+    """
+    runs = None if runs is None else set(runs)
+    found: list[tuple[str, Path]] = []
+    if isinstance(sources, (str, os.PathLike)):
+        root = Path(sources)
+        if root.is_file():
+            sources = [root]
+        else:
+            for p in sorted(root.glob(f"*/metrics/{family}/*.parquet")):
+                found.append((p.parents[2].name, p))
+            sources = None
+    elif isinstance(sources, Mapping):
+        for run, run_dir in sources.items():
+            for p in sorted(Path(run_dir).glob(f"metrics/{family}/*.parquet")):
+                found.append((str(run), p))
+        sources = None
+    if sources is not None:
+        for p in sources:
+            p = Path(p)
+            if p.parent.name != family:
+                continue
+            found.append((p.parents[2].name, p))
+    return [(r, p) for r, p in found if runs is None or r in runs]
+
+
+def read_metric_file(path: str | os.PathLike) -> pl.DataFrame:
+    """One metric file, checked and cast to the convention (k Int64, item/metric Utf8, value Float64)."""
+    path = Path(path)
+    try:
+        df = pl.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - polars raises several types for a broken file
+        raise EditscaleError(f"cannot read metric file {path}: {exc}") from exc
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise EditscaleError(f"metric file {path} lacks columns {missing} (has {df.columns})")
+    casts = [
+        pl.col("k").cast(pl.Int64),
+        pl.col("item").cast(pl.Utf8),
+        pl.col("metric").cast(pl.Utf8),
+        pl.col("value").cast(pl.Float64),
+    ]
+    if "edit_index" in df.columns:
+        casts.append(pl.col("edit_index").cast(pl.Int64))
+    return df.with_columns(casts)
+
+
+def empty_tidy(extra: Mapping[str, pl.DataType] | None = None) -> pl.DataFrame:
+    return pl.DataFrame(schema={**TIDY_SCHEMA, **(extra or {})})
+
+
+def collect_metric(family: str, sources, runs_meta=None) -> pl.DataFrame:
+    """Tidy long table of one metric family over runs.
+
+    Columns: run, model, method, dataset, sample, edit (= k), metric, item, value, then any extra
+    columns of the files. Run descriptions (`runs_meta`: list of run dicts or mapping) supply
+    model / method / dataset / sample and, when given, restrict the runs read.
+    """
+    meta = normalize_runs_meta(runs_meta)
+    files = metric_files(family, sources, runs=meta.keys() if meta else None)
+    if not files:
+        return empty_tidy({"edit_index": pl.Int64} if family == "history" else None)
+    frames = [read_metric_file(p).with_columns(pl.lit(run, pl.Utf8).alias("run")) for run, p in files]
+    df = pl.concat(frames, how="diagonal_relaxed").rename({"k": "edit"})
+    runs = sorted(df["run"].unique().to_list())
+    df = df.join(_meta_frame(runs, meta), on="run", how="left")
+    base = list(TIDY_SCHEMA)
+    extras = [c for c in df.columns if c not in base]
+    return df.select(base + extras).sort(["run", "edit", "metric", "item"])
+
+
+def edit_scores_wide(long: pl.DataFrame) -> pl.DataFrame:
+    """One row per run and edit: meta, edit, case_id and one column per edit-score metric."""
+    keys = list(META_COLS) + ["edit", "item"]
+    if long.height == 0:
+        schema = {**{c: TIDY_SCHEMA[c] for c in META_COLS}, "edit": pl.Int64, "case_id": pl.Utf8}
+        return pl.DataFrame(schema={**schema, **{m: pl.Float64 for m in ("es", "ps", "ns", "score")}})
+    wide = long.select(keys + ["metric", "value"]).pivot(
+        on="metric", index=keys, values="value", aggregate_function="last"
+    )
+    metrics = [c for c in wide.columns if c not in keys]
+    ordered = [m for m in EDIT_SCORE_METRICS if m in metrics] + sorted(m for m in metrics if m not in EDIT_SCORE_METRICS)
+    wide = wide.rename({"item": "case_id"}).select(list(META_COLS) + ["edit", "case_id"] + ordered)
+    return wide.with_columns([pl.col(m).cast(pl.Float64) for m in ordered]).sort(["run", "edit"])
+
+
+def forgetting_table(history: pl.DataFrame, edit_scores: pl.DataFrame | None = None, *, threshold: float = 0.5) -> pl.DataFrame:
+    """Per run and checkpoint: retention of earlier edits and % forgotten (module docstring)."""
+    schema = {
+        **{c: pl.Utf8 for c in META_COLS},
+        "edit": pl.Int64,
+        "n_scored": pl.Int64,
+        "retention": pl.Float64,
+        "paraphrase_retention": pl.Float64,
+        "n_successful": pl.Int64,
+        "forgotten_pct": pl.Float64,
+    }
+    if history.height == 0:
+        return pl.DataFrame(schema=schema)
+    keys = list(META_COLS) + ["edit", "item"]
+    h = history.filter(pl.col("metric").is_in(["es", "ps"])).pivot(
+        on="metric", index=keys, values="value", aggregate_function="last"
+    )
+    for m in ("es", "ps"):
+        if m not in h.columns:
+            h = h.with_columns(pl.lit(None, pl.Float64).alias(m))
+    if edit_scores is not None and edit_scores.height and "es" in edit_scores.columns:
+        at_edit = edit_scores.group_by(["run", "case_id"]).agg(pl.col("es").first().alias("es_at_edit"))
+        h = h.join(at_edit, left_on=["run", "item"], right_on=["run", "case_id"], how="left")
+        success = pl.col("es_at_edit").fill_null(1.0) >= threshold
+    else:
+        success = pl.lit(True)
+    h = h.with_columns(success.alias("_ok"), (pl.col("es") < threshold).alias("_lost"))
+    out = (
+        h.group_by(list(META_COLS) + ["edit"])
+        .agg(
+            pl.col("es").count().cast(pl.Int64).alias("n_scored"),
+            pl.col("es").mean().alias("retention"),
+            pl.col("ps").mean().alias("paraphrase_retention"),
+            pl.col("_ok").sum().cast(pl.Int64).alias("n_successful"),
+            (pl.col("_ok") & pl.col("_lost")).sum().cast(pl.Int64).alias("_n_lost"),
+        )
+        .with_columns(
+            pl.when(pl.col("n_successful") > 0)
+            .then(100.0 * pl.col("_n_lost") / pl.col("n_successful"))
+            .otherwise(None)
+            .alias("forgotten_pct")
+        )
+        .drop("_n_lost")
+        .sort(["run", "edit"])
+    )
+    return out.select(list(schema)).cast(schema)
+
+
+# ----------------------------------------------------------------------------------------------
+# summary
+
+
+def _at(df: pl.DataFrame, value: str, c: int) -> float | None:
+    """Value at the latest checkpoint <= c; None when the run has not reached c."""
+    if df.height == 0 or df["edit"].max() < c:
+        return None
+    sub = df.filter(pl.col("edit") <= c).sort("edit")
+    if sub.height == 0:
+        return None
+    v = sub[value][-1]
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def _mean_over(df: pl.DataFrame | None, run: str, metric: str) -> pl.DataFrame:
+    if df is None or df.height == 0:
+        return pl.DataFrame(schema={"edit": pl.Int64, "value": pl.Float64})
+    return (
+        df.filter((pl.col("run") == run) & (pl.col("metric") == metric) & pl.col("value").is_not_nan())
+        .group_by("edit")
+        .agg(pl.col("value").mean())
+        .sort("edit")
+    )
+
+
+def summary_table(
+    tables: Mapping[str, pl.DataFrame],
+    runs_meta=None,
+    *,
+    counts: Sequence[int] = SUMMARY_COUNTS,
+    window: int = 50,
+    edit_log: pl.DataFrame | None = None,
+    storage_bytes: Mapping[str, int] | None = None,
+    run_phases: Mapping[str, object] | None = None,
+) -> pl.DataFrame:
+    """One row per run.
+
+    Columns: run, model, method, dataset, sample, n_edits (configured), edits_done (last edit
+    scored or checkpoint seen); for each count c in `counts` that is <= n_edits, and for "end"
+    (= n_edits):
+      {es,ps,ns,score}_at_{c}: mean over the last min(window, c) edits ending at edit c, as scored
+        right after each edit;
+      retention_at_{c}, forgotten_pct_at_{c}: from the forgetting table;
+      downstream_f1_at_{c}, downstream_accuracy_ll_at_{c}: mean over tasks;
+      perplexity_at_{c}, ngram_entropy_at_{c};
+      (checkpoint metrics at the latest checkpoint <= c; null where the run has not reached c);
+    onset (text: the edit count of the combined onset, or "none within N edits", N = last
+    checkpoint analysed), onset_k, onset_ci_low, onset_ci_high, collapse_k, onset_curves (curves
+    that agree), onset_decision (how it was decided, or why each curve showed no onset, e.g. too
+    few checkpoints), disabling_edits (comma-separated edit indices), n_disabling_edits;
+    edit_seconds_total, edit_seconds_mean (from `edit_log`), storage_bytes.
+    `run_phases` maps run -> editscale.report.phases.RunPhases; computed when not given.
+    """
+    from . import phases as ph
+
+    meta = normalize_runs_meta(runs_meta)
+    runs = list(meta) or sorted({r for df in tables.values() if df is not None and "run" in df.columns for r in df["run"].unique().to_list()})
+    es_wide = tables.get("edit_scores")
+    fg = tables.get("forgetting")
+    rows = []
+    all_labels: list[str] = []
+    for run in runs:
+        m = meta.get(run, {})
+        n_edits = m.get("n_edits")
+        n_edits = int(n_edits) if n_edits is not None else None
+        mf = _meta_frame([run], meta).row(0, named=True)
+        es = es_wide.filter(pl.col("run") == run).sort("edit") if es_wide is not None and es_wide.height else None
+        seen = [
+            int(df.filter(pl.col("run") == run)["edit"].max())
+            for df in tables.values()
+            if df is not None and df.height and "run" in df.columns and "edit" in df.columns and df.filter(pl.col("run") == run).height
+        ]
+        edits_done = max(seen) if seen else None
+        end = n_edits if n_edits is not None else edits_done
+        points = [(str(c), c) for c in counts if end is None or c <= end]
+        if end is not None:
+            points.append(("end", end))
+        row = {**mf, "n_edits": n_edits, "edits_done": edits_done}
+        curves = {
+            "downstream_f1": _mean_over(tables.get("downstream"), run, "f1"),
+            "downstream_accuracy_ll": _mean_over(tables.get("downstream"), run, "accuracy_ll"),
+            "perplexity": _mean_over(tables.get("perplexity"), run, "perplexity"),
+            "ngram_entropy": _mean_over(tables.get("generation"), run, "ngram_entropy"),
+        }
+        fgr = fg.filter(pl.col("run") == run) if fg is not None and fg.height else None
+        for label, c in points:
+            if label not in all_labels:
+                all_labels.append(label)
+            for q in ("es", "ps", "ns", "score"):
+                v = None
+                if es is not None and q in es.columns and es.height and es["edit"].max() >= c:
+                    w = es.filter((pl.col("edit") > c - min(window, c)) & (pl.col("edit") <= c))[q].drop_nulls()
+                    v = float(w.mean()) if w.len() else None
+                row[f"{q}_at_{label}"] = v
+            for q in ("retention", "forgotten_pct"):
+                row[f"{q}_at_{label}"] = _at(fgr, q, c) if fgr is not None else None
+            for q, df in curves.items():
+                row[f"{q}_at_{label}"] = _at(df, "value", c)
+        rp = (run_phases or {}).get(run) if run_phases is not None else ph.analyze_run(tables, run)
+        comb = rp.combined if rp is not None else None
+        n_max = (rp.k_max if rp is not None and rp.k_max is not None else None) or edits_done or end or 0
+        if comb is not None and comb.onset_k is not None:
+            row["onset"] = str(int(round(comb.onset_k)))
+        else:
+            row["onset"] = f"none within {n_max} edits"
+        row["onset_k"] = comb.onset_k if comb else None
+        row["onset_ci_low"] = comb.ci_low if comb else None
+        row["onset_ci_high"] = comb.ci_high if comb else None
+        row["collapse_k"] = comb.collapse_k if comb else None
+        row["onset_curves"] = ",".join(comb.curves_agreeing) if comb else ""
+        row["onset_decision"] = comb.decision if comb else "phases not computed"
+        dis = [d.edit_index for d in rp.disabling] if rp is not None else []
+        row["disabling_edits"] = ",".join(str(j) for j in dis)
+        row["n_disabling_edits"] = len(dis)
+        secs = None
+        if edit_log is not None and edit_log.height and "seconds" in edit_log.columns:
+            s = edit_log.filter(pl.col("run") == run)["seconds"].drop_nulls()
+            secs = (float(s.sum()), float(s.mean())) if s.len() else None
+        row["edit_seconds_total"] = secs[0] if secs else None
+        row["edit_seconds_mean"] = secs[1] if secs else None
+        sb = (storage_bytes or {}).get(run)
+        row["storage_bytes"] = int(sb) if sb is not None else None
+        rows.append(row)
+
+    schema: dict[str, pl.DataType] = {**{c: pl.Utf8 for c in META_COLS}, "n_edits": pl.Int64, "edits_done": pl.Int64}
+    for label in all_labels:
+        for q in ("es", "ps", "ns", "score", "retention", "forgotten_pct", "downstream_f1", "downstream_accuracy_ll", "perplexity", "ngram_entropy"):
+            schema[f"{q}_at_{label}"] = pl.Float64
+    schema.update(
+        {
+            "onset": pl.Utf8,
+            "onset_k": pl.Float64,
+            "onset_ci_low": pl.Float64,
+            "onset_ci_high": pl.Float64,
+            "collapse_k": pl.Float64,
+            "onset_curves": pl.Utf8,
+            "onset_decision": pl.Utf8,
+            "disabling_edits": pl.Utf8,
+            "n_disabling_edits": pl.Int64,
+            "edit_seconds_total": pl.Float64,
+            "edit_seconds_mean": pl.Float64,
+            "storage_bytes": pl.Int64,
+        }
+    )
+    return pl.DataFrame([{c: r.get(c) for c in schema} for r in rows], schema=schema)
+
+
+# ----------------------------------------------------------------------------------------------
+# build / write / read
+
+
+EDIT_LOG_SCHEMA = {
+    "run": pl.Utf8,
+    "edit_index": pl.Int64,
+    "case_id": pl.Utf8,
+    "seconds": pl.Float64,
+    "update_norm": pl.Float64,
+    "update_rel": pl.Float64,
+    "v_loss": pl.Float64,
+}
+
+
+def normalize_edit_log(edit_log: pl.DataFrame | None) -> pl.DataFrame | None:
+    """The edit log with the documented columns (missing ones null) first, extras after."""
+    if edit_log is None:
+        return None
+    if "run" not in edit_log.columns or "edit_index" not in edit_log.columns:
+        raise EditscaleError(f"edit log needs columns run and edit_index (has {edit_log.columns})")
+    cols = [pl.col(c).cast(t) if c in edit_log.columns else pl.lit(None, t).alias(c) for c, t in EDIT_LOG_SCHEMA.items()]
+    extra = [c for c in edit_log.columns if c not in EDIT_LOG_SCHEMA]
+    return edit_log.select(cols + extra).sort(["run", "edit_index"])
+
+
+def edit_log_from_factors(results_dir: str | os.PathLike, runs: Iterable[str]) -> pl.DataFrame:
+    """The per-edit log stored in results/{run}/factors/{k:06d}.h5 (group `log`, one dataset per
+    column: case_id, edit_index, v_loss, update_norm, update_rel, seconds, ...), for every run."""
+    import h5py
+
+    frames = []
+    for run in runs:
+        for path in sorted((Path(results_dir) / run / "factors").glob("*.h5")):
+            try:
+                with h5py.File(path, "r") as f:
+                    if "log" not in f:
+                        continue
+                    cols = {}
+                    for c in f["log"].keys():
+                        arr = f["log"][c][()]
+                        if arr.dtype.kind in ("O", "S"):
+                            arr = [a.decode() if isinstance(a, bytes) else str(a) for a in arr]
+                        cols[c] = arr
+            except OSError as exc:
+                raise EditscaleError(f"cannot read the edit log of {path}: {exc}") from exc
+            if cols:
+                frames.append(pl.DataFrame(cols).with_columns(pl.lit(run, pl.Utf8).alias("run")))
+    if not frames:
+        return pl.DataFrame(schema=EDIT_LOG_SCHEMA)
+    df = pl.concat(frames, how="diagonal_relaxed")
+    return normalize_edit_log(df).unique(["run", "edit_index"], keep="last", maintain_order=True)
+
+
+def build_tables(
+    results_dir: str | os.PathLike,
+    runs_meta,
+    *,
+    edit_log: pl.DataFrame | None = None,
+    storage_bytes: Mapping[str, int] | None = None,
+    window: int = 50,
+    counts: Sequence[int] = SUMMARY_COUNTS,
+    **phase_kwargs,
+) -> dict[str, pl.DataFrame]:
+    """All report tables from a results directory: the six families, forgetting, edit_log (the
+    given one, else read from the factors files), phases, disabling_edits and summary.
+
+    `phase_kwargs` go to editscale.report.phases.analyze_run (seed, slope_ratio, min_delta_bic,
+    alpha, min_agree, drop_z, norm_z, ...)."""
+    meta = normalize_runs_meta(runs_meta)
+    tables: dict[str, pl.DataFrame] = {}
+    for family in FAMILIES:
+        long = collect_metric(family, results_dir, meta or None)
+        tables[family] = edit_scores_wide(long) if family == "edit_scores" else long
+        log.info("collected %s: %d rows", family, tables[family].height)
+    tables["forgetting"] = forgetting_table(tables["history"], tables["edit_scores"])
+    if edit_log is None:
+        runs_present = list(meta) or sorted({r for df in tables.values() for r in df["run"].unique().to_list()})
+        log_df = edit_log_from_factors(results_dir, runs_present)
+    else:
+        log_df = normalize_edit_log(edit_log)
+    tables["edit_log"] = log_df
+    from . import phases as ph
+
+    runs = list(meta) or None
+    results = ph.analyze_runs(tables, runs, **phase_kwargs)
+    tables["phases"] = ph.phases_frame(results)
+    tables["disabling_edits"] = ph.disabling_frame(results)
+    tables["summary"] = summary_table(
+        tables,
+        meta or None,
+        counts=counts,
+        window=window,
+        edit_log=log_df,
+        storage_bytes=storage_bytes,
+        run_phases={r.run: r for r in results},
+    )
+    return tables
+
+
+def write_table(df: pl.DataFrame, out_dir: str | os.PathLike, name: str, metadata: Mapping[str, str] | None = None) -> list[Path]:
+    """`{name}.parquet` (with metadata) and `{name}.csv`, both atomic."""
+    out_dir = Path(out_dir)
+    pq, csv = out_dir / f"{name}.parquet", out_dir / f"{name}.csv"
+    write_parquet_atomic(df, pq, dict(metadata or {}))
+    with atomic_path(csv) as tmp:
+        df.write_csv(tmp)
+    log.info("wrote %s and %s (%d rows)", pq, csv, df.height)
+    return [pq, csv]
+
+
+def write_tables(tables: Mapping[str, pl.DataFrame], out_dir: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> list[Path]:
+    written: list[Path] = []
+    for name, df in tables.items():
+        if df is not None:
+            written += write_table(df, out_dir, name, metadata)
+    return written
+
+
+def report_tables(
+    runs_meta,
+    results_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    edit_log: pl.DataFrame | None = None,
+    storage_bytes: Mapping[str, int] | None = None,
+    **kwargs,
+) -> list[Path]:
+    """Build and write every report table (the `editscale report-tables` verb)."""
+    meta = normalize_runs_meta(runs_meta)
+    tables = build_tables(results_dir, meta, edit_log=edit_log, storage_bytes=storage_bytes, **kwargs)
+    md = provenance(inputs={"runs": sha256_json(meta)})
+    return write_tables(tables, out_dir, md)
+
+
+def read_tables(tables_dir: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, pl.DataFrame]:
+    """The report tables present in `tables_dir` (parquet), keyed by name."""
+    tables_dir = Path(tables_dir)
+    if not tables_dir.is_dir():
+        raise EditscaleError(f"tables directory not found: {tables_dir}")
+    wanted = None if names is None else set(names)
+    out = {}
+    for p in sorted(tables_dir.glob("*.parquet")):
+        if wanted is None or p.stem in wanted:
+            out[p.stem] = pl.read_parquet(p)
+    return out
+
+
+def storage_of_runs(results_dir: str | os.PathLike, runs: Iterable[str], subdirs: Sequence[str] = ("deltas", "factors")) -> dict[str, int]:
+    """Bytes under results/{run}/{deltas,factors} for each run (what the edit chain stores)."""
+    out = {}
+    for r in runs:
+        total = 0
+        for sd in subdirs:
+            d = Path(results_dir) / r / sd
+            if d.is_dir():
+                total += sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+        out[r] = total
+    return out
+
+
+def read_table_file(path: str | os.PathLike) -> pl.DataFrame:
+    """A parquet or csv table (e.g. the per-edit log)."""
+    path = Path(path)
+    if not path.exists():
+        raise EditscaleError(f"table not found: {path}")
+    if path.suffix == ".csv":
+        return pl.read_csv(path)
+    return pl.read_parquet(path)

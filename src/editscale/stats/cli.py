@@ -1,0 +1,217 @@
+"""`editscale corpus` (token sample of a corpus), `editscale stats` (E[k k^T] per edited module) and
+`editscale nullspace` (AlphaEdit projection).
+
+    editscale corpus --model-dir data/models/M --corpus-json '{"kind": "self_sample", "n_tokens": 65536}' \
+        --out-dir data/corpora/M/CORPUS                       # -> stats.npy, heldout.npy, corpus.json
+    editscale stats --model-dir data/models/M --corpus-json '<same spec>' [--tokens data/corpora/M/CORPUS/stats.npy] \
+        --modules model.layers.3.mlp.down_proj model.layers.4.mlp.down_proj \
+        --out-dir results/stats/M/CORPUS [--corpus-id CORPUS] [--batch-size 8] [--device auto] [--dtype float32]
+    editscale nullspace --stats results/stats/M/CORPUS/model.layers.3.mlp.down_proj.h5 --threshold 1e-2 \
+        --out results/stats/M/CORPUS/nullspace/model.layers.3.mlp.down_proj.t0.01.h5
+
+Without --tokens, `stats` reads (or samples) the corpus itself in the same pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _model_args(p, device_default="auto") -> None:
+    p.add_argument("--model-dir", required=True, help="prepared model directory, e.g. data/models/smollm2-135m")
+    p.add_argument("--corpus-json", required=True,
+                   help='corpus spec as JSON (or a path to a .json file), e.g. \'{"kind": "self_sample"}\'')
+    p.add_argument("--device", default=device_default, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="float32", help="model dtype: float32 | float16 | bfloat16")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice); on a shared machine more threads than "
+                        "free cores make the model several times slower")
+
+
+def register(sub) -> None:
+    c = sub.add_parser("corpus", help="token sample of a corpus: stats.npy and the disjoint held-out heldout.npy")
+    _model_args(c)
+    c.add_argument("--out-dir", required=True, help="directory receiving stats.npy, heldout.npy and corpus.json")
+    c.set_defaults(func=run_corpus)
+
+    p = sub.add_parser("stats", help="second moment E[k k^T] of the inputs of edited modules over a corpus (HDF5)")
+    _model_args(p)
+    p.add_argument("--modules", required=True, nargs="+", help="module names, e.g. model.layers.3.mlp.down_proj")
+    p.add_argument("--out-dir", required=True, help="directory receiving one {module}.h5 per module")
+    p.add_argument("--tokens", default=None, help="stats.npy written by `editscale corpus` (default: read the corpus now)")
+    p.add_argument("--corpus-id", default=None, help="corpus name stored in the files (default: corpus_id(spec))")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass (default: the spec's batch_size)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_stats)
+
+    q = sub.add_parser("nullspace", help="AlphaEdit null-space projection P = U0 U0^T from a stats file")
+    q.add_argument("--stats", required=True, help="stats file {module}.h5 written by `editscale stats`")
+    q.add_argument("--threshold", type=float, default=1e-2,
+                   help="eigenvalues of E[kk^T] (count-normalized) below this span the null space (default 1e-2)")
+    q.add_argument("--out", required=True, help="output HDF5 file")
+    q.add_argument("--device", default="cpu", help="device for the eigendecomposition")
+    q.set_defaults(func=run_nullspace)
+
+
+def _parse_spec(text: str) -> dict:
+    from ..io import EditscaleError
+
+    path = Path(text)
+    if not text.lstrip().startswith("{") and path.suffix == ".json" and path.exists():
+        text = path.read_text()
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EditscaleError(f"--corpus-json is not valid JSON ({exc}): {text!r}") from exc
+    return spec
+
+
+def _setup(args):
+    """Common start: threads, spec, model sha, model."""
+    from ..io import EditscaleError
+    from ..models.load import load_model, model_sha
+    from .corpus import normalize_spec
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise EditscaleError(f"--threads must be positive, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    spec = normalize_spec(_parse_spec(args.corpus_json))
+    sha = model_sha(args.model_dir)
+    model, tok = load_model(args.model_dir, dtype=args.dtype, device=args.device)
+    return spec, sha, model, tok
+
+
+def _save_npy(path: Path, array) -> None:
+    import numpy as np
+
+    from ..io import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to a path
+            np.save(fh, array)
+
+
+def run_corpus(args) -> None:
+    import time
+
+    from ..io import provenance, write_json_atomic
+    from .corpus import PAD, corpus_fingerprint, corpus_id, sample_tokens
+
+    spec, sha, model, tok = _setup(args)
+    out_dir = Path(args.out_dir)
+    cid = corpus_id(spec)
+    log.info(
+        "corpus %s (%s): %d stats + %d held-out tokens of %d-token sequences for %s -> %s",
+        cid, spec["kind"], spec["n_tokens"], spec["heldout_tokens"], spec["seq_len"], args.model_dir, out_dir,
+    )
+    meta = {"corpus_id": cid, "corpus_spec": spec, "model_sha256": sha, "pad": PAD, "splits": {}}
+    arrays = {}
+    for split in ("stats", "heldout"):
+        timings: dict = {}
+        t0 = time.perf_counter()
+        arrays[split] = sample_tokens(spec, tok, model, split, timings=timings)
+        seconds = time.perf_counter() - t0
+        n = int((arrays[split] != PAD).sum())
+        meta["splits"][split] = {"shape": list(arrays[split].shape), "tokens": n, "seconds": round(seconds, 2)}
+        msg = f"{split}: {arrays[split].shape[0]} sequences, {n} tokens in {seconds:.1f} s"
+        if timings.get("generate_s"):
+            rate = timings["generated_tokens"] / timings["generate_s"]
+            meta["splits"][split]["generate_tok_s"] = round(rate, 1)
+            msg += f" (self-sample generation {rate:.0f} tok/s)"
+        log.info(msg)
+    meta["provenance"] = provenance(inputs={"model": sha, "corpus": corpus_fingerprint(spec)}, device=str(next(model.parameters()).device))
+    for split, arr in arrays.items():
+        _save_npy(out_dir / f"{split}.npy", arr)
+    write_json_atomic(out_dir / "corpus.json", meta)
+    log.info("wrote %s, %s, %s", out_dir / "stats.npy", out_dir / "heldout.npy", out_dir / "corpus.json")
+
+
+def run_stats(args) -> None:
+    import time
+
+    import numpy as np
+
+    from ..io import EditscaleError, sha256_file
+    from .corpus import corpus_fingerprint, corpus_id, iter_corpus, tokens_to_batches
+    from .mom2 import compute_mom2, write_mom2
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise EditscaleError(f"--batch-size must be positive, got {args.batch_size}")
+    spec, sha, model, tok = _setup(args)
+    batch_size = args.batch_size or spec["batch_size"]
+    cid = args.corpus_id or corpus_id(spec)
+    device = next(model.parameters()).device
+    out_dir = Path(args.out_dir)
+    targets = {m: out_dir / f"{m}.h5" for m in args.modules}
+    log.info(
+        "stats: E[kk^T] of %d module(s) of %s (sha256 %s..., %s on %s) over corpus %s, %d tokens of %d-token "
+        "sequences, batch %d%s", len(targets), args.model_dir, sha[:12], args.dtype, device, cid, spec["n_tokens"],
+        spec["seq_len"], batch_size, f", tokens from {args.tokens}" if args.tokens else "",
+    )
+    for m, path in targets.items():
+        log.info("  %s -> %s", m, path)
+    timings: dict = {}
+    t0 = time.perf_counter()
+    if args.tokens:
+        tokens_path = Path(args.tokens)
+        if not tokens_path.exists():
+            raise EditscaleError(f"token file {tokens_path} not found (rule corpus_tokens / `editscale corpus`)")
+        try:
+            tokens = np.load(tokens_path)
+        except (OSError, ValueError) as exc:
+            raise EditscaleError(f"token file {tokens_path} is not a readable .npy array: {exc}") from exc
+        vocab = model.get_input_embeddings().weight.shape[0]
+        if tokens.size and int(tokens.max()) >= vocab:
+            raise EditscaleError(f"token file {tokens_path}: token id {int(tokens.max())} >= vocabulary size {vocab} (another tokenizer?)")
+        batches = tokens_to_batches(tokens, batch_size, tok.pad_token_id or 0, source=str(tokens_path))
+        inputs = {"corpus": corpus_fingerprint(spec), "tokens": sha256_file(tokens_path)}
+    else:
+        batches = iter_corpus(spec, tok, model, "stats", batch_size=batch_size, timings=timings)
+        inputs = {"corpus": corpus_fingerprint(spec)}
+    results = compute_mom2(
+        model, tok, list(targets), batches, max_tokens=None if args.tokens else spec["n_tokens"],
+        seq_len=spec["seq_len"], batch_size=batch_size, progress=not args.no_progress, timings=timings,
+    )
+    wall = time.perf_counter() - t0
+    for m, path in targets.items():
+        mom2, count = results[m]
+        write_mom2(
+            path, mom2, count, module=m, model_sha256=sha, corpus=cid, corpus_spec=spec, dtype=args.dtype,
+            device=str(device), inputs=inputs,
+        )
+        log.info("wrote %s (d=%d, %d tokens)", path, mom2.shape[0], count)
+    tokens = timings["tokens"]
+    msg = (f"stats: {tokens} tokens in {wall:.1f} s wall ({tokens / wall:.0f} tok/s end to end); "
+           f"forward + accumulation {timings['forward_s']:.1f} s = {tokens / timings['forward_s']:.0f} tok/s")
+    if timings.get("generate_s"):
+        msg += (f"; self-sample generation {timings['generated_tokens']} tokens in {timings['generate_s']:.1f} s = "
+                f"{timings['generated_tokens'] / timings['generate_s']:.0f} tok/s")
+    log.info(msg)
+
+
+def run_nullspace(args) -> None:
+    from ..io import sha256_file
+    from .mom2 import null_space_basis, read_stats, write_projection
+
+    mom2, count, attrs = read_stats(args.stats)
+    u0, eigenvalues = null_space_basis(mom2, args.threshold, device=args.device)
+    rank = u0.shape[1]
+    log.info(
+        "nullspace: %s (%s, %d tokens, d=%d): %d of %d eigenvalues < %g (eigenvalues %.3g .. %.3g) -> %s",
+        args.stats, attrs.get("module", "?"), count, mom2.shape[0], rank, mom2.shape[0], args.threshold,
+        eigenvalues[0], eigenvalues[-1], args.out,
+    )
+    if rank == 0:
+        log.warning("nullspace: no eigenvalue below %g: P = 0, AlphaEdit updates would vanish", args.threshold)
+    write_projection(
+        args.out, u0 @ u0.T, threshold=args.threshold, rank=rank, stats_sha256=sha256_file(args.stats),
+        model_sha256=str(attrs.get("model_sha256", "")), module=str(attrs.get("module", "")),
+        eigenvalues=eigenvalues, device=args.device,
+    )

@@ -1,0 +1,438 @@
+"""Evaluate stage: scorer, edit scores, history curves, entropy, perplexity, weights, grid, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from editscale.evaluate import eval_grid, segment_ends
+from editscale.evaluate.edit_scores import EDIT_METRICS, case_metrics, harmonic_mean, score_cases
+from editscale.evaluate.generation import (
+    entropy_bits,
+    ngram_counts,
+    ngram_entropy,
+    sample_continuations,
+    text_ngram_entropy,
+    unigram_entropy_norm,
+    word_tokenize,
+)
+from editscale.evaluate.history import forgetting_curve, retention_curve, score_history
+from editscale.evaluate.perplexity import perplexity
+from editscale.evaluate.scoring import argmax_match, generate, run_prompts, score_pairs, score_token_pairs, target_nll
+from editscale.evaluate.weights import flag_outliers, robust_z, update_norm_rows, weight_drift
+from editscale.models.fetch import build_tiny_model
+
+DOWNSTREAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "downstream"
+
+PROMPTS = ["The capital of France is", "Paris is a city in", "Hi", "The quick brown fox jumps over the lazy dog and the"]
+TARGETS = ["Paris", "the country of France", "there", "cat"]
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return build_tiny_model("gpt2")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return build_tiny_model("llama")
+
+
+def case(i: int, **kw) -> dict:
+    c = {
+        "case_id": f"c{i}", "subject": "France", "relation_id": "P36", "prompt": "The capital of {} is",
+        "target_true": "Paris", "target_new": "Rome", "paraphrase_prompts": ["France's capital is", "The capital city of France is"],
+        "neighborhood_prompts": ["The capital of Germany is", "The capital of Spain is", "Italy's capital is"],
+        "attribute_prompts": [], "generation_prompts": ["France is"], "edit_index": i,
+    }
+    c.update(kw)
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+
+
+def test_target_nll_matches_hand_computation(gpt2):
+    model, tok = gpt2
+    prompt, target = "The capital of France is", "Paris"
+    p_ids = tok(prompt)["input_ids"]
+    t_ids = tok(" " + target, add_special_tokens=False)["input_ids"]
+    assert len(t_ids) == 2, "fixture expects a two-token target"
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([p_ids + t_ids])).logits[0].double(), -1)
+    n = len(p_ids)
+    hand = -(logp[n - 1, t_ids[0]] + logp[n, t_ids[1]]).item() / 2
+    got = target_nll(model, tok, [prompt], [target])
+    assert got.shape == (1,)
+    assert got[0].item() == pytest.approx(hand, abs=1e-5)
+    hand_match = bool(logp[n - 1].argmax() == t_ids[0]) and bool(logp[n].argmax() == t_ids[1])
+    assert argmax_match(model, tok, [prompt], [target])[0].item() == hand_match
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gptj", "gpt_neox", "llama"])
+def test_padding_invariance(arch):
+    model, tok = build_tiny_model(arch)
+    batch = score_pairs(model, tok, PROMPTS, TARGETS, batch_size=64)
+    for i, (p, t) in enumerate(zip(PROMPTS, TARGETS)):
+        single = score_pairs(model, tok, [p], [t])
+        assert abs(batch.nll[i].item() - single.nll[0].item()) < 1e-5
+        assert batch.match[i].item() == single.match[0].item()
+    # a different batch size / grouping gives the same numbers
+    small = score_pairs(model, tok, PROMPTS, TARGETS, batch_size=1)
+    assert torch.allclose(batch.nll, small.nll, atol=1e-5)
+
+
+def test_argmax_match_true_on_greedy_continuation(llama):
+    model, tok = llama
+    p_ids = tok("The capital of France is")["input_ids"]
+    with torch.no_grad():
+        t1 = int(model(torch.tensor([p_ids])).logits[0, -1].argmax())
+        t2 = int(model(torch.tensor([p_ids + [t1]])).logits[0, -1].argmax())
+    sc = score_token_pairs(model, tok, [p_ids, p_ids], [[t1, t2], [t1, (t2 + 1) % len(tok)]])
+    assert sc.match.tolist() == [True, False]
+    assert sc.n_tokens.tolist() == [2, 2]
+    assert sc.nll[0] < sc.nll[1]
+
+
+def test_generate_batched_equals_single(llama):
+    model, tok = llama
+    ids, lp = generate(model, tok, PROMPTS, 4, batch_size=8)
+    for i, p in enumerate(PROMPTS):
+        one, lp1 = generate(model, tok, [p], 4)
+        assert one[0] == ids[i]
+        assert torch.allclose(lp[i], lp1[0], atol=1e-4)
+    # the first generated token is the argmax of the returned first-step log-probs
+    assert all(len(x) == 0 or x[0] == int(lp[i].argmax()) for i, x in enumerate(ids))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gptj", "gpt_neox", "llama"])
+def test_run_prompts_matches_scorer_and_hf_generate(arch):
+    """The cached prompt pass gives the same choice likelihoods as full scoring and the same
+    greedy tokens as transformers' generate."""
+    model, tok = build_tiny_model(arch)
+    choices = [["Paris", "the country of France"], ["there", "cat", "a b c d"], ["x"], ["Saint Petersburg", "dog"]]
+    r = run_prompts(model, tok, PROMPTS, 6, choices, batch_size=3, keep_first_lp=True)
+    flat = [(p, c) for p, cs in zip(PROMPTS, choices) for c in cs]
+    sc = score_pairs(model, tok, [a for a, _ in flat], [b for _, b in flat])
+    assert [v for row in r.choice_ll for v in row] == pytest.approx((-sc.nll).tolist(), abs=1e-5)
+    assert [h for row in r.choice_match for h in row] == sc.match.tolist()
+    # a choice that is the model's own greedy continuation is an exact match (where the two
+    # greedy tokens decode to " word" and tokenize back to themselves)
+    checked = 0
+    for p, ids in zip(PROMPTS, r.new_ids):
+        greedy = tok.decode(ids[:2])
+        if len(ids) >= 2 and greedy.startswith(" ") and tok(greedy, add_special_tokens=False)["input_ids"] == ids[:2]:
+            assert run_prompts(model, tok, [p], 0, [[greedy[1:]]]).choice_match == [[True]]
+            checked += 1
+    assert checked or arch in ("gpt2", "gptj")
+    for i, p in enumerate(PROMPTS):
+        x = tok(p, return_tensors="pt")
+        hf = model.generate(**x, max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)
+        expected = hf[0, x["input_ids"].shape[1]:].tolist()
+        if tok.eos_token_id in expected:
+            expected = expected[: expected.index(tok.eos_token_id)]
+        assert r.new_ids[i] == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# edit scores
+
+
+def test_harmonic_mean():
+    assert harmonic_mean([1.0, 0.5, 0.25]) == pytest.approx(3 / 7)
+    assert harmonic_mean([1.0, 0.0, 1.0]) == 0.0
+    assert harmonic_mean([0.5, float("nan"), 0.5]) == pytest.approx(0.5)
+    assert math.isnan(harmonic_mean([float("nan")]))
+
+
+def test_case_metrics_definitions(gpt2):
+    model, tok = gpt2
+    c = case(1)
+    c2 = case(2, case_id="c2", neighborhood_target="Berlin", neighborhood_prompts=["The capital of Germany is"])
+    m1, m2 = case_metrics(model, tok, [c, c2])
+    edit_p = "The capital of France is"
+    new, old = target_nll(model, tok, [edit_p, edit_p], ["Rome", "Paris"]).tolist()
+    assert m1["nll_new"] == pytest.approx(new, abs=1e-6) and m1["nll_true"] == pytest.approx(old, abs=1e-6)
+    assert m1["es"] == float(new < old)
+    assert m1["em"] == pytest.approx(math.exp(-new) - math.exp(-old), abs=1e-6)
+    para = c["paraphrase_prompts"]
+    pn = target_nll(model, tok, para, ["Rome"] * 2).tolist()
+    po = target_nll(model, tok, para, ["Paris"] * 2).tolist()
+    assert m1["ps"] == pytest.approx(np.mean([a < b for a, b in zip(pn, po)]))
+    assert m1["pm"] == pytest.approx(np.mean([math.exp(-a) - math.exp(-b) for a, b in zip(pn, po)]), abs=1e-6)
+    neigh = c["neighborhood_prompts"]
+    nn = target_nll(model, tok, neigh, ["Rome"] * 3).tolist()
+    no = target_nll(model, tok, neigh, ["Paris"] * 3).tolist()
+    assert m1["ns"] == pytest.approx(np.mean([b < a for a, b in zip(nn, no)]))
+    assert m1["nm"] == pytest.approx(np.mean([math.exp(-b) - math.exp(-a) for a, b in zip(nn, no)]), abs=1e-6)
+    assert m1["score"] == pytest.approx(harmonic_mean([m1["es"], m1["ps"], m1["ns"]]))
+    # neighborhood_target replaces target_true on neighborhood prompts
+    gb = target_nll(model, tok, ["The capital of Germany is"] * 2, ["Rome", "Berlin"]).tolist()
+    assert m2["ns"] == float(gb[1] < gb[0])
+    assert m2["nm"] == pytest.approx(math.exp(-gb[1]) - math.exp(-gb[0]), abs=1e-6)
+
+
+def test_score_cases_rows(gpt2):
+    model, tok = gpt2
+    df = score_cases(model, tok, [case(1), case(2, case_id="c2")], k=[1, 2])
+    assert df.schema == {"k": pl.Int64, "item": pl.Utf8, "edit_index": pl.Int64, "metric": pl.Utf8, "value": pl.Float64}
+    assert set(df["metric"]) == set(EDIT_METRICS)
+    assert df.filter(pl.col("item") == "c2")["k"].unique().to_list() == [2]
+    es = df.filter(pl.col("metric").is_in(["es", "ps", "ns", "efficacy_em", "paraphrase_em", "score"]))["value"]
+    assert ((es >= 0) & (es <= 1)).all()
+
+
+def test_score_history_only_earlier_edits(gpt2):
+    model, tok = gpt2
+    cases = [case(i, case_id=f"c{i}") for i in range(1, 6)]
+    df = score_history(model, tok, cases, k=3)
+    assert sorted(df["item"].unique().to_list()) == ["c1", "c2", "c3"]
+    assert df["k"].unique().to_list() == [3]
+    assert {"es", "ps", "efficacy_em", "paraphrase_em"} <= set(df["metric"])
+    assert "ns" not in set(df["metric"])
+
+
+# ---------------------------------------------------------------------------------------------
+# forgetting / retention
+
+
+def _long(rows):
+    return pl.DataFrame(rows, schema=["k", "item", "edit_index", "metric", "value"], orient="row").with_columns(
+        pl.col("k").cast(pl.Int64), pl.col("edit_index").cast(pl.Int64), pl.col("value").cast(pl.Float64)
+    )
+
+
+def test_forgetting_and_retention_curves():
+    # right after their edits: A, B, D learned; C never took
+    edit_scores = _long([
+        (1, "A", 1, "efficacy_em", 1.0), (2, "B", 2, "efficacy_em", 1.0),
+        (3, "C", 3, "efficacy_em", 0.0), (4, "D", 4, "efficacy_em", 1.0),
+        (1, "A", 1, "es", 1.0),
+    ])
+    history = _long([
+        (2, "A", 1, "efficacy_em", 1.0), (2, "B", 2, "efficacy_em", 1.0),
+        (4, "A", 1, "efficacy_em", 0.0), (4, "B", 2, "efficacy_em", 1.0), (4, "C", 3, "efficacy_em", 1.0), (4, "D", 4, "efficacy_em", 1.0),
+        # A comes back at 6, B is forgotten at 6
+        (6, "A", 1, "efficacy_em", 1.0), (6, "B", 2, "efficacy_em", 0.0), (6, "C", 3, "efficacy_em", 0.0), (6, "D", 4, "efficacy_em", 1.0),
+    ])
+    fc = forgetting_curve(edit_scores, history)
+    assert fc["k"].to_list() == [2, 4, 6]
+    assert fc["learned"].to_list() == [2, 3, 3]
+    assert fc["forgotten"].to_list() == [0, 1, 2]  # A stays forgotten although it came back
+    assert fc["forgotten_pct"].to_list() == pytest.approx([0.0, 100 / 3, 200 / 3])
+    rc = retention_curve(edit_scores, history)
+    assert rc["k"].to_list() == [2, 4, 6]
+    assert rc["evaluated"].to_list() == [2, 3, 3]
+    assert rc["retained"].to_list() == [2, 2, 2]  # A counts again at 6
+    assert rc["retained_pct"].to_list() == pytest.approx([100.0, 200 / 3, 200 / 3])
+
+
+# ---------------------------------------------------------------------------------------------
+# generation entropy
+
+
+def test_ngram_entropy_hand_computed():
+    text = "a b a b"
+    assert word_tokenize(text) == ["a", "b", "a", "b"]
+    # bigrams (a,b) x2, (b,a) x1; trigrams (a,b,a), (b,a,b)
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    h3 = 1.0
+    expected = (2 / 3 * h2 + 4 / 3 * h3) / 2
+    assert text_ngram_entropy(text) == pytest.approx(expected)
+    assert expected == pytest.approx(0.972765, abs=1e-6)
+    assert ngram_entropy([text, "x x x x"]) == pytest.approx((expected + 0.0) / 2)
+    assert entropy_bits(ngram_counts(["a", "b", "c", "d"], 1)) == pytest.approx(2.0)
+    assert unigram_entropy_norm("a b a b") == pytest.approx(1.0)
+    h1 = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert unigram_entropy_norm("a a a b") == pytest.approx(h1)
+    assert unigram_entropy_norm("a a a") == 0.0
+    assert word_tokenize("I don't know, it's Paris.") == ["I", "do", "n't", "know", ",", "it", "'s", "Paris", "."]
+
+
+def test_paired_sampling(llama):
+    model, tok = llama
+    prompts = ["France is", "The city of Paris", "Hello there"]
+    a = sample_continuations(model, tok, prompts, max_new_tokens=8, top_k=5, seed=0, batch_size=3)
+    b = [sample_continuations(model, tok, [p], max_new_tokens=8, top_k=5, seed=0)[0] for p in prompts]
+    assert a == b  # per-prompt streams: the batch does not matter
+    c = sample_continuations(model, tok, prompts, max_new_tokens=8, top_k=5, seed=1, batch_size=3)
+    assert c != a
+    greedy = generate(model, tok, prompts, 8)[0]
+    top1 = sample_continuations(model, tok, prompts, max_new_tokens=8, top_k=1, seed=3)
+    assert top1 == [tok.decode(g, skip_special_tokens=True) for g in greedy]
+
+
+# ---------------------------------------------------------------------------------------------
+# perplexity
+
+
+def test_perplexity_of_uniform_model_is_vocab_size():
+    model, tok = build_tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    vocab = model.lm_head.weight.shape[0]
+    toks = np.random.default_rng(0).integers(0, vocab, size=(3, 17), dtype=np.int64)
+    res = perplexity(model, toks, batch_size=2)
+    assert res["n_tokens"] == 3 * 16
+    assert res["perplexity"] == pytest.approx(vocab, rel=1e-6)
+    assert res["nll"] == pytest.approx(math.log(vocab), rel=1e-6)
+
+
+def test_perplexity_matches_mean_token_nll(gpt2):
+    model, tok = gpt2
+    ids = tok("The capital of France is Paris and the capital of Spain is Madrid.")["input_ids"]
+    res = perplexity(model, np.array([ids]))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    hand = -np.mean([logp[i - 1, ids[i]].item() for i in range(1, len(ids))])
+    assert res["nll"] == pytest.approx(hand, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+
+
+def test_weight_drift_rank_one():
+    u = torch.tensor([3.0, 4.0])
+    v = torch.tensor([1.0, 0.0, 0.0])
+    delta = {"m": torch.outer(u, v)}
+    base = {"m": torch.ones(2, 3)}
+    df = weight_drift(delta, base, k=7)
+    get = {(r["item"], r["metric"]): r["value"] for r in df.iter_rows(named=True)}
+    assert df["k"].unique().to_list() == [7]
+    assert get[("m", "fro")] == pytest.approx(5.0)
+    assert get[("m", "spectral")] == pytest.approx(5.0)  # rank one: spectral == Frobenius
+    assert get[("m", "fro_per_numel")] == pytest.approx(5.0 / 6)
+    assert get[("m", "rel_fro")] == pytest.approx(5.0 / math.sqrt(6))
+    assert get[("all", "fro")] == pytest.approx(5.0)
+    # transposed base (GPT-2 Conv1D orientation) is accepted
+    assert weight_drift(delta, {"m": torch.ones(3, 2)})["value"].to_list() == df["value"].to_list()
+
+
+def test_flag_outliers():
+    norms = np.array([1.0, 1.1, 0.9, 1.05, 0.95, 1.02, 50.0])
+    flags = flag_outliers(norms, threshold=5)
+    assert flags.tolist() == [False] * 6 + [True]
+    z = robust_z(norms)
+    med = np.median(norms)
+    mad = np.median(np.abs(norms - med))
+    assert z[-1] == pytest.approx((50.0 - med) / (1.4826 * mad))
+    assert not flag_outliers(np.ones(5)).any()
+    # MAD 0 -> 1.2533 * mean absolute deviation: z = 29 / (1.2533 * 2.9) = 7.98
+    assert flag_outliers(np.array([1.0] * 9 + [30.0]), 5).tolist() == [False] * 9 + [True]
+    assert robust_z(np.array([1.0] * 9 + [30.0]))[-1] == pytest.approx(29 / (1.2533 * 2.9))
+    assert flag_outliers(np.array([1.0, np.nan, 1.2, 0.8, 100.0])).tolist() == [False, False, False, False, True]
+    assert not flag_outliers(np.array([1.0, 2.0, 3.0]), threshold=5).any()
+
+
+def test_update_norm_rows():
+    log = pl.DataFrame({
+        "case_id": [f"c{i}" for i in range(1, 9)], "edit_index": list(range(1, 9)),
+        "update_norm": [1.0, 1.1, 0.9, 1.0, 40.0, 1.05, 0.95, 80.0], "update_rel": [0.01] * 8,
+    })
+    df = update_norm_rows(log, k=6)
+    assert df.columns == ["k", "item", "edit_index", "metric", "value"]
+    out = df.filter(pl.col("metric") == "outlier")
+    assert out["edit_index"].to_list() == list(range(1, 7))  # edits after k are left out
+    assert out.filter(pl.col("value") == 1.0)["item"].to_list() == ["c5"]
+    assert df.filter(pl.col("metric") == "n_outliers")["value"].to_list() == [1.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# grid
+
+
+def test_eval_grid():
+    assert eval_grid(10, every=3) == [0, 3, 6, 9, 10]
+    assert eval_grid(9, every=3) == [0, 3, 6, 9]
+    assert eval_grid(10, segment=5) == [0, 5, 10]
+    assert eval_grid(7) == [0, 7]
+    assert eval_grid(0, every=5) == [0]
+    g = eval_grid(1000, every=100, segment=10)
+    assert g[0] == 0 and g[-1] == 1000 and len(g) == 11
+    with pytest.raises(ValueError):
+        eval_grid(10, every=0)
+    assert segment_ends(10, 4) == [4, 8, 10]
+    assert segment_ends(8, 4) == [4, 8]
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI at k = 0 (no chain needed: the unedited model)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from editscale.models.fetch import prepare_model
+
+    root = tmp_path_factory.mktemp("evalcli")
+    model_dir = root / "model"
+    prepare_model("tiny:gpt2", model_dir)
+    run_dir = root / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({"segment": 2, "dtype": "float32"}))
+    cases = [case(i, case_id=f"c{i}", subject=s, generation_prompts=[f"{s} is known for"]) for i, s in enumerate(["France", "Spain", "Japan", "Peru"], start=1)]
+    (run_dir / "edits.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cases))
+    return model_dir, run_dir
+
+
+def _cli(args):
+    from editscale.cli import main
+
+    assert main(args) == 0
+
+
+def test_cli_verbs_registered():
+    from editscale.cli import build_parser
+
+    parser = build_parser()
+    verbs = set(parser._subparsers._group_actions[0].choices)
+    assert {"score-edits", "history", "downstream", "generation", "perplexity", "weights"} <= verbs
+
+
+def test_cli_k0(tiny_run, tmp_path):
+    from editscale.io import read_parquet_metadata
+
+    model_dir, run_dir = tiny_run
+    base = ["--model-dir", str(model_dir), "--run-dir", str(run_dir), "--k", "0", "--device", "cpu"]
+    params = {
+        "eval_every": 6,
+        "probes": {"n_eval": 3, "names": ["arith"]},
+        "tasks": {"editscale-probe-capital": {"n_eval": 5, "n_shots": 2}, "sst2": {"path": str(DOWNSTREAM / "sst2.jsonl"), "n_eval": 4, "n_shots": 2}},
+    }
+    if not (DOWNSTREAM / "sst2.jsonl").exists():
+        pytest.skip("shared downstream data not available")
+    out = tmp_path / "downstream" / "000000.parquet"
+    _cli(["downstream", *base, "--out", str(out), "--params-json", json.dumps(params)])
+    df = pl.read_parquet(out)
+    assert set(df["item"]) == {"editscale-probe-capital", "editscale-probe-arith", "sst2"}
+    assert df.filter((pl.col("item") == "editscale-probe-arith") & (pl.col("metric") == "n"))["value"].item() == 3
+    assert {"f1", "mcc", "invalid", "accuracy_ll", "f1_ll", "mcc_ll"} <= set(df["metric"])
+    assert df["k"].unique().to_list() == [0]
+    meta = read_parquet_metadata(out)
+    from editscale.io import sha256_json
+
+    assert meta["config_hash"] == sha256_json(params)
+    assert "model" in json.loads(meta["inputs"])
+
+    out = tmp_path / "generation.parquet"
+    _cli(["generation", *base, "--out", str(out), "--params-json", json.dumps({"max_new_tokens": 6, "n_prompts": 3, "seed": 0})])
+    g = pl.read_parquet(out)
+    assert "ngram_entropy" in set(g["metric"]) and g.filter(pl.col("metric") == "n_prompts")["value"].item() == 3
+
+    toks = tmp_path / "tokens.npy"
+    np.save(toks, np.random.default_rng(0).integers(0, 1000, size=(2, 9), dtype=np.int64))
+    out = tmp_path / "ppl.parquet"
+    _cli(["perplexity", *base, "--out", str(out), "--tokens", str(toks)])
+    p = pl.read_parquet(out)
+    assert p.filter(pl.col("metric") == "n_tokens")["value"].item() == 16
+
+    out = tmp_path / "history.parquet"
+    _cli(["history", *base, "--out", str(out)])
+    assert pl.read_parquet(out).height == 0

@@ -1,0 +1,217 @@
+"""Forgetting-phase detection on synthetic curves with known structure."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from editscale.report.phases import (
+    Curve,
+    Phase,
+    combine_phases,
+    detect_disabling_edits,
+    detect_onset,
+    joint_drops,
+    norm_outlier_z,
+)
+
+K = np.arange(0, 1001, 10, dtype=float)
+
+
+def flat_then_drop(seed: int, onset: float = 600.0, noise: float = 0.02) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y = np.where(K < onset, 0.8, 0.8 - (K - onset) / (K[-1] - onset) * 0.7)
+    return y + rng.normal(0, noise, len(K))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_onset_flat_then_steep_drop(seed):
+    p = detect_onset(K, flat_then_drop(seed), curve="downstream_f1", seed=seed)
+    assert p.accepted, p.reason
+    assert abs(p.onset_k - 600) <= 0.05 * 600
+    assert p.ci_low <= 600 <= p.ci_high
+    assert p.ci_low <= p.onset_k <= p.ci_high
+    assert p.delta_bic > 10 and p.p_value <= 0.01
+    assert p.slope_after < 0 and abs(p.slope_after) > 3 * abs(p.slope_before)
+    assert p.curve == "downstream_f1" and p.method
+    assert p.collapse_k >= p.onset_k
+
+
+def test_onset_gradual_phase_then_collapse_to_floor():
+    rng = np.random.default_rng(5)
+    # gradual decline, abrupt fall at 450 over 30 edits, then a floor near zero
+    y = 0.8 - 0.0002 * K
+    y = np.where(K >= 450, np.maximum(0.05, y - (K - 450) / 30 * 0.7), y) + rng.normal(0, 0.01, len(K))
+    p = detect_onset(K, y, seed=1)
+    assert p.accepted, p.reason
+    assert abs(p.onset_k - 450) <= 0.05 * 450
+    assert p.ci_low <= 450 <= p.ci_high
+    assert 450 <= p.collapse_k <= 520
+
+
+def test_onset_on_curve_where_higher_is_worse():
+    rng = np.random.default_rng(3)
+    logppl = np.where(K < 300, 3.0, 3.0 + (K - 300) / 100) + rng.normal(0, 0.03, len(K))
+    p = detect_onset(K, logppl, higher_is_better=False, curve="perplexity")
+    assert p.accepted, p.reason
+    assert abs(p.onset_k - 300) <= 15
+    assert p.slope_after > 0  # reported in the curve's own orientation
+
+
+def test_onset_on_long_binary_curve_is_binned():
+    rng = np.random.default_rng(4)
+    k = np.arange(1, 4001, dtype=float)
+    y = (rng.random(len(k)) < np.where(k < 2500, 0.95, 0.15)).astype(float)
+    p = detect_onset(k, y, max_points=200)
+    assert p.accepted, p.reason
+    assert abs(p.onset_k - 2500) <= 0.05 * 2500
+    assert p.n_points == 4000
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_no_onset_on_gentle_linear_decline(seed):
+    rng = np.random.default_rng(100 + seed)
+    y = 0.8 - 0.0003 * K + rng.normal(0, 0.02, len(K))
+    p = detect_onset(K, y, seed=seed)
+    assert p.onset_k is None and not p.accepted
+    assert p.candidate_k is not None and p.reason != "accepted"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_no_onset_on_pure_noise(seed):
+    rng = np.random.default_rng(200 + seed)
+    p = detect_onset(K, 0.5 + rng.normal(0, 0.05, len(K)), seed=seed)
+    assert p.onset_k is None
+
+
+def test_no_onset_on_flat_or_short_curves():
+    assert detect_onset(K, np.full(len(K), 0.3)).onset_k is None
+    short = detect_onset([0, 1, 2], [1.0, 0.5, 0.0])
+    assert short.onset_k is None and "too few" in short.reason
+    assert detect_onset([], []).reason == "no data"
+    nan = flat_then_drop(0)
+    nan[::7] = np.nan  # missing checkpoints are dropped, not fatal
+    assert detect_onset(K, nan).accepted
+
+
+def test_onset_is_deterministic_and_checks_alpha():
+    y = flat_then_drop(7)
+    a, b = detect_onset(K, y, seed=3), detect_onset(K, y, seed=3)
+    assert a == b
+    with pytest.raises(ValueError):
+        detect_onset(K, y, n_null=20, alpha=0.01)
+
+
+def _phase(curve, onset, lo, hi):
+    return Phase(curve=curve, onset_k=onset, ci_low=lo, ci_high=hi, collapse_k=hi, k_min=0, k_max=1000, reason="accepted")
+
+
+def test_combine_phases_earliest_and_agreement():
+    ps = [
+        _phase("efficacy", 610, 590, 630),
+        _phase("downstream_f1", 600, 580, 620),
+        _phase("downstream_ll", 900, 880, 920),
+        Phase(curve="fluency", k_min=0, k_max=1000, reason="rejected"),
+    ]
+    c = combine_phases(ps)
+    assert c.onset_k == 600
+    assert set(c.curves_agreeing) == {"downstream_f1", "efficacy"}
+    assert set(c.curves_detected) == {"downstream_f1", "efficacy", "downstream_ll"}
+    # a lone early curve is skipped when two curves must agree
+    ps2 = [_phase("downstream_f1", 200, 190, 210), _phase("efficacy", 610, 590, 630), _phase("downstream_ll", 620, 600, 640)]
+    assert combine_phases(ps2, min_agree=1).onset_k == 200
+    assert combine_phases(ps2, min_agree=2).onset_k == 610
+    assert combine_phases(ps2, min_agree=4).onset_k is None
+    none = combine_phases([Phase(curve="efficacy", k_min=0, k_max=10)])
+    assert none.onset_k is None and none.curves_detected == ()
+    # restricting to decision curves ignores the others
+    assert combine_phases(ps2, curves=["efficacy"]).onset_k == 610
+
+
+# ---------------------------------------------------------------------------------------------
+# disabling edits
+
+CK = np.arange(0, 1001, 10)
+EDITS = np.arange(1, 1001)
+
+
+def _curves(seed: int, drop_at: int | None = None, which=("fluency", "downstream_f1", "efficacy")):
+    rng = np.random.default_rng(seed)
+    out = []
+    for name, level, slope in (("fluency", 6.0, -2e-4), ("downstream_f1", 0.7, -1e-4), ("efficacy", 0.9, -3e-4)):
+        y = level + slope * CK + rng.normal(0, 0.002 * level, len(CK))
+        if drop_at is not None and name in which:
+            y = np.where(CK >= drop_at, y - 0.3 * level, y)
+        out.append(Curve(name, CK.astype(float), y))
+    return out
+
+
+def _norms(seed: int, outlier_at: int | None = None, factor: float = 50.0) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    v = (1 + EDITS / 300) * np.exp(rng.normal(0, 0.1, len(EDITS)))  # norms grow along the chain
+    if outlier_at is not None:
+        v[outlier_at - 1] *= factor
+    return pl.DataFrame({"edit_index": EDITS, "update_norm": v, "case_id": [f"case{j}" for j in EDITS]})
+
+
+def test_disabling_edits_clean_data_has_none():
+    for seed in range(3):
+        assert detect_disabling_edits(_curves(seed), _norms(seed)) == []
+    z = norm_outlier_z(EDITS, _norms(0)["update_norm"].to_numpy())
+    assert z.max() < 6  # the growth trend alone is not an outlier
+
+
+def test_disabling_edits_planted_joint_drop():
+    found = detect_disabling_edits(_curves(1, drop_at=510))
+    assert [d.edit_index for d in found] == [510]
+    d = found[0]
+    assert (d.k_before, d.k_after) == (500, 510)
+    assert set(d.drop_z) == {"fluency", "downstream_f1", "efficacy"}
+    assert min(d.drop_z.values()) > 4
+    assert "joint drop" in d.reasons[0]
+
+
+def test_joint_drop_needs_all_curves():
+    assert detect_disabling_edits(_curves(2, drop_at=510, which=("downstream_f1", "efficacy"))) == []
+    assert joint_drops(_curves(2, drop_at=510, which=("efficacy",))) == []
+
+
+def test_disabling_edits_planted_norm_outlier():
+    found = detect_disabling_edits(_curves(3), _norms(3, outlier_at=300))
+    assert [d.edit_index for d in found] == [300]
+    assert found[0].norm_z > 6 and found[0].case_id == "case300"
+    assert "update-norm outlier" in found[0].reasons[0]
+
+
+def test_disabling_edit_joint_drop_attributed_to_norm_outlier_in_window():
+    found = detect_disabling_edits(_curves(4, drop_at=510), _norms(4, outlier_at=505), onset_k=500)
+    assert [d.edit_index for d in found] == [505]
+    reasons = " ".join(found[0].reasons)
+    assert "update-norm outlier" in reasons and "joint drop" in reasons
+    assert (found[0].k_before, found[0].k_after) == (500, 510)
+
+
+def test_weights_outlier_flag_is_reported():
+    norms = _norms(5).with_columns(pl.Series("outlier", [1.0 if j == 42 else 0.0 for j in EDITS]))
+    assert detect_disabling_edits(_curves(5), norms) == []  # not a criterion by default
+    found = detect_disabling_edits(_curves(5), norms, use_metric_flag=True)
+    assert [d.edit_index for d in found] == [42]
+    assert "weights metric" in found[0].reasons[0]
+
+
+def test_joint_drop_on_different_checkpoint_grids():
+    rng = np.random.default_rng(8)
+    curves = []
+    for name, every in (("fluency", 10), ("downstream_f1", 20), ("efficacy", 25)):
+        k = np.arange(0, 1001, every, dtype=float)
+        y = 0.8 - 1e-4 * k + rng.normal(0, 0.002, len(k))
+        curves.append(Curve(name, k, np.where(k >= 510, y - 0.3, y)))
+    # fluency sees it in (500, 510], downstream in (500, 520], efficacy in (500, 525]
+    assert [(a, b) for a, b, _ in joint_drops(curves)] == [(500, 510)]
+    found = detect_disabling_edits(curves, _norms(8, outlier_at=507))
+    assert [d.edit_index for d in found] == [507]
+    assert "joint drop" in " ".join(found[0].reasons) and "update-norm outlier" in " ".join(found[0].reasons)
+    # a curve with fewer than 4 checkpoints: no joint criterion
+    short = Curve("efficacy", np.array([0.0, 500, 1000]), np.array([0.9, 0.8, 0.1]))
+    assert joint_drops([curves[0], short]) == []

@@ -1,0 +1,401 @@
+"""Report tables and figures from tiny synthetic metric files in the results convention."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from editscale.io import EditscaleError, read_parquet_metadata
+from editscale.report import plots, tables
+from editscale.report.phases import analyze_run
+
+TASKS = ("sst2", "mrpc")
+MODULES = ("transformer.h.1.mlp.c_proj", "transformer.h.2.mlp.c_proj")
+
+
+def _write(df: pl.DataFrame, results: Path, run: str, family: str, k: int) -> None:
+    path = results / run / "metrics" / family / f"{k:06d}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.write_parquet(path)
+
+
+def _long(k, items, metric_values: dict[str, list[float]], **extra) -> pl.DataFrame:
+    rows = {"k": [], "item": [], "metric": [], "value": []}
+    extra_rows = {c: [] for c in extra}
+    for metric, values in metric_values.items():
+        for i, (item, v) in enumerate(zip(items, values)):
+            rows["k"].append(int(k[i]) if isinstance(k, (list, np.ndarray)) else int(k))
+            rows["item"].append(item)
+            rows["metric"].append(metric)
+            rows["value"].append(float(v))
+            for c, vals in extra.items():
+                extra_rows[c].append(int(vals[i]))
+    schema = {"k": pl.Int64, "item": pl.Utf8, "metric": pl.Utf8, "value": pl.Float64, **{c: pl.Int64 for c in extra}}
+    return pl.DataFrame({**rows, **extra_rows}, schema=schema)
+
+
+def write_run(
+    results: Path,
+    run: str,
+    *,
+    n_edits: int = 20,
+    every: int = 5,
+    collapse_at: int | None = None,
+    outlier_edit: int | None = None,
+    seed: int = 0,
+) -> None:
+    """Every metric family of one run: gradual decline, optional collapse after `collapse_at`."""
+    rng = np.random.default_rng(seed)
+
+    def level(k: int) -> float:
+        drop = 0.6 if collapse_at is not None and k >= collapse_at else 0.0
+        return 0.9 - 0.2 * k / n_edits - drop
+
+    for k in range(0, n_edits + 1, every):
+        lvl = level(k)
+        noise = lambda n=1: rng.normal(0, 0.005, n)  # noqa: E731
+        if k > 0:
+            edits = list(range(k - every + 1, k + 1))
+            cases = [f"{run}-c{j}" for j in edits]
+            es = [1.0 if level(j) > 0.5 else 0.0 for j in edits]
+            _write(
+                _long(
+                    edits,
+                    cases,
+                    {"es": es, "ps": [0.8 * e for e in es], "ns": [0.7] * len(edits), "score": [0.75] * len(edits), "em": es},
+                ),
+                results,
+                run,
+                "edit_scores",
+                k,
+            )
+            hist_j = list(range(1, k + 1))
+            hist_es = [1.0 if rng.random() < lvl else 0.0 for _ in hist_j]
+            _write(
+                _long(k, [f"{run}-c{j}" for j in hist_j], {"es": hist_es, "ps": hist_es}, edit_index=hist_j),
+                results,
+                run,
+                "history",
+                k,
+            )
+            norms = (1 + np.array(edits) / 100) * np.exp(rng.normal(0, 0.05, len(edits)))
+            if outlier_edit in edits:
+                norms[edits.index(outlier_edit)] *= 100
+            _write(
+                _long(
+                    edits,
+                    cases,
+                    {"update_norm": norms, "update_rel": norms / 10, "outlier": [0.0] * len(edits)},
+                    edit_index=edits,
+                ),
+                results,
+                run,
+                "weights_cases_tmp",
+                k,
+            )
+        _write(
+            _long(
+                [k] * 8,
+                list(TASKS) * 4,
+                {
+                    "f1": list(lvl - 0.1 + noise(2)),
+                    "mcc": list(lvl - 0.3 + noise(2)),
+                    "accuracy_ll": list(lvl + noise(2)),
+                    "f1_ll": list(lvl - 0.05 + noise(2)),
+                },
+            ),
+            results,
+            run,
+            "downstream",
+            k,
+        )
+        _write(_long(k, ["all"], {"ngram_entropy": [5 * lvl + noise()[0]], "unigram_entropy_norm": [lvl]}), results, run, "generation", k)
+        _write(_long(k, ["all"], {"perplexity": [20 / max(lvl, 0.05)]}), results, run, "perplexity", k)
+        mods = _long(k, list(MODULES), {"fro": [0.1 * k, 0.2 * k], "fro_per_numel": [1e-4 * k] * 2, "spectral": [0.05 * k] * 2})
+        case_path = results / run / "metrics" / "weights_cases_tmp" / f"{k:06d}.parquet"
+        if case_path.exists():
+            cases_df = pl.read_parquet(case_path)
+            case_path.unlink()
+            mods = pl.concat([mods.with_columns(pl.lit(None, pl.Int64).alias("edit_index")), cases_df])
+        _write(mods, results, run, "weights", k)
+    (results / run / "metrics" / "weights_cases_tmp").rmdir()
+
+
+RUNS = [
+    {"name": "rome-s0", "model": "tiny", "method": "ROME", "hparams": "h.json", "dataset": "cf", "sample": 0, "n_edits": 20, "segment": 5},
+    {"name": "rome-s1", "model": "tiny", "method": "ROME", "hparams": "h.json", "dataset": "cf", "sample": 1, "n_edits": 20, "segment": 5},
+    {"name": "memit-s0", "model": "tiny", "method": "MEMIT", "hparams": "h.json", "dataset": "cf", "sample": 0, "n_edits": 20, "segment": 5},
+]
+
+
+@pytest.fixture()
+def results(tmp_path) -> Path:
+    res = tmp_path / "results"
+    for i, r in enumerate(RUNS):
+        write_run(res, r["name"], n_edits=r["n_edits"], seed=i)
+    return res
+
+
+def _edit_log() -> pl.DataFrame:
+    rows = [
+        {"run": r["name"], "edit_index": j, "case_id": f"{r['name']}-c{j}", "seconds": 2.0, "update_norm": 1.0, "update_rel": 0.1, "v_loss": 0.01}
+        for r in RUNS
+        for j in range(1, 21)
+    ]
+    return pl.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+
+
+def test_collect_metric_tidy_schema(results):
+    df = tables.collect_metric("downstream", results, RUNS)
+    assert df.columns[:9] == ["run", "model", "method", "dataset", "sample", "edit", "metric", "item", "value"]
+    assert dict(df.schema) == {**tables.TIDY_SCHEMA}
+    assert df.height == 3 * 5 * 8  # runs x checkpoints x (tasks x metrics)
+    assert sorted(df["run"].unique()) == ["memit-s0", "rome-s0", "rome-s1"]
+    assert sorted(df["edit"].unique()) == [0, 5, 10, 15, 20]
+    row = df.filter((pl.col("run") == "rome-s1") & (pl.col("edit") == 10) & (pl.col("item") == "sst2") & (pl.col("metric") == "f1"))
+    assert row.height == 1 and row["method"][0] == "ROME" and row["sample"][0] == "1" and row["model"][0] == "tiny"
+
+    hist = tables.collect_metric("history", results, RUNS)
+    assert hist.schema["edit_index"] == pl.Int64
+    assert hist.filter((pl.col("run") == "rome-s0") & (pl.col("edit") == 20) & (pl.col("metric") == "es")).height == 20
+
+    # other ways to name the sources give the same table; runs_meta restricts the runs
+    files = sorted(results.glob("*/metrics/downstream/*.parquet"))
+    assert tables.collect_metric("downstream", files, RUNS).equals(df)
+    by_dir = {r["name"]: results / r["name"] for r in RUNS}
+    assert tables.collect_metric("downstream", by_dir, RUNS).equals(df)
+    only = tables.collect_metric("downstream", results, RUNS[:1])
+    assert only["run"].unique().to_list() == ["rome-s0"]
+    # no metadata: meta columns are null, not missing
+    bare = tables.collect_metric("perplexity", results)
+    assert bare["method"].null_count() == bare.height and bare.schema["sample"] == pl.Utf8
+
+
+def test_collect_metric_missing_family_and_bad_file(results, tmp_path):
+    empty = tables.collect_metric("nonexistent", results, RUNS)
+    assert empty.height == 0 and list(empty.schema) == list(tables.TIDY_SCHEMA)
+    bad = tmp_path / "bad" / "r" / "metrics" / "perplexity" / "000005.parquet"
+    bad.parent.mkdir(parents=True)
+    pl.DataFrame({"k": [5], "value": [1.0]}).write_parquet(bad)
+    with pytest.raises(EditscaleError, match="lacks columns"):
+        tables.collect_metric("perplexity", tmp_path / "bad")
+
+
+def test_edit_scores_wide_one_row_per_edit(results):
+    wide = tables.edit_scores_wide(tables.collect_metric("edit_scores", results, RUNS))
+    assert wide.height == 3 * 20
+    assert wide.columns[:7] == ["run", "model", "method", "dataset", "sample", "edit", "case_id"]
+    for m in ("es", "em", "ps", "ns", "score"):
+        assert wide.schema[m] == pl.Float64
+    assert wide.select(["run", "edit"]).is_unique().all()
+    assert wide.filter(pl.col("run") == "memit-s0")["edit"].to_list() == list(range(1, 21))
+
+
+def test_forgetting_table_counts():
+    hist = pl.DataFrame(
+        {
+            "run": ["r"] * 4,
+            "model": "m",
+            "method": "ROME",
+            "dataset": "cf",
+            "sample": "0",
+            "edit": [10] * 4,
+            "metric": ["es"] * 4,
+            "item": ["a", "b", "c", "d"],
+            "value": [1.0, 0.0, 0.0, 1.0],
+            "edit_index": [1, 2, 3, 4],
+        }
+    )
+    es = pl.DataFrame({"run": ["r"] * 4, "case_id": ["a", "b", "c", "d"], "edit": [1, 2, 3, 4], "es": [1.0, 1.0, 0.0, 1.0]})
+    fg = tables.forgetting_table(hist, es)
+    row = fg.row(0, named=True)
+    assert row["n_scored"] == 4 and row["retention"] == pytest.approx(0.5)
+    assert row["n_successful"] == 3  # c never succeeded
+    assert row["forgotten_pct"] == pytest.approx(100 / 3)  # b forgotten out of a, b, d
+    assert fg.schema["forgotten_pct"] == pl.Float64 and fg.schema["edit"] == pl.Int64
+
+
+def test_report_tables_written_with_summary(results, tmp_path):
+    out = tmp_path / "tables"
+    written = tables.report_tables(RUNS, results, out, edit_log=_edit_log(), storage_bytes={"rome-s0": 1234})
+    names = {p.name for p in written}
+    for name in ("history", "downstream", "generation", "perplexity", "weights", "edit_scores", "forgetting", "edit_log", "summary", "phases", "disabling_edits"):
+        assert f"{name}.parquet" in names and f"{name}.csv" in names
+        assert (out / f"{name}.parquet").stat().st_size > 0
+    assert not list(out.glob(".*"))  # no temporary files left
+    assert "editscale_version" in read_parquet_metadata(out / "summary.parquet")
+
+    s = pl.read_parquet(out / "summary.parquet")
+    assert s["run"].to_list() == ["rome-s0", "rome-s1", "memit-s0"]
+    assert s.schema["onset"] == pl.Utf8 and s.schema["storage_bytes"] == pl.Int64
+    assert s["onset"].to_list() == ["none within 20 edits"] * 3
+    assert s["onset_k"].null_count() == 3
+    assert "too few points" in s["onset_decision"][0]  # 5 checkpoints cannot show a change point
+    r0 = s.row(0, named=True)
+    assert r0["edit_seconds_total"] == pytest.approx(40.0) and r0["edit_seconds_mean"] == pytest.approx(2.0)
+    assert r0["storage_bytes"] == 1234 and s.row(1, named=True)["storage_bytes"] is None
+    assert r0["n_edits"] == 20 and r0["edits_done"] == 20
+    # counts <= n_edits (10) plus the end; the larger counts are absent
+    assert "es_at_10" in s.columns and "es_at_end" in s.columns and "es_at_50" not in s.columns
+    assert r0["es_at_10"] == pytest.approx(1.0)
+    assert r0["downstream_f1_at_10"] is not None and r0["retention_at_end"] is not None
+    csv = pl.read_csv(out / "summary.csv")
+    assert csv.height == 3 and "onset" in csv.columns
+
+
+def test_summary_reports_onset_and_disabling_edit(tmp_path):
+    res = tmp_path / "results"
+    runs = [{"name": "long", "model": "tiny", "method": "ROME", "dataset": "cf", "sample": 0, "n_edits": 300}]
+    write_run(res, "long", n_edits=300, every=5, collapse_at=180, outlier_edit=178, seed=3)
+    t = tables.build_tables(res, runs)
+    s = t["summary"].row(0, named=True)
+    assert s["onset"] != "none within 300 edits"
+    assert abs(s["onset_k"] - 180) <= 0.05 * 180
+    assert s["onset_ci_low"] <= 180 <= s["onset_ci_high"]
+    assert "178" in s["disabling_edits"].split(",")
+    rp = analyze_run(t, "long")
+    d = {x.edit_index: x for x in rp.disabling}[178]
+    assert any("joint drop" in r for r in d.reasons) and any("update-norm outlier" in r for r in d.reasons)
+    assert {"downstream_f1", "efficacy"} <= set(rp.combined.curves_detected)
+    assert set(t["summary"].columns) >= {"es_at_100", "es_at_200", "es_at_end", "retention_at_200"}
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def _is_png(p: Path) -> bool:
+    return p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_aggregate_samples_mean_and_band():
+    df = pl.DataFrame(
+        {
+            "run": ["a", "a", "b", "b", "c"],
+            "model": "m",
+            "method": ["ROME", "ROME", "ROME", "ROME", "MEMIT"],
+            "dataset": "cf",
+            "sample": ["0", "0", "1", "1", "0"],
+            "edit": [1, 2, 1, 2, 1],
+            "value": [0.2, 0.4, 0.6, 0.8, 0.5],
+        }
+    )
+    mm = plots.aggregate_samples(df, "edit", "value")
+    rome1 = mm.filter((pl.col("series") == "ROME (2 samples)") & (pl.col("edit") == 1)).row(0, named=True)
+    assert rome1["mean"] == pytest.approx(0.4) and rome1["lo"] == pytest.approx(0.2) and rome1["hi"] == pytest.approx(0.6)
+    assert rome1["n_runs"] == 2 and rome1["runs"] == "a, b"
+    memit = mm.filter(pl.col("series") == "MEMIT").row(0, named=True)
+    assert memit["n_runs"] == 1 and memit["lo"] == memit["hi"] == pytest.approx(0.5)
+    sd = plots.aggregate_samples(df, "edit", "value", band="sd")
+    r = sd.filter((pl.col("series") == "ROME (2 samples)") & (pl.col("edit") == 1)).row(0, named=True)
+    assert r["lo"] == pytest.approx(0.4 - np.std([0.2, 0.6], ddof=1))
+    # different models get their own series
+    two = plots.aggregate_samples(df.with_columns(pl.when(pl.col("run") == "b").then(pl.lit("m2")).otherwise(pl.col("model")).alias("model")), "edit", "value")
+    assert set(two["series"]) == {"m / ROME", "m2 / ROME", "m / MEMIT"}
+
+
+def test_every_figure_written_from_tiny_data(results, tmp_path):
+    t = tables.build_tables(results, RUNS, edit_log=_edit_log())
+    out = tmp_path / "plots"
+    written = plots.make_plots(t, out, smooth=3, inline_html=False)
+    stems = {"edit_scores", "forgetting", "downstream", "weight_distance", "update_norms", "overview", "overview_rome-s0", "overview_rome-s1", "overview_memit-s0"}
+    assert {p.name for p in written} == {f"{s}.{f}" for s in stems for f in ("html", "png", "svg")}
+    for s in stems:
+        html, png, svg = (out / f"{s}.{f}" for f in ("html", "png", "svg"))
+        assert html.stat().st_size > 0 and "vega" in html.read_text().lower()
+        assert _is_png(png)
+        assert "<svg" in svg.read_text()[:2000]
+    assert not list(out.glob(".*"))
+    # the multi-sample figure carries the band (two ROME samples) and a tooltip
+    spec = plots.proficiency_chart(t["edit_scores"], smooth=3).to_dict()
+    data = next(iter(spec["datasets"].values()))
+    rome = [d for d in data if d["series"] == "ROME (2 samples)"]
+    assert rome and all(d["n_runs"] == 2 for d in rome)
+    assert any(l["mark"]["type"] == "area" for l in spec["spec"]["layer"])
+    assert "samples" in spec["title"]["subtitle"]
+    assert all("tooltip" in l["encoding"] for l in spec["spec"]["layer"])
+
+
+def test_overview_shades_phase_and_empty_inputs(tmp_path):
+    res = tmp_path / "results"
+    runs = [{"name": "long", "model": "tiny", "method": "ROME", "dataset": "cf", "sample": 0, "n_edits": 300}]
+    write_run(res, "long", n_edits=300, every=10, collapse_at=180, outlier_edit=175, seed=4)
+    t = tables.build_tables(res, runs)
+    phase = {"onset_k": 180.0, "ci_low": 170.0, "ci_high": 190.0, "collapse_k": 200.0}
+    chart = plots.overview_chart(t, "long", phase=phase, disabling=[175])
+    spec = chart.to_dict()
+    marks = [l["mark"]["type"] if isinstance(l["mark"], dict) else l["mark"] for l in spec["layer"]]
+    assert marks.count("rect") == 1 and "rule" in marks and "line" in marks
+    assert "180" in spec["title"]
+    paths = plots.save_chart(chart, tmp_path / "ov", formats=("png", "svg"))
+    assert _is_png(paths[0]) and paths[1].stat().st_size > 0
+    # nothing at all: every figure is a "no data" figure, still written
+    written = plots.make_plots({}, tmp_path / "empty", formats=("html", "png"), inline_html=False)
+    assert len(written) == 12 and all(p.stat().st_size > 0 for p in written)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def test_cli_tables_phases_plots(results, tmp_path):
+    from editscale.cli import main
+
+    log_path = tmp_path / "edit_log.parquet"
+    _edit_log().write_parquet(log_path)
+    out = tmp_path / "tables"
+    # runs and params inline, as the Snakemake rule passes them
+    argv = ["report-tables", "--runs-json", json.dumps(RUNS), "--results", str(results), "--out-dir", str(out)]
+    assert main(argv + ["--edit-log", str(log_path), "--params-json", json.dumps({"smooth": 10, "window": 5, "seed": 1})]) == 0
+    for name in ("summary", "edit_log", "phases", "disabling_edits", "forgetting"):
+        assert (out / f"{name}.parquet").exists() and (out / f"{name}.csv").exists()
+    summary = pl.read_parquet(out / "summary.parquet")
+    assert summary["storage_bytes"].to_list() == [0, 0, 0]  # no deltas/factors in this results dir
+    assert summary["edit_seconds_total"].to_list() == [40.0, 40.0, 40.0]
+    first = pl.read_parquet(out / "phases.parquet")
+    assert set(first.filter(pl.col("curve") == "combined")["run"]) == {r["name"] for r in RUNS}
+    # the phases verb re-derives the same table
+    assert main(["phases", "--tables", str(out), "--out", str(tmp_path / "ph" / "phases.parquet"), "--seed", "1"]) == 0
+    again = pl.read_parquet(tmp_path / "ph" / "phases.parquet")
+    assert again.equals(first)
+    assert again.schema["onset_k"] == pl.Float64 and (tmp_path / "ph" / "disabling_edits.parquet").exists()
+    # a runs file works too
+    runs_json = tmp_path / "runs.json"
+    runs_json.write_text(json.dumps({"runs": RUNS}))
+    assert main(["report-tables", "--runs-json", str(runs_json), "--results", str(results), "--out-dir", str(tmp_path / "t2")]) == 0
+    assert pl.read_parquet(tmp_path / "t2" / "edit_log.parquet").height == 0  # no factors files
+    plots_dir = tmp_path / "plots"
+    assert main(["report-plots", "--tables", str(out), "--out-dir", str(plots_dir), "--smooth", "2", "--formats", "html,svg", "--cdn-html"]) == 0
+    assert (plots_dir / "overview.svg").exists() and (plots_dir / "overview_rome-s0.svg").exists()
+    assert not (plots_dir / "edit_scores.png").exists()
+    assert main(["report-tables", "--runs-json", str(tmp_path / "missing.json"), "--results", str(results)]) == 2
+    assert main(["report-plots", "--tables", str(out), "--out-dir", str(plots_dir), "--formats", "pdf"]) == 2
+
+
+def test_edit_log_read_from_factors(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    res = tmp_path / "results"
+    for k, edits in ((2, [1, 2]), (4, [3, 4])):
+        path = res / "r" / "factors" / f"{k:06d}.h5"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(path, "w") as f:
+            g = f.create_group("log")
+            g.create_dataset("case_id", data=np.array([f"c{j}" for j in edits], dtype=h5py.string_dtype()))
+            g.create_dataset("edit_index", data=np.array(edits, dtype=np.int64))
+            g.create_dataset("seconds", data=np.array([1.5] * len(edits)))
+            g.create_dataset("update_norm", data=np.array([1.0, 2.0]))
+            g.create_dataset("factor_kind", data=np.array(["rank1"] * len(edits), dtype=h5py.string_dtype()))
+    log = tables.edit_log_from_factors(res, ["r", "absent"])
+    assert log["edit_index"].to_list() == [1, 2, 3, 4] and log["case_id"].to_list() == ["c1", "c2", "c3", "c4"]
+    assert log.schema["seconds"] == pl.Float64 and log["v_loss"].null_count() == 4 and "factor_kind" in log.columns
+    t = tables.build_tables(res, [{"name": "r", "method": "ROME", "n_edits": 4}])
+    assert t["edit_log"].height == 4
+    assert t["summary"].row(0, named=True)["edit_seconds_total"] == pytest.approx(6.0)

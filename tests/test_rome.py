@@ -1,0 +1,349 @@
+"""ROME / r-ROME and the shared building blocks (editscale.edit.common) on tiny random models of
+every supported architecture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from editscale.edit import common
+from editscale.edit.methods import METHODS, EditMethod, describe_methods, get_method
+from editscale.edit.rome import Rome, RRome
+from editscale.edit.weights import WeightState, add_update
+from editscale.io import EditscaleError
+from editscale.models.fetch import build_tiny_model
+from editscale.models.registry import edited_weight, mlp_out_name, to_math
+
+ARCHS = ["gpt2", "gptj", "gpt_neox", "llama"]
+REPO = Path(__file__).resolve().parents[1]
+LAYER = 1
+
+CASE = {"case_id": 7, "subject": "France", "prompt": "The capital of {} is", "target_new": "Berlin", "target_true": "Paris"}
+CASE2 = {"case_id": 8, "subject": "Japan", "prompt": "{} is located in the continent of", "target_new": "Europe", "target_true": "Asia"}
+
+
+def tiny_hparams(**kw) -> dict:
+    hp = {
+        "layers": [LAYER],
+        "fact_token": "subject_last",
+        "v_num_grad_steps": 10,
+        "v_lr": 0.5,
+        "v_weight_decay": 0.5,
+        "clamp_norm_factor": 4,
+        "kl_factor": 0.0625,
+        "mom2_adjustment": True,
+        "mom2_update_weight": 15000,
+        "context_template_length_params": [[3, 2]],
+        "v_loss_layer": 3,
+        "key_averaging": "prompt",
+    }
+    hp.update(kw)
+    return hp
+
+
+_CACHE: dict = {}
+
+
+def tiny(arch: str):
+    """(model, tok, templates, module, C) per architecture, built once per session."""
+    if arch not in _CACHE:
+        model, tok = build_tiny_model(arch)
+        tok.pad_token = tok.eos_token
+        tok.padding_side = "right"
+        for p in model.parameters():
+            p.requires_grad_(False)
+        templates = common.sample_context_templates(model, tok, [[3, 2]], seed=0)
+        module = mlp_out_name(model, LAYER)
+        _CACHE[arch] = (model, tok, templates, module, random_token_mom2(model, module))
+    return _CACHE[arch]
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+def random_token_mom2(model, module: str, n_seq: int = 8, seq_len: int = 64, seed: int = 0) -> torch.Tensor:
+    """E[k k^T] of the module inputs over random token batches (float64), plus a tiny ridge."""
+    from editscale.models.nethook import Trace
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (n_seq, seq_len), generator=g)
+    with torch.no_grad(), Trace(model, [module], stop=True) as tr:
+        model(input_ids=ids)
+    k = tr.inputs[module].reshape(-1, tr.inputs[module].shape[-1]).to(torch.float64)
+    C = k.T @ k / k.shape[0]
+    return C + 1e-6 * C.trace() / C.shape[0] * torch.eye(C.shape[0], dtype=torch.float64)
+
+
+def dense(updates) -> dict[str, torch.Tensor]:
+    out = {}
+    for u in updates:
+        d = out.setdefault(u.module, torch.zeros(u.u.shape[0], u.v.shape[0]))
+        add_update(d, u)
+    return out
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------------------------------------
+# common
+
+
+def test_subject_last_index_hand_checked():
+    model, tok, *_ = tiny("gpt2")
+    toks = tok.convert_ids_to_tokens(tok("The capital of France is")["input_ids"])
+    assert toks == ["The", "Ġcapital", "Ġof", "ĠFran", "ce", "Ġis"]
+    assert common.subject_last_index(tok, "The capital of {} is", "France") == 4
+    assert tok.convert_ids_to_tokens(tok("France is a")["input_ids"]) == ["F", "ran", "ce", "Ġis", "Ġa"]
+    assert common.subject_last_index(tok, "{} is a", "France") == 2
+    # subject at the very end of the prompt
+    assert common.subject_last_index(tok, "I visited {}", "France") == len(tok("I visited France")["input_ids"]) - 1
+    with pytest.raises(EditscaleError):
+        common.subject_last_index(tok, "no placeholder", "France")
+
+
+def test_subject_last_index_with_bos():
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    _, tok, *_ = tiny("llama")
+    raw = tok.backend_tokenizer
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    raw.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    btok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    ids = btok("The capital of France is")["input_ids"]
+    assert ids[0] == bos and len(ids) == 7
+    assert common.subject_last_index(btok, "The capital of {} is", "France") == 5
+    assert common.subject_last_index(btok, "{} is a", "France") == 3
+    # the slow-tokenizer fallback (ROME's prefix rule) agrees
+    btok_slow = type("Slow", (), {"is_fast": False, "__call__": lambda self, t, **k: btok(t, **k)})()
+    assert common.subject_last_index(btok_slow, "The capital of {} is", "France") == 5
+
+
+def test_sample_context_templates_deterministic():
+    model, tok, *_ = tiny("gpt2")
+    a = common.sample_context_templates(model, tok, [[3, 2], [4, 6]], seed=3)
+    b = common.sample_context_templates(model, tok, [[3, 2], [4, 6]], seed=3)
+    c = common.sample_context_templates(model, tok, [[3, 2], [4, 6]], seed=4)
+    assert a == b
+    assert a != c
+    assert a[0] == "{}" and len(a) == 1 + 2 + 6
+    for t in a[1:]:
+        assert t.endswith(". {}") and t.count("{") == 1 and t.count("}") == 1
+    openers = ["The", "Therefore", "The", "Therefore", "Because", "I", "You", "The"]
+    for t, o in zip(a[1:], openers):
+        assert t.startswith(o)
+
+
+def test_module_io_batched_equals_single(arch):
+    model, tok, templates, module, _ = tiny(arch)
+    prompts = ["The capital of {} is", "{} is a", "Some long prefix text that pads the others. {} speaks"]
+    subjects = ["France", "Japan", "Germany"]
+    ins, outs = common.module_io_at_subject(model, tok, module, prompts, subjects)
+    assert ins.shape[0] == outs.shape[0] == 3 and outs.shape[1] == 64 and ins.shape[1] > 64
+    for i, (p, s) in enumerate(zip(prompts, subjects)):
+        i1, o1 = common.module_io_at_subject(model, tok, module, [p], [s])
+        assert torch.allclose(ins[i], i1[0], atol=1e-5) and torch.allclose(outs[i], o1[0], atol=1e-5)
+    keys = common.compute_keys(model, tok, module, [CASE, CASE2], templates)
+    per = common.module_io_at_subject(model, tok, module, [t.format(CASE2["prompt"]) for t in templates], [CASE2["subject"]] * len(templates))[0]
+    assert torch.allclose(keys[1], per.mean(0), atol=1e-6)
+
+
+def test_next_token_logits_match_the_model(arch):
+    """final norm + LM head applied to the last layer's output = the model's own logits."""
+    model, tok, *_ = tiny(arch)
+    ids, mask = common.pad_right([tok("The capital of France is")["input_ids"], tok("Hello")["input_ids"]], tok.eos_token_id)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        mine = common.next_token_logits(model, ids, mask)
+    last = mask.sum(1) - 1
+    assert torch.allclose(mine, full[torch.arange(2), last], atol=1e-5)
+
+
+def test_optimize_value_lowers_nll_and_is_deterministic(arch):
+    model, tok, templates, module, _ = tiny(arch)
+    for p in model.parameters():  # even with trainable params, none may receive a gradient
+        p.requires_grad_(True)
+    try:
+        v1, log1 = common.optimize_value(model, tok, CASE, templates, module, tiny_hparams())
+        assert all(p.grad is None for p in model.parameters())
+        assert all(p.requires_grad for p in model.parameters())
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    v2, log2 = common.optimize_value(model, tok, CASE, templates, module, tiny_hparams())
+    assert log1["v_loss"] < log1["v_loss_init"]
+    assert 0 < log1["steps"] <= 9
+    assert torch.equal(v1, v2) and log1 == log2
+    _, out = common.module_io_at_subject(model, tok, module, [CASE["prompt"]], [CASE["subject"]])
+    assert log1["target_init_norm"] == pytest.approx(float(out[0].norm()), rel=1e-5)
+    assert float((v1 - out[0]).norm()) <= 4 * log1["target_init_norm"] * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("mode", ["prompt", "templates"])
+def test_rome_edit_defining_property(arch, mode):
+    model, tok, templates, module, C = tiny(arch)
+    ws = WeightState(model, [module])
+    try:
+        rome = Rome(model, tok, tiny_hparams(key_averaging=mode), {module: C}, templates)
+        rows = rome.apply([CASE], ws)
+        assert rows[0]["case_id"] == 7 and rows[0]["v_loss"] < rows[0]["v_loss_init"]
+        updates = ws.take_applied()
+        assert len(updates) == 1 and updates[0].module == module
+        dW = ws.delta[module].double()  # the fp32 change of the weight
+        assert torch.allclose(dW.float(), dense(updates)[module])
+        assert torch.linalg.matrix_rank(dW, rtol=1e-5) == 1
+        v_star = rome.last["v_star"]
+        if mode == "prompt":
+            # the live model now maps the plain prompt's key to v*
+            k, out = common.module_io_at_subject(model, tok, module, [CASE["prompt"]], [CASE["subject"]])
+            assert torch.allclose(k[0].double(), rome.last["key"])  # the key at the edited layer is unchanged
+            assert rel(out[0], v_star) < 1e-4
+        else:
+            out = common.module_forward(model, ws, module, rome.last["k_star"])
+            assert rel(out, v_star) < 1e-4
+            # and the live parameter agrees with the WeightState
+            k_star = rome.last["k_star"]
+            W = to_math(model, edited_weight(model, module)).float()
+            live = torch.nn.functional.linear(k_star, W, common.module_bias(model, module))
+            assert rel(live, v_star) < 1e-4
+    finally:
+        ws.delta[module].zero_()
+        ws._write(module)
+
+
+def test_rome_uses_inverse_second_moment(arch):
+    model, tok, templates, module, _ = tiny(arch)
+    d = common.module_io_at_subject(model, tok, module, ["{}"], ["x"])[0].shape[1]
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(d, d, generator=g, dtype=torch.float64)
+    C = A @ A.T / d + 0.05 * torch.eye(d, dtype=torch.float64)
+    k_star = common.compute_keys(model, tok, module, [CASE], templates)[0]
+    expected = torch.linalg.solve(C, k_star.double())
+    expected = expected / expected.norm()
+    hp = tiny_hparams(v_num_grad_steps=1)
+    ws = WeightState(model, [module])
+    try:
+        Rome(model, tok, hp, {module: C}, templates).apply([CASE], ws)
+        u_c = ws.take_applied()[0].v[:, 0].double()
+        ws.delta[module].zero_()
+        ws._write(module)
+        Rome(model, tok, {**hp, "mom2_adjustment": False}, {}, templates).apply([CASE], ws)
+        u_i = ws.take_applied()[0].v[:, 0].double()
+    finally:
+        ws.delta[module].zero_()
+        ws._write(module)
+    assert torch.allclose(u_c, expected, atol=1e-5)
+    assert torch.allclose(u_i, k_star.double() / k_star.double().norm(), atol=1e-5)
+    assert float(torch.dot(u_c, u_i).abs()) < 0.99  # C^-1 really changes the direction
+
+
+def test_rome_cov_factor_cached_once(monkeypatch):
+    model, tok, templates, module, C = tiny("gpt2")
+    calls = []
+    orig = common.CovSolver.__init__
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        orig(self, *a, **k)
+
+    monkeypatch.setattr(common.CovSolver, "__init__", counting)
+    ws = WeightState(model, [module])
+    try:
+        rome = Rome(model, tok, tiny_hparams(v_num_grad_steps=2), {module: C}, templates)
+        rome.apply([CASE, CASE2], ws)
+        rome.apply([CASE], ws)
+    finally:
+        ws.delta[module].zero_()
+        ws._write(module)
+    assert len(calls) == 1
+
+
+def test_rome_batch_is_sequential():
+    model, tok, templates, module, C = tiny("llama")
+    hp = tiny_hparams(v_num_grad_steps=3)
+    ws = WeightState(model, [module])
+    try:
+        rows = Rome(model, tok, hp, {module: C}, templates).apply([CASE, CASE2], ws)
+        both = ws.take_applied()
+        ws.delta[module].zero_()
+        ws._write(module)
+        rome = Rome(model, tok, hp, {module: C}, templates)
+        rome.apply([CASE], ws)
+        rome.apply([CASE2], ws)
+        one_by_one = ws.take_applied()
+        # after both edits the second case's key maps to its v*
+        _, out = common.module_io_at_subject(model, tok, module, [CASE2["prompt"]], [CASE2["subject"]])
+        assert rel(out[0], rome.last["v_star"]) < 1e-4
+    finally:
+        ws.delta[module].zero_()
+        ws._write(module)
+    assert [r["case_id"] for r in rows] == [7, 8]
+    assert len(both) == 2
+    for a, b in zip(both, one_by_one):
+        assert torch.allclose(a.u, b.u, atol=1e-6) and torch.allclose(a.v, b.v, atol=1e-6)
+
+
+def test_rrome_forces_templates():
+    model, tok, templates, module, C = tiny("gpt2")
+    r = RRome(model, tok, tiny_hparams(key_averaging="prompt"), {module: C}, templates)
+    assert r.hparams["key_averaging"] == "templates" and r.name == "r-rome"
+
+
+def test_rome_missing_stats_is_an_error():
+    model, tok, templates, module, _ = tiny("gpt2")
+    ws = WeightState(model, [module])
+    with pytest.raises(EditscaleError, match="second moment"):
+        Rome(model, tok, tiny_hparams(), {}, templates).apply([CASE], ws)
+
+
+# ---------------------------------------------------------------------------------------------
+# hparams and registry
+
+
+def test_hparams_missing_key_names_key_and_file(tmp_path):
+    hp = tiny_hparams()
+    del hp["v_lr"]
+    path = tmp_path / "rome" / "broken.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(hp))
+    with pytest.raises(EditscaleError) as exc:
+        common.load_hparams(path)
+    assert "v_lr" in str(exc.value) and str(path) in str(exc.value)
+    other = tmp_path / "anywhere.yaml"
+    other.write_text(yaml.safe_dump(hp))
+    with pytest.raises(EditscaleError, match="v_lr"):
+        common.load_hparams(other, method="rome")
+    with pytest.raises(EditscaleError, match="layers"):
+        other.write_text(yaml.safe_dump({**tiny_hparams(), "layers": "17"}))
+        common.load_hparams(other, method="rome")
+
+
+@pytest.mark.parametrize("method", ["rome", "emmet"])
+@pytest.mark.parametrize("model_name", ["gpt2-xl", "gpt-j-6B", "smollm2-135m", "tiny"])
+def test_shipped_hparams_files_load(method, model_name):
+    hp = common.load_hparams(REPO / "config" / "hparams" / method / f"{model_name}.yaml")
+    assert len(hp["layers"]) == 1 and isinstance(hp["v_lr"], float)
+    published = {"gpt2-xl": ([17], 47), "gpt-j-6B": ([5], 27), "tiny": ([1], 3)}
+    if model_name in published:
+        assert (hp["layers"], hp["v_loss_layer"]) == published[model_name]
+    if method == "rome" and model_name == "gpt2-xl":
+        assert hp["context_template_length_params"] == [[5, 10], [10, 10]] and hp["clamp_norm_factor"] == 4
+
+
+def test_method_registry():
+    assert get_method("rome") is Rome and get_method("r-rome") is RRome
+    assert issubclass(get_method("emmet"), EditMethod)
+    assert {"rome", "r-rome", "memit", "ft-c", "emmet", "alphaedit"} <= set(METHODS)
+    assert [n for n, _ in describe_methods()] == list(METHODS)
+    with pytest.raises(EditscaleError) as exc:
+        get_method("romee")
+    assert "rome" in str(exc.value) and "memit" in str(exc.value)
+    assert Rome.modules(tiny("gpt2")[0], {"layers": [2]}) == ["transformer.h.2.mlp.c_proj"]

@@ -1,0 +1,159 @@
+"""Real snakemake runs of the tiny workflow (config/test-tiny.yaml) in a temporary directory.
+
+The workflow files are copied into the temp dir, as a user's checkout would be, and snakemake
+runs as a subprocess. One full run is shared by the tests of this module (module-scoped fixture);
+each test then asks snakemake what it *would* do (dry runs) or checks the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from editscale.edit.chain import delta_path, tensor_sha256, read_delta
+
+pytestmark = pytest.mark.workflow
+
+WORKFLOW_FILES = ["Snakefile", "config.yaml", "config", "rules", "envs", "profiles", "report"]
+
+
+def copy_workflow(repo: Path, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_FILES:
+        src = repo / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name)
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def snakemake(workdir: Path, *args: str, config: str = "config/test-tiny.yaml", check: bool = True, timeout: int = 1200):
+    bindir = Path(sys.executable).parent
+    cmd = [str(bindir / "snakemake"), "--cores", "2", "--configfile", config, *args]
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(Path.home()), "TOKENIZERS_PARALLELISM": "false"}
+    res = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and res.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+    return res
+
+
+def planned_jobs(res) -> dict[str, int]:
+    """The 'Job stats' table of a dry run: rule -> count."""
+    text = res.stdout + res.stderr
+    if "Nothing to be done" in text:
+        return {}
+    block = text.split("Job stats:")[-1]
+    jobs = {}
+    for line in block.splitlines()[3:]:
+        m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        jobs[m.group(1)] = int(m.group(2))
+    jobs.pop("total", None)
+    return jobs
+
+
+def set_config(workdir: Path, edit) -> None:
+    path = workdir / "config" / "test-tiny.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    edit(cfg)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def tiny_study(repo_root, tmp_path_factory):
+    workdir = copy_workflow(repo_root, tmp_path_factory.mktemp("study"))
+    snakemake(workdir)
+    return workdir
+
+
+def test_default_config_plans_the_whole_study(repo_root, tmp_path):
+    workdir = copy_workflow(repo_root, tmp_path / "wf")
+    res = snakemake(workdir, "-n", config="config.yaml")
+    jobs = planned_jobs(res)
+    cfg = yaml.safe_load((repo_root / "config.yaml").read_text())
+    n_segments = sum(r["n_edits"] // r.get("segment", 20) for r in cfg["runs"])
+    assert jobs["edit_segment"] == n_segments
+    assert jobs["edit_scores"] == n_segments
+    for rule in ("model", "dataset", "corpus_tokens", "stats", "metric_history", "metric_downstream",
+                 "metric_generation", "metric_perplexity", "metric_weights", "report_tables", "report_plots", "audit"):
+        assert jobs.get(rule, 0) >= 1, rule
+
+
+def test_schema_rejects_unknown_key(repo_root, tmp_path):
+    workdir = copy_workflow(repo_root, tmp_path / "wf")
+    set_config(workdir, lambda c: c["runs"][0].update({"n_edit": 5}))
+    res = snakemake(workdir, "-n", check=False)
+    assert res.returncode != 0
+    assert "n_edit" in res.stdout + res.stderr
+
+
+def test_bad_cross_reference_is_one_clear_error(repo_root, tmp_path):
+    workdir = copy_workflow(repo_root, tmp_path / "wf")
+    set_config(workdir, lambda c: c["runs"][0].update({"dataset": "nosuch"}))
+    res = snakemake(workdir, "-n", check=False)
+    assert res.returncode != 0
+    assert "runs[rome-tiny].dataset = 'nosuch' is not defined under `datasets:`" in res.stdout + res.stderr
+
+
+def test_full_run_outputs_and_nothing_left_to_do(tiny_study):
+    assert (tiny_study / "results/tables/summary.csv").exists()
+    assert (tiny_study / "results/plots/edit_scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    audit = json.loads((tiny_study / "results/audit.json").read_text())
+    assert audit["passed"] and audit["n_checks"] > 5
+    assert planned_jobs(snakemake(tiny_study, "-n")) == {}
+
+
+def test_raising_n_edits_plans_only_new_segments(tiny_study, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(tiny_study, workdir, symlinks=True)
+    set_config(workdir, lambda c: c["runs"][0].update({"n_edits": 9}))
+    jobs = planned_jobs(snakemake(workdir, "-n"))
+    assert jobs["edit_segment"] == 1 and jobs["edit_scores"] == 1
+    for rule in ("model", "dataset", "sequence", "corpus_tokens", "stats", "context_templates", "run_config"):
+        assert rule not in jobs, rule
+    # only the new checkpoints are evaluated: 9 (history/weights every 3; downstream etc. at n_edits)
+    assert jobs["metric_history"] == 1 and jobs["metric_weights"] == 1
+    assert jobs.get("metric_perplexity", 0) == 1  # n_edits is always on the grid
+
+
+def test_changing_one_metric_reruns_only_that_metric(tiny_study, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(tiny_study, workdir, symlinks=True)
+    set_config(workdir, lambda c: c["metrics"]["generation"].update({"max_new_tokens": 12}))
+    jobs = planned_jobs(snakemake(workdir, "-n"))
+    assert set(jobs) <= {"metric_generation", "report_tables", "report_plots", "audit", "all"}, jobs
+    assert jobs["metric_generation"] == 2  # checkpoints 0 and 6
+
+
+def test_replay_cli_matches_chain(tiny_study):
+    bindir = Path(sys.executable).parent
+    res = subprocess.run([str(bindir / "editscale"), "replay", "--model-dir", "data/models/tiny-gpt2",
+                          "--run-dir", "results/rome-tiny", "--edit", "6"], cwd=tiny_study, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    hashes = json.loads(res.stdout)["sha256"]
+    stored, _ = read_delta(tiny_study / "results/rome-tiny/deltas/000006.h5")
+    assert hashes == {m: tensor_sha256(t) for m, t in stored.items()}
+
+
+def test_audit_fails_on_tampered_delta_naming_it(tiny_study, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(tiny_study, workdir, symlinks=True)
+    target = delta_path(workdir / "results/rome-tiny", 3)
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    bindir = Path(sys.executable).parent
+    res = subprocess.run([str(bindir / "editscale"), "audit", "results"], cwd=workdir, capture_output=True, text=True)
+    assert res.returncode != 0
+    audit = json.loads((workdir / "results/audit.json").read_text())
+    failed_files = {f["file"] for f in audit["failures"]}
+    assert failed_files == {"results/rome-tiny/deltas/000003.h5"}, audit["failures"]
