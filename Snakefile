@@ -38,10 +38,11 @@ wildcard_constraints:
 
 
 def model_mem_mb(model):
-    """Job memory from the model size: weights in the configured dtype, plus activations."""
+    """Job memory from the model size: the weights in the configured dtype (once, in MB), plus
+    half again for activations, optimizer state of v* and the fp32 copies of edited matrices."""
     spec = config["models"][model]
     bytes_per = 4 if spec["dtype"] == "float32" else 2
-    return int(2000 + 4 * spec["params_m"] * bytes_per)
+    return int(2000 + 1.5 * spec["params_m"] * bytes_per)
 
 
 def gpu_resources():

@@ -27,11 +27,17 @@ def previous_segment(w):
 
 
 rule run_config:
+    priority: 10
     output:
         "results/{run}/run.json",
     params:
         # n_edits is left out: raising it must not re-run anything that finished segments depend on
-        run=lambda w: json.dumps({k: v for k, v in RUNS[w.run].items() if k != "n_edits"}),
+        run=lambda w: json.dumps(
+            {
+                **{k: v for k, v in RUNS[w.run].items() if k != "n_edits"},
+                "dtype": config["models"][RUNS[w.run]["model"]]["dtype"],
+            }
+        ),
     log:
         "results/logs/{run}/run_config.log",
     conda:
@@ -41,6 +47,7 @@ rule run_config:
 
 
 rule context_templates:
+    priority: 10
     input:
         model=lambda w: f"data/models/{RUNS[w.run]['model']}/manifest.json",
         run="results/{run}/run.json",
@@ -61,6 +68,8 @@ rule context_templates:
 
 
 rule edit_segment:
+    # the edit chain is the critical path: schedule it before evaluation jobs
+    priority: 10
     input:
         model=lambda w: f"data/models/{RUNS[w.run]['model']}/manifest.json",
         run="results/{run}/run.json",
@@ -81,7 +90,7 @@ rule edit_segment:
     log:
         "results/logs/{run}/edit_segment_{k}.log",
     resources:
-        mem_mb=lambda w: model_mem_mb(RUNS[w.run]["model"]) * 2,
+        mem_mb=lambda w: int(model_mem_mb(RUNS[w.run]["model"]) * 1.5),
         runtime=lambda w: 10 + 2 * RUNS[w.run]["segment"],
         **gpu_resources(),
     conda:

@@ -2,6 +2,7 @@
 
 
 rule model:
+    priority: 10
     output:
         "data/models/{model}/manifest.json",
     params:

@@ -3,6 +3,9 @@
 
 
 rule corpus_tokens:
+    # the edit chain is the critical path: schedule it before evaluation jobs
+    priority: 10
+    threads: 2
     input:
         "data/models/{model}/manifest.json",
     output:
@@ -11,6 +14,7 @@ rule corpus_tokens:
     params:
         spec=lambda w: json.dumps(config["corpora"][w.corpus]),
         device=config["resources"]["device"],
+        dtype=lambda w: config["models"][w.model]["dtype"],
     log:
         "results/logs/corpus/{model}/{corpus}.log",
     resources:
@@ -21,10 +25,13 @@ rule corpus_tokens:
         ENV
     shell:
         "editscale --threads {threads} corpus --model-dir data/models/{wildcards.model} --corpus-json {params.spec:q}"
-        " --out-dir data/corpora/{wildcards.model}/{wildcards.corpus} --device {params.device} 2> {log}"
+        " --out-dir data/corpora/{wildcards.model}/{wildcards.corpus} --device {params.device}"
+        " --dtype {params.dtype} 2> {log}"
 
 
 rule stats:
+    priority: 10
+    threads: 2
     input:
         manifest="data/models/{model}/manifest.json",
         tokens="data/corpora/{model}/{corpus}/stats.npy",
@@ -33,6 +40,7 @@ rule stats:
     params:
         spec=lambda w: json.dumps(config["corpora"][w.corpus]),
         device=config["resources"]["device"],
+        dtype=lambda w: config["models"][w.model]["dtype"],
     log:
         "results/logs/stats/{model}/{corpus}/{module}.log",
     resources:
@@ -44,10 +52,12 @@ rule stats:
     shell:
         "editscale --threads {threads} stats --model-dir data/models/{wildcards.model} --tokens {input.tokens}"
         " --corpus-json {params.spec:q} --corpus-id {wildcards.corpus} --modules {wildcards.module}"
-        " --out-dir results/stats/{wildcards.model}/{wildcards.corpus} --device {params.device} 2> {log}"
+        " --out-dir results/stats/{wildcards.model}/{wildcards.corpus} --device {params.device}"
+        " --dtype {params.dtype} 2> {log}"
 
 
 rule nullspace:
+    priority: 10
     # AlphaEdit's projection onto the null space of the preserved keys; once per (model, layer, threshold)
     input:
         "results/stats/{model}/{corpus}/{module}.h5",

@@ -265,3 +265,16 @@ def test_task_config_merges_probes_and_tasks():
     assert task_config({"probes": {"names": []}}) == {}
     assert task_config({"probes": None, "tasks": {}}) == {}
     assert len(task_config({})) == len(PROBES)  # the default: every offline probe
+
+
+def test_probe_with_every_country_excluded(llama):
+    from editscale.io import EditscaleError
+
+    every = [c["name"] for c in countries()]
+    with pytest.raises(EditscaleError, match="n_edits"):
+        build_probe(PROBE_PREFIX + "capital", {"n_eval": 5}, every)
+    (task,) = build_tasks({PROBE_PREFIX + "capital": {"n_eval": 5}}, every)  # the CLI path: empty, not fatal
+    assert task.items == []
+    model, tok = llama
+    metrics, recs = evaluate_task(model, tok, task)
+    assert metrics["n"] == 0 and math.isnan(metrics["accuracy_ll"]) and recs == []

@@ -356,7 +356,7 @@ def build_tasks(tasks_cfg: dict, excluded_subjects: Sequence[str] = ()) -> list[
     for name, spec in tasks_cfg.items():
         spec = dict(spec or {})
         if name.startswith(PROBE_PREFIX) or str(spec.get("format", "")).startswith(PROBE_PREFIX):
-            out.append(build_probe(name, spec, excluded_subjects))
+            out.append(build_probe(name, spec, excluded_subjects, allow_empty=True))
         else:
             out.append(load_task(name, spec))
     return out

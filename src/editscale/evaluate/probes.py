@@ -23,11 +23,14 @@ the evaluated items.
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Sequence
 
 from ..io import EditscaleError
 from .downstream import Item, Task, parse_prefix
+
+log = logging.getLogger(__name__)
 
 PROBE_PREFIX = "editscale-probe-"
 PROBES = ("capital", "continent", "antonym", "copy", "count", "arith")
@@ -111,9 +114,11 @@ def _near_numbers(rng: random.Random, q: str, a: str) -> list[str]:
     return [str(x) for x in rng.sample(cands, 3)]
 
 
-def build_probe(name: str, spec: dict | None = None, excluded_subjects: Sequence[str] = ()) -> Task:
+def build_probe(name: str, spec: dict | None = None, excluded_subjects: Sequence[str] = (), allow_empty: bool = False) -> Task:
     """A probe task; `spec`: n_eval (default 100), n_shots (default 4), seed (0), min_population,
-    max_new_tokens (default 5); `format` may name the probe when the task name differs."""
+    max_new_tokens (default 5); `format` may name the probe when the task name differs.
+    With no item left after the exclusions: an error, or (allow_empty) a task without items,
+    whose metrics come out as n = 0 and NaN."""
     spec = dict(spec or {})
     kind = str(spec.get("format", name))
     kind = kind[len(PROBE_PREFIX):] if kind.startswith(PROBE_PREFIX) else kind
@@ -148,7 +153,9 @@ def build_probe(name: str, spec: dict | None = None, excluded_subjects: Sequence
     else:  # arith
         pool = [(f"{a} + {b} =", str(a + b)) for a in range(10) for b in range(10)]
         items, _ = _mc_items(rng, pool, n_eval, n_shots, "{q}", "{q} {a}\n", distractors=_near_numbers)
-    if not items:
+    if not items and allow_empty:
+        log.warning("probe %s: no items left after leaving out %d edited subjects; pass the run's n_edits", name, len(excluded_subjects))
+    elif not items:
         raise EditscaleError(
             f"probe {name!r}: no items left after leaving out the {len(excluded_subjects)} edited subjects"
             " (pass the run's n_edits, `editscale downstream --n-edits`, so that only subjects edited in the run are left out)"

@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# Open the Snakemake report and a figure of an editscale run in headless Chromium, take
+# screenshots, and check that they show a chart (not a blank or single-colour page).
+#
+#   tests/report/screenshot_report.sh [-o OUT_DIR] [WORKDIR]
+#
+# WORKDIR: a directory with a finished run (results/plots/edit_scores.html). Its
+#   results/report.html is made with `snakemake --report` (config: $CONFIG, default config.yaml)
+#   when missing. Without WORKDIR, the workflow files of this checkout are copied into a temporary
+#   directory and the tiny study (config/test-tiny.yaml, a few minutes on CPU) is run there first.
+# OUT_DIR (default: ./report-screenshots) receives
+#   report-home.png         results/report.html as it opens (workflow graph, result categories)
+#   report-edit_scores.png  the same report showing "Figures (interactive)" > edit_scores.html in
+#                           its viewer (a copy of report.html with a script that opens that view)
+#   edit_scores.png         results/plots/edit_scores.html on its own
+#   chromium.log            Chromium's stderr (dbus warnings are harmless in a container)
+# Checks: each PNG decodes, is not tiny, not blank (distinct colours, non-background share), the
+# two chart screenshots contain the chart line colour (#4c78a8, vega's first series colour); the
+# DOM Chromium rendered (--dump-dom; kept as *.dom.html with KEEP_DOM=1) has the report's menu
+# (Workflow, Statistics, Figures, Figures (interactive), Tables) and the figure's vega SVG with
+# its title "Editing proficiency".
+#
+# Needs chromium (installed with apt-get when missing and run as root) and python3 (stdlib
+# only: the PNGs are decoded with zlib). Exit status 0 when every check passed.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "$0")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+OUT="$PWD/report-screenshots"
+while getopts "o:h" opt; do
+  case "$opt" in
+    o) OUT="$OPTARG" ;;
+    h) sed -n '2,26p' "$0"; exit 0 ;;
+    *) exit 2 ;;
+  esac
+done
+shift $((OPTIND - 1))
+WORKDIR="${1:-}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
+PY="${PYTHON:-python3}"
+
+if [ ! -x "$CHROMIUM" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing chromium (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+  else
+    echo "error: $CHROMIUM not found; install the Debian package 'chromium' (apt-get install chromium)" >&2
+    exit 1
+  fi
+fi
+
+if [ -z "$WORKDIR" ]; then
+  command -v snakemake >/dev/null || { [ -x "$REPO/.venv/bin/snakemake" ] && export PATH="$REPO/.venv/bin:$PATH"; }
+  WORKDIR="$(mktemp -d)/wf"
+  mkdir -p "$WORKDIR"
+  for f in Snakefile config.yaml config rules envs profiles report; do cp -r "$REPO/$f" "$WORKDIR/"; done
+  CONFIG="${CONFIG:-config/test-tiny.yaml}"
+  echo "== running the tiny study in $WORKDIR ($CONFIG)"
+  (cd "$WORKDIR" && snakemake --cores all --configfile "$CONFIG" >"$OUT/snakemake.log" 2>&1) \
+    || { tail -50 "$OUT/snakemake.log"; exit 1; }
+fi
+WORKDIR="$(cd "$WORKDIR" && pwd)"
+REPORT="$WORKDIR/results/report.html"
+FIGURE="$WORKDIR/results/plots/edit_scores.html"
+[ -f "$FIGURE" ] || { echo "error: $FIGURE not found: run the workflow first" >&2; exit 1; }
+if [ ! -f "$REPORT" ]; then
+  command -v snakemake >/dev/null || export PATH="$REPO/.venv/bin:$PATH"
+  echo "== snakemake --report results/report.html (${CONFIG:-config.yaml})"
+  (cd "$WORKDIR" && snakemake --cores 1 --report results/report.html --configfile "${CONFIG:-config.yaml}" >"$OUT/report.log" 2>&1) \
+    || { tail -30 "$OUT/report.log"; exit 1; }
+fi
+
+# A copy of the report that opens the interactive edit-scores figure in the report's own viewer
+# (the report is a React app that keeps its root component in the global `app`).
+VIEW="$OUT/report-edit_scores.view.html"
+"$PY" - "$REPORT" "$VIEW" <<'EOF'
+import sys
+src, dst = sys.argv[1:]
+html = open(src, encoding="utf-8").read()
+path = "results/plots/edit_scores.html"
+if f'"{path}"' not in html:
+    sys.exit(f"{src} does not contain {path}")
+script = """<script>
+(function show(tries) {
+  if (typeof app === "undefined" || !app) { if (tries > 0) setTimeout(function () { show(tries - 1); }, 100); return; }
+  app.showCategory("Figures (interactive)");
+  app.setView({content: "html", contentPath: results["%s"].data_uri, resultPath: "%s"});
+})(100);
+</script>
+""" % (path, path)
+i = html.rindex("</body>")
+open(dst, "w", encoding="utf-8").write(html[:i] + script + html[i:])
+EOF
+
+FLAGS=(--headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking
+  --disable-component-update --disable-sync --window-size=1400,1000 --virtual-time-budget=15000 --hide-scrollbars)
+chromium() {  # a fresh profile each time; stderr (dbus noise) to chromium.log
+  local profile
+  profile="$(mktemp -d)"
+  timeout 180 "$CHROMIUM" "${FLAGS[@]}" --user-data-dir="$profile" "$@" 2>>"$OUT/chromium.log"
+  rm -rf "$profile"
+}
+shot() {  # shot NAME FILE: NAME.png (screenshot) and NAME.dom.html (the rendered DOM)
+  local name="$1" url="file://$2"
+  chromium --screenshot="$OUT/$name.png" "$url" >>"$OUT/chromium.log"
+  chromium --dump-dom "$url" >"$OUT/$name.dom.html"
+  echo "   $name.png  <- $url"
+}
+echo "== screenshots into $OUT"
+shot report-home "$REPORT"
+shot report-edit_scores "$VIEW"
+shot edit_scores "$FIGURE"
+
+echo "== checks"
+"$PY" - "$OUT" <<'EOF'
+"""Decode the PNGs (stdlib zlib) and check they show a rendered chart."""
+import re
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+out = Path(sys.argv[1])
+
+
+def decode_png(path):
+    data = path.read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise SystemExit(f"{path}: not a PNG")
+    pos, idat, w = 8, b"", None
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        if kind == b"IHDR":
+            w, h, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", body)
+            if depth != 8 or ctype not in (2, 6) or interlace:
+                raise SystemExit(f"{path}: unsupported PNG (depth {depth}, colour type {ctype}, interlace {interlace})")
+            bpp = 3 if ctype == 2 else 4
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    raw = zlib.decompress(idat)
+    stride = w * bpp
+    rows, prev = [], bytearray(stride)
+    for y in range(h):
+        f = raw[y * (stride + 1)]
+        line = bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b = prev[i]
+            c = prev[i - bpp] if i >= bpp else 0
+            if f == 1:
+                line[i] = (line[i] + a) & 255
+            elif f == 2:
+                line[i] = (line[i] + b) & 255
+            elif f == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif f == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append(bytes(line))
+        prev = line
+    return w, h, [[tuple(r[x * bpp:x * bpp + 3]) for x in range(w)] for r in rows]
+
+
+def near(px, ref, tol=12):
+    return all(abs(p - q) <= tol for p, q in zip(px, ref))
+
+
+VEGA_BLUE = (76, 120, 168)  # #4c78a8: the first colour of vega's default scheme (ROME's line)
+failures = []
+for name, x0, min_kb in (("report-home", 0, 20), ("report-edit_scores", 280, 20), ("edit_scores", 0, 10)):
+    png = out / f"{name}.png"
+    kb = png.stat().st_size / 1024
+    w, h, px = decode_png(png)
+    region = [p for row in px for p in row[x0:]]
+    colours = len(set(region))
+    bg = max(set(region[::97]), key=region[::97].count)
+    ink = sum(p != bg for p in region) / len(region)
+    blue = sum(near(p, VEGA_BLUE) for p in region)
+    print(f"   {name}.png: {w}x{h}, {kb:.0f} kB, {colours} distinct colours from x={x0}, "
+          f"{100 * ink:.1f}% non-background, {blue} chart-line (#4c78a8) pixels")
+    if kb < min_kb:
+        failures.append(f"{name}.png is only {kb:.1f} kB")
+    if colours < 50 or ink < 0.005:
+        failures.append(f"{name}.png looks blank ({colours} colours, {100 * ink:.2f}% non-background)")
+    if name != "report-home" and blue < 100:
+        failures.append(f"{name}.png shows no chart line (only {blue} pixels of #4c78a8)")
+
+
+
+def rendered(name):
+    """The DOM Chromium rendered, without <script>/<style> bodies (they name everything)."""
+    dom = (out / f"{name}.dom.html").read_text(errors="replace")
+    return re.sub(r"<(script|style)\b.*?</\1>", "", dom, flags=re.S)
+
+
+home = rendered("report-home")
+for label in ("Workflow", "Statistics", "Figures", "Figures (interactive)", "Tables"):
+    if f">{label}<" not in home:
+        failures.append(f"report-home: the rendered menu lacks {label!r} (did the report's JavaScript run?)")
+fig = rendered("edit_scores")
+if 'class="marks"' not in fig and "<canvas" not in fig:
+    failures.append('edit_scores.html: vega rendered no <svg class="marks"> or <canvas>')
+if "Editing proficiency" not in fig:
+    failures.append("edit_scores.html: no rendered chart title 'Editing proficiency'")
+if failures:
+    print("FAILED:\n  " + "\n  ".join(failures))
+    sys.exit(1)
+print("   all checks passed")
+EOF
+# the DOM dumps and the report copy are large (the report inlines every figure): keep the PNGs
+[ -n "${KEEP_DOM:-}" ] || rm -f "$OUT"/*.dom.html "$VIEW"
+echo "== screenshots: $OUT/report-home.png $OUT/report-edit_scores.png $OUT/edit_scores.png"

@@ -1,0 +1,161 @@
+"""Half-precision models with fp32 edit math, and `editscale doctor` (machine report and estimates).
+
+No GPU here: the bf16 path is exercised on the CPU with tiny random models; the CUDA branches of
+`pick_device` / `doctor` run only where torch sees a GPU.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from editscale.edit.chain import delta_path, factors_path, model_at, read_delta, read_factors, replay_delta, run_segment, tensor_sha256
+from editscale.edit.weights import WeightState
+from editscale.models.doctor import (
+    KNOWN_CONFIGS,
+    _config_from_known,
+    doctor,
+    edit_flops,
+    machine_info,
+    measure_flops,
+    module_shapes,
+    n_params,
+    render,
+    storage_estimate,
+)
+from editscale.models.load import load_model, pick_device
+from editscale.models.registry import edited_weight, from_math, to_math
+from test_chain import SEGMENT, _make_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_load_model_in_half_precision(tiny_model_dirs, dtype):
+    model, _ = load_model(tiny_model_dirs("gpt2"), dtype=dtype, device="cpu")
+    assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
+
+
+def test_weight_state_keeps_fp32_and_casts_on_write(tiny_model_dirs):
+    model, _ = load_model(tiny_model_dirs("gptj"), dtype="bfloat16", device="cpu")
+    module = "transformer.h.1.mlp.fc_out"
+    ws = WeightState(model, [module])
+    assert ws.base[module].dtype == torch.float32 and ws.delta[module].dtype == torch.float32
+    from editscale.edit.weights import Update
+
+    g = torch.Generator().manual_seed(0)
+    d_out, d_in = ws.base[module].shape
+    u, v = torch.randn(d_out, 1, generator=g) * 1e-3, torch.randn(d_in, 1, generator=g)
+    ws.apply(Update(module, u=u, v=v))
+    assert ws.delta[module].dtype == torch.float32
+    # the delta keeps increments far below bf16's resolution of the weights ...
+    assert torch.equal(ws.delta[module], torch.outer(u[:, 0], v[:, 0]))
+    # ... and the live bf16 parameter is W0 + D rounded once
+    expected = from_math(model, ws.base[module] + ws.delta[module]).to(torch.bfloat16)
+    assert torch.equal(edited_weight(model, module), expected)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gptj"])
+def test_rome_segment_in_bfloat16(tmp_path, tiny_model_dirs, repo_root, arch):
+    """A ROME chain on a bf16 model: deltas and factors are fp32, replay is exact, the edited bf16
+    weight is W0 + D rounded once, and the updates match the fp32 chain's up to bf16 forward noise."""
+    model_dir = tiny_model_dirs(arch)
+    deltas = {}
+    for dtype in ("float32", "bfloat16"):
+        run_dir, resolved, stats = _make_run(tmp_path / dtype, model_dir, repo=repo_root, n=2)
+        run_segment(model_dir, run_dir, SEGMENT, SEGMENT, "rome", resolved["hparams"], stats, run_dir / "templates.json",
+                    dtype=dtype, device="cpu")
+        deltas[dtype], _ = read_delta(delta_path(run_dir, SEGMENT))
+    (module,) = deltas["bfloat16"]
+    with h5py.File(delta_path(run_dir, SEGMENT)) as f:
+        assert f[module].dtype == np.float32
+    updates, rows, _, _ = read_factors(factors_path(run_dir, SEGMENT))
+    assert len(updates) == 2 and all(u.u.dtype == torch.float32 and u.v.dtype == torch.float32 for _, u in updates)
+    assert all(np.isfinite(r["v_loss"]) for r in rows)
+    d16, d32 = deltas["bfloat16"][module], deltas["float32"][module]
+    assert float(d16.norm()) > 0
+    assert float((d16 - d32).norm() / d32.norm()) < 0.05
+    assert tensor_sha256(replay_delta(run_dir, SEGMENT, SEGMENT)[module]) == tensor_sha256(d16)
+    # the edited model in bf16 = base bf16 weights + fp32 delta, rounded once
+    edited, tok = model_at(model_dir, run_dir, SEGMENT, dtype="bfloat16", device="cpu")
+    base, _ = load_model(model_dir, dtype="bfloat16", device="cpu")
+    w0 = to_math(base, edited_weight(base, module)).float()
+    assert torch.equal(to_math(edited, edited_weight(edited, module)), (w0 + d16).to(torch.bfloat16))
+    # and the edits move the model towards the new targets (the tiny hparams make small edits)
+    from editscale.evaluate.edit_scores import case_metrics
+    from editscale.io import read_jsonl
+
+    cases = read_jsonl(run_dir / "edits.jsonl")
+    before = sum(m["nll_new"] for m in case_metrics(base, tok, cases))
+    after = sum(m["nll_new"] for m in case_metrics(edited, tok, cases))
+    assert after < before
+
+
+def test_storage_formula_matches_written_files(tmp_path, tiny_model_dirs, repo_root):
+    model_dir = tiny_model_dirs("gpt2")
+    run_dir, resolved, stats = _make_run(tmp_path, model_dir, repo=repo_root, n=2)
+    run_segment(model_dir, run_dir, SEGMENT, SEGMENT, "rome", resolved["hparams"], stats, run_dir / "templates.json")
+    model, _ = load_model(model_dir)
+    module = next(iter(stats))
+    shape = tuple(to_math(model, edited_weight(model, module)).shape)
+    from transformers import AutoConfig
+
+    assert module_shapes(AutoConfig.from_pretrained(str(model_dir)), [module]) == {module: shape}
+    est = storage_estimate({"n_edits": SEGMENT, "segment": SEGMENT}, {module: shape}, n_params(model.config))
+    extra_delta = delta_path(run_dir, SEGMENT).stat().st_size - est["delta_per_checkpoint"]
+    extra_factors = factors_path(run_dir, SEGMENT).stat().st_size - est["factors_per_checkpoint"]
+    assert 0 <= extra_delta < 40_000 and 0 <= extra_factors < 60_000  # HDF5 headers, attributes, log
+    assert est["study_per_save"] == 4 * sum(p.numel() for p in model.parameters())
+
+
+def test_published_configs_give_the_known_sizes():
+    assert n_params(_config_from_known("hf:gpt2-xl")) == 1_557_611_200
+    assert n_params(_config_from_known("hf:EleutherAI/gpt-j-6B")) == 6_050_882_784
+    assert 134_000_000 < n_params(_config_from_known("embedded:smollm2-135m-instruct")) < 136_000_000
+    assert set(KNOWN_CONFIGS) >= {"hf:gpt2-xl", "hf:EleutherAI/gpt-j-6B"}
+
+
+def test_edit_flops_formula():
+    hp = {"layers": [17], "v_num_grad_steps": 20, "context_template_length_params": [[5, 10], [10, 10]]}
+    n = 1_557_611_200
+    fl = edit_flops("rome", hp, n, {"m": (1600, 6400)}, segment=20, n_layers=48)
+    n_tpl, mean_len = 21, (5 * 10 + 10 * 10) / 21
+    tokens = (n_tpl + 1) * (mean_len + 12)
+    assert fl["tokens"] == pytest.approx(tokens)
+    assert fl["model"] == pytest.approx(20 * (2 + 2 * 31 / 48) * n * tokens + 2 * n * n_tpl * (mean_len + 12))
+    assert fl["solve"] == pytest.approx(6400**3 / 3 / 20 + 2 * 6400**2)
+    memit = edit_flops("memit", {**hp, "layers": [13, 14, 15, 16, 17]}, n, {f"m{i}": (1600, 6400) for i in range(5)}, 20, 48)
+    assert memit["solve"] == pytest.approx(5 * (2 / 3 * 6400**3 + 2 * 6400**2))
+
+
+def test_machine_info_and_device():
+    info = machine_info(".")
+    assert info["torch"] == torch.__version__ and info["cpu_count"] >= 1 and info["disk_free"] > 0
+    assert info["device"] == str(pick_device("auto"))
+    if not torch.cuda.is_available():
+        assert info["device"] == "cpu" and "gpu_name" not in info
+    assert measure_flops("cpu", torch.float32, seconds=0.05) > 1e8
+
+
+def test_doctor_estimates_the_tiny_config(repo_root, tmp_path):
+    rep = doctor(repo_root / "config/test-tiny.yaml", bench=False, flops=1e10, root=tmp_path)
+    (est,) = rep["runs"]
+    assert est["shapes_from"] == "tiny model" and est["storage"]["checkpoints"] == 2
+    assert est["edit"]["seconds_per_edit"] > 0 and est["eval_jobs"] > 0
+    text = render(rep)
+    assert "run rome-tiny" in text and "storage per checkpoint" in text and "per edit" in text
+
+
+def test_doctor_cli_machine_report(tmp_path):
+    bindir = Path(sys.executable).parent
+    res = subprocess.run([str(bindir / "editscale"), "doctor", "--no-bench"], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert f"torch {torch.__version__}" in res.stdout and "CPUs" in res.stdout and "disk free" in res.stdout
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU visible" in res.stdout

@@ -1,0 +1,143 @@
+"""A real kill: SIGKILL the whole snakemake process group while the second edit segment runs.
+
+Directory A runs the tiny config (config/test-tiny.yaml) uninterrupted up to the chain's end
+(results/rome-tiny/deltas/000006.h5). Directory B runs the whole workflow and is killed, snakemake
+and every job it started, while the edit job of the second segment (edits 4-6) is running. Then:
+no file that looks finished is left for that segment (atomic writes; `.000006.h5.*` temp files
+may exist), `snakemake --unlock` + a plain re-run (the default profile has rerun-incomplete)
+completes the workflow, the final deltas are bit-identical to A's, and the first segment's
+checkpoint (deltas/000003.h5) is re-used, not recomputed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from editscale.edit.chain import read_delta, read_factors, tensor_sha256
+from test_workflow import copy_workflow, planned_jobs, snakemake
+
+pytestmark = pytest.mark.workflow
+
+RUN = "results/rome-tiny"
+LOG = "results/logs/rome-tiny/edit_segment_000006.log"
+STARTED_EDITING = "rome edits 4-6"  # tqdm's description, printed once the model is loaded
+
+
+def _env() -> dict:
+    bindir = Path(sys.executable).parent
+    return {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(Path.home()), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _delta_hashes(workdir: Path, k: int) -> dict[str, str]:
+    tensors, attrs = read_delta(workdir / RUN / "deltas" / f"{k:06d}.h5")
+    assert attrs["k"] == k
+    return {m: tensor_sha256(t) for m, t in tensors.items()}
+
+
+def _finished_looking(workdir: Path, k: int) -> list[str]:
+    """Files of segment k that a scheduler would take for outputs (temp files excluded)."""
+    name = f"{k:06d}.h5"
+    found = []
+    for sub in ("deltas", "factors"):
+        d = workdir / RUN / sub
+        if d.exists():
+            found += [f"{sub}/{p.name}" for p in d.iterdir() if p.name == name or (p.name.startswith(name) and not p.name.startswith("."))]
+    return found
+
+
+def _job_pids(proc: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_kill_mid_segment_then_resume_gives_identical_hashes(repo_root, tmp_path):
+    dir_a = copy_workflow(repo_root, tmp_path / "A")
+    dir_b = copy_workflow(repo_root, tmp_path / "B")
+    bindir = Path(sys.executable).parent
+    # (targets go before --configfile, which takes several values)
+    cmd = [str(bindir / "snakemake"), "--cores", "2"]
+    config = ["--configfile", "config/test-tiny.yaml"]
+
+    # B: the full workflow, in its own session so that killpg reaches snakemake and its jobs only.
+    with open(tmp_path / "B.out", "w") as out:
+        proc = subprocess.Popen([*cmd, *config], cwd=dir_b, stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    try:
+        log = dir_b / LOG
+        deadline = time.monotonic() + 900
+        caught = ""
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"snakemake ended ({proc.returncode}) before the second segment was caught:\n"
+                            + (tmp_path / "B.out").read_text()[-3000:])
+            if log.exists():
+                text = log.read_text(errors="replace")
+                if STARTED_EDITING in text:  # the edit job is past model loading, inside the chain
+                    os.killpg(proc.pid, signal.SIGSTOP)  # freeze everything right here, then look
+                    caught = log.read_text(errors="replace")
+                    break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the edit job of the second segment did not start within 15 minutes")
+        jobs = _job_pids(proc)
+        assert any("edit-segment" in " ".join(p.cmdline()) and "--k 6" in " ".join(p.cmdline())
+                   for p in jobs if p.is_running()), [p.cmdline() for p in jobs]
+        os.killpg(proc.pid, signal.SIGKILL)  # (SIGKILL also ends stopped processes)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        # every job snakemake had started died with it (same process group)
+        gone, alive = psutil.wait_procs(jobs, timeout=10)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    # Caught mid-segment: the job had begun editing but had not written its outputs.
+    assert "wrote results/rome-tiny/factors/000006.h5" not in caught, caught[-500:]
+    assert _finished_looking(dir_b, 6) == [], sorted(p.name for p in (dir_b / RUN).rglob("*.h5*"))
+    first = dir_b / RUN / "deltas" / "000003.h5"
+    assert first.exists() and (dir_b / RUN / "factors" / "000003.h5").exists()
+    mtime_first, sha_first = first.stat().st_mtime_ns, _delta_hashes(dir_b, 3)
+
+    # A: uninterrupted, up to the end of the chain (runs while B is resumed).
+    with open(tmp_path / "A.out", "w") as out:
+        proc_a = subprocess.Popen([*cmd, f"{RUN}/deltas/000006.h5", *config], cwd=dir_a, stdout=out, stderr=subprocess.STDOUT,
+                                  env=_env(), start_new_session=True)
+    try:
+        # Resume B: the stale lock of the killed run is released as a user would, and the plan
+        # contains the lost segment only (not the finished first one).
+        snakemake(dir_b, "--unlock")
+        plan = planned_jobs(snakemake(dir_b, "-n"))
+        assert plan["edit_segment"] == 1, plan
+        for rule in ("model", "dataset", "sequence", "corpus_tokens", "stats", "run_config", "context_templates"):
+            assert rule not in plan, (rule, plan)
+        res = snakemake(dir_b)
+        assert "Nothing to be done" not in res.stdout + res.stderr
+        assert planned_jobs(snakemake(dir_b, "-n")) == {}
+        assert proc_a.wait(timeout=1200) == 0, (tmp_path / "A.out").read_text()[-3000:]
+    finally:
+        if proc_a.poll() is None:
+            os.killpg(proc_a.pid, signal.SIGKILL)
+            proc_a.wait()
+
+    hashes_a, hashes_b = _delta_hashes(dir_a, 6), _delta_hashes(dir_b, 6)
+    assert hashes_a and hashes_a == hashes_b
+    # the re-run's factors hold the same three edits, in order
+    assert [r["edit_index"] for r in read_factors(dir_b / RUN / "factors" / "000006.h5")[1]] == [4, 5, 6]
+    # the finished first segment was re-used, not recomputed
+    assert first.stat().st_mtime_ns == mtime_first and _delta_hashes(dir_b, 3) == sha_first == _delta_hashes(dir_a, 3)
+    # the resumed run is complete and its hash chain checks out
+    assert (dir_b / "results/audit.json").exists()
+    import json
+
+    assert json.loads((dir_b / "results/audit.json").read_text())["passed"]

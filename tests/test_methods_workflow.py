@@ -1,0 +1,157 @@
+"""Every editing method through the real workflow: config/test-methods-tiny.yaml with snakemake.
+
+One sequential run per method (rome, r-rome, memit, emmet, alphaedit, ft-c: 4 edits in segments
+of 2) and one batched MEMIT run (2 edits per step) on a tiny random GPT-2, run to completion once
+(module-scoped); the tests then read what each run wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from editscale.edit.chain import read_delta, read_factors, tensor_sha256
+from test_workflow import copy_workflow, planned_jobs, snakemake
+
+pytestmark = pytest.mark.workflow
+
+CONFIG = "config/test-methods-tiny.yaml"
+METHODS = ["rome", "r-rome", "memit", "emmet", "alphaedit", "ft-c"]
+N_EDITS, SEGMENT = 4, 2
+
+
+@pytest.fixture(scope="module")
+def study(repo_root, tmp_path_factory):
+    workdir = copy_workflow(repo_root, tmp_path_factory.mktemp("methods") / "wf")
+    snakemake(workdir, config=CONFIG, timeout=3600)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def runs(repo_root):
+    return {r["name"]: r for r in yaml.safe_load((repo_root / CONFIG).read_text())["runs"]}
+
+
+def _factors(workdir: Path, run: str):
+    """(updates, rows, method_state) of every segment of the run, in order."""
+    updates, rows, state = [], [], {}
+    for k in range(SEGMENT, N_EDITS + 1, SEGMENT):
+        u, r, s, attrs = read_factors(workdir / "results" / run / "factors" / f"{k:06d}.h5")
+        assert attrs["k"] == k and attrs["segment"] == SEGMENT
+        updates += u
+        rows += r
+        state = s
+    return updates, rows, state
+
+
+def test_config_has_one_run_per_method_and_a_batched_run(runs):
+    assert sorted({r["method"] for r in runs.values()}) == sorted(METHODS)
+    for r in runs.values():
+        assert r["n_edits"] == N_EDITS and r["segment"] == SEGMENT
+        method_dir = "rome" if r["method"] == "r-rome" else r["method"]
+        assert r["hparams"] == f"config/hparams/{method_dir}/tiny.yaml"
+    batched = [r for r in runs.values() if r.get("edits_per_step", 1) > 1]
+    assert [(r["method"], r["edits_per_step"]) for r in batched] == [("memit", 2)]
+
+
+def test_every_run_completes_its_chain(study, runs):
+    for name, run in runs.items():
+        resolved = json.loads((study / "results" / name / "run.json").read_text())
+        assert resolved["method"] == run["method"]
+        delta, attrs = read_delta(study / "results" / name / "deltas" / f"{N_EDITS:06d}.h5")
+        assert attrs["k"] == N_EDITS and attrs["method"] == run["method"], name
+        assert delta and all(t.abs().sum() > 0 for t in delta.values()), name  # the weights really moved
+        updates, rows, _ = _factors(study, name)
+        assert len(rows) == N_EDITS, (name, rows)
+        assert [r["edit_index"] for r in rows] == [1, 2, 3, 4], name
+        assert all(r["update_norm"] > 0 and r["seconds"] > 0 for r in rows), name
+        assert {u.module for _, u in updates} == set(delta), name
+    assert (study / "results/audit.json").exists()
+    assert json.loads((study / "results/audit.json").read_text())["passed"]
+    assert planned_jobs(snakemake(study, "-n", config=CONFIG)) == {}
+
+
+def test_update_kinds_per_method(study, runs):
+    for name, run in runs.items():
+        updates, rows, state = _factors(study, name)
+        kinds = {r["factor_kind"] for r in rows}
+        if run["method"] == "ft-c":
+            assert kinds == {"dense"} and all(u.kind == "dense" and u.dense is not None for _, u in updates), name
+        else:
+            assert kinds == {"lowrank"} and all(u.kind == "lowrank" for _, u in updates), name
+        modules = sorted({u.module for _, u in updates})
+        if run["method"] in ("rome", "r-rome", "emmet"):
+            # one rank-one update of layer 1 per edit
+            assert modules == ["transformer.h.1.mlp.c_proj"] and len(updates) == N_EDITS, name
+            assert all(u.u.shape[1] == 1 and u.v.shape[1] == 1 for _, u in updates), name
+        elif run["method"] in ("memit", "alphaedit"):
+            assert modules == ["transformer.h.1.mlp.c_proj", "transformer.h.2.mlp.c_proj"], name
+        elif run["method"] == "ft-c":
+            assert modules == ["transformer.h.0.mlp.c_proj"], name
+        if run["method"] == "alphaedit":
+            # the keys of earlier edits are carried from segment to segment
+            assert {k.rsplit("/", 1)[1] for k in state} == {"keys"} and set(k.rsplit("/", 1)[0] for k in state) == set(modules)
+            assert all(keys.shape == (N_EDITS, 256) for keys in state.values()), {k: v.shape for k, v in state.items()}
+    # r-ROME differs from ROME only by the template-averaged key, and that changes the update.
+    rr = json.loads((study / "results/r-rome-tiny/run.json").read_text())["hparams"]
+    assert rr["key_averaging"] == "templates"
+    assert json.loads((study / "results/rome-tiny/run.json").read_text())["hparams"]["key_averaging"] == "prompt"
+    h = {n: {m: tensor_sha256(t) for m, t in read_delta(study / f"results/{n}/deltas/000004.h5")[0].items()}
+         for n in ("rome-tiny", "r-rome-tiny")}
+    assert h["rome-tiny"] != h["r-rome-tiny"]
+
+
+def test_batched_run_has_two_edits_per_step(study):
+    updates, rows, _ = _factors(study, "memit-batch2-tiny")
+    by_step: dict[int, list[int]] = {}
+    for r in rows:
+        by_step.setdefault(r["step"], []).append(r["edit_index"])
+    assert by_step == {1: [1, 2], 2: [3, 4]}
+    # one update per layer per step (not per edit), each with two factor columns (two keys)
+    assert sorted((step, u.module) for step, u in updates) == [
+        (s, f"transformer.h.{layer}.mlp.c_proj") for s in (1, 2) for layer in (1, 2)]
+    assert all(u.u.shape[1] == 2 and u.v.shape[1] == 2 for _, u in updates)
+    # the two edits of a step share that step's update: same norm and time in the log
+    for step, indices in by_step.items():
+        step_rows = [r for r in rows if r["step"] == step]
+        assert len({r["update_norm"] for r in step_rows}) == 1
+    seq_updates, seq_rows, _ = _factors(study, "memit-tiny")
+    assert sorted({r["step"] for r in seq_rows}) == [1, 2, 3, 4]
+    assert len(seq_updates) == 2 * N_EDITS  # sequential: one update per layer per edit
+
+
+def test_tables_have_every_run(study, runs):
+    scores = pl.read_parquet(study / "results/tables/edit_scores.parquet")
+    assert sorted(scores["run"].unique().to_list()) == sorted(runs)
+    for name, run in runs.items():
+        sub = scores.filter(pl.col("run") == name)
+        assert sorted(sub["edit"].to_list()) == [1, 2, 3, 4], name
+        assert sub["method"].unique().to_list() == [run["method"]]
+        assert sub["es"].is_between(0, 1).all(), name
+    summary = pl.read_csv(study / "results/tables/summary.csv")
+    assert sorted(summary["run"].to_list()) == sorted(runs)
+    for metric in ("history", "downstream", "generation", "perplexity", "weights"):
+        table = pl.read_parquet(study / f"results/tables/{metric}.parquet")
+        assert sorted(table["run"].unique().to_list()) == sorted(runs), metric
+        # eval_every 1000: the metrics are evaluated at edit 0 and at n_edits only (history has
+        # no rows at 0: no earlier edit to re-score)
+        edits = set(table["edit"].unique().to_list())
+        assert N_EDITS in edits and edits <= {0, N_EDITS}, (metric, edits)
+    log = pl.read_parquet(study / "results/tables/edit_log.parquet")
+    kinds = {r["run"]: r["factor_kind"] for r in log.select("run", "factor_kind").unique().to_dicts()}
+    assert len(log) == N_EDITS * len(runs)
+    assert kinds == {name: "dense" if run["method"] == "ft-c" else "lowrank" for name, run in runs.items()}
+
+
+def test_cli_lists_all_six_methods():
+    res = subprocess.run([str(Path(sys.executable).parent / "editscale"), "methods"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lines = [line.split(None, 1) for line in res.stdout.splitlines() if line.strip()]
+    assert sorted(name for name, _ in lines) == sorted(METHODS)
+    assert all(len(desc) > 20 for _, desc in lines)

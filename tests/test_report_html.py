@@ -1,0 +1,103 @@
+"""`snakemake --report` on a finished tiny workflow run (config/test-tiny.yaml).
+
+Snakemake 9 writes `--report X.html` as one self-contained HTML page (a React app; the results
+are a JSON object `var results = {...}` in <script id="results"> whose entries carry each file
+as a base64 data URI, with its rendered caption), and `--report X.zip` as a zip archive with the
+raw files and a report.html. Both are checked against the files the workflow wrote.
+(tests/report/screenshot_report.sh opens the page in headless Chromium.)
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import zipfile
+
+import pytest
+
+from test_workflow import copy_workflow, snakemake
+
+pytestmark = pytest.mark.workflow
+
+FIGURES = ["edit_scores", "forgetting", "downstream", "weight_distance", "update_norms", "overview"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(repo_root, tmp_path_factory):
+    workdir = copy_workflow(repo_root, tmp_path_factory.mktemp("report") / "wf")
+    snakemake(workdir)
+    return workdir
+
+
+def _script_json(page: str, script_id: str):
+    m = re.search(rf'<script id="{script_id}">\s*var \w+ = (.*?);?\s*</script>', page, re.S)
+    assert m, f"no <script id={script_id!r}> in the report"
+    return json.loads(m.group(1))
+
+
+def _decode(data_uri: str) -> bytes:
+    header, _, payload = data_uri.partition(",")
+    assert header.startswith("data:") and header.endswith(";base64"), header[:80]
+    return base64.b64decode(payload)
+
+
+def _text(caption_html: str) -> str:
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", "", caption_html)).split())
+
+
+def test_report_html_is_self_contained_with_every_figure(tiny_run):
+    res = snakemake(tiny_run, "--report", "results/report.html")
+    assert res.returncode == 0 and "Report created" in res.stdout + res.stderr
+    page = (tiny_run / "results/report.html").read_text(encoding="utf-8")
+    assert page.lstrip().lower().startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+    # Self-contained: no script, stylesheet or image is fetched from elsewhere.
+    assert not re.search(r'<(script|link|img)\b[^>]*\b(src|href)="(https?:)?//', page, re.I)
+
+    results = _script_json(page, "results")
+    expected = {"results/tables/summary.csv"} | {f"results/plots/{f}.{ext}" for f in FIGURES for ext in ("html", "png")}
+    assert set(results) == expected
+    for path, entry in results.items():
+        # every file is embedded byte for byte
+        assert _decode(entry["data_uri"]) == (tiny_run / path).read_bytes(), path
+        assert entry["mime_type"] == {"csv": "text/csv", "html": "text/html", "png": "image/png"}[path.rsplit(".", 1)[1]]
+    assert _decode(results["results/plots/edit_scores.png"]["data_uri"])[:8] == b"\x89PNG\r\n\x1a\n"
+    figure_html = _decode(results["results/plots/edit_scores.html"]["data_uri"]).decode()
+    assert "vegaEmbed" in figure_html and "Editing proficiency" in figure_html
+
+    categories = _script_json(page, "categories")
+    assert {"Figures", "Figures (interactive)", "Tables"} <= set(categories)
+    in_figures = json.dumps(categories["Figures"])
+    assert all(f"results/plots/{f}.png" in in_figures for f in FIGURES)
+
+
+def test_report_captions_name_the_run(tiny_run):
+    if not (tiny_run / "results/report.html").exists():
+        snakemake(tiny_run, "--report", "results/report.html")
+    results = _script_json((tiny_run / "results/report.html").read_text(encoding="utf-8"), "results")
+    summary = _text(results["results/tables/summary.csv"]["caption"])
+    assert ("Runs: rome-tiny (rome on tiny-gpt2, hparams config/hparams/rome/tiny.yaml, dataset geofacts, sample 0, "
+            "6 sequential edits, segment 3, 1 edit(s) per step).") in summary, summary
+    assert "onset of catastrophic forgetting" in summary
+    for f in FIGURES:
+        for ext in ("html", "png"):
+            caption = _text(results[f"results/plots/{f}.{ext}"]["caption"])
+            assert "{{" not in caption and "{%" not in caption  # the Jinja templates were rendered
+            assert "smoothed over 10 edits" in caption  # config report.smooth (default 10)
+            assert "rome-tiny (rome on tiny-gpt2, hparams config/hparams/rome/tiny.yaml, dataset geofacts" in caption, caption
+    # The embedded table is the run's summary.
+    csv = _decode(results["results/tables/summary.csv"]["data_uri"]).decode()
+    assert csv.splitlines()[0].startswith("run,") and any(line.startswith("rome-tiny,") for line in csv.splitlines()[1:])
+
+
+def test_report_zip_holds_raw_files_and_page(tiny_run):
+    snakemake(tiny_run, "--report", "results/report.zip")
+    with zipfile.ZipFile(tiny_run / "results/report.zip") as zf:
+        names = zf.namelist()
+        assert "report/report.html" in names
+        raw = {n.rsplit("/", 1)[1]: n for n in names if n.startswith("report/data/raw/")}
+        assert set(raw) == {"summary.csv"} | {f"{f}.{ext}" for f in FIGURES for ext in ("html", "png")}
+        assert zf.read(raw["edit_scores.png"]) == (tiny_run / "results/plots/edit_scores.png").read_bytes()
+        assert zf.read(raw["summary.csv"]) == (tiny_run / "results/tables/summary.csv").read_bytes()
+        assert b"rome-tiny" in zf.read("report/report.html")
