@@ -399,3 +399,14 @@ def test_edit_log_read_from_factors(tmp_path):
     t = tables.build_tables(res, [{"name": "r", "method": "ROME", "n_edits": 4}])
     assert t["edit_log"].height == 4
     assert t["summary"].row(0, named=True)["edit_seconds_total"] == pytest.approx(6.0)
+
+
+def test_rolling_mean_skips_edits_without_prompts():
+    """An edit with no neighborhood prompts (NaN) must not blank every later window."""
+    import math
+
+    from editscale.report.plots import _rolling
+
+    df = pl.DataFrame({"run": ["a"] * 4, "edit": [1, 2, 3, 4], "ns": [math.nan, 1.0, 0.0, 1.0]})
+    out = _rolling(df, ["ns"], 2)["ns"].to_list()
+    assert out[0] is None and out[1:] == [1.0, 0.5, 0.5]

@@ -7,7 +7,8 @@
 # WORKDIR: a directory with a finished run (results/plots/edit_scores.html). Its
 #   results/report.html is made with `snakemake --report` (config: $CONFIG, default config.yaml)
 #   when missing. Without WORKDIR, the workflow files of this checkout are copied into a temporary
-#   directory and the tiny study (config/test-tiny.yaml, a few minutes on CPU) is run there first.
+#   directory and the tiny study (config/test-tiny.yaml, a few minutes on CPU) is run there first
+#   (the directory is removed at the end unless KEEP_WORKDIR=1).
 # OUT_DIR (default: ./report-screenshots) receives
 #   report-home.png         results/report.html as it opens (workflow graph, result categories)
 #   report-edit_scores.png  the same report showing "Figures (interactive)" > edit_scores.html in
@@ -54,7 +55,9 @@ fi
 
 if [ -z "$WORKDIR" ]; then
   command -v snakemake >/dev/null || { [ -x "$REPO/.venv/bin/snakemake" ] && export PATH="$REPO/.venv/bin:$PATH"; }
-  WORKDIR="$(mktemp -d)/wf"
+  TMPRUN="$(mktemp -d)"
+  [ -n "${KEEP_WORKDIR:-}" ] || trap 'rm -rf "$TMPRUN"' EXIT
+  WORKDIR="$TMPRUN/wf"
   mkdir -p "$WORKDIR"
   for f in Snakefile config.yaml config rules envs profiles report; do cp -r "$REPO/$f" "$WORKDIR/"; done
   CONFIG="${CONFIG:-config/test-tiny.yaml}"

@@ -185,7 +185,9 @@ def line_band(
 def _rolling(df: pl.DataFrame, cols: Sequence[str], window: int) -> pl.DataFrame:
     window = max(int(window), 1)
     return df.sort(["run", "edit"]).with_columns(
-        [pl.col(c).rolling_mean(window_size=window, min_samples=1).over("run").alias(c) for c in cols]
+        # NaN (an edit with no prompts of that kind) would poison every window it enters; as a null
+        # it is skipped, and the mean is over the window's scored edits.
+        [pl.col(c).fill_nan(None).rolling_mean(window_size=window, min_samples=1).over("run").alias(c) for c in cols]
     )
 
 
