@@ -123,6 +123,24 @@ def read_factors(path) -> tuple[list[tuple[int, Update]], list[dict], dict[str, 
         return updates, rows, state, dict(f.attrs)
 
 
+def read_log_columns(path) -> dict[str, list | np.ndarray]:
+    """Only the per-edit log of a factors file, column by column (strings decoded); {} if none.
+    Cheap: the update tensors are not read."""
+    try:
+        with h5py.File(path, "r") as f:
+            if "log" not in f:
+                return {}
+            cols = {}
+            for c in f["log"].keys():
+                arr = f["log"][c][()]
+                if arr.dtype.kind in ("O", "S"):
+                    arr = [a.decode() if isinstance(a, bytes) else str(a) for a in arr]
+                cols[c] = arr
+            return cols
+    except OSError as exc:
+        raise EditscaleError(f"cannot read the edit log of {path}: {exc}") from exc
+
+
 # ---------------------------------------------------------------------------------------------
 # Running a segment
 

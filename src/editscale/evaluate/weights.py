@@ -122,7 +122,7 @@ def update_norm_rows(log: pl.DataFrame, k: int, threshold: float = 5.0) -> pl.Da
 
 def read_edit_logs(run_dir: str | Path, k: int) -> pl.DataFrame:
     """The per-edit log of every factors file of the run up to edit k (only the `log` group is read)."""
-    import h5py
+    from ..edit.chain import read_log_columns
 
     frames = []
     for path in sorted((Path(run_dir) / "factors").glob("*.h5")):
@@ -130,15 +130,9 @@ def read_edit_logs(run_dir: str | Path, k: int) -> pl.DataFrame:
             end = int(path.stem)
         except ValueError:
             continue
-        with h5py.File(path, "r") as f:
-            if "log" not in f:
-                continue
-            cols = {}
-            for c in f["log"].keys():
-                arr = f["log"][c][()]
-                if arr.dtype.kind in ("O", "S"):
-                    arr = [a.decode() if isinstance(a, bytes) else str(a) for a in arr]
-                cols[c] = arr
+        cols = read_log_columns(path)
+        if not cols:
+            continue
         df = pl.DataFrame(cols)
         frames.append(df)
         if end >= k:

@@ -436,23 +436,12 @@ def normalize_edit_log(edit_log: pl.DataFrame | None) -> pl.DataFrame | None:
 def edit_log_from_factors(results_dir: str | os.PathLike, runs: Iterable[str]) -> pl.DataFrame:
     """The per-edit log stored in results/{run}/factors/{k:06d}.h5 (group `log`, one dataset per
     column: case_id, edit_index, v_loss, update_norm, update_rel, seconds, ...), for every run."""
-    import h5py
+    from ..edit.chain import read_log_columns
 
     frames = []
     for run in runs:
         for path in sorted((Path(results_dir) / run / "factors").glob("*.h5")):
-            try:
-                with h5py.File(path, "r") as f:
-                    if "log" not in f:
-                        continue
-                    cols = {}
-                    for c in f["log"].keys():
-                        arr = f["log"][c][()]
-                        if arr.dtype.kind in ("O", "S"):
-                            arr = [a.decode() if isinstance(a, bytes) else str(a) for a in arr]
-                        cols[c] = arr
-            except OSError as exc:
-                raise EditscaleError(f"cannot read the edit log of {path}: {exc}") from exc
+            cols = read_log_columns(path)
             if cols:
                 frames.append(pl.DataFrame(cols).with_columns(pl.lit(run, pl.Utf8).alias("run")))
     if not frames:
