@@ -1,0 +1,30 @@
+"""envs/editscale.yaml stays in step with the package (conda channels are unreachable here, so
+`--use-conda` cannot run in CI; this checks the file instead)."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+import yaml
+
+
+def test_conda_env_matches_pyproject(repo_root):
+    env = yaml.safe_load((repo_root / "envs/editscale.yaml").read_text())
+    deps = env["dependencies"]
+    assert "python=3.11" in deps
+    pip = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
+    names = {re.split(r"[<>=\[ ]", p)[0].lower() for p in pip if not p.startswith("-")}
+    project = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]
+    required = {re.split(r"[<>=\[ ]", d)[0].lower() for d in project["dependencies"]}
+    assert required <= names, f"missing from envs/editscale.yaml: {sorted(required - names)}"
+    assert "torch==2.13.0" in pip  # the CPU wheel the setup installs; no CUDA pull on CPU machines
+    assert any(p.startswith("-e ") for p in pip)  # editscale itself, so rules find `editscale`
+
+
+def test_every_rule_runs_in_the_env(repo_root):
+    for smk in sorted((repo_root / "rules").glob("*.smk")):
+        text = smk.read_text()
+        rules = re.findall(r"^\s*rule(?:\s+\w+)?:", text, flags=re.M)
+        assert rules, smk
+        assert text.count("conda:") == len(rules), f"{smk.name}: every rule needs conda: ENV"
