@@ -3,7 +3,6 @@ preserved keys, earlier keys accumulate, state round trip continues identically,
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,7 @@ from editscale.edit.memit import Memit
 from editscale.edit.methods import get_method
 from editscale.edit.weights import Update, WeightState, add_update
 from editscale.io import EditscaleError
-from editscale.models.fetch import build_tiny_model
-from editscale.models.nethook import Trace
+from test_memit import second_moment, tiny  # one tiny-model cache for the MEMIT family
 
 ROOT = Path(__file__).resolve().parents[1]
 HPARAMS = ROOT / "config" / "hparams" / "alphaedit"
@@ -30,28 +28,7 @@ CASES = [
     {"case_id": 34, "subject": "Madrid", "prompt": "{} is a city in", "target_new": "Japan"},
 ]
 
-_BASE: dict = {}
 _STATS: dict = {}
-
-
-def tiny(arch: str):
-    if arch not in _BASE:
-        model, tok = build_tiny_model(arch)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        _BASE[arch] = (model, tok)
-    model, tok = _BASE[arch]
-    return copy.deepcopy(model), tok
-
-
-def second_moment(model, tok, module: str, n_seq: int = 64, seq_len: int = 32, seed: int = 1) -> torch.Tensor:
-    """E[k k^T] of `module`'s inputs over random token sequences (float64)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, len(tok), (n_seq, seq_len), generator=g)
-    with torch.no_grad(), Trace(model, [module], stop=True) as tr:
-        model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    k = tr.inputs[module].reshape(-1, tr.inputs[module].shape[-1]).double()
-    return k.T @ k / k.shape[0]
 
 
 def prepare(arch: str, **over):

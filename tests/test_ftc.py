@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from editscale.edit.ftc import FineTuneConstrained, _Batch
 from editscale.edit.methods import get_method
 from editscale.edit.weights import WeightState, add_update
 from editscale.io import EditscaleError
-from editscale.models.fetch import build_tiny_model
+from test_memit import tiny  # one tiny-model cache for the MEMIT family
 
 ROOT = Path(__file__).resolve().parents[1]
 HPARAMS = ROOT / "config" / "hparams" / "ft-c"
@@ -23,19 +22,6 @@ CASES = [
     {"case_id": 22, "subject": "Berlin", "prompt": "{} is located in", "target_new": {"str": "Asia"}},
     {"case_id": 23, "subject": "Tokyo", "prompt": "The city of {} is in", "target_new": "Europe"},
 ]
-
-_BASE: dict = {}
-
-
-def tiny(arch: str):
-    if arch not in _BASE:
-        model, tok = build_tiny_model(arch)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        _BASE[arch] = (model, tok)
-    model, tok = _BASE[arch]
-    return copy.deepcopy(model), tok
-
 
 def hparams(**over) -> dict:
     hp = common.load_hparams(HPARAMS / "tiny.yaml", method="ft-c")
