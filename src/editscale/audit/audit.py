@@ -118,19 +118,12 @@ def audit_run(run_dir: Path, models_dir: Path, model_shas: dict[str, str], rep: 
 
 def _rederive(run_dir: Path, k: int, segment: int) -> dict:
     """Delta after k edits from factors alone (no stored delta is read)."""
-    import torch
+    from ..edit.chain import accumulate, factors_path, read_factors
 
-    from ..edit.chain import factors_path, read_factors
-    from ..edit.weights import add_update
-
-    delta: dict[str, torch.Tensor] = {}
+    delta: dict = {}
     for end in range(segment, k + 1, segment):
         updates, _, _, _ = read_factors(factors_path(run_dir, end))
-        for _, upd in updates:
-            if upd.module not in delta:
-                shape = upd.dense.shape if upd.dense is not None else (upd.u.shape[0], upd.v.shape[0])
-                delta[upd.module] = torch.zeros(shape, dtype=torch.float32)
-            add_update(delta[upd.module], upd)
+        accumulate(delta, [upd for _, upd in updates])
     return delta
 
 

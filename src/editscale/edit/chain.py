@@ -260,14 +260,18 @@ def replay_delta(run_dir: str | Path, j: int, segment: int, model_sha256: str | 
     delta = read_delta(delta_path(run_dir, k_start), model_sha256)[0] if k_start else {}
     updates, rows, _, _ = read_factors(factors_path(run_dir, k_start + segment))
     last_step_j = next(r["step"] for r in rows if r["edit_index"] == j)
-    for step, upd in updates:
-        if step > last_step_j:
-            break
+    accumulate(delta, [upd for step, upd in updates if step <= last_step_j])
+    return delta
+
+
+def accumulate(delta: dict[str, torch.Tensor], updates: list[Update]) -> None:
+    """Add `updates` in order to `delta` in place (a module's first update starts it at zero),
+    with the same elementwise operations as the chain: the replay primitive."""
+    for upd in updates:
         if upd.module not in delta:
             shape = upd.dense.shape if upd.dense is not None else (upd.u.shape[0], upd.v.shape[0])
             delta[upd.module] = torch.zeros(shape, dtype=torch.float32)
         add_update(delta[upd.module], upd)
-    return delta
 
 
 def apply_delta(model, delta: dict[str, torch.Tensor]) -> None:
