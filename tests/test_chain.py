@@ -117,6 +117,12 @@ def test_factors_log_and_model_check(tmp_path, tiny_model_dirs, repo_root):
     updates, rows, _, attrs = read_factors(factors_path(run_dir, 2))
     assert [r["edit_index"] for r in rows] == [1, 2]
     assert all(r["update_norm"] > 0 and r["seconds"] > 0 and r["factor_kind"] == "lowrank" for r in rows)
+    # the per-edit time is split into keys, value optimization and the closed-form update
+    for r in rows:
+        assert r["seconds_keys"] > 0 and r["seconds_optimize"] > 0 and r["seconds_update"] >= 0
+        parts = r["seconds_keys"] + r["seconds_optimize"] + r["seconds_update"]
+        assert parts == pytest.approx(r["seconds"], rel=1e-6)
+        assert r["seconds_optimize"] > r["seconds_update"]
     assert len(updates) == 2 and all(u.u.shape[1] == 1 for _, u in updates)  # ROME: rank one each
     with pytest.raises(EditscaleError, match="computed on model"):
         read_delta(delta_path(run_dir, 2), expected_model_sha="0" * 64)

@@ -15,7 +15,7 @@ from editscale.edit.rome import Rome, RRome
 from editscale.edit.weights import WeightState, add_update
 from editscale.io import EditscaleError
 from editscale.models.fetch import build_tiny_model
-from editscale.models.registry import edited_weight, mlp_out_name, to_math
+from editscale.models.registry import edited_weight, get_module, layer_name, mlp_out_name, to_math
 
 ARCHS = ["gpt2", "gptj", "gpt_neox", "llama"]
 REPO = Path(__file__).resolve().parents[1]
@@ -185,6 +185,34 @@ def test_optimize_value_lowers_nll_and_is_deterministic(arch):
     _, out = common.module_io_at_subject(model, tok, module, [CASE["prompt"]], [CASE["subject"]])
     assert log1["target_init_norm"] == pytest.approx(float(out[0].norm()), rel=1e-5)
     assert float((v1 - out[0]).norm()) <= 4 * log1["target_init_norm"] * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("inject", ["mlp_out", "block"])
+def test_optimize_value_prefix_reuse_is_bit_identical(arch, inject, monkeypatch):
+    """Blocks below the injection layer run once per optimize_value (not once per step), and the
+    result is bit-identical to recomputing them every step."""
+    model, tok, templates, module, _ = tiny(arch)
+    target = module if inject == "mlp_out" else layer_name(model, LAYER)
+    calls = []
+    below = get_module(model, mlp_out_name(model, 0))  # runs only when block 0 really runs
+    handle = below.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        hp = tiny_hparams(v_num_grad_steps=6)
+        monkeypatch.setattr(common, "REUSE_PREFIX", False)
+        v_off, log_off = common.optimize_value(model, tok, CASE, templates, target, hp)
+        runs_off = len(calls)
+        calls.clear()
+        monkeypatch.setattr(common, "REUSE_PREFIX", True)
+        v_on, log_on = common.optimize_value(model, tok, CASE, templates, target, hp)
+        runs_on = len(calls)
+        # the model is left as it was: block 0 computes again afterwards
+        common.module_io_at_subject(model, tok, module, [CASE["prompt"]], [CASE["subject"]])
+        runs_after = len(calls) - runs_on
+    finally:
+        handle.remove()
+    assert torch.equal(v_on, v_off) and log_on == log_off
+    assert runs_off == log_off["steps"] + 1 and runs_off > 1
+    assert runs_on == 1 and runs_after == 1
 
 
 @pytest.mark.parametrize("mode", ["prompt", "templates"])

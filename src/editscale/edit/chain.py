@@ -30,10 +30,16 @@ from tqdm import tqdm
 from ..io import EditscaleError, atomic_path, provenance, read_jsonl, sha256_file
 from ..models.load import load_model, model_sha, pick_device
 from .weights import Update, WeightState, add_update
+from .common import PHASE_SECONDS
 
 log = logging.getLogger(__name__)
 
-LOG_COLUMNS = ("case_id", "edit_index", "step", "v_loss", "update_norm", "update_rel", "seconds", "factor_kind")
+LOG_COLUMNS = (
+    "case_id", "edit_index", "step", "v_loss", "update_norm", "update_rel", "seconds",
+    # seconds split by phase: keys (module inputs), optimize (v* / z / fine-tuning), update (the rest:
+    # solves and the closed-form update); per edit, i.e. a batched step's time / its size
+    "seconds_keys", "seconds_optimize", "seconds_update", "factor_kind",
+)
 
 
 def delta_path(run_dir: str | Path, k: int) -> Path:
@@ -209,9 +215,12 @@ def run_segment(
     for step_i, i in enumerate(bar):
         batch = cases[i : i + edits_per_step]
         before = {m: weights.current(m).norm().item() for m in modules}
+        PHASE_SECONDS.clear()
         t0 = time.perf_counter()
         logs = editor.apply(batch, weights)
         seconds = time.perf_counter() - t0
+        split = {"keys": PHASE_SECONDS["keys"], "optimize": PHASE_SECONDS["optimize"]}
+        split["update"] = max(seconds - split["keys"] - split["optimize"], 0.0)
         applied = weights.take_applied()
         step_dw = {}
         for upd in applied:
@@ -226,7 +235,8 @@ def run_segment(
             rows.append({
                 "case_id": case["case_id"], "edit_index": case["edit_index"], "step": k_start // edits_per_step + step_i + 1,
                 "v_loss": r.get("v_loss"), "update_norm": norm, "update_rel": rel,
-                "seconds": seconds / len(batch), "factor_kind": kind,
+                "seconds": seconds / len(batch), **{f"seconds_{k}": v / len(batch) for k, v in split.items()},
+                "factor_kind": kind,
             })
         updates.extend(applied)
         steps.extend([rows[-1]["step"]] * len(applied))

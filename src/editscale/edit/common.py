@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -35,6 +37,32 @@ OPENERS = ["The", "Therefore", "Because", "I", "You"]
 KL_PROMPTS = ["{} is a"]
 EARLY_STOP_LOSS = 5e-2
 KEY_BATCH = 256  # rows per forward pass when computing keys of many cases x templates
+# optimize_value re-uses the outputs of the layers below the injection layer across its steps
+# (they cannot change: the inputs are fixed and only a vector added at/above that layer is
+# trained). Bit-identical to recomputing them; the switch exists for benchmarks/ (before/after).
+REUSE_PREFIX = True
+
+# Seconds spent per phase of an edit ("keys": key / module-input computation, "optimize": the
+# value or weight optimization), accumulated until the caller resets it. The edit chain logs them
+# per edit; the remainder of an edit's time is the closed-form update.
+PHASE_SECONDS: Counter = Counter()
+_active_phase: list[str] = []
+
+
+@contextlib.contextmanager
+def phase(name: str):
+    """Count the time inside the block towards PHASE_SECONDS[name]; nested phases count towards
+    the outermost one only (compute_keys calls module_io_at_subject)."""
+    if _active_phase:
+        yield
+        return
+    _active_phase.append(name)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        PHASE_SECONDS[name] += time.perf_counter() - t0
+        _active_phase.pop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +244,7 @@ def sample_context_templates(model, tok, length_params: list[list[int]], seed: i
 # Keys and module outputs at the subject
 
 
+@phase("keys")
 @torch.no_grad()
 def module_io_at_subject(model, tok, module: str, prompts: list[str], subjects: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Input [n, d_in] and output [n, d_out] of `module` at the subject-last token of each
@@ -236,6 +265,7 @@ def module_io_at_subject(model, tok, module: str, prompts: list[str], subjects: 
     return torch.cat(ins), torch.cat(outs)
 
 
+@phase("keys")
 @torch.no_grad()
 def compute_keys(model, tok, module: str, cases: list[dict], templates: list[str]) -> torch.Tensor:
     """[n_cases, d_in]: input of `module` at the subject-last token of
@@ -252,6 +282,60 @@ def compute_keys(model, tok, module: str, cases: list[dict], templates: list[str
 # Value optimization (ROME compute_v / MEMIT compute_z)
 
 
+def layer_of(model, module: str) -> int:
+    """Index of the transformer block that holds `module` (or is it)."""
+    for i in reversed(range(n_layers(model))):
+        name = layer_name(model, i)
+        if module == name or module.startswith(name + "."):
+            return i
+    raise EditscaleError(f"{module!r} is not inside any transformer block of {type(model).__name__}")
+
+
+class PrefixCache:
+    """Re-use the outputs of blocks 0..n-1 across forward passes on the same inputs.
+
+    The first forward inside the context records what each of those blocks returned; later
+    forwards skip their computation and return the recorded (detached) outputs, so only the
+    embeddings and blocks n.. run again. Only valid while the inputs, and every weight below
+    block n, stay fixed: the value optimization guarantees both. The recorded objects are
+    returned as they were (tuple or tensor), so no architecture-specific code is needed.
+    """
+
+    def __init__(self, model, n_blocks: int, enabled: bool = True):
+        self.blocks = [get_module(model, layer_name(model, i)) for i in range(n_blocks)] if enabled else []
+        self.recorded: list = [None] * len(self.blocks)
+
+    def _wrap(self, i: int, block: torch.nn.Module):
+        original = block.forward
+
+        def forward(*args, **kwargs):
+            if self.recorded[i] is None:
+                out = original(*args, **kwargs)
+                self.recorded[i] = _detached(out)
+                return out
+            return self.recorded[i]
+
+        return forward
+
+    def __enter__(self) -> "PrefixCache":
+        for i, block in enumerate(self.blocks):
+            block.forward = self._wrap(i, block)  # instance attribute shadows the class method
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for block in self.blocks:
+            del block.forward
+
+
+def _detached(out):
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    if isinstance(out, tuple):
+        return tuple(_detached(o) for o in out)
+    return out
+
+
+@phase("optimize")
 def optimize_value(model, tok, case: dict, templates: list[str], inject_module: str, hp: dict) -> tuple[torch.Tensor, dict]:
     """ROME's compute_v: the output v* of `inject_module` at the subject-last token that makes the
     model predict case["target_new"].
@@ -327,7 +411,8 @@ def optimize_value(model, tok, case: dict, templates: list[str], inject_module: 
     log: dict = {}
     steps_taken = 0
     n_steps = int(hp["v_num_grad_steps"])
-    with frozen_eval(model), torch.enable_grad():
+    prefix = PrefixCache(model, layer_of(model, inject_module), enabled=REUSE_PREFIX)
+    with frozen_eval(model), torch.enable_grad(), prefix:
         for it in range(max(n_steps, 1)):
             if "opt" in delta_holder:
                 delta_holder["opt"].zero_grad()

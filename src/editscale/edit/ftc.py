@@ -163,25 +163,26 @@ class FineTuneConstrained(EditMethod):
         was_training = model.training
         model.eval()
         try:
-            for step in range(int(hp["num_steps"])):
-                steps_run = step + 1
-                total = 0.0
-                for batch in batches:
-                    opt.zero_grad(set_to_none=True)
-                    each = self._forward_nll(work, batch)
-                    if step == 0:
-                        loss_before.extend(each.detach().cpu().tolist())
-                    loss = each.mean()
-                    total += loss.item() * batch.size
-                    if loss.item() >= min_loss:
-                        loss.backward()
-                        opt.step()
-                    if eps is not None:
-                        with torch.no_grad():
-                            for m in self._modules:
-                                work[m].copy_(torch.clamp(work[m], min=lo[m], max=hi[m]))
-                if total / len(cases) < min_loss:
-                    break
+            with common.phase("optimize"):
+                for step in range(int(hp["num_steps"])):
+                    steps_run = step + 1
+                    total = 0.0
+                    for batch in batches:
+                        opt.zero_grad(set_to_none=True)
+                        each = self._forward_nll(work, batch)
+                        if step == 0:
+                            loss_before.extend(each.detach().cpu().tolist())
+                        loss = each.mean()
+                        total += loss.item() * batch.size
+                        if loss.item() >= min_loss:
+                            loss.backward()
+                            opt.step()
+                        if eps is not None:
+                            with torch.no_grad():
+                                for m in self._modules:
+                                    work[m].copy_(torch.clamp(work[m], min=lo[m], max=hi[m]))
+                    if total / len(cases) < min_loss:
+                        break
             with torch.no_grad():
                 loss_after: list[float] = []
                 for batch in batches:
