@@ -89,6 +89,9 @@ rule edit_segment:
         device=config["resources"]["device"],
     log:
         "results/logs/{run}/edit_segment_{k}.log",
+    benchmark:
+        # Snakemake's own record of the job: wall seconds, max RSS, I/O (benchmarks/ reads it)
+        "results/benchmarks/{run}/edit_segment_{k}.tsv"
     resources:
         mem_mb=lambda w: int(model_mem_mb(RUNS[w.run]["model"]) * 1.5),
         runtime=lambda w: 10 + 2 * RUNS[w.run]["segment"],

@@ -50,6 +50,8 @@ rule edit_scores:
         device=config["resources"]["device"],
     log:
         "results/logs/{run}/edit_scores_{k}.log",
+    benchmark:
+        "results/benchmarks/{run}/edit_scores_{k}.tsv"
     resources:
         mem_mb=lambda w: model_mem_mb(RUNS[w.run]["model"]),
         runtime=60,
@@ -80,6 +82,8 @@ for _metric in ("history", "downstream", "generation"):
             device=config["resources"]["device"],
         log:
             f"results/logs/{{run}}/{_metric}_{{k}}.log",
+        benchmark:
+            f"results/benchmarks/{{run}}/{_metric}_{{k}}.tsv"
         resources:
             mem_mb=lambda w: model_mem_mb(RUNS[w.run]["model"]),
             runtime=60,
@@ -104,6 +108,8 @@ rule metric_perplexity:
         device=config["resources"]["device"],
     log:
         "results/logs/{run}/perplexity_{k}.log",
+    benchmark:
+        "results/benchmarks/{run}/perplexity_{k}.tsv"
     resources:
         mem_mb=lambda w: model_mem_mb(RUNS[w.run]["model"]),
         runtime=60,
@@ -132,6 +138,8 @@ rule metric_weights:
         k=lambda w: int(w.k),
     log:
         "results/logs/{run}/weights_{k}.log",
+    benchmark:
+        "results/benchmarks/{run}/weights_{k}.tsv"
     resources:
         mem_mb=lambda w: model_mem_mb(RUNS[w.run]["model"]),
         runtime=30,

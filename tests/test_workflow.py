@@ -8,7 +8,6 @@ each test then asks snakemake what it *would* do (dry runs) or checks the output
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -18,21 +17,9 @@ import pytest
 import yaml
 
 from editscale.edit.chain import delta_path, tensor_sha256, read_delta
+from editscale.workflow import WORKFLOW_FILES, copy_workflow, planned_jobs  # noqa: F401 (re-exported to other tests)
 
 pytestmark = pytest.mark.workflow
-
-WORKFLOW_FILES = ["Snakefile", "config.yaml", "config", "rules", "envs", "profiles", "report"]
-
-
-def copy_workflow(repo: Path, dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW_FILES:
-        src = repo / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name)
-        else:
-            shutil.copy2(src, dest / name)
-    return dest
 
 
 def snakemake(workdir: Path, *args: str, config: str = "config/test-tiny.yaml", check: bool = True, timeout: int = 1200):
@@ -43,22 +30,6 @@ def snakemake(workdir: Path, *args: str, config: str = "config/test-tiny.yaml", 
     if check and res.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
     return res
-
-
-def planned_jobs(res) -> dict[str, int]:
-    """The 'Job stats' table of a dry run: rule -> count."""
-    text = res.stdout + res.stderr
-    if "Nothing to be done" in text:
-        return {}
-    block = text.split("Job stats:")[-1]
-    jobs = {}
-    for line in block.splitlines()[3:]:
-        m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
-        if not m:
-            break
-        jobs[m.group(1)] = int(m.group(2))
-    jobs.pop("total", None)
-    return jobs
 
 
 def set_config(workdir: Path, edit) -> None:

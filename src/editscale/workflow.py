@@ -6,6 +6,8 @@ Kept here (not in the Snakefile) so that they are unit-testable and the rules st
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import yaml
@@ -98,3 +100,36 @@ def check_config(config: dict) -> None:
                 raise EditscaleError(f"runs[{run['name']}].{key} = {run[key]!r} is not defined under `{section}:` ({sorted(config[section])})")
         segment_ends(run)
         edited_modules(config, run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Copies of the workflow and dry-run plans (tests and benchmarks run snakemake on a copy)
+
+WORKFLOW_FILES = ["Snakefile", "config.yaml", "config", "rules", "envs", "profiles", "report"]
+
+
+def copy_workflow(repo: Path, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_FILES:
+        src = repo / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name)
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def planned_jobs(res) -> dict[str, int]:
+    """The 'Job stats' table of a dry run: rule -> count."""
+    text = res.stdout + res.stderr
+    if "Nothing to be done" in text:
+        return {}
+    block = text.split("Job stats:")[-1]
+    jobs = {}
+    for line in block.splitlines()[3:]:
+        m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        jobs[m.group(1)] = int(m.group(2))
+    jobs.pop("total", None)
+    return jobs

@@ -85,6 +85,7 @@ def compute_mom2(
     batch_size: int = 8,
     progress: bool = True,
     timings: dict | None = None,
+    stop_early: bool = True,
 ) -> dict[str, tuple[np.ndarray, int]]:
     """E[k k^T] of the input k of each module in `modules`, over all non-padding tokens, one pass.
 
@@ -95,6 +96,8 @@ def compute_mom2(
     head are computed. Returns {module: (mom2 float64 [d, d], token count)}.
     `timings` (if given) receives "forward_s" and "tokens": the time spent in the forward pass
     and accumulation only, apart from time spent producing the batches (e.g. sampling).
+    `stop_early=False` runs the whole model, LM head included (what a plain forward costs; for
+    benchmarks/ only: the result is the same).
     """
     modules = list(dict.fromkeys(modules))
     if not modules:
@@ -122,7 +125,7 @@ def compute_mom2(
             n = int(keep.sum())
             if n == 0:
                 continue
-            with torch.no_grad(), Trace(model, modules, stop=True, keep_outputs=False) as tr:
+            with torch.no_grad(), Trace(model, modules, stop=stop_early, keep_outputs=False) as tr:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
             for name in modules:
                 if name not in tr.inputs:

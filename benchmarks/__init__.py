@@ -1,0 +1,1 @@
+"""editscale's performance harness: `python -m benchmarks` (see benchmarks/RESULTS.md)."""

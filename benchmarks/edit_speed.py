@@ -1,0 +1,142 @@
+"""Seconds per sequential edit of every method, split into key computation, optimization and the
+closed-form update, and the before / after of the edit-path optimizations, each measured side by
+side in the same run on the same cases:
+
+- prefix reuse: the blocks below the injection layer computed once per value optimization
+  instead of once per step (common.REUSE_PREFIX);
+- C^-1 factored once per segment (a Cholesky factor kept by the method) instead of per edit;
+- the keys of all context templates in one padded batch instead of one forward per template.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import torch
+
+from editscale.edit import common
+from editscale.models.registry import mlp_out_name
+
+from .prepare import METHOD_NAMES, Bench
+
+log = logging.getLogger("benchmarks")
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def per_method(bench: Bench, n_edits: int, warmup: int = 1, methods=METHOD_NAMES) -> list[dict]:
+    """For each method: `warmup` + `n_edits` sequential single edits on a fresh model; medians of
+    the last n_edits of total / keys / optimize / update seconds."""
+    rows = []
+    for method in methods:
+        editor, weights = bench.editor(method)
+        times = {"total": [], "keys": [], "optimize": [], "update": []}
+        losses, updates = [], []
+        t_method = time.perf_counter()
+        for i, case in enumerate(bench.cases[: warmup + n_edits]):
+            common.PHASE_SECONDS.clear()
+            t0 = time.perf_counter()
+            out = editor.apply([case], weights)
+            total = time.perf_counter() - t0
+            updates += weights.take_applied()
+            if i < warmup:
+                continue
+            keys, opt = common.PHASE_SECONDS["keys"], common.PHASE_SECONDS["optimize"]
+            for k, v in (("total", total), ("keys", keys), ("optimize", opt), ("update", total - keys - opt)):
+                times[k].append(v)
+            if out and out[0].get("v_loss") is not None:
+                losses.append(float(out[0]["v_loss"]))
+        row = {"method": method, "edits": n_edits, **{f"s_{k}": _median(v) for k, v in times.items()},
+               "v_loss_median": _median(losses), "wall_s": time.perf_counter() - t_method,
+               **storage(bench, method, updates, weights, warmup + n_edits)}
+        log.info("%s: median %.2f s/edit (keys %.2f, optimize %.2f, update %.3f) over %d edits", method,
+                 row["s_total"], row["s_keys"], row["s_optimize"], row["s_update"], n_edits)
+        rows.append(row)
+    return rows
+
+
+def prefix_reuse(bench: Bench, n_cases: int) -> dict:
+    """optimize_value (ROME hparams) with and without re-using the blocks below the edited
+    layer, alternating on the same cases; checks the results are bit-identical."""
+    hp = bench.hparams("rome")
+    bench.fresh_model()
+    templates = bench.templates(hp)
+    module = mlp_out_name(bench.model, hp["layers"][0])
+    on, off, identical = [], [], True
+    saved = common.REUSE_PREFIX
+    try:
+        for case in bench.cases[:n_cases]:
+            res = {}
+            for flag, acc in ((False, off), (True, on)):
+                common.REUSE_PREFIX = flag
+                t0 = time.perf_counter()
+                res[flag] = common.optimize_value(bench.model, bench.tok, case, templates, module, hp)
+                acc.append(time.perf_counter() - t0)
+            identical &= bool(torch.equal(res[True][0], res[False][0]))
+    finally:
+        common.REUSE_PREFIX = saved
+    return {"before_s": _median(off), "after_s": _median(on), "speedup": _median(off) / _median(on),
+            "bit_identical": identical, "cases": n_cases, "layer": hp["layers"][0]}
+
+
+def cov_factor_cache(bench: Bench, n_cases: int) -> dict:
+    """The closed-form direction u = C^-1 k* with C factored per edit (before) vs once (after)."""
+    hp = bench.hparams("rome")
+    bench.fresh_model()
+    module = mlp_out_name(bench.model, hp["layers"][0])
+    C = bench.stats[module]
+    keys = torch.randn(n_cases, C.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    for k in keys:
+        common.CovSolver(C, module).solve(k)
+    per_edit = (time.perf_counter() - t0) / n_cases
+    solver = common.CovSolver(C, module)
+    t0 = time.perf_counter()
+    for k in keys:
+        solver.solve(k)
+    cached = (time.perf_counter() - t0) / n_cases
+    return {"before_s": per_edit, "after_s": cached, "speedup": per_edit / cached, "dim": int(C.shape[0])}
+
+
+def keys_batched(bench: Bench, n_cases: int) -> dict:
+    """k* of a case over all its context templates in one padded batch (after) vs one forward
+    per template (before); same keys up to float rounding."""
+    hp = bench.hparams("rome")
+    bench.fresh_model()
+    templates = bench.templates(hp)
+    module = mlp_out_name(bench.model, hp["layers"][0])
+    loop_s, batch_s, max_diff = [], [], 0.0
+    for case in bench.cases[:n_cases]:
+        t0 = time.perf_counter()
+        singles = [common.module_io_at_subject(bench.model, bench.tok, module, [t.format(case["prompt"])], [case["subject"]])[0][0] for t in templates]
+        k_loop = torch.stack(singles).mean(0)
+        loop_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        k_batch = common.compute_keys(bench.model, bench.tok, module, [case], templates)[0]
+        batch_s.append(time.perf_counter() - t0)
+        max_diff = max(max_diff, float((k_loop - k_batch).abs().max() / k_loop.abs().max()))
+    return {"before_s": _median(loop_s), "after_s": _median(batch_s), "speedup": _median(loop_s) / _median(batch_s),
+            "templates": len(templates), "max_rel_diff": max_diff}
+
+
+def storage(bench: Bench, method: str, updates, weights, n_edits: int, every: int = 20) -> dict:
+    """Bytes per edit of the checkpoint formats, from files written the way the chain writes them:
+    the factors of every update (editscale), the dense cumulative delta of the edited matrices
+    written every `every` edits, and the whole model written every `every` edits (the study's
+    code saved full checkpoints)."""
+    from editscale.edit.chain import write_delta, write_factors
+
+    out_dir = bench.work / "storage" / method
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"case_id": str(i), "edit_index": i + 1, "step": i + 1} for i in range(n_edits)]
+    write_factors(out_dir / "factors.h5", updates, list(range(1, len(updates) + 1)), rows, {}, {"k": n_edits})
+    write_delta(out_dir / "delta.h5", weights.delta, {"k": n_edits})
+    factors = (out_dir / "factors.h5").stat().st_size / n_edits
+    dense = (out_dir / "delta.h5").stat().st_size / every
+    model = sum(f.stat().st_size for f in bench.model_dir.glob("*.safetensors")) / every
+    return {"bytes_per_edit_factors": factors, "bytes_per_edit_dense": dense, "bytes_per_edit_model": model,
+            "dense_over_factors": dense / factors, "model_over_factors": model / factors}
