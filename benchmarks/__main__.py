@@ -124,7 +124,7 @@ def main(argv=None) -> None:
         rome = next((r for r in res.get("edits", []) if r["method"] == "rome"), {})
         res["floor"] = flops.floor(bench, rome)
     if "workflow" in args.sections:
-        res["workflow"] = workflow_cache.run(bench, args.workflow_edits, max(1, args.workflow_edits // 2))
+        res["workflow"] = workflow_cache.run(bench, args.workflow_edits, args.workflow_edits)
     res["harness_wall_s"] = time.perf_counter() - t_start
     out = Path(args.out) if args.out else work / f"results-{args.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import statistics
 import time
 
 import torch
+from tqdm import tqdm
 
 from editscale.edit import common
 from editscale.models.registry import mlp_out_name
@@ -37,7 +38,7 @@ def per_method(bench: Bench, n_edits: int, warmup: int = 1, methods=METHOD_NAMES
         times = {"total": [], "keys": [], "optimize": [], "update": []}
         losses, updates = [], []
         t_method = time.perf_counter()
-        for i, case in enumerate(bench.cases[: warmup + n_edits]):
+        for i, case in enumerate(tqdm(bench.cases[: warmup + n_edits], desc=f"{method} edits", unit="edit")):
             common.PHASE_SECONDS.clear()
             t0 = time.perf_counter()
             out = editor.apply([case], weights)

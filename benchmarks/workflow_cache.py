@@ -28,8 +28,9 @@ from .prepare import MODELS, REPO, Bench
 log = logging.getLogger("benchmarks")
 
 
-def study_config(bench: Bench, n_edits: int, segment: int) -> dict:
-    """A small study of one ROME run on the benchmark model (every metric, small settings)."""
+def study_config(bench: Bench, n_edits: int, segment: int, eval_every: int) -> dict:
+    """A small study of one ROME run on the benchmark model (every metric, small settings,
+    evaluated every `eval_every` edits; current-edit scores every segment)."""
     stem = MODELS[bench.name][1]
     return {
         "models": {stem: {"source": f"local:{bench.model_dir}", "params_m": 135 if bench.name == "smollm2" else 1}},
@@ -38,11 +39,11 @@ def study_config(bench: Bench, n_edits: int, segment: int) -> dict:
         "runs": [{"name": "rome-bench", "model": stem, "method": "rome", "hparams": f"config/hparams/rome/{stem}.yaml",
                   "dataset": "geofacts", "corpus": "self-sample", "n_edits": n_edits, "segment": segment}],
         "metrics": {
-            "history": {"eval_every": segment},
-            "downstream": {"eval_every": segment, "probes": {"n_eval": 8}},
-            "generation": {"eval_every": segment, "max_new_tokens": 16, "n_prompts": 2},
-            "perplexity": {"eval_every": segment},
-            "weights": {"eval_every": segment},
+            "history": {"eval_every": eval_every},
+            "downstream": {"eval_every": eval_every, "probes": {"n_eval": 8}},
+            "generation": {"eval_every": eval_every, "max_new_tokens": 16, "n_prompts": 2},
+            "perplexity": {"eval_every": eval_every},
+            "weights": {"eval_every": eval_every},
         },
     }
 
@@ -95,18 +96,18 @@ def run(bench: Bench, n_edits: int, segment: int) -> dict:
         shutil.rmtree(root)
     a = copy_workflow(REPO, root / "extend")
     b = copy_workflow(REPO, root / "scratch")
-    _write_config(a, study_config(bench, n_edits, segment))
+    _write_config(a, study_config(bench, n_edits, segment, 2 * n_edits))
     log.info("workflow: %d edits in %s", n_edits, a)
     t_n = _snakemake(a, bench.threads)
-    _write_config(a, study_config(bench, 2 * n_edits, segment))
+    _write_config(a, study_config(bench, 2 * n_edits, segment, 2 * n_edits))
     log.info("workflow: extend to %d edits", 2 * n_edits)
     t_start_ext = time.time()
     t_ext = _snakemake(a, bench.threads)
-    _write_config(b, study_config(bench, 2 * n_edits, segment))
+    _write_config(b, study_config(bench, 2 * n_edits, segment, 2 * n_edits))
     log.info("workflow: %d edits from scratch", 2 * n_edits)
     t_2n = _snakemake(b, bench.threads)
     chain_ext, chain_2n = job_seconds(a, since=t_start_ext), job_seconds(b)
-    cfg = study_config(bench, 2 * n_edits, segment)
+    cfg = study_config(bench, 2 * n_edits, segment, 2 * n_edits)
     cfg["metrics"]["generation"]["max_new_tokens"] = 24
     _write_config(b, cfg)
     log.info("workflow: re-run after generation.max_new_tokens changed")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 from pathlib import Path
 
@@ -66,7 +68,9 @@ def write_run(
                 _long(
                     edits,
                     cases,
-                    {"es": es, "ps": [0.8 * e for e in es], "ns": [0.7] * len(edits), "score": [0.75] * len(edits), "em": es},
+                    # some cases have no neighborhood prompt: NS is NaN there
+                    {"es": es, "ps": [0.8 * e for e in es], "ns": [math.nan if j % 4 == 0 else 0.7 for j in edits],
+                     "score": [0.75] * len(edits), "em": es},
                 ),
                 results,
                 run,
@@ -266,6 +270,8 @@ def test_summary_reports_onset_and_disabling_edit(tmp_path):
     assert any("joint drop" in r for r in d.reasons) and any("update-norm outlier" in r for r in d.reasons)
     assert {"downstream_f1", "efficacy"} <= set(rp.combined.curves_detected)
     assert set(t["summary"].columns) >= {"es_at_100", "es_at_200", "es_at_end", "retention_at_200"}
+    # cases without a neighborhood prompt are left out of the NS mean, not allowed to blank it
+    assert s["ns_at_100"] == pytest.approx(0.7) and s["ns_at_end"] == pytest.approx(0.7)
 
 
 # ---------------------------------------------------------------------------------------------

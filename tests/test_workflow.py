@@ -78,6 +78,13 @@ def test_bad_cross_reference_is_one_clear_error(repo_root, tmp_path):
 def test_full_run_outputs_and_nothing_left_to_do(tiny_study):
     assert (tiny_study / "results/tables/summary.csv").exists()
     assert (tiny_study / "results/plots/edit_scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every edit and evaluation job leaves Snakemake's time / memory record (benchmarks/ reads it)
+    from benchmarks.workflow_cache import job_seconds, peak_rss
+
+    rss = peak_rss(tiny_study)
+    assert {"edit_segment", "edit_scores", "history", "downstream", "generation", "perplexity", "weights"} <= set(rss)
+    assert all(v > 0 for v in rss.values())
+    assert job_seconds(tiny_study) > 0
     audit = json.loads((tiny_study / "results/audit.json").read_text())
     assert audit["passed"] and audit["n_checks"] > 5
     assert planned_jobs(snakemake(tiny_study, "-n")) == {}

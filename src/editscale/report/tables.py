@@ -351,7 +351,7 @@ def summary_table(
             for q in ("es", "ps", "ns", "score"):
                 v = None
                 if es is not None and q in es.columns and es.height and es["edit"].max() >= c:
-                    w = es.filter((pl.col("edit") > c - min(window, c)) & (pl.col("edit") <= c))[q].drop_nulls()
+                    w = es.filter((pl.col("edit") > c - min(window, c)) & (pl.col("edit") <= c))[q].drop_nulls().drop_nans()
                     v = float(w.mean()) if w.len() else None
                 row[f"{q}_at_{label}"] = v
             for q in ("retention", "forgotten_pct"):
