@@ -59,7 +59,8 @@ def print_table(res: dict) -> None:
     print(f"\n# editscale benchmarks — model {res['model']}, {res['machine']['cores']} cores ({res['machine']['cpu']}), "
           f"{res['threads']} threads, {res['date']}")
     if "edits" in res:
-        print("\n## Seconds per sequential edit (median after warm-up) and checkpoint bytes per edit")
+        print(f"\n## Seconds per sequential edit (median after warm-up; {res['edit_jobs']} methods at a time, "
+              f"{res['edit_threads_per_job']} thread(s) each) and checkpoint bytes per edit")
         print(f"{'method':10s} {'edits':>5s} {'total':>7s} {'keys':>6s} {'optim':>6s} {'update':>7s} {'factors B':>10s} {'dense/f':>8s} {'model/f':>9s}")
         for r in res["edits"]:
             print(f"{r['method']:10s} {r['edits']:5d} {r['s_total']:7.2f} {r['s_keys']:6.2f} {r['s_optimize']:6.2f} {r['s_update']:7.3f} "
@@ -83,7 +84,7 @@ def print_table(res: dict) -> None:
               f"measured optimization {f['measured_optimize_s']:.2f} s = {f['achieved_gflops']:.1f} GFLOP/s ({100 * f['fraction_of_peak']:.0f} % of peak)")
     if "workflow" in res:
         w = res["workflow"]
-        print("\n## Cached DAG (snakemake, one ROME run, segment %d)" % w["segment"])
+        print(f"\n## Cached DAG (snakemake, one ROME run on {w['model']}, segment {w['segment']})")
         print(f"extend {w['n_edits']} -> {2 * w['n_edits']} edits: {w['extend_s']:.1f} s vs {2 * w['n_edits']} from scratch "
               f"{w['scratch_2n_s']:.1f} s: ratio {w['extend_over_scratch']:.2f} (job seconds only: {w['job_s_extend_over_scratch']:.2f})")
         print(f"re-run after one metric changed: {w['metric_rerun_s']:.1f} s = {100 * w['metric_over_full']:.1f} % of the full pipeline")
@@ -98,7 +99,12 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", nargs="*", default=METHOD_NAMES)
     ap.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--edit-jobs", type=int, default=os.cpu_count() or 1,
+                    help="methods timed at once, one process each with threads // edit-jobs threads (as the workflow runs chains)")
     ap.add_argument("--workflow-edits", type=int, default=4, help="N of the extend N -> 2N comparison")
+    ap.add_argument("--workflow-model", default="tiny", choices=["smollm2", "tiny"],
+                    help="model of the snakemake section (default tiny: the DAG's re-use, not the model, is measured; "
+                         "smollm2 takes ~10 min more)")
     ap.add_argument("--workdir", default=str(REPO / "benchmarks" / ".work"))
     ap.add_argument("--out", default=None, help="JSON file for the figures (default: <workdir>/results-<model>.json)")
     args = ap.parse_args(argv)
@@ -111,7 +117,9 @@ def main(argv=None) -> None:
     bench = prepare(args.model, work, args.threads)
     res["stats_tokens"] = bench.stats_tokens
     if "edits" in args.sections:
-        res["edits"] = edit_speed.per_method(bench, args.edits, args.warmup, args.methods)
+        jobs = max(1, min(args.edit_jobs, len(args.methods)))
+        res["edit_jobs"], res["edit_threads_per_job"] = jobs, max(1, args.threads // jobs)
+        res["edits"] = edit_speed.per_method_parallel(bench, args.edits, args.warmup, args.methods, jobs, res["edit_threads_per_job"])
     if "optim" in args.sections:
         res["optim"] = {
             "prefix_reuse": edit_speed.prefix_reuse(bench, 3),
@@ -124,7 +132,8 @@ def main(argv=None) -> None:
         rome = next((r for r in res.get("edits", []) if r["method"] == "rome"), {})
         res["floor"] = flops.floor(bench, rome)
     if "workflow" in args.sections:
-        res["workflow"] = workflow_cache.run(bench, args.workflow_edits, args.workflow_edits)
+        wf_bench = bench if args.workflow_model == args.model else prepare(args.workflow_model, work, args.threads)
+        res["workflow"] = {**workflow_cache.run(wf_bench, args.workflow_edits, args.workflow_edits), "model": args.workflow_model}
     res["harness_wall_s"] = time.perf_counter() - t_start
     out = Path(args.out) if args.out else work / f"results-{args.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

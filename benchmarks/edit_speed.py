@@ -60,6 +60,35 @@ def per_method(bench: Bench, n_edits: int, warmup: int = 1, methods=METHOD_NAMES
     return rows
 
 
+# rough cost order (steps x template length): longest first keeps the worker pool busy
+_COST_ORDER = ["alphaedit", "emmet", "memit", "rome", "r-rome", "ft-c"]
+
+
+def _method_worker(name: str, work: str, threads: int, method: str, n_edits: int, warmup: int) -> dict:
+    from pathlib import Path
+
+    from .prepare import prepare
+
+    bench = prepare(name, Path(work), threads)  # statistics come from the parent's cache file
+    return per_method(bench, n_edits, warmup, [method])[0]
+
+
+def per_method_parallel(bench: Bench, n_edits: int, warmup: int, methods, jobs: int, threads_per_job: int) -> list[dict]:
+    """`per_method` with one process per method, `jobs` at a time, each with `threads_per_job`
+    threads: the way the workflow runs edit chains (one edit job per run, one thread each, side by
+    side), and what keeps this section inside its time budget on a small machine."""
+    import multiprocessing
+
+    if jobs <= 1:
+        return per_method(bench, n_edits, warmup, methods)
+    order = sorted(methods, key=lambda m: _COST_ORDER.index(m) if m in _COST_ORDER else -1)
+    ctx = multiprocessing.get_context("spawn")  # no fork after OpenMP threads started
+    with ctx.Pool(jobs, maxtasksperchild=1) as pool:
+        rows = pool.starmap(_method_worker, [(bench.name, str(bench.work), threads_per_job, m, n_edits, warmup) for m in order])
+    by = {r["method"]: {**r, "threads": threads_per_job, "concurrent_jobs": jobs} for r in rows}
+    return [by[m] for m in methods]
+
+
 def prefix_reuse(bench: Bench, n_cases: int) -> dict:
     """optimize_value (ROME hparams) with and without re-using the blocks below the edited
     layer, alternating on the same cases; checks the results are bit-identical."""

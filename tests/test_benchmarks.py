@@ -21,6 +21,8 @@ def test_harness_tiny(repo_root, tmp_path):
         assert r["edits"] == 2 and r["s_total"] > 0 and r["s_optimize"] > 0
         assert r["s_keys"] + r["s_optimize"] + r["s_update"] <= r["s_total"] * (1 + 1e-6) + 1e-9
         assert r["bytes_per_edit_factors"] > 0 and r["model_over_factors"] > 0
+    if fig["edit_jobs"] > 1:  # methods timed in parallel worker processes
+        assert all(r["concurrent_jobs"] == fig["edit_jobs"] for r in fig["edits"])
     lowrank = {r["method"]: r["bytes_per_edit_factors"] for r in fig["edits"]}
     assert lowrank["rome"] < lowrank["ft-c"]  # rank-one factors vs FT-C's dense update
     assert fig["optim"]["prefix_reuse"]["bit_identical"] is True
