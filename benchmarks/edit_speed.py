@@ -137,7 +137,7 @@ def keys_batched(bench: Bench, n_cases: int) -> dict:
     per template (before); same keys up to float rounding."""
     hp = bench.hparams("rome")
     bench.fresh_model()
-    templates = bench.templates(hp)
+    templates = common.flat_templates(bench.templates(hp))
     module = mlp_out_name(bench.model, hp["layers"][0])
     loop_s, batch_s, max_diff = [], [], 0.0
     for case in bench.cases[:n_cases]:

@@ -41,7 +41,7 @@ def _block_matmul_params(model, i: int) -> int:
 def rome_edit_flops(bench: Bench, case: dict, steps: int) -> dict:
     model, tok = bench.model, bench.tok
     hp = bench.hparams("rome")
-    templates = bench.templates(hp)
+    templates = common.flat_templates(bench.templates(hp))
     L, n = hp["layers"][0], n_layers(model)
     loss_layer = int(hp["v_loss_layer"])
     d = model.config.hidden_size

@@ -60,9 +60,12 @@ class Bench:
             hp["key_averaging"] = "templates"
         return hp
 
-    def templates(self, hp: dict) -> list[str]:
+    def templates(self, hp: dict, method: str = "rome") -> list[list[str]]:
+        """Template groups sampled by `method`'s reference rule (flatten with common.flat_templates)."""
+        from editscale.edit.methods import get_method
+
         params = hp.get("context_template_length_params", [[5, 10], [10, 10]])
-        return common.sample_context_templates(self.model, self.tok, params, seed=0)
+        return common.sample_context_templates(self.model, self.tok, params, seed=0, rule=get_method(method).template_rule)
 
     def fresh_model(self):
         """A model with the base weights (the harness edits it; reloaded per method)."""
@@ -84,7 +87,7 @@ class Bench:
 
             extra["projections"] = {m: null_space_projection(self.stats[m], float(hp["nullspace_threshold"])) for m in modules}
         weights = WeightState(self.model, modules)
-        return cls(self.model, self.tok, hp, stats, self.templates(hp), state=None, **extra), weights
+        return cls(self.model, self.tok, hp, stats, self.templates(hp, method), state=None, **extra), weights
 
 
 def corpus_texts(limit: int = 4000) -> list[str]:

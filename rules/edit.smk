@@ -55,6 +55,8 @@ rule context_templates:
         "results/{run}/context_templates.json",
     params:
         model_dir=lambda w: f"data/models/{RUNS[w.run]['model']}",
+        # the method's reference sampling rule + format version: a change re-samples the templates
+        sampling=lambda w: wf.template_sampling(RUNS[w.run]),
     log:
         "results/logs/{run}/context_templates.log",
     resources:

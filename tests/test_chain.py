@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -14,13 +15,13 @@ from editscale.edit.chain import (
     model_at,
     read_delta,
     read_factors,
+    templates_record,
     replay_delta,
     run_segment,
     states_in_segment,
     tensor_sha256,
 )
 from editscale.edit.cli import resolve_run
-from editscale.edit.common import sample_context_templates
 from editscale.io import EditscaleError, write_json_atomic, write_jsonl_atomic
 from editscale.models.load import load_model, model_sha
 from editscale.models.registry import edited_weight, mlp_out_name, to_math
@@ -40,8 +41,7 @@ def _make_run(tmp_path, model_dir, method="rome", hparams="config/hparams/rome/t
         c["edit_index"] = i + 1
     write_jsonl_atomic(run_dir / "edits.jsonl", cases)
     model, tok = load_model(model_dir)
-    templates = sample_context_templates(model, tok, resolved["hparams"]["context_template_length_params"], 0)
-    write_json_atomic(run_dir / "templates.json", {"templates": templates})
+    write_json_atomic(run_dir / "templates.json", templates_record(model, tok, method, resolved["hparams"], 0))
     from editscale.edit.methods import get_method
 
     stats = {}
@@ -137,3 +137,20 @@ def test_factors_log_and_model_check(tmp_path, tiny_model_dirs, repo_root):
         run_segment(model_dir, run_dir, 4, SEGMENT, "rome", resolved["hparams"], {module: str(foreign)},
                     run_dir / "templates.json")
     assert not delta_path(run_dir, 4).exists()
+
+
+def test_stale_or_foreign_context_templates_are_refused(tmp_path, tiny_model_dirs, repo_root):
+    """A context_templates.json of the old flat format, or one sampled by another method family's
+    rule, is one error naming the file, not a silently different key average."""
+    model_dir = tiny_model_dirs("gpt2")
+    run_dir, resolved, stats = _make_run(tmp_path, model_dir, repo=repo_root, n=2)
+    path = run_dir / "templates.json"
+    record = json.loads(path.read_text())
+    assert record["rule"] == "rome" and len(record["groups"]) == 1 and record["groups"][0][0] == "{}"
+    write_json_atomic(path, {"templates": record["templates"]})  # what editscale wrote before format 2
+    with pytest.raises(EditscaleError, match=r"templates.json holds context templates in an older format.*delete it"):
+        run_segment(model_dir, run_dir, SEGMENT, SEGMENT, "rome", resolved["hparams"], stats, path)
+    write_json_atomic(path, {**record, "rule": "memit"})
+    with pytest.raises(EditscaleError, match=r"sampled with the 'memit' rule but this method follows the 'rome' rule"):
+        run_segment(model_dir, run_dir, SEGMENT, SEGMENT, "rome", resolved["hparams"], stats, path)
+    assert not (run_dir / "deltas").exists() or not any((run_dir / "deltas").iterdir())

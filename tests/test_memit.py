@@ -104,6 +104,45 @@ def test_update_minimizes_memit_objective(arch):
         assert ((dW @ K - R).norm() < R.norm())
 
 
+GROUPED = [["{}"], ["The city is large. {}", "Therefore it rains. {}", "I know that. {}"]]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_keys_average_within_then_across_template_groups(arch):
+    """memit/compute_ks.py: k = 1/2 k("{}") + 1/2 mean(k over the sampled templates), not the flat
+    mean over all four templates (which weighs "{}" 1/4)."""
+    model, tok, hp, mods, stats = prepare(arch)
+    m = mods[0]
+    flat = [t for g in GROUPED for t in g]
+    per_case = []
+    for case in CASES[:2]:
+        k = common.module_io_at_subject(model, tok, m, [t.format(case["prompt"]) for t in flat], [case["subject"]] * len(flat))[0].double()
+        per_case.append(0.5 * k[0] + 0.5 * k[1:].mean(0))
+    expected = torch.stack(per_case)
+    got = common.compute_keys(model, tok, m, CASES[:2], GROUPED).double()
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-7)
+    flat_mean = common.compute_keys(model, tok, m, CASES[:2], flat).double()
+    assert (flat_mean - expected).norm() > 1e-3 * expected.norm()  # the two weightings differ here
+    # MEMIT (and AlphaEdit, which inherits keys()) uses the grouped average
+    editor = Memit(model, tok, hp, stats, GROUPED)
+    assert torch.allclose(editor.keys(m, CASES[:2]).double().T, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_z_loss_layer_is_max_of_v_loss_layer_and_z_layer(arch):
+    """memit/compute_z.py: loss_layer = max(v_loss_layer, layer); a v_loss_layer below the z layer
+    reads the loss at the z layer (not below the injection, where delta has no effect)."""
+    model, tok, hp, mods, stats = prepare(arch)
+    z_layer = hp["layers"][-1]
+    inject = common.layer_name(model, z_layer)
+    steps = {"v_num_grad_steps": 3}
+    low, log_low = common.optimize_value(model, tok, CASES[0], GROUPED, inject, {**hp, **steps, "v_loss_layer": 0})
+    at, log_at = common.optimize_value(model, tok, CASES[0], GROUPED, inject, {**hp, **steps, "v_loss_layer": z_layer})
+    assert torch.equal(low, at) and log_low["v_loss"] == log_at["v_loss"]
+    top, _ = common.optimize_value(model, tok, CASES[0], GROUPED, inject, {**hp, **steps, "v_loss_layer": 3})
+    assert not torch.equal(top, at)  # above the z layer, v_loss_layer is honoured
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_keys_are_recomputed_after_each_layer(arch):
     model, tok, hp, mods, stats = prepare(arch)

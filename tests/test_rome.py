@@ -55,7 +55,7 @@ def tiny(arch: str):
         tok.padding_side = "right"
         for p in model.parameters():
             p.requires_grad_(False)
-        templates = common.sample_context_templates(model, tok, [[3, 2]], seed=0)
+        templates = common.flat_templates(common.sample_context_templates(model, tok, [[3, 2]], seed=0, rule="rome"))
         module = mlp_out_name(model, LAYER)
         _CACHE[arch] = (model, tok, templates, module, random_token_mom2(model, module))
     return _CACHE[arch]
@@ -127,19 +127,87 @@ def test_subject_last_index_with_bos():
     assert common.subject_last_index(btok_slow, "The capital of {} is", "France") == 5
 
 
-def test_sample_context_templates_deterministic():
+def _record_generation(monkeypatch) -> list[list[list[int]]]:
+    """Spy on the sampler: the token ids of every generated batch, at the end of generation."""
+    calls: list = []
+    original = common._sample_continuations
+
+    def spy(model, tok, prompt_ids, n, max_len, gen, top_k=5):
+        out = original(model, tok, prompt_ids, n, max_len, gen, top_k)
+        calls.append({"prompt": list(prompt_ids), "n": n, "max_len": max_len})
+        return out
+
+    steps: list = []
+    original_logits = common.next_token_logits
+
+    def logits_spy(model, input_ids, *a, **k):
+        steps.append(input_ids.shape[1])
+        return original_logits(model, input_ids, *a, **k)
+
+    monkeypatch.setattr(common, "_sample_continuations", spy)
+    monkeypatch.setattr(common, "next_token_logits", logits_spy)
+    return calls, steps
+
+
+def test_rome_rule_templates_follow_rome_reference(monkeypatch):
+    """rome/rome_main.py: ["{}"] + samples from "<|endoftext|>" whose whole sequence (start token
+    included) holds `length` tokens; one flat group (compute_u averages flat)."""
     model, tok, *_ = tiny("gpt2")
-    a = common.sample_context_templates(model, tok, [[3, 2], [4, 6]], seed=3)
-    b = common.sample_context_templates(model, tok, [[3, 2], [4, 6]], seed=3)
-    c = common.sample_context_templates(model, tok, [[3, 2], [4, 6]], seed=4)
-    assert a == b
-    assert a != c
-    assert a[0] == "{}" and len(a) == 1 + 2 + 6
-    for t in a[1:]:
-        assert t.endswith(". {}") and t.count("{") == 1 and t.count("}") == 1
-    openers = ["The", "Therefore", "The", "Therefore", "Because", "I", "You", "The"]
-    for t, o in zip(a[1:], openers):
-        assert t.startswith(o)
+    calls, steps = _record_generation(monkeypatch)
+    a = common.sample_context_templates(model, tok, [[3, 2], [4, 6]], seed=3, rule="rome")
+    assert len(a) == 1 and a[0][0] == "{}" and len(a[0]) == 1 + 2 + 6
+    assert [c["prompt"] for c in calls] == [[tok.bos_token_id]] * 2 and tok.bos_token == "<|endoftext|>"
+    assert [(c["n"], c["max_len"]) for c in calls] == [(2, 3), (6, 4)]
+    # generation steps: the sequence grows from 1 token to `length` (length - 1 new tokens)
+    assert steps == [1, 2] + [1, 2, 3]
+    for t in a[0][1:]:
+        assert t.endswith(". {}") and t.count("{") == 1 and t.count("}") == 1 and "<|endoftext|>" not in t
+    assert a == common.sample_context_templates(model, tok, [[3, 2], [4, 6]], seed=3, rule="rome")
+    assert a != common.sample_context_templates(model, tok, [[3, 2], [4, 6]], seed=4, rule="rome")
+
+
+def test_memit_rule_templates_follow_memit_reference(monkeypatch):
+    """memit/memit_main.py: [["{}"], [count // 5 samples after each opener, in order]], opener
+    tokens counted in `length`; remainders go to the first openers (editscale extension)."""
+    model, tok, *_ = tiny("gpt2")
+    calls, steps = _record_generation(monkeypatch)
+    g = common.sample_context_templates(model, tok, [[4, 5], [3, 7]], seed=3, rule="memit")
+    assert [len(x) for x in g] == [1, 5, 7] and g[0] == ["{}"]
+    openers = ["The", "Therefore", "Because", "I", "You"]
+    assert [tok.decode(c["prompt"]) for c in calls] == openers + openers
+    assert [c["n"] for c in calls] == [1] * 5 + [2, 2, 1, 1, 1]
+    assert all(c["max_len"] == 4 for c in calls[:5]) and all(c["max_len"] == 3 for c in calls[5:])
+    # every sequence ends at `length` tokens in all: length - len(opener tokens) new ones
+    expected = []
+    for c in calls:
+        expected += list(range(len(c["prompt"]), c["max_len"]))
+    assert steps == expected
+    for t, o in zip(g[1] + g[2], openers + ["The", "The", "Therefore", "Therefore", "Because", "I", "You"]):
+        assert t.startswith(o) and t.endswith(". {}") and t.count("{") == 1 and t.count("}") == 1
+
+
+def test_generated_braces_and_blank_lines_are_cleaned(monkeypatch):
+    """"{" / "}" become spaces (MEMIT's rule; ROME's reference would crash on them), "\n\n" a space."""
+    model, tok, *_ = tiny("gpt2")
+    monkeypatch.setattr(tok, "batch_decode", lambda ids, **k: ["a{b}\n\nc"] * len(ids))
+    for rule in ("rome", "memit"):
+        flat = common.flat_templates(common.sample_context_templates(model, tok, [[3, 5]], seed=0, rule=rule))
+        assert flat[1:] and all(t == "a b  c. {}" for t in flat[1:])
+    with pytest.raises(EditscaleError, match="unknown context template rule"):
+        common.sample_context_templates(model, tok, [[3, 5]], seed=0, rule="other")
+
+
+def test_rome_reads_the_loss_from_the_final_logits():
+    """rome/compute_v.py ignores v_loss_layer (loss on the final logits): an optimize_value with
+    loss_layer "final" gives the same v* for any v_loss_layer, and Rome rejects a v_loss_layer that
+    is not the last layer instead of ignoring it."""
+    model, tok, templates, module, C = tiny("gpt2")
+    v3, _ = common.optimize_value(model, tok, CASE, templates, module, tiny_hparams(v_num_grad_steps=3, v_loss_layer=3), loss_layer="final")
+    v1, _ = common.optimize_value(model, tok, CASE, templates, module, tiny_hparams(v_num_grad_steps=3, v_loss_layer=1), loss_layer="final")
+    assert torch.equal(v1, v3)
+    with pytest.raises(EditscaleError, match=r"v_loss_layer 2 is not the last layer \(3\).*set v_loss_layer: 3"):
+        Rome(model, tok, tiny_hparams(v_loss_layer=2), {module: C}, templates)
+    Rome(model, tok, tiny_hparams(v_loss_layer=3), {module: C}, templates)  # the last layer is fine
 
 
 def test_module_io_batched_equals_single(arch):

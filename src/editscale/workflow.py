@@ -58,6 +58,15 @@ def edited_modules(config: dict, run: dict) -> list[str]:
     return [template.format(layer) for layer in hp["layers"]]
 
 
+def template_sampling(run: dict) -> str:
+    """How the run's context templates are sampled (the method's reference rule and the format
+    version): a param of the context_templates rule, so a change re-samples them."""
+    from .edit.common import TEMPLATE_FORMAT
+    from .edit.methods import get_method
+
+    return f"{get_method(run['method']).template_rule}-v{TEMPLATE_FORMAT}"
+
+
 def stats_modules(config: dict, run: dict) -> list[str]:
     return edited_modules(config, run) if NEEDS_STATS[run["method"]] else []
 

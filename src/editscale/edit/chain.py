@@ -164,6 +164,36 @@ def load_stats(stats_paths: dict[str, str], model_sha256: str, device) -> dict[s
     return {m: torch.from_numpy(read_mom2(p, expected_model_sha=model_sha256)).to(device) for m, p in stats_paths.items()}
 
 
+def templates_record(model, tok, method: str, hparams: dict, seed: int) -> dict:
+    """The content of a run's context_templates.json: template groups sampled from the unedited
+    model by the method's reference rule (`EditMethod.template_rule`), with what made them."""
+    from .common import TEMPLATE_FORMAT, flat_templates, sample_context_templates
+    from .methods import get_method
+
+    rule = get_method(method).template_rule
+    params = hparams.get("context_template_length_params", [[5, 10], [10, 10]])
+    groups = sample_context_templates(model, tok, params, int(seed), rule=rule)
+    return {"groups": groups, "templates": flat_templates(groups), "rule": rule, "format": TEMPLATE_FORMAT,
+            "length_params": params, "seed": int(seed)}
+
+
+def read_templates(path: str | Path, rule: str) -> list[list[str]]:
+    """The template groups of a context_templates.json; one written by an older editscale (flat
+    templates, before the per-reference sampling) or for another method family is refused, naming
+    the file, instead of silently averaging keys the wrong way."""
+    from .common import TEMPLATE_FORMAT
+
+    data = json.loads(Path(path).read_text())
+    if data.get("format") != TEMPLATE_FORMAT or "groups" not in data:
+        raise EditscaleError(
+            f"{path} holds context templates in an older format (format {data.get('format')!r}, editscale now writes "
+            f"{TEMPLATE_FORMAT}); delete it and the run's deltas/ and factors/ so that they are sampled and edited again"
+        )
+    if data.get("rule") != rule:
+        raise EditscaleError(f"{path} was sampled with the {data.get('rule')!r} rule but this method follows the {rule!r} rule; delete it to re-sample")
+    return data["groups"]
+
+
 def run_segment(
     model_dir: str | Path,
     run_dir: str | Path,
@@ -193,7 +223,7 @@ def run_segment(
     method_cls = get_method(method)
     modules = method_cls.modules(model, hparams)
     stats = load_stats({m: p for m, p in stats_paths.items() if m in modules}, sha, dev)
-    templates = json.loads(Path(templates_path).read_text())["templates"]
+    templates = read_templates(templates_path, method_cls.template_rule)
 
     prev_delta, prev_attrs, state = None, {}, None
     if k_start > 0:

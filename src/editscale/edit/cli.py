@@ -70,17 +70,13 @@ def cmd_run_config(args) -> None:
 
 def cmd_context_templates(args) -> None:
     from ..models.load import load_model
-    from .chain import read_run
-    from .common import sample_context_templates
+    from .chain import read_run, templates_record
 
     run = read_run(args.run_dir)
-    hp = run["hparams"]
     model, tok = load_model(args.model_dir)
-    params = hp.get("context_template_length_params", [[5, 10], [10, 10]])
-    seed = int(run.get("seed", 0))
-    templates = sample_context_templates(model, tok, params, seed)
-    write_json_atomic(args.out, {"templates": templates, "length_params": params, "seed": seed})
-    log.info("sampled %d context templates -> %s", len(templates), args.out)
+    record = templates_record(model, tok, run["method"], run["hparams"], int(run.get("seed", 0)))
+    write_json_atomic(args.out, record)
+    log.info("sampled %d context templates in %d group(s) by the %s rule -> %s", len(record["templates"]), len(record["groups"]), record["rule"], args.out)
 
 
 def cmd_edit_segment(args) -> None:

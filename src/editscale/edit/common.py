@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -204,40 +205,118 @@ def next_token_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return lm_head_module(model)(get_module(model, arch_spec(model).final_norm)(h))
 
 
+TEMPLATE_RULES = ("rome", "memit")
+# Bumped whenever the sampling of context templates changes (the context_templates rule takes it as
+# a param, so Snakemake re-samples, and re-runs every segment after it, instead of re-using old ones).
+TEMPLATE_FORMAT = 2
+
+
+def _clean_generated(text: str) -> str:
+    """The reference's post-processing of generated text (util/generate.py `generate_fast`): NFKD
+    normalization and blank lines joined by a space (special tokens are already skipped)."""
+    return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+
+
 @torch.no_grad()
-def _sample_continuations(model, tok, opener: str, n: int, length: int, gen: torch.Generator, top_k: int = 5) -> list[str]:
-    """n samples of `length` new tokens after `opener` (top-k sampling, seeded generator)."""
+def _sample_continuations(model, tok, prompt_ids: list[int], n: int, max_len: int, gen: torch.Generator, top_k: int = 5) -> list[str]:
+    """n top-k samples continuing `prompt_ids` until the sequence holds `max_len` tokens, prompt
+    included (the reference's `generate_fast(..., max_out_len=max_len)` counts the whole sequence),
+    decoded without special tokens. The top-k distribution is the reference's (softmax, keep the k
+    largest, renormalize); the generator is seeded where the reference uses torch's global one."""
     device = _model_device(model)
-    prompt_ids = tok(opener)["input_ids"]
-    ids = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
-    for _ in range(length):
+    ids = torch.tensor([list(prompt_ids)] * n, dtype=torch.long, device=device)
+    for _ in range(max(int(max_len) - len(prompt_ids), 0)):
         logits = next_token_logits(model, ids).float().cpu()
         top_vals, top_idx = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
         probs = torch.softmax(top_vals, dim=-1)
         choice = torch.multinomial(probs, 1, generator=gen)
         nxt = top_idx.gather(1, choice).to(device)
         ids = torch.cat([ids, nxt], dim=1)
-    return tok.batch_decode(ids, skip_special_tokens=True)
+    return [_clean_generated(t) for t in tok.batch_decode(ids, skip_special_tokens=True)]
 
 
-def sample_context_templates(model, tok, length_params: list[list[int]], seed: int) -> list[str]:
-    """ROME/MEMIT context templates: ["{}"] + for each [length, count], `count` sampled texts of
-    `length` new tokens after the openers "The", "Therefore", "Because", "I", "You" (cycled), each as
-    text + ". {}" with "{" / "}" removed from the text. Deterministic for a seed."""
+def _document_start_ids(tok) -> list[int]:
+    """ROME's generation prompt "<|endoftext|>" (GPT-2's document separator), generalized: the
+    tokenizer's BOS token, else its EOS token."""
+    for tid in (tok.bos_token_id, tok.eos_token_id):
+        if tid is not None:
+            return [int(tid)]
+    raise EditscaleError("ROME's context templates start from the tokenizer's BOS / EOS token, and this tokenizer has neither")
+
+
+def _length_pairs(length_params) -> list[tuple[int, int]]:
+    pairs = []
+    for pair in length_params:
+        if len(pair) != 2:
+            raise EditscaleError(f"context_template_length_params entries are [length, count], got {pair!r}")
+        pairs.append((int(pair[0]), int(pair[1])))
+    return pairs
+
+
+def sample_context_templates(model, tok, length_params: list[list[int]], seed: int, rule: str = "rome") -> list[list[str]]:
+    """Context templates as the reference of each method family samples them, in groups: keys are
+    averaged within each group, then over the groups (`compute_keys`); the value optimization uses
+    every template once (`flat_templates`). Deterministic for a seed.
+
+    rule "rome" (ROME, r-ROME; rome/rome_main.py `get_context_templates`): one flat group
+    ["{}"] + for each [length, count], `count` texts sampled from the document-start token
+    ("<|endoftext|>" for GPT-2) with `length` tokens in all (the start token counts), each as
+    text + ". {}".
+
+    rule "memit" (MEMIT, EMMET, AlphaEdit; memit/memit_main.py `get_context_templates`): groups
+    [["{}"], group per [length, count]]; a group holds count // 5 texts after each of the openers
+    "The", "Therefore", "Because", "I", "You" (in that order, opener tokens counted in `length`),
+    with "{" and "}" replaced by spaces, + ". {}". editscale extension: when count is not a multiple
+    of 5, the remainder goes one each to the first openers (the reference would drop it).
+
+    "{" / "}" in ROME-rule texts are replaced by spaces too: the reference keeps them, which makes
+    the template unusable (str.format fails); deliberate deviation, see docs/fidelity.md.
+    """
+    if rule not in TEMPLATE_RULES:
+        raise EditscaleError(f"unknown context template rule {rule!r}; known: {list(TEMPLATE_RULES)}")
     gen = torch.Generator().manual_seed(int(seed))
-    templates = ["{}"]
+    pairs = _length_pairs(length_params)
     with frozen_eval(model):
-        for pair in length_params:
-            if len(pair) != 2:
-                raise EditscaleError(f"context_template_length_params entries are [length, count], got {pair!r}")
-            length, count = int(pair[0]), int(pair[1])
-            openers = [OPENERS[i % len(OPENERS)] for i in range(count)]
-            # one batch per distinct opener (equal prompt lengths, no padding), output in cycled order
-            by_opener = {o: iter(_sample_continuations(model, tok, o, openers.count(o), length, gen)) for o in dict.fromkeys(openers)}
-            for o in openers:
-                text = next(by_opener[o]).replace("{", "").replace("}", "")
-                templates.append(text + ". {}")
-    return templates
+        if rule == "rome":
+            start = _document_start_ids(tok)
+            group = ["{}"]
+            for length, count in pairs:
+                if count > 0:
+                    group += [_no_braces(t) + ". {}" for t in _sample_continuations(model, tok, start, count, length, gen)]
+            return [group]
+        groups = [["{}"]]
+        for length, count in pairs:
+            per, extra = divmod(count, len(OPENERS))
+            group = []
+            for i, opener in enumerate(OPENERS):
+                n = per + (1 if i < extra else 0)
+                if n:
+                    texts = _sample_continuations(model, tok, tok(opener)["input_ids"], n, length, gen)
+                    group += [_no_braces(t) + ". {}" for t in texts]
+            if group:
+                groups.append(group)
+        return groups
+
+
+def _no_braces(text: str) -> str:
+    return text.replace("{", " ").replace("}", " ")
+
+
+def template_groups(templates) -> list[list[str]]:
+    """Templates as groups: a flat list of strings is one group (ROME's flat average)."""
+    templates = list(templates)
+    if not templates:
+        raise EditscaleError("no context templates (expected at least ['{}'])")
+    if all(isinstance(t, str) for t in templates):
+        return [templates]
+    if all(isinstance(g, (list, tuple)) and g and all(isinstance(t, str) for t in g) for g in templates):
+        return [list(g) for g in templates]
+    raise EditscaleError(f"context templates must be a list of strings or a list of non-empty lists of strings, got {templates!r:.200}")
+
+
+def flat_templates(templates) -> list[str]:
+    """Every template once, in order (the rewriting prompts of the value optimization)."""
+    return [t for g in template_groups(templates) for t in g]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,15 +346,25 @@ def module_io_at_subject(model, tok, module: str, prompts: list[str], subjects: 
 
 @phase("keys")
 @torch.no_grad()
-def compute_keys(model, tok, module: str, cases: list[dict], templates: list[str]) -> torch.Tensor:
+def compute_keys(model, tok, module: str, cases: list[dict], templates) -> torch.Tensor:
     """[n_cases, d_in]: input of `module` at the subject-last token of
-    template.format(case["prompt"]).format(subject), averaged over the templates (ROME's k*)."""
+    template.format(case["prompt"]).format(subject), averaged within each template group and then
+    over the groups (memit/compute_ks.py; a flat list is one group, ROME's rome/compute_u.py mean).
+    With MEMIT's groups [["{}"], five samples] that is k = 1/2 k("{}") + 1/2 mean(k over samples)."""
     if not cases:
         raise EditscaleError("compute_keys: no cases")
-    prompts = [t.format(c["prompt"]) for c in cases for t in templates]
-    subjects = [c["subject"] for c in cases for _ in templates]
+    groups = template_groups(templates)
+    flat = [t for g in groups for t in g]
+    prompts = [t.format(c["prompt"]) for c in cases for t in flat]
+    subjects = [c["subject"] for c in cases for _ in flat]
     keys, _ = module_io_at_subject(model, tok, module, prompts, subjects)
-    return keys.reshape(len(cases), len(templates), -1).mean(dim=1)
+    keys = keys.reshape(len(cases), len(flat), -1)
+    if len(groups) == 1:
+        return keys.mean(dim=1)
+    bounds = [0]
+    for g in groups:
+        bounds.append(bounds[-1] + len(g))
+    return torch.stack([keys[:, a:b].mean(dim=1) for a, b in zip(bounds, bounds[1:])], dim=1).mean(dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,16 +425,20 @@ def _detached(out):
 
 
 @phase("optimize")
-def optimize_value(model, tok, case: dict, templates: list[str], inject_module: str, hp: dict) -> tuple[torch.Tensor, dict]:
+def optimize_value(model, tok, case: dict, templates, inject_module: str, hp: dict, loss_layer: str = "max") -> tuple[torch.Tensor, dict]:
     """ROME's compute_v: the output v* of `inject_module` at the subject-last token that makes the
     model predict case["target_new"].
 
-    Rewriting prompts: template.format(case["prompt"]) followed by the target tokens except the last
+    Rewriting prompts: template.format(case["prompt"]) for every template (groups flattened, as
+    the references do) followed by the target tokens except the last
     (token ids are concatenated, so the target tokenization is exactly " " + target_new's); one KL
     prompt "{} is a". A vector delta (zeros) is added to `inject_module`'s output at the subject-last
     token of every prompt; target_init is that output at prompt 0 before the delta. Loss =
-    mean token NLL of target_new read from the residual after layer hp["v_loss_layer"] through the
-    final norm and LM head + kl_factor * KL at the KL prompt's subject position (as the reference
+    mean token NLL of target_new read from the residual after the loss layer through the final norm
+    and LM head, where `loss_layer` is the reference's rule: "max" (MEMIT's compute_z, also EMMET's
+    and AlphaEdit's: layer max(v_loss_layer, injection layer)) or "final" (ROME's compute_v: the
+    model's final logits whatever v_loss_layer says; `check_loss_layer` rejects a v_loss_layer that
+    would make the two readings differ) + kl_factor * KL at the KL prompt's subject position (as the reference
     code computes it: F.kl_div(log p_init, log p_cur, log_target=True), i.e. KL(p_cur || p_init))
     + v_weight_decay * ||delta|| / ||target_init||^2. Adam(v_lr) for at most v_num_grad_steps
     forward passes (the last one only measures), stop when loss < 5e-2, ||delta|| clamped to
@@ -363,7 +456,7 @@ def optimize_value(model, tok, case: dict, templates: list[str], inject_module: 
     target_ids = target_token_ids(tok, target_str(case))
     n_t = len(target_ids)
 
-    rewriting = [t.format(case["prompt"]) for t in templates]
+    rewriting = [t.format(case["prompt"]) for t in flat_templates(templates)]
     prompts = rewriting + KL_PROMPTS
     ids, lookup = encode_with_subject(tok, prompts, [subject] * len(prompts))
     n_rw = len(rewriting)
@@ -382,6 +475,12 @@ def optimize_value(model, tok, case: dict, templates: list[str], inject_module: 
     loss_layer_idx = int(hp["v_loss_layer"])
     if not 0 <= loss_layer_idx < n_layer:
         raise EditscaleError(f"v_loss_layer {loss_layer_idx} out of range: the model has {n_layer} layers")
+    if loss_layer == "final":
+        loss_layer_idx = n_layer - 1
+    elif loss_layer == "max":
+        loss_layer_idx = max(loss_layer_idx, layer_of(model, inject_module))
+    else:
+        raise EditscaleError(f"optimize_value: loss_layer must be 'max' or 'final', got {loss_layer!r}")
     loss_layer = layer_name(model, loss_layer_idx)
     last_layer = layer_name(model, n_layer - 1)
     names = list(dict.fromkeys([inject_module, loss_layer, last_layer]))
@@ -575,3 +674,16 @@ def check_common_hparams(hp: dict, source: str = "hparams") -> None:
     ctp = hp.get("context_template_length_params")
     if ctp is not None and (not isinstance(ctp, list) or not all(isinstance(p, list) and len(p) == 2 for p in ctp)):
         raise EditscaleError(f"{source}: context_template_length_params must be a list of [length, count], got {ctp!r}")
+
+
+def check_loss_layer(model, hp: dict, method: str) -> None:
+    """ROME's reference reads the value loss from the final logits and never looks at
+    v_loss_layer (rome/compute_v.py): a v_loss_layer other than the last layer would be silently
+    ignored there, so it is rejected here, naming the value to write."""
+    last = n_layers(model) - 1
+    if int(hp["v_loss_layer"]) != last:
+        raise EditscaleError(
+            f"{method} hparams: v_loss_layer {hp['v_loss_layer']} is not the last layer ({last}) of this "
+            f"{n_layers(model)}-layer model; ROME's reference computes the value loss on the final logits "
+            f"whatever v_loss_layer says, so set v_loss_layer: {last}"
+        )

@@ -37,6 +37,9 @@ class Emmet(Rome):
     required_hparams = ROME_HPARAMS
     default_hparams = {"emmet_lambda": 0.1, "update_norm_lambda": 0.0, "v_inject": "mlp_out"}
     forced_hparams: dict = {}
+    # emmet/emmet_main.py get_context_templates and compute_ks (MEMIT's), emmet/compute_z.py
+    template_rule = "memit"
+    value_loss_layer = "max"
 
     @classmethod
     def validate_hparams(cls, hp, source="hparams"):
@@ -71,7 +74,7 @@ class Emmet(Rome):
         inject = module if hp["v_inject"] == "mlp_out" else layer_name(self.model, int(hp["layers"][0]))
         values, logs = [], []
         for case in cases:
-            v, log = optimize_value(self.model, self.tok, case, self.context_templates, inject, hp)
+            v, log = optimize_value(self.model, self.tok, case, self.context_templates, inject, hp, loss_layer=self.value_loss_layer)
             values.append(v)
             logs.append(log)
         Z = torch.stack(values, dim=1).to(device=K.device, dtype=torch.float64)  # [d, B]

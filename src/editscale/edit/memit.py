@@ -51,6 +51,10 @@ class Memit(EditMethod):
     """MEMIT's multi-layer least-squares update, one batch of cases per `apply`."""
 
     name = "memit"
+    # memit/memit_main.py get_context_templates + compute_ks (grouped key average), compute_z
+    # (loss at max(v_loss_layer, z layer))
+    template_rule = "memit"
+    value_loss_layer = "max"
     required_hparams = (
         "layers",
         "v_num_grad_steps",
@@ -113,7 +117,7 @@ class Memit(EditMethod):
         """z of every case at the last edited layer, stacked as columns [d_model x B]."""
         zs, logs = [], []
         for case in cases:
-            z, lg = common.optimize_value(self.model, self.tok, case, self.context_templates, self.z_module, self.hparams)
+            z, lg = common.optimize_value(self.model, self.tok, case, self.context_templates, self.z_module, self.hparams, loss_layer=self.value_loss_layer)
             zs.append(z.detach().reshape(-1))
             logs.append(lg or {})
         return torch.stack(zs, dim=1), logs

@@ -39,6 +39,11 @@ class EditMethod:
         name: registry name.
         required_hparams: keys a hyper-parameter file must define (checked by `load_hparams`).
         default_hparams: values used for keys a file leaves out.
+        template_rule: how the reference samples and averages context templates ("rome": one flat
+            group from the document-start token; "memit": [["{}"], samples after five openers],
+            keys averaged per group); see `editscale.edit.common.sample_context_templates`.
+        value_loss_layer: where the reference reads the value-optimization loss ("final": ROME's
+            final logits; "max": MEMIT's layer max(v_loss_layer, injection layer)).
 
     Construction (once per segment):
         model, tok: the loaded model (eval mode, parameters requires_grad False) and its tokenizer
@@ -46,13 +51,16 @@ class EditMethod:
         hparams: the method's hyper-parameters (see `editscale.edit.common.load_hparams`).
         stats: module name -> second moment E[k k^T] of that module's inputs (float64 [d_in, d_in]),
             for each module of `modules(model, hparams)` the method needs statistics for.
-        context_templates: ["{}", "<prefix>. {}", ...] from `sample_context_templates`.
+        context_templates: groups of templates from `sample_context_templates` (a flat list of
+            strings is one group): [["{}", "<prefix>. {}", ...]] or [["{}"], ["<prefix>. {}", ...]].
         state: what `state_dict()` returned at the end of the previous segment (None at the start).
     """
 
     name: str = ""
     required_hparams: tuple[str, ...] = ()
     default_hparams: dict = {}
+    template_rule: str = "memit"
+    value_loss_layer: str = "max"
 
     def __init__(self, model, tok, hparams: dict, stats: dict[str, torch.Tensor], context_templates: list[str], state: dict | None = None):
         self.model = model
@@ -60,9 +68,11 @@ class EditMethod:
         self.hparams = {**self.default_hparams, **hparams}
         self.validate_hparams(self.hparams, source=f"{self.name} hparams")
         self.stats = stats or {}
-        self.context_templates = list(context_templates)
-        if not self.context_templates:
+        from .common import template_groups
+
+        if not context_templates:
             raise EditscaleError(f"{self.name}: no context templates (expected at least ['{{}}'])")
+        self.context_templates = template_groups(context_templates)
 
     @staticmethod
     def modules(model, hparams) -> list[str]:

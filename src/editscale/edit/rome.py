@@ -21,7 +21,7 @@ import time
 import torch
 
 from ..io import EditscaleError
-from .common import CovSolver, check_common_hparams, compute_keys, module_forward, module_io_at_subject, optimize_value
+from .common import CovSolver, check_common_hparams, check_loss_layer, compute_keys, module_forward, module_io_at_subject, optimize_value
 from .methods import EditMethod
 from .weights import Update, WeightState
 
@@ -45,9 +45,15 @@ class Rome(EditMethod):
     required_hparams = ROME_HPARAMS
     default_hparams = {"key_averaging": "prompt"}
     forced_hparams: dict = {}
+    # rome/rome_main.py get_context_templates (flat, from <|endoftext|>); rome/compute_v.py reads
+    # the loss from the final logits
+    template_rule = "rome"
+    value_loss_layer = "final"
 
     def __init__(self, model, tok, hparams, stats, context_templates, state=None):
         super().__init__(model, tok, {**hparams, **self.forced_hparams}, stats, context_templates, state)
+        if self.value_loss_layer == "final":
+            check_loss_layer(model, self.hparams, self.name)
         self.module = self.modules(model, self.hparams)[0]
         self._solvers: dict[str, CovSolver] = {}
         # diagnostics of the last edit (tests, debugging): k_star, u, v_star, key, key_output, right
@@ -83,7 +89,7 @@ class Rome(EditMethod):
         hp, module = self.hparams, self.module
         k_star = compute_keys(self.model, self.tok, module, [case], self.context_templates)[0]
         u = self.left_vector(k_star)
-        v_star, vlog = optimize_value(self.model, self.tok, case, self.context_templates, module, hp)
+        v_star, vlog = optimize_value(self.model, self.tok, case, self.context_templates, module, hp, loss_layer=self.value_loss_layer)
         if hp["key_averaging"] == "prompt":
             k_in, k_out = module_io_at_subject(self.model, self.tok, module, [case["prompt"]], [case["subject"]])
             cur_in, cur_out = k_in[0].to(torch.float64), k_out[0].to(torch.float64)
