@@ -32,3 +32,42 @@ def test_harness_tiny(repo_root, tmp_path):
     assert fig["floor"]["gflop_per_edit"] > 0 and 0 < fig["floor"]["fraction_of_peak"]
     for heading in ("Seconds per sequential edit", "Optimizations", "Evaluation and statistics", "Floor of one ROME edit"):
         assert heading in res.stdout
+
+
+def test_sweep_applies_each_value_on_the_runs_own_inputs(tmp_path, tiny_model_dirs, repo_root):
+    """benchmarks.sweep reads a work dir laid out as the workflow leaves it; a larger MEMIT
+    mom2_update_weight gives a smaller update (the swept value is the one used)."""
+    from benchmarks.sweep import run_setting
+    from editscale.data.geofacts import build_geofacts
+    from editscale.edit.chain import templates_record
+    from editscale.edit.cli import resolve_run
+    from editscale.edit.methods import get_method
+    from editscale.io import write_json_atomic, write_jsonl_atomic
+    from editscale.models.load import load_model, model_sha
+    from editscale.stats.mom2 import compute_mom2, write_mom2
+
+    model_dir = tiny_model_dirs("gpt2")
+    (tmp_path / "data" / "models").mkdir(parents=True)
+    (tmp_path / "data" / "models" / "m").symlink_to(model_dir)
+    run = {"name": "r", "model": "m", "method": "memit", "hparams": str(repo_root / "config/hparams/memit/tiny.yaml"),
+           "corpus": "c", "segment": 2, "edits_per_step": 1, "seed": 0}
+    resolved = resolve_run(run)
+    run_dir = tmp_path / "results" / "r"
+    write_json_atomic(run_dir / "run.json", resolved)
+    cases = build_geofacts(seed=0)[:2]
+    for i, c in enumerate(cases):
+        c["edit_index"] = i + 1
+    write_jsonl_atomic(run_dir / "edits.jsonl", cases)
+    model, tok = load_model(model_dir)
+    write_json_atomic(run_dir / "context_templates.json", templates_record(model, tok, "memit", resolved["hparams"], 0))
+    texts = [c["prompt"].format(c["subject"]) + " " + c["target_true"] for c in build_geofacts(seed=0)[:200]]
+    for module in get_method("memit").modules(model, resolved["hparams"]):
+        mom2, count = compute_mom2(model, tok, [module], texts, seq_len=32, batch_size=32, progress=False)[module]
+        write_mom2(tmp_path / "results" / "stats" / "m" / "c" / f"{module}.h5", mom2, count, module=module,
+                   model_sha256=model_sha(model_dir), corpus="c", corpus_spec={}, dtype="float32")
+    rows = [run_setting(str(tmp_path), "r", "mom2_update_weight", w, n_edits=2) for w in (10.0, 10000.0)]
+    for r in rows:
+        assert r["n_edits"] == 2 and r["method"] == "memit"
+        assert all(0.0 <= r[k] <= 1.0 for k in ("es_now", "ps_now", "es_after"))
+    assert rows[0]["value"] == 10.0 and rows[1]["value"] == 10000.0
+    assert rows[1]["delta_norm"] < rows[0]["delta_norm"]

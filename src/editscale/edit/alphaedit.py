@@ -23,6 +23,10 @@ float32}). Kp Kp^T is kept as a sum over fixed chunks of `key_fold_size` consecu
 their index in the chain, not by batch) plus the not yet folded tail, so that a chain restored from
 its keys rebuilds exactly the same matrix as the uninterrupted chain: the next update is identical.
 
+Reference: jianghoucheng/AlphaEdit @f5248d3, AlphaEdit/AlphaEdit_main.py
+`apply_AlphaEdit_to_model` (MEMIT's context templates, grouped key average and compute_z; the
+solve in float32 there, float64 here; measured in docs/fidelity.md).
+
 Hyperparameters: MEMIT's names, plus nullspace_threshold (AlphaEdit: 2e-2, an absolute bound on
 the eigenvalues of C, so it depends on the activation scale of the model), L2 (AlphaEdit: 10),
 key_fold_size (64) and projection_dtype (float64; float32 halves the memory for GPT-J-size

@@ -236,12 +236,15 @@ def _sample_continuations(model, tok, prompt_ids: list[int], n: int, max_len: in
 
 
 def _document_start_ids(tok) -> list[int]:
-    """ROME's generation prompt "<|endoftext|>" (GPT-2's document separator), generalized: the
-    tokenizer's BOS token, else its EOS token."""
+    """ROME's generation prompt "<|endoftext|>" (GPT-2's document separator): that token where the
+    tokenizer has it as one special token (GPT-2, SmolLM2, ...), else its BOS, else its EOS token."""
+    ids = tok("<|endoftext|>", add_special_tokens=False)["input_ids"]
+    if len(ids) == 1 and int(ids[0]) in set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {}):
+        return [int(ids[0])]
     for tid in (tok.bos_token_id, tok.eos_token_id):
         if tid is not None:
             return [int(tid)]
-    raise EditscaleError("ROME's context templates start from the tokenizer's BOS / EOS token, and this tokenizer has neither")
+    raise EditscaleError("ROME's context templates start from <|endoftext|>, BOS or EOS, and this tokenizer has none of them")
 
 
 def _length_pairs(length_params) -> list[tuple[int, int]]:
@@ -260,8 +263,8 @@ def sample_context_templates(model, tok, length_params: list[list[int]], seed: i
 
     rule "rome" (ROME, r-ROME; rome/rome_main.py `get_context_templates`): one flat group
     ["{}"] + for each [length, count], `count` texts sampled from the document-start token
-    ("<|endoftext|>" for GPT-2) with `length` tokens in all (the start token counts), each as
-    text + ". {}".
+    ("<|endoftext|>" where the tokenizer has it, else BOS / EOS) with `length` tokens in all (the
+    start token counts), each as text + ". {}".
 
     rule "memit" (MEMIT, EMMET, AlphaEdit; memit/memit_main.py `get_context_templates`): groups
     [["{}"], group per [length, count]]; a group holds count // 5 texts after each of the openers

@@ -15,6 +15,12 @@ For a batch of B cases:
    recorded factors are the update. Keys of the next layer are then recomputed on the edited
    model (the reference code does the same: compute_ks is called inside the layer loop).
 
+Reference: kmeng01/memit @80426fd9, memit/memit_main.py `execute_memit` and
+`get_context_templates` (groups [["{}"], five samples after "The", "Therefore", "Because", "I",
+"You"]), memit/compute_ks.py (keys averaged within each group, then over the groups),
+memit/compute_z.py (loss read at layer max(v_loss_layer, z layer)). The solve is float64 in both;
+the reference's C is stored in float32, editscale's in float64 (docs/fidelity.md measures both).
+
 `mom2_adjustment: false` replaces C by the identity (a ridge penalty); the published MEMIT
 configurations all use the covariance. Hyperparameter names follow MEMIT's hparams files.
 """

@@ -12,6 +12,12 @@ module output found by `optimize_value`, and (k, W k + b):
   - key_averaging "templates" (r-ROME): k = k*, output W k* + b computed from the current weights.
 After the update W' k + b = v* (exactly, up to float error). Several cases given to `apply` are
 edited one after another, each on the weights left by the previous one (as ROME does).
+
+Reference: kmeng01/rome @0874014c, rome/rome_main.py `execute_rome` and `get_context_templates`
+(["{}"] + samples from "<|endoftext|>", one flat key average), rome/compute_u.py (u = C^-1 k* in
+float32 there, float64 here), rome/compute_v.py (the loss on the final logits: v_loss_layer must be
+the last layer). r-ROME: scalable-model-editing/rebuilding-rome (the key k* in both places).
+Measured against the reference on identical inputs: docs/fidelity.md.
 """
 
 from __future__ import annotations
