@@ -61,11 +61,10 @@ class Bench:
         return hp
 
     def templates(self, hp: dict, method: str = "rome") -> list[list[str]]:
-        """Template groups sampled by `method`'s reference rule (flatten with common.flat_templates)."""
-        from editscale.edit.methods import get_method
+        """Template groups as the workflow samples them for `method` (flatten with common.flat_templates)."""
+        from editscale.edit.chain import templates_record
 
-        params = hp.get("context_template_length_params", [[5, 10], [10, 10]])
-        return common.sample_context_templates(self.model, self.tok, params, seed=0, rule=get_method(method).template_rule)
+        return templates_record(self.model, self.tok, method, hp, seed=0)["groups"]
 
     def fresh_model(self):
         """A model with the base weights (the harness edits it; reloaded per method)."""

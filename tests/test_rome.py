@@ -127,8 +127,9 @@ def test_subject_last_index_with_bos():
     assert common.subject_last_index(btok_slow, "The capital of {} is", "France") == 5
 
 
-def _record_generation(monkeypatch) -> list[list[list[int]]]:
-    """Spy on the sampler: the token ids of every generated batch, at the end of generation."""
+def _record_generation(monkeypatch) -> tuple[list[dict], list[int]]:
+    """Spy on the sampler: (prompt ids, n and max_len of every sampling call; the sequence length
+    at every generation step)."""
     calls: list = []
     original = common._sample_continuations
 

@@ -361,13 +361,8 @@ def compute_keys(model, tok, module: str, cases: list[dict], templates) -> torch
     prompts = [t.format(c["prompt"]) for c in cases for t in flat]
     subjects = [c["subject"] for c in cases for _ in flat]
     keys, _ = module_io_at_subject(model, tok, module, prompts, subjects)
-    keys = keys.reshape(len(cases), len(flat), -1)
-    if len(groups) == 1:
-        return keys.mean(dim=1)
-    bounds = [0]
-    for g in groups:
-        bounds.append(bounds[-1] + len(g))
-    return torch.stack([keys[:, a:b].mean(dim=1) for a, b in zip(bounds, bounds[1:])], dim=1).mean(dim=1)
+    per_group = keys.reshape(len(cases), len(flat), -1).split([len(g) for g in groups], dim=1)
+    return torch.stack([k.mean(dim=1) for k in per_group], dim=1).mean(dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
