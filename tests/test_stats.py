@@ -473,8 +473,8 @@ def test_cli_corpus_stats_nullspace(tmp_path):
     # The spec as config.yaml gives it (schema keys heldout_tokens and batch_size included).
     spec = {"kind": "self_sample", "n_tokens": 150, "heldout_tokens": 64, "seq_len": 32, "batch_size": 4, "seed": 0}
     corpus_dir = tmp_path / "corpora" / "tiny" / "ss"
-    res = _editscale("corpus", "--model-dir", str(model_dir), "--corpus-json", json.dumps(spec), "--out-dir", str(corpus_dir),
-                     "--device", "cpu", "--threads", "1", cwd=tmp_path)
+    res = _editscale("--threads", "1", "corpus", "--model-dir", str(model_dir), "--corpus-json", json.dumps(spec), "--out-dir", str(corpus_dir),
+                     "--device", "cpu", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in corpus_dir.iterdir()) == ["corpus.json", "heldout.npy", "stats.npy"]  # no temp files
     stats_tokens, held = np.load(corpus_dir / "stats.npy"), np.load(corpus_dir / "heldout.npy")
@@ -485,8 +485,8 @@ def test_cli_corpus_stats_nullspace(tmp_path):
     out_dir = tmp_path / "stats" / "tiny" / "ss"
     modules = ["transformer.h.1.mlp.c_proj", "transformer.h.2.mlp.c_proj"]
     res = _editscale(
-        "stats", "--model-dir", str(model_dir), "--corpus-json", json.dumps(spec), "--tokens", str(corpus_dir / "stats.npy"),
-        "--corpus-id", "ss", "--modules", *modules, "--out-dir", str(out_dir), "--device", "cpu", "--threads", "1",
+        "--threads", "1", "stats", "--model-dir", str(model_dir), "--corpus-json", json.dumps(spec), "--tokens", str(corpus_dir / "stats.npy"),
+        "--corpus-id", "ss", "--modules", *modules, "--out-dir", str(out_dir), "--device", "cpu",
         "--no-progress", cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr

@@ -135,3 +135,47 @@ def test_audit_fails_on_tampered_delta_naming_it(tiny_study, tmp_path):
     audit = json.loads((workdir / "results/audit.json").read_text())
     failed_files = {f["file"] for f in audit["failures"]}
     assert failed_files == {"results/rome-tiny/deltas/000003.h5"}, audit["failures"]
+
+
+def _planned_shell_commands(text: str) -> list[tuple[str, int, str]]:
+    """(rule, threads, shell command) of every job of a `snakemake -n -p` listing."""
+    jobs, rule, threads = [], None, 1
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
+            rule, threads = line.split()[1].rstrip(":"), 1
+        elif line.startswith("threads:"):
+            threads = int(line.split()[1])
+        elif line.startswith("Shell command:") and rule and line.split(":", 1)[1].strip() != "None":
+            jobs.append((rule, threads, line.removeprefix("Shell command:").strip()))
+    return jobs
+
+
+def test_every_rule_command_parses_and_its_thread_budget_reaches_torch(repo_root, tmp_path):
+    """Each planned job's exact shell command goes through the real CLI parser, and the rule's
+    `threads` is what torch runs with (a sub-command flag must not overwrite the global one)."""
+    import shlex
+
+    import torch
+
+    from editscale import cli
+
+    workdir = copy_workflow(repo_root, tmp_path / "wf")
+    res = snakemake(workdir, "-n", "-p", "--forceall")
+    jobs = _planned_shell_commands(res.stdout + res.stderr)
+    assert {"corpus_tokens", "stats", "edit_segment", "report_tables", "audit"} <= {r for r, _, _ in jobs}
+    assert any(t > 1 for r, t, _ in jobs if r in ("corpus_tokens", "stats"))
+    parser = cli.build_parser()
+    before = torch.get_num_threads()
+    try:
+        for rule, threads, command in jobs:
+            argv = shlex.split(command.split(" 2> ")[0])
+            assert argv[0] == "editscale", command
+            args = parser.parse_args(argv[1:])
+            assert args.threads == threads, (rule, command)
+            seen = []
+            args.func = lambda a: seen.append(torch.get_num_threads())
+            assert cli.run(args) == 0
+            assert seen == [threads], (rule, seen)
+    finally:
+        torch.set_num_threads(before)

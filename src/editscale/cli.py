@@ -22,7 +22,8 @@ STAGES = ["models", "data", "stats", "edit", "evaluate", "report", "audit"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="editscale", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (rules pass their `threads`)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (rules pass their `threads`); more threads than free cores make the model several times slower")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for stage in STAGES:
         try:
@@ -36,12 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run parsed arguments: logging, the torch thread budget, then the verb."""
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.threads is not None and args.threads < 1:
+        print(f"editscale: error: --threads must be positive, got {args.threads}", file=sys.stderr)
+        return 2
     if args.threads:
         import torch
 

@@ -27,9 +27,8 @@ def _model_args(p, device_default="auto") -> None:
                    help='corpus spec as JSON (or a path to a .json file), e.g. \'{"kind": "self_sample"}\'')
     p.add_argument("--device", default=device_default, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="float32", help="model dtype: float32 | float16 | bfloat16")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice); on a shared machine more threads than "
-                        "free cores make the model several times slower")
+    # CPU threads come from the global `editscale --threads N` (a sub-command flag of the same name
+    # would overwrite it with its default and drop the rule's thread budget)
 
 
 def register(sub) -> None:
@@ -71,17 +70,10 @@ def _parse_spec(text: str) -> dict:
 
 
 def _setup(args):
-    """Common start: threads, spec, model sha, model."""
-    from ..io import EditscaleError
+    """Common start: spec, model sha, model."""
     from ..models.load import load_model, model_sha
     from .corpus import normalize_spec
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise EditscaleError(f"--threads must be positive, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
     spec = normalize_spec(_parse_spec(args.corpus_json))
     sha = model_sha(args.model_dir)
     model, tok = load_model(args.model_dir, dtype=args.dtype, device=args.device)
