@@ -54,11 +54,7 @@ class Bench:
 
     def hparams(self, method: str) -> dict:
         stem = MODELS[self.name][1]
-        folder = "rome" if method == "r-rome" else method
-        hp = common.load_hparams(REPO / "config" / "hparams" / folder / f"{stem}.yaml", method=method)
-        if method == "r-rome":
-            hp["key_averaging"] = "templates"
-        return hp
+        return common.load_hparams(REPO / "config" / "hparams" / method / f"{stem}.yaml", method=method)
 
     def templates(self, hp: dict, method: str = "rome") -> list[list[str]]:
         """Template groups as the workflow samples them for `method` (flatten with common.flat_templates)."""

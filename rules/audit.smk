@@ -7,8 +7,7 @@ rule audit:
     output:
         "results/audit.json",
     params:
-        cfg=json.dumps(config["audit"], sort_keys=True),
-        models=json.dumps({name: f"data/models/{name}" for name in config["models"]}),
+        cfg=wf.canonical_json(config["audit"]),
     log:
         "results/logs/audit.log",
     resources:

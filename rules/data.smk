@@ -75,7 +75,7 @@ rule dataset:
     output:
         "data/datasets/{dataset}.jsonl",
     params:
-        spec=lambda w: json.dumps(dataset_spec(w.dataset)),
+        spec=lambda w: wf.canonical_json(dataset_spec(w.dataset)),
     log:
         "results/logs/dataset/{dataset}.log",
     resources:

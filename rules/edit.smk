@@ -11,7 +11,7 @@ def stats_inputs(run):
 def projection_inputs(run):
     if run["method"] != "alphaedit":
         return {}
-    t = wf.run_hparams(run)["nullspace_threshold"]
+    t = wf.run_hparams(run, wf.model_layers(config, run["model"]))["nullspace_threshold"]
     return {
         m: f"results/stats/{run['model']}/{run['corpus']}/nullspace/{m}.t{t}.h5"
         for m in wf.edited_modules(config, run)
@@ -28,22 +28,22 @@ def previous_segment(w):
 
 rule run_config:
     priority: 10
+    input:
+        # the fetched model's config.json gives the layer count (hf: models) to check the hparams
+        model=lambda w: f"data/models/{RUNS[w.run]['model']}/manifest.json",
     output:
         "results/{run}/run.json",
     params:
-        # n_edits is left out: raising it must not re-run anything that finished segments depend on
-        run=lambda w: json.dumps(
-            {
-                **{k: v for k, v in RUNS[w.run].items() if k != "n_edits"},
-                "dtype": config["models"][RUNS[w.run]["model"]]["dtype"],
-            }
-        ),
+        # canonical record with the resolved hparams (file + overrides): a changed value re-runs the
+        # run, a reordered or re-commented file does not; n_edits is left out (raising it re-runs nothing)
+        run=lambda w: wf.canonical_json(wf.run_record(config, RUNS[w.run])),
+        model_dir=lambda w: f"data/models/{RUNS[w.run]['model']}",
     log:
         "results/logs/{run}/run_config.log",
     conda:
         ENV
     shell:
-        "editscale --threads {threads} run-config --run-json {params.run:q} --out {output} 2> {log}"
+        "editscale --threads {threads} run-config --run-json {params.run:q} --model-dir {params.model_dir} --out {output} 2> {log}"
 
 
 rule context_templates:

@@ -22,7 +22,7 @@ def state_inputs(run_name, k):
 
 
 def metric_params(metric):
-    return json.dumps(METRICS[metric], sort_keys=True)
+    return wf.canonical_json(METRICS[metric])
 
 
 def metric_files(metric, run_name):
@@ -147,4 +147,4 @@ rule metric_weights:
         ENV
     shell:
         "editscale --threads {threads} weights --model-dir {params.model_dir} --run-dir results/{wildcards.run}"
-        " --k {params.k} --params-json {params.cfg:q} --out {output} 2> {log}"
+        " --k {params.k} --factors {input.factors} --params-json {params.cfg:q} --out {output} 2> {log}"

@@ -9,7 +9,7 @@ def all_metric_files(wildcards=None):
 
 
 def runs_meta():
-    return json.dumps(
+    return wf.canonical_json(
         [
             {k: run[k] for k in ("name", "model", "method", "hparams", "dataset", "sample", "n_edits", "segment")}
             for run in RUNS.values()
@@ -21,6 +21,7 @@ rule report_tables:
     input:
         metrics=all_metric_files,
         factors=[f"results/{r}/factors/{k:06d}.h5" for r, run in RUNS.items() for k in wf.segment_ends(run)],
+        deltas=[f"results/{r}/deltas/{k:06d}.h5" for r, run in RUNS.items() for k in wf.segment_ends(run)],
     output:
         summary=report(
             "results/tables/summary.csv",
@@ -30,7 +31,7 @@ rule report_tables:
         tables=expand("results/tables/{family}.parquet", family=FAMILIES + ["summary", "edit_log", "phases"]),
     params:
         runs=runs_meta(),
-        report=json.dumps(config["report"], sort_keys=True),
+        report=wf.canonical_json(config["report"]),
     log:
         "results/logs/report_tables.log",
     resources:
@@ -39,7 +40,8 @@ rule report_tables:
     conda:
         ENV
     shell:
-        "editscale --threads {threads} report-tables --runs-json {params.runs:q} --results results --out-dir results/tables"
+        "editscale --threads {threads} report-tables --runs-json {params.runs:q} --metrics {input.metrics} --factors {input.factors}"
+        " --deltas {input.deltas} --out-dir results/tables"
         " --params-json {params.report:q} 2> {log}"
 
 

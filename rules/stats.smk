@@ -12,7 +12,7 @@ rule corpus_tokens:
         stats="data/corpora/{model}/{corpus}/stats.npy",
         heldout="data/corpora/{model}/{corpus}/heldout.npy",
     params:
-        spec=lambda w: json.dumps(config["corpora"][w.corpus]),
+        spec=lambda w: wf.canonical_json(config["corpora"][w.corpus]),
         device=config["resources"]["device"],
         dtype=lambda w: config["models"][w.model]["dtype"],
     log:
@@ -38,7 +38,7 @@ rule stats:
     output:
         "results/stats/{model}/{corpus}/{module}.h5",
     params:
-        spec=lambda w: json.dumps(config["corpora"][w.corpus]),
+        spec=lambda w: wf.canonical_json(config["corpora"][w.corpus]),
         device=config["resources"]["device"],
         dtype=lambda w: config["models"][w.model]["dtype"],
     log:

@@ -188,7 +188,8 @@ def test_projections_kwarg_and_identity_projection_is_ridge_memit():
     ws3 = WeightState(model3, mods)
     e3.apply(CASES[:1], ws3)
     model4, *_ = prepare("gptj")
-    mh = {**hp, "mom2_adjustment": False, "mom2_update_weight": hp["L2"]}
+    mh = {**{k: v for k, v in hp.items() if k not in ("L2", "nullspace_threshold", "key_fold_size", "projection_dtype")},
+          "mom2_adjustment": False, "mom2_update_weight": hp["L2"]}
     e4 = Memit(model4, tok, mh, {}, TEMPLATES)
     ws4 = WeightState(model4, mods)
     e4.apply(CASES[:1], ws4)

@@ -41,6 +41,7 @@ def test_sweep_applies_each_value_on_the_runs_own_inputs(tmp_path, tiny_model_di
     from editscale.data.geofacts import build_geofacts
     from editscale.edit.chain import templates_record
     from editscale.edit.cli import resolve_run
+    from editscale.workflow import run_record
     from editscale.edit.methods import get_method
     from editscale.io import write_json_atomic, write_jsonl_atomic
     from editscale.models.load import load_model, model_sha
@@ -51,7 +52,7 @@ def test_sweep_applies_each_value_on_the_runs_own_inputs(tmp_path, tiny_model_di
     (tmp_path / "data" / "models" / "m").symlink_to(model_dir)
     run = {"name": "r", "model": "m", "method": "memit", "hparams": str(repo_root / "config/hparams/memit/tiny.yaml"),
            "corpus": "c", "segment": 2, "edits_per_step": 1, "seed": 0}
-    resolved = resolve_run(run)
+    resolved = resolve_run(run_record({"models": {"m": {"source": "tiny:gpt2", "dtype": "float32"}}}, run))
     run_dir = tmp_path / "results" / "r"
     write_json_atomic(run_dir / "run.json", resolved)
     cases = build_geofacts(seed=0)[:2]

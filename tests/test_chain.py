@@ -22,6 +22,7 @@ from editscale.edit.chain import (
     tensor_sha256,
 )
 from editscale.edit.cli import resolve_run
+from editscale.workflow import run_record
 from editscale.io import EditscaleError, write_json_atomic, write_jsonl_atomic
 from editscale.models.load import load_model, model_sha
 from editscale.models.registry import edited_weight, mlp_out_name, to_math
@@ -33,7 +34,7 @@ SEGMENT = 2
 def _make_run(tmp_path, model_dir, method="rome", hparams="config/hparams/rome/tiny.yaml", n=4, per_step=1, repo=None):
     run = {"name": "r", "model": "m", "method": method, "hparams": str(repo / hparams), "segment": SEGMENT,
            "edits_per_step": per_step, "seed": 0}
-    resolved = resolve_run(run)
+    resolved = resolve_run(run_record({"models": {"m": {"source": "tiny:gpt2", "dtype": "float32"}}}, run))
     run_dir = tmp_path / "run"
     write_json_atomic(run_dir / "run.json", resolved)
     cases = build_geofacts(seed=0)[:n]

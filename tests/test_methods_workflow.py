@@ -54,8 +54,7 @@ def test_config_has_one_run_per_method_and_a_batched_run(runs):
     assert sorted({r["method"] for r in runs.values()}) == sorted(METHODS)
     for r in runs.values():
         assert r["n_edits"] == N_EDITS and r["segment"] == SEGMENT
-        method_dir = "rome" if r["method"] == "r-rome" else r["method"]
-        assert r["hparams"] == f"config/hparams/{method_dir}/tiny.yaml"
+        assert r["hparams"] == f"config/hparams/{r['method']}/tiny.yaml"
     batched = [r for r in runs.values() if r.get("edits_per_step", 1) > 1]
     assert [(r["method"], r["edits_per_step"]) for r in batched] == [("memit", 2)]
 

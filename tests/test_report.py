@@ -144,6 +144,15 @@ def results(tmp_path) -> Path:
     return res
 
 
+def _metrics(res: Path) -> list[Path]:
+    """Every metric file under a test results dir: what a report rule declares as its inputs."""
+    return sorted(res.glob("*/metrics/*/*.parquet"))
+
+
+def _factors(res: Path) -> list[Path]:
+    return sorted(res.glob("*/factors/*.h5"))
+
+
 def _edit_log() -> pl.DataFrame:
     rows = [
         {"run": r["name"], "edit_index": j, "case_id": f"{r['name']}-c{j}", "seconds": 2.0, "update_norm": 1.0, "update_rel": 0.1, "v_loss": 0.01}
@@ -158,7 +167,7 @@ def _edit_log() -> pl.DataFrame:
 
 
 def test_collect_metric_tidy_schema(results):
-    df = tables.collect_metric("downstream", results, RUNS)
+    df = tables.collect_metric("downstream", _metrics(results), RUNS)
     assert df.columns[:9] == ["run", "model", "method", "dataset", "sample", "edit", "metric", "item", "value"]
     assert dict(df.schema) == {**tables.TIDY_SCHEMA}
     assert df.height == 3 * 5 * 8  # runs x checkpoints x (tasks x metrics)
@@ -167,34 +176,35 @@ def test_collect_metric_tidy_schema(results):
     row = df.filter((pl.col("run") == "rome-s1") & (pl.col("edit") == 10) & (pl.col("item") == "sst2") & (pl.col("metric") == "f1"))
     assert row.height == 1 and row["method"][0] == "ROME" and row["sample"][0] == "1" and row["model"][0] == "tiny"
 
-    hist = tables.collect_metric("history", results, RUNS)
+    hist = tables.collect_metric("history", _metrics(results), RUNS)
     assert hist.schema["edit_index"] == pl.Int64
     assert hist.filter((pl.col("run") == "rome-s0") & (pl.col("edit") == 20) & (pl.col("metric") == "es")).height == 20
 
-    # other ways to name the sources give the same table; runs_meta restricts the runs
+    # only the family's own files are read; runs_meta restricts the runs
     files = sorted(results.glob("*/metrics/downstream/*.parquet"))
     assert tables.collect_metric("downstream", files, RUNS).equals(df)
-    by_dir = {r["name"]: results / r["name"] for r in RUNS}
-    assert tables.collect_metric("downstream", by_dir, RUNS).equals(df)
-    only = tables.collect_metric("downstream", results, RUNS[:1])
+    only = tables.collect_metric("downstream", _metrics(results), RUNS[:1])
     assert only["run"].unique().to_list() == ["rome-s0"]
+    # a directory is refused: the tables read the declared files, never a glob of results/
+    with pytest.raises(EditscaleError, match="is a directory: pass the metric files"):
+        tables.collect_metric("downstream", results, RUNS)
     # no metadata: meta columns are null, not missing
-    bare = tables.collect_metric("perplexity", results)
+    bare = tables.collect_metric("perplexity", _metrics(results))
     assert bare["method"].null_count() == bare.height and bare.schema["sample"] == pl.Utf8
 
 
 def test_collect_metric_missing_family_and_bad_file(results, tmp_path):
-    empty = tables.collect_metric("nonexistent", results, RUNS)
+    empty = tables.collect_metric("nonexistent", _metrics(results), RUNS)
     assert empty.height == 0 and list(empty.schema) == list(tables.TIDY_SCHEMA)
     bad = tmp_path / "bad" / "r" / "metrics" / "perplexity" / "000005.parquet"
     bad.parent.mkdir(parents=True)
     pl.DataFrame({"k": [5], "value": [1.0]}).write_parquet(bad)
     with pytest.raises(EditscaleError, match="lacks columns"):
-        tables.collect_metric("perplexity", tmp_path / "bad")
+        tables.collect_metric("perplexity", [bad])
 
 
 def test_edit_scores_wide_one_row_per_edit(results):
-    wide = tables.edit_scores_wide(tables.collect_metric("edit_scores", results, RUNS))
+    wide = tables.edit_scores_wide(tables.collect_metric("edit_scores", _metrics(results), RUNS))
     assert wide.height == 3 * 20
     assert wide.columns[:7] == ["run", "model", "method", "dataset", "sample", "edit", "case_id"]
     for m in ("es", "em", "ps", "ns", "score"):
@@ -229,7 +239,7 @@ def test_forgetting_table_counts():
 
 def test_report_tables_written_with_summary(results, tmp_path):
     out = tmp_path / "tables"
-    written = tables.report_tables(RUNS, results, out, edit_log=_edit_log(), storage_bytes={"rome-s0": 1234})
+    written = tables.report_tables(RUNS, _metrics(results), out, edit_log=_edit_log(), storage_bytes={"rome-s0": 1234})
     names = {p.name for p in written}
     for name in ("history", "downstream", "generation", "perplexity", "weights", "edit_scores", "forgetting", "edit_log", "summary", "phases", "disabling_edits"):
         assert f"{name}.parquet" in names and f"{name}.csv" in names
@@ -259,7 +269,7 @@ def test_summary_reports_onset_and_disabling_edit(tmp_path):
     res = tmp_path / "results"
     runs = [{"name": "long", "model": "tiny", "method": "ROME", "dataset": "cf", "sample": 0, "n_edits": 300}]
     write_run(res, "long", n_edits=300, every=5, collapse_at=180, outlier_edit=178, seed=3)
-    t = tables.build_tables(res, runs)
+    t = tables.build_tables(_metrics(res), runs)
     s = t["summary"].row(0, named=True)
     assert s["onset"] != "none within 300 edits"
     assert abs(s["onset_k"] - 180) <= 0.05 * 180
@@ -309,7 +319,7 @@ def test_aggregate_samples_mean_and_band():
 
 
 def test_every_figure_written_from_tiny_data(results, tmp_path):
-    t = tables.build_tables(results, RUNS, edit_log=_edit_log())
+    t = tables.build_tables(_metrics(results), RUNS, edit_log=_edit_log())
     out = tmp_path / "plots"
     written = plots.make_plots(t, out, smooth=3, inline_html=False)
     stems = {"edit_scores", "forgetting", "downstream", "weight_distance", "update_norms", "overview", "overview_rome-s0", "overview_rome-s1", "overview_memit-s0"}
@@ -334,7 +344,7 @@ def test_overview_shades_phase_and_empty_inputs(tmp_path):
     res = tmp_path / "results"
     runs = [{"name": "long", "model": "tiny", "method": "ROME", "dataset": "cf", "sample": 0, "n_edits": 300}]
     write_run(res, "long", n_edits=300, every=10, collapse_at=180, outlier_edit=175, seed=4)
-    t = tables.build_tables(res, runs)
+    t = tables.build_tables(_metrics(res), runs)
     phase = {"onset_k": 180.0, "ci_low": 170.0, "ci_high": 190.0, "collapse_k": 200.0}
     chart = plots.overview_chart(t, "long", phase=phase, disabling=[175])
     spec = chart.to_dict()
@@ -359,12 +369,12 @@ def test_cli_tables_phases_plots(results, tmp_path):
     _edit_log().write_parquet(log_path)
     out = tmp_path / "tables"
     # runs and params inline, as the Snakemake rule passes them
-    argv = ["report-tables", "--runs-json", json.dumps(RUNS), "--results", str(results), "--out-dir", str(out)]
+    argv = ["report-tables", "--runs-json", json.dumps(RUNS), "--metrics", *map(str, _metrics(results)), "--out-dir", str(out)]
     assert main(argv + ["--edit-log", str(log_path), "--params-json", json.dumps({"smooth": 10, "window": 5, "seed": 1})]) == 0
     for name in ("summary", "edit_log", "phases", "disabling_edits", "forgetting"):
         assert (out / f"{name}.parquet").exists() and (out / f"{name}.csv").exists()
     summary = pl.read_parquet(out / "summary.parquet")
-    assert summary["storage_bytes"].to_list() == [0, 0, 0]  # no deltas/factors in this results dir
+    assert summary["storage_bytes"].to_list() == [None, None, None]  # no --deltas / --factors given: unknown
     assert summary["edit_seconds_total"].to_list() == [40.0, 40.0, 40.0]
     first = pl.read_parquet(out / "phases.parquet")
     assert set(first.filter(pl.col("curve") == "combined")["run"]) == {r["name"] for r in RUNS}
@@ -376,13 +386,13 @@ def test_cli_tables_phases_plots(results, tmp_path):
     # a runs file works too
     runs_json = tmp_path / "runs.json"
     runs_json.write_text(json.dumps({"runs": RUNS}))
-    assert main(["report-tables", "--runs-json", str(runs_json), "--results", str(results), "--out-dir", str(tmp_path / "t2")]) == 0
+    assert main(["report-tables", "--runs-json", str(runs_json), "--metrics", *map(str, _metrics(results)), "--out-dir", str(tmp_path / "t2")]) == 0
     assert pl.read_parquet(tmp_path / "t2" / "edit_log.parquet").height == 0  # no factors files
     plots_dir = tmp_path / "plots"
     assert main(["report-plots", "--tables", str(out), "--out-dir", str(plots_dir), "--smooth", "2", "--formats", "html,svg", "--cdn-html"]) == 0
     assert (plots_dir / "overview.svg").exists() and (plots_dir / "overview_rome-s0.svg").exists()
     assert not (plots_dir / "edit_scores.png").exists()
-    assert main(["report-tables", "--runs-json", str(tmp_path / "missing.json"), "--results", str(results)]) == 2
+    assert main(["report-tables", "--runs-json", str(tmp_path / "missing.json"), "--metrics", *map(str, _metrics(results))]) == 2
     assert main(["report-plots", "--tables", str(out), "--out-dir", str(plots_dir), "--formats", "pdf"]) == 2
 
 
@@ -399,10 +409,10 @@ def test_edit_log_read_from_factors(tmp_path):
             g.create_dataset("seconds", data=np.array([1.5] * len(edits)))
             g.create_dataset("update_norm", data=np.array([1.0, 2.0]))
             g.create_dataset("factor_kind", data=np.array(["rank1"] * len(edits), dtype=h5py.string_dtype()))
-    log = tables.edit_log_from_factors(res, ["r", "absent"])
+    log = tables.edit_log_from_factors(_factors(res), ["r", "absent"])
     assert log["edit_index"].to_list() == [1, 2, 3, 4] and log["case_id"].to_list() == ["c1", "c2", "c3", "c4"]
     assert log.schema["seconds"] == pl.Float64 and log["v_loss"].null_count() == 4 and "factor_kind" in log.columns
-    t = tables.build_tables(res, [{"name": "r", "method": "ROME", "n_edits": 4}])
+    t = tables.build_tables(_metrics(res), [{"name": "r", "method": "ROME", "n_edits": 4}], factors=_factors(res))
     assert t["edit_log"].height == 4
     assert t["summary"].row(0, named=True)["edit_seconds_total"] == pytest.approx(6.0)
 

@@ -35,7 +35,6 @@ def tiny_hparams(**kw) -> dict:
         "clamp_norm_factor": 4,
         "kl_factor": 0.0625,
         "mom2_adjustment": True,
-        "mom2_update_weight": 15000,
         "context_template_length_params": [[3, 2]],
         "v_loss_layer": 3,
         "key_averaging": "prompt",

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.workflow
 
 def snakemake(workdir: Path, *args: str, config: str = "config/test-tiny.yaml", check: bool = True, timeout: int = 1200):
     bindir = Path(sys.executable).parent
-    cmd = [str(bindir / "snakemake"), "--cores", "2", "--configfile", config, *args]
+    # targets before --configfile, which takes every following word as a config file
+    cmd = [str(bindir / "snakemake"), "--cores", "2", *args, "--configfile", config]
     env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(Path.home()), "TOKENIZERS_PARALLELISM": "false"}
     res = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
     if check and res.returncode != 0:
@@ -179,3 +180,99 @@ def test_every_rule_command_parses_and_its_thread_budget_reaches_torch(repo_root
             assert seen == [threads], (rule, seen)
     finally:
         torch.set_num_threads(before)
+
+
+def _copy_study(tiny_study, tmp_path) -> Path:
+    workdir = tmp_path / "copy"
+    shutil.copytree(tiny_study, workdir, symlinks=True)
+    return workdir
+
+
+def test_editing_the_hparams_file_reruns_the_run_and_is_recorded(tiny_study, tmp_path):
+    """Defect: the hparams YAML was neither an input nor a param, so `v_lr: 0.5 -> 0.6` re-ran nothing."""
+    workdir = _copy_study(tiny_study, tmp_path)
+    path = workdir / "config/hparams/rome/tiny.yaml"
+    text = path.read_text()
+    assert "v_lr: 0.5\n" in text
+    # a comment, a reordering or another spelling of the same number changes no value: nothing to do
+    lines = text.replace("v_lr: 0.5\n", "v_lr: 5.0e-1  # same value\n").splitlines()
+    path.write_text("# re-commented\n" + "\n".join(sorted(line for line in lines if not line.startswith("#"))) + "\n")
+    assert planned_jobs(snakemake(workdir, "-n")) == {}
+    path.write_text(text.replace("v_lr: 0.5\n", "v_lr: 0.6\n"))
+    jobs = planned_jobs(snakemake(workdir, "-n"))
+    assert jobs["run_config"] == 1 and jobs["edit_segment"] == 2 and jobs["context_templates"] == 1, jobs
+    snakemake(workdir, "results/rome-tiny/deltas/000003.h5")
+    assert json.loads((workdir / "results/rome-tiny/run.json").read_text())["hparams"]["v_lr"] == 0.6
+    _, attrs = read_delta(workdir / "results/rome-tiny/deltas/000003.h5")
+    assert json.loads(attrs["hparams"])["v_lr"] == 0.6
+
+
+def test_reordered_config_keys_rerun_nothing(tiny_study, tmp_path):
+    """Defect: params were JSON in config order, so a YAML formatter that sorts keys re-planned the study."""
+    workdir = _copy_study(tiny_study, tmp_path)
+    path = workdir / "config/test-tiny.yaml"
+
+    def reverse(obj):
+        if isinstance(obj, dict):
+            return {k: reverse(obj[k]) for k in reversed(list(obj))}
+        return [reverse(v) for v in obj] if isinstance(obj, list) else obj
+
+    cfg = yaml.safe_load(path.read_text())
+    cfg["corpora"]["self-sample"]["seq_len"] = 32.0  # the same number, spelled as a float
+    path.write_text(yaml.safe_dump(reverse(cfg), sort_keys=False))
+    assert planned_jobs(snakemake(workdir, "-n")) == {}
+    path.write_text(yaml.safe_dump(cfg, sort_keys=True))
+    assert planned_jobs(snakemake(workdir, "-n")) == {}
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda hp, run: hp.update(v_lrr=0.5), r"config/hparams/rome/tiny.yaml.*unknown key 'v_lrr' for method 'rome' \(did you mean 'v_lr'\?\)"),
+        (lambda hp, run: run.update(hparams_overrides={"kl_factr": 0.1}), r"runs\[rome-tiny\].hparams_overrides: unknown key 'kl_factr'.*did you mean 'kl_factor'"),
+        (lambda hp, run: run.update(method="memit"), r"config/hparams/rome/tiny.yaml.*unknown key 'key_averaging' for method 'memit'"),
+        (lambda hp, run: hp.pop("v_lr"), r"config/hparams/rome/tiny.yaml.*missing required key\(s\) \['v_lr'\]"),
+        (lambda hp, run: hp.update(v_lr="fast"), r"'v_lr' must be a number, got 'fast'"),
+        (lambda hp, run: hp.update(key_averaging="mean"), r"'key_averaging' = 'mean' is not allowed.*allowed: \['prompt', 'templates'\]"),
+        (lambda hp, run: hp.update(layers=[10]), r"'layers' = \[10\] is out of range for this 4-layer model \(allowed: 0..3\)"),
+        (lambda hp, run: hp.update(v_loss_layer=4), r"'v_loss_layer' = 4 is out of range for this 4-layer model"),
+        (lambda hp, run: hp.update(v_loss_layer=2), r"v_loss_layer 2 is not the last layer \(3\).*set v_loss_layer: 3"),
+    ],
+    ids=["unknown-key", "unknown-override", "wrong-method-file", "missing-key", "wrong-type", "not-allowed", "layer-range",
+         "loss-layer-range", "rome-loss-layer"],
+)
+def test_bad_hparams_fail_at_plan_time_naming_file_and_key(repo_root, tmp_path, edit, expected):
+    """Defect: typos in hparams (file or overrides) and a file for another method ran to the end."""
+    import re
+
+    workdir = copy_workflow(repo_root, tmp_path / "wf")
+    path = workdir / "config/hparams/rome/tiny.yaml"
+    hp = yaml.safe_load(path.read_text())
+    cfg_path = workdir / "config/test-tiny.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    edit(hp, cfg["runs"][0])
+    path.write_text(yaml.safe_dump(hp))
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    res = snakemake(workdir, "-n", check=False)
+    assert res.returncode != 0
+    assert re.search(expected, res.stdout + res.stderr), (res.stdout + res.stderr)[-3000:]
+    assert not (workdir / "results").exists()  # nothing ran
+
+
+def test_lowered_n_edits_leaves_stale_checkpoints_out_of_the_report(tiny_study, tmp_path):
+    """Defect: report_tables globbed results/*/metrics and factors, so checkpoints beyond a lowered
+    n_edits (still on disk) entered every table, the summary and the phase detector."""
+    import polars as pl
+
+    workdir = _copy_study(tiny_study, tmp_path)
+    set_config(workdir, lambda c: c["runs"][0].update({"n_edits": 3}))
+    snakemake(workdir)
+    assert (workdir / "results/rome-tiny/metrics/history/000006.parquet").exists()  # stale, still on disk
+    assert (workdir / "results/rome-tiny/factors/000006.h5").exists()
+    for family in ("history", "weights", "downstream", "perplexity"):
+        edits = pl.read_parquet(workdir / f"results/tables/{family}.parquet")["edit"].unique().to_list()
+        assert max(edits) == 3, (family, edits)
+    assert pl.read_parquet(workdir / "results/tables/edit_log.parquet")["edit_index"].max() == 3
+    assert pl.read_parquet(workdir / "results/tables/edit_scores.parquet")["edit"].max() == 3
+    weights = pl.read_parquet(workdir / "results/rome-tiny/metrics/weights/000003.parquet")
+    assert weights.filter(pl.col("edit_index").is_not_null())["edit_index"].max() == 3

@@ -35,13 +35,15 @@ matrices, as the reference stores P).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
 import torch
 
 from ..io import EditscaleError
-from .memit import Memit, solve_checked
+from .hparams import spec
+from .memit import Memit, MemitSolveHparams, solve_checked
 
 try:  # the stats stage owns the eigendecomposition; the fallback below has the same contract
     from ..stats.mom2 import null_space_basis as _stats_null_space_basis
@@ -68,21 +70,21 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+@dataclasses.dataclass(kw_only=True)
+class AlphaEditHparams(MemitSolveHparams):
+    """AlphaEdit reads C only through P: MEMIT's mom2_adjustment / mom2_update_weight do not exist here."""
+
+    nullspace_threshold: float = spec(minimum=0, doc="eigenvalues of C below it span the null space")
+    L2: float = spec(minimum=0, doc="ridge of P (Kp Kp^T + K K^T) + L2 I")
+    key_fold_size: int = spec(64, minimum=1, doc="earlier keys folded into Kp Kp^T in chunks of this many (exact replay)")
+    projection_dtype: str = spec("float64", choices=tuple(_DTYPES), doc="dtype of P in the solve")
+
+
 class AlphaEdit(Memit):
     """Null-space constrained MEMIT for sequential editing."""
 
     name = "alphaedit"
-    required_hparams = tuple(k for k in Memit.required_hparams if k != "mom2_update_weight") + ("nullspace_threshold", "L2")
-    default_hparams = {**Memit.default_hparams, "key_fold_size": 64, "projection_dtype": "float64"}
-
-    @classmethod
-    def validate_hparams(cls, hp: dict, source: str = "hparams") -> None:
-        super().validate_hparams(hp, source)
-        if hp.get("projection_dtype", "float64") not in _DTYPES:
-            raise EditscaleError(f"{source}: projection_dtype must be one of {sorted(_DTYPES)}, got {hp['projection_dtype']!r}")
-        fold = hp.get("key_fold_size", 64)
-        if isinstance(fold, bool) or not isinstance(fold, int) or fold < 1:
-            raise EditscaleError(f"{source}: key_fold_size must be a positive integer, got {fold!r}")
+    hparams_type = AlphaEditHparams
 
     def __init__(
         self,

@@ -13,7 +13,8 @@ log = logging.getLogger(__name__)
 
 def register(sub) -> None:
     p = sub.add_parser("run-config", help="write results/{run}/run.json (the run's resolved config, hparams included)")
-    p.add_argument("--run-json", required=True, help="the run's entry of config.yaml `runs`, as JSON")
+    p.add_argument("--run-json", required=True, help="the run's record (editscale.workflow.run_record), as JSON")
+    p.add_argument("--model-dir", default=None, help="the fetched model: its layer count checks the hparams' layers")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_run_config)
 
@@ -44,27 +45,29 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_methods)
 
 
-def load_hparams_file(path: str) -> dict:
-    from .common import load_hparams
+def resolve_run(record: dict, layers_in_model: int | None = None) -> dict:
+    """run.json: the run record (hparams already resolved by the workflow) checked once more
+    against the method (and the model's layer count, known here for hf: models fetched by the
+    model rule), with config_hash over everything but the name."""
+    from .methods import get_method
 
-    return load_hparams(path)
-
-
-def resolve_run(run: dict) -> dict:
-    """The run's config with its hparams file read in; n_edits is left out so raising it changes
-    nothing that finished segments depend on."""
-    resolved = {k: v for k, v in run.items() if k != "n_edits"}
-    overrides = run.get("hparams_overrides") or {}
-    resolved["hparams"] = {**load_hparams_file(run["hparams"]), **overrides}
-    if run["method"] == "r-rome":
-        resolved["hparams"]["key_averaging"] = "templates"
+    cls = get_method(record["method"])
+    source = f"run {record['name']}: resolved hparams of {record.get('hparams_file')}"
+    hp = {k: v for k, v in record["hparams"].items() if k not in cls.forced_hparams}
+    cls.validate_hparams(hp, source)
+    if layers_in_model is not None:
+        cls.check_for_model(hp, layers_in_model, source)
+    resolved = dict(record)
     resolved["config_hash"] = sha256_json({k: v for k, v in resolved.items() if k != "name"})
     return resolved
 
 
 def cmd_run_config(args) -> None:
-    run = json.loads(args.run_json)
-    write_json_atomic(args.out, resolve_run(run))
+    from ..workflow import config_json_layers
+
+    record = json.loads(args.run_json)
+    layers = config_json_layers(Path(args.model_dir) / "config.json") if args.model_dir else None
+    write_json_atomic(args.out, resolve_run(record, layers))
     log.info("wrote %s", args.out)
 
 

@@ -21,6 +21,7 @@ lookup positions. Edit cases are dicts in the normalized schema (`subject`, `pro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 import unicodedata
@@ -33,6 +34,23 @@ import torch
 from ..io import EditscaleError
 from ..models.nethook import Trace
 from ..models.registry import arch_spec, get_module, layer_name, n_layers
+from .hparams import spec
+
+
+@dataclasses.dataclass(kw_only=True)
+class ValueHparams:
+    """Hyper-parameters of `optimize_value` (v* / z) and of the key computation, shared by every
+    method that uses them (ROME's compute_v / MEMIT's compute_z names)."""
+
+    layers: list[int] = spec(doc="edited layers (MLP output matrices)")
+    fact_token: str = spec("subject_last", choices=("subject_last",), doc="token whose key and value are edited")
+    v_num_grad_steps: int = spec(minimum=0, doc="Adam steps of the value optimization")
+    v_lr: float = spec(minimum=0, doc="Adam learning rate")
+    v_loss_layer: int = spec(minimum=0, doc="layer whose output the loss reads (see value_loss_layer)")
+    v_weight_decay: float = spec(minimum=0, doc="weight on ||delta|| / ||v0||^2")
+    clamp_norm_factor: float = spec(minimum=0, doc="||delta|| <= factor * ||v0||")
+    kl_factor: float = spec(minimum=0, doc="weight of the essence-drift KL term")
+    context_template_length_params: list[list[int]] = spec([[5, 10], [10, 10]], minimum=1, doc="[[length, count], ...] of sampled templates")
 
 OPENERS = ["The", "Therefore", "Because", "I", "You"]
 KL_PROMPTS = ["{} is a"]
@@ -674,14 +692,14 @@ def check_common_hparams(hp: dict, source: str = "hparams") -> None:
         raise EditscaleError(f"{source}: context_template_length_params must be a list of [length, count], got {ctp!r}")
 
 
-def check_loss_layer(model, hp: dict, method: str) -> None:
+def check_loss_layer(layers_in_model: int, hp: dict, method: str, source: str = "hparams") -> None:
     """ROME's reference reads the value loss from the final logits and never looks at
     v_loss_layer (rome/compute_v.py): a v_loss_layer other than the last layer would be silently
     ignored there, so it is rejected here, naming the value to write."""
-    last = n_layers(model) - 1
+    last = layers_in_model - 1
     if int(hp["v_loss_layer"]) != last:
         raise EditscaleError(
-            f"{method} hparams: v_loss_layer {hp['v_loss_layer']} is not the last layer ({last}) of this "
-            f"{n_layers(model)}-layer model; ROME's reference computes the value loss on the final logits "
-            f"whatever v_loss_layer says, so set v_loss_layer: {last}"
+            f"{source}: v_loss_layer {hp['v_loss_layer']} is not the last layer ({last}) of this "
+            f"{layers_in_model}-layer model; {method} follows ROME's reference, which computes the value loss "
+            f"on the final logits whatever v_loss_layer says, so set v_loss_layer: {last}"
         )

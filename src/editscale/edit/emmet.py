@@ -27,6 +27,7 @@ emmet/compute_ks.py (template-group key average), emmet/compute_z.py; context te
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -34,15 +35,22 @@ import torch
 from ..io import EditscaleError
 from ..models.registry import layer_name
 from .common import CovSolver, compute_keys, module_forward, module_io_at_subject, optimize_value
-from .rome import ROME_HPARAMS, Rome
+from .hparams import spec
+from .rome import RRomeHparams, Rome
 from .weights import Update, WeightState
+
+
+@dataclasses.dataclass(kw_only=True)
+class EmmetHparams(RRomeHparams):
+    mom2_update_weight: float = spec(minimum=0, doc="weight of C in (w C + update_norm_lambda I)^-1")
+    emmet_lambda: float = spec(0.1, minimum=0, doc="ridge on the B x B constraint system (B > 1)")
+    update_norm_lambda: float = spec(0.0, minimum=0, doc="ridge on the d x d system (update norm penalty)")
+    v_inject: str = spec("layer", choices=("mlp_out", "layer"), doc="where v* is optimized: the layer output (reference) or the MLP output")
 
 
 class Emmet(Rome):
     name = "emmet"
-    required_hparams = ROME_HPARAMS
-    default_hparams = {"emmet_lambda": 0.1, "update_norm_lambda": 0.0, "v_inject": "layer"}
-    forced_hparams: dict = {}
+    hparams_type = EmmetHparams
     # emmet/emmet_main.py get_context_templates and compute_ks (MEMIT's), emmet/compute_z.py
     template_rule = "memit"
     value_loss_layer = "max"
@@ -50,12 +58,6 @@ class Emmet(Rome):
     @classmethod
     def validate_hparams(cls, hp, source="hparams"):
         super().validate_hparams(hp, source)
-        for key in ("emmet_lambda", "update_norm_lambda"):
-            val = hp.get(key, 0.0)
-            if not isinstance(val, (int, float)) or isinstance(val, bool) or val < 0:
-                raise EditscaleError(f"{source}: {key!r} must be a non-negative number, got {val!r}")
-        if hp.get("v_inject", "mlp_out") not in ("mlp_out", "layer"):
-            raise EditscaleError(f"{source}: v_inject must be 'mlp_out' or 'layer', got {hp['v_inject']!r}")
 
     def solver(self, module: str, d_in: int | None = None) -> CovSolver:
         """(mom2_update_weight * C + update_norm_lambda * I)^-1, factored once per method object."""

@@ -25,7 +25,7 @@ objective.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
 
 import torch
@@ -34,6 +34,7 @@ from torch.func import functional_call
 from ..io import EditscaleError
 from ..models.registry import edited_weight, from_math, mlp_out_name
 from . import common
+from .hparams import spec
 from .methods import EditMethod
 from .weights import Update, WeightState
 
@@ -83,38 +84,37 @@ class _Batch:
         return -(tok_lp * self.tmask).sum(1) / self.tmask.sum(1)
 
 
+@dataclasses.dataclass(kw_only=True)
+class FineTuneHparams:
+    """ROME's baselines/ft/ft_hparams.py keys that editscale reads."""
+
+    layers: list[int] = spec(doc="fine-tuned layers (MLP output matrices)")
+    num_steps: int = spec(minimum=1, doc="optimizer steps per edit")
+    lr: float = spec(minimum=0, doc="Adam learning rate")
+    norm_constraint: float | None = spec(doc="L-inf bound on the change of each weight (null: unconstrained, FT-L)")
+    weight_decay: float = spec(0.0, minimum=0)
+    batch_size: int = spec(64, minimum=1, doc="cases per optimizer batch")
+    min_loss: float = spec(1e-2, minimum=0, doc="stop once the loss is below this")
+    objective: str = spec("last_token", choices=OBJECTIVES, doc="loss on the last target token or teacher-forced over all")
+
+
 class FineTuneConstrained(EditMethod):
     """ROME's constrained fine-tuning baseline (FT-C / FT-L) as a sequential editing method."""
 
     name = "ft-c"
-    required_hparams = ("layers", "num_steps", "lr", "norm_constraint")
-    default_hparams = {
-        "weight_decay": 0.0,
-        "batch_size": 64,
-        "min_loss": 1e-2,
-        "objective": "last_token",
-    }
+    hparams_type = FineTuneHparams
 
     @classmethod
     def validate_hparams(cls, hp: dict, source: str = "hparams") -> None:
         super().validate_hparams(hp, source)
         layers = hp["layers"]
-        if not isinstance(layers, list) or not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+        if not layers:
             raise EditscaleError(f"{source}: 'layers' must be a non-empty list of integers, got {layers!r}")
         if len(set(layers)) != len(layers):
             raise EditscaleError(f"{source}: 'layers' {layers} has duplicates")
-        for key in ("num_steps", "batch_size"):
-            if isinstance(hp[key], bool) or not isinstance(hp[key], int) or hp[key] < 1:
-                raise EditscaleError(f"{source}: {key!r} must be a positive integer, got {hp[key]!r}")
-        for key in ("lr", "weight_decay", "min_loss"):
-            v = hp[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise EditscaleError(f"{source}: {key!r} must be a non-negative number, got {v!r}")
         eps = hp["norm_constraint"]
-        if eps is not None and eps is not False and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0):
+        if eps is not None and not eps > 0:
             raise EditscaleError(f"{source}: 'norm_constraint' must be a positive number or null (unconstrained), got {eps!r}")
-        if hp["objective"] not in OBJECTIVES:
-            raise EditscaleError(f"{source}: objective {hp['objective']!r} unknown; use one of {OBJECTIVES}")
 
     def __init__(self, model, tok, hparams: dict, stats: dict | None = None, context_templates=None, state=None):
         super().__init__(model, tok, hparams, stats if stats is not None else {}, context_templates or ["{}"], state)

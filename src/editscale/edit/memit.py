@@ -27,6 +27,7 @@ configurations all use the covariance. Hyperparameter names follow MEMIT's hpara
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -34,6 +35,7 @@ import torch
 from ..io import EditscaleError
 from ..models.registry import get_module, layer_name, mlp_out_name
 from . import common
+from .hparams import spec
 from .methods import EditMethod
 from .weights import Update, WeightState
 
@@ -53,6 +55,22 @@ def solve_checked(A: torch.Tensor, B: torch.Tensor, what: str) -> torch.Tensor:
     return X
 
 
+@dataclasses.dataclass(kw_only=True)
+class MemitSolveHparams(common.ValueHparams):
+    """What MEMIT and its null-space variant share (memit/memit_hparams.py minus module names and
+    statistics, which the registry and the workflow supply)."""
+
+    layer_selection: str = spec("all", choices=("all",), doc="the update of every layer in one step, as published")
+    # MEMIT's memit_main.get_context_templates: ["{}"] + 5 samples of length 10
+    context_template_length_params: list[list[int]] = spec([[10, 5]], minimum=1, doc="[[length, count], ...] of sampled templates")
+
+
+@dataclasses.dataclass(kw_only=True)
+class MemitHparams(MemitSolveHparams):
+    mom2_adjustment: bool = spec(True, doc="(w C + K K^T)^-1 (False: (I + K K^T)^-1)")
+    mom2_update_weight: float = spec(minimum=0, doc="weight w of the preserved-key second moment C")
+
+
 class Memit(EditMethod):
     """MEMIT's multi-layer least-squares update, one batch of cases per `apply`."""
 
@@ -61,23 +79,7 @@ class Memit(EditMethod):
     # (loss at max(v_loss_layer, z layer))
     template_rule = "memit"
     value_loss_layer = "max"
-    required_hparams = (
-        "layers",
-        "v_num_grad_steps",
-        "v_lr",
-        "v_loss_layer",
-        "v_weight_decay",
-        "clamp_norm_factor",
-        "kl_factor",
-        "mom2_update_weight",
-    )
-    default_hparams = {
-        "layer_selection": "all",
-        "fact_token": "subject_last",
-        "mom2_adjustment": True,
-        # MEMIT's memit_main.get_context_templates: ["{}"] + 5 samples of length 10
-        "context_template_length_params": [[10, 5]],
-    }
+    hparams_type = MemitHparams
 
     @classmethod
     def validate_hparams(cls, hp: dict, source: str = "hparams") -> None:
@@ -86,11 +88,6 @@ class Memit(EditMethod):
         layers = hp["layers"]
         if layers != sorted(set(layers)):
             raise EditscaleError(f"{source}: layers {layers} must be strictly ascending")
-        if hp.get("layer_selection", "all") != "all":
-            raise EditscaleError(f"{source}: layer_selection {hp['layer_selection']!r} unsupported (only 'all', as published)")
-        for key in ("mom2_update_weight", "L2", "nullspace_threshold"):
-            if key in hp and (isinstance(hp[key], bool) or not isinstance(hp[key], (int, float)) or hp[key] < 0):
-                raise EditscaleError(f"{source}: {key!r} must be a non-negative number, got {hp[key]!r}")
 
     def __init__(self, model, tok, hparams: dict, stats: dict, context_templates, state=None):
         super().__init__(model, tok, hparams, stats, context_templates, state)

@@ -12,13 +12,15 @@ is recorded as factors and can be replayed exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import numpy as np
 import torch
 
 from ..io import EditscaleError
-from ..models.registry import mlp_out_name
+from ..models.registry import mlp_out_name, n_layers
+from . import hparams as hparams_spec
 from .weights import WeightState
 
 # name -> (class dotted path, one-line description)
@@ -37,8 +39,10 @@ class EditMethod:
 
     Class attributes:
         name: registry name.
-        required_hparams: keys a hyper-parameter file must define (checked by `load_hparams`).
-        default_hparams: values used for keys a file leaves out.
+        hparams_type: dataclass of the method's hyper-parameters (`editscale.edit.hparams`): every
+            key a file may hold, its type, default, allowed values; `required_hparams` and
+            `default_hparams` are derived from it.
+        forced_hparams: values the method sets whatever the file says (keys not in hparams_type).
         template_rule: how the reference samples and averages context templates ("rome": one flat
             group from the document-start token; "memit": [["{}"], samples after five openers],
             keys averaged per group); see `editscale.edit.common.sample_context_templates`.
@@ -57,16 +61,25 @@ class EditMethod:
     """
 
     name: str = ""
+    hparams_type: type = dataclasses.make_dataclass("NoHparams", [])
+    forced_hparams: dict = {}
     required_hparams: tuple[str, ...] = ()
     default_hparams: dict = {}
     template_rule: str = "memit"
     value_loss_layer: str = "max"
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.required_hparams = hparams_spec.required(cls.hparams_type)
+        cls.default_hparams = hparams_spec.defaults(cls.hparams_type)
+
     def __init__(self, model, tok, hparams: dict, stats: dict[str, torch.Tensor], context_templates: list[str], state: dict | None = None):
         self.model = model
         self.tok = tok
-        self.hparams = {**self.default_hparams, **hparams}
-        self.validate_hparams(self.hparams, source=f"{self.name} hparams")
+        hp = {**self.default_hparams, **{k: v for k, v in hparams.items() if k not in self.forced_hparams}}
+        self.validate_hparams(hp, source=f"{self.name} hparams")
+        self.check_for_model(hp, n_layers(model), source=f"{self.name} hparams")
+        self.hparams = {**hp, **self.forced_hparams}
         self.stats = stats or {}
         from .common import template_groups
 
@@ -81,10 +94,22 @@ class EditMethod:
 
     @classmethod
     def validate_hparams(cls, hp: dict, source: str = "hparams") -> None:
-        """Raise EditscaleError naming `source` and the key when a value is unusable."""
-        missing = [k for k in cls.required_hparams if k not in hp]
-        if missing:
-            raise EditscaleError(f"{source}: missing required key(s) {missing} for method {cls.name!r}")
+        """Raise EditscaleError naming `source` and the key when a key is unknown or missing or a
+        value unusable (`hparams_type`); subclasses add their cross-field rules."""
+        hparams_spec.check(cls.hparams_type, hp, source, cls.name)
+
+    @classmethod
+    def validate_hparams_partial(cls, hp: dict, source: str) -> None:
+        """Keys, types and allowed values of a partial dict (`hparams_overrides`), no missing-key check."""
+        hparams_spec.check(cls.hparams_type, {k: v for k, v in hp.items() if k not in cls.forced_hparams}, source, cls.name, partial=True)
+        forced = sorted(set(hp) & set(cls.forced_hparams))
+        if forced:
+            raise EditscaleError(f"{source}: {forced} cannot be set for method {cls.name!r}, which always uses {cls.forced_hparams}")
+
+    @classmethod
+    def check_for_model(cls, hp: dict, layers_in_model: int, source: str = "hparams") -> None:
+        """Checks that need the model's layer count (known from config.json before any job runs)."""
+        hparams_spec.check_layers(hp, layers_in_model, source)
 
     def apply(self, cases: list[dict], weights: WeightState) -> list[dict]:
         """Edit the model so that every case's prompt predicts its target_new; one log row per case

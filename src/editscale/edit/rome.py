@@ -22,44 +22,42 @@ Measured against the reference on identical inputs: docs/fidelity.md.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 
 from ..io import EditscaleError
-from .common import CovSolver, check_common_hparams, check_loss_layer, compute_keys, module_forward, module_io_at_subject, optimize_value
+from .common import CovSolver, ValueHparams, check_common_hparams, check_loss_layer, compute_keys, module_forward, module_io_at_subject, optimize_value
+from .hparams import spec
 from .methods import EditMethod
 from .weights import Update, WeightState
 
-ROME_HPARAMS = (
-    "layers",
-    "fact_token",
-    "v_num_grad_steps",
-    "v_lr",
-    "v_weight_decay",
-    "clamp_norm_factor",
-    "kl_factor",
-    "mom2_adjustment",
-    "mom2_update_weight",
-    "context_template_length_params",
-    "v_loss_layer",
-)
+
+@dataclasses.dataclass(kw_only=True)
+class RRomeHparams(ValueHparams):
+    """The keys of ROME's hparams/ROME/*.json that editscale reads (module names come from the
+    architecture registry, the statistics from the workflow)."""
+
+    mom2_adjustment: bool = spec(doc="u = C^-1 k* (False: u = k*)")
+    context_template_length_params: list[list[int]] = spec(minimum=1, doc="[[length, count], ...] of sampled templates")
+
+
+@dataclasses.dataclass(kw_only=True)
+class RomeHparams(RRomeHparams):
+    key_averaging: str = spec("prompt", choices=("prompt", "templates"), doc="key of the update's denominator: the plain prompt (ROME) or k* (r-ROME)")
 
 
 class Rome(EditMethod):
     name = "rome"
-    required_hparams = ROME_HPARAMS
-    default_hparams = {"key_averaging": "prompt"}
-    forced_hparams: dict = {}
+    hparams_type = RomeHparams
     # rome/rome_main.py get_context_templates (flat, from <|endoftext|>); rome/compute_v.py reads
     # the loss from the final logits
     template_rule = "rome"
     value_loss_layer = "final"
 
     def __init__(self, model, tok, hparams, stats, context_templates, state=None):
-        super().__init__(model, tok, {**hparams, **self.forced_hparams}, stats, context_templates, state)
-        if self.value_loss_layer == "final":
-            check_loss_layer(model, self.hparams, self.name)
+        super().__init__(model, tok, hparams, stats, context_templates, state)
         self.module = self.modules(model, self.hparams)[0]
         self._solvers: dict[str, CovSolver] = {}
         # diagnostics of the last edit (tests, debugging): k_star, u, v_star, key, key_output, right
@@ -71,8 +69,12 @@ class Rome(EditMethod):
         check_common_hparams(hp, source)
         if len(hp["layers"]) != 1:
             raise EditscaleError(f"{source}: {cls.name} edits exactly one layer, got layers {hp['layers']}")
-        if hp.get("key_averaging", "prompt") not in ("prompt", "templates"):
-            raise EditscaleError(f"{source}: key_averaging must be 'prompt' or 'templates', got {hp['key_averaging']!r}")
+
+    @classmethod
+    def check_for_model(cls, hp, layers_in_model, source="hparams"):
+        super().check_for_model(hp, layers_in_model, source)
+        if cls.value_loss_layer == "final":
+            check_loss_layer(layers_in_model, hp, cls.name, source)
 
     def solver(self, module: str) -> CovSolver:
         """C^-1 for `module`, factored once per method object (i.e. once per segment)."""
@@ -120,8 +122,9 @@ class Rome(EditMethod):
 
 
 class RRome(Rome):
-    """r-ROME: ROME with key_averaging forced to "templates"."""
+    """r-ROME: ROME with key_averaging forced to "templates" (its hparams files have no
+    key_averaging: the method is what decides it)."""
 
     name = "r-rome"
-    default_hparams = {"key_averaging": "templates"}
+    hparams_type = RRomeHparams
     forced_hparams = {"key_averaging": "templates"}

@@ -56,6 +56,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("weights", help="drift of the edited matrices and per-edit update-norm outliers at checkpoint k")
     _common(p)
+    p.add_argument("--factors", nargs="*", default=[], help="factors files of the segments up to k (the rule's inputs): the per-edit log")
     p.set_defaults(func=cmd_weights)
 
 
@@ -274,7 +275,7 @@ def cmd_weights(args) -> None:
         base = {m: to_math(model, edited_weight(model, m)).detach().to(torch.float32) for m in delta}
         frames.append(weight_drift(delta, base, k=args.k).with_columns(pl.lit(None, dtype=pl.Int64).alias("edit_index")))
         del model
-    frames.append(update_norm_rows(read_edit_logs(args.run_dir, args.k), args.k, threshold))
+    frames.append(update_norm_rows(read_edit_logs(args.factors, args.k), args.k, threshold))
     cols = ["k", "item", "edit_index", "metric", "value"]
     df = pl.concat([f.select(cols) for f in frames])
     _write(df, args, params, seconds=time.time() - t0)

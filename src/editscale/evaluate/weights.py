@@ -120,23 +120,12 @@ def update_norm_rows(log: pl.DataFrame, k: int, threshold: float = 5.0) -> pl.Da
     return pl.DataFrame(rows, schema={**SCHEMA, "edit_index": pl.Int64}).select("k", "item", "edit_index", "metric", "value")
 
 
-def read_edit_logs(run_dir: str | Path, k: int) -> pl.DataFrame:
-    """The per-edit log of every factors file of the run up to edit k (only the `log` group is read)."""
+def read_edit_logs(factors: list[str | Path], k: int) -> pl.DataFrame:
+    """The per-edit log of the given factors files (the rule's inputs: segments up to edit k), only
+    the `log` group of each, restricted to edits <= k."""
     from ..edit.chain import read_log_columns
 
-    frames = []
-    for path in sorted((Path(run_dir) / "factors").glob("*.h5")):
-        try:
-            end = int(path.stem)
-        except ValueError:
-            continue
-        cols = read_log_columns(path)
-        if not cols:
-            continue
-        df = pl.DataFrame(cols)
-        frames.append(df)
-        if end >= k:
-            break
+    frames = [pl.DataFrame(cols) for path in sorted(map(Path, factors)) if (cols := read_log_columns(path))]
     if not frames:
         return pl.DataFrame(schema={"case_id": pl.Utf8, "edit_index": pl.Int64, "update_norm": pl.Float64, "update_rel": pl.Float64})
     return pl.concat(frames, how="diagonal_relaxed").filter(pl.col("edit_index") <= k)

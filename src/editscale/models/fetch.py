@@ -37,6 +37,7 @@ EMBEDDED = {
 }
 
 TINY_ARCHS = ("gpt2", "gptj", "gpt_neox", "llama")
+TINY_LAYERS = 4  # every tiny architecture (the workflow checks hparams layers against it at plan time)
 
 
 def prepare_model(source: str, out_dir: str | Path, revision: str | None = None, cache_dir: str | Path | None = None) -> dict:
@@ -176,13 +177,13 @@ def build_tiny_model(arch: str, seed: int = 0):
     v = len(tok)
     ids = dict(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
     configs = {
-        "gpt2": lambda: GPT2Config(vocab_size=v, n_positions=512, n_embd=64, n_layer=4, n_head=4, **ids),
-        "gptj": lambda: GPTJConfig(vocab_size=v, n_positions=512, n_embd=64, n_layer=4, n_head=4, rotary_dim=8, **ids),
+        "gpt2": lambda: GPT2Config(vocab_size=v, n_positions=512, n_embd=64, n_layer=TINY_LAYERS, n_head=4, **ids),
+        "gptj": lambda: GPTJConfig(vocab_size=v, n_positions=512, n_embd=64, n_layer=TINY_LAYERS, n_head=4, rotary_dim=8, **ids),
         "gpt_neox": lambda: GPTNeoXConfig(
-            vocab_size=v, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, max_position_embeddings=512, **ids
+            vocab_size=v, hidden_size=64, num_hidden_layers=TINY_LAYERS, num_attention_heads=4, intermediate_size=256, max_position_embeddings=512, **ids
         ),
         "llama": lambda: LlamaConfig(
-            vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=TINY_LAYERS, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, **ids,
         ),
     }

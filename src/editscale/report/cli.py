@@ -15,10 +15,12 @@ PHASE_PARAMS = ["seed", "slope_ratio", "min_delta_bic", "alpha", "min_agree", "d
 def register(sub) -> None:
     p = sub.add_parser("report-tables", help="gather every metric into tidy tables (parquet + csv) and a per-run summary")
     p.add_argument("--runs-json", required=True, help="run descriptions, inline JSON or a JSON file: a list of runs, {'runs': [...]}, or name -> run")
-    p.add_argument("--results", default="results", help="results directory holding {run}/metrics/{family}/{k}.parquet")
+    p.add_argument("--metrics", nargs="*", default=[], help="the metric files ({run}/metrics/{family}/{k}.parquet) the rule declared")
+    p.add_argument("--factors", nargs="*", default=[], help="the factors files ({run}/factors/{k}.h5): the per-edit log")
+    p.add_argument("--deltas", nargs="*", default=[], help="the delta files ({run}/deltas/{k}.h5): with --factors, the storage per run")
     p.add_argument("--out-dir", default="results/tables")
     p.add_argument("--edit-log", default=None, help="per-edit log table (parquet/csv): run, edit_index, case_id, seconds, update_norm, update_rel, v_loss")
-    p.add_argument("--storage-json", default=None, help="JSON {run: bytes}; default: size of results/{run}/deltas and factors")
+    p.add_argument("--storage-json", default=None, help="JSON {run: bytes}; default: size of the --deltas and --factors files")
     p.add_argument("--params-json", default=None, help="the config's `report` section, inline JSON or a file; keys used here: " + ", ".join(TABLE_PARAMS + PHASE_PARAMS))
     p.add_argument("--window", type=int, default=None, help="edits averaged for the summary's scores at each edit count (default 50)")
     p.add_argument("--seed", type=int, default=None, help="seed of the phase-detection bootstrap (default 0)")
@@ -66,8 +68,8 @@ def run_tables(args) -> None:
     if args.storage_json:
         storage = {str(k): int(v) for k, v in load_json_arg(args.storage_json, "storage json").items()}
     else:
-        storage = storage_of_runs(args.results, meta)
-    written = report_tables(meta, args.results, args.out_dir, edit_log=edit_log, storage_bytes=storage, **kwargs)
+        storage = storage_of_runs([*args.deltas, *args.factors])
+    written = report_tables(meta, args.metrics, args.out_dir, factors=args.factors, edit_log=edit_log, storage_bytes=storage, **kwargs)
     log.info("report-tables: %d files written to %s", len(written), args.out_dir)
 
 

@@ -120,34 +120,25 @@ def _meta_frame(runs: Iterable[str], meta: Mapping[str, dict]) -> pl.DataFrame:
 # collecting metric files
 
 
-def metric_files(family: str, sources, runs: Iterable[str] | None = None) -> list[tuple[str, Path]]:
-    """(run, parquet path) of one metric family.
+def run_of(path: str | os.PathLike, depth: int) -> str:
+    """The run a results file belongs to: results/{run}/metrics/{family}/{k}.parquet (depth 2) or
+    results/{run}/factors/{k}.h5 (depth 1)."""
+    return Path(path).parents[depth].name
 
-    `sources`: a results directory (holding {run}/metrics/{family}/*.parquet), a mapping
-    run -> run directory, or an iterable of parquet paths (the run is the directory three levels
-    up: {run}/metrics/{family}/{k}.parquet).
-    """
+
+def metric_files(family: str, paths: Iterable[str | os.PathLike], runs: Iterable[str] | None = None) -> list[tuple[str, Path]]:
+    """(run, parquet path) of one metric family among `paths`, the files a rule declared as its
+    inputs ({run}/metrics/{family}/{k}.parquet). A directory is refused: globbing results/ would
+    let checkpoints no longer in the config (a lowered n_edits, a changed grid) into the tables."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
     runs = None if runs is None else set(runs)
     found: list[tuple[str, Path]] = []
-    if isinstance(sources, (str, os.PathLike)):
-        root = Path(sources)
-        if root.is_file():
-            sources = [root]
-        else:
-            for p in sorted(root.glob(f"*/metrics/{family}/*.parquet")):
-                found.append((p.parents[2].name, p))
-            sources = None
-    elif isinstance(sources, Mapping):
-        for run, run_dir in sources.items():
-            for p in sorted(Path(run_dir).glob(f"metrics/{family}/*.parquet")):
-                found.append((str(run), p))
-        sources = None
-    if sources is not None:
-        for p in sources:
-            p = Path(p)
-            if p.parent.name != family:
-                continue
-            found.append((p.parents[2].name, p))
+    for p in map(Path, paths):
+        if p.is_dir():
+            raise EditscaleError(f"{p} is a directory: pass the metric files themselves (the rule's declared inputs)")
+        if p.parent.name == family:
+            found.append((run_of(p, 2), p))
     return [(r, p) for r, p in found if runs is None or r in runs]
 
 
@@ -176,7 +167,7 @@ def empty_tidy(extra: Mapping[str, pl.DataType] | None = None) -> pl.DataFrame:
     return pl.DataFrame(schema={**TIDY_SCHEMA, **(extra or {})})
 
 
-def collect_metric(family: str, sources, runs_meta=None) -> pl.DataFrame:
+def collect_metric(family: str, paths, runs_meta=None) -> pl.DataFrame:
     """Tidy long table of one metric family over runs.
 
     Columns: run, model, method, dataset, sample, edit (= k), metric, item, value, then any extra
@@ -184,7 +175,7 @@ def collect_metric(family: str, sources, runs_meta=None) -> pl.DataFrame:
     model / method / dataset / sample and, when given, restrict the runs read.
     """
     meta = normalize_runs_meta(runs_meta)
-    files = metric_files(family, sources, runs=meta.keys() if meta else None)
+    files = metric_files(family, paths, runs=meta.keys() if meta else None)
     if not files:
         return empty_tidy({"edit_index": pl.Int64} if family == "history" else None)
     frames = [read_metric_file(p).with_columns(pl.lit(run, pl.Utf8).alias("run")) for run, p in files]
@@ -433,17 +424,20 @@ def normalize_edit_log(edit_log: pl.DataFrame | None) -> pl.DataFrame | None:
     return edit_log.select(cols + extra).sort(["run", "edit_index"])
 
 
-def edit_log_from_factors(results_dir: str | os.PathLike, runs: Iterable[str]) -> pl.DataFrame:
-    """The per-edit log stored in results/{run}/factors/{k:06d}.h5 (group `log`, one dataset per
-    column: case_id, edit_index, v_loss, update_norm, update_rel, seconds, ...), for every run."""
+def edit_log_from_factors(factors: Iterable[str | os.PathLike], runs: Iterable[str] | None = None) -> pl.DataFrame:
+    """The per-edit log stored in the given results/{run}/factors/{k:06d}.h5 files (group `log`,
+    one dataset per column: case_id, edit_index, v_loss, update_norm, update_rel, seconds, ...)."""
     from ..edit.chain import read_log_columns
 
+    wanted = None if runs is None else set(runs)
     frames = []
-    for run in runs:
-        for path in sorted((Path(results_dir) / run / "factors").glob("*.h5")):
-            cols = read_log_columns(path)
-            if cols:
-                frames.append(pl.DataFrame(cols).with_columns(pl.lit(run, pl.Utf8).alias("run")))
+    for path in sorted(map(Path, factors)):
+        run = run_of(path, 1)
+        if wanted is not None and run not in wanted:
+            continue
+        cols = read_log_columns(path)
+        if cols:
+            frames.append(pl.DataFrame(cols).with_columns(pl.lit(run, pl.Utf8).alias("run")))
     if not frames:
         return pl.DataFrame(schema=EDIT_LOG_SCHEMA)
     df = pl.concat(frames, how="diagonal_relaxed")
@@ -451,30 +445,31 @@ def edit_log_from_factors(results_dir: str | os.PathLike, runs: Iterable[str]) -
 
 
 def build_tables(
-    results_dir: str | os.PathLike,
+    metric_paths: Iterable[str | os.PathLike],
     runs_meta,
     *,
+    factors: Iterable[str | os.PathLike] = (),
     edit_log: pl.DataFrame | None = None,
     storage_bytes: Mapping[str, int] | None = None,
     window: int = 50,
     counts: Sequence[int] = SUMMARY_COUNTS,
     **phase_kwargs,
 ) -> dict[str, pl.DataFrame]:
-    """All report tables from a results directory: the six families, forgetting, edit_log (the
-    given one, else read from the factors files), phases, disabling_edits and summary.
+    """All report tables from the given metric files: the six families, forgetting, edit_log (the
+    given one, else read from the given factors files), phases, disabling_edits and summary.
 
     `phase_kwargs` go to editscale.report.phases.analyze_run (seed, slope_ratio, min_delta_bic,
     alpha, min_agree, drop_z, norm_z, ...)."""
     meta = normalize_runs_meta(runs_meta)
+    metric_paths = list(metric_paths)
     tables: dict[str, pl.DataFrame] = {}
     for family in FAMILIES:
-        long = collect_metric(family, results_dir, meta or None)
+        long = collect_metric(family, metric_paths, meta or None)
         tables[family] = edit_scores_wide(long) if family == "edit_scores" else long
         log.info("collected %s: %d rows", family, tables[family].height)
     tables["forgetting"] = forgetting_table(tables["history"], tables["edit_scores"])
     if edit_log is None:
-        runs_present = list(meta) or sorted({r for df in tables.values() for r in df["run"].unique().to_list()})
-        log_df = edit_log_from_factors(results_dir, runs_present)
+        log_df = edit_log_from_factors(factors, list(meta) or None)
     else:
         log_df = normalize_edit_log(edit_log)
     tables["edit_log"] = log_df
@@ -517,16 +512,17 @@ def write_tables(tables: Mapping[str, pl.DataFrame], out_dir: str | os.PathLike,
 
 def report_tables(
     runs_meta,
-    results_dir: str | os.PathLike,
+    metric_paths: Iterable[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
+    factors: Iterable[str | os.PathLike] = (),
     edit_log: pl.DataFrame | None = None,
     storage_bytes: Mapping[str, int] | None = None,
     **kwargs,
 ) -> list[Path]:
     """Build and write every report table (the `editscale report-tables` verb)."""
     meta = normalize_runs_meta(runs_meta)
-    tables = build_tables(results_dir, meta, edit_log=edit_log, storage_bytes=storage_bytes, **kwargs)
+    tables = build_tables(metric_paths, meta, factors=factors, edit_log=edit_log, storage_bytes=storage_bytes, **kwargs)
     md = provenance(inputs={"runs": sha256_json(meta)})
     return write_tables(tables, out_dir, md)
 
@@ -544,16 +540,11 @@ def read_tables(tables_dir: str | os.PathLike, names: Iterable[str] | None = Non
     return out
 
 
-def storage_of_runs(results_dir: str | os.PathLike, runs: Iterable[str], subdirs: Sequence[str] = ("deltas", "factors")) -> dict[str, int]:
-    """Bytes under results/{run}/{deltas,factors} for each run (what the edit chain stores)."""
-    out = {}
-    for r in runs:
-        total = 0
-        for sd in subdirs:
-            d = Path(results_dir) / r / sd
-            if d.is_dir():
-                total += sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
-        out[r] = total
+def storage_of_runs(paths: Iterable[str | os.PathLike]) -> dict[str, int]:
+    """Bytes of the given results/{run}/{deltas,factors}/{k}.h5 files per run (what the edit chain stores)."""
+    out: dict[str, int] = {}
+    for p in map(Path, paths):
+        out[run_of(p, 1)] = out.get(run_of(p, 1), 0) + p.stat().st_size
     return out
 
 
