@@ -125,6 +125,10 @@ def test_factors_log_and_model_check(tmp_path, tiny_model_dirs, repo_root):
         assert parts == pytest.approx(r["seconds"], rel=1e-6)
         assert r["seconds_optimize"] > r["seconds_update"]
     assert len(updates) == 2 and all(u.u.shape[1] == 1 for _, u in updates)  # ROME: rank one each
+    # every scalar ROME measured is in the log: ||right u^T|| = |residual| / |k . u| (u unit norm)
+    for r in rows:
+        assert r["method_update_norm"] == pytest.approx(r["residual_norm"] / abs(r["key_dot_u"]), rel=1e-9)
+        assert r["module"] == "transformer.h.1.mlp.c_proj" and r["v_loss"] == r["v_loss"]
     with pytest.raises(EditscaleError, match="computed on model"):
         read_delta(delta_path(run_dir, 2), expected_model_sha="0" * 64)
     # A stats file computed on another model is refused, naming the file.

@@ -11,7 +11,8 @@ import polars as pl
 import pytest
 import torch
 
-from editscale.evaluate import eval_grid, segment_ends
+from editscale.io import EditscaleError
+from editscale.workflow import eval_grid, segment_ends
 from editscale.evaluate.edit_scores import EDIT_METRICS, case_metrics, harmonic_mean, score_cases
 from editscale.evaluate.generation import (
     entropy_bits,
@@ -352,15 +353,17 @@ def test_update_norm_rows():
 def test_eval_grid():
     assert eval_grid(10, every=3) == [0, 3, 6, 9, 10]
     assert eval_grid(9, every=3) == [0, 3, 6, 9]
-    assert eval_grid(10, segment=5) == [0, 5, 10]
-    assert eval_grid(7) == [0, 7]
+    assert eval_grid(7, every=1000) == [0, 7]
     assert eval_grid(0, every=5) == [0]
-    g = eval_grid(1000, every=100, segment=10)
+    g = eval_grid(1000, every=100)
     assert g[0] == 0 and g[-1] == 1000 and len(g) == 11
-    with pytest.raises(ValueError):
+    with pytest.raises(EditscaleError, match="eval_every must be >= 1"):
         eval_grid(10, every=0)
-    assert segment_ends(10, 4) == [4, 8, 10]
-    assert segment_ends(8, 4) == [4, 8]
+    run = {"name": "r", "n_edits": 8, "segment": 4, "edits_per_step": 1}
+    assert segment_ends(run) == [4, 8]
+    # the chain has no partial segment: the plan refuses n_edits that is not a multiple
+    with pytest.raises(EditscaleError, match="n_edits 10 must be a multiple of segment 4"):
+        segment_ends({**run, "n_edits": 10})
 
 
 # ---------------------------------------------------------------------------------------------

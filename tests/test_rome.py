@@ -443,3 +443,20 @@ def test_method_registry():
         get_method("romee")
     assert "rome" in str(exc.value) and "memit" in str(exc.value)
     assert Rome.modules(tiny("gpt2")[0], {"layers": [2]}) == ["transformer.h.2.mlp.c_proj"]
+
+
+def test_prompts_with_braces_are_filled_not_formatted():
+    """One subject fill (editscale.data.schema.fill) everywhere: str.format raised on a prompt
+    holding other braces ("{Reds}" is a KeyError for .format), and keys / values / fine-tuning
+    prompts were filled differently from the evaluation's."""
+    from editscale.edit.ftc import prompt_text
+
+    model, tok, templates, module, _ = tiny("gpt2")
+    prompt, subject = "{} plays for FC {Reds} in", "Lionel Messi"
+    ids, last = common.encode_with_subject(tok, [prompt], [subject])
+    assert ids[0] == tok("Lionel Messi plays for FC {Reds} in")["input_ids"]
+    assert tok.decode(ids[0][: last[0] + 1]).endswith("Messi")
+    case = {**CASE, "prompt": prompt, "subject": subject}
+    keys = common.compute_keys(model, tok, module, [case], templates)
+    assert keys.shape[0] == 1 and torch.isfinite(keys).all()
+    assert prompt_text(case) == "Lionel Messi plays for FC {Reds} in"

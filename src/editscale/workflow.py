@@ -165,6 +165,8 @@ def segment_ends(run: dict) -> list[int]:
 
 def eval_grid(n_edits: int, every: int) -> list[int]:
     """Checkpoints 0, every, 2*every, ..., always including 0 and n_edits."""
+    if int(every) < 1:
+        raise EditscaleError(f"eval_every must be >= 1, got {every}")
     return sorted(set(range(0, n_edits + 1, every)) | {0, n_edits})
 
 

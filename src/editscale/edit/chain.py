@@ -6,7 +6,8 @@ Segment ending at edit k reads the cumulative delta after edit k - segment and w
                       attrs: model_sha256, k, config_hash, factors_sha256, prev_delta_sha256, provenance
   factors/{k:06d}.h5  updates/{i:06d}: u, v (or dense) of every update in application order, attrs
                       module, kind, step, edit_indices; log/<column>: one row per edit (case_id,
-                      edit_index, v_loss, update_norm, update_rel, seconds, factor_kind);
+                      edit_index, v_loss, update_norm, update_rel, seconds, factor_kind, then every
+                      other scalar the method returned for the edit, e.g. ROME's key_dot_u);
                       method_state/<name>: the method's state after the segment (AlphaEdit keys)
 
 Replaying the factors on D_{k-segment} with the same elementwise operations (weights.add_update)
@@ -33,6 +34,10 @@ from .weights import Update, WeightState, add_update
 from .common import PHASE_SECONDS
 
 log = logging.getLogger(__name__)
+
+def _is_scalar(value) -> bool:
+    return isinstance(value, (bool, int, float, str, np.integer, np.floating, np.bool_)) or value is None
+
 
 LOG_COLUMNS = (
     "case_id", "edit_index", "step", "v_loss", "update_norm", "update_rel", "seconds",
@@ -88,14 +93,17 @@ def write_factors(path, updates: list[Update], steps: list[int], rows: list[dict
                     ug.create_dataset("u", data=upd.u.cpu().numpy().astype(np.float32))
                     ug.create_dataset("v", data=upd.v.cpu().numpy().astype(np.float32))
             lg = f.create_group("log")
-            for col in LOG_COLUMNS:
+            # the chain's columns, then every other scalar a method logged (in first-seen order)
+            extra = list(dict.fromkeys(c for r in rows for c in r if c not in LOG_COLUMNS))
+            for col in (*LOG_COLUMNS, *extra):
                 values = [r.get(col) for r in rows]
-                if col in ("case_id", "factor_kind"):
-                    lg.create_dataset(col, data=np.array([str(v) for v in values], dtype=h5py.string_dtype()))
+                text = col in ("case_id", "factor_kind") or any(isinstance(v, str) for v in values)
+                if text:
+                    lg.create_dataset(col, data=np.array(["" if v is None else str(v) for v in values], dtype=h5py.string_dtype()))
                 elif col in ("edit_index", "step"):
                     lg.create_dataset(col, data=np.array(values, dtype=np.int64))
                 else:
-                    lg.create_dataset(col, data=np.array([np.nan if v is None else v for v in values], dtype=np.float64))
+                    lg.create_dataset(col, data=np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64))
             sg = f.create_group("method_state")
             for name, arr in method_state.items():
                 sg.create_dataset(name, data=np.asarray(arr))
@@ -262,12 +270,20 @@ def run_segment(
         by_case = {str(r.get("case_id")): r for r in logs}
         for case in batch:
             r = by_case.get(str(case["case_id"]), {})
-            rows.append({
+            row = {
                 "case_id": case["case_id"], "edit_index": case["edit_index"], "step": k_start // edits_per_step + step_i + 1,
                 "v_loss": r.get("v_loss"), "update_norm": norm, "update_rel": rel,
                 "seconds": seconds / len(batch), **{f"seconds_{k}": v / len(batch) for k, v in split.items()},
                 "factor_kind": kind,
-            })
+            }
+            # what the method measured (ROME's key_dot_u / residual_norm, MEMIT's z errors, EMMET's
+            # constraint residuals, FT-C's losses, AlphaEdit's stored keys); the chain's own
+            # columns keep their meaning, the method's same-named value goes in as method_<name>
+            for key, value in r.items():
+                if key in ("case_id", "v_loss") or not _is_scalar(value):
+                    continue
+                row[f"method_{key}" if key in row else key] = value
+            rows.append(row)
         updates.extend(applied)
         steps.extend([rows[-1]["step"]] * len(applied))
         bar.set_postfix(loss=f"{rows[-1]['v_loss'] or 0:.3f}", norm=f"{norm:.3g}")

@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ..data.schema import fill
 from ..io import EditscaleError
 from ..models.nethook import Trace
 from ..models.registry import arch_spec, get_module, layer_name, n_layers
@@ -157,7 +158,7 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[
 
 
 def _subject_char_end(prompt: str, subject: str) -> int:
-    """Index (in prompt.format(subject)) of the subject's last character."""
+    """Index (in fill(prompt, subject)) of the subject's last character."""
     _check_template(prompt)
     if not subject:
         raise EditscaleError(f"empty subject for prompt {prompt!r}")
@@ -165,7 +166,7 @@ def _subject_char_end(prompt: str, subject: str) -> int:
 
 
 def encode_with_subject(tok, prompts: Sequence[str], subjects: Sequence[str]) -> tuple[list[list[int]], list[int]]:
-    """Tokenize prompt.format(subject) for every pair (one batched tokenizer call) and return
+    """Tokenize fill(prompt, subject) for every pair (one batched tokenizer call) and return
     (token id lists, index of the subject's last token in each).
 
     With a fast tokenizer the index is the token whose character span contains the subject's last
@@ -174,7 +175,7 @@ def encode_with_subject(tok, prompts: Sequence[str], subjects: Sequence[str]) ->
     """
     if len(prompts) != len(subjects):
         raise EditscaleError(f"{len(prompts)} prompts but {len(subjects)} subjects")
-    texts = [p.format(s) for p, s in zip(prompts, subjects)]
+    texts = [fill(p, s) for p, s in zip(prompts, subjects)]
     char_end = [_subject_char_end(p, s) for p, s in zip(prompts, subjects)]
     if getattr(tok, "is_fast", False):
         enc = tok(texts, return_offsets_mapping=True)
@@ -201,7 +202,7 @@ def encode_with_subject(tok, prompts: Sequence[str], subjects: Sequence[str]) ->
 
 
 def subject_last_index(tok, prompt: str, subject: str) -> int:
-    """Index of the subject's last token in tok(prompt.format(subject)) (ROME's `subject_last`)."""
+    """Index of the subject's last token in tok(fill(prompt, subject)) (ROME's `subject_last`)."""
     return encode_with_subject(tok, [prompt], [subject])[1][0]
 
 
@@ -348,7 +349,7 @@ def flat_templates(templates) -> list[str]:
 @torch.no_grad()
 def module_io_at_subject(model, tok, module: str, prompts: list[str], subjects: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Input [n, d_in] and output [n, d_out] of `module` at the subject-last token of each
-    prompt.format(subject); batches of KEY_BATCH right-padded rows, forward stopped after the module."""
+    fill(prompt, subject); batches of KEY_BATCH right-padded rows, forward stopped after the module."""
     get_module(model, module)  # clear error on a bad name
     ids, idxs = encode_with_subject(tok, prompts, subjects)
     device = _model_device(model)
@@ -369,14 +370,14 @@ def module_io_at_subject(model, tok, module: str, prompts: list[str], subjects: 
 @torch.no_grad()
 def compute_keys(model, tok, module: str, cases: list[dict], templates) -> torch.Tensor:
     """[n_cases, d_in]: input of `module` at the subject-last token of
-    template.format(case["prompt"]).format(subject), averaged within each template group and then
+    fill(fill(template, case["prompt"]), subject), averaged within each template group and then
     over the groups (memit/compute_ks.py; a flat list is one group, ROME's rome/compute_u.py mean).
     With MEMIT's groups [["{}"], five samples] that is k = 1/2 k("{}") + 1/2 mean(k over samples)."""
     if not cases:
         raise EditscaleError("compute_keys: no cases")
     groups = template_groups(templates)
     flat = [t for g in groups for t in g]
-    prompts = [t.format(c["prompt"]) for c in cases for t in flat]
+    prompts = [fill(t, c["prompt"]) for c in cases for t in flat]
     subjects = [c["subject"] for c in cases for _ in flat]
     keys, _ = module_io_at_subject(model, tok, module, prompts, subjects)
     per_group = keys.reshape(len(cases), len(flat), -1).split([len(g) for g in groups], dim=1)
@@ -445,7 +446,7 @@ def optimize_value(model, tok, case: dict, templates, inject_module: str, hp: di
     """ROME's compute_v: the output v* of `inject_module` at the subject-last token that makes the
     model predict case["target_new"].
 
-    Rewriting prompts: template.format(case["prompt"]) for every template (groups flattened, as
+    Rewriting prompts: fill(template, case["prompt"]) for every template (groups flattened, as
     the references do) followed by the target tokens except the last
     (token ids are concatenated, so the target tokenization is exactly " " + target_new's); one KL
     prompt "{} is a". A vector delta (zeros) is added to `inject_module`'s output at the subject-last
@@ -472,7 +473,7 @@ def optimize_value(model, tok, case: dict, templates, inject_module: str, hp: di
     target_ids = target_token_ids(tok, target_str(case))
     n_t = len(target_ids)
 
-    rewriting = [t.format(case["prompt"]) for t in flat_templates(templates)]
+    rewriting = [fill(t, case["prompt"]) for t in flat_templates(templates)]
     prompts = rewriting + KL_PROMPTS
     ids, lookup = encode_with_subject(tok, prompts, [subject] * len(prompts))
     n_rw = len(rewriting)

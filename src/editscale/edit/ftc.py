@@ -31,6 +31,7 @@ import time
 import torch
 from torch.func import functional_call
 
+from ..data.schema import fill
 from ..io import EditscaleError
 from ..models.registry import edited_weight, from_math, mlp_out_name
 from . import common
@@ -42,7 +43,7 @@ OBJECTIVES = ("last_token", "teacher_forced")
 
 
 def prompt_text(case: dict) -> str:
-    return case["prompt"].format(case["subject"])
+    return fill(case["prompt"], case["subject"])
 
 
 class _Batch:

@@ -27,16 +27,13 @@ from typing import Sequence
 
 import polars as pl
 
+from ..data.schema import fill
 from .scoring import run_prompts
 
 PARTS = ("efficacy", "paraphrase", "neighborhood")
 EDIT_METRICS = (
     "es", "em", "ps", "pm", "ns", "nm", "score", "efficacy_em", "paraphrase_em", "neighborhood_em", "nll_new", "nll_true",
 )
-
-
-def fill(template: str, subject: str) -> str:
-    return template.replace("{}", subject, 1)
 
 
 def harmonic_mean(values: Sequence[float]) -> float:

@@ -33,6 +33,7 @@ from typing import Sequence
 import polars as pl
 import torch
 
+from ..data.schema import fill
 from .scoring import decode, run_prompts
 
 _WORD = re.compile(r"\w+(?=n't)|n't|'\w+|\w+|[^\w\s]")
@@ -110,7 +111,7 @@ def pick_prompts(cases: Sequence[dict], n_prompts: int | None, seed: int = 0) ->
     rng = random.Random(seed)
     out: list[str] = []
     for c in sorted(cases, key=lambda c: int(c.get("edit_index", 0))):
-        gp = c.get("generation_prompts") or [c["prompt"].replace("{}", c["subject"], 1)]
+        gp = c.get("generation_prompts") or [fill(c["prompt"], c["subject"])]
         p = gp[rng.randrange(len(gp))]
         if p not in out:
             out.append(p)

@@ -11,11 +11,9 @@ do not depend on the orientation):
 plus item "all": fro and fro_per_numel over all edited matrices together.
 
 Per edit (from the factors' per-edit log: case_id, edit_index, update_norm = ||dW||_F,
-update_rel = ||dW||_F / ||W||_F): robust z-score of the update norm among all edits 1..k,
-  z_i = (x_i - median(x)) / (1.4826 * MAD(x)),  MAD = median |x - median(x)|
-(1.4826 makes the MAD a consistent estimate of the standard deviation for normal data; if the MAD
-is 0, the mean absolute deviation * 1.2533 is used instead; if that is 0 too, nothing is flagged).
-An edit with z > threshold (default 5, one-sided: unusually LARGE updates) is flagged as a
+update_rel = ||dW||_F / ||W||_F): robust z-score of the update norm among all edits 1..k
+(editscale.robust: (x - median) / (1.4826 MAD), the same definition the phase detector uses).
+An edit with z > threshold (default robust.OUTLIER_Z = 5, one-sided: unusually LARGE updates) is flagged as a
 candidate disabling edit: "Rebuilding ROME" (Gupta et al. 2024) shows that sequential ROME
 collapses at single edits whose update norm is orders of magnitude above the others.
 """
@@ -28,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
+
+from .. import robust
 
 SCHEMA = {"k": pl.Int64, "item": pl.Utf8, "metric": pl.Utf8, "value": pl.Float64}
 
@@ -66,30 +66,16 @@ def weight_drift(delta: dict[str, torch.Tensor], base: dict[str, torch.Tensor], 
     return pl.DataFrame(rows, schema=SCHEMA)
 
 
-def robust_z(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    ok = np.isfinite(x)
-    z = np.full(x.shape, np.nan)
-    if not ok.any():
-        return z
-    med = np.median(x[ok])
-    scale = 1.4826 * np.median(np.abs(x[ok] - med))
-    if scale == 0:
-        scale = 1.2533 * np.mean(np.abs(x[ok] - med))
-    if scale == 0:
-        z[ok] = 0.0
-        return z
-    z[ok] = (x[ok] - med) / scale
-    return z
+robust_z = robust.robust_z  # re-exported: one definition (editscale.robust)
 
 
-def flag_outliers(norms: np.ndarray, threshold: float = 5.0) -> np.ndarray:
+def flag_outliers(norms: np.ndarray, threshold: float = robust.OUTLIER_Z) -> np.ndarray:
     """Boolean flags: robust z-score of the norm > threshold (NaN norms are never flagged)."""
     z = robust_z(norms)
     return np.nan_to_num(z, nan=-np.inf) > threshold
 
 
-def update_norm_rows(log: pl.DataFrame, k: int, threshold: float = 5.0) -> pl.DataFrame:
+def update_norm_rows(log: pl.DataFrame, k: int, threshold: float = robust.OUTLIER_Z) -> pl.DataFrame:
     """Per-edit rows from the per-edit log table (edits with edit_index <= k): item=case_id,
     edit_index, metrics update_norm, update_rel, robust_z, outlier (0/1); plus item "all":
     n_outliers, update_norm_median, update_norm_max."""

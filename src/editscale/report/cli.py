@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+from ..robust import OUTLIER_Z
+
 log = logging.getLogger(__name__)
 
 TABLE_PARAMS = ["window", "counts"]
@@ -33,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--band", choices=["minmax", "sd"], default="minmax", help="band across samples of one configuration")
     p.add_argument("--formats", default="html,png,svg", help="comma-separated subset of html,png,svg")
     p.add_argument("--cdn-html", action="store_true", help="load vega from a CDN instead of embedding it (smaller HTML, needs network to view)")
-    p.add_argument("--norm-z", type=float, default=6.0, help="robust z above which an update norm is an outlier")
+    p.add_argument("--norm-z", type=float, default=OUTLIER_Z, help="robust z above which an update norm is an outlier")
     p.add_argument("--no-per-run", action="store_true", help="skip the per-run copies overview_{run} of the overview figure")
     p.set_defaults(func=run_plots)
 
@@ -46,7 +48,7 @@ def register(sub) -> None:
     p.add_argument("--alpha", type=float, default=0.01)
     p.add_argument("--min-agree", type=int, default=1, help="curves that must agree on the combined onset")
     p.add_argument("--drop-z", type=float, default=4.0)
-    p.add_argument("--norm-z", type=float, default=6.0)
+    p.add_argument("--norm-z", type=float, default=OUTLIER_Z)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_phases)
 

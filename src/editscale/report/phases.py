@@ -102,6 +102,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import polars as pl
 
+from .. import robust
+
 METHOD = "hinge-bic+supLR"
 DECISION_CURVES = ("downstream_f1", "downstream_ll", "efficacy")
 
@@ -505,24 +507,8 @@ def combine_phases(
 # disabling edits
 
 
-def robust_z(x) -> np.ndarray:
-    """(x - median) / (1.4826 MAD); falls back to the standard deviation when the MAD is 0."""
-    x = np.asarray(x, dtype=float)
-    med = np.nanmedian(x)
-    scale = _robust_scale(x - med)
-    return (x - med) / scale
-
-
-def _robust_scale(r: np.ndarray) -> float:
-    r = r[np.isfinite(r)]
-    if len(r) == 0:
-        return 1.0
-    s = 1.4826 * float(np.median(np.abs(r - np.median(r))))
-    if s <= 0:
-        s = float(np.std(r))
-    if s <= 0:
-        s = 1e-12 * max(1.0, float(np.max(np.abs(r))))
-    return s
+robust_z = robust.robust_z  # one definition (editscale.robust), shared with the weights metric
+_robust_scale = robust.robust_scale
 
 
 def norm_outlier_z(edit_index, norms, *, window: int = 51, log: bool = True) -> np.ndarray:
@@ -605,7 +591,7 @@ def detect_disabling_edits(
     *,
     onset_k: float | None = None,
     drop_z: float = 4.0,
-    norm_z: float = 6.0,
+    norm_z: float = robust.OUTLIER_Z,
     lookahead: int = 1,
     window: int = 51,
     attribute_z: float = 3.0,
@@ -762,7 +748,7 @@ def analyze_run(
     decision_curves: Sequence[str] = DECISION_CURVES,
     min_agree: int = 1,
     drop_z: float = 4.0,
-    norm_z: float = 6.0,
+    norm_z: float = robust.OUTLIER_Z,
     seed: int = 0,
     **onset_kwargs,
 ) -> RunPhases:

@@ -39,6 +39,7 @@ import altair as alt
 import numpy as np
 import polars as pl
 
+from .. import robust
 from ..io import atomic_path
 from . import phases as ph
 
@@ -267,7 +268,7 @@ def weights_chart(weights: pl.DataFrame | None, *, metric: str = "fro", band: st
 NORM_CLASSES = ["normal", "weights metric flag", "detrended z outlier", "both"]
 
 
-def norms_frame(tables: Mapping[str, pl.DataFrame], runs: Sequence[str] | None = None, *, norm_z: float = 6.0) -> pl.DataFrame:
+def norms_frame(tables: Mapping[str, pl.DataFrame], runs: Sequence[str] | None = None, *, norm_z: float = robust.OUTLIER_Z) -> pl.DataFrame:
     """Per-edit update norms of every run, with the detrended robust z and the outlier class."""
     runs = runs if runs is not None else _runs(tables)
     frames = []
@@ -306,7 +307,7 @@ def norms_frame(tables: Mapping[str, pl.DataFrame], runs: Sequence[str] | None =
     return pl.concat(frames)
 
 
-def update_norm_chart(tables: Mapping[str, pl.DataFrame], *, norm_z: float = 6.0) -> alt.TopLevelMixin:
+def update_norm_chart(tables: Mapping[str, pl.DataFrame], *, norm_z: float = robust.OUTLIER_Z) -> alt.TopLevelMixin:
     """Per-edit update norm (log scale), outliers highlighted, one panel per run."""
     title = "Update norm per edit"
     df = norms_frame(tables, norm_z=norm_z)
@@ -449,7 +450,7 @@ def make_plots(
     band: str = "minmax",
     formats: Sequence[str] = FORMATS,
     inline_html: bool = True,
-    norm_z: float = 6.0,
+    norm_z: float = robust.OUTLIER_Z,
     per_run: bool = True,
 ) -> list[Path]:
     """Write every figure to `out_dir` (stems in the module docstring); returns the files written.
