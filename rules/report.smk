@@ -31,7 +31,8 @@ rule report_tables:
         tables=expand("results/tables/{family}.parquet", family=FAMILIES + ["summary", "edit_log", "phases"]),
     params:
         runs=runs_meta(),
-        report=wf.canonical_json(config["report"]),
+        # the table and phase settings only: plot smoothing must not re-run the phase bootstrap
+        report=wf.canonical_json({k: v for k, v in config["report"].items() if k != "smooth"}),
     log:
         "results/logs/report_tables.log",
     resources:

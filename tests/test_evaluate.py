@@ -421,7 +421,10 @@ def test_cli_k0(tiny_run, tmp_path):
     meta = read_parquet_metadata(out)
     from editscale.io import sha256_json
 
-    assert meta["config_hash"] == sha256_json(params)
+    # the provenance hashes the resolved section: the given params plus the schema's defaults
+    from editscale.config import section_defaults
+
+    assert meta["config_hash"] == sha256_json({**section_defaults("metrics.downstream"), **params})
     assert "model" in json.loads(meta["inputs"])
 
     out = tmp_path / "generation.parquet"

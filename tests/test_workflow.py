@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from editscale.edit.chain import delta_path, tensor_sha256, read_delta
+from editscale.io import EditscaleError
 from editscale.workflow import WORKFLOW_FILES, copy_workflow, planned_jobs  # noqa: F401 (re-exported to other tests)
 
 pytestmark = pytest.mark.workflow
@@ -276,3 +277,42 @@ def test_lowered_n_edits_leaves_stale_checkpoints_out_of_the_report(tiny_study, 
     assert pl.read_parquet(workdir / "results/tables/edit_scores.parquet")["edit"].max() == 3
     weights = pl.read_parquet(workdir / "results/rome-tiny/metrics/weights/000003.parquet")
     assert weights.filter(pl.col("edit_index").is_not_null())["edit_index"].max() == 3
+
+
+def test_schema_is_the_one_source_of_defaults_and_bounds(repo_root, tmp_path):
+    """Defect: defaults and bounds were restated (and differed) in the schema, the commands and
+    doctor; keys the commands read were forbidden by the schema."""
+    from editscale.config import section, section_defaults
+    from editscale.models.doctor import load_config as doctor_load
+    from editscale.stats.corpus import COMMON_MINIMUM, normalize_spec
+
+    # a command given no params gets the schema's default (generation read n_prompts 50, schema 20)
+    assert section("metrics.generation").n_prompts == section_defaults("metrics.generation")["n_prompts"] == 20
+    with pytest.raises(EditscaleError, match=r"metrics.generation: unknown key 'n_prompt' \(did you mean 'n_prompts'\?\)"):
+        section("metrics.generation", {"n_prompt": 3})
+    # corpus bounds: the schema's (corpus.py no longer has its own)
+    import editscale.config as cfgmod
+
+    corpus_props = cfgmod.schema()["properties"]["corpora"]["additionalProperties"]["properties"]
+    assert {k: corpus_props[k]["minimum"] for k in COMMON_MINIMUM} == COMMON_MINIMUM
+    with pytest.raises(EditscaleError, match="'seq_len' must be an integer >= 2"):
+        normalize_spec({"kind": "self_sample", "seq_len": 1})
+    # keys the commands read are accepted by the workflow
+    workdir = copy_workflow(repo_root, tmp_path / "wf")
+
+    def read_keys(c):
+        c["metrics"]["downstream"]["batch_size"] = 8
+        c["metrics"]["history"]["parts"] = ["efficacy"]
+        c["metrics"]["generation"]["prompts"] = ["The capital of France is"]
+        c["metrics"]["perplexity"]["ignore_id"] = 0
+        c["report"] = {"window": 5, "slope_ratio": 2.5, "counts": [3, 6]}
+
+    set_config(workdir, read_keys)
+    assert planned_jobs(snakemake(workdir, "-n"))["metric_history"] >= 1
+    # doctor loads configs the way the workflow does: a config the workflow rejects is rejected
+    set_config(workdir, lambda c: c["runs"][0].update({"dataset": "nosuch"}))
+    with pytest.raises(EditscaleError, match=r"runs\[rome-tiny\].dataset = 'nosuch' is not defined"):
+        doctor_load(workdir / "config/test-tiny.yaml")
+    set_config(workdir, lambda c: c["runs"][0].update({"dataset": "geofacts", "n_edit": 3}))
+    with pytest.raises(EditscaleError, match="n_edit"):
+        doctor_load(workdir / "config/test-tiny.yaml")

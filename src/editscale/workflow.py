@@ -23,6 +23,15 @@ METRICS_PER_CHECKPOINT = ("history", "downstream", "generation", "perplexity", "
 NEEDS_STATS = {"rome": True, "r-rome": True, "emmet": True, "memit": True, "alphaedit": True, "ft-c": False}
 
 
+def workflow_root(configfile: str | Path) -> Path:
+    """The workflow directory a config belongs to (the nearest ancestor with a Snakefile), else the
+    current directory: relative paths in a config (hparams files) are relative to it."""
+    for parent in Path(configfile).resolve().parents:
+        if (parent / "Snakefile").exists():
+            return parent
+    return Path.cwd()
+
+
 def model_arch(config: dict, model: str) -> str:
     """model_type of a configured model, known before the model is fetched (the DAG needs the
     edited module names at planning time)."""

@@ -21,11 +21,16 @@ def register(sub) -> None:
 def run(args) -> None:
     from pathlib import Path
 
-    from ..io import write_json_atomic
+    from ..config import section
+    from ..io import EditscaleError, write_json_atomic
     from .audit import audit
 
-    params = json.loads(args.params_json)
-    result = audit(args.results, args.models_dir, int(params.get("sample_checkpoints", 2)), int(params.get("seed", 0)))
+    try:
+        params = json.loads(args.params_json)
+    except json.JSONDecodeError as exc:
+        raise EditscaleError(f"--params-json is not valid JSON: {exc}") from exc
+    cfg = section("audit", params)
+    result = audit(args.results, args.models_dir, cfg.sample_checkpoints, cfg.seed)
     out = args.out or str(Path(args.results) / "audit.json")
     write_json_atomic(out, result)
     for f in result["failures"]:

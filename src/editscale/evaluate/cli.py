@@ -64,6 +64,17 @@ def register(sub) -> None:
 # helpers
 
 
+def _section(args, metric: str):
+    """(typed section, its dict) of metrics.<metric>: the schema's defaults updated with
+    --params-json; the dict is what the output's provenance records."""
+    import dataclasses
+
+    from ..config import section
+
+    cfg = section(f"metrics.{metric}", parse_params(args.params_json))
+    return cfg, dataclasses.asdict(cfg)
+
+
 def parse_params(text: str | None) -> dict:
     if not text:
         return {}
@@ -152,29 +163,28 @@ def cmd_score_edits(args) -> None:
     from .edit_scores import score_cases
 
     t0 = time.time()
-    params = parse_params(args.params_json)
+    cfg, params = _section(args, "edit_scores")
     segment = args.segment or int(_run_info(args.run_dir).get("segment", 0) or 0)
     if segment <= 0:
         raise EditscaleError("score-edits needs --segment (or a run.json with `segment`)")
     by_index = {int(c["edit_index"]): c for c in _edits(args.run_dir)}
-    bs = int(params.get("batch_size", 64))
     frames = []
     for j, model, tok in states_in_segment(args.model_dir, args.run_dir, args.k, segment, dtype=_dtype(args), device=args.device):
         if j not in by_index:
             raise EditscaleError(f"edit {j} of the chain is not in {args.run_dir}/edits.jsonl")
-        frames.append(score_cases(model, tok, [by_index[j]], k=j, batch_size=bs))
+        frames.append(score_cases(model, tok, [by_index[j]], k=j, batch_size=cfg.batch_size))
     df = pl.concat(frames) if frames else score_cases(None, None, [], k=args.k)
     _write(df, args, params, seconds=time.time() - t0)
 
 
 def cmd_history(args) -> None:
-    from .history import HISTORY_PARTS, score_history
+    from .history import score_history
 
     t0 = time.time()
-    params = parse_params(args.params_json)
+    cfg, params = _section(args, "history")
     cases = _edits(args.run_dir)
     model, tok = _model_at(args)
-    df = score_history(model, tok, cases, args.k, parts=tuple(params.get("parts", HISTORY_PARTS)), batch_size=int(params.get("batch_size", 64)))
+    df = score_history(model, tok, cases, args.k, parts=tuple(cfg.parts), batch_size=cfg.batch_size)
     _write(df, args, params, seconds=time.time() - t0)
 
 
@@ -185,20 +195,19 @@ def cmd_downstream(args) -> None:
     from .probes import keep_solved
 
     t0 = time.time()
-    params = parse_params(args.params_json)
+    cfg, params = _section(args, "downstream")
     tasks_cfg = task_config(params)
     if not tasks_cfg:
         raise EditscaleError("downstream: no tasks: set `tasks` and/or `probes` in the config's metrics.downstream")
     edits_path = Path(args.run_dir) / "edits.jsonl"
-    n_edits = args.n_edits if args.n_edits is not None else params.get("exclude_edits")
+    n_edits = args.n_edits if args.n_edits is not None else cfg.exclude_edits
     excluded = [
         c["subject"] for c in (read_jsonl(edits_path) if edits_path.exists() else [])
         if n_edits is None or int(c.get("edit_index", 0)) <= int(n_edits)
     ]
     log.info("probes leave out the %d subjects of edits 1..%s", len(excluded), n_edits if n_edits is not None else "all")
     tasks = build_tasks(tasks_cfg, excluded)
-    bs = int(params.get("batch_size", 16))
-    generation = bool(params.get("generation", True))
+    bs, generation = cfg.batch_size, cfg.generation
     # optional per-task "keep_solved": restrict to the items the UNEDITED model gets right
     need_base = [i for i, t in enumerate(tasks) if (tasks_cfg.get(t.name) or {}).get("keep_solved")]
     if need_base:
@@ -230,13 +239,10 @@ def cmd_generation(args) -> None:
     from .generation import generation_metrics, pick_prompts
 
     t0 = time.time()
-    params = parse_params(args.params_json)
-    prompts = params.get("prompts") or pick_prompts(_edits(args.run_dir), params.get("n_prompts", 50), int(params.get("seed", 0)))
+    cfg, params = _section(args, "generation")
+    prompts = cfg.prompts or pick_prompts(_edits(args.run_dir), cfg.n_prompts, cfg.seed)
     model, tok = _model_at(args)
-    df, conts = generation_metrics(
-        model, tok, prompts, args.k, int(params.get("max_new_tokens", 100)), int(params.get("top_k", 5)), int(params.get("seed", 0)),
-        int(params.get("batch_size", 16)),
-    )
+    df, conts = generation_metrics(model, tok, prompts, args.k, cfg.max_new_tokens, cfg.top_k, cfg.seed, cfg.batch_size)
     for p, c in list(zip(prompts, conts))[:3]:
         log.info("k=%d sample: %r -> %r", args.k, p, c[:200])
     _write(df, args, params, seconds=time.time() - t0)
@@ -246,10 +252,10 @@ def cmd_perplexity(args) -> None:
     from .perplexity import load_tokens, perplexity, perplexity_rows
 
     t0 = time.time()
-    params = parse_params(args.params_json)
+    cfg, params = _section(args, "perplexity")
     tokens = load_tokens(args.tokens)
     model, tok = _model_at(args)
-    res = perplexity(model, tokens, batch_size=params.get("batch_size"), ignore_id=params.get("ignore_id"))
+    res = perplexity(model, tokens, batch_size=cfg.batch_size, ignore_id=cfg.ignore_id)
     _write(perplexity_rows(args.k, res), args, params, {"tokens": sha256_file(args.tokens)}, seconds=time.time() - t0)
 
 
@@ -263,8 +269,8 @@ def cmd_weights(args) -> None:
     from .weights import read_edit_logs, update_norm_rows, weight_drift
 
     t0 = time.time()
-    params = parse_params(args.params_json)
-    threshold = float(params.get("outlier_z", params.get("threshold", 5.0)))
+    cfg, params = _section(args, "weights")
+    threshold = float(cfg.outlier_z)
     frames = []
     if args.k > 0:
         segment = int(_run_info(args.run_dir).get("segment", 0) or 0)

@@ -80,7 +80,6 @@ CHARS_PER_TOKEN = 4.0
 EFFICIENCY = 0.5  # fraction of the matmul rate a transformer pass of a few hundred tokens reaches
 DECODE_EFFICIENCY = 0.05  # token-by-token generation is latency bound
 LOAD_BYTES_PER_S = 1e9
-DEFAULT_EVAL_EVERY = {"history": 50, "downstream": 50, "generation": 50, "perplexity": 50, "weights": 20}
 METHODS_WITH_PER_EDIT_SOLVE = {"memit", "emmet", "alphaedit"}
 NO_STATS = {"ft-c"}
 
@@ -231,7 +230,7 @@ def _grid(n: int, every: int) -> list[int]:
 def storage_estimate(run: dict, shapes: dict[str, tuple[int, int]], params: int | None, dtype: str = "float32",
                      stats_modules: list[str] | None = None) -> dict[str, Any]:
     """Bytes of the run's checkpoints (see module doc); exact for the tensors, HDF5 overhead aside."""
-    n, seg = run["n_edits"], run.get("segment", 20)
+    n, seg = run["n_edits"], run["segment"]
     n_ckpt = n // seg
     per_edit = sum(4 * (o + i) for o, i in shapes.values())
     factors_ckpt = seg * per_edit
@@ -306,14 +305,14 @@ def _task_tokens(spec: dict) -> tuple[int, float, str]:
 
 def eval_estimate(run: dict, metrics: dict, corpus: dict, params: int) -> dict[str, Any]:
     """Jobs and forward-pass FLOPs of each metric over the run (decode FLOPs counted separately)."""
-    n, seg = run["n_edits"], run.get("segment", 20)
+    n, seg = run["n_edits"], run["segment"]
     f = 2.0 * params
     out: dict[str, Any] = {}
     n_ckpt = n // seg
     out["edit_scores"] = {"jobs": n_ckpt, "flops": f * n * SCORE_TOKENS_PER_CASE, "decode_flops": 0.0}
     for name in ("history", "downstream", "generation", "perplexity", "weights"):
-        cfg = metrics.get(name) or {}
-        ks = _grid(n, int(cfg.get("eval_every", DEFAULT_EVAL_EVERY[name])))
+        cfg = metrics[name]  # defaults filled in by load_config (the schema)
+        ks = _grid(n, int(cfg["eval_every"]))
         flops = decode = 0.0
         if name == "history":
             flops = f * sum(ks) * HISTORY_TOKENS_PER_CASE
@@ -324,9 +323,9 @@ def eval_estimate(run: dict, metrics: dict, corpus: dict, params: int) -> dict[s
                 per_ckpt += items * tok_per_item
             flops = f * per_ckpt * len(ks)
         elif name == "generation":
-            decode = f * len(ks) * int(cfg.get("n_prompts", 20)) * (int(cfg.get("max_new_tokens", 100)) + 16)
+            decode = f * len(ks) * int(cfg["n_prompts"]) * (int(cfg["max_new_tokens"]) + 16)
         elif name == "perplexity":
-            flops = f * len(ks) * int(corpus.get("heldout_tokens", 20000))
+            flops = f * len(ks) * int(corpus["heldout_tokens"])
         out[name] = {"jobs": len(ks), "flops": flops, "decode_flops": decode}
     return out
 
@@ -338,7 +337,7 @@ def run_estimate(config: dict, run: dict, rate32: float | None, rate64: float | 
     dtype = spec.get("dtype", "float32")
     cfg, where = model_config(config, run["model"], root)
     est: dict[str, Any] = {"run": run["name"], "model": run["model"], "method": run["method"], "n_edits": run["n_edits"],
-                           "segment": run.get("segment", 20), "shapes_from": where, "dtype": dtype}
+                           "segment": run["segment"], "shapes_from": where, "dtype": dtype}
     modules = edited_modules(config, run)
     if cfg is None:
         params = int(spec.get("params_m", 150) * 1e6)
@@ -349,7 +348,7 @@ def run_estimate(config: dict, run: dict, rate32: float | None, rate64: float | 
     hp = _hparams(run)
     est["params"] = params
     est["storage"] = storage_estimate(run, shapes, params, dtype, stats_modules(config, run))
-    fl = edit_flops(run["method"], hp, params, shapes, run.get("segment", 20), getattr(cfg, "num_hidden_layers", None))
+    fl = edit_flops(run["method"], hp, params, shapes, run["segment"], getattr(cfg, "num_hidden_layers", None))
     est["edit"] = {"flops_model": fl["model"], "flops_solve_fp64": fl["solve"], "tokens_per_step": fl["tokens"],
                    "steps": fl["steps"]}
     ev = eval_estimate(run, config.get("metrics") or {}, config["corpora"][run["corpus"]], params)
@@ -369,47 +368,18 @@ def run_estimate(config: dict, run: dict, rate32: float | None, rate64: float | 
         est["edit"]["seconds_per_edit"] = per_edit
         est["edit"]["chain_hours"] = per_edit * run["n_edits"] / 3600
         eval_s = sum(v["flops"] / eff32 + v["decode_flops"] / (rate32 * DECODE_EFFICIENCY) for v in ev.values())
-        load_s = (jobs + run["n_edits"] // run.get("segment", 20)) * model_bytes / LOAD_BYTES_PER_S
+        load_s = (jobs + run["n_edits"] // run["segment"]) * model_bytes / LOAD_BYTES_PER_S
         est["eval_hours"] = eval_s / 3600
         est["model_load_hours"] = load_s / 3600
     return est
 
 
-def workflow_root(configfile: str | Path) -> Path:
-    """The workflow directory a config belongs to (the nearest ancestor with a Snakefile), else the
-    current directory: relative paths in a config (hparams files) are relative to it."""
-    for parent in Path(configfile).resolve().parents:
-        if (parent / "Snakefile").exists():
-            return parent
-    return Path.cwd()
-
-
 def load_config(configfile: str | Path) -> dict:
-    """The config with the schema's defaults filled in (the workflow's config/schema.yaml) and the
-    runs' hparams paths made absolute."""
-    import yaml
+    """The workflow's own loader (schema defaults, cross-checks): doctor accepts exactly what the
+    workflow accepts."""
+    from ..config import load_config as load
 
-    path = Path(configfile)
-    if not path.exists():
-        raise EditscaleError(f"config file {path} not found")
-    config = yaml.safe_load(path.read_text()) or {}
-    root = workflow_root(path)
-    schema = root / "config" / "schema.yaml"
-    if schema.exists():
-        from snakemake.utils import validate
-
-        try:
-            validate(config, str(schema), set_default=True)
-        except Exception as exc:
-            raise EditscaleError(f"{path} does not validate against {schema}: {exc}") from exc
-    for key in ("models", "datasets", "corpora", "runs"):
-        if key not in config:
-            raise EditscaleError(f"{path} has no `{key}:` section")
-    for run in config["runs"]:
-        hp = Path(run["hparams"])
-        if not hp.is_absolute() and not hp.exists() and (root / hp).exists():
-            run["hparams"] = str(root / hp)
-    return config
+    return load(configfile)
 
 
 def doctor(configfile: str | Path | None, bench: bool = True, flops: float | None = None, storage_only: bool = False,

@@ -24,8 +24,8 @@ def register(sub) -> None:
     p.add_argument("--edit-log", default=None, help="per-edit log table (parquet/csv): run, edit_index, case_id, seconds, update_norm, update_rel, v_loss")
     p.add_argument("--storage-json", default=None, help="JSON {run: bytes}; default: size of the --deltas and --factors files")
     p.add_argument("--params-json", default=None, help="the config's `report` section, inline JSON or a file; keys used here: " + ", ".join(TABLE_PARAMS + PHASE_PARAMS))
-    p.add_argument("--window", type=int, default=None, help="edits averaged for the summary's scores at each edit count (default 50)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the phase-detection bootstrap (default 0)")
+    p.add_argument("--window", type=int, default=None, help="edits averaged for the summary's scores at each edit count (default: the config's report.window)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the phase-detection bootstrap (default: report.seed)")
     p.set_defaults(func=run_tables)
 
     p = sub.add_parser("report-plots", help="altair figures (html, png, svg) from the report tables")
@@ -57,11 +57,15 @@ def run_tables(args) -> None:
     from ..io import EditscaleError
     from .tables import load_json_arg, load_runs_json, read_table_file, report_tables, storage_of_runs
 
+    from ..config import section
+
     meta = load_runs_json(args.runs_json)
     params = load_json_arg(args.params_json, "params json") if args.params_json else {}
     if not isinstance(params, dict):
         raise EditscaleError(f"--params-json must be a JSON object, not {type(params).__name__}")
-    kwargs = {k: params[k] for k in TABLE_PARAMS + PHASE_PARAMS if k in params}
+    cfg = section("report", params)
+    kwargs = {k: getattr(cfg, k) for k in TABLE_PARAMS + PHASE_PARAMS}
+    kwargs["counts"] = tuple(kwargs["counts"])
     if args.window is not None:
         kwargs["window"] = args.window
     if args.seed is not None:

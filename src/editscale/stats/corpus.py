@@ -61,6 +61,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
+from ..config import schema
 from ..io import EditscaleError, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,11 @@ log = logging.getLogger(__name__)
 PAD = -1  # padding in stats token files: not a token id, so no real token can be mistaken for it
 # batch_size: sequences per forward pass of the stats pass; it does not change the data, so it is
 # left out of the corpus id.
-COMMON_DEFAULTS: dict[str, Any] = {"n_tokens": 100_000, "heldout_tokens": 20_000, "seq_len": 128, "seed": 0, "batch_size": 16}
+# the keys every kind shares, with the schema's defaults and lower bounds (editscale/schema.yaml
+# corpora: the one source of both)
+_CORPUS_SCHEMA = schema()["properties"]["corpora"]["additionalProperties"]["properties"]
+COMMON_DEFAULTS: dict[str, Any] = {k: _CORPUS_SCHEMA[k]["default"] for k in ("n_tokens", "heldout_tokens", "seq_len", "seed", "batch_size")}
+COMMON_MINIMUM: dict[str, int] = {k: _CORPUS_SCHEMA[k]["minimum"] for k in ("n_tokens", "heldout_tokens", "seq_len", "batch_size")}
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "hf_dataset": {"name": None, "config": None, "split": "train", "text_field": "text", "revision": None,
                    "streaming": False, "shuffle": True},
@@ -96,7 +101,7 @@ def normalize_spec(spec: dict) -> dict:
     for key in REQUIRED[kind]:
         if not out.get(key):
             raise EditscaleError(f"corpus spec of kind {kind!r} needs key {key!r}: {spec!r}")
-    for key, low in (("n_tokens", 1), ("seq_len", 2), ("batch_size", 1), ("heldout_tokens", 0)):
+    for key, low in COMMON_MINIMUM.items():
         if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < low:
             raise EditscaleError(f"corpus spec key {key!r} must be an integer >= {low}, got {out[key]!r}")
     if not isinstance(out["seed"], int) or isinstance(out["seed"], bool):

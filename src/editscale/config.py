@@ -1,0 +1,124 @@
+"""The study configuration: one schema, one loader, typed sections.
+
+`editscale/schema.yaml` (config/schema.yaml in the workflow is a link to it) is the only source
+of defaults. `load_config` (the Snakefile's and every verb's) validates a config against it,
+fills in its defaults and runs the cross-reference checks of `editscale.workflow.check_config`.
+`section(name, params)` turns one section (e.g. "metrics.generation", the JSON a rule passes to
+its command) into a frozen dataclass with the schema's defaults, rejecting keys the schema does
+not know, so that a command never restates a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .io import EditscaleError
+
+SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
+
+
+@functools.lru_cache(maxsize=1)
+def schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _node(path: str) -> dict:
+    node = schema()
+    for part in path.split("."):
+        props = node.get("properties") or {}
+        if part not in props:
+            raise EditscaleError(f"config section {path!r} is not in {SCHEMA_PATH.name} (known here: {sorted(props)})")
+        node = props[part]
+    return node
+
+
+def section_defaults(path: str) -> dict:
+    """The schema's defaults of one section, e.g. section_defaults("metrics.generation")."""
+    return {k: copy.deepcopy(v["default"]) for k, v in (_node(path).get("properties") or {}).items() if "default" in v}
+
+
+def validate(config: dict, source: str = "config") -> dict:
+    """Validate against the schema and fill in its defaults, in place; one error naming the key."""
+    import jsonschema
+
+    _fill_defaults(config, schema())
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise EditscaleError(f"{source}: {where}: {e.message}")
+    return config
+
+
+def _fill_defaults(obj, node: dict) -> None:
+    if isinstance(obj, dict) and node.get("type") == "object":
+        for key, sub in (node.get("properties") or {}).items():
+            if key not in obj and "default" in sub:
+                obj[key] = copy.deepcopy(sub["default"])
+            if key in obj:
+                _fill_defaults(obj[key], sub)
+        extra = node.get("additionalProperties")
+        if isinstance(extra, dict):
+            for key in obj:
+                if key not in (node.get("properties") or {}):
+                    _fill_defaults(obj[key], extra)
+    elif isinstance(obj, list) and isinstance(node.get("items"), dict):
+        for item in obj:
+            _fill_defaults(item, node["items"])
+
+
+def load_config(configfile: str | Path) -> dict:
+    """A config file validated, with defaults, cross-checked (editscale.workflow.check_config); the
+    runs' hparams paths resolved against the workflow directory the file belongs to."""
+    from .workflow import check_config, workflow_root
+
+    path = Path(configfile)
+    if not path.exists():
+        raise EditscaleError(f"config file {path} not found")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise EditscaleError(f"config file {path} is not valid YAML: {exc}") from exc
+    validate(config, str(path))
+    root = workflow_root(path)
+    for run in config["runs"]:
+        hp = Path(run["hparams"])
+        if not hp.is_absolute() and not hp.exists() and (root / hp).exists():
+            run["hparams"] = str(root / hp)
+    check_config(config)
+    return config
+
+
+@functools.lru_cache(maxsize=None)
+def _section_type(path: str) -> type:
+    props = _node(path).get("properties") or {}
+    fields = [(k, Any, dataclasses.field(default=None)) for k in props]
+    return dataclasses.make_dataclass("Section_" + path.replace(".", "_"), fields, frozen=True)
+
+
+def section(path: str, params: dict | None = None) -> Any:
+    """One config section as a frozen dataclass: the schema's defaults updated with `params`
+    (validated against the section's schema); an unknown key is one error with the nearest name."""
+    import jsonschema
+
+    params = dict(params or {})
+    node = _node(path)
+    props = node.get("properties") or {}
+    unknown = sorted(set(params) - set(props))
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], list(props), n=1)
+        raise EditscaleError(f"{path}: unknown key {unknown[0]!r}" + (f" (did you mean {near[0]!r}?)" if near else "") + f"; known: {sorted(props)}")
+    values = {**section_defaults(path), **params}
+    errors = list(jsonschema.Draft202012Validator(node).iter_errors(values))
+    if errors:
+        e = errors[0]
+        raise EditscaleError(f"{path}.{'.'.join(str(p) for p in e.absolute_path)}: {e.message}")
+    return _section_type(path)(**{k: values.get(k) for k in props})
