@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup test test-slurm run benchmark
+.PHONY: setup lint test test-slurm run benchmark
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -12,8 +12,12 @@ setup:
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
 
-test:
+test: lint
 	$(BIN)/python -m pytest -q
+
+lint:
+	$(BIN)/ruff check src tests benchmarks
+	PATH=$(abspath $(BIN)):$$PATH snakemake --lint --configfile config/test-tiny.yaml
 
 test-slurm:
 	PATH=$(abspath $(BIN)):$$PATH bash tests/slurm/run_workflow_on_slurm.sh

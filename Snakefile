@@ -1,10 +1,10 @@
 # editscale: sequential knowledge editing at scale. Stages are cached files; see ../shared/DESIGN.md
 # and README.md. Rules are thin: each calls one `editscale` command; the logic is in src/editscale.
-import json
-
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 from editscale import workflow as wf
+from editscale.config import validate as validate_config
+from editscale.edit.methods import load_plugins
 from editscale.io import EditscaleError
 
 min_version("8.0")
@@ -17,11 +17,16 @@ if not workflow.overwrite_configfiles:
 
 
 
-validate(config, "config/schema.yaml", set_default=True)
 try:
+    # plugin modules (methods, metrics) first: a plugin metric adds its section to the schema
+    load_plugins(config.get("plugins") or [])
+    # config/schema.yaml (editscale/schema.yaml) + plugin sections; fills in the defaults
+    validate_config(config, "config")
     wf.check_config(config)
 except EditscaleError as exc:
     raise ValueError(f"config error: {exc}") from None
+wf.export_plugins(config)  # every job imports the same plugins
+METRIC_REGISTRY = wf.metrics_registry()
 
 RUNS = {run["name"]: run for run in config["runs"]}
 METRICS = config["metrics"]
@@ -35,18 +40,6 @@ wildcard_constraints:
     corpus=r"[^/]+",
     dataset=r"[^/]+",
     module=r"[^/]+",
-
-
-def model_mem_mb(model):
-    """Job memory from the model size: the weights in the configured dtype (once, in MB), plus
-    half again for activations, optimizer state of v* and the fp32 copies of edited matrices."""
-    spec = config["models"][model]
-    bytes_per = 4 if spec["dtype"] == "float32" else 2
-    return int(2000 + 1.5 * spec["params_m"] * bytes_per)
-
-
-def gpu_resources():
-    return {"slurm_extra": "'--gres=gpu:1'", "gpu": 1} if config["resources"]["gpu"] else {}
 
 
 include: "rules/model.smk"

@@ -60,8 +60,15 @@ def per_method(bench: Bench, n_edits: int, warmup: int = 1, methods=METHOD_NAMES
     return rows
 
 
-# rough cost order (steps x template length): longest first keeps the worker pool busy
-_COST_ORDER = ["alphaedit", "emmet", "memit", "rome", "r-rome", "ft-c"]
+# rough cost order from the registry (a d x d solve per edit first, fine-tuning last): the
+# longest jobs first keep the worker pool busy
+_SOLVE_ORDER = ("per_edit", "per_segment", "none")
+
+
+def _cost_rank(method: str) -> int:
+    from editscale.edit.methods import get_method
+
+    return _SOLVE_ORDER.index(get_method(method).solve_cost)
 
 
 def _method_worker(name: str, work: str, threads: int, method: str, n_edits: int, warmup: int) -> dict:
@@ -81,7 +88,7 @@ def per_method_parallel(bench: Bench, n_edits: int, warmup: int, methods, jobs: 
 
     if jobs <= 1:
         return per_method(bench, n_edits, warmup, methods)
-    order = sorted(methods, key=lambda m: _COST_ORDER.index(m) if m in _COST_ORDER else -1)
+    order = sorted(methods, key=_cost_rank)
     ctx = multiprocessing.get_context("spawn")  # no fork after OpenMP threads started
     with ctx.Pool(jobs, maxtasksperchild=1) as pool:
         rows = pool.starmap(_method_worker, [(bench.name, str(bench.work), threads_per_job, m, n_edits, warmup) for m in order])

@@ -18,7 +18,7 @@ import torch
 from editscale.data.geofacts import build_geofacts
 from editscale.data.sequence import unique_subjects
 from editscale.edit import common
-from editscale.edit.methods import get_method
+from editscale.edit.methods import METHODS, get_method
 from editscale.models.fetch import prepare_model
 from editscale.models.load import load_model, model_sha
 from editscale.stats.mom2 import compute_mom2
@@ -27,7 +27,7 @@ log = logging.getLogger("benchmarks")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-METHOD_NAMES = ["rome", "r-rome", "memit", "emmet", "alphaedit", "ft-c"]
+METHOD_NAMES = list(METHODS)  # the registry's order
 
 # name -> (source, hparams file stem, statistics tokens)
 MODELS = {
@@ -75,14 +75,11 @@ class Bench:
         self.fresh_model()
         cls = get_method(method)
         modules = cls.modules(self.model, hp)
+        # every method gets the second moments; one that declares projections (AlphaEdit) derives
+        # them from these, as it does when the workflow's cached projection is absent
         stats = {m: self.stats[m] for m in modules if m in self.stats}
-        extra = {}
-        if method == "alphaedit":
-            from editscale.edit.alphaedit import null_space_projection
-
-            extra["projections"] = {m: null_space_projection(self.stats[m], float(hp["nullspace_threshold"])) for m in modules}
         weights = WeightState(self.model, modules)
-        return cls(self.model, self.tok, hp, stats, self.templates(hp, method), state=None, **extra), weights
+        return cls(self.model, self.tok, hp, stats, self.templates(hp, method), state=None), weights
 
 
 def corpus_texts(limit: int = 4000) -> list[str]:

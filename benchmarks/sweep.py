@@ -64,8 +64,9 @@ def run_setting(study: str, run_name: str, key: str, value, n_edits: int, thread
     stats_dir = study_dir / "results" / "stats" / run["model"] / run["corpus"]
     stats = load_stats({m: str(stats_dir / f"{m}.h5") for m in modules if (stats_dir / f"{m}.h5").exists()}, sha, "cpu")
     extra = {}
-    if run["method"] == "alphaedit":  # cached projections where the workflow left them; AlphaEdit derives the rest from stats
-        cached = {m: stats_dir / "nullspace" / f"{m}.t{hp['nullspace_threshold']}.h5" for m in modules}
+    nullspace = cls.precomputed(hp).get("nullspace")
+    if nullspace:  # cached projections where the workflow left them; the method derives the rest from stats
+        cached = {m: stats_dir / "nullspace" / f"{m}.t{nullspace['threshold']}.h5" for m in modules}
         extra["projections"] = {m: torch.from_numpy(read_projection(p, expected_model_sha=sha)) for m, p in cached.items() if p.exists()}
     templates = read_templates(run_dir / "context_templates.json", cls.template_rule)
     cases = read_jsonl(run_dir / "edits.jsonl")[:n_edits]

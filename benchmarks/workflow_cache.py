@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from editscale.workflow import copy_workflow
+from .snakemake_runs import copy_workflow
 
 from .prepare import MODELS, REPO, Bench
 

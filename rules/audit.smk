@@ -11,7 +11,7 @@ rule audit:
     log:
         "results/logs/audit.log",
     resources:
-        mem_mb=lambda w: max(model_mem_mb(m) for m in config["models"]),
+        mem_mb=lambda w: max(wf.model_mem_mb(config, m) for m in config["models"]),
         runtime=60,
     conda:
         ENV

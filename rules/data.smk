@@ -1,59 +1,16 @@
 # Stage 2 — data: downloads, normalized edit cases, then each run's ordered edit sequence
 
-import os
-import re
+from editscale.data.download import DOWNLOAD_DIR
 
-from editscale.data.download import DOWNLOAD_DIR, KNOWN_FILES
-
-
-def download_path(name):
-    """data/downloads/{file} a dataset with a `url` reads: its `path` (which must lie there) or the
-    URL's file name."""
-    spec = config["datasets"][name]
-    path = spec.get("path") or f"{DOWNLOAD_DIR}/{spec['url'].rstrip('/').rsplit('/', 1)[-1]}"
-    if not isinstance(path, str) or os.path.dirname(os.path.normpath(path)) != DOWNLOAD_DIR:
-        raise ValueError(
-            f"config error: datasets.{name} has a url, so its path must be a file directly under {DOWNLOAD_DIR}/ "
-            f"(where the download rule writes it) or empty, got {path!r}"
-        )
-    return os.path.normpath(path)
-
-
-def _downloads():
-    """file name under data/downloads -> (url, sha256 or None): every dataset url, and the
-    well-known files (editscale.data.download.KNOWN_FILES) a config refers to by path."""
-    out = {name: tuple(v) for name, v in KNOWN_FILES.items()}
-    claimed = {}
-    for name, spec in config["datasets"].items():
-        if spec.get("url"):
-            file = os.path.basename(download_path(name))
-            if file in claimed and claimed[file][1] != spec["url"]:
-                raise ValueError(
-                    f"config error: datasets.{claimed[file][0]} and datasets.{name} download different URLs "
-                    f"to the same file {DOWNLOAD_DIR}/{file}; give one of them another `path`"
-                )
-            claimed[file] = (name, spec["url"])
-            known = KNOWN_FILES.get(file)
-            out[file] = (spec["url"], known[1] if known and known[0] == spec["url"] else None)
-    return out
-
-
-DOWNLOADS = _downloads()
-
-
-def dataset_spec(name):
-    spec = dict(config["datasets"][name])
-    if spec.get("url"):
-        spec["path"] = download_path(name)
-    return spec
+DOWNLOADS = wf.downloads(config)
 
 
 rule download:
     # Only the files named in DOWNLOADS: any other missing file under data/downloads/ stays an error.
     output:
-        DOWNLOAD_DIR + "/{name}",
+        f"{DOWNLOAD_DIR}/{{name}}",
     wildcard_constraints:
-        name="|".join(re.escape(n) for n in DOWNLOADS) or "(?!)",
+        name=wf.alternatives(DOWNLOADS),
     params:
         url=lambda w: DOWNLOADS[w.name][0],
         sha=lambda w: f"--sha256 {DOWNLOADS[w.name][1]}" if DOWNLOADS[w.name][1] else "",
@@ -71,11 +28,11 @@ rule download:
 rule dataset:
     priority: 10
     input:
-        lambda w: [download_path(w.dataset)] if config["datasets"][w.dataset].get("url") else [],
+        lambda w: wf.dataset_inputs(config, w.dataset),
     output:
         "data/datasets/{dataset}.jsonl",
     params:
-        spec=lambda w: wf.canonical_json(dataset_spec(w.dataset)),
+        spec=lambda w: wf.canonical_json(wf.dataset_spec(config, w.dataset)),
     log:
         "results/logs/dataset/{dataset}.log",
     resources:
@@ -94,17 +51,13 @@ rule sequence:
     input:
         dataset=lambda w: f"data/datasets/{RUNS[w.run]['dataset']}.jsonl",
         # the order index (the study's sample file): an input, so a changed or missing file is seen
-        order=lambda w: [f for f in [config["datasets"][RUNS[w.run]["dataset"]]["order_file"]] if f],
+        order=lambda w: [f for f in [wf.order_file(config, RUNS[w.run])] if f],
     output:
         "results/{run}/edits.jsonl",
     params:
         sample=lambda w: RUNS[w.run]["sample"],
         seed=lambda w: RUNS[w.run]["seed"],
-        order=lambda w: (
-            f"--order-file {config['datasets'][RUNS[w.run]['dataset']]['order_file']}"
-            if config["datasets"][RUNS[w.run]["dataset"]]["order_file"]
-            else ""
-        ),
+        order=lambda w: f"--order-file {wf.order_file(config, RUNS[w.run])}" if wf.order_file(config, RUNS[w.run]) else "",
     log:
         "results/logs/{run}/sequence.log",
     resources:

@@ -2,30 +2,6 @@
 # and writes deltas/{k}.h5 (cumulative) and factors/{k}.h5 (every update, for exact replay).
 
 
-def stats_inputs(run):
-    return {
-        m: f"results/stats/{run['model']}/{run['corpus']}/{m}.h5" for m in wf.stats_modules(config, run)
-    }
-
-
-def projection_inputs(run):
-    if run["method"] != "alphaedit":
-        return {}
-    t = wf.run_hparams(run, wf.model_layers(config, run["model"]))["nullspace_threshold"]
-    return {
-        m: f"results/stats/{run['model']}/{run['corpus']}/nullspace/{m}.t{t}.h5"
-        for m in wf.edited_modules(config, run)
-    }
-
-
-def previous_segment(w):
-    run = RUNS[w.run]
-    k_prev = int(w.k) - run["segment"]
-    if k_prev <= 0:
-        return []
-    return [f"results/{w.run}/deltas/{k_prev:06d}.h5", f"results/{w.run}/factors/{k_prev:06d}.h5"]
-
-
 rule run_config:
     priority: 10
     input:
@@ -60,7 +36,7 @@ rule context_templates:
     log:
         "results/logs/{run}/context_templates.log",
     resources:
-        mem_mb=lambda w: model_mem_mb(RUNS[w.run]["model"]),
+        mem_mb=lambda w: wf.model_mem_mb(config, RUNS[w.run]["model"]),
         runtime=30,
     conda:
         ENV
@@ -77,16 +53,17 @@ rule edit_segment:
         run="results/{run}/run.json",
         edits="results/{run}/edits.jsonl",
         templates="results/{run}/context_templates.json",
-        stats=lambda w: list(stats_inputs(RUNS[w.run]).values()),
-        projections=lambda w: list(projection_inputs(RUNS[w.run]).values()),
-        previous=previous_segment,
+        # what the method declares it needs (EditMethod.precomputed): second moments, projections
+        stats=lambda w: list(wf.stats_files(config, RUNS[w.run]).values()),
+        projections=lambda w: list(wf.projection_files(config, RUNS[w.run]).values()),
+        previous=lambda w: wf.previous_segment(RUNS[w.run], int(w.k)),
     output:
         delta="results/{run}/deltas/{k}.h5",
         factors="results/{run}/factors/{k}.h5",
     params:
         model_dir=lambda w: f"data/models/{RUNS[w.run]['model']}",
-        stats=lambda w: " ".join(f"{m}={p}" for m, p in stats_inputs(RUNS[w.run]).items()),
-        projections=lambda w: " ".join(f"{m}={p}" for m, p in projection_inputs(RUNS[w.run]).items()),
+        stats=lambda w: " ".join(f"{m}={p}" for m, p in wf.stats_files(config, RUNS[w.run]).items()),
+        projections=lambda w: " ".join(f"{m}={p}" for m, p in wf.projection_files(config, RUNS[w.run]).items()),
         k=lambda w: int(w.k),
         device=config["resources"]["device"],
     log:
@@ -95,9 +72,9 @@ rule edit_segment:
         # Snakemake's own record of the job: wall seconds, max RSS, I/O (benchmarks/ reads it)
         "results/benchmarks/{run}/edit_segment_{k}.tsv"
     resources:
-        mem_mb=lambda w: int(model_mem_mb(RUNS[w.run]["model"]) * 1.5),
+        mem_mb=lambda w: int(wf.model_mem_mb(config, RUNS[w.run]["model"]) * 1.5),
         runtime=lambda w: 10 + 2 * RUNS[w.run]["segment"],
-        **gpu_resources(),
+        **wf.gpu_resources(config),
     conda:
         ENV
     shell:

@@ -13,7 +13,7 @@ rule model:
     log:
         "results/logs/model/{model}.log",
     resources:
-        mem_mb=lambda w: model_mem_mb(w.model) * 2,
+        mem_mb=lambda w: wf.model_mem_mb(config, w.model) * 2,
         runtime=60,
     conda:
         ENV

@@ -1,27 +1,14 @@
 # Stage 6 — report: tidy tables (polars), phase detection, altair figures, `snakemake --report`.
 
-FAMILIES = ["edit_scores", "history", "downstream", "generation", "perplexity", "weights"]
+FAMILIES = list(METRIC_REGISTRY)  # one report table per registered metric
 FIGURES = ["edit_scores", "forgetting", "downstream", "weight_distance", "update_norms", "overview"]
-
-
-def all_metric_files(wildcards=None):
-    return [f for run in RUNS for m in FAMILIES for f in metric_files(m, run)]
-
-
-def runs_meta():
-    return wf.canonical_json(
-        [
-            {k: run[k] for k in ("name", "model", "method", "hparams", "dataset", "sample", "n_edits", "segment")}
-            for run in RUNS.values()
-        ]
-    )
 
 
 rule report_tables:
     input:
-        metrics=all_metric_files,
-        factors=[f"results/{r}/factors/{k:06d}.h5" for r, run in RUNS.items() for k in wf.segment_ends(run)],
-        deltas=[f"results/{r}/deltas/{k:06d}.h5" for r, run in RUNS.items() for k in wf.segment_ends(run)],
+        metrics=wf.all_metric_files(config),
+        factors=wf.all_segment_files(config, "factors"),
+        deltas=wf.all_segment_files(config, "deltas"),
     output:
         summary=report(
             "results/tables/summary.csv",
@@ -30,7 +17,7 @@ rule report_tables:
         ),
         tables=expand("results/tables/{family}.parquet", family=FAMILIES + ["summary", "edit_log", "phases"]),
     params:
-        runs=runs_meta(),
+        runs=wf.runs_meta(config),
         # the table and phase settings only: plot smoothing must not re-run the phase bootstrap
         report=wf.canonical_json({k: v for k, v in config["report"].items() if k != "smooth"}),
     log:

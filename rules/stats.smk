@@ -18,9 +18,9 @@ rule corpus_tokens:
     log:
         "results/logs/corpus/{model}/{corpus}.log",
     resources:
-        mem_mb=lambda w: model_mem_mb(w.model),
+        mem_mb=lambda w: wf.model_mem_mb(config, w.model),
         runtime=120,
-        **gpu_resources(),
+        **wf.gpu_resources(config),
     conda:
         ENV
     shell:
@@ -44,9 +44,9 @@ rule stats:
     log:
         "results/logs/stats/{model}/{corpus}/{module}.log",
     resources:
-        mem_mb=lambda w: model_mem_mb(w.model),
+        mem_mb=lambda w: wf.model_mem_mb(config, w.model),
         runtime=240,
-        **gpu_resources(),
+        **wf.gpu_resources(config),
     conda:
         ENV
     shell:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-import torch
 
 from editscale.data.geofacts import build_geofacts
 from editscale.edit.chain import (
@@ -25,7 +23,7 @@ from editscale.edit.cli import resolve_run
 from editscale.workflow import run_record
 from editscale.io import EditscaleError, write_json_atomic, write_jsonl_atomic
 from editscale.models.load import load_model, model_sha
-from editscale.models.registry import edited_weight, mlp_out_name, to_math
+from editscale.models.registry import edited_weight, to_math
 from editscale.stats.mom2 import compute_mom2, write_mom2
 
 SEGMENT = 2

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from editscale.edit.chain import read_delta, read_factors, tensor_sha256
-from test_workflow import copy_workflow, planned_jobs, snakemake
+from benchmarks.snakemake_runs import copy_workflow, planned_jobs, snakemake
 
 pytestmark = pytest.mark.workflow
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from editscale.edit.chain import read_delta, read_factors, tensor_sha256
-from test_workflow import copy_workflow, planned_jobs, snakemake
+from benchmarks.snakemake_runs import copy_workflow, planned_jobs, snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -117,7 +117,7 @@ def test_batched_run_has_two_edits_per_step(study):
         (s, f"transformer.h.{layer}.mlp.c_proj") for s in (1, 2) for layer in (1, 2)]
     assert all(u.u.shape[1] == 2 and u.v.shape[1] == 2 for _, u in updates)
     # the two edits of a step share that step's update: same norm and time in the log
-    for step, indices in by_step.items():
+    for step in by_step:
         step_rows = [r for r in rows if r["step"] == step]
         assert len({r["update_norm"] for r in step_rows}) == 1
     seq_updates, seq_rows, _ = _factors(study, "memit-tiny")

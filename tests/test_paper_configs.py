@@ -25,7 +25,7 @@ from editscale.models.load import model_sha
 from editscale.stats.convert import convert_rome_stats, module_from_filename, read_rome_npz, rome_stats_url
 from editscale.stats.mom2 import read_stats
 from editscale.workflow import edited_modules, stats_modules
-from test_workflow import copy_workflow, planned_jobs, snakemake
+from benchmarks.snakemake_runs import copy_workflow, planned_jobs, snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = sorted((REPO / "config" / "paper").glob("*.yaml"))

@@ -335,9 +335,9 @@ def test_every_figure_written_from_tiny_data(results, tmp_path):
     data = next(iter(spec["datasets"].values()))
     rome = [d for d in data if d["series"] == "ROME (2 samples)"]
     assert rome and all(d["n_runs"] == 2 for d in rome)
-    assert any(l["mark"]["type"] == "area" for l in spec["spec"]["layer"])
+    assert any(layer["mark"]["type"] == "area" for layer in spec["spec"]["layer"])
     assert "samples" in spec["title"]["subtitle"]
-    assert all("tooltip" in l["encoding"] for l in spec["spec"]["layer"])
+    assert all("tooltip" in layer["encoding"] for layer in spec["spec"]["layer"])
 
 
 def test_overview_shades_phase_and_empty_inputs(tmp_path):
@@ -348,7 +348,7 @@ def test_overview_shades_phase_and_empty_inputs(tmp_path):
     phase = {"onset_k": 180.0, "ci_low": 170.0, "ci_high": 190.0, "collapse_k": 200.0}
     chart = plots.overview_chart(t, "long", phase=phase, disabling=[175])
     spec = chart.to_dict()
-    marks = [l["mark"]["type"] if isinstance(l["mark"], dict) else l["mark"] for l in spec["layer"]]
+    marks = [layer["mark"]["type"] if isinstance(layer["mark"], dict) else layer["mark"] for layer in spec["layer"]]
     assert marks.count("rect") == 1 and "rule" in marks and "line" in marks
     assert "180" in spec["title"]
     paths = plots.save_chart(chart, tmp_path / "ov", formats=("png", "svg"))

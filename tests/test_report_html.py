@@ -17,7 +17,7 @@ import zipfile
 
 import pytest
 
-from test_workflow import copy_workflow, snakemake
+from benchmarks.snakemake_runs import copy_workflow, snakemake
 
 pytestmark = pytest.mark.workflow
 

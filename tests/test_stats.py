@@ -355,7 +355,9 @@ def test_token_files_text_corpus(tmp_path):
     assert ((stats == PAD).cumsum(axis=1) * (stats != PAD) == 0).all()  # padding only at the end of a row
     held = sample_tokens(spec, tok, split="heldout")
     assert held.shape == (100 // 16, 16) and held.min() >= 0
-    as_batches = lambda arr: [{"input_ids": torch.from_numpy(arr), "attention_mask": torch.from_numpy((arr != PAD).astype(np.int64))}]
+    def as_batches(arr):
+        return [{"input_ids": torch.from_numpy(arr), "attention_mask": torch.from_numpy((arr != PAD).astype(np.int64))}]
+
     ids_stats = _decoded_doc_ids(as_batches(np.where(stats == PAD, 0, stats) * (stats != PAD)), tok)
     assert ids_stats.isdisjoint(_decoded_doc_ids(as_batches(held), tok))
     name = mlp_out_name(model, 1)

@@ -18,27 +18,9 @@ import yaml
 
 from editscale.edit.chain import delta_path, tensor_sha256, read_delta
 from editscale.io import EditscaleError
-from editscale.workflow import WORKFLOW_FILES, copy_workflow, planned_jobs  # noqa: F401 (re-exported to other tests)
+from benchmarks.snakemake_runs import copy_workflow, planned_jobs, set_config, snakemake
 
 pytestmark = pytest.mark.workflow
-
-
-def snakemake(workdir: Path, *args: str, config: str = "config/test-tiny.yaml", check: bool = True, timeout: int = 1200):
-    bindir = Path(sys.executable).parent
-    # targets before --configfile, which takes every following word as a config file
-    cmd = [str(bindir / "snakemake"), "--cores", "2", *args, "--configfile", config]
-    env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(Path.home()), "TOKENIZERS_PARALLELISM": "false"}
-    res = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
-    if check and res.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
-    return res
-
-
-def set_config(workdir: Path, edit) -> None:
-    path = workdir / "config" / "test-tiny.yaml"
-    cfg = yaml.safe_load(path.read_text())
-    edit(cfg)
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +158,7 @@ def test_every_rule_command_parses_and_its_thread_budget_reaches_torch(repo_root
             args = parser.parse_args(argv[1:])
             assert args.threads == threads, (rule, command)
             seen = []
-            args.func = lambda a: seen.append(torch.get_num_threads())
+            args.func = lambda a, seen=seen: seen.append(torch.get_num_threads())
             assert cli.run(args) == 0
             assert seen == [threads], (rule, seen)
     finally:
@@ -316,3 +298,37 @@ def test_schema_is_the_one_source_of_defaults_and_bounds(repo_root, tmp_path):
     set_config(workdir, lambda c: c["runs"][0].update({"dataset": "geofacts", "n_edit": 3}))
     with pytest.raises(EditscaleError, match="n_edit"):
         doctor_load(workdir / "config/test-tiny.yaml")
+
+
+def test_plugin_method_and_metric_run_through_the_workflow(repo_root, tmp_path):
+    """A toy method and a toy metric, one file each outside src/ (tests/plugins), run the tiny
+    workflow end to end via `plugins:` with no other file of editscale changed."""
+    import polars as pl
+
+    workdir = copy_workflow(repo_root, tmp_path / "wf")
+    plugins = repo_root / "tests" / "plugins"
+    hp = workdir / "config/hparams/toy-scale/tiny.yaml"
+    hp.parent.mkdir(parents=True)
+    hp.write_text("layers: [1]\nscale: 0.5\n")
+
+    def use_plugins(c):
+        c["plugins"] = ["toy_method", "toy_metric"]
+        c["runs"][0].update(name="toy-tiny", method="toy-scale", hparams="config/hparams/toy-scale/tiny.yaml")
+        c["metrics"]["toy_norm"] = {"eval_every": 3, "scale": 2.0}
+
+    set_config(workdir, use_plugins)
+    res = snakemake(workdir, env={"PYTHONPATH": str(plugins)})
+    assert "metric_toy_norm" in res.stdout + res.stderr
+    # the method ran (its scalar key_norm reaches the edit log) and the metric saw its updates
+    log = pl.read_parquet(workdir / "results/tables/edit_log.parquet")
+    assert log["run"].unique().to_list() == ["toy-tiny"] and (log["key_norm"] > 0).all()
+    toy = pl.read_parquet(workdir / "results/tables/toy_norm.parquet")
+    assert sorted(toy["edit"].unique().to_list()) == [0, 3, 6]
+    fro = {k: toy.filter((pl.col("edit") == k) & (pl.col("item") == "layer1"))["value"].item() for k in (0, 6)}
+    assert fro[6] != fro[0]  # the toy edits changed layer 1
+    unchanged = toy.filter(pl.col("item") == "layer0")["value"].unique()
+    assert unchanged.len() == 1  # and nothing else
+    # a typo in the plugin metric's section is caught by its own schema fragment
+    set_config(workdir, lambda c: c["metrics"]["toy_norm"].update({"scal": 1.0}))
+    bad = snakemake(workdir, "-n", check=False, env={"PYTHONPATH": str(plugins)})
+    assert bad.returncode != 0 and "scal" in bad.stdout + bad.stderr

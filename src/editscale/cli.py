@@ -33,10 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # stage not built yet
             raise
         module.register(sub)
+    from .evaluate.registry import METRICS
+
+    for metric in METRICS.values():  # plugin metrics bring their own sub-command
+        if metric.add_verb is not None:
+            metric.add_verb(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .edit.methods import load_plugins
+
+    try:
+        load_plugins()  # EDITSCALE_PLUGINS (set by the Snakefile from the config) and entry points
+    except EditscaleError as exc:
+        print(f"editscale: error: {exc}", file=sys.stderr)
+        return 2
     return run(build_parser().parse_args(argv))
 
 

@@ -25,8 +25,24 @@ SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
 
 
 @functools.lru_cache(maxsize=1)
-def schema() -> dict:
+def _file_schema() -> dict:
     return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def schema() -> dict:
+    """The schema file plus the metrics.<name> section of every plugin metric (its `schema`)."""
+    from .evaluate.registry import METRICS
+
+    plugins = {m.name: m.schema for m in METRICS.values() if m.schema is not None}
+    if not plugins:
+        return _file_schema()
+    merged = copy.deepcopy(_file_schema())
+    metric_props = merged["properties"]["metrics"]["properties"]
+    for name, fragment in plugins.items():
+        if name in metric_props:
+            raise EditscaleError(f"plugin metric {name!r} redefines the built-in section metrics.{name}")
+        metric_props[name] = {"type": "object", "additionalProperties": False, "default": {}, **fragment}
+    return merged
 
 
 def _node(path: str) -> dict:

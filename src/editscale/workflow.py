@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import shutil
 from pathlib import Path
 
 import yaml
@@ -19,8 +18,6 @@ from .models.registry import arch_spec
 
 EMBEDDED_ARCH = {"smollm2-135m-instruct": "llama"}
 EMBEDDED_LAYERS = {"smollm2-135m-instruct": 30}
-METRICS_PER_CHECKPOINT = ("history", "downstream", "generation", "perplexity", "weights")
-NEEDS_STATS = {"rome": True, "r-rome": True, "emmet": True, "memit": True, "alphaedit": True, "ft-c": False}
 
 
 def workflow_root(configfile: str | Path) -> Path:
@@ -159,8 +156,29 @@ def template_sampling(run: dict) -> str:
     return f"{get_method(run['method']).template_rule}-v{TEMPLATE_FORMAT}"
 
 
+def precomputed(config: dict, run: dict) -> dict[str, dict]:
+    """What the run's method needs from the stats stage (`EditMethod.precomputed`)."""
+    from .edit.methods import get_method
+
+    return get_method(run["method"]).precomputed(run_hparams(run, model_layers(config, run["model"])))
+
+
 def stats_modules(config: dict, run: dict) -> list[str]:
-    return edited_modules(config, run) if NEEDS_STATS[run["method"]] else []
+    """Edited modules whose second moment the edit jobs read."""
+    return edited_modules(config, run) if "mom2" in precomputed(config, run) else []
+
+
+def stats_files(config: dict, run: dict) -> dict[str, str]:
+    """module -> the second-moment file an edit job of the run reads."""
+    return {m: f"results/stats/{run['model']}/{run['corpus']}/{m}.h5" for m in stats_modules(config, run)}
+
+
+def projection_files(config: dict, run: dict) -> dict[str, str]:
+    """module -> the null-space projection file an edit job reads, for methods that declare one."""
+    spec = precomputed(config, run).get("nullspace")
+    if spec is None:
+        return {}
+    return {m: f"results/stats/{run['model']}/{run['corpus']}/nullspace/{m}.t{spec['threshold']}.h5" for m in edited_modules(config, run)}
 
 
 def segment_ends(run: dict) -> list[int]:
@@ -184,6 +202,196 @@ def segment_end_for(k: int, segment: int) -> int:
     return -(-k // segment) * segment
 
 
+# ---------------------------------------------------------------------------------------------
+# Resources and plugins (the Snakefile's)
+
+
+def model_mem_mb(config: dict, model: str) -> int:
+    """Job memory from the model size: the weights in the configured dtype (once, in MB), plus
+    half again for activations, optimizer state of v* and the fp32 copies of edited matrices."""
+    spec = config["models"][model]
+    bytes_per = 4 if spec["dtype"] == "float32" else 2
+    return int(2000 + 1.5 * spec["params_m"] * bytes_per)
+
+
+def gpu_resources(config: dict) -> dict:
+    return {"slurm_extra": "'--gres=gpu:1'", "gpu": 1} if config["resources"]["gpu"] else {}
+
+
+def export_plugins(config: dict) -> None:
+    """Every job imports the config's plugins: editscale.cli reads EDITSCALE_PLUGINS, which jobs
+    inherit from the Snakemake process."""
+    import os
+
+    os.environ.update(EDITSCALE_PLUGINS=",".join(config["plugins"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloads and datasets
+
+
+def download_path(config: dict, name: str) -> str:
+    """data/downloads/{file} a dataset with a `url` reads: its `path` (which must lie there) or the
+    URL's file name."""
+    import os
+
+    from .data.download import DOWNLOAD_DIR
+
+    spec = config["datasets"][name]
+    path = spec.get("path") or f"{DOWNLOAD_DIR}/{spec['url'].rstrip('/').rsplit('/', 1)[-1]}"
+    if not isinstance(path, str) or os.path.dirname(os.path.normpath(path)) != DOWNLOAD_DIR:
+        raise EditscaleError(
+            f"datasets.{name} has a url, so its path must be a file directly under {DOWNLOAD_DIR}/ "
+            f"(where the download rule writes it) or empty, got {path!r}"
+        )
+    return os.path.normpath(path)
+
+
+def downloads(config: dict) -> dict[str, tuple[str, str | None]]:
+    """file name under data/downloads -> (url, sha256 or None): every dataset url, and the
+    well-known files (editscale.data.download.KNOWN_FILES) a config refers to by path."""
+    import os
+
+    from .data.download import DOWNLOAD_DIR, KNOWN_FILES
+
+    out = {name: tuple(v) for name, v in KNOWN_FILES.items()}
+    claimed: dict[str, tuple[str, str]] = {}
+    for name, spec in config["datasets"].items():
+        if spec.get("url"):
+            file = os.path.basename(download_path(config, name))
+            if file in claimed and claimed[file][1] != spec["url"]:
+                raise EditscaleError(
+                    f"datasets.{claimed[file][0]} and datasets.{name} download different URLs "
+                    f"to the same file {DOWNLOAD_DIR}/{file}; give one of them another `path`"
+                )
+            claimed[file] = (name, spec["url"])
+            known = KNOWN_FILES.get(file)
+            out[file] = (spec["url"], known[1] if known and known[0] == spec["url"] else None)
+    return out
+
+
+def alternatives(names) -> str:
+    """A wildcard constraint matching exactly these names (none: matching nothing)."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+def dataset_spec(config: dict, name: str) -> dict:
+    spec = dict(config["datasets"][name])
+    if spec.get("url"):
+        spec["path"] = download_path(config, name)
+    return spec
+
+
+def dataset_inputs(config: dict, name: str) -> list[str]:
+    return [download_path(config, name)] if config["datasets"][name].get("url") else []
+
+
+def order_file(config: dict, run: dict) -> str | None:
+    return config["datasets"][run["dataset"]]["order_file"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Results layout and the inputs of each job (the rules import these; one place names the files)
+
+
+def delta_file(run_name: str, k: int) -> str:
+    return f"results/{run_name}/deltas/{k:06d}.h5"
+
+
+def factors_file(run_name: str, k: int) -> str:
+    return f"results/{run_name}/factors/{k:06d}.h5"
+
+
+def metric_file(run_name: str, metric: str, k: int) -> str:
+    return f"results/{run_name}/metrics/{metric}/{k:06d}.parquet"
+
+
+def metrics_registry() -> dict:
+    """name -> Metric of every registered metric (built-ins and plugins)."""
+    from .evaluate.registry import METRICS
+
+    return dict(METRICS)
+
+
+def state_files(run: dict, k: int) -> list[str]:
+    """Files that define the model after k edits: the checkpoint's delta, or the previous
+    checkpoint plus the factors of k's segment (replayed)."""
+    files = [f"data/models/{run['model']}/manifest.json", f"results/{run['name']}/run.json"]
+    if k == 0:
+        return files
+    seg = run["segment"]
+    if k % seg == 0:
+        return files + [delta_file(run["name"], k)]
+    end = segment_end_for(k, seg)
+    start = [delta_file(run["name"], end - seg)] if end > seg else []
+    return files + start + [factors_file(run["name"], end)]
+
+
+def metric_grid(config: dict, run: dict, metric: str) -> list[int]:
+    """Checkpoints at which `metric` is evaluated for the run."""
+    from .evaluate.registry import get_metric
+
+    if get_metric(metric).grid == "segments":
+        return segment_ends(run)
+    return eval_grid(run["n_edits"], config["metrics"][metric]["eval_every"])
+
+
+def metric_files(config: dict, run: dict, metric: str) -> list[str]:
+    return [metric_file(run["name"], metric, k) for k in metric_grid(config, run, metric)]
+
+
+def previous_segment(run: dict, k: int) -> list[str]:
+    """The chain's state before the segment ending at k (nothing for the first segment)."""
+    k_prev = k - run["segment"]
+    return [] if k_prev <= 0 else [delta_file(run["name"], k_prev), factors_file(run["name"], k_prev)]
+
+
+def all_metric_files(config: dict) -> list[str]:
+    return [f for run in config["runs"] for m in metrics_registry() for f in metric_files(config, run, m)]
+
+
+def all_segment_files(config: dict, kind: str) -> list[str]:
+    """Every delta ("deltas") or factors ("factors") file of every run."""
+    name = {"deltas": delta_file, "factors": factors_file}[kind]
+    return [name(run["name"], k) for run in config["runs"] for k in segment_ends(run)]
+
+
+def runs_meta(config: dict) -> str:
+    """The run descriptions the report reads (its param)."""
+    keys = ("name", "model", "method", "hparams", "dataset", "sample", "n_edits", "segment")
+    return canonical_json([{k: run[k] for k in keys} for run in config["runs"]])
+
+
+def metric_inputs(config: dict, run: dict, metric: str, k: int) -> dict[str, list[str]]:
+    """The named inputs of the job evaluating `metric` at checkpoint k (what the metric declares)."""
+    from .evaluate.registry import get_metric
+
+    files = {
+        "state": lambda: state_files(run, k),
+        "edits": lambda: [f"results/{run['name']}/edits.jsonl"],
+        "heldout": lambda: [f"data/corpora/{run['model']}/{run['corpus']}/heldout.npy"],
+        "factors_upto": lambda: [factors_file(run["name"], e) for e in segment_ends(run) if e <= segment_end_for(k, run["segment"])],
+        "segment_factors": lambda: [factors_file(run["name"], k)],
+    }
+    return {kind: files[kind]() for kind in get_metric(metric).inputs}
+
+
+def metric_flags(run: dict, metric: str, inputs) -> str:
+    """Command-line flags that hand a metric job its declared inputs (the rest it finds through
+    --run-dir and --k, among the same declared files)."""
+    from .evaluate.registry import get_metric
+
+    kinds = get_metric(metric).inputs
+    flags = []
+    if "heldout" in kinds:
+        flags.append(f"--tokens {inputs.heldout[0]}")
+    if "factors_upto" in kinds:
+        flags.append("--factors " + " ".join(inputs.factors_upto))
+    if "segment_factors" in kinds:
+        flags.append(f"--segment {run['segment']}")
+    return " ".join(flags)
+
+
 def run_by_name(config: dict, name: str) -> dict:
     for run in config["runs"]:
         if run["name"] == name:
@@ -197,42 +405,22 @@ def check_config(config: dict) -> None:
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise EditscaleError(f"runs: duplicate run names {sorted(dup)}")
+    from .edit.methods import get_method, load_plugins
+
+    load_plugins(config.get("plugins") or [])
     for run in config["runs"]:
+        try:
+            get_method(run["method"])
+        except EditscaleError as exc:
+            raise EditscaleError(f"runs[{run['name']}].method: {exc}") from None
         for key, section in (("model", "models"), ("dataset", "datasets"), ("corpus", "corpora")):
             if run[key] not in config[section]:
                 raise EditscaleError(f"runs[{run['name']}].{key} = {run[key]!r} is not defined under `{section}:` ({sorted(config[section])})")
         segment_ends(run)
         edited_modules(config, run)
+    from .data.readers import READERS
 
-
-# ---------------------------------------------------------------------------------------------
-# Copies of the workflow and dry-run plans (tests and benchmarks run snakemake on a copy)
-
-WORKFLOW_FILES = ["Snakefile", "config.yaml", "config", "rules", "envs", "profiles", "report"]
-
-
-def copy_workflow(repo: Path, dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW_FILES:
-        src = repo / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name)
-        else:
-            shutil.copy2(src, dest / name)
-    return dest
-
-
-def planned_jobs(res) -> dict[str, int]:
-    """The 'Job stats' table of a dry run: rule -> count."""
-    text = res.stdout + res.stderr
-    if "Nothing to be done" in text:
-        return {}
-    block = text.split("Job stats:")[-1]
-    jobs = {}
-    for line in block.splitlines()[3:]:
-        m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
-        if not m:
-            break
-        jobs[m.group(1)] = int(m.group(2))
-    jobs.pop("total", None)
-    return jobs
+    for name, spec in config["datasets"].items():
+        if spec["reader"] not in READERS:
+            raise EditscaleError(f"datasets.{name}.reader = {spec['reader']!r} is not a known reader ({sorted(READERS)})")
+    downloads(config)  # dataset urls and paths agree (one error naming the dataset)

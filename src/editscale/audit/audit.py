@@ -19,9 +19,7 @@ import logging
 import random
 from pathlib import Path
 
-import numpy as np
-
-from ..io import EditscaleError, read_parquet_metadata, sha256_file, write_json_atomic
+from ..io import EditscaleError, read_parquet_metadata, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +74,7 @@ def audit_stats(results: Path, model_shas: dict[str, str], rep: Report) -> None:
 
 
 def audit_run(run_dir: Path, models_dir: Path, model_shas: dict[str, str], rep: Report, n_sample: int, rng: random.Random) -> None:
-    from ..edit.chain import delta_path, factors_path, read_delta, read_run, replay_delta, tensor_sha256
+    from ..edit.chain import delta_path, factors_path, read_delta, read_run, tensor_sha256
 
     run = read_run(run_dir)
     model_sha = model_shas.get(run["model"])

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 
 from ..io import EditscaleError
-from .schema import fill
+from .schema import fill, subsample
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,6 @@ def build_geofacts(n_cases: int | None = None, seed: int = 0, max_cities: int = 
 
     n_cases: a seeded random subset, kept in file order (None: every case).
     """
-    from .readers import subsample
 
     facts = geo_facts(max_cities)
     by_relation: dict[str, list[Fact]] = defaultdict(list)

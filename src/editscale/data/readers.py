@@ -11,13 +11,13 @@ import glob
 import json
 import logging
 import os
-import random
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
 from ..io import EditscaleError, write_jsonl_atomic
-from .schema import UNKNOWN_RELATION, fill, make_template, validate_case
+from .geofacts import build_geofacts
+from .schema import UNKNOWN_RELATION, fill, make_template, subsample, validate_case
 
 log = logging.getLogger(__name__)
 
@@ -247,20 +247,35 @@ def read_zsre_mend(path: str | os.PathLike) -> list[dict]:
     return cases
 
 
-def _read_geofacts(spec: dict) -> list[dict]:
-    from .geofacts import build_geofacts
-
+def read_geofacts(spec: dict) -> tuple[list[dict], str]:
     # n_cases is applied by build_geofacts itself (seeded subset, same rule as build_dataset).
-    return build_geofacts(n_cases=spec.get("n_cases"), seed=spec.get("seed", 0))
+    return build_geofacts(n_cases=spec.get("n_cases"), seed=spec.get("seed", 0)), "geofacts"
 
 
-# reader name -> (function of the expanded path list, whether several files are allowed)
-FILE_READERS: dict[str, tuple[Callable[..., list[dict]], bool]] = {
-    "counterfact": (read_counterfact, False),
-    "counterfact_easyedit": (read_counterfact_easyedit, True),
-    "zsre_mend": (read_zsre_mend, False),
+def file_reader(read: Callable[..., list[dict]], many: bool = False) -> Callable[[dict], tuple[list[dict], str]]:
+    """A reader of the spec's `path` (a file, a glob, or a list of them when `many`), subsampled
+    to the spec's n_cases: spec -> (cases, source description)."""
+
+    def reader(spec: dict) -> tuple[list[dict], str]:
+        name = spec["reader"]
+        if spec.get("path") is None:
+            raise EditscaleError(f"dataset spec: reader {name!r} needs 'path'")
+        paths = expand_paths(spec["path"])
+        if len(paths) > 1 and not many:
+            raise EditscaleError(f"dataset spec 'path': reader {name!r} reads one file, got {len(paths)}: {[str(p) for p in paths]}")
+        source = ", ".join(map(str, paths))
+        return subsample(read(paths if many else paths[0]), spec.get("n_cases"), spec.get("seed", 0), source), source
+
+    return reader
+
+
+# reader name -> function spec -> (cases, source): the one table of dataset readers
+READERS: dict[str, Callable[[dict], tuple[list[dict], str]]] = {
+    "geofacts": read_geofacts,
+    "counterfact": file_reader(read_counterfact),
+    "counterfact_easyedit": file_reader(read_counterfact_easyedit, many=True),
+    "zsre_mend": file_reader(read_zsre_mend),
 }
-READERS = ("geofacts", *FILE_READERS)
 # The config's dataset entry is passed whole: `url` belongs to the download rule and `order_file`
 # to the sequence rule; they are accepted here and not used.
 SPEC_KEYS = {"reader", "path", "n_cases", "seed", "url", "order_file"}
@@ -288,16 +303,6 @@ def expand_paths(spec_path: Any) -> list[Path]:
     return out
 
 
-def subsample(cases: list[dict], n_cases: int | None, seed: int, what: str) -> list[dict]:
-    """A seeded random subset of n_cases, kept in source order (None: all cases)."""
-    if n_cases is None:
-        return cases
-    if n_cases > len(cases):
-        raise EditscaleError(f"{what}: n_cases={n_cases} requested but only {len(cases)} cases are available")
-    keep = set(random.Random(f"editscale-subsample:{seed}").sample(range(len(cases)), n_cases))
-    return [c for i, c in enumerate(cases) if i in keep]
-
-
 def load_cases(spec: dict) -> list[dict]:
     """Read and validate the cases a dataset spec describes (see build_dataset)."""
     if not isinstance(spec, dict):
@@ -315,19 +320,7 @@ def load_cases(spec: dict) -> list[dict]:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise EditscaleError(f"dataset spec 'seed' must be an integer, got {seed!r}")
 
-    if reader == "geofacts":
-        cases = _read_geofacts(spec)
-        source = "geofacts"
-    else:
-        if spec.get("path") is None:
-            raise EditscaleError(f"dataset spec: reader {reader!r} needs 'path'")
-        func, many = FILE_READERS[reader]
-        paths = expand_paths(spec["path"])
-        if len(paths) > 1 and not many:
-            raise EditscaleError(f"dataset spec 'path': reader {reader!r} reads one file, got {len(paths)}: {[str(p) for p in paths]}")
-        cases = func(paths if many else paths[0])
-        source = ", ".join(map(str, paths))
-        cases = subsample(cases, n_cases, seed, source)
+    cases, source = READERS[reader](spec)
 
     if not cases:
         raise EditscaleError(f"dataset {source}: reader {reader!r} produced no cases")

@@ -23,6 +23,7 @@ Optional fields:
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from ..io import EditscaleError
@@ -98,3 +99,13 @@ def validate_case(d: Any, source: str | None = None) -> dict:
         if field in d and (not isinstance(d[field], kind) or isinstance(d[field], bool)):
             raise EditscaleError(f"{case}: field '{field}' must be {kind.__name__}, got {type(d[field]).__name__}")
     return d
+
+
+def subsample(cases: list[dict], n_cases: int | None, seed: int, what: str) -> list[dict]:
+    """A seeded random subset of n_cases, kept in source order (None: all cases)."""
+    if n_cases is None:
+        return cases
+    if n_cases > len(cases):
+        raise EditscaleError(f"{what}: n_cases={n_cases} requested but only {len(cases)} cases are available")
+    keep = set(random.Random(f"editscale-subsample:{seed}").sample(range(len(cases)), n_cases))
+    return [c for i, c in enumerate(cases) if i in keep]

@@ -86,6 +86,11 @@ class AlphaEdit(Memit):
     name = "alphaedit"
     hparams_type = AlphaEditHparams
 
+    @classmethod
+    def precomputed(cls, hparams):
+        # C enters only through P: the edit jobs read the projections, not the float64 covariances
+        return {"nullspace": {"threshold": hparams["nullspace_threshold"]}}
+
     def __init__(
         self,
         model,

@@ -118,7 +118,10 @@ def cmd_replay(args) -> None:
 
 
 def cmd_methods(args) -> None:
-    from .methods import describe_methods
+    from .hparams import required
+    from .methods import describe_methods, get_method
 
     for name, desc in describe_methods():
+        cls = get_method(name)
         print(f"{name:10s} {desc}")
+        print(f"{'':10s}   updates: {cls.update_kind}; templates: {cls.template_rule} rule; required hparams: {', '.join(required(cls.hparams_type))}")

@@ -104,6 +104,12 @@ class FineTuneConstrained(EditMethod):
 
     name = "ft-c"
     hparams_type = FineTuneHparams
+    update_kind = "dense"
+    solve_cost = "none"
+
+    @classmethod
+    def precomputed(cls, hparams):
+        return {}
 
     @classmethod
     def validate_hparams(cls, hp: dict, source: str = "hparams") -> None:

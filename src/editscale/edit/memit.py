@@ -82,6 +82,10 @@ class Memit(EditMethod):
     hparams_type = MemitHparams
 
     @classmethod
+    def precomputed(cls, hparams):
+        return {"mom2": {}} if hparams.get("mom2_adjustment", True) else {}
+
+    @classmethod
     def validate_hparams(cls, hp: dict, source: str = "hparams") -> None:
         super().validate_hparams(hp, source)
         common.check_common_hparams(hp, source)

@@ -23,15 +23,33 @@ from ..models.registry import mlp_out_name, n_layers
 from . import hparams as hparams_spec
 from .weights import WeightState
 
-# name -> (class dotted path, one-line description)
+# name -> (class dotted path, one-line description): the built-in methods. Plugins add theirs with
+# `register_method` (a `plugins:` module of the config) or an `editscale.methods` entry point.
 METHODS: dict[str, tuple[str, str]] = {
     "rome": ("editscale.edit.rome.Rome", "ROME (Meng et al. 2022): rank-one update of one MLP output matrix, C^-1 k* direction, key at the plain prompt"),
     "r-rome": ("editscale.edit.rome.RRome", "r-ROME (Gupta et al. 2024): ROME with the template-averaged key k* used in both places of the update"),
     "memit": ("editscale.edit.memit.Memit", "MEMIT (Meng et al. 2023): least-squares batch update spread over several MLP layers"),
-    "ft-c": ("editscale.edit.ftc.FineTuneConstrained", "FT-C: constrained (L-inf bounded) fine-tuning of one MLP layer on the target"),
     "emmet": ("editscale.edit.emmet.Emmet", "EMMET (Gupta et al. 2024): equality-constrained batch edit of one layer (B=1 equals r-ROME)"),
     "alphaedit": ("editscale.edit.alphaedit.AlphaEdit", "AlphaEdit (Fang et al. 2025): MEMIT with the update projected on the null space of preserved keys"),
+    "ft-c": ("editscale.edit.ftc.FineTuneConstrained", "FT-C: constrained (L-inf bounded) fine-tuning of one MLP layer on the target"),
 }
+ENTRY_POINT_GROUP = "editscale.methods"
+
+
+def register_method(name: str, cls_or_path, description: str = "") -> None:
+    """Add a method to the registry (a plugin's module calls this at import); the class or its
+    dotted path. A name already taken is an error, so that a plugin cannot silently replace one."""
+    path = cls_or_path if isinstance(cls_or_path, str) else f"{cls_or_path.__module__}.{cls_or_path.__qualname__}"
+    if name in METHODS and METHODS[name][0] != path:
+        raise EditscaleError(f"editing method {name!r} is already registered ({METHODS[name][0]}); {path} cannot take the name")
+    if not isinstance(cls_or_path, str):
+        _CLASSES[name] = cls_or_path
+        doc = (cls_or_path.__doc__ or "").strip()
+        description = description or (doc.splitlines()[0] if doc else name)
+    METHODS[name] = (path, description)
+
+
+_CLASSES: dict[str, type] = {}
 
 
 class EditMethod:
@@ -43,6 +61,11 @@ class EditMethod:
             key a file may hold, its type, default, allowed values; `required_hparams` and
             `default_hparams` are derived from it.
         forced_hparams: values the method sets whatever the file says (keys not in hparams_type).
+        update_kind: "lowrank" (factors u v^T) or "dense" (a full matrix per update).
+        solve_cost: how doctor estimates the closed-form part of one edit: "per_segment" (one
+            factorization of C per segment, a triangular solve per edit: ROME family),
+            "per_edit" (a d x d solve per edit: MEMIT family) or "none" (fine-tuning).
+        precomputed(hparams): what the stats stage must provide for the edit jobs (see there).
         template_rule: how the reference samples and averages context templates ("rome": one flat
             group from the document-start token; "memit": [["{}"], samples after five openers],
             keys averaged per group); see `editscale.edit.common.sample_context_templates`.
@@ -67,6 +90,8 @@ class EditMethod:
     default_hparams: dict = {}
     template_rule: str = "memit"
     value_loss_layer: str = "max"
+    update_kind: str = "lowrank"
+    solve_cost: str = "per_edit"
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -86,6 +111,13 @@ class EditMethod:
         if not context_templates:
             raise EditscaleError(f"{self.name}: no context templates (expected at least ['{{}}'])")
         self.context_templates = template_groups(context_templates)
+
+    @classmethod
+    def precomputed(cls, hparams: dict) -> dict[str, dict]:
+        """Inputs the workflow computes before the edit jobs, by kind: "mom2" (the second moment
+        of each edited module's input, passed as `stats`) and/or "nullspace" ({"threshold": t}:
+        the projection of each edited module, passed as `projections`). {} when none."""
+        return {"mom2": {}}
 
     @staticmethod
     def modules(model, hparams) -> list[str]:
@@ -121,10 +153,32 @@ class EditMethod:
         return {}
 
 
+def load_plugins(modules=()) -> None:
+    """Import plugin modules (the config's `plugins:`, and EDITSCALE_PLUGINS, which the Snakefile
+    sets so that every job sees the same plugins) and the `editscale.methods` / `editscale.metrics`
+    entry points of installed packages; their import registers what they define."""
+    import os
+    from importlib.metadata import entry_points
+
+    names = [*modules, *filter(None, os.environ.get("EDITSCALE_PLUGINS", "").split(","))]
+    for module_name in dict.fromkeys(names):
+        try:
+            importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            raise EditscaleError(f"plugin module {module_name!r} cannot be imported ({exc}); is it on PYTHONPATH?") from exc
+    for group in (ENTRY_POINT_GROUP, "editscale.metrics"):
+        for ep in entry_points(group=group):
+            obj = ep.load()
+            if group == ENTRY_POINT_GROUP and isinstance(obj, type) and ep.name not in METHODS:
+                register_method(ep.name, obj)
+
+
 def get_method(name: str) -> type[EditMethod]:
     """The class registered under `name` (imported on demand)."""
     if name not in METHODS:
         raise EditscaleError(f"unknown editing method {name!r}; available: {sorted(METHODS)}")
+    if name in _CLASSES:
+        return _CLASSES[name]
     path = METHODS[name][0]
     module_name, _, cls_name = path.rpartition(".")
     try:

@@ -55,6 +55,11 @@ class Rome(EditMethod):
     # the loss from the final logits
     template_rule = "rome"
     value_loss_layer = "final"
+    solve_cost = "per_segment"
+
+    @classmethod
+    def precomputed(cls, hparams):
+        return {"mom2": {}} if hparams.get("mom2_adjustment", True) else {}
 
     def __init__(self, model, tok, hparams, stats, context_templates, state=None):
         super().__init__(model, tok, hparams, stats, context_templates, state)

@@ -55,7 +55,6 @@ from typing import Any
 
 import torch
 
-from ..io import EditscaleError
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +79,6 @@ CHARS_PER_TOKEN = 4.0
 EFFICIENCY = 0.5  # fraction of the matmul rate a transformer pass of a few hundred tokens reaches
 DECODE_EFFICIENCY = 0.05  # token-by-token generation is latency bound
 LOAD_BYTES_PER_S = 1e9
-METHODS_WITH_PER_EDIT_SOLVE = {"memit", "emmet", "alphaedit"}
-NO_STATS = {"ft-c"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,21 +265,24 @@ def edit_flops(method: str, hp: dict, params: int, shapes: dict[str, tuple[int, 
     "solve" (float64 linear algebra). Per v* step and token: 2 N forward plus 2 N x (fraction of
     layers above the last edited one) backward, since only activation gradients are needed (no
     weight gradients; 6 N with them, the usual training figure, is the upper bound)."""
+    from ..edit.methods import get_method
+
+    cls = get_method(method)
     layers = [int(x) for x in hp.get("layers", [0])]
     frac_above = 1.0 if not n_layers else max(n_layers - max(layers), 1) / n_layers
     per_token = (2 + 2 * frac_above) * params
-    if method == "ft-c":
-        steps = int(hp.get("num_steps", hp.get("v_num_grad_steps", 25)))
+    if cls.solve_cost == "none":  # fine-tuning: forward + backward with weight gradients per step
+        steps = int(hp["num_steps"])
         return {"model": steps * 6 * params * 2 * PROMPT_TOKENS, "solve": 0.0, "tokens": 2 * PROMPT_TOKENS, "steps": steps,
                 "flops_per_token_step": 6 * params}
     n_tpl, mean_len = _template_counts(hp)
     tokens = (n_tpl + 1) * (mean_len + PROMPT_TOKENS)
-    steps = int(hp.get("v_num_grad_steps", 20))
+    steps = int(hp["v_num_grad_steps"])
     model = steps * per_token * tokens + len(shapes) * 2 * params * n_tpl * (mean_len + PROMPT_TOKENS)
     d_ins = [i for _, i in shapes.values()]
-    if method in METHODS_WITH_PER_EDIT_SOLVE:
+    if cls.solve_cost == "per_edit":
         solve = sum(2 / 3 * d**3 + 2 * d**2 for d in d_ins)
-    else:  # ROME family: one Cholesky per segment, a triangular solve per edit
+    else:  # "per_segment" (ROME family): one Cholesky per segment, a triangular solve per edit
         solve = sum(d**3 / 3 / segment + 2 * d**2 for d in d_ins)
     return {"model": float(model), "solve": float(solve), "tokens": float(tokens), "steps": steps,
             "flops_per_token_step": per_token}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import EditscaleError, atomic_path, sha256_file, sha256_json, write_json_atomic
+from ..io import EditscaleError, sha256_file, sha256_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 

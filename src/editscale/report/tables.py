@@ -40,7 +40,13 @@ from ..io import EditscaleError, atomic_path, provenance, sha256_json, write_par
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("edit_scores", "history", "downstream", "generation", "perplexity", "weights")
+def families() -> list[str]:
+    """The metric families of the report: every registered metric (editscale.evaluate.registry)."""
+    from ..evaluate.registry import METRICS
+
+    return list(METRICS)
+
+
 META_COLS = ("run", "model", "method", "dataset", "sample")
 TIDY_SCHEMA = {
     "run": pl.Utf8,
@@ -463,9 +469,11 @@ def build_tables(
     meta = normalize_runs_meta(runs_meta)
     metric_paths = list(metric_paths)
     tables: dict[str, pl.DataFrame] = {}
-    for family in FAMILIES:
+    from ..evaluate.registry import get_metric
+
+    for family in families():
         long = collect_metric(family, metric_paths, meta or None)
-        tables[family] = edit_scores_wide(long) if family == "edit_scores" else long
+        tables[family] = edit_scores_wide(long) if get_metric(family).table == "wide" else long
         log.info("collected %s: %d rows", family, tables[family].height)
     tables["forgetting"] = forgetting_table(tables["history"], tables["edit_scores"])
     if edit_log is None:

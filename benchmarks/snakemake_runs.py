@@ -1,0 +1,63 @@
+"""Snakemake on a copy of the workflow: what the tests and the benchmarks share (not part of the
+editscale package: users run snakemake themselves)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+WORKFLOW_FILES = ["Snakefile", "config.yaml", "config", "rules", "envs", "profiles", "report"]
+
+
+def copy_workflow(repo: Path, dest: Path) -> Path:
+    """The workflow files of a checkout copied to `dest`, as a user's checkout would be."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_FILES:
+        src = repo / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name)
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def snakemake(workdir: Path, *args: str, config: str = "config/test-tiny.yaml", check: bool = True, timeout: int = 1200,
+              env: dict | None = None):
+    """Run snakemake (this interpreter's) in `workdir` with a clean environment plus `env`."""
+    bindir = Path(sys.executable).parent
+    # targets before --configfile, which takes every following word as a config file
+    cmd = [str(bindir / "snakemake"), "--cores", "2", *args, "--configfile", config]
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(Path.home()), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    res = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    if check and res.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+    return res
+
+
+def set_config(workdir: Path, edit, name: str = "config/test-tiny.yaml") -> None:
+    """Edit a config file of the copy in place (`edit` mutates the loaded dict)."""
+    path = workdir / name
+    cfg = yaml.safe_load(path.read_text())
+    edit(cfg)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def planned_jobs(res) -> dict[str, int]:
+    """The 'Job stats' table of a dry run: rule -> count."""
+    text = res.stdout + res.stderr
+    if "Nothing to be done" in text:
+        return {}
+    block = text.split("Job stats:")[-1]
+    jobs = {}
+    for line in block.splitlines()[3:]:
+        m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        jobs[m.group(1)] = int(m.group(2))
+    jobs.pop("total", None)
+    return jobs
