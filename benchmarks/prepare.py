@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from editscale.edit.methods import load_hparams
 from editscale.data.geofacts import build_geofacts
 from editscale.data.sequence import unique_subjects
-from editscale.edit import common
 from editscale.edit.methods import METHODS, get_method
 from editscale.models.fetch import prepare_model
 from editscale.models.load import load_model, model_sha
@@ -54,7 +54,7 @@ class Bench:
 
     def hparams(self, method: str) -> dict:
         stem = MODELS[self.name][1]
-        return common.load_hparams(REPO / "config" / "hparams" / method / f"{stem}.yaml", method=method)
+        return load_hparams(REPO / "config" / "hparams" / method / f"{stem}.yaml", method=method)
 
     def templates(self, hp: dict, method: str = "rome") -> list[list[str]]:
         """Template groups as the workflow samples them for `method` (flatten with common.flat_templates)."""

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from editscale.edit.methods import load_hparams
 from editscale.edit import common
 from editscale.edit.alphaedit import AlphaEdit, null_space_projection
 from editscale.edit.memit import Memit
@@ -33,7 +34,7 @@ _STATS: dict = {}
 
 def prepare(arch: str, **over):
     model, tok = tiny(arch)
-    hp = common.load_hparams(HPARAMS / "tiny.yaml", method="alphaedit")
+    hp = load_hparams(HPARAMS / "tiny.yaml", method="alphaedit")
     hp.update(v_num_grad_steps=4, **over)
     mods = AlphaEdit.modules(model, hp)
     for m in mods:
@@ -231,7 +232,7 @@ def test_bad_state_and_missing_inputs_raise():
 
 @pytest.mark.parametrize("name", ["gpt2-xl", "gpt-j-6B", "smollm2-135m", "tiny"])
 def test_hparam_files_load(name):
-    hp = common.load_hparams(HPARAMS / f"{name}.yaml", method="alphaedit")
+    hp = load_hparams(HPARAMS / f"{name}.yaml", method="alphaedit")
     assert get_method("alphaedit") is AlphaEdit
     if name == "gpt2-xl":
         assert hp["layers"] == [13, 14, 15, 16, 17] and hp["v_loss_layer"] == 47

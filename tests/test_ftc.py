@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from editscale.edit.methods import load_hparams
 from editscale.edit import common
 from editscale.edit.ftc import FineTuneConstrained, _Batch
 from editscale.edit.methods import get_method
@@ -24,7 +25,7 @@ CASES = [
 ]
 
 def hparams(**over) -> dict:
-    hp = common.load_hparams(HPARAMS / "tiny.yaml", method="ft-c")
+    hp = load_hparams(HPARAMS / "tiny.yaml", method="ft-c")
     hp.update(over)
     return hp
 
@@ -151,7 +152,7 @@ def test_unconstrained_and_bad_hparams():
 
 @pytest.mark.parametrize("name", ["gpt2-xl", "gpt-j-6B", "smollm2-135m", "tiny"])
 def test_hparam_files_load(name):
-    hp = common.load_hparams(HPARAMS / f"{name}.yaml", method="ft-c")
+    hp = load_hparams(HPARAMS / f"{name}.yaml", method="ft-c")
     assert get_method("ft-c") is FineTuneConstrained
     if name == "gpt2-xl":
         assert (hp["layers"], hp["num_steps"], hp["lr"], hp["norm_constraint"]) == ([0], 25, 5e-4, 5e-4)

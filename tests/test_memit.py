@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from editscale.edit.methods import load_hparams
 from editscale.edit import common
 from editscale.edit.memit import Memit
 from editscale.edit.methods import get_method
@@ -53,7 +54,7 @@ def second_moment(model, tok, module: str, n_seq: int = 64, seq_len: int = 32, s
 
 
 def hparams(**over) -> dict:
-    hp = common.load_hparams(HPARAMS / "tiny.yaml", method="memit")
+    hp = load_hparams(HPARAMS / "tiny.yaml", method="memit")
     hp.update(v_num_grad_steps=4, **over)
     return hp
 
@@ -230,7 +231,7 @@ def test_missing_stats_and_bad_hparams_raise():
 
 @pytest.mark.parametrize("name", ["gpt2-xl", "gpt-j-6B", "smollm2-135m", "tiny"])
 def test_hparam_files_load(name):
-    hp = common.load_hparams(HPARAMS / f"{name}.yaml", method="memit")
+    hp = load_hparams(HPARAMS / f"{name}.yaml", method="memit")
     assert hp["layers"] == sorted(hp["layers"]) and hp["fact_token"] == "subject_last"
     assert get_method("memit") is Memit
     if name == "gpt2-xl":

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from editscale.edit.methods import load_hparams
 from editscale.edit import common
 from editscale.edit.methods import METHODS, EditMethod, describe_methods, get_method
 from editscale.edit.rome import Rome, RRome
@@ -411,21 +412,21 @@ def test_hparams_missing_key_names_key_and_file(tmp_path):
     path.parent.mkdir()
     path.write_text(yaml.safe_dump(hp))
     with pytest.raises(EditscaleError) as exc:
-        common.load_hparams(path)
+        load_hparams(path)
     assert "v_lr" in str(exc.value) and str(path) in str(exc.value)
     other = tmp_path / "anywhere.yaml"
     other.write_text(yaml.safe_dump(hp))
     with pytest.raises(EditscaleError, match="v_lr"):
-        common.load_hparams(other, method="rome")
+        load_hparams(other, method="rome")
     with pytest.raises(EditscaleError, match="layers"):
         other.write_text(yaml.safe_dump({**tiny_hparams(), "layers": "17"}))
-        common.load_hparams(other, method="rome")
+        load_hparams(other, method="rome")
 
 
 @pytest.mark.parametrize("method", ["rome", "emmet"])
 @pytest.mark.parametrize("model_name", ["gpt2-xl", "gpt-j-6B", "smollm2-135m", "tiny"])
 def test_shipped_hparams_files_load(method, model_name):
-    hp = common.load_hparams(REPO / "config" / "hparams" / method / f"{model_name}.yaml")
+    hp = load_hparams(REPO / "config" / "hparams" / method / f"{model_name}.yaml")
     assert len(hp["layers"]) == 1 and isinstance(hp["v_lr"], float)
     published = {"gpt2-xl": ([17], 47), "gpt-j-6B": ([5], 27), "tiny": ([1], 3)}
     if model_name in published:

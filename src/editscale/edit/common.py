@@ -10,7 +10,6 @@ batched tokenization and for the architectures of `editscale.models.registry`:
   batch, forward stopped right after the module.
 - `optimize_value`: ROME's compute_v (the target output v* of the edited module / layer).
 - `CovSolver`: C^-1 applied through a Cholesky factor computed once (float64).
-- `load_hparams`: YAML hyper-parameters validated against the method's required keys.
 
 Conventions: every prompt is a template with exactly one "{}" for the subject. Tokenizers are used
 with right padding; inputs are padded by hand so a left-padding tokenizer setting cannot change the
@@ -26,8 +25,7 @@ import math
 import time
 import unicodedata
 from collections import Counter
-from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -637,42 +635,6 @@ def module_forward(model, weights, module: str, keys: torch.Tensor) -> torch.Ten
 
 # ---------------------------------------------------------------------------------------------
 # Hyper-parameters
-
-
-def load_hparams(path, method: str | None = None, required: Iterable[str] | None = None) -> dict:
-    """Read a YAML hyper-parameter file and validate it.
-
-    Required keys come from `required`, else from the method class (`required_hparams`, defaults
-    `default_hparams`, value checks `validate_hparams`) named by `method`, by a `method:` key in the
-    file, or by the file's directory (config/hparams/<method>/<model>.yaml). A missing key raises
-    EditscaleError naming the key and the file. Returns defaults updated with the file's values.
-    """
-    import yaml
-
-    path = Path(path)
-    if not path.exists():
-        raise EditscaleError(f"hyper-parameter file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise EditscaleError(f"hyper-parameter file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise EditscaleError(f"hyper-parameter file {path} must hold a mapping of names to values")
-    from .methods import METHODS, get_method
-
-    cls = None
-    name = method or data.get("method") or (path.parent.name if path.parent.name in METHODS else None)
-    if name is not None:
-        cls = get_method(name)
-    req = list(required) if required is not None else list(getattr(cls, "required_hparams", ()))
-    missing = [k for k in req if k not in data]
-    if missing:
-        raise EditscaleError(f"hyper-parameter file {path} is missing required key(s) {missing}" + (f" for method {name!r}" if name else ""))
-    hp = {**getattr(cls, "default_hparams", {}), **data}
-    hp.pop("method", None)
-    if cls is not None and hasattr(cls, "validate_hparams"):
-        cls.validate_hparams(hp, source=str(path))
-    return hp
 
 
 def check_common_hparams(hp: dict, source: str = "hparams") -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -75,7 +77,7 @@ class EditMethod:
     Construction (once per segment):
         model, tok: the loaded model (eval mode, parameters requires_grad False) and its tokenizer
             (pad token set, right padding).
-        hparams: the method's hyper-parameters (see `editscale.edit.common.load_hparams`).
+        hparams: the method's hyper-parameters (see `load_hparams`).
         stats: module name -> second moment E[k k^T] of that module's inputs (float64 [d_in, d_in]),
             for each module of `modules(model, hparams)` the method needs statistics for.
         context_templates: groups of templates from `sample_context_templates` (a flat list of
@@ -196,3 +198,37 @@ def get_method(name: str) -> type[EditMethod]:
 def describe_methods() -> list[tuple[str, str]]:
     """(name, one-line description) of every registered method, for `editscale methods`."""
     return [(name, desc) for name, (_, desc) in METHODS.items()]
+
+
+def load_hparams(path, method: str | None = None, required: Iterable[str] | None = None) -> dict:
+    """Read a YAML hyper-parameter file and validate it.
+
+    Required keys come from `required`, else from the method class (`required_hparams`, defaults
+    `default_hparams`, value checks `validate_hparams`) named by `method`, by a `method:` key in the
+    file, or by the file's directory (config/hparams/<method>/<model>.yaml). A missing key raises
+    EditscaleError naming the key and the file. Returns defaults updated with the file's values.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise EditscaleError(f"hyper-parameter file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise EditscaleError(f"hyper-parameter file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise EditscaleError(f"hyper-parameter file {path} must hold a mapping of names to values")
+    cls = None
+    name = method or data.get("method") or (path.parent.name if path.parent.name in METHODS else None)
+    if name is not None:
+        cls = get_method(name)
+    req = list(required) if required is not None else list(getattr(cls, "required_hparams", ()))
+    missing = [k for k in req if k not in data]
+    if missing:
+        raise EditscaleError(f"hyper-parameter file {path} is missing required key(s) {missing}" + (f" for method {name!r}" if name else ""))
+    hp = {**getattr(cls, "default_hparams", {}), **data}
+    hp.pop("method", None)
+    if cls is not None and hasattr(cls, "validate_hparams"):
+        cls.validate_hparams(hp, source=str(path))
+    return hp

@@ -28,7 +28,7 @@ import random
 from typing import Sequence
 
 from ..io import EditscaleError
-from .downstream import Item, Task, parse_prefix
+from .tasks import Item, Task, evaluate_task, parse_prefix
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,6 @@ def keep_solved(model, tok, task: Task, reading: str = "ll", batch_size: int = 1
     """The task restricted to the items that `model` (normally the unedited model) answers
     correctly under `reading` ("ll", "cal" or "gen"): the probe then measures how much of what
     the base model could do survives the edits."""
-    from .downstream import evaluate_task
-
     _, recs = evaluate_task(model, tok, task, batch_size=batch_size, generation=(reading == "gen"))
     key = {"ll": "pred_ll", "cal": "pred_cal", "gen": "pred"}[reading]
     kept = [it for it, r in zip(task.items, recs) if r[key] == it.answer]

@@ -1,0 +1,59 @@
+"""The package's shape: no import cycles between its modules, and no method named outside its own
+module and the registry (the registries are the one place a method or metric is listed)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _import_graph() -> dict[str, set[str]]:
+    mods = {".".join(p.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__"): p for p in (SRC / "editscale").rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(p.read_text())):  # function-level imports count too
+            if isinstance(node, ast.ImportFrom):
+                base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                names = [target] + [f"{target}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            graph[m] |= {n for n in names if n in mods and n != m}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _import_graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, cycles
+
+
+def test_methods_are_named_only_in_their_modules_and_the_registry():
+    own = {"alphaedit": "alphaedit.py", "ft-c": "ftc.py", "r-rome": "rome.py"}
+    for path in (SRC / "editscale").rglob("*"):
+        if path.suffix not in (".py", ".yaml") or path.name == "methods.py":
+            continue
+        text = path.read_text()
+        for name, module in own.items():
+            if path.name != module:
+                assert not re.search(re.escape(name), text), f"{name!r} named in {path.relative_to(SRC)}"
