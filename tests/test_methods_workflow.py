@@ -158,6 +158,10 @@ def test_tables_have_every_run(study, runs):
 def test_cli_lists_all_six_methods():
     res = subprocess.run([str(Path(sys.executable).parent / "editscale"), "methods"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    lines = [line.split(None, 1) for line in res.stdout.splitlines() if line.strip()]
+    # one line per method (name, description), then an indented line of its registry metadata
+    lines = [line.split(None, 1) for line in res.stdout.splitlines() if line.strip() and not line.startswith(" ")]
     assert sorted(name for name, _ in lines) == sorted(METHODS)
     assert all(len(desc) > 20 for _, desc in lines)
+    meta = [line.strip() for line in res.stdout.splitlines() if line.startswith(" ")]
+    assert len(meta) == len(METHODS) and all(m.startswith("updates: ") and "required hparams: layers" in m for m in meta)
+    assert sum("updates: dense" in m for m in meta) == 1  # ft-c
