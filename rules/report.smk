@@ -1,7 +1,11 @@
 # Stage 6 — report: tidy tables (polars), phase detection, altair figures, `snakemake --report`.
 
+from editscale.io import safe_name
+
 FAMILIES = list(METRIC_REGISTRY)  # one report table per registered metric
 FIGURES = ["edit_scores", "forgetting", "downstream", "weight_distance", "update_norms", "overview"]
+TABLES = FAMILIES + ["forgetting", "edit_log", "phases", "disabling_edits", "summary"]  # report.tables.build_tables
+PER_RUN_FIGURES = [f"overview_{safe_name(run)}" for run in RUNS]  # report.plots.make_plots per_run
 
 
 rule report_tables:
@@ -15,7 +19,8 @@ rule report_tables:
             caption="../report/summary.rst",
             category="Tables",
         ),
-        tables=expand("results/tables/{family}.parquet", family=FAMILIES + ["summary", "edit_log", "phases"]),
+        tables=expand("results/tables/{table}.parquet", table=TABLES),
+        csv=expand("results/tables/{table}.csv", table=[t for t in TABLES if t != "summary"]),
     params:
         runs=wf.runs_meta(config),
         # the table and phase settings only: plot smoothing must not re-run the phase bootstrap
@@ -48,6 +53,7 @@ rule report_plots:
             category="Figures",
         ),
         svg=expand("results/plots/{figure}.svg", figure=FIGURES),
+        per_run=expand("results/plots/{figure}.{ext}", figure=PER_RUN_FIGURES, ext=["html", "png", "svg"]),
     params:
         smooth=config["report"]["smooth"],
     log:

@@ -11,6 +11,7 @@ rule corpus_tokens:
     output:
         stats="data/corpora/{model}/{corpus}/stats.npy",
         heldout="data/corpora/{model}/{corpus}/heldout.npy",
+        meta="data/corpora/{model}/{corpus}/corpus.json",
     params:
         spec=lambda w: wf.canonical_json(config["corpora"][w.corpus]),
         device=config["resources"]["device"],

@@ -136,3 +136,10 @@ def read_parquet_metadata(path: str | os.PathLike) -> dict[str, str]:
     meta = pl.read_parquet_metadata(path)
     meta.pop("ARROW:schema", None)
     return meta
+
+
+def safe_name(name: str) -> str:
+    """A name usable in a file name (figure files per run: overview_{safe_name(run)})."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "run"

@@ -40,7 +40,7 @@ import numpy as np
 import polars as pl
 
 from .. import robust
-from ..io import atomic_path
+from ..io import atomic_path, safe_name
 from . import phases as ph
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,6 @@ MODULE_METRICS = ("fro", "fro_per_numel", "spectral")
 
 # ----------------------------------------------------------------------------------------------
 # saving
-
-
-def safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "run"
 
 
 def save_chart(
