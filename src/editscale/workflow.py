@@ -10,7 +10,6 @@ import json
 import re
 from pathlib import Path
 
-import yaml
 
 from .io import EditscaleError
 from .models.fetch import TINY_ARCHS, TINY_LAYERS
@@ -64,28 +63,14 @@ def canonical_json(obj) -> str:
     return json.dumps(canonical(obj), sort_keys=True)
 
 
-def read_hparams(path: str) -> dict:
-    p = Path(path)
-    if not p.exists():
-        raise EditscaleError(f"hparams file {path} not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise EditscaleError(f"hparams file {path} is not valid YAML: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise EditscaleError(f"hparams file {path} must hold a mapping of names to values")
-    return data
-
-
 @functools.lru_cache(maxsize=None)
 def _resolved_hparams(method: str, path: str, overrides_json: str, run_name: str, layers_in_model: int | None) -> str:
+    from .edit.hparams import read_file
     from .edit.methods import get_method
 
     cls = get_method(method)
     overrides = json.loads(overrides_json)
-    data = read_hparams(path)
+    data = read_file(path)
     source = f"hparams file {path} (runs[{run_name}].hparams, method {method})"
     # an override is checked on its own first, so that its error names hparams_overrides, not the file
     cls.validate_hparams_partial(overrides, f"runs[{run_name}].hparams_overrides")

@@ -23,6 +23,26 @@ from typing import Any
 from ..io import EditscaleError
 
 
+def read_file(path) -> dict:
+    """A hyper-parameter YAML file as a mapping ({} when empty); one error naming the file."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise EditscaleError(f"hparams file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise EditscaleError(f"hparams file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise EditscaleError(f"hparams file {path} must hold a mapping of names to values")
+    return data
+
+
 def spec(default: Any = dataclasses.MISSING, *, choices: tuple = (), minimum: float | None = None, doc: str = ""):
     """A hyper-parameter field: default (a list default is copied per use), allowed values,
     inclusive lower bound, description."""

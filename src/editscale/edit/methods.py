@@ -208,17 +208,8 @@ def load_hparams(path, method: str | None = None, required: Iterable[str] | None
     file, or by the file's directory (config/hparams/<method>/<model>.yaml). A missing key raises
     EditscaleError naming the key and the file. Returns defaults updated with the file's values.
     """
-    import yaml
-
     path = Path(path)
-    if not path.exists():
-        raise EditscaleError(f"hyper-parameter file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise EditscaleError(f"hyper-parameter file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise EditscaleError(f"hyper-parameter file {path} must hold a mapping of names to values")
+    data = hparams_spec.read_file(path)
     cls = None
     name = method or data.get("method") or (path.parent.name if path.parent.name in METHODS else None)
     if name is not None:
