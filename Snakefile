@@ -4,7 +4,6 @@ from snakemake.utils import min_version
 
 from editscale import workflow as wf
 from editscale.config import validate as validate_config
-from editscale.edit.methods import load_plugins
 from editscale.io import EditscaleError
 
 min_version("8.0")
@@ -18,9 +17,8 @@ if not workflow.overwrite_configfiles:
 
 
 try:
-    # plugin modules (methods, metrics) first: a plugin metric adds its section to the schema
-    load_plugins(config.get("plugins") or [])
-    # config/schema.yaml (editscale/schema.yaml) + plugin sections; fills in the defaults
+    # config/schema.yaml (editscale/schema.yaml) + the sections of the config's plugins; fills in
+    # the defaults
     validate_config(config, "config")
     wf.check_config(config)
 except EditscaleError as exc:

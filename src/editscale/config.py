@@ -61,8 +61,16 @@ def section_defaults(path: str) -> dict:
 
 
 def validate(config: dict, source: str = "config") -> dict:
-    """Validate against the schema and fill in its defaults, in place; one error naming the key."""
+    """Validate against the schema and fill in its defaults, in place; one error naming the key.
+    The config's `plugins:` are imported first: a plugin metric adds its section to the schema."""
     import jsonschema
+
+    from .edit.methods import load_plugins
+
+    plugins = config.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise EditscaleError(f"{source}: plugins: must be a list of module names, got {plugins!r}")
+    load_plugins(plugins)
 
     _fill_defaults(config, schema())
     validator = jsonschema.Draft202012Validator(schema())

@@ -390,9 +390,8 @@ def check_config(config: dict) -> None:
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise EditscaleError(f"runs: duplicate run names {sorted(dup)}")
-    from .edit.methods import get_method, load_plugins
+    from .edit.methods import get_method
 
-    load_plugins(config.get("plugins") or [])
     for run in config["runs"]:
         try:
             get_method(run["method"])
