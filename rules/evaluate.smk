@@ -17,7 +17,7 @@ for _metric in METRIC_REGISTRY.values():
             model_dir=lambda w: f"data/models/{RUNS[w.run]['model']}",
             k=lambda w: int(w.k),
             verb=_metric.verb,
-            # the declared inputs the command is handed explicitly (--tokens, --factors, --segment)
+            # every declared input, handed to the command by name (--state, --edits, --tokens, ...)
             flags=lambda w, input, m=_metric.name: wf.metric_flags(RUNS[w.run], m, input),
             device=f"--device {config['resources']['device']}" if _metric.device else "",
         log:
@@ -32,5 +32,5 @@ for _metric in METRIC_REGISTRY.values():
         conda:
             ENV
         shell:
-            "editscale --threads {threads} {params.verb} --model-dir {params.model_dir} --run-dir results/{wildcards.run}"
+            "editscale --threads {threads} {params.verb} --model-dir {params.model_dir}"
             " --k {params.k} {params.flags} --params-json {params.cfg:q} --out {output} {params.device} 2> {log}"

@@ -3,7 +3,7 @@
 from editscale.io import safe_name
 
 FAMILIES = list(METRIC_REGISTRY)  # one report table per registered metric
-FIGURES = ["edit_scores", "forgetting", "downstream", "weight_distance", "update_norms", "overview"]
+FIGURES = wf.report_figures()  # each registered metric's figures, then the overview
 TABLES = FAMILIES + ["forgetting", "edit_log", "phases", "disabling_edits", "summary"]  # report.tables.build_tables
 PER_RUN_FIGURES = [f"overview_{safe_name(run)}" for run in RUNS]  # report.plots.make_plots per_run
 
@@ -55,7 +55,8 @@ rule report_plots:
         svg=expand("results/plots/{figure}.svg", figure=FIGURES),
         per_run=expand("results/plots/{figure}.{ext}", figure=PER_RUN_FIGURES, ext=["html", "png", "svg"]),
     params:
-        smooth=config["report"]["smooth"],
+        # the figure settings only (editscale.report.plots.FigureOptions)
+        report=wf.canonical_json({k: config["report"][k] for k in ("smooth", "norm_z")}),
     log:
         "results/logs/report_plots.log",
     resources:
@@ -64,4 +65,4 @@ rule report_plots:
     conda:
         ENV
     shell:
-        "editscale --threads {threads} report-plots --tables results/tables --out-dir results/plots --smooth {params.smooth} 2> {log}"
+        "editscale --threads {threads} report-plots --tables {input:q} --out-dir results/plots --params-json {params.report:q} 2> {log}"

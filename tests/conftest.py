@@ -34,3 +34,174 @@ def tiny_model_dirs(tmp_path_factory):
         return cache[arch]
 
     return get
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny-model kits shared by the method tests (fixtures here, so that no test module imports another)
+
+
+ROME_LAYER = 1  # the layer the ROME-family tests edit
+ROME_CASES = (
+    {"case_id": 7, "subject": "France", "prompt": "The capital of {} is", "target_new": "Berlin", "target_true": "Paris"},
+    {"case_id": 8, "subject": "Japan", "prompt": "{} is located in the continent of", "target_new": "Europe", "target_true": "Asia"},
+)
+
+
+def _rome_hparams(**kw) -> dict:
+    hp = {
+        "layers": [ROME_LAYER],
+        "fact_token": "subject_last",
+        "v_num_grad_steps": 10,
+        "v_lr": 0.5,
+        "v_weight_decay": 0.5,
+        "clamp_norm_factor": 4,
+        "kl_factor": 0.0625,
+        "mom2_adjustment": True,
+        "context_template_length_params": [[3, 2]],
+        "v_loss_layer": 3,
+        "key_averaging": "prompt",
+    }
+    hp.update(kw)
+    return hp
+
+
+def _random_token_mom2(model, module: str, n_seq: int = 8, seq_len: int = 64, seed: int = 0):
+    """E[k k^T] of the module inputs over random token batches (float64), plus a tiny ridge."""
+    import torch
+
+    from editscale.models.nethook import Trace
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (n_seq, seq_len), generator=g)
+    with torch.no_grad(), Trace(model, [module], stop=True) as tr:
+        model(input_ids=ids)
+    k = tr.inputs[module].reshape(-1, tr.inputs[module].shape[-1]).to(torch.float64)
+    C = k.T @ k / k.shape[0]
+    return C + 1e-6 * C.trace() / C.shape[0] * torch.eye(C.shape[0], dtype=torch.float64)
+
+
+def _dense(updates) -> dict:
+    """The dense delta of a list of low-rank updates, per module."""
+    import torch
+
+    from editscale.edit.weights import add_update
+
+    out = {}
+    for u in updates:
+        d = out.setdefault(u.module, torch.zeros(u.u.shape[0], u.v.shape[0]))
+        add_update(d, u)
+    return out
+
+
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="session")
+def rome_kit():
+    """The ROME family's tiny setting: tiny(arch) -> (model, tok, templates, module, C), built once
+    per session (frozen model, right padding, ROME-rule templates, random-token second moment of
+    layer LAYER); tiny_hparams(**over); two cases CASE, CASE2; dense(updates); rel(a, b)."""
+    from types import SimpleNamespace
+
+    from editscale.edit import common
+    from editscale.models.fetch import build_tiny_model
+    from editscale.models.registry import mlp_out_name
+
+    cache: dict = {}
+
+    def tiny(arch: str):
+        if arch not in cache:
+            model, tok = build_tiny_model(arch)
+            tok.pad_token = tok.eos_token
+            tok.padding_side = "right"
+            for p in model.parameters():
+                p.requires_grad_(False)
+            templates = common.flat_templates(common.sample_context_templates(model, tok, [[3, 2]], seed=0, rule="rome"))
+            module = mlp_out_name(model, ROME_LAYER)
+            cache[arch] = (model, tok, templates, module, _random_token_mom2(model, module))
+        return cache[arch]
+
+    return SimpleNamespace(tiny=tiny, tiny_hparams=_rome_hparams, CASE=ROME_CASES[0], CASE2=ROME_CASES[1], LAYER=ROME_LAYER,
+                           dense=_dense, rel=_rel, random_token_mom2=_random_token_mom2)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    """tiny_lm(arch) -> a fresh copy (model, tok) of the frozen tiny random model of `arch`; each
+    architecture is built once per session (the MEMIT family's tests)."""
+    import copy
+
+    from editscale.models.fetch import build_tiny_model
+
+    base: dict = {}
+
+    def get(arch: str):
+        if arch not in base:
+            model, tok = build_tiny_model(arch)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            base[arch] = (model, tok)
+        model, tok = base[arch]
+        return copy.deepcopy(model), tok
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def second_moment():
+    """second_moment(model, tok, module) -> E[k k^T] of the module's inputs over random token
+    sequences (float64)."""
+    import torch
+
+    from editscale.models.nethook import Trace
+
+    def compute(model, tok, module: str, n_seq: int = 64, seq_len: int = 32, seed: int = 1):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, len(tok), (n_seq, seq_len), generator=g)
+        with torch.no_grad(), Trace(model, [module], stop=True) as tr:
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        k = tr.inputs[module].reshape(-1, tr.inputs[module].shape[-1]).double()
+        return k.T @ k / k.shape[0]
+
+    return compute
+
+
+@pytest.fixture(scope="session")
+def make_run(repo_root):
+    """make_run(tmp_path, model_dir, method=..., hparams=..., n=4, per_step=1, segment=2) ->
+    (run_dir, resolved run record, {module: stats file}): a run directory as the workflow's first
+    jobs leave it (run.json, edits.jsonl of n geofacts cases, templates.json, second moments)."""
+    from editscale.data.geofacts import build_geofacts
+    from editscale.edit.chain import templates_record
+    from editscale.edit.cli import resolve_run
+    from editscale.edit.methods import get_method
+    from editscale.io import write_json_atomic, write_jsonl_atomic
+    from editscale.models.load import load_model, model_sha
+    from editscale.stats.mom2 import compute_mom2, write_mom2
+    from editscale.workflow import run_record
+
+    def make(tmp_path, model_dir, method="rome", hparams="config/hparams/rome/tiny.yaml", n=4, per_step=1, segment=2):
+        run = {"name": "r", "model": "m", "method": method, "hparams": str(repo_root / hparams), "segment": segment,
+               "edits_per_step": per_step, "seed": 0}
+        resolved = resolve_run(run_record({"models": {"m": {"source": "tiny:gpt2", "dtype": "float32"}}}, run))
+        run_dir = tmp_path / "run"
+        write_json_atomic(run_dir / "run.json", resolved)
+        cases = build_geofacts(seed=0)[:n]
+        for i, c in enumerate(cases):
+            c["edit_index"] = i + 1
+        write_jsonl_atomic(run_dir / "edits.jsonl", cases)
+        model, tok = load_model(model_dir)
+        write_json_atomic(run_dir / "templates.json", templates_record(model, tok, method, resolved["hparams"], 0))
+        stats = {}
+        texts = [c["prompt"].format(c["subject"]) + " " + c["target_true"] for c in build_geofacts(seed=0)[:200]]
+        for module in get_method(method).modules(model, resolved["hparams"]):
+            mom2, count = compute_mom2(model, tok, [module], texts, seq_len=32, batch_size=32, progress=False)[module]
+            path = tmp_path / "stats" / f"{module}.h5"
+            write_mom2(path, mom2, count, module=module, model_sha256=model_sha(model_dir), corpus="test", corpus_spec={},
+                       dtype="float32")
+            stats[module] = str(path)
+        return run_dir, resolved, stats
+
+    return make

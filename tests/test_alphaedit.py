@@ -16,7 +16,6 @@ from editscale.edit.memit import Memit
 from editscale.edit.methods import get_method
 from editscale.edit.weights import Update, WeightState, add_update
 from editscale.io import EditscaleError
-from test_memit import second_moment, tiny  # one tiny-model cache for the MEMIT family
 
 ROOT = Path(__file__).resolve().parents[1]
 HPARAMS = ROOT / "config" / "hparams" / "alphaedit"
@@ -32,8 +31,8 @@ CASES = [
 _STATS: dict = {}
 
 
-def prepare(arch: str, **over):
-    model, tok = tiny(arch)
+def prepare(second_moment, tiny_lm, arch: str, **over):
+    model, tok = tiny_lm(arch)
     hp = load_hparams(HPARAMS / "tiny.yaml", method="alphaedit")
     hp.update(v_num_grad_steps=4, **over)
     mods = AlphaEdit.modules(model, hp)
@@ -44,8 +43,8 @@ def prepare(arch: str, **over):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_update_vanishes_on_preserved_keys(arch):
-    model, tok, hp, mods, stats = prepare(arch)
+def test_update_vanishes_on_preserved_keys(second_moment, tiny_lm, arch):
+    model, tok, hp, mods, stats = prepare(second_moment, tiny_lm, arch)
     editor = AlphaEdit(model, tok, hp, stats, TEMPLATES)
     for m in mods:
         assert 0 < editor.null_dim[m] < stats[m].shape[0]
@@ -76,8 +75,8 @@ def test_update_vanishes_on_preserved_keys(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_update_matches_alphaedit_formula(arch):
-    model, tok, hp, mods, stats = prepare(arch)
+def test_update_matches_alphaedit_formula(second_moment, tiny_lm, arch):
+    model, tok, hp, mods, stats = prepare(second_moment, tiny_lm, arch)
     editor = AlphaEdit(model, tok, hp, stats, TEMPLATES)
     ws = WeightState(model, mods)
     editor.apply(CASES[:1], ws)
@@ -101,8 +100,8 @@ def test_update_matches_alphaedit_formula(arch):
         assert (alt - expected).norm() / scale < 1e-8
 
 
-def test_prior_keys_grow_with_post_edit_keys():
-    model, tok, hp, mods, stats = prepare("gpt2")
+def test_prior_keys_grow_with_post_edit_keys(second_moment, tiny_lm):
+    model, tok, hp, mods, stats = prepare(second_moment, tiny_lm, "gpt2")
     editor = AlphaEdit(model, tok, hp, stats, TEMPLATES)
     ws = WeightState(model, mods)
     assert all(editor.n_prior_keys(m) == 0 for m in mods)
@@ -121,9 +120,9 @@ def test_prior_keys_grow_with_post_edit_keys():
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_state_round_trip_gives_identical_next_update(arch):
+def test_state_round_trip_gives_identical_next_update(second_moment, tiny_lm, arch):
     over = dict(key_fold_size=2)  # 3 earlier keys: one folded chunk of 2 plus a pending key
-    model, tok, hp, mods, stats = prepare(arch, **over)
+    model, tok, hp, mods, stats = prepare(second_moment, tiny_lm, arch, **over)
     editor = AlphaEdit(model, tok, hp, stats, TEMPLATES)
     ws = WeightState(model, mods)
     editor.apply(CASES[:2], ws)
@@ -138,7 +137,7 @@ def test_state_round_trip_gives_identical_next_update(arch):
     cont = ws.take_applied()
 
     # resumed chain: fresh model + saved delta + saved state (projections recomputed from stats)
-    model2, tok2, _, _, _ = prepare(arch, **over)
+    model2, tok2, _, _, _ = prepare(second_moment, tiny_lm, arch, **over)
     ws2 = WeightState(model2, mods, delta=delta)
     editor2 = AlphaEdit(model2, tok2, hp, stats, TEMPLATES, state=state)
     for m in mods:
@@ -154,8 +153,8 @@ def test_state_round_trip_gives_identical_next_update(arch):
         assert np.array_equal(editor.state_dict()[f"{m}/keys"], editor2.state_dict()[f"{m}/keys"])
 
 
-def test_folding_is_independent_of_batching():
-    model, tok, hp, mods, stats = prepare("gpt_neox", key_fold_size=3)
+def test_folding_is_independent_of_batching(second_moment, tiny_lm):
+    model, tok, hp, mods, stats = prepare(second_moment, tiny_lm, "gpt_neox", key_fold_size=3)
     a = AlphaEdit(model, tok, hp, stats, TEMPLATES)
     b = AlphaEdit(model, tok, hp, stats, TEMPLATES)
     m = mods[0]
@@ -169,26 +168,26 @@ def test_folding_is_independent_of_batching():
     assert torch.allclose(a.prior_kkt(m), K.T @ K, rtol=1e-10, atol=1e-10)
 
 
-def test_projections_kwarg_and_identity_projection_is_ridge_memit():
-    model, tok, hp, mods, stats = prepare("gptj")
+def test_projections_kwarg_and_identity_projection_is_ridge_memit(second_moment, tiny_lm):
+    model, tok, hp, mods, stats = prepare(second_moment, tiny_lm, "gptj")
     P = {m: torch.from_numpy(np.asarray(null_space_projection(stats[m], hp["nullspace_threshold"]))) for m in mods}
     # precomputed projections give the same update as projections computed from the stats
     e1 = AlphaEdit(model, tok, hp, stats, TEMPLATES)
     ws1 = WeightState(model, mods)
     e1.apply(CASES[:1], ws1)
-    model2, *_ = prepare("gptj")
+    model2, *_ = prepare(second_moment, tiny_lm, "gptj")
     e2 = AlphaEdit(model2, tok, hp, {}, TEMPLATES, projections=P)
     ws2 = WeightState(model2, mods)
     e2.apply(CASES[:1], ws2)
     for a, b in zip(ws1.take_applied(), ws2.take_applied()):
         assert torch.allclose(a.u @ a.v.T, b.u @ b.v.T, rtol=1e-5, atol=1e-7)
     # P = I and no earlier keys: AlphaEdit's solve is MEMIT's with C = I and lambda = L2
-    model3, *_ = prepare("gptj")
+    model3, *_ = prepare(second_moment, tiny_lm, "gptj")
     eye = {m: torch.eye(stats[m].shape[0], dtype=torch.float64) for m in mods}
     e3 = AlphaEdit(model3, tok, hp, {}, TEMPLATES, projections=eye)
     ws3 = WeightState(model3, mods)
     e3.apply(CASES[:1], ws3)
-    model4, *_ = prepare("gptj")
+    model4, *_ = prepare(second_moment, tiny_lm, "gptj")
     mh = {**{k: v for k, v in hp.items() if k not in ("L2", "nullspace_threshold", "key_fold_size", "projection_dtype")},
           "mom2_adjustment": False, "mom2_update_weight": hp["L2"]}
     e4 = Memit(model4, tok, mh, {}, TEMPLATES)
@@ -199,8 +198,8 @@ def test_projections_kwarg_and_identity_projection_is_ridge_memit():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_batch_rows_and_bit_identical_replay(arch):
-    model, tok, hp, mods, stats = prepare(arch)
+def test_batch_rows_and_bit_identical_replay(second_moment, tiny_lm, arch):
+    model, tok, hp, mods, stats = prepare(second_moment, tiny_lm, arch)
     editor = AlphaEdit(model, tok, hp, stats, TEMPLATES)
     ws = WeightState(model, mods)
     rows = editor.apply(CASES[:3], ws)
@@ -217,8 +216,8 @@ def test_batch_rows_and_bit_identical_replay(arch):
     assert not any(p.requires_grad for p in model.parameters())
 
 
-def test_bad_state_and_missing_inputs_raise():
-    model, tok, hp, mods, stats = prepare("gpt2")
+def test_bad_state_and_missing_inputs_raise(second_moment, tiny_lm):
+    model, tok, hp, mods, stats = prepare(second_moment, tiny_lm, "gpt2")
     with pytest.raises(EditscaleError, match="projection"):
         AlphaEdit(model, tok, hp, {}, TEMPLATES)
     with pytest.raises(EditscaleError, match="keys"):

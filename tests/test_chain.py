@@ -6,52 +6,24 @@ import json
 
 import pytest
 
-from editscale.data.geofacts import build_geofacts
+from editscale.layout import StateFiles
 from editscale.edit.chain import (
     delta_path,
     factors_path,
     model_at,
     read_delta,
     read_factors,
-    templates_record,
     replay_delta,
     run_segment,
     states_in_segment,
     tensor_sha256,
 )
-from editscale.edit.cli import resolve_run
-from editscale.workflow import run_record
-from editscale.io import EditscaleError, write_json_atomic, write_jsonl_atomic
-from editscale.models.load import load_model, model_sha
+from editscale.io import EditscaleError, write_json_atomic
+from editscale.models.load import model_sha
 from editscale.models.registry import edited_weight, to_math
-from editscale.stats.mom2 import compute_mom2, write_mom2
+from editscale.stats.mom2 import write_mom2
 
 SEGMENT = 2
-
-
-def _make_run(tmp_path, model_dir, method="rome", hparams="config/hparams/rome/tiny.yaml", n=4, per_step=1, repo=None):
-    run = {"name": "r", "model": "m", "method": method, "hparams": str(repo / hparams), "segment": SEGMENT,
-           "edits_per_step": per_step, "seed": 0}
-    resolved = resolve_run(run_record({"models": {"m": {"source": "tiny:gpt2", "dtype": "float32"}}}, run))
-    run_dir = tmp_path / "run"
-    write_json_atomic(run_dir / "run.json", resolved)
-    cases = build_geofacts(seed=0)[:n]
-    for i, c in enumerate(cases):
-        c["edit_index"] = i + 1
-    write_jsonl_atomic(run_dir / "edits.jsonl", cases)
-    model, tok = load_model(model_dir)
-    write_json_atomic(run_dir / "templates.json", templates_record(model, tok, method, resolved["hparams"], 0))
-    from editscale.edit.methods import get_method
-
-    stats = {}
-    texts = [c["prompt"].format(c["subject"]) + " " + c["target_true"] for c in build_geofacts(seed=0)[:200]]
-    for module in get_method(method).modules(model, resolved["hparams"]):
-        mom2, count = compute_mom2(model, tok, [module], texts, seq_len=32, batch_size=32, progress=False)[module]
-        path = tmp_path / "stats" / f"{module}.h5"
-        write_mom2(path, mom2, count, module=module, model_sha256=model_sha(model_dir), corpus="test", corpus_spec={},
-                   dtype="float32")
-        stats[module] = str(path)
-    return run_dir, resolved, stats
 
 
 def _run_all(model_dir, run_dir, resolved, stats, n):
@@ -61,9 +33,9 @@ def _run_all(model_dir, run_dir, resolved, stats, n):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_replay_is_bit_identical(tmp_path, tiny_model_dirs, repo_root, arch):
+def test_replay_is_bit_identical(make_run, tmp_path, tiny_model_dirs, repo_root, arch):
     model_dir = tiny_model_dirs(arch)
-    run_dir, resolved, stats = _make_run(tmp_path, model_dir, repo=repo_root)
+    run_dir, resolved, stats = make_run(tmp_path, model_dir)
     _run_all(model_dir, run_dir, resolved, stats, 4)
     module = next(iter(stats))
     # Segment boundary: replay of the factors from the previous delta equals the stored delta.
@@ -73,18 +45,18 @@ def test_replay_is_bit_identical(tmp_path, tiny_model_dirs, repo_root, arch):
 
     assert tensor_sha256(_rederive(run_dir, 4, SEGMENT)[module]) == tensor_sha256(stored[module])
     # Mid-segment: the chain's state right after edit 3 (stepped in place) equals model_at(3).
-    states = {j: to_math(m, edited_weight(m, module)).clone() for j, m, _ in states_in_segment(model_dir, run_dir, 4, SEGMENT)}
+    states = {j: to_math(m, edited_weight(m, module)).clone() for j, m, _ in states_in_segment(model_dir, delta_path(run_dir, 2), factors_path(run_dir, 4))}
     assert sorted(states) == [3, 4]
-    replayed, _ = model_at(model_dir, run_dir, 3)
+    replayed, _ = model_at(model_dir, StateFiles.in_run(run_dir, 3, SEGMENT))
     assert tensor_sha256(states[3]) == tensor_sha256(to_math(replayed, edited_weight(replayed, module)))
     # ... and differs from the state after 4 and after 2 (the replay really stops at edit 3).
     assert tensor_sha256(states[3]) != tensor_sha256(states[4])
     assert tensor_sha256(replay_delta(run_dir, 3, SEGMENT)[module]) != tensor_sha256(replay_delta(run_dir, 2, SEGMENT)[module])
 
 
-def test_resume_after_lost_segment_gives_same_hashes(tmp_path, tiny_model_dirs, repo_root):
+def test_resume_after_lost_segment_gives_same_hashes(make_run, tmp_path, tiny_model_dirs, repo_root):
     model_dir = tiny_model_dirs("gpt2")
-    run_dir, resolved, stats = _make_run(tmp_path, model_dir, repo=repo_root)
+    run_dir, resolved, stats = make_run(tmp_path, model_dir)
     _run_all(model_dir, run_dir, resolved, stats, 4)
     first = {m: tensor_sha256(t) for m, t in read_delta(delta_path(run_dir, 4))[0].items()}
     # A killed job leaves no finished-looking file; resuming recomputes only the lost segment.
@@ -95,9 +67,9 @@ def test_resume_after_lost_segment_gives_same_hashes(tmp_path, tiny_model_dirs, 
     assert first == again
 
 
-def test_failed_segment_leaves_no_output(tmp_path, tiny_model_dirs, repo_root, monkeypatch):
+def test_failed_segment_leaves_no_output(make_run, tmp_path, tiny_model_dirs, repo_root, monkeypatch):
     model_dir = tiny_model_dirs("gpt2")
-    run_dir, resolved, stats = _make_run(tmp_path, model_dir, repo=repo_root)
+    run_dir, resolved, stats = make_run(tmp_path, model_dir)
     from editscale.edit import rome
 
     def boom(self, cases, weights):
@@ -109,9 +81,9 @@ def test_failed_segment_leaves_no_output(tmp_path, tiny_model_dirs, repo_root, m
     assert not list((run_dir).glob("deltas/*")) and not list(run_dir.glob("factors/*"))
 
 
-def test_factors_log_and_model_check(tmp_path, tiny_model_dirs, repo_root):
+def test_factors_log_and_model_check(make_run, tmp_path, tiny_model_dirs, repo_root):
     model_dir = tiny_model_dirs("gpt2")
-    run_dir, resolved, stats = _make_run(tmp_path, model_dir, repo=repo_root)
+    run_dir, resolved, stats = make_run(tmp_path, model_dir)
     _run_all(model_dir, run_dir, resolved, stats, 2)
     updates, rows, _, attrs = read_factors(factors_path(run_dir, 2))
     assert [r["edit_index"] for r in rows] == [1, 2]
@@ -142,11 +114,11 @@ def test_factors_log_and_model_check(tmp_path, tiny_model_dirs, repo_root):
     assert not delta_path(run_dir, 4).exists()
 
 
-def test_stale_or_foreign_context_templates_are_refused(tmp_path, tiny_model_dirs, repo_root):
+def test_stale_or_foreign_context_templates_are_refused(make_run, tmp_path, tiny_model_dirs, repo_root):
     """A context_templates.json of the old flat format, or one sampled by another method family's
     rule, is one error naming the file, not a silently different key average."""
     model_dir = tiny_model_dirs("gpt2")
-    run_dir, resolved, stats = _make_run(tmp_path, model_dir, repo=repo_root, n=2)
+    run_dir, resolved, stats = make_run(tmp_path, model_dir, n=2)
     path = run_dir / "templates.json"
     record = json.loads(path.read_text())
     assert record["rule"] == "rome" and len(record["groups"]) == 1 and record["groups"][0][0] == "{}"

@@ -15,23 +15,15 @@ import numpy as np
 import pytest
 import torch
 
+from editscale.layout import StateFiles
 from editscale.edit.chain import delta_path, factors_path, model_at, read_delta, read_factors, replay_delta, run_segment, tensor_sha256
 from editscale.edit.weights import WeightState
-from editscale.models.doctor import (
-    KNOWN_CONFIGS,
-    _config_from_known,
-    doctor,
-    edit_flops,
-    machine_info,
-    measure_flops,
-    module_shapes,
-    n_params,
-    render,
-    storage_estimate,
-)
+from editscale.doctor import doctor, machine_info, measure_flops, render
+from editscale.models.registry import KNOWN_CONFIGS, known_config, module_shapes, n_params
+from editscale.planning import edit_flops, storage_estimate
 from editscale.models.load import load_model, pick_device
 from editscale.models.registry import edited_weight, from_math, to_math
-from test_chain import SEGMENT, _make_run
+SEGMENT = 2  # the segment make_run writes (conftest)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,13 +54,13 @@ def test_weight_state_keeps_fp32_and_casts_on_write(tiny_model_dirs):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gptj"])
-def test_rome_segment_in_bfloat16(tmp_path, tiny_model_dirs, repo_root, arch):
+def test_rome_segment_in_bfloat16(make_run, tmp_path, tiny_model_dirs, repo_root, arch):
     """A ROME chain on a bf16 model: deltas and factors are fp32, replay is exact, the edited bf16
     weight is W0 + D rounded once, and the updates match the fp32 chain's up to bf16 forward noise."""
     model_dir = tiny_model_dirs(arch)
     deltas = {}
     for dtype in ("float32", "bfloat16"):
-        run_dir, resolved, stats = _make_run(tmp_path / dtype, model_dir, repo=repo_root, n=2)
+        run_dir, resolved, stats = make_run(tmp_path / dtype, model_dir, n=2)
         run_segment(model_dir, run_dir, SEGMENT, SEGMENT, "rome", resolved["hparams"], stats, run_dir / "templates.json",
                     dtype=dtype, device="cpu")
         deltas[dtype], _ = read_delta(delta_path(run_dir, SEGMENT))
@@ -83,7 +75,7 @@ def test_rome_segment_in_bfloat16(tmp_path, tiny_model_dirs, repo_root, arch):
     assert float((d16 - d32).norm() / d32.norm()) < 0.05
     assert tensor_sha256(replay_delta(run_dir, SEGMENT, SEGMENT)[module]) == tensor_sha256(d16)
     # the edited model in bf16 = base bf16 weights + fp32 delta, rounded once
-    edited, tok = model_at(model_dir, run_dir, SEGMENT, dtype="bfloat16", device="cpu")
+    edited, tok = model_at(model_dir, StateFiles.in_run(run_dir, SEGMENT, SEGMENT), dtype="bfloat16", device="cpu")
     base, _ = load_model(model_dir, dtype="bfloat16", device="cpu")
     w0 = to_math(base, edited_weight(base, module)).float()
     assert torch.equal(to_math(edited, edited_weight(edited, module)), (w0 + d16).to(torch.bfloat16))
@@ -97,9 +89,9 @@ def test_rome_segment_in_bfloat16(tmp_path, tiny_model_dirs, repo_root, arch):
     assert after < before
 
 
-def test_storage_formula_matches_written_files(tmp_path, tiny_model_dirs, repo_root):
+def test_storage_formula_matches_written_files(make_run, tmp_path, tiny_model_dirs, repo_root):
     model_dir = tiny_model_dirs("gpt2")
-    run_dir, resolved, stats = _make_run(tmp_path, model_dir, repo=repo_root, n=2)
+    run_dir, resolved, stats = make_run(tmp_path, model_dir, n=2)
     run_segment(model_dir, run_dir, SEGMENT, SEGMENT, "rome", resolved["hparams"], stats, run_dir / "templates.json")
     model, _ = load_model(model_dir)
     module = next(iter(stats))
@@ -115,9 +107,9 @@ def test_storage_formula_matches_written_files(tmp_path, tiny_model_dirs, repo_r
 
 
 def test_published_configs_give_the_known_sizes():
-    assert n_params(_config_from_known("hf:gpt2-xl")) == 1_557_611_200
-    assert n_params(_config_from_known("hf:EleutherAI/gpt-j-6B")) == 6_050_882_784
-    assert 134_000_000 < n_params(_config_from_known("embedded:smollm2-135m-instruct")) < 136_000_000
+    assert n_params(known_config("hf:gpt2-xl")) == 1_557_611_200
+    assert n_params(known_config("hf:EleutherAI/gpt-j-6B")) == 6_050_882_784
+    assert 134_000_000 < n_params(known_config("embedded:smollm2-135m-instruct")) < 136_000_000
     assert set(KNOWN_CONFIGS) >= {"hf:gpt2-xl", "hf:EleutherAI/gpt-j-6B"}
 
 

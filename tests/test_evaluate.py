@@ -403,7 +403,8 @@ def test_cli_k0(tiny_run, tmp_path):
     from editscale.io import read_parquet_metadata
 
     model_dir, run_dir = tiny_run
-    base = ["--model-dir", str(model_dir), "--run-dir", str(run_dir), "--k", "0", "--device", "cpu"]
+    state = ["--model-dir", str(model_dir), "--state", str(run_dir / "run.json"), "--k", "0", "--device", "cpu"]
+    base = [*state, "--edits", str(run_dir / "edits.jsonl")]
     params = {
         "eval_every": 6,
         "probes": {"n_eval": 3, "names": ["arith"]},
@@ -435,7 +436,7 @@ def test_cli_k0(tiny_run, tmp_path):
     toks = tmp_path / "tokens.npy"
     np.save(toks, np.random.default_rng(0).integers(0, 1000, size=(2, 9), dtype=np.int64))
     out = tmp_path / "ppl.parquet"
-    _cli(["perplexity", *base, "--out", str(out), "--tokens", str(toks)])
+    _cli(["perplexity", *state, "--out", str(out), "--tokens", str(toks)])
     p = pl.read_parquet(out)
     assert p.filter(pl.col("metric") == "n_tokens")["value"].item() == 16
 

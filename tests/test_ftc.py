@@ -13,7 +13,6 @@ from editscale.edit.ftc import FineTuneConstrained, _Batch
 from editscale.edit.methods import get_method
 from editscale.edit.weights import WeightState, add_update
 from editscale.io import EditscaleError
-from test_memit import tiny  # one tiny-model cache for the MEMIT family
 
 ROOT = Path(__file__).resolve().parents[1]
 HPARAMS = ROOT / "config" / "hparams" / "ft-c"
@@ -47,8 +46,8 @@ def teacher_forced_nll(model, tok, case) -> float:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_linf_bound_and_nll_decreases(arch):
-    model, tok = tiny(arch)
+def test_linf_bound_and_nll_decreases(tiny_lm, arch):
+    model, tok = tiny_lm(arch)
     hp = hparams()
     eps = float(hp["norm_constraint"])
     case = CASES[0]
@@ -73,8 +72,8 @@ def test_linf_bound_and_nll_decreases(arch):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_bound_holds_over_a_sequence_relative_to_each_start():
-    model, tok = tiny("gpt2")
+def test_bound_holds_over_a_sequence_relative_to_each_start(tiny_lm):
+    model, tok = tiny_lm("gpt2")
     hp = hparams()
     eps = float(hp["norm_constraint"])
     editor = FineTuneConstrained(model, tok, hp, {}, ["{}"])
@@ -89,8 +88,8 @@ def test_bound_holds_over_a_sequence_relative_to_each_start():
     assert ws.delta[m].abs().max().item() <= 3 * eps + 1e-6
 
 
-def test_teacher_forced_objective_reduces_sequence_nll():
-    model, tok = tiny("gptj")
+def test_teacher_forced_objective_reduces_sequence_nll(tiny_lm):
+    model, tok = tiny_lm("gptj")
     hp = hparams(objective="teacher_forced")
     case = CASES[0]
     before = teacher_forced_nll(model, tok, case)
@@ -102,8 +101,8 @@ def test_teacher_forced_objective_reduces_sequence_nll():
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_batch_rows_and_bit_identical_replay(arch):
-    model, tok = tiny(arch)
+def test_batch_rows_and_bit_identical_replay(tiny_lm, arch):
+    model, tok = tiny_lm(arch)
     hp = hparams()
     editor = FineTuneConstrained(model, tok, hp, {}, ["{}"])
     mods = editor.modules(model, hp)
@@ -121,10 +120,10 @@ def test_batch_rows_and_bit_identical_replay(arch):
         assert torch.equal(ws.current(m), ws.base[m] + ws.delta[m])
 
 
-def test_deterministic():
+def test_deterministic(tiny_lm):
     deltas = []
     for _ in range(2):
-        model, tok = tiny("gpt_neox")
+        model, tok = tiny_lm("gpt_neox")
         hp = hparams()
         editor = FineTuneConstrained(model, tok, hp, {}, ["{}"])
         ws = WeightState(model, editor.modules(model, hp))
@@ -133,8 +132,8 @@ def test_deterministic():
     assert torch.equal(*deltas)
 
 
-def test_unconstrained_and_bad_hparams():
-    model, tok = tiny("gpt2")
+def test_unconstrained_and_bad_hparams(tiny_lm):
+    model, tok = tiny_lm("gpt2")
     hp = hparams(norm_constraint=None, lr=5e-2)
     editor = FineTuneConstrained(model, tok, hp, {}, ["{}"])
     ws = WeightState(model, editor.modules(model, hp))

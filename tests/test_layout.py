@@ -57,3 +57,13 @@ def test_methods_are_named_only_in_their_modules_and_the_registry():
         for name, module in own.items():
             if path.name != module:
                 assert not re.search(re.escape(name), text), f"{name!r} named in {path.relative_to(SRC)}"
+
+
+def test_stage_packages_do_not_import_the_orchestration_modules():
+    """The stages (models, data, stats, edit, evaluate, report, audit) are the library; the workflow
+    plan, the cost estimates and doctor sit above them and import them, never the reverse."""
+    graph = _import_graph()
+    top = {"editscale.workflow", "editscale.planning", "editscale.doctor"}
+    stages = ("models", "data", "stats", "edit", "evaluate", "report", "audit")
+    upward = {m: sorted(graph[m] & top) for m in graph if m.split(".")[1:2] and m.split(".")[1] in stages and graph[m] & top}
+    assert not upward, upward

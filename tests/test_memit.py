@@ -3,7 +3,6 @@ objective, keys are recomputed between layers, updates replay bit for bit, batch
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,6 @@ from editscale.edit.memit import Memit
 from editscale.edit.methods import get_method
 from editscale.edit.weights import Update, WeightState, add_update
 from editscale.io import EditscaleError
-from editscale.models.fetch import build_tiny_model
-from editscale.models.nethook import Trace
 
 ROOT = Path(__file__).resolve().parents[1]
 HPARAMS = ROOT / "config" / "hparams" / "memit"
@@ -29,30 +26,6 @@ CASES = [
 ]
 
 
-_BASE: dict = {}
-
-
-def tiny(arch: str):
-    """A fresh copy of the tiny random model of `arch` (built once per test module)."""
-    if arch not in _BASE:
-        model, tok = build_tiny_model(arch)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        _BASE[arch] = (model, tok)
-    model, tok = _BASE[arch]
-    return copy.deepcopy(model), tok
-
-
-def second_moment(model, tok, module: str, n_seq: int = 64, seq_len: int = 32, seed: int = 1) -> torch.Tensor:
-    """E[k k^T] of `module`'s inputs over random token sequences (float64)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, len(tok), (n_seq, seq_len), generator=g)
-    with torch.no_grad(), Trace(model, [module], stop=True) as tr:
-        model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    k = tr.inputs[module].reshape(-1, tr.inputs[module].shape[-1]).double()
-    return k.T @ k / k.shape[0]
-
-
 def hparams(**over) -> dict:
     hp = load_hparams(HPARAMS / "tiny.yaml", method="memit")
     hp.update(v_num_grad_steps=4, **over)
@@ -62,8 +35,8 @@ def hparams(**over) -> dict:
 _STATS: dict = {}
 
 
-def prepare(arch: str, **over):
-    model, tok = tiny(arch)
+def prepare(second_moment, tiny_lm, arch: str, **over):
+    model, tok = tiny_lm(arch)
     hp = hparams(**over)
     mods = Memit.modules(model, hp)
     for m in mods:
@@ -77,8 +50,8 @@ def objective(dW, K, R, C, lam) -> float:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_update_minimizes_memit_objective(arch):
-    model, tok, hp, mods, stats = prepare(arch)
+def test_update_minimizes_memit_objective(second_moment, tiny_lm, arch):
+    model, tok, hp, mods, stats = prepare(second_moment, tiny_lm, arch)
     editor = Memit(model, tok, hp, stats, TEMPLATES)
     ws = WeightState(model, mods)
     editor.apply(CASES[:2], ws)
@@ -109,10 +82,10 @@ GROUPED = [["{}"], ["The city is large. {}", "Therefore it rains. {}", "I know t
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_keys_average_within_then_across_template_groups(arch):
+def test_keys_average_within_then_across_template_groups(second_moment, tiny_lm, arch):
     """memit/compute_ks.py: k = 1/2 k("{}") + 1/2 mean(k over the sampled templates), not the flat
     mean over all four templates (which weighs "{}" 1/4)."""
-    model, tok, hp, mods, stats = prepare(arch)
+    model, tok, hp, mods, stats = prepare(second_moment, tiny_lm, arch)
     m = mods[0]
     flat = [t for g in GROUPED for t in g]
     per_case = []
@@ -130,10 +103,10 @@ def test_keys_average_within_then_across_template_groups(arch):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_z_loss_layer_is_max_of_v_loss_layer_and_z_layer(arch):
+def test_z_loss_layer_is_max_of_v_loss_layer_and_z_layer(second_moment, tiny_lm, arch):
     """memit/compute_z.py: loss_layer = max(v_loss_layer, layer); a v_loss_layer below the z layer
     reads the loss at the z layer (not below the injection, where delta has no effect)."""
-    model, tok, hp, mods, stats = prepare(arch)
+    model, tok, hp, mods, stats = prepare(second_moment, tiny_lm, arch)
     z_layer = hp["layers"][-1]
     inject = common.layer_name(model, z_layer)
     steps = {"v_num_grad_steps": 3}
@@ -145,8 +118,8 @@ def test_z_loss_layer_is_max_of_v_loss_layer_and_z_layer(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_keys_are_recomputed_after_each_layer(arch):
-    model, tok, hp, mods, stats = prepare(arch)
+def test_keys_are_recomputed_after_each_layer(second_moment, tiny_lm, arch):
+    model, tok, hp, mods, stats = prepare(second_moment, tiny_lm, arch)
     k2_before = common.compute_keys(model, tok, mods[1], CASES[:2], TEMPLATES).double().T
     editor = Memit(model, tok, hp, stats, TEMPLATES)
     ws = WeightState(model, mods)
@@ -155,19 +128,19 @@ def test_keys_are_recomputed_after_each_layer(arch):
     k2_used = editor.last_keys[mods[1]]
     assert not torch.allclose(k2_used, k2_before, rtol=1e-4, atol=1e-6)
     # ... and they are the keys of the model with only the first layer's update applied
-    model2, tok2 = tiny(arch)
+    model2, tok2 = tiny_lm(arch)
     ws2 = WeightState(model2, mods)
     ws2.apply(first)
     k2_expected = common.compute_keys(model2, tok2, mods[1], CASES[:2], TEMPLATES).double().T
     assert torch.allclose(k2_used, k2_expected, rtol=1e-5, atol=1e-6)
     # the first layer's keys are those of the unedited model
-    k1_base = common.compute_keys(tiny(arch)[0], tok, mods[0], CASES[:2], TEMPLATES).double().T
+    k1_base = common.compute_keys(tiny_lm(arch)[0], tok, mods[0], CASES[:2], TEMPLATES).double().T
     assert torch.allclose(editor.last_keys[mods[0]], k1_base, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_batch_rows_replay_and_z_error(arch):
-    model, tok, hp, mods, stats = prepare(arch)
+def test_batch_rows_replay_and_z_error(second_moment, tiny_lm, arch):
+    model, tok, hp, mods, stats = prepare(second_moment, tiny_lm, arch)
     editor = Memit(model, tok, hp, stats, TEMPLATES)
     ws = WeightState(model, mods)
     rows = editor.apply(CASES, ws)
@@ -190,9 +163,9 @@ def test_batch_rows_replay_and_z_error(arch):
     assert not any(p.requires_grad for p in model.parameters())
 
 
-def test_sequential_edits_accumulate_and_are_deterministic():
+def test_sequential_edits_accumulate_and_are_deterministic(second_moment, tiny_lm):
     def run():
-        model, tok, hp, mods, stats = prepare("gpt2")
+        model, tok, hp, mods, stats = prepare(second_moment, tiny_lm, "gpt2")
         editor = Memit(model, tok, hp, stats, TEMPLATES)
         ws = WeightState(model, mods)
         for c in CASES:
@@ -205,8 +178,8 @@ def test_sequential_edits_accumulate_and_are_deterministic():
         assert torch.equal(a.delta[m], b.delta[m])
 
 
-def test_mom2_adjustment_false_is_ridge():
-    model, tok, hp, mods, stats = prepare("gptj", mom2_adjustment=False)
+def test_mom2_adjustment_false_is_ridge(second_moment, tiny_lm):
+    model, tok, hp, mods, stats = prepare(second_moment, tiny_lm, "gptj", mom2_adjustment=False)
     editor = Memit(model, tok, hp, {}, TEMPLATES)  # no statistics needed
     ws = WeightState(model, mods)
     editor.apply(CASES[:1], ws)
@@ -217,8 +190,8 @@ def test_mom2_adjustment_false_is_ridge():
     assert torch.allclose(upd.u.double() @ upd.v.double().T, expected, rtol=1e-4, atol=1e-7)
 
 
-def test_missing_stats_and_bad_hparams_raise():
-    model, tok, hp, mods, stats = prepare("gpt2")
+def test_missing_stats_and_bad_hparams_raise(second_moment, tiny_lm):
+    model, tok, hp, mods, stats = prepare(second_moment, tiny_lm, "gpt2")
     with pytest.raises(EditscaleError, match="statistics"):
         Memit(model, tok, hp, {mods[0]: stats[mods[0]]}, TEMPLATES)
     with pytest.raises(EditscaleError, match="ascending"):

@@ -20,7 +20,7 @@ import yaml
 
 from editscale.data.download import KNOWN_FILES, download
 from editscale.io import EditscaleError, sha256_file
-from editscale.models.doctor import _config_from_known, module_shapes
+from editscale.models.registry import known_config, module_shapes
 from editscale.models.load import model_sha
 from editscale.stats.convert import convert_rome_stats, module_from_filename, read_rome_npz, rome_stats_url
 from editscale.stats.mom2 import read_stats
@@ -80,7 +80,7 @@ def test_hparams_layers_name_existing_modules(path):
     run = {**cfg["runs"][0], "hparams": str(REPO / cfg["runs"][0]["hparams"])}
     mods = edited_modules(cfg, run)
     assert len(mods) == n_modules and stats_modules(cfg, run) == mods
-    shapes = module_shapes(_config_from_known(source), mods)
+    shapes = module_shapes(known_config(source), mods)
     assert set(shapes.values()) == {shape}
 
 
@@ -366,7 +366,7 @@ def test_doctor_cli_prints_storage_numbers(repo_root, tmp_path):
 
 
 def test_doctor_storage_json_is_exact(repo_root, tmp_path):
-    from editscale.models.doctor import doctor
+    from editscale.doctor import doctor
 
     rep = doctor(repo_root / "config/paper/rome-gpt-j-6B.yaml", storage_only=True, root=tmp_path)
     (est,) = rep["runs"]

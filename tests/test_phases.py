@@ -6,15 +6,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from editscale.report.phases import (
-    Curve,
-    Phase,
-    combine_phases,
-    detect_disabling_edits,
-    detect_onset,
-    joint_drops,
-    norm_outlier_z,
-)
+from editscale.report.changepoint import Curve, OnsetConfig, Phase, combine_phases, detect_onset
+from editscale.report.disabling import DisablingConfig, detect_disabling_edits, joint_drops, norm_outlier_z
 
 K = np.arange(0, 1001, 10, dtype=float)
 
@@ -27,7 +20,7 @@ def flat_then_drop(seed: int, onset: float = 600.0, noise: float = 0.02) -> np.n
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_onset_flat_then_steep_drop(seed):
-    p = detect_onset(K, flat_then_drop(seed), curve="downstream_f1", seed=seed)
+    p = detect_onset(K, flat_then_drop(seed), OnsetConfig(seed=seed), curve="downstream_f1")
     assert p.accepted, p.reason
     assert abs(p.onset_k - 600) <= 0.05 * 600
     assert p.ci_low <= 600 <= p.ci_high
@@ -43,7 +36,7 @@ def test_onset_gradual_phase_then_collapse_to_floor():
     # gradual decline, abrupt fall at 450 over 30 edits, then a floor near zero
     y = 0.8 - 0.0002 * K
     y = np.where(K >= 450, np.maximum(0.05, y - (K - 450) / 30 * 0.7), y) + rng.normal(0, 0.01, len(K))
-    p = detect_onset(K, y, seed=1)
+    p = detect_onset(K, y, OnsetConfig(seed=1))
     assert p.accepted, p.reason
     assert abs(p.onset_k - 450) <= 0.05 * 450
     assert p.ci_low <= 450 <= p.ci_high
@@ -63,7 +56,7 @@ def test_onset_on_long_binary_curve_is_binned():
     rng = np.random.default_rng(4)
     k = np.arange(1, 4001, dtype=float)
     y = (rng.random(len(k)) < np.where(k < 2500, 0.95, 0.15)).astype(float)
-    p = detect_onset(k, y, max_points=200)
+    p = detect_onset(k, y, OnsetConfig(max_points=200))
     assert p.accepted, p.reason
     assert abs(p.onset_k - 2500) <= 0.05 * 2500
     assert p.n_points == 4000
@@ -73,7 +66,7 @@ def test_onset_on_long_binary_curve_is_binned():
 def test_no_onset_on_gentle_linear_decline(seed):
     rng = np.random.default_rng(100 + seed)
     y = 0.8 - 0.0003 * K + rng.normal(0, 0.02, len(K))
-    p = detect_onset(K, y, seed=seed)
+    p = detect_onset(K, y, OnsetConfig(seed=seed))
     assert p.onset_k is None and not p.accepted
     assert p.candidate_k is not None and p.reason != "accepted"
 
@@ -81,7 +74,7 @@ def test_no_onset_on_gentle_linear_decline(seed):
 @pytest.mark.parametrize("seed", range(6))
 def test_no_onset_on_pure_noise(seed):
     rng = np.random.default_rng(200 + seed)
-    p = detect_onset(K, 0.5 + rng.normal(0, 0.05, len(K)), seed=seed)
+    p = detect_onset(K, 0.5 + rng.normal(0, 0.05, len(K)), OnsetConfig(seed=seed))
     assert p.onset_k is None
 
 
@@ -97,10 +90,10 @@ def test_no_onset_on_flat_or_short_curves():
 
 def test_onset_is_deterministic_and_checks_alpha():
     y = flat_then_drop(7)
-    a, b = detect_onset(K, y, seed=3), detect_onset(K, y, seed=3)
+    a, b = detect_onset(K, y, OnsetConfig(seed=3)), detect_onset(K, y, OnsetConfig(seed=3))
     assert a == b
     with pytest.raises(ValueError):
-        detect_onset(K, y, n_null=20, alpha=0.01)
+        OnsetConfig(n_null=20, alpha=0.01)
 
 
 def _phase(curve, onset, lo, hi):
@@ -169,6 +162,7 @@ def test_disabling_edits_planted_joint_drop():
     assert (d.k_before, d.k_after) == (500, 510)
     assert set(d.drop_z) == {"fluency", "downstream_f1", "efficacy"}
     assert min(d.drop_z.values()) > 4
+    assert d.joint_drop and not d.norm_outlier and not d.metric_flag
     assert "joint drop" in d.reasons[0]
 
 
@@ -181,6 +175,7 @@ def test_disabling_edits_planted_norm_outlier():
     found = detect_disabling_edits(_curves(3), _norms(3, outlier_at=300))
     assert [d.edit_index for d in found] == [300]
     assert found[0].norm_z > 6 and found[0].case_id == "case300"
+    assert found[0].norm_outlier and not found[0].joint_drop
     assert "update-norm outlier" in found[0].reasons[0]
 
 
@@ -195,8 +190,9 @@ def test_disabling_edit_joint_drop_attributed_to_norm_outlier_in_window():
 def test_weights_outlier_flag_is_reported():
     norms = _norms(5).with_columns(pl.Series("outlier", [1.0 if j == 42 else 0.0 for j in EDITS]))
     assert detect_disabling_edits(_curves(5), norms) == []  # not a criterion by default
-    found = detect_disabling_edits(_curves(5), norms, use_metric_flag=True)
+    found = detect_disabling_edits(_curves(5), norms, DisablingConfig(use_metric_flag=True))
     assert [d.edit_index for d in found] == [42]
+    assert found[0].metric_flag and not found[0].norm_outlier
     assert "weights metric" in found[0].reasons[0]
 
 

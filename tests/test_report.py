@@ -277,7 +277,10 @@ def test_summary_reports_onset_and_disabling_edit(tmp_path):
     assert "178" in s["disabling_edits"].split(",")
     rp = analyze_run(t, "long")
     d = {x.edit_index: x for x in rp.disabling}[178]
+    assert d.joint_drop and d.norm_outlier
     assert any("joint drop" in r for r in d.reasons) and any("update-norm outlier" in r for r in d.reasons)
+    row = t["disabling_edits"].filter(pl.col("edit_index") == 178).row(0, named=True)
+    assert row["joint_drop"] is True and row["norm_outlier"] is True and row["metric_flag"] is False
     assert {"downstream_f1", "efficacy"} <= set(rp.combined.curves_detected)
     assert set(t["summary"].columns) >= {"es_at_100", "es_at_200", "es_at_end", "retention_at_200"}
     # cases without a neighborhood prompt are left out of the NS mean, not allowed to blank it
@@ -321,7 +324,7 @@ def test_aggregate_samples_mean_and_band():
 def test_every_figure_written_from_tiny_data(results, tmp_path):
     t = tables.build_tables(_metrics(results), RUNS, edit_log=_edit_log())
     out = tmp_path / "plots"
-    written = plots.make_plots(t, out, smooth=3, inline_html=False)
+    written = plots.make_plots(t, out, plots.FigureOptions(smooth=3), inline_html=False)
     stems = {"edit_scores", "forgetting", "downstream", "weight_distance", "update_norms", "overview", "overview_rome-s0", "overview_rome-s1", "overview_memit-s0"}
     assert {p.name for p in written} == {f"{s}.{f}" for s in stems for f in ("html", "png", "svg")}
     for s in stems:
@@ -331,7 +334,7 @@ def test_every_figure_written_from_tiny_data(results, tmp_path):
         assert "<svg" in svg.read_text()[:2000]
     assert not list(out.glob(".*"))
     # the multi-sample figure carries the band (two ROME samples) and a tooltip
-    spec = plots.proficiency_chart(t["edit_scores"], smooth=3).to_dict()
+    spec = plots.proficiency_chart(t, plots.FigureOptions(smooth=3)).to_dict()
     data = next(iter(spec["datasets"].values()))
     rome = [d for d in data if d["series"] == "ROME (2 samples)"]
     assert rome and all(d["n_runs"] == 2 for d in rome)

@@ -13,52 +13,12 @@ from editscale.edit.methods import load_hparams
 from editscale.edit import common
 from editscale.edit.methods import METHODS, EditMethod, describe_methods, get_method
 from editscale.edit.rome import Rome, RRome
-from editscale.edit.weights import WeightState, add_update
+from editscale.edit.weights import WeightState
 from editscale.io import EditscaleError
-from editscale.models.fetch import build_tiny_model
 from editscale.models.registry import edited_weight, get_module, layer_name, mlp_out_name, to_math
 
 ARCHS = ["gpt2", "gptj", "gpt_neox", "llama"]
 REPO = Path(__file__).resolve().parents[1]
-LAYER = 1
-
-CASE = {"case_id": 7, "subject": "France", "prompt": "The capital of {} is", "target_new": "Berlin", "target_true": "Paris"}
-CASE2 = {"case_id": 8, "subject": "Japan", "prompt": "{} is located in the continent of", "target_new": "Europe", "target_true": "Asia"}
-
-
-def tiny_hparams(**kw) -> dict:
-    hp = {
-        "layers": [LAYER],
-        "fact_token": "subject_last",
-        "v_num_grad_steps": 10,
-        "v_lr": 0.5,
-        "v_weight_decay": 0.5,
-        "clamp_norm_factor": 4,
-        "kl_factor": 0.0625,
-        "mom2_adjustment": True,
-        "context_template_length_params": [[3, 2]],
-        "v_loss_layer": 3,
-        "key_averaging": "prompt",
-    }
-    hp.update(kw)
-    return hp
-
-
-_CACHE: dict = {}
-
-
-def tiny(arch: str):
-    """(model, tok, templates, module, C) per architecture, built once per session."""
-    if arch not in _CACHE:
-        model, tok = build_tiny_model(arch)
-        tok.pad_token = tok.eos_token
-        tok.padding_side = "right"
-        for p in model.parameters():
-            p.requires_grad_(False)
-        templates = common.flat_templates(common.sample_context_templates(model, tok, [[3, 2]], seed=0, rule="rome"))
-        module = mlp_out_name(model, LAYER)
-        _CACHE[arch] = (model, tok, templates, module, random_token_mom2(model, module))
-    return _CACHE[arch]
 
 
 @pytest.fixture(params=ARCHS)
@@ -66,38 +26,12 @@ def arch(request):
     return request.param
 
 
-def random_token_mom2(model, module: str, n_seq: int = 8, seq_len: int = 64, seed: int = 0) -> torch.Tensor:
-    """E[k k^T] of the module inputs over random token batches (float64), plus a tiny ridge."""
-    from editscale.models.nethook import Trace
-
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (n_seq, seq_len), generator=g)
-    with torch.no_grad(), Trace(model, [module], stop=True) as tr:
-        model(input_ids=ids)
-    k = tr.inputs[module].reshape(-1, tr.inputs[module].shape[-1]).to(torch.float64)
-    C = k.T @ k / k.shape[0]
-    return C + 1e-6 * C.trace() / C.shape[0] * torch.eye(C.shape[0], dtype=torch.float64)
-
-
-def dense(updates) -> dict[str, torch.Tensor]:
-    out = {}
-    for u in updates:
-        d = out.setdefault(u.module, torch.zeros(u.u.shape[0], u.v.shape[0]))
-        add_update(d, u)
-    return out
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
-
-
 # ---------------------------------------------------------------------------------------------
 # common
 
 
-def test_subject_last_index_hand_checked():
-    model, tok, *_ = tiny("gpt2")
+def test_subject_last_index_hand_checked(rome_kit):
+    model, tok, *_ = rome_kit.tiny("gpt2")
     toks = tok.convert_ids_to_tokens(tok("The capital of France is")["input_ids"])
     assert toks == ["The", "Ġcapital", "Ġof", "ĠFran", "ce", "Ġis"]
     assert common.subject_last_index(tok, "The capital of {} is", "France") == 4
@@ -109,11 +43,11 @@ def test_subject_last_index_hand_checked():
         common.subject_last_index(tok, "no placeholder", "France")
 
 
-def test_subject_last_index_with_bos():
+def test_subject_last_index_with_bos(rome_kit):
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    _, tok, *_ = tiny("llama")
+    _, tok, *_ = rome_kit.tiny("llama")
     raw = tok.backend_tokenizer
     bos = tok.convert_tokens_to_ids("<|endoftext|>")
     raw.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
@@ -150,10 +84,10 @@ def _record_generation(monkeypatch) -> tuple[list[dict], list[int]]:
     return calls, steps
 
 
-def test_rome_rule_templates_follow_rome_reference(monkeypatch):
+def test_rome_rule_templates_follow_rome_reference(rome_kit, monkeypatch):
     """rome/rome_main.py: ["{}"] + samples from "<|endoftext|>" whose whole sequence (start token
     included) holds `length` tokens; one flat group (compute_u averages flat)."""
-    model, tok, *_ = tiny("gpt2")
+    model, tok, *_ = rome_kit.tiny("gpt2")
     calls, steps = _record_generation(monkeypatch)
     a = common.sample_context_templates(model, tok, [[3, 2], [4, 6]], seed=3, rule="rome")
     assert len(a) == 1 and a[0][0] == "{}" and len(a[0]) == 1 + 2 + 6
@@ -167,10 +101,10 @@ def test_rome_rule_templates_follow_rome_reference(monkeypatch):
     assert a != common.sample_context_templates(model, tok, [[3, 2], [4, 6]], seed=4, rule="rome")
 
 
-def test_memit_rule_templates_follow_memit_reference(monkeypatch):
+def test_memit_rule_templates_follow_memit_reference(rome_kit, monkeypatch):
     """memit/memit_main.py: [["{}"], [count // 5 samples after each opener, in order]], opener
     tokens counted in `length`; remainders go to the first openers (editscale extension)."""
-    model, tok, *_ = tiny("gpt2")
+    model, tok, *_ = rome_kit.tiny("gpt2")
     calls, steps = _record_generation(monkeypatch)
     g = common.sample_context_templates(model, tok, [[4, 5], [3, 7]], seed=3, rule="memit")
     assert [len(x) for x in g] == [1, 5, 7] and g[0] == ["{}"]
@@ -187,9 +121,9 @@ def test_memit_rule_templates_follow_memit_reference(monkeypatch):
         assert t.startswith(o) and t.endswith(". {}") and t.count("{") == 1 and t.count("}") == 1
 
 
-def test_generated_braces_and_blank_lines_are_cleaned(monkeypatch):
+def test_generated_braces_and_blank_lines_are_cleaned(rome_kit, monkeypatch):
     """"{" / "}" become spaces (MEMIT's rule; ROME's reference would crash on them), "\n\n" a space."""
-    model, tok, *_ = tiny("gpt2")
+    model, tok, *_ = rome_kit.tiny("gpt2")
     monkeypatch.setattr(tok, "batch_decode", lambda ids, **k: ["a{b}\n\nc"] * len(ids))
     for rule in ("rome", "memit"):
         flat = common.flat_templates(common.sample_context_templates(model, tok, [[3, 5]], seed=0, rule=rule))
@@ -198,21 +132,21 @@ def test_generated_braces_and_blank_lines_are_cleaned(monkeypatch):
         common.sample_context_templates(model, tok, [[3, 5]], seed=0, rule="other")
 
 
-def test_rome_reads_the_loss_from_the_final_logits():
+def test_rome_reads_the_loss_from_the_final_logits(rome_kit):
     """rome/compute_v.py ignores v_loss_layer (loss on the final logits): an optimize_value with
     loss_layer "final" gives the same v* for any v_loss_layer, and Rome rejects a v_loss_layer that
     is not the last layer instead of ignoring it."""
-    model, tok, templates, module, C = tiny("gpt2")
-    v3, _ = common.optimize_value(model, tok, CASE, templates, module, tiny_hparams(v_num_grad_steps=3, v_loss_layer=3), loss_layer="final")
-    v1, _ = common.optimize_value(model, tok, CASE, templates, module, tiny_hparams(v_num_grad_steps=3, v_loss_layer=1), loss_layer="final")
+    model, tok, templates, module, C = rome_kit.tiny("gpt2")
+    v3, _ = common.optimize_value(model, tok, rome_kit.CASE, templates, module, rome_kit.tiny_hparams(v_num_grad_steps=3, v_loss_layer=3), loss_layer="final")
+    v1, _ = common.optimize_value(model, tok, rome_kit.CASE, templates, module, rome_kit.tiny_hparams(v_num_grad_steps=3, v_loss_layer=1), loss_layer="final")
     assert torch.equal(v1, v3)
     with pytest.raises(EditscaleError, match=r"v_loss_layer 2 is not the last layer \(3\).*set v_loss_layer: 3"):
-        Rome(model, tok, tiny_hparams(v_loss_layer=2), {module: C}, templates)
-    Rome(model, tok, tiny_hparams(v_loss_layer=3), {module: C}, templates)  # the last layer is fine
+        Rome(model, tok, rome_kit.tiny_hparams(v_loss_layer=2), {module: C}, templates)
+    Rome(model, tok, rome_kit.tiny_hparams(v_loss_layer=3), {module: C}, templates)  # the last layer is fine
 
 
-def test_module_io_batched_equals_single(arch):
-    model, tok, templates, module, _ = tiny(arch)
+def test_module_io_batched_equals_single(rome_kit, arch):
+    model, tok, templates, module, _ = rome_kit.tiny(arch)
     prompts = ["The capital of {} is", "{} is a", "Some long prefix text that pads the others. {} speaks"]
     subjects = ["France", "Japan", "Germany"]
     ins, outs = common.module_io_at_subject(model, tok, module, prompts, subjects)
@@ -220,14 +154,14 @@ def test_module_io_batched_equals_single(arch):
     for i, (p, s) in enumerate(zip(prompts, subjects)):
         i1, o1 = common.module_io_at_subject(model, tok, module, [p], [s])
         assert torch.allclose(ins[i], i1[0], atol=1e-5) and torch.allclose(outs[i], o1[0], atol=1e-5)
-    keys = common.compute_keys(model, tok, module, [CASE, CASE2], templates)
-    per = common.module_io_at_subject(model, tok, module, [t.format(CASE2["prompt"]) for t in templates], [CASE2["subject"]] * len(templates))[0]
+    keys = common.compute_keys(model, tok, module, [rome_kit.CASE, rome_kit.CASE2], templates)
+    per = common.module_io_at_subject(model, tok, module, [t.format(rome_kit.CASE2["prompt"]) for t in templates], [rome_kit.CASE2["subject"]] * len(templates))[0]
     assert torch.allclose(keys[1], per.mean(0), atol=1e-6)
 
 
-def test_next_token_logits_match_the_model(arch):
+def test_next_token_logits_match_the_model(rome_kit, arch):
     """final norm + LM head applied to the last layer's output = the model's own logits."""
-    model, tok, *_ = tiny(arch)
+    model, tok, *_ = rome_kit.tiny(arch)
     ids, mask = common.pad_right([tok("The capital of France is")["input_ids"], tok("Hello")["input_ids"]], tok.eos_token_id)
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask).logits
@@ -236,46 +170,46 @@ def test_next_token_logits_match_the_model(arch):
     assert torch.allclose(mine, full[torch.arange(2), last], atol=1e-5)
 
 
-def test_optimize_value_lowers_nll_and_is_deterministic(arch):
-    model, tok, templates, module, _ = tiny(arch)
+def test_optimize_value_lowers_nll_and_is_deterministic(rome_kit, arch):
+    model, tok, templates, module, _ = rome_kit.tiny(arch)
     for p in model.parameters():  # even with trainable params, none may receive a gradient
         p.requires_grad_(True)
     try:
-        v1, log1 = common.optimize_value(model, tok, CASE, templates, module, tiny_hparams())
+        v1, log1 = common.optimize_value(model, tok, rome_kit.CASE, templates, module, rome_kit.tiny_hparams())
         assert all(p.grad is None for p in model.parameters())
         assert all(p.requires_grad for p in model.parameters())
     finally:
         for p in model.parameters():
             p.requires_grad_(False)
-    v2, log2 = common.optimize_value(model, tok, CASE, templates, module, tiny_hparams())
+    v2, log2 = common.optimize_value(model, tok, rome_kit.CASE, templates, module, rome_kit.tiny_hparams())
     assert log1["v_loss"] < log1["v_loss_init"]
     assert 0 < log1["steps"] <= 9
     assert torch.equal(v1, v2) and log1 == log2
-    _, out = common.module_io_at_subject(model, tok, module, [CASE["prompt"]], [CASE["subject"]])
+    _, out = common.module_io_at_subject(model, tok, module, [rome_kit.CASE["prompt"]], [rome_kit.CASE["subject"]])
     assert log1["target_init_norm"] == pytest.approx(float(out[0].norm()), rel=1e-5)
     assert float((v1 - out[0]).norm()) <= 4 * log1["target_init_norm"] * (1 + 1e-5)
 
 
 @pytest.mark.parametrize("inject", ["mlp_out", "block"])
-def test_optimize_value_prefix_reuse_is_bit_identical(arch, inject, monkeypatch):
+def test_optimize_value_prefix_reuse_is_bit_identical(rome_kit, arch, inject, monkeypatch):
     """Blocks below the injection layer run once per optimize_value (not once per step), and the
     result is bit-identical to recomputing them every step."""
-    model, tok, templates, module, _ = tiny(arch)
-    target = module if inject == "mlp_out" else layer_name(model, LAYER)
+    model, tok, templates, module, _ = rome_kit.tiny(arch)
+    target = module if inject == "mlp_out" else layer_name(model, rome_kit.LAYER)
     calls = []
     below = get_module(model, mlp_out_name(model, 0))  # runs only when block 0 really runs
     handle = below.register_forward_hook(lambda *a: calls.append(1))
     try:
-        hp = tiny_hparams(v_num_grad_steps=6)
+        hp = rome_kit.tiny_hparams(v_num_grad_steps=6)
         monkeypatch.setattr(common, "REUSE_PREFIX", False)
-        v_off, log_off = common.optimize_value(model, tok, CASE, templates, target, hp)
+        v_off, log_off = common.optimize_value(model, tok, rome_kit.CASE, templates, target, hp)
         runs_off = len(calls)
         calls.clear()
         monkeypatch.setattr(common, "REUSE_PREFIX", True)
-        v_on, log_on = common.optimize_value(model, tok, CASE, templates, target, hp)
+        v_on, log_on = common.optimize_value(model, tok, rome_kit.CASE, templates, target, hp)
         runs_on = len(calls)
         # the model is left as it was: block 0 computes again afterwards
-        common.module_io_at_subject(model, tok, module, [CASE["prompt"]], [CASE["subject"]])
+        common.module_io_at_subject(model, tok, module, [rome_kit.CASE["prompt"]], [rome_kit.CASE["subject"]])
         runs_after = len(calls) - runs_on
     finally:
         handle.remove()
@@ -285,54 +219,54 @@ def test_optimize_value_prefix_reuse_is_bit_identical(arch, inject, monkeypatch)
 
 
 @pytest.mark.parametrize("mode", ["prompt", "templates"])
-def test_rome_edit_defining_property(arch, mode):
-    model, tok, templates, module, C = tiny(arch)
+def test_rome_edit_defining_property(rome_kit, arch, mode):
+    model, tok, templates, module, C = rome_kit.tiny(arch)
     ws = WeightState(model, [module])
     try:
-        rome = Rome(model, tok, tiny_hparams(key_averaging=mode), {module: C}, templates)
-        rows = rome.apply([CASE], ws)
+        rome = Rome(model, tok, rome_kit.tiny_hparams(key_averaging=mode), {module: C}, templates)
+        rows = rome.apply([rome_kit.CASE], ws)
         assert rows[0]["case_id"] == 7 and rows[0]["v_loss"] < rows[0]["v_loss_init"]
         updates = ws.take_applied()
         assert len(updates) == 1 and updates[0].module == module
         dW = ws.delta[module].double()  # the fp32 change of the weight
-        assert torch.allclose(dW.float(), dense(updates)[module])
+        assert torch.allclose(dW.float(), rome_kit.dense(updates)[module])
         assert torch.linalg.matrix_rank(dW, rtol=1e-5) == 1
         v_star = rome.last["v_star"]
         if mode == "prompt":
             # the live model now maps the plain prompt's key to v*
-            k, out = common.module_io_at_subject(model, tok, module, [CASE["prompt"]], [CASE["subject"]])
+            k, out = common.module_io_at_subject(model, tok, module, [rome_kit.CASE["prompt"]], [rome_kit.CASE["subject"]])
             assert torch.allclose(k[0].double(), rome.last["key"])  # the key at the edited layer is unchanged
-            assert rel(out[0], v_star) < 1e-4
+            assert rome_kit.rel(out[0], v_star) < 1e-4
         else:
             out = common.module_forward(model, ws, module, rome.last["k_star"])
-            assert rel(out, v_star) < 1e-4
+            assert rome_kit.rel(out, v_star) < 1e-4
             # and the live parameter agrees with the WeightState
             k_star = rome.last["k_star"]
             W = to_math(model, edited_weight(model, module)).float()
             live = torch.nn.functional.linear(k_star, W, common.module_bias(model, module))
-            assert rel(live, v_star) < 1e-4
+            assert rome_kit.rel(live, v_star) < 1e-4
     finally:
         ws.delta[module].zero_()
         ws._write(module)
 
 
-def test_rome_uses_inverse_second_moment(arch):
-    model, tok, templates, module, _ = tiny(arch)
+def test_rome_uses_inverse_second_moment(rome_kit, arch):
+    model, tok, templates, module, _ = rome_kit.tiny(arch)
     d = common.module_io_at_subject(model, tok, module, ["{}"], ["x"])[0].shape[1]
     g = torch.Generator().manual_seed(1)
     A = torch.randn(d, d, generator=g, dtype=torch.float64)
     C = A @ A.T / d + 0.05 * torch.eye(d, dtype=torch.float64)
-    k_star = common.compute_keys(model, tok, module, [CASE], templates)[0]
+    k_star = common.compute_keys(model, tok, module, [rome_kit.CASE], templates)[0]
     expected = torch.linalg.solve(C, k_star.double())
     expected = expected / expected.norm()
-    hp = tiny_hparams(v_num_grad_steps=1)
+    hp = rome_kit.tiny_hparams(v_num_grad_steps=1)
     ws = WeightState(model, [module])
     try:
-        Rome(model, tok, hp, {module: C}, templates).apply([CASE], ws)
+        Rome(model, tok, hp, {module: C}, templates).apply([rome_kit.CASE], ws)
         u_c = ws.take_applied()[0].v[:, 0].double()
         ws.delta[module].zero_()
         ws._write(module)
-        Rome(model, tok, {**hp, "mom2_adjustment": False}, {}, templates).apply([CASE], ws)
+        Rome(model, tok, {**hp, "mom2_adjustment": False}, {}, templates).apply([rome_kit.CASE], ws)
         u_i = ws.take_applied()[0].v[:, 0].double()
     finally:
         ws.delta[module].zero_()
@@ -342,8 +276,8 @@ def test_rome_uses_inverse_second_moment(arch):
     assert float(torch.dot(u_c, u_i).abs()) < 0.99  # C^-1 really changes the direction
 
 
-def test_rome_cov_factor_cached_once(monkeypatch):
-    model, tok, templates, module, C = tiny("gpt2")
+def test_rome_cov_factor_cached_once(rome_kit, monkeypatch):
+    model, tok, templates, module, C = rome_kit.tiny("gpt2")
     calls = []
     orig = common.CovSolver.__init__
 
@@ -354,31 +288,31 @@ def test_rome_cov_factor_cached_once(monkeypatch):
     monkeypatch.setattr(common.CovSolver, "__init__", counting)
     ws = WeightState(model, [module])
     try:
-        rome = Rome(model, tok, tiny_hparams(v_num_grad_steps=2), {module: C}, templates)
-        rome.apply([CASE, CASE2], ws)
-        rome.apply([CASE], ws)
+        rome = Rome(model, tok, rome_kit.tiny_hparams(v_num_grad_steps=2), {module: C}, templates)
+        rome.apply([rome_kit.CASE, rome_kit.CASE2], ws)
+        rome.apply([rome_kit.CASE], ws)
     finally:
         ws.delta[module].zero_()
         ws._write(module)
     assert len(calls) == 1
 
 
-def test_rome_batch_is_sequential():
-    model, tok, templates, module, C = tiny("llama")
-    hp = tiny_hparams(v_num_grad_steps=3)
+def test_rome_batch_is_sequential(rome_kit):
+    model, tok, templates, module, C = rome_kit.tiny("llama")
+    hp = rome_kit.tiny_hparams(v_num_grad_steps=3)
     ws = WeightState(model, [module])
     try:
-        rows = Rome(model, tok, hp, {module: C}, templates).apply([CASE, CASE2], ws)
+        rows = Rome(model, tok, hp, {module: C}, templates).apply([rome_kit.CASE, rome_kit.CASE2], ws)
         both = ws.take_applied()
         ws.delta[module].zero_()
         ws._write(module)
         rome = Rome(model, tok, hp, {module: C}, templates)
-        rome.apply([CASE], ws)
-        rome.apply([CASE2], ws)
+        rome.apply([rome_kit.CASE], ws)
+        rome.apply([rome_kit.CASE2], ws)
         one_by_one = ws.take_applied()
         # after both edits the second case's key maps to its v*
-        _, out = common.module_io_at_subject(model, tok, module, [CASE2["prompt"]], [CASE2["subject"]])
-        assert rel(out[0], rome.last["v_star"]) < 1e-4
+        _, out = common.module_io_at_subject(model, tok, module, [rome_kit.CASE2["prompt"]], [rome_kit.CASE2["subject"]])
+        assert rome_kit.rel(out[0], rome.last["v_star"]) < 1e-4
     finally:
         ws.delta[module].zero_()
         ws._write(module)
@@ -388,25 +322,25 @@ def test_rome_batch_is_sequential():
         assert torch.allclose(a.u, b.u, atol=1e-6) and torch.allclose(a.v, b.v, atol=1e-6)
 
 
-def test_rrome_forces_templates():
-    model, tok, templates, module, C = tiny("gpt2")
-    r = RRome(model, tok, tiny_hparams(key_averaging="prompt"), {module: C}, templates)
+def test_rrome_forces_templates(rome_kit):
+    model, tok, templates, module, C = rome_kit.tiny("gpt2")
+    r = RRome(model, tok, rome_kit.tiny_hparams(key_averaging="prompt"), {module: C}, templates)
     assert r.hparams["key_averaging"] == "templates" and r.name == "r-rome"
 
 
-def test_rome_missing_stats_is_an_error():
-    model, tok, templates, module, _ = tiny("gpt2")
+def test_rome_missing_stats_is_an_error(rome_kit):
+    model, tok, templates, module, _ = rome_kit.tiny("gpt2")
     ws = WeightState(model, [module])
     with pytest.raises(EditscaleError, match="second moment"):
-        Rome(model, tok, tiny_hparams(), {}, templates).apply([CASE], ws)
+        Rome(model, tok, rome_kit.tiny_hparams(), {}, templates).apply([rome_kit.CASE], ws)
 
 
 # ---------------------------------------------------------------------------------------------
 # hparams and registry
 
 
-def test_hparams_missing_key_names_key_and_file(tmp_path):
-    hp = tiny_hparams()
+def test_hparams_missing_key_names_key_and_file(rome_kit, tmp_path):
+    hp = rome_kit.tiny_hparams()
     del hp["v_lr"]
     path = tmp_path / "rome" / "broken.yaml"
     path.parent.mkdir()
@@ -419,7 +353,7 @@ def test_hparams_missing_key_names_key_and_file(tmp_path):
     with pytest.raises(EditscaleError, match="v_lr"):
         load_hparams(other, method="rome")
     with pytest.raises(EditscaleError, match="layers"):
-        other.write_text(yaml.safe_dump({**tiny_hparams(), "layers": "17"}))
+        other.write_text(yaml.safe_dump({**rome_kit.tiny_hparams(), "layers": "17"}))
         load_hparams(other, method="rome")
 
 
@@ -435,7 +369,7 @@ def test_shipped_hparams_files_load(method, model_name):
         assert hp["context_template_length_params"] == [[5, 10], [10, 10]] and hp["clamp_norm_factor"] == 4
 
 
-def test_method_registry():
+def test_method_registry(rome_kit):
     assert get_method("rome") is Rome and get_method("r-rome") is RRome
     assert issubclass(get_method("emmet"), EditMethod)
     assert {"rome", "r-rome", "memit", "ft-c", "emmet", "alphaedit"} <= set(METHODS)
@@ -443,21 +377,21 @@ def test_method_registry():
     with pytest.raises(EditscaleError) as exc:
         get_method("romee")
     assert "rome" in str(exc.value) and "memit" in str(exc.value)
-    assert Rome.modules(tiny("gpt2")[0], {"layers": [2]}) == ["transformer.h.2.mlp.c_proj"]
+    assert Rome.modules(rome_kit.tiny("gpt2")[0], {"layers": [2]}) == ["transformer.h.2.mlp.c_proj"]
 
 
-def test_prompts_with_braces_are_filled_not_formatted():
+def test_prompts_with_braces_are_filled_not_formatted(rome_kit):
     """One subject fill (editscale.data.schema.fill) everywhere: str.format raised on a prompt
     holding other braces ("{Reds}" is a KeyError for .format), and keys / values / fine-tuning
     prompts were filled differently from the evaluation's."""
     from editscale.edit.ftc import prompt_text
 
-    model, tok, templates, module, _ = tiny("gpt2")
+    model, tok, templates, module, _ = rome_kit.tiny("gpt2")
     prompt, subject = "{} plays for FC {Reds} in", "Lionel Messi"
     ids, last = common.encode_with_subject(tok, [prompt], [subject])
     assert ids[0] == tok("Lionel Messi plays for FC {Reds} in")["input_ids"]
     assert tok.decode(ids[0][: last[0] + 1]).endswith("Messi")
-    case = {**CASE, "prompt": prompt, "subject": subject}
+    case = {**rome_kit.CASE, "prompt": prompt, "subject": subject}
     keys = common.compute_keys(model, tok, module, [case], templates)
     assert keys.shape[0] == 1 and torch.isfinite(keys).all()
     assert prompt_text(case) == "Lionel Messi plays for FC {Reds} in"

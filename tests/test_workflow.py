@@ -59,6 +59,15 @@ def test_bad_cross_reference_is_one_clear_error(repo_root, tmp_path):
     assert "runs[rome-tiny].dataset = 'nosuch' is not defined under `datasets:`" in res.stdout + res.stderr
 
 
+def test_decision_curves_must_be_curves_of_the_registered_metrics(repo_root, tmp_path):
+    """report.decision_curves names curves the metric registry declares; a typo fails at -n."""
+    workdir = copy_workflow(repo_root, tmp_path / "wf")
+    set_config(workdir, lambda c: c.setdefault("report", {}).update({"decision_curves": ["downstream_f2", "efficacy"]}))
+    res = snakemake(workdir, "-n", check=False)
+    assert res.returncode != 0
+    assert "report.decision_curves: ['downstream_f2'] are not curves of the registered metrics" in res.stdout + res.stderr
+
+
 def test_full_run_outputs_and_nothing_left_to_do(tiny_study):
     assert (tiny_study / "results/tables/summary.csv").exists()
     assert (tiny_study / "results/plots/edit_scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -165,6 +174,56 @@ def test_every_rule_command_parses_and_its_thread_budget_reaches_torch(repo_root
         torch.set_num_threads(before)
 
 
+def _planned_job_files(text: str) -> list[tuple[str, set[str], str]]:
+    """(rule, declared input + output + log files, shell command) of every job of a `snakemake -n -p` listing."""
+    jobs, rule, files = [], None, set()
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
+            rule, files = line.split()[1].rstrip(":"), set()
+        elif line.startswith(("input:", "output:", "log:")):
+            files |= {f.strip() for f in line.split(":", 1)[1].split(",") if f.strip()}
+        elif line.startswith("Shell command:") and rule and line.split(":", 1)[1].strip() != "None":
+            jobs.append((rule, files, line.removeprefix("Shell command:").strip()))
+    return jobs
+
+
+def test_metric_and_report_commands_are_handed_only_declared_files(repo_root, tmp_path):
+    """Defect: metric jobs got --run-dir + k and found the delta and factors by naming convention, and
+    the report globbed results/; every results/ path a metric or report command names must be one of
+    its job's declared inputs or outputs."""
+    import shlex
+
+    from editscale.evaluate.registry import METRICS
+
+    workdir = copy_workflow(repo_root, tmp_path / "wf")
+    res = snakemake(workdir, "-n", "-p", "--forceall")
+    rules = {m.rule_name for m in METRICS.values()} | {"report_tables", "report_plots"}
+    checked = 0
+    for rule, files, command in _planned_job_files(res.stdout + res.stderr):
+        if rule not in rules:
+            continue
+        argv = shlex.split(command.split(" 2> ")[0])
+        assert "--run-dir" not in argv, command
+        named = [a for a in argv if a.startswith("results/") and not a.rstrip("/").endswith(("results/tables", "results/plots"))]
+        assert named, command
+        undeclared = [a for a in named if a not in files]
+        assert not undeclared, (rule, undeclared)
+        checked += 1
+    assert checked > len(rules)
+    # a metric command refuses a state that lacks the file its checkpoint needs
+    from editscale.evaluate.cli import state_files
+    from types import SimpleNamespace
+
+    run_json = tmp_path / "run.json"
+    run_json.write_text(json.dumps({"segment": 3}))
+    args = SimpleNamespace(state=[str(run_json), "results/r/deltas/000003.h5", "results/r/factors/000006.h5"], k=5)
+    st = state_files(args)
+    assert (str(st.delta), str(st.factors)) == ("results/r/deltas/000003.h5", "results/r/factors/000006.h5")
+    with pytest.raises(EditscaleError, match="deltas/000006.h5 among the given files"):
+        state_files(SimpleNamespace(state=[str(run_json), "results/r/factors/000006.h5"], k=6))
+
+
 def _copy_study(tiny_study, tmp_path) -> Path:
     workdir = tmp_path / "copy"
     shutil.copytree(tiny_study, workdir, symlinks=True)
@@ -265,7 +324,7 @@ def test_schema_is_the_one_source_of_defaults_and_bounds(repo_root, tmp_path):
     """Defect: defaults and bounds were restated (and differed) in the schema, the commands and
     doctor; keys the commands read were forbidden by the schema."""
     from editscale.config import section, section_defaults
-    from editscale.models.doctor import load_config as doctor_load
+    from editscale.doctor import load_config as doctor_load
     from editscale.stats.corpus import COMMON_MINIMUM, normalize_spec
 
     # a command given no params gets the schema's default (generation read n_prompts 50, schema 20)
@@ -328,6 +387,13 @@ def test_plugin_method_and_metric_run_through_the_workflow(repo_root, tmp_path):
     assert fro[6] != fro[0]  # the toy edits changed layer 1
     unchanged = toy.filter(pl.col("item") == "layer0")["value"].unique()
     assert unchanged.len() == 1  # and nothing else
+    # the report reads the metric's declared curve and figure: phases row, summary columns, figure file
+    phases = pl.read_parquet(workdir / "results/tables/phases.parquet")
+    assert "toy_fro" in phases["curve"].to_list()
+    summary = pl.read_parquet(workdir / "results/tables/summary.parquet").row(0, named=True)
+    mean6 = toy.filter(pl.col("edit") == 6)["value"].mean()
+    assert summary["toy_fro_at_end"] == pytest.approx(mean6)
+    assert (workdir / "results/plots/toy_norm.html").is_file() and (workdir / "results/plots/toy_norm.png").is_file()
     # a typo in the plugin metric's section is caught by its own schema fragment
     set_config(workdir, lambda c: c["metrics"]["toy_norm"].update({"scal": 1.0}))
     bad = snakemake(workdir, "-n", check=False, env={"PYTHONPATH": str(plugins)})
@@ -343,3 +409,23 @@ def test_every_file_a_job_writes_is_a_declared_output(tiny_study):
     allowed = ("results/benchmarks/", "data/models/tiny-gpt2/")
     unexpected = [f for f in untracked if not f.startswith(allowed)]
     assert not unexpected, unexpected
+
+
+def test_a_plugin_module_that_registers_nothing_is_an_error_and_plugins_load_once(tmp_path, monkeypatch):
+    """A plugin whose registration call is missing must not be ignored; entry points are scanned
+    once per process, not at every validation."""
+    import importlib.metadata
+
+    from editscale.edit import methods
+
+    (tmp_path / "empty_plugin.py").write_text("VALUE = 1  # registers nothing\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(EditscaleError, match="plugin module 'empty_plugin' registered no method or metric"):
+        methods.load_plugins(["empty_plugin"])
+    scans = []
+    monkeypatch.setattr(methods, "_ENTRY_POINTS_LOADED", False)
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kw: scans.append(kw) or real(**kw))
+    methods.load_plugins()
+    methods.load_plugins()
+    assert len(scans) == 2  # the two groups, once

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # stage not built yet
             raise
         module.register(sub)
+    from . import doctor  # machine check + the planning module's estimates (beside workflow, not a stage)
+
+    doctor.register(sub)
     from .evaluate.registry import METRICS
 
     for metric in METRICS.values():  # plugin metrics bring their own sub-command

@@ -11,12 +11,12 @@ import re
 from pathlib import Path
 
 
+from . import layout
 from .io import EditscaleError
 from .models.fetch import TINY_ARCHS, TINY_LAYERS
-from .models.registry import arch_spec
+from .models.registry import KNOWN_CONFIGS, arch_spec, config_json_layers
 
 EMBEDDED_ARCH = {"smollm2-135m-instruct": "llama"}
-EMBEDDED_LAYERS = {"smollm2-135m-instruct": 30}
 
 
 def workflow_root(configfile: str | Path) -> Path:
@@ -93,8 +93,9 @@ def run_hparams(run: dict, layers_in_model: int | None = None) -> dict:
 
 def model_layers(config: dict, model: str, model_dir: str | Path | None = None) -> int | None:
     """Layer count of a configured model before any job runs: its config.json where it is already
-    on disk (fetched, or a local: source), the tiny and embedded models' known shapes; None for an
-    hf: model not yet downloaded (the run_config job checks it once the model is there)."""
+    on disk (fetched, or a local: source), the tiny models' and the published configs' known shapes
+    (editscale.models.registry.KNOWN_CONFIGS); None for another hf: model not yet downloaded (the
+    run_config job checks it once the model is there)."""
     spec = config["models"][model]
     kind, _, ref = spec["source"].partition(":")
     candidates = [Path(model_dir or f"data/models/{model}") / "config.json"]
@@ -105,15 +106,10 @@ def model_layers(config: dict, model: str, model_dir: str | Path | None = None) 
             return config_json_layers(path)
     if kind == "tiny":
         return TINY_LAYERS
-    if kind == "embedded":
-        return EMBEDDED_LAYERS.get(ref)
+    if spec["source"] in KNOWN_CONFIGS:  # embedded models and the published hf: configs
+        model_type, fields = KNOWN_CONFIGS[spec["source"]]
+        return int(fields[arch_spec(model_type).n_layers_attr])
     return None
-
-
-def config_json_layers(path: str | Path) -> int:
-    cfg = json.loads(Path(path).read_text())
-    attr = arch_spec(cfg["model_type"]).n_layers_attr
-    return int(cfg[attr])
 
 
 def edited_modules(config: dict, run: dict) -> list[str]:
@@ -280,15 +276,15 @@ def order_file(config: dict, run: dict) -> str | None:
 
 
 def delta_file(run_name: str, k: int) -> str:
-    return f"results/{run_name}/deltas/{k:06d}.h5"
+    return str(layout.delta_path(layout.run_dir(run_name), k))
 
 
 def factors_file(run_name: str, k: int) -> str:
-    return f"results/{run_name}/factors/{k:06d}.h5"
+    return str(layout.factors_path(layout.run_dir(run_name), k))
 
 
 def metric_file(run_name: str, metric: str, k: int) -> str:
-    return f"results/{run_name}/metrics/{metric}/{k:06d}.parquet"
+    return str(layout.metric_path(layout.run_dir(run_name), metric, k))
 
 
 def metrics_registry() -> dict:
@@ -296,6 +292,13 @@ def metrics_registry() -> dict:
     from .evaluate.registry import METRICS
 
     return dict(METRICS)
+
+
+def report_figures() -> list[str]:
+    """The report's figure stems: each registered metric's figures, then the overview."""
+    from .evaluate.registry import figure_stems
+
+    return figure_stems()
 
 
 def state_files(run: dict, k: int) -> list[str]:
@@ -356,25 +359,17 @@ def metric_inputs(config: dict, run: dict, metric: str, k: int) -> dict[str, lis
         "edits": lambda: [f"results/{run['name']}/edits.jsonl"],
         "heldout": lambda: [f"data/corpora/{run['model']}/{run['corpus']}/heldout.npy"],
         "factors_upto": lambda: [factors_file(run["name"], e) for e in segment_ends(run) if e <= segment_end_for(k, run["segment"])],
-        "segment_factors": lambda: [factors_file(run["name"], k)],
+        "segment_factors": lambda: ([delta_file(run["name"], k - run["segment"])] if k > run["segment"] else []) + [factors_file(run["name"], k)],
     }
     return {kind: files[kind]() for kind in get_metric(metric).inputs}
 
 
 def metric_flags(run: dict, metric: str, inputs) -> str:
-    """Command-line flags that hand a metric job its declared inputs (the rest it finds through
-    --run-dir and --k, among the same declared files)."""
+    """Command-line flags that hand a metric job exactly its declared inputs."""
     from .evaluate.registry import get_metric
 
-    kinds = get_metric(metric).inputs
-    flags = []
-    if "heldout" in kinds:
-        flags.append(f"--tokens {inputs.heldout[0]}")
-    if "factors_upto" in kinds:
-        flags.append("--factors " + " ".join(inputs.factors_upto))
-    if "segment_factors" in kinds:
-        flags.append(f"--segment {run['segment']}")
-    return " ".join(flags)
+    flag = {"state": "--state", "edits": "--edits", "heldout": "--tokens", "factors_upto": "--factors", "segment_factors": "--segment-files"}
+    return " ".join(f"{flag[kind]} " + " ".join(getattr(inputs, kind)) for kind in get_metric(metric).inputs if getattr(inputs, kind))
 
 
 def run_by_name(config: dict, name: str) -> dict:
@@ -408,3 +403,9 @@ def check_config(config: dict) -> None:
         if spec["reader"] not in READERS:
             raise EditscaleError(f"datasets.{name}.reader = {spec['reader']!r} is not a known reader ({sorted(READERS)})")
     downloads(config)  # dataset urls and paths agree (one error naming the dataset)
+    from .evaluate.registry import curve_specs
+
+    phase_curves = sorted(spec.name for _, spec in curve_specs() if spec.phases)
+    unknown = [c for c in config["report"]["decision_curves"] if c not in phase_curves]
+    if unknown:
+        raise EditscaleError(f"report.decision_curves: {unknown} are not curves of the registered metrics (phase curves: {phase_curves})")

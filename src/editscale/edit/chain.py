@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from ..io import EditscaleError, atomic_path, provenance, read_jsonl, sha256_file
+from ..layout import StateFiles, delta_path, factors_path
 from ..models.load import load_model, model_sha, pick_device
 from .weights import Update, WeightState, add_update
 from .common import PHASE_SECONDS
@@ -45,14 +46,6 @@ LOG_COLUMNS = (
     # solves and the closed-form update); per edit, i.e. a batched step's time / its size
     "seconds_keys", "seconds_optimize", "seconds_update", "factor_kind",
 )
-
-
-def delta_path(run_dir: str | Path, k: int) -> Path:
-    return Path(run_dir) / "deltas" / f"{k:06d}.h5"
-
-
-def factors_path(run_dir: str | Path, k: int) -> Path:
-    return Path(run_dir) / "factors" / f"{k:06d}.h5"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,19 +298,22 @@ def run_segment(
 # Replay
 
 
-def replay_delta(run_dir: str | Path, j: int, segment: int, model_sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """Cumulative delta after edit j, rebuilt from the checkpoint before j's segment plus factors."""
-    run_dir = Path(run_dir)
-    if j < 0:
-        raise EditscaleError(f"edit count {j} must be >= 0")
-    if j % segment == 0:  # a checkpoint: its delta file holds the state
-        return read_delta(delta_path(run_dir, j), model_sha256)[0] if j else {}
-    k_start = (j // segment) * segment
-    delta = read_delta(delta_path(run_dir, k_start), model_sha256)[0] if k_start else {}
-    updates, rows, _, _ = read_factors(factors_path(run_dir, k_start + segment))
-    last_step_j = next(r["step"] for r in rows if r["edit_index"] == j)
-    accumulate(delta, [upd for step, upd in updates if step <= last_step_j])
+def replay(state: StateFiles, model_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Cumulative delta after edit state.k: the checkpoint's delta, plus the factors of k's segment
+    up to edit k when k falls inside it."""
+    delta = read_delta(state.delta, model_sha256)[0] if state.delta is not None else {}
+    if state.factors is not None:
+        updates, rows, _, _ = read_factors(state.factors)
+        last_step_j = next((r["step"] for r in rows if r["edit_index"] == state.k), None)
+        if last_step_j is None:
+            raise EditscaleError(f"{state.factors} holds no edit {state.k}")
+        accumulate(delta, [upd for step, upd in updates if step <= last_step_j])
     return delta
+
+
+def replay_delta(run_dir: str | Path, j: int, segment: int, model_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Cumulative delta after edit j of the run in run_dir (the layout's file names)."""
+    return replay(StateFiles.in_run(run_dir, j, segment), model_sha256)
 
 
 def accumulate(delta: dict[str, torch.Tensor], updates: list[Update]) -> None:
@@ -336,27 +332,22 @@ def apply_delta(model, delta: dict[str, torch.Tensor]) -> None:
     del ws
 
 
-def _segment_of(run_dir: Path) -> int:
-    return int(read_run(run_dir)["segment"])
-
-
-def model_at(model_dir, run_dir, k: int, dtype: str = "float32", device: str = "auto"):
-    """(model, tok) after k edits of the run (k = 0: the base model)."""
-    run_dir = Path(run_dir)
+def model_at(model_dir, state: StateFiles, dtype: str = "float32", device: str = "auto"):
+    """(model, tok) after state.k edits (k = 0: the base model)."""
     model, tok = load_model(model_dir, dtype=dtype, device=device)
-    if k > 0:
-        apply_delta(model, replay_delta(run_dir, k, _segment_of(run_dir), model_sha(model_dir)))
+    if state.k > 0:
+        apply_delta(model, replay(state, model_sha(model_dir)))
     return model, tok
 
 
-def states_in_segment(model_dir, run_dir, k_end: int, segment: int, dtype: str = "float32", device: str = "auto") -> Iterator[tuple[int, object, object]]:
-    """Yield (j, model, tok) right after each edit j of the segment ending at k_end (replayed in place)."""
-    run_dir = Path(run_dir)
+def states_in_segment(model_dir, start_delta: Path | None, factors: Path, dtype: str = "float32",
+                      device: str = "auto") -> Iterator[tuple[int, object, object]]:
+    """Yield (j, model, tok) right after each edit j of one segment (its factors file), starting from
+    the delta of the checkpoint before it (None for the first segment), replayed in place."""
     sha = model_sha(model_dir)
     model, tok = load_model(model_dir, dtype=dtype, device=device)
-    k_start = k_end - segment
-    delta = read_delta(delta_path(run_dir, k_start), sha)[0] if k_start > 0 else {}
-    updates, rows, _, _ = read_factors(factors_path(run_dir, k_end))
+    delta = read_delta(start_delta, sha)[0] if start_delta is not None else {}
+    updates, rows, _, _ = read_factors(factors)
     modules = sorted({u.module for _, u in updates} | set(delta))
     ws = WeightState(model, modules, delta=delta)
     by_step: dict[int, list[int]] = {}

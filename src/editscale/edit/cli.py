@@ -63,7 +63,7 @@ def resolve_run(record: dict, layers_in_model: int | None = None) -> dict:
 
 
 def cmd_run_config(args) -> None:
-    from ..workflow import config_json_layers
+    from ..models.registry import config_json_layers
 
     record = json.loads(args.run_json)
     layers = config_json_layers(Path(args.model_dir) / "config.json") if args.model_dir else None

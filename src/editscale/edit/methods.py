@@ -155,24 +155,46 @@ class EditMethod:
         return {}
 
 
+_PLUGINS_LOADED: set[str] = set()
+_ENTRY_POINTS_LOADED = False
+
+
 def load_plugins(modules=()) -> None:
     """Import plugin modules (the config's `plugins:`, and EDITSCALE_PLUGINS, which the Snakefile
     sets so that every job sees the same plugins) and the `editscale.methods` / `editscale.metrics`
-    entry points of installed packages; their import registers what they define."""
+    entry points of installed packages; their import registers what they define. Each module and
+    the entry points are loaded once per process; a module that registers nothing is an error
+    (a plugin whose registration is missing would otherwise be ignored)."""
     import os
+    import sys
     from importlib.metadata import entry_points
 
+    from ..evaluate.registry import METRICS, Metric, register_metric
+
+    global _ENTRY_POINTS_LOADED
     names = [*modules, *filter(None, os.environ.get("EDITSCALE_PLUGINS", "").split(","))]
     for module_name in dict.fromkeys(names):
+        if module_name in _PLUGINS_LOADED:
+            continue
+        fresh = module_name not in sys.modules
+        before = (set(METHODS), set(METRICS))
         try:
             importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             raise EditscaleError(f"plugin module {module_name!r} cannot be imported ({exc}); is it on PYTHONPATH?") from exc
-    for group in (ENTRY_POINT_GROUP, "editscale.metrics"):
-        for ep in entry_points(group=group):
-            obj = ep.load()
-            if group == ENTRY_POINT_GROUP and isinstance(obj, type) and ep.name not in METHODS:
-                register_method(ep.name, obj)
+        if fresh and (set(METHODS), set(METRICS)) == before:
+            raise EditscaleError(f"plugin module {module_name!r} registered no method or metric "
+                                 "(it must call editscale.edit.methods.register_method or editscale.evaluate.registry.register_metric)")
+        _PLUGINS_LOADED.add(module_name)
+    if not _ENTRY_POINTS_LOADED:
+        for group in (ENTRY_POINT_GROUP, "editscale.metrics"):
+            for ep in entry_points(group=group):
+                obj = ep.load()
+                if group == ENTRY_POINT_GROUP and isinstance(obj, type) and ep.name not in METHODS:
+                    register_method(ep.name, obj)
+                elif isinstance(obj, Metric):
+                    register_metric(obj)
+        _ENTRY_POINTS_LOADED = True
 
 
 def get_method(name: str) -> type[EditMethod]:

@@ -18,12 +18,17 @@ from ..io import EditscaleError, provenance, read_jsonl, sha256_file, sha256_jso
 log = logging.getLogger(__name__)
 
 
-def _common(p, segment: bool = False) -> None:
+def _common(p, segment: bool = False, edits: bool = True) -> None:
     p.add_argument("--model-dir", required=True, help="prepared model directory (data/models/{model})")
-    p.add_argument("--run-dir", required=True, help="the run's results directory (results/{run})")
+    p.add_argument("--state", nargs="+", required=True,
+                   help="the files that define the model after k edits (the rule's inputs): the run's run.json, the "
+                   "checkpoint delta at or before k, and the factors of k's segment when k is inside one")
     p.add_argument("--k", type=int, required=True, help="checkpoint: the model after k edits (0 = unedited)")
+    if edits:
+        p.add_argument("--edits", required=True, help="the run's edit sequence (results/{run}/edits.jsonl)")
     if segment:
-        p.add_argument("--segment", type=int, default=None, help="segment length (default: the run's)")
+        p.add_argument("--segment-files", nargs="+", required=True,
+                       help="the segment ending at k: the delta it starts from (none for the first) and its factors")
     p.add_argument("--out", required=True, help="output parquet")
     p.add_argument("--params-json", default="{}", help="the metric's config section as JSON (or @file.json)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the run's, else float32)")
@@ -50,12 +55,12 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_generation)
 
     p = sub.add_parser("perplexity", help="perplexity on a held-out token sample at checkpoint k")
-    _common(p)
+    _common(p, edits=False)
     p.add_argument("--tokens", required=True, help=".npy of int64 token ids [n_seq, seq_len]")
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("weights", help="drift of the edited matrices and per-edit update-norm outliers at checkpoint k")
-    _common(p)
+    _common(p, edits=False)
     p.add_argument("--factors", nargs="*", default=[], help="factors files of the segments up to k (the rule's inputs): the per-edit log")
     p.set_defaults(func=cmd_weights)
 
@@ -93,17 +98,34 @@ def parse_params(text: str | None) -> dict:
     return params
 
 
-def _run_info(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "run.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+def _run_info(args) -> dict:
+    """The run record: the run.json among --state."""
+    hits = [Path(p) for p in args.state if Path(p).name == "run.json"]
+    if len(hits) != 1:
+        raise EditscaleError(f"--state must hold the run's run.json exactly once (got {args.state})")
+    return json.loads(hits[0].read_text())
+
+
+def _segment(args) -> int:
+    segment = int(_run_info(args).get("segment", 0) or 0)
+    if segment <= 0:
+        raise EditscaleError(f"the run.json among --state has no `segment` ({args.state})")
+    return segment
+
+
+def state_files(args):
+    """The StateFiles of checkpoint --k among the --state files."""
+    from ..layout import StateFiles
+
+    return StateFiles.among(args.state, args.k, _segment(args)) if args.k > 0 else StateFiles(0, 1, None, None)
 
 
 def _dtype(args) -> str:
-    return args.dtype or _run_info(args.run_dir).get("dtype") or "float32"
+    return args.dtype or _run_info(args).get("dtype") or "float32"
 
 
-def _edits(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "edits.jsonl"
+def _edits(args) -> list[dict]:
+    path = Path(args.edits)
     if not path.exists():
         raise EditscaleError(f"{path} not found: the run's edit sequence (rule `sequence`) must exist")
     cases = read_jsonl(path)
@@ -114,23 +136,21 @@ def _edits(run_dir: str | Path) -> list[dict]:
 
 
 def _inputs(args, extra: dict | None = None) -> dict:
-    """Provenance inputs: the model's sha256, and {path, sha256} of each file the state came from
-    (the audit re-hashes those paths)."""
+    """Provenance inputs: the model's sha256, and {path, sha256} of each declared file the result
+    was computed from (the audit re-hashes those paths)."""
     from ..models.load import model_sha
 
     out: dict = {"model": model_sha(args.model_dir)}
-    edits = Path(args.run_dir) / "edits.jsonl"
-    if edits.exists():
-        out["edits"] = {"path": str(edits), "sha256": sha256_file(edits)}
-    if args.k > 0:
-        run = _run_info(args.run_dir)
-        seg = int(run.get("segment", 0) or 0)
-        if seg:
-            end = args.k if args.k % seg == 0 else (args.k // seg + 1) * seg
-            kind, path = ("delta", Path(args.run_dir) / "deltas" / f"{args.k:06d}.h5") if args.k % seg == 0 else (
-                "factors", Path(args.run_dir) / "factors" / f"{end:06d}.h5")
-            if path.exists():
-                out[kind] = {"path": str(path), "sha256": sha256_file(path)}
+    files = {"edits": getattr(args, "edits", None)}
+    state = state_files(args)
+    files.update(delta=state.delta, factors=state.factors)
+    if getattr(args, "segment_files", None):
+        from ..layout import segment_files
+
+        files["segment_start"], files["segment_factors"] = segment_files(args.segment_files, args.k, _segment(args))
+    for role, path in files.items():
+        if path is not None and Path(path).exists():
+            out[role] = {"path": str(path), "sha256": sha256_file(path)}
     out.update(extra or {})
     return out
 
@@ -146,10 +166,12 @@ def _write(df, args, params: dict, extra_inputs: dict[str, str] | None = None, s
     log.info("wrote %s (%d rows%s)", args.out, df.height, f", {seconds:.1f} s" if seconds is not None else "")
 
 
-def _model_at(args, k: int | None = None):
+def _model_at(args, base: bool = False):
+    """The model after --k edits (base: the unedited model)."""
     from ..edit.chain import model_at
+    from ..layout import StateFiles
 
-    return model_at(args.model_dir, args.run_dir, args.k if k is None else k, dtype=_dtype(args), device=args.device)
+    return model_at(args.model_dir, StateFiles(0, 1, None, None) if base else state_files(args), dtype=_dtype(args), device=args.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,14 +186,14 @@ def cmd_score_edits(args) -> None:
 
     t0 = time.time()
     cfg, params = _section(args, "edit_scores")
-    segment = args.segment or int(_run_info(args.run_dir).get("segment", 0) or 0)
-    if segment <= 0:
-        raise EditscaleError("score-edits needs --segment (or a run.json with `segment`)")
-    by_index = {int(c["edit_index"]): c for c in _edits(args.run_dir)}
+    from ..layout import segment_files
+
+    start_delta, factors = segment_files(args.segment_files, args.k, _segment(args))
+    by_index = {int(c["edit_index"]): c for c in _edits(args)}
     frames = []
-    for j, model, tok in states_in_segment(args.model_dir, args.run_dir, args.k, segment, dtype=_dtype(args), device=args.device):
+    for j, model, tok in states_in_segment(args.model_dir, start_delta, factors, dtype=_dtype(args), device=args.device):
         if j not in by_index:
-            raise EditscaleError(f"edit {j} of the chain is not in {args.run_dir}/edits.jsonl")
+            raise EditscaleError(f"edit {j} of the chain is not in {args.edits}")
         frames.append(score_cases(model, tok, [by_index[j]], k=j, batch_size=cfg.batch_size))
     df = pl.concat(frames) if frames else score_cases(None, None, [], k=args.k)
     _write(df, args, params, seconds=time.time() - t0)
@@ -182,7 +204,7 @@ def cmd_history(args) -> None:
 
     t0 = time.time()
     cfg, params = _section(args, "history")
-    cases = _edits(args.run_dir)
+    cases = _edits(args)
     model, tok = _model_at(args)
     df = score_history(model, tok, cases, args.k, parts=tuple(cfg.parts), batch_size=cfg.batch_size)
     _write(df, args, params, seconds=time.time() - t0)
@@ -199,19 +221,15 @@ def cmd_downstream(args) -> None:
     tasks_cfg = task_config(params)
     if not tasks_cfg:
         raise EditscaleError("downstream: no tasks: set `tasks` and/or `probes` in the config's metrics.downstream")
-    edits_path = Path(args.run_dir) / "edits.jsonl"
     n_edits = args.n_edits if args.n_edits is not None else cfg.exclude_edits
-    excluded = [
-        c["subject"] for c in (read_jsonl(edits_path) if edits_path.exists() else [])
-        if n_edits is None or int(c.get("edit_index", 0)) <= int(n_edits)
-    ]
+    excluded = [c["subject"] for c in _edits(args) if n_edits is None or int(c["edit_index"]) <= int(n_edits)]
     log.info("probes leave out the %d subjects of edits 1..%s", len(excluded), n_edits if n_edits is not None else "all")
     tasks = build_tasks(tasks_cfg, excluded)
     bs, generation = cfg.batch_size, cfg.generation
     # optional per-task "keep_solved": restrict to the items the UNEDITED model gets right
     need_base = [i for i, t in enumerate(tasks) if (tasks_cfg.get(t.name) or {}).get("keep_solved")]
     if need_base:
-        base, btok = _model_at(args, 0)
+        base, btok = _model_at(args, base=True)
         for i in need_base:
             reading = tasks_cfg[tasks[i].name]["keep_solved"]
             tasks[i] = keep_solved(base, btok, tasks[i], reading if isinstance(reading, str) else "ll", bs)
@@ -240,7 +258,7 @@ def cmd_generation(args) -> None:
 
     t0 = time.time()
     cfg, params = _section(args, "generation")
-    prompts = cfg.prompts or pick_prompts(_edits(args.run_dir), cfg.n_prompts, cfg.seed)
+    prompts = cfg.prompts or pick_prompts(_edits(args), cfg.n_prompts, cfg.seed)
     model, tok = _model_at(args)
     df, conts = generation_metrics(model, tok, prompts, args.k, cfg.max_new_tokens, cfg.top_k, cfg.seed, cfg.batch_size)
     for p, c in list(zip(prompts, conts))[:3]:
@@ -263,7 +281,7 @@ def cmd_weights(args) -> None:
     import polars as pl
     import torch
 
-    from ..edit.chain import replay_delta
+    from ..edit.chain import replay
     from ..models.load import load_model, model_sha
     from ..models.registry import edited_weight, to_math
     from .weights import read_edit_logs, update_norm_rows, weight_drift
@@ -273,10 +291,7 @@ def cmd_weights(args) -> None:
     threshold = float(cfg.outlier_z)
     frames = []
     if args.k > 0:
-        segment = int(_run_info(args.run_dir).get("segment", 0) or 0)
-        if segment <= 0:
-            raise EditscaleError(f"{args.run_dir}/run.json has no `segment`")
-        delta = replay_delta(args.run_dir, args.k, segment, model_sha(args.model_dir))
+        delta = replay(state_files(args), model_sha(args.model_dir))
         model, _ = load_model(args.model_dir, dtype="float32", device="cpu")
         base = {m: to_math(model, edited_weight(model, m)).detach().to(torch.float32) for m in delta}
         frames.append(weight_drift(delta, base, k=args.k).with_columns(pl.lit(None, dtype=pl.Int64).alias("edit_index")))

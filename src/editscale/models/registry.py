@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -117,3 +119,86 @@ def to_math(model, weight: torch.Tensor) -> torch.Tensor:
 def from_math(model, matrix: torch.Tensor) -> torch.Tensor:
     """(out, in) matrix -> stored orientation."""
     return matrix.T if arch_spec(model).weight_in_out else matrix
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes from configs, before any weight is read or downloaded (doctor's estimates, plan-time
+# layer checks, stats conversion)
+
+# Published configs (config.json of each repo) so that shapes are known before any download.
+KNOWN_CONFIGS: dict[str, tuple[str, dict]] = {
+    "hf:gpt2-xl": ("gpt2", {"vocab_size": 50257, "n_positions": 1024, "n_embd": 1600, "n_layer": 48, "n_head": 25}),
+    "hf:openai-community/gpt2-xl": ("gpt2", {"vocab_size": 50257, "n_positions": 1024, "n_embd": 1600, "n_layer": 48, "n_head": 25}),
+    "hf:EleutherAI/gpt-j-6B": ("gptj", {"vocab_size": 50400, "n_positions": 2048, "n_embd": 4096, "n_layer": 28, "n_head": 16,
+                                        "rotary_dim": 64}),
+    "embedded:smollm2-135m-instruct": ("llama", {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                                                 "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                                                 "max_position_embeddings": 8192, "tie_word_embeddings": True}),
+}
+
+
+def known_config(source: str):
+    """The transformers config of a model in KNOWN_CONFIGS."""
+    from transformers import AutoConfig
+
+    model_type, kwargs = KNOWN_CONFIGS[source]
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def model_config(config: dict, name: str, root: str | Path = ".") -> tuple[Any | None, str]:
+    """(transformers config or None, where it came from) for a configured model; reads no weights."""
+    from transformers import AutoConfig
+
+    spec = config["models"][name]
+    source = spec["source"]
+    prepared = Path(root) / "data" / "models" / name / "config.json"
+    if prepared.exists():
+        return AutoConfig.from_pretrained(str(prepared.parent)), str(prepared)
+    kind, _, ref = source.partition(":")
+    if kind == "local" and (Path(ref).expanduser() / "config.json").exists():
+        return AutoConfig.from_pretrained(str(Path(ref).expanduser())), ref
+    if kind == "tiny":
+        from .fetch import build_tiny_model
+
+        return build_tiny_model(ref)[0].config, "tiny model"
+    if kind == "hf":
+        try:
+            return AutoConfig.from_pretrained(ref, revision=spec.get("revision"), local_files_only=True), "Hugging Face cache"
+        except Exception:  # not cached: fall through to the published table
+            pass
+    if source in KNOWN_CONFIGS:
+        return known_config(source), "published config (editscale.models.registry.KNOWN_CONFIGS)"
+    return None, "unknown until the model is prepared (rule `model`)"
+
+
+_META: dict[str, torch.nn.Module] = {}
+
+
+def meta_model(cfg):
+    """The model of `cfg` on the meta device (shapes only, no memory); cached per config."""
+    from transformers import AutoModelForCausalLM
+
+    key = cfg.to_json_string(use_diff=False)
+    if key not in _META:
+        with torch.device("meta"):
+            _META[key] = AutoModelForCausalLM.from_config(cfg)
+    return _META[key]
+
+
+def n_params(cfg) -> int:
+    return sum(p.numel() for p in meta_model(cfg).parameters())
+
+
+def module_shapes(cfg, modules: list[str]) -> dict[str, tuple[int, int]]:
+    """{module: (d_out, d_in)} of edited matrices, in editscale's (out, in) orientation; a missing
+    module name is an EditscaleError listing the nearest names."""
+    model = meta_model(cfg)
+    return {m: tuple(to_math(model, edited_weight(model, m)).shape) for m in modules}
+
+
+def config_json_layers(path: str | Path) -> int:
+    """The layer count a model's config.json states (its family's layer-count attribute)."""
+    import json
+
+    cfg = json.loads(Path(path).read_text())
+    return int(cfg[arch_spec(cfg["model_type"]).n_layers_attr])

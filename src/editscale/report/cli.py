@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
-
-from ..robust import OUTLIER_Z
 
 log = logging.getLogger(__name__)
 
 TABLE_PARAMS = ["window", "counts"]
 PHASE_PARAMS = ["seed", "slope_ratio", "min_delta_bic", "alpha", "min_agree", "drop_z", "norm_z", "decision_curves"]
+PARAMS_HELP = "the config's `report` section, inline JSON or a file (the schema's defaults fill the rest); keys used here: "
 
 
 def register(sub) -> None:
@@ -23,75 +23,76 @@ def register(sub) -> None:
     p.add_argument("--out-dir", default="results/tables")
     p.add_argument("--edit-log", default=None, help="per-edit log table (parquet/csv): run, edit_index, case_id, seconds, update_norm, update_rel, v_loss")
     p.add_argument("--storage-json", default=None, help="JSON {run: bytes}; default: size of the --deltas and --factors files")
-    p.add_argument("--params-json", default=None, help="the config's `report` section, inline JSON or a file; keys used here: " + ", ".join(TABLE_PARAMS + PHASE_PARAMS))
+    p.add_argument("--params-json", default=None, help=PARAMS_HELP + ", ".join(TABLE_PARAMS + PHASE_PARAMS))
     p.add_argument("--window", type=int, default=None, help="edits averaged for the summary's scores at each edit count (default: the config's report.window)")
     p.add_argument("--seed", type=int, default=None, help="seed of the phase-detection bootstrap (default: report.seed)")
     p.set_defaults(func=run_tables)
 
     p = sub.add_parser("report-plots", help="altair figures (html, png, svg) from the report tables")
-    p.add_argument("--tables", default="results/tables")
+    p.add_argument("--tables", nargs="+", default=["results/tables"], help="the report's table files (parquet), or one directory holding them")
     p.add_argument("--out-dir", default="results/plots")
-    p.add_argument("--smooth", type=int, default=10, help="rolling mean over W edits for per-edit curves (1: raw)")
+    p.add_argument("--params-json", default=None, help=PARAMS_HELP + "smooth, norm_z")
+    p.add_argument("--smooth", type=int, default=None, help="rolling mean over W edits for per-edit curves (1: raw); overrides report.smooth")
+    p.add_argument("--norm-z", type=float, default=None, help="robust z above which an update norm is an outlier; overrides report.norm_z")
     p.add_argument("--band", choices=["minmax", "sd"], default="minmax", help="band across samples of one configuration")
     p.add_argument("--formats", default="html,png,svg", help="comma-separated subset of html,png,svg")
     p.add_argument("--cdn-html", action="store_true", help="load vega from a CDN instead of embedding it (smaller HTML, needs network to view)")
-    p.add_argument("--norm-z", type=float, default=OUTLIER_Z, help="robust z above which an update norm is an outlier")
     p.add_argument("--no-per-run", action="store_true", help="skip the per-run copies overview_{run} of the overview figure")
     p.set_defaults(func=run_plots)
 
     p = sub.add_parser("phases", help="onset of catastrophic forgetting and disabling edits per run")
-    p.add_argument("--tables", default="results/tables")
+    p.add_argument("--tables", nargs="+", default=["results/tables"], help="the report's table files (parquet), or one directory holding them")
     p.add_argument("--out", default="results/tables/phases.parquet")
     p.add_argument("--disabling-out", default=None, help="default: disabling_edits.parquet beside --out")
-    p.add_argument("--slope-ratio", type=float, default=3.0)
-    p.add_argument("--min-delta-bic", type=float, default=10.0)
-    p.add_argument("--alpha", type=float, default=0.01)
-    p.add_argument("--min-agree", type=int, default=1, help="curves that must agree on the combined onset")
-    p.add_argument("--drop-z", type=float, default=4.0)
-    p.add_argument("--norm-z", type=float, default=OUTLIER_Z)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--params-json", default=None, help=PARAMS_HELP + ", ".join(PHASE_PARAMS))
+    for flag, kind in (("seed", int), ("slope_ratio", float), ("min_delta_bic", float), ("alpha", float), ("min_agree", int), ("drop_z", float), ("norm_z", float)):
+        p.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None, help=f"overrides report.{flag} of --params-json")
     p.set_defaults(func=run_phases)
 
 
-def run_tables(args) -> None:
-    from ..io import EditscaleError
-    from .tables import load_json_arg, load_runs_json, read_table_file, report_tables, storage_of_runs
-
+def _report_section(args, overrides: dict):
+    """The config's report section from --params-json, with the command line's overrides."""
     from ..config import section
+    from ..io import EditscaleError
+    from .tables import load_json_arg
 
-    meta = load_runs_json(args.runs_json)
     params = load_json_arg(args.params_json, "params json") if args.params_json else {}
     if not isinstance(params, dict):
         raise EditscaleError(f"--params-json must be a JSON object, not {type(params).__name__}")
-    cfg = section("report", params)
-    kwargs = {k: getattr(cfg, k) for k in TABLE_PARAMS + PHASE_PARAMS}
-    kwargs["counts"] = tuple(kwargs["counts"])
-    if args.window is not None:
-        kwargs["window"] = args.window
-    if args.seed is not None:
-        kwargs["seed"] = args.seed
+    params = {**params, **{k: v for k, v in overrides.items() if v is not None}}
+    return section("report", params)
+
+
+def run_tables(args) -> None:
+    from .phases import PhaseConfig
+    from .tables import load_json_arg, load_runs_json, read_table_file, report_tables, storage_of_runs
+
+    meta = load_runs_json(args.runs_json)
+    cfg = _report_section(args, {"window": args.window, "seed": args.seed})
     edit_log = read_table_file(args.edit_log) if args.edit_log else None
     if args.storage_json:
         storage = {str(k): int(v) for k, v in load_json_arg(args.storage_json, "storage json").items()}
     else:
         storage = storage_of_runs([*args.deltas, *args.factors])
-    written = report_tables(meta, args.metrics, args.out_dir, factors=args.factors, edit_log=edit_log, storage_bytes=storage, **kwargs)
+    written = report_tables(
+        meta, args.metrics, args.out_dir, factors=args.factors, edit_log=edit_log, storage_bytes=storage,
+        window=cfg.window, counts=tuple(cfg.counts), phase_config=PhaseConfig.from_report(cfg),
+    )
     log.info("report-tables: %d files written to %s", len(written), args.out_dir)
 
 
 def run_plots(args) -> None:
     from ..io import EditscaleError
-    from .plots import FORMATS, make_plots
+    from .plots import FORMATS, FigureOptions, make_plots
     from .tables import read_tables
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise EditscaleError(f"--formats: unknown {bad}; choose from {list(FORMATS)}")
-    tables = read_tables(args.tables)
-    written = make_plots(
-        tables, args.out_dir, smooth=args.smooth, band=args.band, formats=formats, inline_html=not args.cdn_html, norm_z=args.norm_z, per_run=not args.no_per_run
-    )
+    cfg = _report_section(args, {"smooth": args.smooth, "norm_z": args.norm_z})
+    options = FigureOptions(smooth=cfg.smooth, band=args.band, norm_z=cfg.norm_z)
+    written = make_plots(read_tables(args.tables), args.out_dir, options, formats=formats, inline_html=not args.cdn_html, per_run=not args.no_per_run)
     log.info("report-plots: %d files written to %s", len(written), args.out_dir)
 
 
@@ -104,21 +105,13 @@ def run_phases(args) -> None:
     tables.pop("phases", None)
     tables.pop("disabling_edits", None)
     runs = tables["summary"]["run"].to_list() if "summary" in tables else None
-    results = ph.analyze_runs(
-        tables,
-        runs,
-        slope_ratio=args.slope_ratio,
-        min_delta_bic=args.min_delta_bic,
-        alpha=args.alpha,
-        min_agree=args.min_agree,
-        drop_z=args.drop_z,
-        norm_z=args.norm_z,
-        seed=args.seed,
-    )
+    flags = ("seed", "slope_ratio", "min_delta_bic", "alpha", "min_agree", "drop_z", "norm_z")
+    config = ph.PhaseConfig.from_report(_report_section(args, {k: getattr(args, k) for k in flags}))
+    results = ph.analyze_runs(tables, runs, config)
     out = Path(args.out)
     dis_out = Path(args.disabling_out) if args.disabling_out else out.with_name("disabling_edits.parquet")
     md = provenance()
-    md["phases_params"] = json.dumps({k: v for k, v in vars(args).items() if k not in ("func", "verb")}, sort_keys=True, default=str)
+    md["phases_params"] = json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
     for df, path in ((ph.phases_frame(results), out), (ph.disabling_frame(results), dis_out)):
         if path.suffix == ".parquet":
             write_table(df, path.parent, path.stem, md)

@@ -3,7 +3,8 @@
 Every figure is saved as HTML (tooltips; self-contained by default, so it opens offline), PNG and
 SVG (rendered by vl-convert), each written to a temporary file with the right suffix and renamed.
 
-Figures (file stems in the output directory):
+Figures (file stems in the output directory; each metric names its figures and their functions in
+editscale.evaluate.registry, every function called as fn(tables, FigureOptions)):
 
 - `edit_scores`: editing proficiency, ES / PS / NS of each edit right after it was made, smoothed
   by a rolling mean over the last W edits (the study's smoothing; W = 1 shows raw scores), one
@@ -15,7 +16,7 @@ Figures (file stems in the output directory):
 - `weight_distance`: Frobenius distance of each edited module (and of all together, "all") from
   the base weights against edits.
 - `update_norms`: per-edit update norm (log scale) with outliers highlighted: the detrended robust
-  z of editscale.report.phases above the threshold (the disabling-edit criterion) and/or the
+  z of editscale.report.disabling above the threshold (the disabling-edit criterion) and/or the
   weights metric's own flag; one panel per run.
 - `overview`: one panel per run (also written alone as `overview_{run}`): the run's curves
   min-max normalized to [0, 1], with the detected phase shaded: the onset confidence interval
@@ -30,8 +31,10 @@ Every figure renders from a handful of points, and an empty input gives a "no da
 from __future__ import annotations
 
 import logging
+import importlib
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -42,6 +45,7 @@ import polars as pl
 from .. import robust
 from ..io import atomic_path, safe_name
 from . import phases as ph
+from .disabling import norm_outlier_z
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,15 @@ FORMATS = ("html", "png", "svg")
 WIDTH, HEIGHT = 260, 180
 META = ("run", "model", "method", "dataset", "sample")
 MODULE_METRICS = ("fro", "fro_per_numel", "spectral")
+
+
+@dataclass(frozen=True)
+class FigureOptions:
+    """What every figure function (fn(tables, options), named in the metric registry) may read."""
+
+    smooth: int = 10  # rolling mean over W edits of per-edit curves (1: raw)
+    band: str = "minmax"  # band across samples: "minmax" or "sd"
+    norm_z: float = robust.OUTLIER_Z  # detrended robust z of an update-norm outlier
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,18 +205,12 @@ def _rolling(df: pl.DataFrame, cols: Sequence[str], window: int) -> pl.DataFrame
 # the study's figures
 
 
-def proficiency_chart(
-    edit_scores: pl.DataFrame | None,
-    *,
-    smooth: int = 1,
-    metrics: Sequence[str] = ("es", "ps", "ns"),
-    band: str = "minmax",
-    max_points: int = 2000,
-) -> alt.TopLevelMixin:
-    """ES / PS / NS of each edit right after it was made, rolling mean over `smooth` edits.
+def proficiency_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = FigureOptions(), *, metrics: Sequence[str] = ("es", "ps", "ns"), max_points: int = 2000) -> alt.TopLevelMixin:
+    """ES / PS / NS of each edit right after it was made, rolling mean over `opts.smooth` edits.
 
     Longer chains are drawn at every ceil(n / max_points)-th edit (after smoothing).
     """
+    edit_scores, smooth, band = tables.get("edit_scores"), opts.smooth, opts.band
     title = "Editing proficiency" + (f" (rolling mean over {smooth} edits)" if smooth > 1 else "")
     if edit_scores is None or edit_scores.height == 0:
         return no_data(title)
@@ -220,8 +227,9 @@ def proficiency_chart(
     return line_band(frame, x="edit", x_title="edits", y_title="score", facet="metric", facet_title="metric", facet_sort=present, band=band, title=title)
 
 
-def forgetting_chart(forgetting: pl.DataFrame | None, *, band: str = "minmax") -> alt.TopLevelMixin:
+def forgetting_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = FigureOptions()) -> alt.TopLevelMixin:
     """% of earlier successful edits forgotten, and % retention, against edits."""
+    forgetting, band = tables.get("forgetting"), opts.band
     title = "Forgetting of earlier edits"
     if forgetting is None or forgetting.height == 0:
         return no_data(title)
@@ -233,8 +241,9 @@ def forgetting_chart(forgetting: pl.DataFrame | None, *, band: str = "minmax") -
     return line_band(frame, x="edit", x_title="edits", y_title="%", facet="quantity", facet_title=None, band=band, title=title)
 
 
-def downstream_chart(downstream: pl.DataFrame | None, *, readings: Sequence[str] = ("f1", "f1_ll", "accuracy_ll"), band: str = "minmax") -> alt.TopLevelMixin:
+def downstream_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = FigureOptions(), *, readings: Sequence[str] = ("f1", "f1_ll", "accuracy_ll")) -> alt.TopLevelMixin:
     """Downstream score per task (columns) and reading (rows) against edits."""
+    downstream, band = tables.get("downstream"), opts.band
     title = "Downstream ability"
     if downstream is None or downstream.height == 0:
         return no_data(title)
@@ -245,8 +254,9 @@ def downstream_chart(downstream: pl.DataFrame | None, *, readings: Sequence[str]
     return line_band(frame, x="edit", x_title="edits", y_title="score", facet="task", facet_title="task", row="reading", band=band, title=title)
 
 
-def weights_chart(weights: pl.DataFrame | None, *, metric: str = "fro", band: str = "minmax") -> alt.TopLevelMixin:
+def weights_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = FigureOptions(), *, metric: str = "fro") -> alt.TopLevelMixin:
     """Distance of each edited module from the base weights (metric `metric`) against edits."""
+    weights, band = tables.get("weights"), opts.band
     title = f"Weight distance from the base model ({metric})"
     if weights is None or weights.height == 0:
         return no_data(title)
@@ -284,7 +294,7 @@ def norms_frame(tables: Mapping[str, pl.DataFrame], runs: Sequence[str] | None =
                 .agg(pl.col("value").last().alias("outlier"))
             )
             n = n.join(flags, on="edit_index", how="left")
-        z = ph.norm_outlier_z(n["edit_index"].to_numpy(), n["update_norm"].to_numpy())
+        z = norm_outlier_z(n["edit_index"].to_numpy(), n["update_norm"].to_numpy())
         mine = z > norm_z
         theirs = n["outlier"].fill_null(0).to_numpy() >= 0.5 if "outlier" in n.columns else np.zeros(len(z), bool)
         cls = np.array(NORM_CLASSES, dtype=object)[mine.astype(int) * 2 + theirs.astype(int)]
@@ -303,8 +313,9 @@ def norms_frame(tables: Mapping[str, pl.DataFrame], runs: Sequence[str] | None =
     return pl.concat(frames)
 
 
-def update_norm_chart(tables: Mapping[str, pl.DataFrame], *, norm_z: float = robust.OUTLIER_Z) -> alt.TopLevelMixin:
+def update_norm_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = FigureOptions()) -> alt.TopLevelMixin:
     """Per-edit update norm (log scale), outliers highlighted, one panel per run."""
+    norm_z = opts.norm_z
     title = "Update norm per edit"
     df = norms_frame(tables, norm_z=norm_z)
     if df.height == 0:
@@ -331,16 +342,6 @@ def _normalize(y: np.ndarray) -> np.ndarray:
     return np.full_like(y, 0.5) if not hi > lo else (y - lo) / (hi - lo)
 
 
-CURVE_LABELS = {
-    "downstream_f1": "downstream F1 (mean over tasks)",
-    "downstream_ll": "downstream accuracy (log-likelihood)",
-    "efficacy": "retention of earlier edits (ES)",
-    "fluency": "generation n-gram entropy",
-    "perplexity": "log perplexity",
-    "proficiency": "ES of the new edit",
-}
-
-
 def overview_chart(
     tables: Mapping[str, pl.DataFrame],
     run: str,
@@ -354,16 +355,20 @@ def overview_chart(
     `phase` holds onset_k, ci_low, ci_high, collapse_k (a row of the phases table, curve =
     "combined"); `disabling` the flagged edit indices.
     """
+    from ..evaluate.registry import curve_specs
+
     title = f"{run}: overview"
     curves = ph.run_curves(tables, run)
+    specs = {spec.name: spec for _, spec in curve_specs()}
     frames = []
     for name, c in curves.items():
         y = np.asarray(c.y, float)
         k = np.asarray(c.k, float)
-        if name == "proficiency" and smooth > 1:
+        spec = specs[name]
+        if spec.per_edit and smooth > 1:
             order = np.argsort(k)
             k, y = k[order], pl.Series(y[order]).rolling_mean(window_size=int(smooth), min_samples=1).to_numpy()
-        frames.append(pl.DataFrame({"curve": CURVE_LABELS.get(name, name), "edit": k, "raw": y, "normalized": _normalize(y)}))
+        frames.append(pl.DataFrame({"curve": spec.label or name, "edit": k, "raw": y, "normalized": _normalize(y)}))
     if not frames:
         return no_data(title)
     df = pl.concat(frames)
@@ -438,32 +443,37 @@ def _phase_rows(tables: Mapping[str, pl.DataFrame], runs: Sequence[str]) -> tupl
     return phase, dis
 
 
+def figure_function(ref: str):
+    """The figure function a metric names ("module:function"); a bad name is an error naming it."""
+    from ..io import EditscaleError
+
+    module, _, name = ref.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise EditscaleError(f"figure function {ref!r} (a metric's `figures` in the registry) cannot be loaded: {exc}") from exc
+
+
 def make_plots(
     tables: Mapping[str, pl.DataFrame],
     out_dir: str | os.PathLike,
+    options: FigureOptions = FigureOptions(),
     *,
-    smooth: int = 10,
-    band: str = "minmax",
     formats: Sequence[str] = FORMATS,
     inline_html: bool = True,
-    norm_z: float = robust.OUTLIER_Z,
     per_run: bool = True,
 ) -> list[Path]:
-    """Write every figure to `out_dir` (stems in the module docstring); returns the files written.
+    """Write every figure of the metric registry, then the overview, to `out_dir`; returns the
+    files written. `per_run` also writes each run's overview alone as overview_{run}."""
+    from ..evaluate.registry import METRICS
 
-    `per_run` also writes each run's overview alone as overview_{run}.
-    """
     out_dir = Path(out_dir)
     charts: dict[str, alt.TopLevelMixin] = {
-        "edit_scores": proficiency_chart(tables.get("edit_scores"), smooth=smooth, band=band),
-        "forgetting": forgetting_chart(tables.get("forgetting"), band=band),
-        "downstream": downstream_chart(tables.get("downstream"), band=band),
-        "weight_distance": weights_chart(tables.get("weights"), band=band),
-        "update_norms": update_norm_chart(tables, norm_z=norm_z),
+        stem: figure_function(ref)(tables, options) for metric in METRICS.values() for stem, ref in metric.figures.items()
     }
     runs = _runs(tables)
     phase, dis = _phase_rows(tables, runs)
-    overviews = {run: overview_chart(tables, run, phase=phase.get(run), disabling=dis.get(run, []), smooth=smooth) for run in runs}
+    overviews = {run: overview_chart(tables, run, phase=phase.get(run), disabling=dis.get(run, []), smooth=options.smooth) for run in runs}
     charts["overview"] = alt.vconcat(*overviews.values()) if overviews else no_data("overview")
     if per_run:
         for run, chart in overviews.items():

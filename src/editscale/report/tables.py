@@ -34,8 +34,10 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import polars as pl
 
+from ..config import section_defaults
 from ..io import EditscaleError, atomic_path, provenance, sha256_json, write_parquet_atomic
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,8 @@ TIDY_SCHEMA = {
     "value": pl.Float64,
 }
 EDIT_SCORE_METRICS = ("es", "em", "ps", "pm", "ns", "nm", "score", "efficacy_em", "paraphrase_em")
-SUMMARY_COUNTS = (10, 50, 100, 200, 500, 1000)
+_REPORT = section_defaults("report")  # the schema's defaults of the summary settings
+SUMMARY_COUNTS = tuple(_REPORT["counts"])
 REQUIRED = ("k", "item", "metric", "value")
 
 
@@ -260,26 +263,21 @@ def forgetting_table(history: pl.DataFrame, edit_scores: pl.DataFrame | None = N
 # summary
 
 
-def _at(df: pl.DataFrame, value: str, c: int) -> float | None:
-    """Value at the latest checkpoint <= c; None when the run has not reached c."""
-    if df.height == 0 or df["edit"].max() < c:
+def _at(k, y, c: int) -> float | None:
+    """Value at the latest checkpoint <= c; None when the run has not reached c or it is NaN."""
+    if len(k) == 0 or k[-1] < c:
         return None
-    sub = df.filter(pl.col("edit") <= c).sort("edit")
-    if sub.height == 0:
-        return None
-    v = sub[value][-1]
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+    i = int(np.searchsorted(k, c, side="right")) - 1
+    return None if i < 0 or math.isnan(y[i]) else float(y[i])
 
 
-def _mean_over(df: pl.DataFrame | None, run: str, metric: str) -> pl.DataFrame:
-    if df is None or df.height == 0:
-        return pl.DataFrame(schema={"edit": pl.Int64, "value": pl.Float64})
-    return (
-        df.filter((pl.col("run") == run) & (pl.col("metric") == metric) & pl.col("value").is_not_nan())
-        .group_by("edit")
-        .agg(pl.col("value").mean())
-        .sort("edit")
-    )
+def _window_mean(k, y, c: int, window: int) -> float | None:
+    """Mean over the scored edits in (c - min(window, c), c] of a per-edit curve; None before c."""
+    if len(k) == 0 or k[-1] < c:
+        return None
+    w = y[(k > c - min(window, c)) & (k <= c)]
+    w = w[~np.isnan(w)]
+    return float(w.mean()) if len(w) else None
 
 
 def summary_table(
@@ -287,7 +285,7 @@ def summary_table(
     runs_meta=None,
     *,
     counts: Sequence[int] = SUMMARY_COUNTS,
-    window: int = 50,
+    window: int = _REPORT["window"],
     edit_log: pl.DataFrame | None = None,
     storage_bytes: Mapping[str, int] | None = None,
     run_phases: Mapping[str, object] | None = None,
@@ -296,13 +294,13 @@ def summary_table(
 
     Columns: run, model, method, dataset, sample, n_edits (configured), edits_done (last edit
     scored or checkpoint seen); for each count c in `counts` that is <= n_edits, and for "end"
-    (= n_edits):
-      {es,ps,ns,score}_at_{c}: mean over the last min(window, c) edits ending at edit c, as scored
-        right after each edit;
-      retention_at_{c}, forgotten_pct_at_{c}: from the forgetting table;
-      downstream_f1_at_{c}, downstream_accuracy_ll_at_{c}: mean over tasks;
-      perplexity_at_{c}, ngram_entropy_at_{c};
-      (checkpoint metrics at the latest checkpoint <= c; null where the run has not reached c);
+    (= n_edits), one column {stem}_at_{c} per registered curve with a summary stem
+    (editscale.evaluate.registry.CurveSpec.summary; by default es, ps, ns, score, retention,
+    forgotten_pct, downstream_f1, downstream_accuracy_ll, perplexity, ngram_entropy):
+      per-edit curves (es, ...): mean over the last min(window, c) edits ending at edit c, as
+        scored right after each edit;
+      checkpoint curves: the value at the latest checkpoint <= c (means over tasks / items);
+      null where the run has not reached c;
     onset (text: the edit count of the combined onset, or "none within N edits", N = last
     checkpoint analysed), onset_k, onset_ci_low, onset_ci_high, collapse_k, onset_curves (curves
     that agree), onset_decision (how it was decided, or why each curve showed no onset, e.g. too
@@ -310,12 +308,13 @@ def summary_table(
     edit_seconds_total, edit_seconds_mean (from `edit_log`), storage_bytes.
     `run_phases` maps run -> editscale.report.phases.RunPhases; computed when not given.
     """
+    from ..evaluate.registry import curve_specs
     from . import phases as ph
+
+    stems = [spec.summary for _, spec in curve_specs() if spec.summary]
 
     meta = normalize_runs_meta(runs_meta)
     runs = list(meta) or sorted({r for df in tables.values() if df is not None and "run" in df.columns for r in df["run"].unique().to_list()})
-    es_wide = tables.get("edit_scores")
-    fg = tables.get("forgetting")
     rows = []
     all_labels: list[str] = []
     for run in runs:
@@ -323,7 +322,6 @@ def summary_table(
         n_edits = m.get("n_edits")
         n_edits = int(n_edits) if n_edits is not None else None
         mf = _meta_frame([run], meta).row(0, named=True)
-        es = es_wide.filter(pl.col("run") == run).sort("edit") if es_wide is not None and es_wide.height else None
         seen = [
             int(df.filter(pl.col("run") == run)["edit"].max())
             for df in tables.values()
@@ -335,26 +333,12 @@ def summary_table(
         if end is not None:
             points.append(("end", end))
         row = {**mf, "n_edits": n_edits, "edits_done": edits_done}
-        curves = {
-            "downstream_f1": _mean_over(tables.get("downstream"), run, "f1"),
-            "downstream_accuracy_ll": _mean_over(tables.get("downstream"), run, "accuracy_ll"),
-            "perplexity": _mean_over(tables.get("perplexity"), run, "perplexity"),
-            "ngram_entropy": _mean_over(tables.get("generation"), run, "ngram_entropy"),
-        }
-        fgr = fg.filter(pl.col("run") == run) if fg is not None and fg.height else None
+        curves = [(spec, k, y) for spec, k, y in ph.curve_values(tables, run).values() if spec.summary]
         for label, c in points:
             if label not in all_labels:
                 all_labels.append(label)
-            for q in ("es", "ps", "ns", "score"):
-                v = None
-                if es is not None and q in es.columns and es.height and es["edit"].max() >= c:
-                    w = es.filter((pl.col("edit") > c - min(window, c)) & (pl.col("edit") <= c))[q].drop_nulls().drop_nans()
-                    v = float(w.mean()) if w.len() else None
-                row[f"{q}_at_{label}"] = v
-            for q in ("retention", "forgotten_pct"):
-                row[f"{q}_at_{label}"] = _at(fgr, q, c) if fgr is not None else None
-            for q, df in curves.items():
-                row[f"{q}_at_{label}"] = _at(df, "value", c)
+            for spec, k, y in curves:
+                row[f"{spec.summary}_at_{label}"] = _window_mean(k, y, c, window) if spec.per_edit else _at(k, y, c)
         rp = (run_phases or {}).get(run) if run_phases is not None else ph.analyze_run(tables, run)
         comb = rp.combined if rp is not None else None
         n_max = (rp.k_max if rp is not None and rp.k_max is not None else None) or edits_done or end or 0
@@ -383,7 +367,7 @@ def summary_table(
 
     schema: dict[str, pl.DataType] = {**{c: pl.Utf8 for c in META_COLS}, "n_edits": pl.Int64, "edits_done": pl.Int64}
     for label in all_labels:
-        for q in ("es", "ps", "ns", "score", "retention", "forgotten_pct", "downstream_f1", "downstream_accuracy_ll", "perplexity", "ngram_entropy"):
+        for q in stems:
             schema[f"{q}_at_{label}"] = pl.Float64
     schema.update(
         {
@@ -457,15 +441,15 @@ def build_tables(
     factors: Iterable[str | os.PathLike] = (),
     edit_log: pl.DataFrame | None = None,
     storage_bytes: Mapping[str, int] | None = None,
-    window: int = 50,
+    window: int = _REPORT["window"],
     counts: Sequence[int] = SUMMARY_COUNTS,
-    **phase_kwargs,
+    phase_config=None,
 ) -> dict[str, pl.DataFrame]:
     """All report tables from the given metric files: the six families, forgetting, edit_log (the
     given one, else read from the given factors files), phases, disabling_edits and summary.
 
-    `phase_kwargs` go to editscale.report.phases.analyze_run (seed, slope_ratio, min_delta_bic,
-    alpha, min_agree, drop_z, norm_z, ...)."""
+    `phase_config` (editscale.report.phases.PhaseConfig; default: the schema's report section)
+    sets the phase analysis."""
     meta = normalize_runs_meta(runs_meta)
     metric_paths = list(metric_paths)
     tables: dict[str, pl.DataFrame] = {}
@@ -484,7 +468,7 @@ def build_tables(
     from . import phases as ph
 
     runs = list(meta) or None
-    results = ph.analyze_runs(tables, runs, **phase_kwargs)
+    results = ph.analyze_runs(tables, runs, phase_config)
     tables["phases"] = ph.phases_frame(results)
     tables["disabling_edits"] = ph.disabling_frame(results)
     tables["summary"] = summary_table(
@@ -535,14 +519,19 @@ def report_tables(
     return write_tables(tables, out_dir, md)
 
 
-def read_tables(tables_dir: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, pl.DataFrame]:
-    """The report tables present in `tables_dir` (parquet), keyed by name."""
-    tables_dir = Path(tables_dir)
-    if not tables_dir.is_dir():
-        raise EditscaleError(f"tables directory not found: {tables_dir}")
+def read_tables(paths: str | os.PathLike | Iterable[str | os.PathLike], names: Iterable[str] | None = None) -> dict[str, pl.DataFrame]:
+    """Report tables keyed by name (file stem): the given parquet files, or every parquet file of
+    one given directory (for interactive use; rules pass their declared files)."""
+    paths = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
+    if len(paths) == 1 and paths[0].is_dir():
+        paths = sorted(paths[0].glob("*.parquet"))
     wanted = None if names is None else set(names)
     out = {}
-    for p in sorted(tables_dir.glob("*.parquet")):
+    for p in paths:
+        if not p.is_file():
+            raise EditscaleError(f"report table not found: {p}")
+        if p.suffix != ".parquet":
+            raise EditscaleError(f"report table {p}: expected a .parquet file")
         if wanted is None or p.stem in wanted:
             out[p.stem] = pl.read_parquet(p)
     return out

@@ -114,7 +114,7 @@ def convert_rome_stats(
     Checks that the module exists in the model's architecture and that its input dimension equals
     the matrix size (a file for another model or layer type is an error, not a silent mismatch).
     """
-    from ..models.doctor import module_shapes
+    from ..models.registry import module_shapes
     from ..models.load import model_sha, read_manifest
 
     npz = Path(npz)

@@ -1,0 +1,248 @@
+"""`editscale doctor`: what this machine has, and what a config will cost in time and disk.
+
+Machine: torch version, the device editscale would use (`pick_device("auto")`: cuda if available,
+else cpu), GPU name and memory, CPU count, RAM, free disk, and the measured matmul rate. The
+per-run estimates and their formulas are editscale.planning's.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .planning import EFFICIENCY, run_estimate
+
+
+def register(sub) -> None:
+    d = sub.add_parser(
+        "doctor",
+        help="print the device, memory and disk, and per run of a config an estimate of edit/eval time and checkpoint storage",
+        description="Machine check plus, for --configfile, per-run estimates from the model's shapes. Storage: factors "
+        "4(d_out+d_in) bytes per edited module per edit; dense delta 4 d_out d_in per module per checkpoint; the study's "
+        "full-model save N_params x dtype bytes every 20 edits. Time: v_num_grad_steps x (2 + 2f) N x tokens FLOPs per edit "
+        "(f: fraction of layers above the edited one; <= 6 N x tokens) plus float64 solves, divided by the measured "
+        "matmul rate x 0.5; an order of magnitude (see editscale.planning and docs/scale.md).",
+    )
+    d.add_argument("--configfile", default=None,
+                   help="a config, e.g. config/paper/rome-gpt2-xl.yaml (default: ./config.yaml if there is one)")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.add_argument("--storage-only", action="store_true", help="only the storage estimate (no device probe or benchmark)")
+    d.add_argument("--flops", type=float, default=None, help="assumed matmul FLOP/s instead of measuring (fp64: half)")
+    d.add_argument("--no-bench", action="store_true", help="do not measure the matmul rate (no time estimates)")
+    d.set_defaults(func=run_doctor)
+
+
+def run_doctor(args) -> None:
+    import json
+
+    configfile = args.configfile or ("config.yaml" if Path("config.yaml").exists() else None)
+    report = doctor(configfile, bench=not args.no_bench, flops=args.flops, storage_only=args.storage_only)
+    print(json.dumps(report, indent=2, default=str) if args.json else render(report))
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine
+
+
+def _meminfo() -> dict[str, int]:
+    out = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("MemTotal", "MemAvailable"):
+                out[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def machine_info(path: str | Path = ".") -> dict[str, Any]:
+    from .models.load import pick_device
+
+    device = pick_device("auto")
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "device": str(device),
+        "cpu_count": os.cpu_count(),
+        "cpu_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    mem = _meminfo()
+    info["ram_total"] = mem.get("MemTotal")
+    info["ram_available"] = mem.get("MemAvailable")
+    usage = shutil.disk_usage(Path(path).resolve())
+    info["disk_free"] = usage.free
+    info["disk_path"] = str(Path(path).resolve())
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        free, total = torch.cuda.mem_get_info(device)
+        info.update(gpu_name=props.name, gpu_memory_total=total, gpu_memory_free=free, gpu_count=torch.cuda.device_count(),
+                    gpu_capability=f"{props.major}.{props.minor}")
+    return info
+
+
+def measure_flops(device: str | torch.device = "cpu", dtype=torch.float32, seconds: float = 0.15) -> float:
+    """Achieved matmul FLOP/s on `device` in `dtype` (a short loop; a rough, warm number)."""
+    device = torch.device(device)
+    n = 2048 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        if reps % 4 == 0:
+            sync()
+            if time.perf_counter() - t0 >= seconds:
+                break
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+
+def load_config(configfile: str | Path) -> dict:
+    """The workflow's own loader (schema defaults, cross-checks): doctor accepts exactly what the
+    workflow accepts."""
+    from .config import load_config as load
+
+    return load(configfile)
+
+
+def doctor(configfile: str | Path | None, bench: bool = True, flops: float | None = None, storage_only: bool = False,
+           root: str | Path = ".") -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    rate32 = rate64 = None
+    if not storage_only:
+        report["machine"] = machine_info(root)
+        if flops:
+            rate32, rate64 = float(flops), float(flops) / 2
+        elif bench:
+            dev = report["machine"]["device"]
+            rate32 = measure_flops(dev, torch.float32)
+            rate64 = measure_flops(dev, torch.float64)
+        report["machine"]["matmul_flops_fp32"] = rate32
+        report["machine"]["matmul_flops_fp64"] = rate64
+    if configfile:
+        config = load_config(configfile)
+        report["config"] = str(configfile)
+        report["runs"] = [run_estimate(config, r, rate32, rate64, root) for r in config["runs"]]
+        report["gpu_requested"] = bool((config.get("resources") or {}).get("gpu", False))
+    return report
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Text output
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "n/a"
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+STORAGE_HEADER = ("| run | model | method | edited modules (d_out x d_in) | edits | checkpoints | factors / checkpoint "
+                  "| dense delta / checkpoint | study: full model / 20 edits | factors, all | deltas, all | study, all |")
+
+
+def storage_rows(report: dict) -> list[str]:
+    rows = []
+    for est in report.get("runs", []):
+        st = est.get("storage")
+        if not st:
+            rows.append(f"| {est['run']} | {est['model']} | {est['method']} | {est['shapes_from']} | {est['n_edits']} | | | | | | | |")
+            continue
+        shapes = {tuple(s) for s in st["modules"].values()}
+        mods = f"{len(st['modules'])} x " + ", ".join(f"{o}x{i}" for o, i in sorted(shapes))
+        rows.append(
+            f"| {est['run']} | {est['model']} | {est['method']} | {mods} | {est['n_edits']} | {st['checkpoints']} "
+            f"| {fmt_bytes(st['factors_per_checkpoint'])} | {fmt_bytes(st['delta_per_checkpoint'])} "
+            f"| {fmt_bytes(st['study_per_save'])} | {fmt_bytes(st['factors_total'])} | {fmt_bytes(st['deltas_total'])} "
+            f"| {fmt_bytes(st['study_total'])} |"
+        )
+    return rows
+
+
+def render(report: dict) -> str:
+    lines = []
+    m = report.get("machine")
+    if m:
+        lines.append("machine")
+        lines.append(f"  python {m['python']}, torch {m['torch']}, device {m['device']}"
+                     + ("" if m["cuda_available"] else " (no CUDA GPU visible: edits and evaluation run on the CPU)"))
+        if "gpu_name" in m:
+            lines.append(f"  GPU {m['gpu_name']} x{m['gpu_count']} (compute {m['gpu_capability']}), memory "
+                         f"{fmt_bytes(m['gpu_memory_total'])} total, {fmt_bytes(m['gpu_memory_free'])} free")
+        lines.append(f"  CPUs {m['cpu_count']} ({m['cpu_usable']} usable, torch threads {m['torch_threads']}), RAM "
+                     f"{fmt_bytes(m['ram_total'])} total, {fmt_bytes(m['ram_available'])} available")
+        lines.append(f"  disk free at {m['disk_path']}: {fmt_bytes(m['disk_free'])}")
+        if m.get("matmul_flops_fp32"):
+            lines.append(f"  matmul rate: {m['matmul_flops_fp32'] / 1e9:.0f} GFLOP/s fp32, "
+                         f"{(m['matmul_flops_fp64'] or 0) / 1e9:.0f} GFLOP/s fp64 (estimates use x{EFFICIENCY})")
+    for est in report.get("runs", []):
+        lines.append("")
+        lines.append(f"run {est['run']}: {est['method']} on {est['model']} ({est['params'] / 1e6:.0f} M parameters, "
+                     f"{est['dtype']}), {est['n_edits']} edits in segments of {est['segment']}; shapes from {est['shapes_from']}")
+        st = est.get("storage")
+        if st:
+            names = list(st["modules"])
+            shapes = sorted({f"{o}x{i}" for o, i in st["modules"].values()})
+            what = names[0] if len(names) == 1 else f"{len(names)} modules {names[0]} .. {names[-1]}"
+            lines.append(f"  edited: {what}, (d_out x d_in) {', '.join(shapes)}")
+            lines.append(f"  storage per checkpoint: factors {fmt_bytes(st['factors_per_checkpoint'])} "
+                         f"({fmt_bytes(st['factor_bytes_per_edit'])}/edit), dense delta {fmt_bytes(st['delta_per_checkpoint'])}; "
+                         f"study's full-model save every {st['study_save_every']} edits: {fmt_bytes(st['study_per_save'])}")
+            lines.append(f"  storage for the run: {st['checkpoints']} checkpoints = factors {fmt_bytes(st['factors_total'])} + "
+                         f"deltas {fmt_bytes(st['deltas_total'])} = {fmt_bytes(st['editscale_total'])} "
+                         f"(study: {st['study_saves']} saves = {fmt_bytes(st['study_total'])}); stats {fmt_bytes(st['stats_bytes'])}")
+        ed = est.get("edit")
+        if ed:
+            lines.append(f"  one edit: {ed['steps']} steps x {ed['tokens_per_step']:.0f} tokens -> {ed['flops_model']:.2e} FLOPs "
+                         f"(model) + {ed['flops_solve_fp64']:.2e} FLOPs (fp64 solves)")
+            if "seconds_per_edit" in ed:
+                lines.append(f"  time: ~{fmt_seconds(ed['seconds_per_edit'])} per edit, chain ~{fmt_seconds(ed['chain_hours'] * 3600)}; "
+                             f"evaluation ({est['eval_jobs']} jobs) ~{fmt_seconds(est['eval_hours'] * 3600)} compute "
+                             f"+ ~{fmt_seconds(est['model_load_hours'] * 3600)} loading the model")
+            mem = est["memory"]
+            need = mem["weights"] + mem["stats_on_device"] + mem["weight_state"]
+            lines.append(f"  edit job device memory: weights {fmt_bytes(mem['weights'])} + stats {fmt_bytes(mem['stats_on_device'])} "
+                         f"+ base/delta copies {fmt_bytes(mem['weight_state'])} = {fmt_bytes(need)} plus activations")
+            if m and "gpu_memory_total" in m and need > m["gpu_memory_total"]:
+                lines.append("  WARNING: more than this GPU's memory")
+    if report.get("runs") is not None and m:
+        if report.get("gpu_requested") and not m["cuda_available"]:
+            lines.append("")
+            lines.append("WARNING: the config requests a GPU (resources.gpu: true) but none is visible here")
+        total = sum((e.get("storage") or {}).get("editscale_total", 0) for e in report["runs"])
+        if total > m["disk_free"]:
+            lines.append(f"WARNING: the runs need ~{fmt_bytes(total)} of checkpoints, more than the {fmt_bytes(m['disk_free'])} free")
+    if report.get("runs"):
+        lines.append("")
+        lines.append("storage (1 MB = 1e6 bytes; see `editscale doctor --help` and docs/scale.md for the formulas)")
+        lines.append(STORAGE_HEADER)
+        lines.append("|" + "---|" * STORAGE_HEADER.count(" | ") + "---|")
+        lines.extend(storage_rows(report))
+    return "\n".join(lines).lstrip("\n")

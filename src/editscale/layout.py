@@ -1,0 +1,94 @@
+"""The results layout: where each stored stage output of a run lives, in one place.
+
+    results/{run}/run.json                     the run record (editscale.workflow.run_record)
+    results/{run}/edits.jsonl                  the edit sequence
+    results/{run}/deltas/{k:06d}.h5            cumulative dense delta after k edits (a segment end)
+    results/{run}/factors/{k:06d}.h5           the low-rank updates of the segment ending at k
+    results/{run}/metrics/{metric}/{k:06d}.parquet
+
+The workflow plans these paths (editscale.workflow, for the rules); the commands are handed them
+as their rule's inputs and resolve a checkpoint's files with `StateFiles`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from .io import EditscaleError
+
+RESULTS = Path("results")
+
+
+def run_dir(run: str) -> Path:
+    return RESULTS / run
+
+
+def delta_path(run_dir: str | Path, k: int) -> Path:
+    return Path(run_dir) / "deltas" / f"{k:06d}.h5"
+
+
+def factors_path(run_dir: str | Path, k: int) -> Path:
+    return Path(run_dir) / "factors" / f"{k:06d}.h5"
+
+
+def metric_path(run_dir: str | Path, metric: str, k: int) -> Path:
+    return Path(run_dir) / "metrics" / metric / f"{k:06d}.parquet"
+
+
+def segment_start(k: int, segment: int) -> int:
+    """The checkpoint at or before edit count k (0: the base model)."""
+    return (k // segment) * segment
+
+
+def find_declared(paths: Iterable[str | Path], rel: Path | None, what: str) -> Path | None:
+    """The one file among `paths` whose last two parts are those of `rel` (deltas/000004.h5)."""
+    if rel is None:
+        return None
+    paths = [Path(p) for p in paths]
+    hits = [p for p in paths if p.parent.name == rel.parent.name and p.name == rel.name]
+    if len(hits) != 1:
+        raise EditscaleError(f"{what} needs {rel.parent.name}/{rel.name} among the given files ({', '.join(map(str, paths)) or 'none'})")
+    return hits[0]
+
+
+def segment_files(paths: Iterable[str | Path], k_end: int, segment: int) -> tuple[Path | None, Path]:
+    """(delta the segment starts from, or None for the first; its factors) of the segment ending
+    at k_end, among declared files."""
+    what = f"the segment ending at edit {k_end}"
+    start = k_end - segment
+    return (find_declared(paths, delta_path(".", start), what) if start > 0 else None,
+            find_declared(paths, factors_path(".", k_end), what))
+
+
+@dataclass(frozen=True)
+class StateFiles:
+    """The stored files that define a run's model after k edits: the delta of the checkpoint at
+    or before k (none at 0), and, when k falls inside a segment, the factors of that segment
+    (replayed up to edit k)."""
+
+    k: int
+    segment: int
+    delta: Path | None
+    factors: Path | None
+
+    @classmethod
+    def in_run(cls, run_dir: str | Path, k: int, segment: int) -> "StateFiles":
+        """By the layout's names, in a run directory."""
+        if k < 0:
+            raise EditscaleError(f"edit count {k} must be >= 0")
+        start = segment_start(k, segment)
+        return cls(k, segment, delta_path(run_dir, start) if start else None,
+                   factors_path(run_dir, start + segment) if k != start else None)
+
+    @classmethod
+    def among(cls, paths: Iterable[str | Path], k: int, segment: int) -> "StateFiles":
+        """From the files a rule declared (and nothing else): the ones checkpoint k needs, found
+        by their layout names; one that is missing is an error naming it."""
+        want = cls.in_run(Path("."), k, segment)
+        what = f"the state after {k} edits"
+        return cls(k, segment, find_declared(paths, want.delta, what), find_declared(paths, want.factors, what))
+
+    def files(self) -> list[Path]:
+        return [p for p in (self.delta, self.factors) if p is not None]
