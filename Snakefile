@@ -3,7 +3,7 @@
 from snakemake.utils import min_version
 
 from editscale import workflow as wf
-from editscale.config import validate as validate_config
+from editscale.config import prepare as prepare_config
 from editscale.io import EditscaleError
 
 min_version("8.0")
@@ -18,9 +18,8 @@ if not workflow.overwrite_configfiles:
 
 try:
     # config/schema.yaml (editscale/schema.yaml) + the sections of the config's plugins; fills in
-    # the defaults
-    validate_config(config, "config")
-    wf.check_config(config)
+    # the defaults and cross-checks (the same as every verb's editscale.config.load_config)
+    prepare_config(config, "config")
 except EditscaleError as exc:
     raise ValueError(f"config error: {exc}") from None
 wf.export_plugins(config)  # every job imports the same plugins

@@ -54,7 +54,7 @@ def run_setting(study: str, run_name: str, key: str, value, n_edits: int, thread
 
     study_dir = Path(study)
     run_dir = study_dir / "results" / run_name
-    run = read_run(run_dir)
+    run = read_run(Path(run_dir) / "run.json")
     model_dir = study_dir / "data" / "models" / run["model"]
     hp = {**run["hparams"], key: value}
     cls = get_method(run["method"])

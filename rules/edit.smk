@@ -42,7 +42,7 @@ rule context_templates:
         ENV
     shell:
         "editscale --threads {threads} context-templates --model-dir {params.model_dir}"
-        " --run-dir results/{wildcards.run} --out {output} 2> {log}"
+        " --run-json {input.run} --out {output} 2> {log}"
 
 
 rule edit_segment:
@@ -78,6 +78,7 @@ rule edit_segment:
     conda:
         ENV
     shell:
-        "editscale --threads {threads} edit-segment --model-dir {params.model_dir} --run-dir results/{wildcards.run}"
-        " --k {params.k} --templates {input.templates} --stats {params.stats}"
-        " --projections {params.projections} --device {params.device} 2> {log}"
+        "editscale --threads {threads} edit-segment --model-dir {params.model_dir} --run-json {input.run}"
+        " --edits {input.edits} --previous {input.previous} --k {params.k} --templates {input.templates}"
+        " --stats {params.stats} --projections {params.projections}"
+        " --out-delta {output.delta} --out-factors {output.factors} --device {params.device} 2> {log}"

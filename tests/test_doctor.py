@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from editscale.layout import StateFiles
-from editscale.edit.chain import delta_path, factors_path, model_at, read_delta, read_factors, replay_delta, run_segment, tensor_sha256
+from editscale.layout import SegmentFiles, StateFiles
+from editscale.edit.chain import model_at, read_delta, read_factors, replay_delta, run_segment, tensor_sha256
+from editscale.layout import delta_path, factors_path
 from editscale.edit.weights import WeightState
 from editscale.doctor import doctor, machine_info, measure_flops, render
 from editscale.models.registry import KNOWN_CONFIGS, known_config, module_shapes, n_params
@@ -61,7 +62,7 @@ def test_rome_segment_in_bfloat16(make_run, tmp_path, tiny_model_dirs, repo_root
     deltas = {}
     for dtype in ("float32", "bfloat16"):
         run_dir, resolved, stats = make_run(tmp_path / dtype, model_dir, n=2)
-        run_segment(model_dir, run_dir, SEGMENT, SEGMENT, "rome", resolved["hparams"], stats, run_dir / "templates.json",
+        run_segment(model_dir, SegmentFiles.in_run(run_dir, SEGMENT, SEGMENT), "rome", resolved["hparams"], stats, run_dir / "templates.json",
                     dtype=dtype, device="cpu")
         deltas[dtype], _ = read_delta(delta_path(run_dir, SEGMENT))
     (module,) = deltas["bfloat16"]
@@ -92,7 +93,7 @@ def test_rome_segment_in_bfloat16(make_run, tmp_path, tiny_model_dirs, repo_root
 def test_storage_formula_matches_written_files(make_run, tmp_path, tiny_model_dirs, repo_root):
     model_dir = tiny_model_dirs("gpt2")
     run_dir, resolved, stats = make_run(tmp_path, model_dir, n=2)
-    run_segment(model_dir, run_dir, SEGMENT, SEGMENT, "rome", resolved["hparams"], stats, run_dir / "templates.json")
+    run_segment(model_dir, SegmentFiles.in_run(run_dir, SEGMENT, SEGMENT), "rome", resolved["hparams"], stats, run_dir / "templates.json")
     model, _ = load_model(model_dir)
     module = next(iter(stats))
     shape = tuple(to_math(model, edited_weight(model, module)).shape)

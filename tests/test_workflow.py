@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from editscale.edit.chain import delta_path, tensor_sha256, read_delta
+from editscale.edit.chain import tensor_sha256, read_delta
+from editscale.layout import delta_path
 from editscale.io import EditscaleError
 from benchmarks.snakemake_runs import copy_workflow, planned_jobs, set_config, snakemake
 
@@ -189,16 +190,16 @@ def _planned_job_files(text: str) -> list[tuple[str, set[str], str]]:
 
 
 def test_metric_and_report_commands_are_handed_only_declared_files(repo_root, tmp_path):
-    """Defect: metric jobs got --run-dir + k and found the delta and factors by naming convention, and
-    the report globbed results/; every results/ path a metric or report command names must be one of
-    its job's declared inputs or outputs."""
+    """Defect: metric and edit jobs got --run-dir + k and found the delta and factors by naming
+    convention, and the report globbed results/; every results/ path a metric, edit or report
+    command names must be one of its job's declared inputs or outputs."""
     import shlex
 
     from editscale.evaluate.registry import METRICS
 
     workdir = copy_workflow(repo_root, tmp_path / "wf")
     res = snakemake(workdir, "-n", "-p", "--forceall")
-    rules = {m.rule_name for m in METRICS.values()} | {"report_tables", "report_plots"}
+    rules = {m.rule_name for m in METRICS.values()} | {"report_tables", "report_plots", "edit_segment", "context_templates"}
     checked = 0
     for rule, files, command in _planned_job_files(res.stdout + res.stderr):
         if rule not in rules:

@@ -99,10 +99,27 @@ def _fill_defaults(obj, node: dict) -> None:
             _fill_defaults(item, node["items"])
 
 
+def prepare(config: dict, source: str = "config", root: Path | None = None) -> dict:
+    """A loaded config validated against the schema (defaults filled in, plugins imported) and
+    cross-checked (editscale.workflow.check_config), in place: what the Snakefile and every verb
+    that reads a config (through `load_config`) accept. `root`: the workflow directory relative
+    hparams paths are resolved against when the caller runs elsewhere."""
+    from .workflow import check_config
+
+    validate(config, source)
+    if root is not None:
+        for run in config["runs"]:
+            hp = Path(run["hparams"])
+            if not hp.is_absolute() and not hp.exists() and (root / hp).exists():
+                run["hparams"] = str(root / hp)
+    check_config(config)
+    return config
+
+
 def load_config(configfile: str | Path) -> dict:
-    """A config file validated, with defaults, cross-checked (editscale.workflow.check_config); the
-    runs' hparams paths resolved against the workflow directory the file belongs to."""
-    from .workflow import check_config, workflow_root
+    """A config file, prepared (`prepare`); the runs' hparams paths resolved against the workflow
+    directory the file belongs to."""
+    from .workflow import workflow_root
 
     path = Path(configfile)
     if not path.exists():
@@ -111,14 +128,7 @@ def load_config(configfile: str | Path) -> dict:
         config = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise EditscaleError(f"config file {path} is not valid YAML: {exc}") from exc
-    validate(config, str(path))
-    root = workflow_root(path)
-    for run in config["runs"]:
-        hp = Path(run["hparams"])
-        if not hp.is_absolute() and not hp.exists() and (root / hp).exists():
-            run["hparams"] = str(root / hp)
-    check_config(config)
-    return config
+    return prepare(config, str(path), workflow_root(path))
 
 
 @functools.lru_cache(maxsize=None)

@@ -92,3 +92,39 @@ class StateFiles:
 
     def files(self) -> list[Path]:
         return [p for p in (self.delta, self.factors) if p is not None]
+
+
+@dataclass(frozen=True)
+class SegmentFiles:
+    """What one segment of the edit chain (edits k_end - segment + 1 .. k_end) reads and writes:
+    the edit sequence, the previous checkpoint's delta and factors (none for the first segment),
+    and the delta and factors it writes."""
+
+    k_end: int
+    segment: int
+    edits: Path
+    previous_delta: Path | None
+    previous_factors: Path | None
+    delta: Path
+    factors: Path
+
+    @property
+    def k_start(self) -> int:
+        return self.k_end - self.segment
+
+    @classmethod
+    def in_run(cls, run_dir: str | Path, k_end: int, segment: int) -> "SegmentFiles":
+        """By the layout's names, in a run directory."""
+        start = k_end - segment
+        return cls(k_end, segment, Path(run_dir) / "edits.jsonl", delta_path(run_dir, start) if start > 0 else None,
+                   factors_path(run_dir, start) if start > 0 else None, delta_path(run_dir, k_end), factors_path(run_dir, k_end))
+
+    @classmethod
+    def declared(cls, k_end: int, segment: int, edits: str | Path, previous: Iterable[str | Path], delta: str | Path,
+                 factors: str | Path) -> "SegmentFiles":
+        """From the files a rule declared: the previous checkpoint found among `previous`."""
+        start = k_end - segment
+        what = f"the segment ending at edit {k_end}"
+        prev_delta = find_declared(previous, delta_path(".", start), what) if start > 0 else None
+        prev_factors = find_declared(previous, factors_path(".", start), what) if start > 0 else None
+        return cls(k_end, segment, Path(edits), prev_delta, prev_factors, Path(delta), Path(factors))

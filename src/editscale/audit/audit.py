@@ -74,9 +74,10 @@ def audit_stats(results: Path, model_shas: dict[str, str], rep: Report) -> None:
 
 
 def audit_run(run_dir: Path, models_dir: Path, model_shas: dict[str, str], rep: Report, n_sample: int, rng: random.Random) -> None:
-    from ..edit.chain import delta_path, factors_path, read_delta, read_run, tensor_sha256
+    from ..edit.chain import read_delta, read_run, tensor_sha256
+    from ..layout import delta_path, factors_path
 
-    run = read_run(run_dir)
+    run = read_run(run_dir / "run.json")
     model_sha = model_shas.get(run["model"])
     deltas = sorted((run_dir / "deltas").glob("*.h5"))
     ks = [int(p.stem) for p in deltas]
@@ -116,7 +117,8 @@ def audit_run(run_dir: Path, models_dir: Path, model_shas: dict[str, str], rep: 
 
 def _rederive(run_dir: Path, k: int, segment: int) -> dict:
     """Delta after k edits from factors alone (no stored delta is read)."""
-    from ..edit.chain import accumulate, factors_path, read_factors
+    from ..edit.chain import accumulate, read_factors
+    from ..layout import factors_path
 
     delta: dict = {}
     for end in range(segment, k + 1, segment):

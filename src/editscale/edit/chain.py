@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from ..io import EditscaleError, atomic_path, provenance, read_jsonl, sha256_file
-from ..layout import StateFiles, delta_path, factors_path
+from ..layout import SegmentFiles, StateFiles
 from ..models.load import load_model, model_sha, pick_device
 from .weights import Update, WeightState, add_update
 from .common import PHASE_SECONDS
@@ -197,9 +197,7 @@ def read_templates(path: str | Path, rule: str) -> list[list[str]]:
 
 def run_segment(
     model_dir: str | Path,
-    run_dir: str | Path,
-    k_end: int,
-    segment: int,
+    files: SegmentFiles,
     method: str,
     hparams: dict,
     stats_paths: dict[str, str],
@@ -210,14 +208,15 @@ def run_segment(
     device: str = "auto",
     projection_paths: dict[str, str] | None = None,
 ) -> None:
+    """Apply the segment's edits to the state of the previous checkpoint and write its delta and
+    factors (every file named by `files`)."""
     from .methods import get_method
 
-    run_dir = Path(run_dir)
-    k_start = k_end - segment
+    k_end, segment, k_start = files.k_end, files.segment, files.k_start
     if k_start < 0 or segment <= 0 or segment % edits_per_step:
         raise EditscaleError(f"segment {segment} must be positive, <= k={k_end}, and a multiple of edits_per_step {edits_per_step}")
     torch.use_deterministic_algorithms(True, warn_only=True)
-    cases = _cases_between(run_dir / "edits.jsonl", k_start, k_end)
+    cases = _cases_between(files.edits, k_start, k_end)
     sha = model_sha(model_dir)
     model, tok = load_model(model_dir, dtype=dtype, device=device)
     dev = pick_device(device)
@@ -228,8 +227,8 @@ def run_segment(
 
     prev_delta, prev_attrs, state = None, {}, None
     if k_start > 0:
-        prev_delta, prev_attrs = read_delta(delta_path(run_dir, k_start), expected_model_sha=sha)
-        _, _, state, _ = read_factors(factors_path(run_dir, k_start))
+        prev_delta, prev_attrs = read_delta(files.previous_delta, expected_model_sha=sha)
+        _, _, state, _ = read_factors(files.previous_factors)
     weights = WeightState(model, modules, delta=prev_delta)
     extra = {}
     if projection_paths:  # AlphaEdit: the cached null-space projections of the stats stage
@@ -240,7 +239,7 @@ def run_segment(
         }
     editor = method_cls(model, tok, hparams, stats, templates, state=state or None, **extra)
 
-    log.info("run %s: %s edits %d..%d on %s (%s), writing %s", run_dir.name, method, k_start + 1, k_end, model_dir, dev, run_dir)
+    log.info("%s edits %d..%d on %s (%s), writing %s and %s", method, k_start + 1, k_end, model_dir, dev, files.delta, files.factors)
     updates, steps, rows = [], [], []
     bar = tqdm(range(0, len(cases), edits_per_step), desc=f"{method} edits {k_start + 1}-{k_end}", unit="step")
     for step_i, i in enumerate(bar):
@@ -285,13 +284,11 @@ def run_segment(
         "model_sha256": sha, "k": k_end, "k_start": k_start, "segment": segment, "method": method,
         "hparams": json.dumps(hparams, sort_keys=True), **provenance(config_hash, {"model": sha}, str(dev)),
     }
-    fpath = factors_path(run_dir, k_end)
-    write_factors(fpath, updates, steps, rows, editor.state_dict(), attrs)
-    prev_sha = sha256_file(delta_path(run_dir, k_start)) if k_start > 0 else None
-    write_delta(delta_path(run_dir, k_end), weights.delta,
-                {**attrs, "factors_sha256": sha256_file(fpath), "prev_delta_sha256": prev_sha})
+    write_factors(files.factors, updates, steps, rows, editor.state_dict(), attrs)
+    prev_sha = sha256_file(files.previous_delta) if files.previous_delta is not None else None
+    write_delta(files.delta, weights.delta, {**attrs, "factors_sha256": sha256_file(files.factors), "prev_delta_sha256": prev_sha})
     med = float(np.median([r["seconds"] for r in rows]))
-    log.info("wrote %s and %s (median %.2f s per edit)", fpath, delta_path(run_dir, k_end), med)
+    log.info("wrote %s and %s (median %.2f s per edit)", files.factors, files.delta, med)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,8 +366,9 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
 
 
-def read_run(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "run.json"
+def read_run(path: str | Path) -> dict:
+    """A run record (results/{run}/run.json)."""
+    path = Path(path)
     if not path.exists():
-        raise EditscaleError(f"{path} not found: not an editscale run directory")
+        raise EditscaleError(f"{path} not found: the run's record (rule run_config) must exist")
     return json.loads(path.read_text())

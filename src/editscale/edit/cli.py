@@ -20,14 +20,18 @@ def register(sub) -> None:
 
     p = sub.add_parser("context-templates", help="sample ROME/MEMIT context templates once from the unedited model")
     p.add_argument("--model-dir", required=True)
-    p.add_argument("--run-dir", required=True)
+    p.add_argument("--run-json", required=True, help="the run's run.json (method, hparams, seed)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_context_templates)
 
-    p = sub.add_parser("edit-segment", help="apply the edits of one segment and write deltas/ and factors/")
+    p = sub.add_parser("edit-segment", help="apply the edits of one segment and write its delta and factors")
     p.add_argument("--model-dir", required=True)
-    p.add_argument("--run-dir", required=True)
+    p.add_argument("--run-json", required=True, help="the run's run.json (method, resolved hparams, segment)")
+    p.add_argument("--edits", required=True, help="the run's edit sequence (edits.jsonl)")
+    p.add_argument("--previous", nargs="*", default=[], help="the previous checkpoint's delta and factors (none for the first segment)")
     p.add_argument("--k", type=int, required=True, help="edit count at the end of the segment")
+    p.add_argument("--out-delta", required=True, help="the delta to write (deltas/{k}.h5)")
+    p.add_argument("--out-factors", required=True, help="the factors to write (factors/{k}.h5)")
     p.add_argument("--stats", nargs="*", default=[], help="MODULE=PATH of each edited module's second moment")
     p.add_argument("--templates", required=True)
     p.add_argument("--projections", nargs="*", default=[], help="MODULE=PATH of AlphaEdit null-space projections")
@@ -75,7 +79,7 @@ def cmd_context_templates(args) -> None:
     from ..models.load import load_model
     from .chain import read_run, templates_record
 
-    run = read_run(args.run_dir)
+    run = read_run(args.run_json)
     model, tok = load_model(args.model_dir)
     record = templates_record(model, tok, run["method"], run["hparams"], int(run.get("seed", 0)))
     write_json_atomic(args.out, record)
@@ -83,11 +87,13 @@ def cmd_context_templates(args) -> None:
 
 
 def cmd_edit_segment(args) -> None:
+    from ..layout import SegmentFiles
     from .chain import read_run, run_segment
 
-    run = read_run(args.run_dir)
+    run = read_run(args.run_json)
+    files = SegmentFiles.declared(args.k, int(run["segment"]), args.edits, args.previous, args.out_delta, args.out_factors)
     run_segment(
-        args.model_dir, args.run_dir, args.k, int(run["segment"]), run["method"], run["hparams"], _module_paths(args.stats, "--stats"),
+        args.model_dir, files, run["method"], run["hparams"], _module_paths(args.stats, "--stats"),
         args.templates, edits_per_step=int(run.get("edits_per_step", 1)), config_hash=run["config_hash"],
         dtype=run.get("dtype", "float32"), device=args.device,
         projection_paths=_module_paths(args.projections, "--projections"),
@@ -108,7 +114,7 @@ def cmd_replay(args) -> None:
     from ..models.load import model_sha
     from .chain import read_run, replay_delta, tensor_sha256, write_delta
 
-    run = read_run(args.run_dir)
+    run = read_run(Path(args.run_dir) / "run.json")
     delta = replay_delta(args.run_dir, args.edit, int(run["segment"]), model_sha(args.model_dir))
     hashes = {m: tensor_sha256(d) for m, d in sorted(delta.items())}
     print(json.dumps({"edit": args.edit, "sha256": hashes}, indent=2))
