@@ -3,7 +3,6 @@
 from snakemake.utils import min_version
 
 from editscale import workflow as wf
-from editscale.config import prepare as prepare_config
 from editscale.io import EditscaleError
 
 min_version("8.0")
@@ -18,11 +17,16 @@ if not workflow.overwrite_configfiles:
 
 try:
     # config/schema.yaml (editscale/schema.yaml) + the sections of the config's plugins; fills in
-    # the defaults and cross-checks (the same as every verb's editscale.config.load_config)
-    prepare_config(config, "config")
+    # the defaults and cross-checks (the same as every verb's editscale.workflow.load_config)
+    wf.prepare(config, ", ".join(map(str, workflow.overwrite_configfiles or ["config.yaml"])))
 except EditscaleError as exc:
     raise ValueError(f"config error: {exc}") from None
 wf.export_plugins(config)  # every job imports the same plugins
+try:
+    # a run longer than its usable edit sequence fails here, not at the segment that runs out
+    wf.check_sequence_lengths(config, read_sources=getattr(workflow, "is_main_process", True))
+except EditscaleError as exc:
+    raise ValueError(f"config error: {exc}") from None
 METRIC_REGISTRY = wf.metrics_registry()
 
 RUNS = {run["name"]: run for run in config["runs"]}
@@ -53,3 +57,6 @@ rule all:
         "results/tables/summary.csv",
         "results/plots/edit_scores.html",
         "results/audit.json",
+        # every audited file is a target too: Snakemake does not rebuild a deleted intermediate file
+        # whose consumers are up to date, and a deleted delta, factors or stats file must be repaired
+        wf.audit_files(config),

@@ -3,7 +3,8 @@
 
 rule audit:
     input:
-        rules.report_tables.output.tables,
+        # every file it checks: a deleted or changed one re-runs the audit (or its repair first)
+        wf.audit_files(config),
     output:
         "results/audit.json",
     params:
@@ -16,4 +17,4 @@ rule audit:
     conda:
         ENV
     shell:
-        "editscale --threads {threads} audit results --params-json {params.cfg:q} --out {output} 2> {log}"
+        "editscale --threads {threads} audit --files {input} --params-json {params.cfg:q} --out {output} 2> {log}"

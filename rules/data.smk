@@ -67,4 +67,4 @@ rule sequence:
         ENV
     shell:
         "editscale --threads {threads} sequence --dataset {input.dataset} --out {output} --n-edits 0"
-        " --sample {params.sample} --seed {params.seed} {params.order} 2> {log}"
+        " --sample {params.sample} --seed {params.seed} {params.order} --run {wildcards.run} 2> {log}"

@@ -20,6 +20,17 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_study(repo_root, tmp_path_factory):
+    """The tiny workflow (config/test-tiny.yaml) run to the end once per session; tests that
+    change it work on a copy."""
+    from benchmarks.snakemake_runs import copy_workflow, snakemake
+
+    workdir = copy_workflow(repo_root, tmp_path_factory.mktemp("study"))
+    snakemake(workdir)
+    return workdir
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):
     """Prepared model directories (safetensors + manifest) of the four tiny architectures."""
     from editscale.models.fetch import prepare_model

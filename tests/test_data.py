@@ -391,7 +391,7 @@ def test_sequence_follows_order_file(cf_dataset, shared_data, tmp_path):
 
 
 def test_sequence_too_few(cf_dataset, tmp_path):
-    with pytest.raises(EditscaleError, match=r"n_edits=20000 requested but only 11419 cases"):
+    with pytest.raises(EditscaleError, match=r"n_edits = 20000 requested, but the edit sequence has only 11419 usable cases \(11919 cases in .*, 500 dropped as repeated subjects"):
         build_sequence(cf_dataset, tmp_path / "e.jsonl", n_edits=20000)
     assert not (tmp_path / "e.jsonl").exists()
     with pytest.raises(EditscaleError, match="non-negative"):

@@ -24,13 +24,6 @@ from benchmarks.snakemake_runs import copy_workflow, planned_jobs, set_config, s
 pytestmark = pytest.mark.workflow
 
 
-@pytest.fixture(scope="module")
-def tiny_study(repo_root, tmp_path_factory):
-    workdir = copy_workflow(repo_root, tmp_path_factory.mktemp("study"))
-    snakemake(workdir)
-    return workdir
-
-
 def test_default_config_plans_the_whole_study(repo_root, tmp_path):
     workdir = copy_workflow(repo_root, tmp_path / "wf")
     res = snakemake(workdir, "-n", config="config.yaml")

@@ -1,8 +1,8 @@
 """The study configuration: one schema, one loader, typed sections.
 
 `editscale/schema.yaml` (config/schema.yaml in the workflow is a link to it) is the only source
-of defaults. `load_config` (the Snakefile's and every verb's) validates a config against it,
-fills in its defaults and runs the cross-reference checks of `editscale.workflow.check_config`.
+of defaults. `validate` checks a config against it and fills in its defaults (the cross-reference
+checks and the file loader, `prepare` / `load_config`, are editscale.workflow's).
 `section(name, params)` turns one section (e.g. "metrics.generation", the JSON a rule passes to
 its command) into a frozen dataclass with the schema's defaults, rejecting keys the schema does
 not know, so that a command never restates a default.
@@ -74,12 +74,35 @@ def validate(config: dict, source: str = "config") -> dict:
 
     _fill_defaults(config, schema())
     validator = jsonschema.Draft202012Validator(schema())
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    # a misspelt key first: it usually explains the "required" error beside it
+    errors = sorted(validator.iter_errors(config), key=lambda e: (list(e.absolute_path), e.validator != "additionalProperties"))
     if errors:
         e = errors[0]
         where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
+        if e.validator == "additionalProperties" and isinstance(e.instance, dict):
+            allowed = sorted((e.schema.get("properties") or {}))
+            unknown = [k for k in e.instance if k not in allowed]
+            near = difflib.get_close_matches(str(unknown[0]), allowed, n=1) if unknown else []
+            line = _line_of(source, str(unknown[0])) if unknown else None
+            raise EditscaleError(
+                f"{source}{f', line {line}' if line else ''}: {where}: unknown key {unknown[0]!r}"
+                + (f" (did you mean {near[0]!r}?)" if near else "") + f"; allowed keys: {', '.join(allowed)}"
+            )
         raise EditscaleError(f"{source}: {where}: {e.message}")
     return config
+
+
+def _line_of(source: str, key: str) -> int | None:
+    """The first line of the config file `source` that defines `key` (None if not a file)."""
+    import re
+
+    path = Path(source)
+    if not path.is_file():
+        return None
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if re.match(rf"^\s*-?\s*{re.escape(key)}\s*:", line):
+            return i
+    return None
 
 
 def _fill_defaults(obj, node: dict) -> None:
@@ -97,38 +120,6 @@ def _fill_defaults(obj, node: dict) -> None:
     elif isinstance(obj, list) and isinstance(node.get("items"), dict):
         for item in obj:
             _fill_defaults(item, node["items"])
-
-
-def prepare(config: dict, source: str = "config", root: Path | None = None) -> dict:
-    """A loaded config validated against the schema (defaults filled in, plugins imported) and
-    cross-checked (editscale.workflow.check_config), in place: what the Snakefile and every verb
-    that reads a config (through `load_config`) accept. `root`: the workflow directory relative
-    hparams paths are resolved against when the caller runs elsewhere."""
-    from .workflow import check_config
-
-    validate(config, source)
-    if root is not None:
-        for run in config["runs"]:
-            hp = Path(run["hparams"])
-            if not hp.is_absolute() and not hp.exists() and (root / hp).exists():
-                run["hparams"] = str(root / hp)
-    check_config(config)
-    return config
-
-
-def load_config(configfile: str | Path) -> dict:
-    """A config file, prepared (`prepare`); the runs' hparams paths resolved against the workflow
-    directory the file belongs to."""
-    from .workflow import workflow_root
-
-    path = Path(configfile)
-    if not path.exists():
-        raise EditscaleError(f"config file {path} not found")
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise EditscaleError(f"config file {path} is not valid YAML: {exc}") from exc
-    return prepare(config, str(path), workflow_root(path))
 
 
 @functools.lru_cache(maxsize=None)

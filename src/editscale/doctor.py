@@ -113,7 +113,7 @@ def measure_flops(device: str | torch.device = "cpu", dtype=torch.float32, secon
 def load_config(configfile: str | Path) -> dict:
     """The workflow's own loader (schema defaults, cross-checks): doctor accepts exactly what the
     workflow accepts."""
-    from .config import load_config as load
+    from .workflow import load_config as load
 
     return load(configfile)
 

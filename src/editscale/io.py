@@ -82,6 +82,27 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def array_sha256(*arrays) -> str:
+    """sha256 of arrays' dtypes, shapes and bytes (C order): the content hash of a stored matrix,
+    recorded when it is written and checked when it is read."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def table_sha256(df) -> str:
+    """sha256 of a polars table's content: column names, dtypes and values (CSV text with
+    round-trip float formatting), so a changed value changes it and re-encoding does not."""
+    h = hashlib.sha256(json.dumps([[c, str(t)] for c, t in df.schema.items()]).encode())
+    h.update(df.write_csv().encode())
+    return h.hexdigest()
+
+
 def sha256_json(obj: Any) -> str:
     """Hash of a JSON-serializable object, independent of key order."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
@@ -125,9 +146,12 @@ def provenance(config_hash: str = "", inputs: dict[str, str] | None = None, devi
 
 
 def write_parquet_atomic(df, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write a polars DataFrame to parquet atomically, with string key/value metadata (provenance)."""
+    """Write a polars DataFrame to parquet atomically, with string key/value metadata (provenance)
+    and the table_sha256 of its values (the audit re-hashes them)."""
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    meta["table_sha256"] = table_sha256(df)
     with atomic_path(path) as tmp:
-        df.write_parquet(tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        df.write_parquet(tmp, metadata=meta)
 
 
 def read_parquet_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -16,7 +16,6 @@ from .io import EditscaleError
 from .models.fetch import TINY_ARCHS, TINY_LAYERS
 from .models.registry import KNOWN_CONFIGS, arch_spec, config_json_layers
 
-EMBEDDED_ARCH = {"smollm2-135m-instruct": "llama"}
 
 
 def workflow_root(configfile: str | Path) -> Path:
@@ -37,12 +36,22 @@ def model_arch(config: dict, model: str) -> str:
     if spec.get("arch"):
         return spec["arch"]
     kind, _, ref = spec["source"].partition(":")
-    if kind == "embedded" and ref in EMBEDDED_ARCH:
-        return EMBEDDED_ARCH[ref]
-    if kind == "tiny" and ref in TINY_ARCHS:
+    if spec["source"] in KNOWN_CONFIGS:  # the embedded models and the published hf: configs
+        return KNOWN_CONFIGS[spec["source"]][0]
+    if kind == "tiny":
+        if ref not in TINY_ARCHS:
+            raise EditscaleError(f"models.{model}.source = {spec['source']!r}: {ref!r} is not a tiny architecture ({', '.join(TINY_ARCHS)})")
         return ref
-    if kind == "local" and (Path(ref).expanduser() / "config.json").exists():
-        return json.loads((Path(ref).expanduser() / "config.json").read_text())["model_type"]
+    if kind == "embedded":
+        known = sorted(s for s in KNOWN_CONFIGS if s.startswith("embedded:"))
+        raise EditscaleError(f"models.{model}.source = {spec['source']!r}: no embedded model {ref!r} ({', '.join(known)})")
+    if kind == "local":
+        path = Path(ref).expanduser()
+        if not path.is_dir():
+            raise EditscaleError(f"models.{model}.source = {spec['source']!r}: directory {path} does not exist")
+        if not (path / "config.json").exists():
+            raise EditscaleError(f"models.{model}.source = {spec['source']!r}: {path} has no config.json (not a Hugging Face model directory)")
+        return json.loads((path / "config.json").read_text())["model_type"]
     raise EditscaleError(f"models.{model}.arch is required for source {spec['source']!r} (e.g. gpt2, gptj, gpt_neox, llama)")
 
 
@@ -201,10 +210,47 @@ def gpu_resources(config: dict) -> dict:
 
 def export_plugins(config: dict) -> None:
     """Every job imports the config's plugins: editscale.cli reads EDITSCALE_PLUGINS, which jobs
-    inherit from the Snakemake process."""
+    inherit from the Snakemake process. The sequence job reads each run's n_edits from
+    EDITSCALE_REQUIRED_EDITS (not a param: raising n_edits must not rebuild the sequence)."""
     import os
 
-    os.environ.update(EDITSCALE_PLUGINS=",".join(config["plugins"]))
+    os.environ.update(EDITSCALE_PLUGINS=",".join(config["plugins"]),
+                      EDITSCALE_REQUIRED_EDITS=canonical_json({r["name"]: r["n_edits"] for r in config["runs"]}))
+
+
+def check_sequence_lengths(config: dict, read_sources: bool = True) -> None:
+    """Each run's n_edits fits its usable edit sequence, checked at plan time wherever it can be
+    known: from results/{run}/edits.jsonl once built (a raised n_edits), else from the built
+    dataset, else (read_sources) from a local dataset source read here."""
+    from .data.readers import load_cases
+    from .data.sequence import read_order, check_length, usable_cases
+    from .io import read_jsonl
+
+    built: dict[str, list[dict]] = {}
+    for run in config["runs"]:
+        what = f"runs[{run['name']}]"
+        seq = layout.run_dir(run["name"]) / "edits.jsonl"
+        if seq.exists():
+            with open(seq) as fh:
+                n = sum(1 for line in fh if line.strip())
+            check_length(run["n_edits"], n, f"{seq} holds {n} edits", what)
+            continue
+        name = run["dataset"]
+        spec = config["datasets"][name]
+        if name not in built:
+            path = Path(f"data/datasets/{name}.jsonl")
+            if path.exists():
+                built[name] = read_jsonl(path)
+            elif read_sources and not spec.get("url"):
+                built[name] = load_cases(dataset_spec(config, name))
+            else:
+                continue
+        order = order_file(config, run)
+        if order is not None and not Path(order).exists():
+            continue  # the sequence rule reports a missing order file
+        ids = read_order(order, str(run["sample"])) if order else None
+        usable, why = usable_cases(built[name], run["sample"], run["seed"], ids, f"dataset {name}")
+        check_length(run["n_edits"], len(usable), why, what)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +418,23 @@ def metric_flags(run: dict, metric: str, inputs) -> str:
     return " ".join(f"{flag[kind]} " + " ".join(getattr(inputs, kind)) for kind in get_metric(metric).inputs if getattr(inputs, kind))
 
 
+def audit_files(config: dict) -> list[str]:
+    """Every file the audit checks (its rule's inputs, so that a change to any re-runs it): the
+    runs' model manifests, stats and projections, and per run its record, edit sequence,
+    templates, every delta and factors file and every metric file."""
+    files: set[str] = set()
+    for run in config["runs"]:
+        files.add(f"data/models/{run['model']}/manifest.json")
+        files |= set(stats_files(config, run).values())
+        for module, path in projection_files(config, run).items():
+            files |= {path, f"results/stats/{run['model']}/{run['corpus']}/{module}.h5"}
+        rd = layout.run_dir(run["name"])
+        files |= {str(rd / "run.json"), str(rd / "edits.jsonl"), str(rd / "context_templates.json")}
+        files |= {name(run["name"], k) for k in segment_ends(run) for name in (delta_file, factors_file)}
+        files |= {f for m in metrics_registry() for f in metric_files(config, run, m)}
+    return sorted(files)
+
+
 def run_by_name(config: dict, name: str) -> dict:
     for run in config["runs"]:
         if run["name"] == name:
@@ -409,3 +472,35 @@ def check_config(config: dict) -> None:
     unknown = [c for c in config["report"]["decision_curves"] if c not in phase_curves]
     if unknown:
         raise EditscaleError(f"report.decision_curves: {unknown} are not curves of the registered metrics (phase curves: {phase_curves})")
+
+
+def prepare(config: dict, source: str = "config", root: Path | None = None) -> dict:
+    """A loaded config validated against the schema (defaults filled in, plugins imported) and
+    cross-checked (`check_config`), in place: what the Snakefile and every verb
+    that reads a config (through `load_config`) accept. `root`: the workflow directory relative
+    hparams paths are resolved against when the caller runs elsewhere."""
+    from .config import validate
+
+    validate(config, source)
+    if root is not None:
+        for run in config["runs"]:
+            hp = Path(run["hparams"])
+            if not hp.is_absolute() and not hp.exists() and (root / hp).exists():
+                run["hparams"] = str(root / hp)
+    check_config(config)
+    return config
+
+
+def load_config(configfile: str | Path) -> dict:
+    """A config file, prepared (`prepare`); the runs' hparams paths resolved against the workflow
+    directory the file belongs to."""
+    import yaml
+
+    path = Path(configfile)
+    if not path.exists():
+        raise EditscaleError(f"config file {path} not found")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise EditscaleError(f"config file {path} is not valid YAML: {exc}") from exc
+    return prepare(config, str(path), workflow_root(path))

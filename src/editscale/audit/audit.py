@@ -1,15 +1,20 @@
-"""`editscale audit RESULTS_DIR`: is every number traceable to its inputs?
+"""`editscale audit`: is every number traceable to its inputs?
 
+The audit runs over the files it is given (the audit rule declares every file it checks, so any
+change to one re-runs it; by hand, `editscale audit results` gathers them from the directories).
 Checks, each reported pass/fail with the file it concerns:
   model       every weight file's sha256 equals data/models/{model}/manifest.json (the chain's root)
-  stats       every stats file was computed on the model its path names (attrs model_sha256)
+  stats       every stats / projection file was computed on the model its path names (attrs
+              model_sha256) and its matrices still hash to the content_sha256 recorded at write time
   delta-model every delta was computed on that run's base model
   factors     the sha256 of each segment's factors file equals the one its delta recorded
   delta-chain each delta's recorded predecessor sha256 equals the predecessor file on disk
+  inputs      every input a delta, factors or metric file recorded (edit sequence, templates,
+              previous checkpoint, stats and projections, state files) exists and matches
   rederive    sampled checkpoints (always the last) re-derived from base + factors equal the
               stored delta tensors bit for bit (a changed byte in a delta file fails here)
-  metrics     every metric table carries provenance (config hash, versions, device) and the
-              sha256 of the state files it was computed from still match
+  metrics     every metric table carries provenance (config hash, versions, device) and its
+              values still hash to the table_sha256 it recorded
 """
 
 from __future__ import annotations
@@ -48,9 +53,9 @@ def _h5_attrs(path: Path) -> dict:
         return dict(f.attrs)
 
 
-def audit_models(models_dir: Path, rep: Report) -> dict[str, str]:
+def audit_models(manifests: list[Path], rep: Report) -> dict[str, str]:
     shas = {}
-    for manifest_path in sorted(models_dir.glob("*/manifest.json")):
+    for manifest_path in sorted(manifests):
         manifest = json.loads(manifest_path.read_text())
         name = manifest_path.parent.name
         shas[name] = manifest["model_sha256"]
@@ -61,26 +66,61 @@ def audit_models(models_dir: Path, rep: Report) -> dict[str, str]:
     return shas
 
 
-def audit_stats(results: Path, model_shas: dict[str, str], rep: Report) -> None:
-    for path in sorted((results / "stats").glob("*/*/*.h5")) + sorted((results / "stats").glob("*/*/nullspace/*.h5")):
-        model = path.relative_to(results / "stats").parts[0]
+def _stats_model(path: Path) -> str:
+    """The model a stats file belongs to: results/stats/{model}/{corpus}/[nullspace/]{module}.h5."""
+    parts = path.parts
+    return parts[parts.index("stats") + 1] if "stats" in parts[:-1] else ""
+
+
+def audit_stats(paths: list[Path], model_shas: dict[str, str], rep: Report) -> None:
+    from ..stats.mom2 import verify_content
+
+    for path in sorted(paths):
+        model = _stats_model(path)
         try:
             got = _h5_attrs(path).get("model_sha256")
-        except OSError as exc:
-            rep.add("stats", path, False, f"unreadable: {exc}")
+            verify_content(path)
+        except (OSError, EditscaleError) as exc:
+            rep.add("stats", path, False, str(exc))
             continue
         want = model_shas.get(model)
         rep.add("stats", path, got == want, "" if got == want else f"computed on model {got}, but {model} is {want}")
 
 
-def audit_run(run_dir: Path, models_dir: Path, model_shas: dict[str, str], rep: Report, n_sample: int, rng: random.Random) -> None:
+def audit_inputs(owner: Path, inputs: dict, rep: Report) -> bool:
+    """Every input `owner` recorded as {"path", "sha256"} (a file's hash) or {"path",
+    "content_sha256"} (a stats / projection file's recorded content hash) exists and matches."""
+    from ..stats.mom2 import verify_content
+
+    ok = True
+    for role, rec in sorted(inputs.items()):
+        if not (isinstance(rec, dict) and "path" in rec):
+            continue
+        p = Path(rec["path"])
+        if not p.exists():
+            why = f"{role} {p} is missing (recorded by {owner})"
+        elif "sha256" in rec and sha256_file(p) != rec["sha256"]:
+            why = f"{role} {p} changed since {owner} was computed from it"
+        elif "content_sha256" in rec:
+            try:
+                why = "" if verify_content(p) == rec["content_sha256"] else f"{role} {p} is not the file {owner} was computed from"
+            except EditscaleError as exc:
+                why = str(exc)
+        else:
+            why = ""
+        if why:
+            ok = False
+            rep.add("inputs", p, False, why)
+    return ok
+
+
+def audit_run(run_dir: Path, ks: list[int], model_shas: dict[str, str], rep: Report, n_sample: int, rng: random.Random) -> None:
+    """The chain of one run over its checkpoints `ks` (the segment ends the audit was given)."""
     from ..edit.chain import read_delta, read_run, tensor_sha256
     from ..layout import delta_path, factors_path
 
     run = read_run(run_dir / "run.json")
     model_sha = model_shas.get(run["model"])
-    deltas = sorted((run_dir / "deltas").glob("*.h5"))
-    ks = [int(p.stem) for p in deltas]
     for k in ks:
         path = delta_path(run_dir, k)
         try:
@@ -99,6 +139,8 @@ def audit_run(run_dir: Path, models_dir: Path, model_shas: dict[str, str], rep: 
             ppath = delta_path(run_dir, k_prev)
             ok = ppath.exists() and sha256_file(ppath) == prev
             rep.add("delta-chain", ppath, ok, "" if ok else f"sha256 differs from the one recorded by {path.name}")
+        if audit_inputs(path, json.loads(attrs.get("inputs", "{}") or "{}"), rep):
+            rep.add("inputs", path, True)
     # Re-derive sampled checkpoints from base + all factors (replayed segment by segment from zero).
     if not ks:
         return
@@ -127,39 +169,77 @@ def _rederive(run_dir: Path, k: int, segment: int) -> dict:
     return delta
 
 
-def audit_metrics(run_dir: Path, rep: Report) -> None:
-    for path in sorted((run_dir / "metrics").glob("*/*.parquet")):
+def audit_metrics(paths: list[Path], rep: Report) -> None:
+    import polars as pl
+
+    from ..io import table_sha256
+
+    for path in sorted(paths):
         try:
             meta = read_parquet_metadata(path)
-        except Exception as exc:  # polars raises several kinds on a broken file
+            table = pl.read_parquet(path)
+        except Exception as exc:  # noqa: BLE001 - polars raises several kinds on a broken file
             rep.add("metrics", path, False, f"unreadable: {exc}")
             continue
-        missing = [k for k in ("config_hash", "editscale_version", "packages", "device") if k not in meta]
+        missing = [k for k in ("config_hash", "editscale_version", "packages", "device", "table_sha256") if k not in meta]
         if missing:
             rep.add("metrics", path, False, f"provenance keys missing: {missing}")
             continue
-        inputs = json.loads(meta.get("inputs", "{}") or "{}")
-        ok = True
-        for role, rec in inputs.items():
-            # Inputs recorded as {"path": ..., "sha256": ...}: the state files a metric was computed on.
-            if isinstance(rec, dict) and "path" in rec and "sha256" in rec:
-                p = Path(rec["path"])
-                if not p.exists() or sha256_file(p) != rec["sha256"]:
-                    ok = False
-                    rep.add("metric-input", p, False, f"{role} changed since {path} was computed from it")
-        if ok:
+        if table_sha256(table) != meta["table_sha256"]:
+            rep.add("metrics", path, False, "its values no longer hash to the table_sha256 recorded when it was written")
+            continue
+        if audit_inputs(path, json.loads(meta.get("inputs", "{}") or "{}"), rep):
             rep.add("metrics", path, True)
 
 
-def audit(results: str | Path, models_dir: str | Path = "data/models", n_sample: int = 2, seed: int = 0) -> dict:
+def classify(files: list[Path]) -> dict:
+    """The files of an audit by kind, from their layout names (editscale.layout)."""
+    out: dict = {"manifests": [], "stats": [], "runs": {}, "metrics": [], "other": []}
+    for p in files:
+        if p.name == "manifest.json":
+            out["manifests"].append(p)
+        elif p.suffix == ".h5" and _stats_model(p) and p.parent.name not in ("deltas", "factors"):
+            out["stats"].append(p)
+        elif p.suffix == ".h5" and p.parent.name == "deltas":
+            out["runs"].setdefault(p.parent.parent, []).append(int(p.stem))
+        elif p.suffix == ".parquet" and p.parent.parent.name == "metrics":
+            out["metrics"].append(p)
+        elif p.name == "run.json":
+            out["runs"].setdefault(p.parent, [])
+        else:
+            out["other"].append(p)
+    return out
+
+
+def gather(results: str | Path, models_dir: str | Path = "data/models") -> list[Path]:
+    """Every file an audit of a results directory covers (for `editscale audit results` by hand;
+    the workflow's rule passes its declared files instead)."""
     results, models_dir = Path(results), Path(models_dir)
     if not results.is_dir():
         raise EditscaleError(f"results directory {results} not found")
+    patterns = ["stats/*/*/*.h5", "stats/*/*/nullspace/*.h5", "*/run.json", "*/deltas/*.h5", "*/factors/*.h5", "*/metrics/*/*.parquet"]
+    return sorted(models_dir.glob("*/manifest.json")) + sorted(p for pat in patterns for p in results.glob(pat))
+
+
+def audit(files, n_sample: int = 2, seed: int = 0) -> dict:
+    """Audit the given files (module docstring); the result records when it ran and over which files."""
+    import datetime
+
+    files = [Path(f) for f in files]
+    missing = [str(p) for p in files if not p.exists()]
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rep = Report()
-    model_shas = audit_models(models_dir, rep)
-    audit_stats(results, model_shas, rep)
+    for p in missing:
+        rep.add("exists", p, False, "file to audit is missing")
+    kinds = classify([p for p in files if p.exists()])
+    model_shas = audit_models(kinds["manifests"], rep)
+    audit_stats(kinds["stats"], model_shas, rep)
     rng = random.Random(seed)
-    for run_json in sorted(results.glob("*/run.json")):
-        audit_run(run_json.parent, models_dir, model_shas, rep, n_sample, rng)
-        audit_metrics(run_json.parent, rep)
-    return {"passed": rep.passed, "n_checks": len(rep.checks), "failures": rep.failures(), "checks": rep.checks}
+    for run_dir, ks in sorted(kinds["runs"].items()):
+        audit_run(run_dir, sorted(ks), model_shas, rep, n_sample, rng)
+    audit_metrics(kinds["metrics"], rep)
+    return {
+        "passed": rep.passed, "n_checks": len(rep.checks), "failures": rep.failures(), "checks": rep.checks,
+        "started": started, "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "files": [str(p) for p in files],
+    }

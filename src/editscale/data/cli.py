@@ -28,6 +28,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--order-file", default=None, help="JSON object of case-id lists, e.g. paper_samples_unique_10_20391.json")
     p.add_argument("--order-key", default=None, help="key in --order-file (default: str(--sample))")
+    p.add_argument("--run", default=None, help="the run it is built for: its n_edits (EDITSCALE_REQUIRED_EDITS, set by the "
+                   "Snakefile) must fit the usable sequence")
     p.set_defaults(func=run_sequence)
 
     p = sub.add_parser("download", help="fetch a file (https://, http://, file://) atomically, optionally checking its sha256")
@@ -61,8 +63,14 @@ def run_dataset(args) -> None:
 
 
 def run_sequence(args) -> None:
+    import json
+    import os
+
     from .sequence import build_sequence
 
+    # passed beside the params on purpose: n_edits must not be a param of this rule (raising it
+    # would re-run the sequence and so the whole chain), yet a too-long run must fail here
+    needs = json.loads(os.environ.get("EDITSCALE_REQUIRED_EDITS") or "{}")
     build_sequence(
         args.dataset,
         args.out,
@@ -71,6 +79,7 @@ def run_sequence(args) -> None:
         seed=args.seed,
         order_file=args.order_file,
         order_key=args.order_key,
+        required={args.run: int(needs[args.run])} if args.run in needs else None,
     )
 
 

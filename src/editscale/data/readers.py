@@ -1,8 +1,10 @@
 """Readers from the public edit datasets into the normalized schema, and the dataset entry point.
 
 Every reader returns a list of cases in the schema of editscale.data.schema. Records that cannot
-become an edit (subject not in the prompt, empty target, target_new == target_true) are skipped,
-counted and reported in one log line per reason; a reader that is left with no case at all raises.
+become an edit (empty subject, subject not in the prompt, empty target, target_new == target_true)
+are skipped and counted per reason: one log line per reason, one summary line on the console, and
+the dataset fails when more than the spec's max_skipped_fraction of its records were skipped (a
+wrong reader or a broken file); a reader that is left with no case at all raises.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 from collections import Counter
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +38,10 @@ def counterfact_url(name: str = "counterfact") -> str:
     return COUNTERFACT_URLS[name]
 
 
+# (records read, cases kept, skipped per reason) of every file the current load_cases call reads
+_SKIP_REPORTS: ContextVar[list | None] = ContextVar("skip_reports", default=None)
+
+
 class _Skips:
     """Counts skipped records per reason and remembers the first example of each."""
 
@@ -47,6 +54,9 @@ class _Skips:
         self.first.setdefault(reason, str(ident))
 
     def report(self, reader: str, path: Path, n_records: int, n_kept: int) -> None:
+        reports = _SKIP_REPORTS.get()
+        if reports is not None:
+            reports.append((n_records, n_kept, Counter(self.counts)))
         log.info("%s: %d records in %s, %d cases kept, %d skipped", reader, n_records, path, n_kept, n_records - n_kept)
         for reason, count in sorted(self.counts.items()):
             log.warning("%s: skipped %d records in %s: %s (first: %s)", reader, count, path, reason, self.first[reason])
@@ -116,6 +126,9 @@ def read_counterfact(path: str | os.PathLike) -> list[dict]:
         if not _targets_ok(target_true, target_new, skips, ident):
             continue
         prompt = _get(rw, "prompt", str, path, ident)
+        if not _get(rw, "subject", str, path, ident).strip():
+            skips.add("empty subject", ident)
+            continue
         if prompt.count("{}") != 1 or prompt.count("{") != 1 or prompt.count("}") != 1:
             skips.add("prompt does not hold exactly one '{}' and no other braces", ident)
             continue
@@ -165,6 +178,9 @@ def read_counterfact_easyedit(paths: str | os.PathLike | list) -> list[dict]:
             locality = _get(rec, "locality_prompt", str, path, ident).strip()
             locality_answer = _get(rec, "locality_ground_truth", str, path, ident).strip()
             if not _targets_ok(target_true, target_new, skips, ident):
+                continue
+            if not subject.strip():
+                skips.add("empty subject", ident)
                 continue
             template = make_template(prompt, subject)
             if template is None:
@@ -219,6 +235,9 @@ def read_zsre_mend(path: str | os.PathLike) -> list[dict]:
         loc_ans = _get(rec, "loc_ans", str, path, ident).strip()
         if not _targets_ok(target_true, target_new, skips, ident):
             continue
+        if not subject.strip():
+            skips.add("empty subject", ident)
+            continue
         if "{" in src or "}" in src:
             skips.add("question holds braces", ident)
             continue
@@ -264,9 +283,35 @@ def file_reader(read: Callable[..., list[dict]], many: bool = False) -> Callable
         if len(paths) > 1 and not many:
             raise EditscaleError(f"dataset spec 'path': reader {name!r} reads one file, got {len(paths)}: {[str(p) for p in paths]}")
         source = ", ".join(map(str, paths))
-        return subsample(read(paths if many else paths[0]), spec.get("n_cases"), spec.get("seed", 0), source), source
+        try:
+            cases = read(paths if many else paths[0])
+        except EditscaleError as exc:
+            guess = detect_reader(paths[0])
+            if guess is not None and guess != name:
+                raise EditscaleError(f"{exc}: the file is in the format of reader {guess!r}, not {name!r} (set reader: {guess})") from None
+            raise
+        return subsample(cases, spec.get("n_cases"), spec.get("seed", 0), source), source
 
     return reader
+
+
+# the keys only one reader's format has: a record with all of them names its reader
+FORMAT_KEYS = {
+    "counterfact": {"requested_rewrite"},
+    "counterfact_easyedit": {"prompt", "ground_truth", "rephrase_prompt"},
+    "zsre_mend": {"src", "alt", "answers"},
+}
+
+
+def detect_reader(path: str | os.PathLike) -> str | None:
+    """The reader whose format the file's first record has (None when none or unreadable)."""
+    try:
+        records = _load_json_list(path)
+    except EditscaleError:
+        return None
+    first = records[0] if records and isinstance(records[0], dict) else {}
+    hits = [name for name, keys in FORMAT_KEYS.items() if keys <= set(first)]
+    return hits[0] if len(hits) == 1 else None
 
 
 # reader name -> function spec -> (cases, source): the one table of dataset readers
@@ -278,7 +323,7 @@ READERS: dict[str, Callable[[dict], tuple[list[dict], str]]] = {
 }
 # The config's dataset entry is passed whole: `url` belongs to the download rule and `order_file`
 # to the sequence rule; they are accepted here and not used.
-SPEC_KEYS = {"reader", "path", "n_cases", "seed", "url", "order_file"}
+SPEC_KEYS = {"reader", "path", "n_cases", "seed", "url", "order_file", "max_skipped_fraction"}
 
 
 def expand_paths(spec_path: Any) -> list[Path]:
@@ -303,6 +348,31 @@ def expand_paths(spec_path: Any) -> list[Path]:
     return out
 
 
+def _default_max_skipped() -> float:
+    from ..config import schema
+
+    return schema()["properties"]["datasets"]["additionalProperties"]["properties"]["max_skipped_fraction"]["default"]
+
+
+def check_skipped(source: str, reports: list, max_fraction: float) -> None:
+    """One summary line on the console (stdout: the job's stderr goes to its log) of the records
+    read, kept and skipped per reason; an error when more than max_fraction were skipped."""
+    n_records = sum(r[0] for r in reports)
+    n_kept = sum(r[1] for r in reports)
+    reasons: Counter[str] = sum((r[2] for r in reports), Counter())
+    if not n_records:
+        return
+    skipped = sum(reasons.values())
+    detail = "; ".join(f"{reason}: {count}" for reason, count in sorted(reasons.items()))
+    print(f"dataset {source}: {n_records} records, {n_kept} cases kept, {skipped} skipped" + (f" ({detail})" if detail else ""), flush=True)
+    if skipped > max_fraction * n_records:
+        raise EditscaleError(
+            f"dataset {source}: {skipped} of {n_records} records ({skipped / n_records:.0%}) were skipped, more than "
+            f"max_skipped_fraction = {max_fraction} ({detail}): is `reader` right for this file? (datasets.<name>."
+            "max_skipped_fraction raises the limit)"
+        )
+
+
 def load_cases(spec: dict) -> list[dict]:
     """Read and validate the cases a dataset spec describes (see build_dataset)."""
     if not isinstance(spec, dict):
@@ -320,7 +390,13 @@ def load_cases(spec: dict) -> list[dict]:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise EditscaleError(f"dataset spec 'seed' must be an integer, got {seed!r}")
 
-    cases, source = READERS[reader](spec)
+    token = _SKIP_REPORTS.set([])
+    try:
+        cases, source = READERS[reader](spec)
+        reports = _SKIP_REPORTS.get()
+    finally:
+        _SKIP_REPORTS.reset(token)
+    check_skipped(source, reports, spec.get("max_skipped_fraction", _default_max_skipped()))
 
     if not cases:
         raise EditscaleError(f"dataset {source}: reader {reader!r} produced no cases")

@@ -35,7 +35,7 @@ def unique_subjects(cases: list[dict]) -> list[dict]:
     return out
 
 
-def _read_order(order_file: str | os.PathLike, key: str) -> list[str]:
+def read_order(order_file: str | os.PathLike, key: str) -> list[str]:
     path = Path(order_file)
     if not path.is_file():
         raise EditscaleError(f"order file not found: {path}")
@@ -62,23 +62,32 @@ def order_cases(
     source: str = "dataset",
 ) -> list[dict]:
     """Every usable case of the chain, in chain order (before truncation to n_edits)."""
+    return usable_cases(cases, sample, seed, order_ids, source)[0]
+
+
+def usable_cases(cases: list[dict], sample: int = 0, seed: int = 0, order_ids: list[str] | None = None,
+                 source: str = "dataset") -> tuple[list[dict], str]:
+    """(every usable case in chain order, how many were left out and why)."""
     if order_ids is None:
         candidates = unique_subjects(cases)
         # A string seed is hashed with SHA-512 by random.Random: stable across runs and platforms.
         random.Random(f"editscale-sequence:{seed}:{sample}").shuffle(candidates)
-        log.info(
-            "sequence: %d cases in %s, %d with unique subjects, shuffled with seed=%d sample=%d",
-            len(cases), source, len(candidates), seed, sample,
-        )
-        return candidates
+        why = f"{len(cases)} cases in {source}, {len(cases) - len(candidates)} dropped as repeated subjects, {len(candidates)} usable"
+        log.info("sequence: %s (shuffled with seed=%d sample=%d)", why, seed, sample)
+        return candidates, why
     by_id = {c["case_id"]: c for c in cases}
     present = [by_id[i] for i in order_ids if i in by_id]
     candidates = unique_subjects(present)
-    log.info(
-        "sequence: order of %d ids; %d not in %s (skipped), %d more dropped as repeated subjects, %d usable",
-        len(order_ids), len(order_ids) - len(present), source, len(present) - len(candidates), len(candidates),
-    )
-    return candidates
+    why = (f"order of {len(order_ids)} ids; {len(order_ids) - len(present)} not in {source}, "
+           f"{len(present) - len(candidates)} more dropped as repeated subjects, {len(candidates)} usable")
+    log.info("sequence: %s", why)
+    return candidates, why
+
+
+def check_length(n_edits: int, usable: int, why: str, what: str) -> None:
+    """A run's n_edits must fit the usable sequence: one error with the numbers."""
+    if n_edits > usable:
+        raise EditscaleError(f"{what}: n_edits = {n_edits} requested, but the edit sequence has only {usable} usable cases ({why})")
 
 
 def build_sequence(
@@ -89,6 +98,7 @@ def build_sequence(
     seed: int = 0,
     order_file: str | os.PathLike | None = None,
     order_key: str | None = None,
+    required: dict[str, int] | None = None,
 ) -> list[dict]:
     """Write the first n_edits of the chain to out_path; each line is the case plus edit_index (1-based).
 
@@ -98,6 +108,9 @@ def build_sequence(
     order_file/order_key: take the order from a JSON object of case-id lists, key str(sample) by
     default; ids missing from the dataset are skipped. Without it: seeded shuffle of the
     unique-subject cases.
+
+    required: run name -> the n_edits it needs of this sequence; one that does not fit is an error
+    here, before any edit runs.
     """
     if n_edits is None:
         n_edits = 0
@@ -110,16 +123,13 @@ def build_sequence(
     order_ids = None
     if order_file is not None:
         order_key = str(sample) if order_key is None else str(order_key)
-        order_ids = _read_order(order_file, order_key)
-    candidates = order_cases(cases, sample=sample, seed=seed, order_ids=order_ids, source=str(dataset_jsonl))
-
+        order_ids = read_order(order_file, order_key)
+    candidates, why = usable_cases(cases, sample=sample, seed=seed, order_ids=order_ids, source=str(dataset_jsonl))
+    for run, need in sorted((required or {}).items()):
+        check_length(need, len(candidates), why, f"run {run}")
     if n_edits == 0:
         n_edits = len(candidates)
-    if n_edits > len(candidates):
-        how = f"in the order {order_file}[{order_key!r}]" if order_file is not None else "with unique subjects"
-        raise EditscaleError(
-            f"n_edits={n_edits} requested but only {len(candidates)} cases of {dataset_jsonl} are usable {how}"
-        )
+    check_length(n_edits, len(candidates), why, "sequence")
     edits = [{**case, "edit_index": i} for i, case in enumerate(candidates[:n_edits], start=1)]
     write_jsonl_atomic(out_path, edits)
     log.info("sequence: wrote %d edits to %s", len(edits), out_path)

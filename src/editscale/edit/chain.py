@@ -159,6 +159,25 @@ def _cases_between(edits_path, k_start: int, k_end: int) -> list[dict]:
     return sorted(cases, key=lambda c: c["edit_index"])
 
 
+def segment_inputs(model_sha256: str, files: SegmentFiles, templates_path, stats_paths: dict[str, str],
+                   projection_paths: dict[str, str] | None, modules: list[str]) -> dict:
+    """What a segment was computed from, recorded in its delta and factors (the audit checks each
+    still exists and matches): the model, the edit sequence, the templates, the previous
+    checkpoint, and the content_sha256 of each second-moment / projection file it read."""
+    from ..stats.mom2 import content_sha256
+
+    inputs: dict = {"model": model_sha256}
+    for role, path in (("edits", files.edits), ("templates", templates_path), ("previous_delta", files.previous_delta),
+                       ("previous_factors", files.previous_factors)):
+        if path is not None:
+            inputs[role] = {"path": str(path), "sha256": sha256_file(path)}
+    for kind, paths in (("stats", stats_paths), ("projection", projection_paths or {})):
+        for module, path in sorted(paths.items()):
+            if module in modules:
+                inputs[f"{kind}:{module}"] = {"path": str(path), "content_sha256": content_sha256(path)}
+    return inputs
+
+
 def load_stats(stats_paths: dict[str, str], model_sha256: str, device) -> dict[str, torch.Tensor]:
     from ..stats.mom2 import read_mom2
 
@@ -282,7 +301,8 @@ def run_segment(
 
     attrs = {
         "model_sha256": sha, "k": k_end, "k_start": k_start, "segment": segment, "method": method,
-        "hparams": json.dumps(hparams, sort_keys=True), **provenance(config_hash, {"model": sha}, str(dev)),
+        "hparams": json.dumps(hparams, sort_keys=True),
+        **provenance(config_hash, segment_inputs(sha, files, templates_path, stats_paths, projection_paths, modules), str(dev)),
     }
     write_factors(files.factors, updates, steps, rows, editor.state_dict(), attrs)
     prev_sha = sha256_file(files.previous_delta) if files.previous_delta is not None else None

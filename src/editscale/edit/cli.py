@@ -115,6 +115,9 @@ def cmd_replay(args) -> None:
     from .chain import read_run, replay_delta, tensor_sha256, write_delta
 
     run = read_run(Path(args.run_dir) / "run.json")
+    done = max((int(f.stem) for f in (Path(args.run_dir) / "factors").glob("*.h5") if f.stem.isdigit()), default=0)
+    if not 0 <= args.edit <= done:
+        raise EditscaleError(f"--edit {args.edit}: the run in {args.run_dir} has {done} edits (replay any j in 0..{done})")
     delta = replay_delta(args.run_dir, args.edit, int(run["segment"]), model_sha(args.model_dir))
     hashes = {m: tensor_sha256(d) for m, d in sorted(delta.items())}
     print(json.dumps({"edit": args.edit, "sha256": hashes}, indent=2))

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..io import EditscaleError, atomic_path, provenance
+from ..io import EditscaleError, array_sha256, atomic_path, provenance
 from ..models.nethook import Trace
 from .corpus import texts_to_batches
 
@@ -187,6 +187,7 @@ def write_mom2(
         "dtype": str(dtype).replace("torch.", ""),
         "module": module,
         "editscale_version": __version__,
+        "content_sha256": array_sha256(mom2, np.int64(count)),  # checked by every read
     }
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -228,6 +229,41 @@ def _check_sha(path, attrs: dict, expected_model_sha: str | None, what: str) -> 
         )
 
 
+def _check_content(path, attrs: dict, what: str, *arrays) -> None:
+    """The stored matrices must still hash to the content_sha256 recorded when the file was
+    written: a flipped byte in a valid HDF5 file would otherwise change every edit silently."""
+    recorded = attrs.get("content_sha256")
+    if recorded is None:
+        log.warning("%s file %s records no content_sha256 (written by an older editscale): its content is not verified", what, path)
+        return
+    if array_sha256(*arrays) != recorded:
+        raise EditscaleError(
+            f"{what} file {path} is corrupt: its content no longer matches the content_sha256 recorded when it was "
+            f"written. Delete it and re-run the workflow to rebuild it and everything computed from it: "
+            f"rm {path} && snakemake --cores all"
+        )
+
+
+def content_sha256(path: str | Path) -> str | None:
+    """The content_sha256 a stats or projection file recorded when it was written."""
+    with _open(path, "stats") as f:
+        return _attrs_dict(f).get("content_sha256")
+
+
+def verify_content(path: str | Path) -> str:
+    """Re-hash a stats or projection file's matrices against its recorded content_sha256 (an
+    EditscaleError naming the file and the repair when they differ); returns the hash."""
+    with _open(path, "stats") as f:
+        attrs = _attrs_dict(f)
+        if "P" in f:
+            what, arrays = "projection", (np.asarray(f["P"][()], dtype=np.float64),)
+        else:
+            what = "stats"
+            arrays = (np.asarray(_dataset(f, path, "mom2", what), dtype=np.float64), np.int64(int(_dataset(f, path, "count", what))))
+    _check_content(path, attrs, what, *arrays)
+    return attrs.get("content_sha256") or array_sha256(*arrays)
+
+
 def _dataset(f: h5py.File, path, name: str, what: str) -> np.ndarray:
     if name not in f:
         raise EditscaleError(f"{what} file {path} has no dataset {name!r} (datasets: {sorted(f.keys())})")
@@ -247,6 +283,7 @@ def read_stats(path: str | Path, expected_model_sha: str | None = None) -> tuple
         _check_sha(path, attrs, expected_model_sha, "stats")
         mom2 = np.asarray(_dataset(f, path, "mom2", "stats"), dtype=np.float64)
         count = int(_dataset(f, path, "count", "stats"))
+    _check_content(path, attrs, "stats", mom2, np.int64(count))
     if mom2.ndim != 2 or mom2.shape[0] != mom2.shape[1]:
         raise EditscaleError(f"stats file {path}: dataset 'mom2' is not a square matrix (shape {mom2.shape})")
     return mom2, count, attrs
@@ -316,6 +353,7 @@ def write_projection(
         "model_sha256": model_sha256,
         "module": module,
         "editscale_version": __version__,
+        "content_sha256": array_sha256(P),  # checked by every read
     }
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -334,5 +372,8 @@ def read_projection_attrs(path: str | Path) -> dict[str, Any]:
 def read_projection(path: str | Path, expected_model_sha: str | None = None) -> np.ndarray:
     """P (float64 [d, d]); EditscaleError naming the file and both shas if it is for another model."""
     with _open(path, "projection") as f:
-        _check_sha(path, _attrs_dict(f), expected_model_sha, "projection")
-        return np.asarray(_dataset(f, path, "P", "projection"), dtype=np.float64)
+        attrs = _attrs_dict(f)
+        _check_sha(path, attrs, expected_model_sha, "projection")
+        P = np.asarray(_dataset(f, path, "P", "projection"), dtype=np.float64)
+    _check_content(path, attrs, "projection", P)
+    return P

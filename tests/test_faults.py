@@ -1,0 +1,158 @@
+"""Fault injection on the tiny workflow: quiet corruption becomes loud, late failures move to plan
+time (issue 14). Each test works on a copy of the finished tiny study."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import polars as pl
+import pytest
+
+from benchmarks.snakemake_runs import copy_workflow, planned_jobs, set_config, snakemake
+from editscale.io import EditscaleError, read_parquet_metadata
+
+pytestmark = pytest.mark.workflow
+
+STATS = "results/stats/tiny-gpt2/self-sample/transformer.h.1.mlp.c_proj.h5"
+
+
+def _copy(tiny_study, tmp_path) -> Path:
+    workdir = tmp_path / "copy"
+    shutil.copytree(tiny_study, workdir, symlinks=True)
+    return workdir
+
+
+def _audit(workdir: Path) -> tuple[int, dict]:
+    res = subprocess.run([str(Path(sys.executable).parent / "editscale"), "audit", "results"], cwd=workdir, capture_output=True, text=True)
+    return res.returncode, json.loads((workdir / "results/audit.json").read_text())
+
+
+def _failed(audit: dict) -> set[str]:
+    return {f["file"] for f in audit["failures"]}
+
+
+def test_flipped_stats_byte_is_refused_naming_the_file(tiny_study, tmp_path):
+    """Before: one changed value inside a valid stats file was used silently and the audit passed."""
+    workdir = _copy(tiny_study, tmp_path)
+    path = workdir / STATS
+    assert path.exists(), sorted(p.name for p in path.parent.iterdir())
+    stamp = path.stat()
+    with h5py.File(path, "r+") as f:
+        f["mom2"][0, 0] = f["mom2"][0, 0] * (1 + 1e-12)  # a quiet flip: still a valid HDF5 file
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # and the mtime Snakemake sees is unchanged
+    rc, audit = _audit(workdir)
+    assert rc != 0 and STATS in _failed(audit), audit["failures"]
+    assert any("is corrupt" in f["detail"] and f"rm {STATS}" in f["detail"] for f in audit["failures"] if f["file"] == STATS)
+    # the chain refuses it, naming the file and the command that repairs it
+    res = snakemake(workdir, "--forcerun", "edit_segment", "results/rome-tiny/deltas/000003.h5", check=False)
+    assert res.returncode != 0
+    log = (workdir / "results/logs/rome-tiny/edit_segment_000003.log").read_text()
+    assert f"stats file {STATS} is corrupt" in log and f"rm {STATS} && snakemake" in log
+
+
+def test_deleted_factors_or_stats_plan_the_repair_and_fail_the_audit(tiny_study, tmp_path):
+    """Before: after deleting a factors file Snakemake said 'Nothing to be done' and audit.json still passed."""
+    workdir = _copy(tiny_study, tmp_path)
+    factors = "results/rome-tiny/factors/000003.h5"
+    (workdir / factors).unlink()
+    jobs = planned_jobs(snakemake(workdir, "-n"))
+    assert jobs.get("edit_segment", 0) >= 1 and jobs.get("audit") == 1, jobs
+    rc, audit = _audit(workdir)
+    assert rc != 0 and factors in _failed(audit), audit["failures"]
+
+    workdir = _copy(tiny_study, tmp_path / "stats")
+    (workdir / STATS).unlink()
+    jobs = planned_jobs(snakemake(workdir, "-n"))
+    assert jobs.get("stats") == 1 and jobs.get("audit") == 1, jobs
+    rc, audit = _audit(workdir)
+    assert rc != 0 and STATS in _failed(audit), audit["failures"]
+    assert any("is missing" in f["detail"] for f in audit["failures"] if f["file"] == STATS)
+
+
+def test_changed_metric_value_fails_the_audit_and_reruns_it(tiny_study, tmp_path):
+    """Before: a metric parquet with a changed value and its metadata kept passed the audit."""
+    workdir = _copy(tiny_study, tmp_path)
+    rel = "results/rome-tiny/metrics/history/000003.parquet"
+    path = workdir / rel
+    meta = read_parquet_metadata(path)
+    df = pl.read_parquet(path)
+    df = df.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.col("value") + 0.25).otherwise(pl.col("value")).alias("value"))
+    df.write_parquet(path, metadata=meta)
+    assert planned_jobs(snakemake(workdir, "-n")).get("audit") == 1  # the audit depends on the file
+    rc, audit = _audit(workdir)
+    assert rc != 0 and rel in _failed(audit), audit["failures"]
+    assert audit["started"] and rel in audit["files"]
+
+
+def test_run_longer_than_its_sequence_fails_at_plan_time_with_the_numbers(repo_root, tmp_path):
+    """Before: the chain ran every segment it could and failed at the one that ran out."""
+    workdir = copy_workflow(repo_root, tmp_path / "wf")
+    set_config(workdir, lambda c: c["runs"][0].update({"n_edits": 30000, "segment": 3}))
+    res = snakemake(workdir, "-n", check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "runs[rome-tiny]: n_edits = 30000 requested, but the edit sequence has only" in out, out[-2000:]
+    assert "dropped as repeated subjects" in out and "usable" in out
+    assert not (workdir / "results").exists()
+
+
+def test_sequence_job_checks_each_runs_length():
+    """Where the plan cannot know (a dataset downloaded in the same run), the sequence rule fails."""
+    from editscale.data.sequence import check_length
+
+    with pytest.raises(EditscaleError, match=r"run r: n_edits = 10 requested, but the edit sequence has only 4 usable cases \(why\)"):
+        check_length(10, 4, "why", "run r")
+
+
+def test_skipped_records_are_summarized_and_too_many_fail(tmp_path, capsys):
+    """Before: skipped records were WARNING lines in a log while the job exited 0; an empty subject
+    was reported as 'does not occur in prompt'."""
+    from editscale.data.readers import load_cases
+
+    records = [{"subject": "" if i < 3 else f"City{i}", "src": f"Where is City{i}?", "answers": ["Europe"], "alt": "Asia",
+                "rephrase": "r", "loc": "nq question: q", "loc_ans": "a", "pred": "", "cond": ""} for i in range(10)]
+    path = tmp_path / "zsre.json"
+    path.write_text(json.dumps(records))
+    cases = load_cases({"reader": "zsre_mend", "path": str(path), "max_skipped_fraction": 0.5})
+    assert len(cases) == 7
+    assert "10 records, 7 cases kept, 3 skipped (empty subject: 3)" in capsys.readouterr().out
+    with pytest.raises(EditscaleError, match=r"3 of 10 records \(30%\) were skipped, more than max_skipped_fraction = 0.25 \(empty subject: 3\)"):
+        load_cases({"reader": "zsre_mend", "path": str(path)})
+
+
+def test_messages_name_the_real_problem(tmp_path, tiny_study):
+    """Before: tiny:bert and local:/nonexistent said 'arch is required'; replay past the end named
+    a file; an unknown key printed the schema; the wrong reader named only a missing key."""
+    from editscale.config import validate
+    from editscale.data.readers import load_cases
+    from editscale.workflow import model_arch
+
+    with pytest.raises(EditscaleError, match="'bert' is not a tiny architecture"):
+        model_arch({"models": {"m": {"source": "tiny:bert"}}}, "m")
+    with pytest.raises(EditscaleError, match="directory /nonexistent does not exist"):
+        model_arch({"models": {"m": {"source": "local:/nonexistent"}}}, "m")
+
+    res = subprocess.run([str(Path(sys.executable).parent / "editscale"), "replay", "--model-dir", "data/models/tiny-gpt2",
+                          "--run-dir", "results/rome-tiny", "--edit", "7"], cwd=tiny_study, capture_output=True, text=True)
+    assert res.returncode != 0 and "the run in results/rome-tiny has 6 edits" in res.stderr, res.stderr
+
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("models: {}\nmodles: {}\n")
+    with pytest.raises(EditscaleError) as err:
+        validate({"models": {}, "modles": {}}, str(cfg_path))
+    msg = str(err.value)
+    assert "line 2" in msg and "unknown key 'modles' (did you mean 'models'?)" in msg and "allowed keys: audit" in msg
+    assert len(msg.splitlines()) == 1
+
+    zsre = [{"subject": "Paris", "src": "Where is Paris?", "answers": ["France"], "alt": "Peru", "rephrase": "r",
+             "loc": "nq question: q", "loc_ans": "a", "pred": "", "cond": ""}]
+    path = tmp_path / "zsre.json"
+    path.write_text(json.dumps(zsre))
+    with pytest.raises(EditscaleError, match="in the format of reader 'zsre_mend', not 'counterfact' \\(set reader: zsre_mend\\)"):
+        load_cases({"reader": "counterfact", "path": str(path)})
