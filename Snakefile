@@ -22,11 +22,12 @@ try:
 except EditscaleError as exc:
     raise ValueError(f"config error: {exc}") from None
 wf.export_plugins(config)  # every job imports the same plugins
-try:
-    # a run longer than its usable edit sequence fails here, not at the segment that runs out
-    wf.check_sequence_lengths(config, read_sources=getattr(workflow, "is_main_process", True))
-except EditscaleError as exc:
-    raise ValueError(f"config error: {exc}") from None
+if workflow.is_main_process:  # the plan, not every job that re-reads the Snakefile (cluster jobs)
+    try:
+        # a run longer than its usable edit sequence fails here, not at the segment that runs out
+        wf.check_sequence_lengths(config)
+    except EditscaleError as exc:
+        raise ValueError(f"config error: {exc}") from None
 METRIC_REGISTRY = wf.metrics_registry()
 
 RUNS = {run["name"]: run for run in config["runs"]}

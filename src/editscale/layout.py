@@ -37,6 +37,16 @@ def metric_path(run_dir: str | Path, metric: str, k: int) -> Path:
     return Path(run_dir) / "metrics" / metric / f"{k:06d}.parquet"
 
 
+def stats_path(model: str, corpus: str, module: str) -> Path:
+    """The second moment E[k k^T] of a module's inputs over a corpus."""
+    return RESULTS / "stats" / model / corpus / f"{module}.h5"
+
+
+def projection_path(model: str, corpus: str, module: str, threshold) -> Path:
+    """AlphaEdit's null-space projection computed from stats_path(model, corpus, module)."""
+    return RESULTS / "stats" / model / corpus / "nullspace" / f"{module}.t{threshold}.h5"
+
+
 def segment_start(k: int, segment: int) -> int:
     """The checkpoint at or before edit count k (0: the base model)."""
     return (k // segment) * segment
@@ -89,6 +99,11 @@ class StateFiles:
         want = cls.in_run(Path("."), k, segment)
         what = f"the state after {k} edits"
         return cls(k, segment, find_declared(paths, want.delta, what), find_declared(paths, want.factors, what))
+
+    @classmethod
+    def unedited(cls) -> "StateFiles":
+        """The base model (no file)."""
+        return cls(0, 1, None, None)
 
     def files(self) -> list[Path]:
         return [p for p in (self.delta, self.factors) if p is not None]

@@ -160,7 +160,7 @@ def stats_modules(config: dict, run: dict) -> list[str]:
 
 def stats_files(config: dict, run: dict) -> dict[str, str]:
     """module -> the second-moment file an edit job of the run reads."""
-    return {m: f"results/stats/{run['model']}/{run['corpus']}/{m}.h5" for m in stats_modules(config, run)}
+    return {m: str(layout.stats_path(run["model"], run["corpus"], m)) for m in stats_modules(config, run)}
 
 
 def projection_files(config: dict, run: dict) -> dict[str, str]:
@@ -168,7 +168,7 @@ def projection_files(config: dict, run: dict) -> dict[str, str]:
     spec = precomputed(config, run).get("nullspace")
     if spec is None:
         return {}
-    return {m: f"results/stats/{run['model']}/{run['corpus']}/nullspace/{m}.t{spec['threshold']}.h5" for m in edited_modules(config, run)}
+    return {m: str(layout.projection_path(run["model"], run["corpus"], m, spec["threshold"])) for m in edited_modules(config, run)}
 
 
 def segment_ends(run: dict) -> list[int]:
@@ -218,10 +218,10 @@ def export_plugins(config: dict) -> None:
                       EDITSCALE_REQUIRED_EDITS=canonical_json({r["name"]: r["n_edits"] for r in config["runs"]}))
 
 
-def check_sequence_lengths(config: dict, read_sources: bool = True) -> None:
+def check_sequence_lengths(config: dict) -> None:
     """Each run's n_edits fits its usable edit sequence, checked at plan time wherever it can be
     known: from results/{run}/edits.jsonl once built (a raised n_edits), else from the built
-    dataset, else (read_sources) from a local dataset source read here."""
+    dataset, else from a local dataset source read here."""
     from .data.readers import load_cases
     from .data.sequence import read_order, check_length, usable_cases
     from .io import read_jsonl
@@ -241,7 +241,7 @@ def check_sequence_lengths(config: dict, read_sources: bool = True) -> None:
             path = Path(f"data/datasets/{name}.jsonl")
             if path.exists():
                 built[name] = read_jsonl(path)
-            elif read_sources and not spec.get("url"):
+            elif not spec.get("url"):
                 built[name] = load_cases(dataset_spec(config, name))
             else:
                 continue
@@ -412,10 +412,9 @@ def metric_inputs(config: dict, run: dict, metric: str, k: int) -> dict[str, lis
 
 def metric_flags(run: dict, metric: str, inputs) -> str:
     """Command-line flags that hand a metric job exactly its declared inputs."""
-    from .evaluate.registry import get_metric
+    from .evaluate.registry import INPUT_KINDS, get_metric
 
-    flag = {"state": "--state", "edits": "--edits", "heldout": "--tokens", "factors_upto": "--factors", "segment_factors": "--segment-files"}
-    return " ".join(f"{flag[kind]} " + " ".join(getattr(inputs, kind)) for kind in get_metric(metric).inputs if getattr(inputs, kind))
+    return " ".join(f"{INPUT_KINDS[kind]} " + " ".join(getattr(inputs, kind)) for kind in get_metric(metric).inputs if getattr(inputs, kind))
 
 
 def audit_files(config: dict) -> list[str]:
@@ -427,7 +426,7 @@ def audit_files(config: dict) -> list[str]:
         files.add(f"data/models/{run['model']}/manifest.json")
         files |= set(stats_files(config, run).values())
         for module, path in projection_files(config, run).items():
-            files |= {path, f"results/stats/{run['model']}/{run['corpus']}/{module}.h5"}
+            files |= {path, str(layout.stats_path(run["model"], run["corpus"], module))}
         rd = layout.run_dir(run["name"])
         files |= {str(rd / "run.json"), str(rd / "edits.jsonl"), str(rd / "context_templates.json")}
         files |= {name(run["name"], k) for k in segment_ends(run) for name in (delta_file, factors_file)}

@@ -29,9 +29,40 @@ from ..io import EditscaleError, read_parquet_metadata, sha256_file
 log = logging.getLogger(__name__)
 
 
+class Hashes:
+    """File sha256s and stats / projection content checks, each computed once per audit: many
+    outputs record the same inputs (every metric of a checkpoint its delta, every delta the stats)."""
+
+    def __init__(self):
+        self._files: dict[str, str] = {}
+        self._contents: dict[str, str | EditscaleError] = {}
+
+    def file(self, path: Path) -> str:
+        key = str(path)
+        if key not in self._files:
+            self._files[key] = sha256_file(path)
+        return self._files[key]
+
+    def content(self, path: Path) -> str:
+        """editscale.stats.mom2.verify_content, remembered (its error too)."""
+        from ..stats.mom2 import verify_content
+
+        key = str(path)
+        if key not in self._contents:
+            try:
+                self._contents[key] = verify_content(path)
+            except EditscaleError as exc:
+                self._contents[key] = exc
+        found = self._contents[key]
+        if isinstance(found, EditscaleError):
+            raise found
+        return found
+
+
 class Report:
     def __init__(self):
         self.checks: list[dict] = []
+        self.hashes = Hashes()
 
     def add(self, check: str, file, ok: bool, detail: str = "") -> None:
         self.checks.append({"check": check, "file": str(file), "status": "pass" if ok else "fail", "detail": detail})
@@ -73,13 +104,11 @@ def _stats_model(path: Path) -> str:
 
 
 def audit_stats(paths: list[Path], model_shas: dict[str, str], rep: Report) -> None:
-    from ..stats.mom2 import verify_content
-
     for path in sorted(paths):
         model = _stats_model(path)
         try:
             got = _h5_attrs(path).get("model_sha256")
-            verify_content(path)
+            rep.hashes.content(path)
         except (OSError, EditscaleError) as exc:
             rep.add("stats", path, False, str(exc))
             continue
@@ -90,8 +119,6 @@ def audit_stats(paths: list[Path], model_shas: dict[str, str], rep: Report) -> N
 def audit_inputs(owner: Path, inputs: dict, rep: Report) -> bool:
     """Every input `owner` recorded as {"path", "sha256"} (a file's hash) or {"path",
     "content_sha256"} (a stats / projection file's recorded content hash) exists and matches."""
-    from ..stats.mom2 import verify_content
-
     ok = True
     for role, rec in sorted(inputs.items()):
         if not (isinstance(rec, dict) and "path" in rec):
@@ -99,11 +126,11 @@ def audit_inputs(owner: Path, inputs: dict, rep: Report) -> bool:
         p = Path(rec["path"])
         if not p.exists():
             why = f"{role} {p} is missing (recorded by {owner})"
-        elif "sha256" in rec and sha256_file(p) != rec["sha256"]:
+        elif "sha256" in rec and rep.hashes.file(p) != rec["sha256"]:
             why = f"{role} {p} changed since {owner} was computed from it"
         elif "content_sha256" in rec:
             try:
-                why = "" if verify_content(p) == rec["content_sha256"] else f"{role} {p} is not the file {owner} was computed from"
+                why = "" if rep.hashes.content(p) == rec["content_sha256"] else f"{role} {p} is not the file {owner} was computed from"
             except EditscaleError as exc:
                 why = str(exc)
         else:
@@ -131,13 +158,13 @@ def audit_run(run_dir: Path, ks: list[int], model_shas: dict[str, str], rep: Rep
         rep.add("delta-model", path, attrs.get("model_sha256") == model_sha,
                 f"delta computed on {attrs.get('model_sha256')}, run's model is {model_sha}")
         fpath = factors_path(run_dir, k)
-        ok = fpath.exists() and sha256_file(fpath) == attrs.get("factors_sha256")
+        ok = fpath.exists() and rep.hashes.file(fpath) == attrs.get("factors_sha256")
         rep.add("factors", fpath, ok, "" if ok else "factors file missing or its sha256 differs from the one recorded in its delta")
         prev = attrs.get("prev_delta_sha256")
         k_prev = k - int(run["segment"])
         if k_prev > 0:
             ppath = delta_path(run_dir, k_prev)
-            ok = ppath.exists() and sha256_file(ppath) == prev
+            ok = ppath.exists() and rep.hashes.file(ppath) == prev
             rep.add("delta-chain", ppath, ok, "" if ok else f"sha256 differs from the one recorded by {path.name}")
         if audit_inputs(path, json.loads(attrs.get("inputs", "{}") or "{}"), rep):
             rep.add("inputs", path, True)

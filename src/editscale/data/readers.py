@@ -126,7 +126,8 @@ def read_counterfact(path: str | os.PathLike) -> list[dict]:
         if not _targets_ok(target_true, target_new, skips, ident):
             continue
         prompt = _get(rw, "prompt", str, path, ident)
-        if not _get(rw, "subject", str, path, ident).strip():
+        subject = _get(rw, "subject", str, path, ident)
+        if not subject.strip():
             skips.add("empty subject", ident)
             continue
         if prompt.count("{}") != 1 or prompt.count("{") != 1 or prompt.count("}") != 1:
@@ -135,7 +136,7 @@ def read_counterfact(path: str | os.PathLike) -> list[dict]:
         cases.append(
             {
                 "case_id": str(case_id),
-                "subject": _get(rw, "subject", str, path, ident),
+                "subject": subject,
                 "relation_id": _get(rw, "relation_id", str, path, ident),
                 "prompt": prompt,
                 "target_true": target_true,

@@ -299,13 +299,13 @@ def run_segment(
         steps.extend([rows[-1]["step"]] * len(applied))
         bar.set_postfix(loss=f"{rows[-1]['v_loss'] or 0:.3f}", norm=f"{norm:.3g}")
 
+    inputs = segment_inputs(sha, files, templates_path, stats_paths, projection_paths, modules)
     attrs = {
         "model_sha256": sha, "k": k_end, "k_start": k_start, "segment": segment, "method": method,
-        "hparams": json.dumps(hparams, sort_keys=True),
-        **provenance(config_hash, segment_inputs(sha, files, templates_path, stats_paths, projection_paths, modules), str(dev)),
+        "hparams": json.dumps(hparams, sort_keys=True), **provenance(config_hash, inputs, str(dev)),
     }
     write_factors(files.factors, updates, steps, rows, editor.state_dict(), attrs)
-    prev_sha = sha256_file(files.previous_delta) if files.previous_delta is not None else None
+    prev_sha = inputs["previous_delta"]["sha256"] if files.previous_delta is not None else None
     write_delta(files.delta, weights.delta, {**attrs, "factors_sha256": sha256_file(files.factors), "prev_delta_sha256": prev_sha})
     med = float(np.median([r["seconds"] for r in rows]))
     log.info("wrote %s and %s (median %.2f s per edit)", files.factors, files.delta, med)

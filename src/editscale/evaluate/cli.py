@@ -117,7 +117,7 @@ def state_files(args):
     """The StateFiles of checkpoint --k among the --state files."""
     from ..layout import StateFiles
 
-    return StateFiles.among(args.state, args.k, _segment(args)) if args.k > 0 else StateFiles(0, 1, None, None)
+    return StateFiles.among(args.state, args.k, _segment(args)) if args.k > 0 else StateFiles.unedited()
 
 
 def _dtype(args) -> str:
@@ -171,7 +171,7 @@ def _model_at(args, base: bool = False):
     from ..edit.chain import model_at
     from ..layout import StateFiles
 
-    return model_at(args.model_dir, StateFiles(0, 1, None, None) if base else state_files(args), dtype=_dtype(args), device=args.device)
+    return model_at(args.model_dir, StateFiles.unedited() if base else state_files(args), dtype=_dtype(args), device=args.device)
 
 
 # ---------------------------------------------------------------------------------------------

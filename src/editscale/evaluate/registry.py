@@ -72,7 +72,8 @@ class Metric:
 
 
 METRICS: dict[str, Metric] = {}
-INPUT_KINDS = ("state", "edits", "heldout", "factors_upto", "segment_factors")
+# input kind -> the command-line flag that hands its files to the command (module docstring)
+INPUT_KINDS = {"state": "--state", "edits": "--edits", "heldout": "--tokens", "factors_upto": "--factors", "segment_factors": "--segment-files"}
 
 
 def register_metric(metric: Metric) -> None:
@@ -82,7 +83,7 @@ def register_metric(metric: Metric) -> None:
         raise EditscaleError(f"metric {metric.name!r} is already registered; pick another name")
     bad = [k for k in metric.inputs if k not in INPUT_KINDS]
     if bad or metric.grid not in ("eval_every", "segments"):
-        raise EditscaleError(f"metric {metric.name!r}: inputs {bad} / grid {metric.grid!r} unknown (inputs: {INPUT_KINDS}; grid: eval_every | segments)")
+        raise EditscaleError(f"metric {metric.name!r}: inputs {bad} / grid {metric.grid!r} unknown (inputs: {list(INPUT_KINDS)}; grid: eval_every | segments)")
     if old is None and metric.schema is not None and "eval_every" not in (metric.schema.get("properties") or {}) and metric.grid == "eval_every":
         raise EditscaleError(f"metric {metric.name!r}: its schema must define eval_every (the checkpoint grid)")
     METRICS[metric.name] = metric

@@ -11,6 +11,9 @@ log = logging.getLogger(__name__)
 
 TABLE_PARAMS = ["window", "counts"]
 PHASE_PARAMS = ["seed", "slope_ratio", "min_delta_bic", "alpha", "min_agree", "drop_z", "norm_z", "decision_curves"]
+# the phases verb's command-line overrides of the report section: (key, type)
+PHASE_FLAGS = (("seed", int), ("slope_ratio", float), ("min_delta_bic", float), ("alpha", float), ("min_agree", int),
+               ("drop_z", float), ("norm_z", float))
 PARAMS_HELP = "the config's `report` section, inline JSON or a file (the schema's defaults fill the rest); keys used here: "
 
 
@@ -45,7 +48,7 @@ def register(sub) -> None:
     p.add_argument("--out", default="results/tables/phases.parquet")
     p.add_argument("--disabling-out", default=None, help="default: disabling_edits.parquet beside --out")
     p.add_argument("--params-json", default=None, help=PARAMS_HELP + ", ".join(PHASE_PARAMS))
-    for flag, kind in (("seed", int), ("slope_ratio", float), ("min_delta_bic", float), ("alpha", float), ("min_agree", int), ("drop_z", float), ("norm_z", float)):
+    for flag, kind in PHASE_FLAGS:
         p.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None, help=f"overrides report.{flag} of --params-json")
     p.set_defaults(func=run_phases)
 
@@ -105,8 +108,7 @@ def run_phases(args) -> None:
     tables.pop("phases", None)
     tables.pop("disabling_edits", None)
     runs = tables["summary"]["run"].to_list() if "summary" in tables else None
-    flags = ("seed", "slope_ratio", "min_delta_bic", "alpha", "min_agree", "drop_z", "norm_z")
-    config = ph.PhaseConfig.from_report(_report_section(args, {k: getattr(args, k) for k in flags}))
+    config = ph.PhaseConfig.from_report(_report_section(args, {k: getattr(args, k) for k, _ in PHASE_FLAGS}))
     results = ph.analyze_runs(tables, runs, config)
     out = Path(args.out)
     dis_out = Path(args.disabling_out) if args.disabling_out else out.with_name("disabling_edits.parquet")

@@ -43,6 +43,7 @@ import numpy as np
 import polars as pl
 
 from .. import robust
+from ..config import section_defaults
 from ..io import atomic_path, safe_name
 from . import phases as ph
 from .disabling import norm_outlier_z
@@ -55,13 +56,16 @@ META = ("run", "model", "method", "dataset", "sample")
 MODULE_METRICS = ("fro", "fro_per_numel", "spectral")
 
 
+_REPORT = section_defaults("report")  # the config's defaults (schema.yaml) of the figure settings
+
+
 @dataclass(frozen=True)
 class FigureOptions:
     """What every figure function (fn(tables, options), named in the metric registry) may read."""
 
-    smooth: int = 10  # rolling mean over W edits of per-edit curves (1: raw)
+    smooth: int = _REPORT["smooth"]  # rolling mean over W edits of per-edit curves (1: raw)
     band: str = "minmax"  # band across samples: "minmax" or "sd"
-    norm_z: float = robust.OUTLIER_Z  # detrended robust z of an update-norm outlier
+    norm_z: float = _REPORT["norm_z"]  # detrended robust z of an update-norm outlier
 
 
 # ----------------------------------------------------------------------------------------------
