@@ -35,6 +35,8 @@ rule context_templates:
         sampling=lambda w: wf.template_sampling(RUNS[w.run]),
     log:
         "results/logs/{run}/context_templates.log",
+    benchmark:
+        "results/benchmarks/{run}/context_templates.tsv"
     resources:
         mem_mb=lambda w: wf.model_mem_mb(config, RUNS[w.run]["model"]),
         runtime=30,

@@ -12,6 +12,8 @@ rule model:
         ),
     log:
         "results/logs/model/{model}.log",
+    benchmark:
+        "results/benchmarks/model/{model}.tsv"
     resources:
         mem_mb=lambda w: wf.model_mem_mb(config, w.model) * 2,
         runtime=60,

@@ -27,6 +27,8 @@ rule report_tables:
         report=wf.canonical_json({k: v for k, v in config["report"].items() if k != "smooth"}),
     log:
         "results/logs/report_tables.log",
+    benchmark:
+        "results/benchmarks/report_tables.tsv"
     resources:
         mem_mb=4000,
         runtime=30,
@@ -59,6 +61,8 @@ rule report_plots:
         report=wf.canonical_json({k: config["report"][k] for k in ("smooth", "norm_z")}),
     log:
         "results/logs/report_plots.log",
+    benchmark:
+        "results/benchmarks/report_plots.tsv"
     resources:
         mem_mb=4000,
         runtime=30,

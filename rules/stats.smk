@@ -18,6 +18,8 @@ rule corpus_tokens:
         dtype=lambda w: config["models"][w.model]["dtype"],
     log:
         "results/logs/corpus/{model}/{corpus}.log",
+    benchmark:
+        "results/benchmarks/corpus/{model}/{corpus}.tsv"
     resources:
         mem_mb=lambda w: wf.model_mem_mb(config, w.model),
         runtime=120,
@@ -44,6 +46,8 @@ rule stats:
         dtype=lambda w: config["models"][w.model]["dtype"],
     log:
         "results/logs/stats/{model}/{corpus}/{module}.log",
+    benchmark:
+        "results/benchmarks/stats/{model}/{corpus}/{module}.tsv"
     resources:
         mem_mb=lambda w: wf.model_mem_mb(config, w.model),
         runtime=240,
@@ -66,6 +70,8 @@ rule nullspace:
         "results/stats/{model}/{corpus}/nullspace/{module}.t{threshold}.h5",
     log:
         "results/logs/stats/{model}/{corpus}/nullspace-{module}-{threshold}.log",
+    benchmark:
+        "results/benchmarks/stats/{model}/{corpus}/nullspace-{module}-{threshold}.tsv"
     resources:
         mem_mb=4000,
         runtime=30,
