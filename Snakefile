@@ -1,5 +1,7 @@
 # editscale: sequential knowledge editing at scale. Stages are cached files; see ../shared/DESIGN.md
 # and README.md. Rules are thin: each calls one `editscale` command; the logic is in src/editscale.
+import sys
+
 from snakemake.utils import min_version
 
 from editscale import workflow as wf
@@ -18,7 +20,8 @@ if not workflow.overwrite_configfiles:
 try:
     # config/schema.yaml (editscale/schema.yaml) + the sections of the config's plugins; fills in
     # the defaults and cross-checks (the same as every verb's editscale.workflow.load_config)
-    wf.prepare(config, ", ".join(map(str, workflow.overwrite_configfiles or ["config.yaml"])))
+    CONFIGFILES = ", ".join(map(str, workflow.overwrite_configfiles or ["config.yaml"]))
+    wf.prepare(config, CONFIGFILES)
 except EditscaleError as exc:
     raise ValueError(f"config error: {exc}") from None
 wf.export_plugins(config)  # every job imports the same plugins
@@ -61,3 +64,12 @@ rule all:
         # every audited file is a target too: Snakemake does not rebuild a deleted intermediate file
         # whose consumers are up to date, and a deleted delta, factors or stats file must be repaired
         wf.audit_files(config),
+
+
+if workflow.is_main_process and wf.report_requested(sys.argv):
+    try:
+        # `snakemake --report` renders the files of this config's DAG: with another config than the
+        # run's, or before the run finished, it would warn once per missing file and mix runs
+        wf.check_report_ready([*rules.report_tables.output, *rules.report_plots.output], CONFIGFILES)
+    except EditscaleError as exc:
+        raise ValueError(f"report error: {exc}") from None

@@ -19,7 +19,7 @@ from editscale.layout import SegmentFiles, StateFiles
 from editscale.edit.chain import model_at, read_delta, read_factors, replay_delta, run_segment, tensor_sha256
 from editscale.layout import delta_path, factors_path
 from editscale.edit.weights import WeightState
-from editscale.doctor import doctor, machine_info, measure_flops, render
+from editscale.doctor import doctor, load_config, machine_info, measure_flops, render
 from editscale.models.registry import KNOWN_CONFIGS, known_config, module_shapes, n_params
 from editscale.planning import edit_flops, storage_estimate
 from editscale.models.load import load_model, pick_device
@@ -140,7 +140,9 @@ def test_doctor_estimates_the_tiny_config(repo_root, tmp_path):
     rep = doctor(repo_root / "config/test-tiny.yaml", bench=False, flops=1e10, root=tmp_path)
     (est,) = rep["runs"]
     assert est["shapes_from"] == "tiny model" and est["storage"]["checkpoints"] == 2
-    assert est["edit"]["seconds_per_edit"] > 0 and est["eval_jobs"] > 0
+    t = rep["time"]["runs"]["rome-tiny"]
+    assert t["seconds_per_edit"] > 0 and est["eval_jobs"] == t["eval_jobs"] > 0
+    assert rep["time"]["wall_s"] >= rep["time"]["critical_path_s"] > t["edit_chain_s"]
     text = render(rep)
     assert "run rome-tiny" in text and "storage per checkpoint" in text and "per edit" in text
 
@@ -152,3 +154,66 @@ def test_doctor_cli_machine_report(tmp_path):
     assert f"torch {torch.__version__}" in res.stdout and "CPUs" in res.stdout and "disk free" in res.stdout
     if not torch.cuda.is_available():
         assert "no CUDA GPU visible" in res.stdout
+
+
+def _write_record(path: Path, seconds: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("s\th:m:s\tmax_rss\n" f"{seconds!r}\t0:00:00\t100.0\n")
+
+
+def test_calibration_fit_recovers_the_time_model(repo_root, tmp_path):
+    """Records made by a known time model (startup, per-kind factors, fixed kinds) give back exactly
+    that model; the comparison's totals are the sums of the per-job estimates."""
+    from editscale import calibration as cb
+    from editscale.planning import Calibration, config_jobs
+
+    config = load_config(repo_root / "config/test-tiny.yaml")
+    jobs = config_jobs(config, tmp_path)
+    kinds = {j.kind for j in jobs}
+    assert {"edit:rome", "metric:history", "metric:weights", "stats", "corpus", "report_plots"} <= kinds
+    rate = 2e10
+    truth = Calibration(startup_s=3.0, factors={k: 1.5 + 0.25 * i for i, k in enumerate(sorted(kinds))},
+                        fixed={"metric:weights": 3.0, "model": 12.0, "report_tables": 7.0, "report_plots": 9.0})
+    bench = tmp_path / "results" / "benchmarks"
+    for job in jobs:
+        _write_record(bench / Path(job.record).relative_to("results/benchmarks"), truth.seconds(job, rate, rate / 2))
+    seconds = cb.measured(jobs, bench)
+    assert len(seconds) == len(jobs)
+    fitted = cb.fit(jobs, seconds, rate, rate / 2, source="test")
+    assert fitted.startup_s == pytest.approx(3.0) and fitted.fixed == pytest.approx(truth.fixed)
+    for kind in kinds - set(truth.fixed):
+        assert fitted.factors[kind] == pytest.approx(truth.factors[kind]), kind
+    rows = cb.comparison(jobs, seconds, {"fitted": fitted}, rate, rate / 2)
+    assert rows[-1]["kind"] == "all" and rows[-1]["jobs"] == len(jobs)
+    assert rows[-1]["fitted"] == pytest.approx(rows[-1]["measured_s"])
+    # a kind the records never saw falls back to its family's mean factor
+    mean_edit = fitted.factors["edit:*"]
+    assert fitted.factor("edit:memit") == mean_edit and mean_edit == pytest.approx(truth.factors["edit:rome"])
+
+
+def test_doctor_calibrates_from_a_runs_benchmark_records(tiny_study, tmp_path):
+    """`doctor --benchmarks` on the tiny workflow's own records: every recorded job kind is compared,
+    the fitted model reproduces the measured job time, and a saved calibration read back with
+    --calibration gives the same estimate."""
+    import json
+
+    exe = str(Path(sys.executable).parent / "editscale")
+    cal = tmp_path / "cal.json"
+    args = [exe, "doctor", "--configfile", "config/test-tiny.yaml", "--flops", "2e10", "--cores", "2"]
+    res = subprocess.run([*args, "--benchmarks", "results/benchmarks", "--save-calibration", str(cal), "--json"],
+                         cwd=tiny_study, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    rep = json.loads(res.stdout)
+    recorded = {p.relative_to(tiny_study / "results" / "benchmarks") for p in (tiny_study / "results" / "benchmarks").rglob("*.tsv")}
+    check = {row["kind"]: row for row in rep["calibration_check"]}
+    assert check["all"]["jobs"] == len(recorded) and {"edit:rome", "metric:history", "stats", "report_plots"} <= set(check)
+    assert check["all"]["estimate_fitted"] == pytest.approx(check["all"]["measured_s"], rel=0.01)
+    saved = json.loads(cal.read_text())
+    assert saved == rep["fitted_calibration"] and saved["startup_s"] > 0
+    res2 = subprocess.run([*args, "--calibration", str(cal), "--json"], cwd=tiny_study, capture_output=True, text=True)
+    assert res2.returncode == 0, res2.stderr
+    assert json.loads(res2.stdout)["time"]["total_job_s"] == pytest.approx(rep["time_fitted"]["total_job_s"])
+    text = subprocess.run([*args, "--benchmarks", "results/benchmarks"], cwd=tiny_study, capture_output=True, text=True).stdout
+    assert "| job kind | jobs | measured |" in text and "`snakemake --cores 2`" in text
+    bad = subprocess.run([*args, "--benchmarks", str(tmp_path / "nowhere")], cwd=tiny_study, capture_output=True, text=True)
+    assert bad.returncode != 0 and "nowhere: no such directory" in bad.stderr

@@ -156,3 +156,21 @@ def test_messages_name_the_real_problem(tmp_path, tiny_study):
     path.write_text(json.dumps(zsre))
     with pytest.raises(EditscaleError, match="in the format of reader 'zsre_mend', not 'counterfact' \\(set reader: zsre_mend\\)"):
         load_cases({"reader": "counterfact", "path": str(path)})
+
+
+def test_report_before_the_run_or_with_another_config_is_one_error(repo_root, tmp_path):
+    """`snakemake --report` of a config whose run has not produced the report's files (not run yet,
+    or run with another --configfile) fails at once naming the files and the command, instead of
+    one warning per missing file and a mixed report; `--configfile=X` (with `=`) keeps the words
+    after it targets."""
+    wd = copy_workflow(repo_root, tmp_path / "wf")
+    res = snakemake(wd, "--report", "results/report.html", config="config/test-methods-tiny.yaml", check=False)
+    err = res.stdout + res.stderr
+    assert res.returncode != 0 and "report error" in err and "results/tables/" in err, err[-2000:]
+    assert "--configfile=" in err and "config/test-methods-tiny.yaml" in err
+    assert not (wd / "results" / "report.html").exists()
+    bindir = Path(sys.executable).parent
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(Path.home())}
+    dry = subprocess.run([str(bindir / "snakemake"), "-n", "--configfile=config/test-tiny.yaml", "results/tables/summary.csv"],
+                         cwd=wd, capture_output=True, text=True, env=env)
+    assert dry.returncode == 0 and "report_tables" in dry.stdout, dry.stderr[-2000:]

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from .planning import EFFICIENCY, run_estimate
+from .io import EditscaleError
+from .planning import EFFICIENCY, read_calibration, run_estimate, time_estimate
 
 
 def register(sub) -> None:
@@ -27,7 +28,8 @@ def register(sub) -> None:
         "4(d_out+d_in) bytes per edited module per edit; dense delta 4 d_out d_in per module per checkpoint; the study's "
         "full-model save N_params x dtype bytes every 20 edits. Time: v_num_grad_steps x (2 + 2f) N x tokens FLOPs per edit "
         "(f: fraction of layers above the edited one; <= 6 N x tokens) plus float64 solves, divided by the measured "
-        "matmul rate x 0.5; an order of magnitude (see editscale.planning and docs/scale.md).",
+        "matmul rate x 0.5, then scaled per job kind by a calibration fitted to Snakemake's benchmark records of a "
+        "measured run (--benchmarks; see editscale.planning, editscale.calibration and docs/scale.md).",
     )
     d.add_argument("--configfile", default=None,
                    help="a config, e.g. config/paper/rome-gpt2-xl.yaml (default: ./config.yaml if there is one)")
@@ -35,6 +37,13 @@ def register(sub) -> None:
     d.add_argument("--storage-only", action="store_true", help="only the storage estimate (no device probe or benchmark)")
     d.add_argument("--flops", type=float, default=None, help="assumed matmul FLOP/s instead of measuring (fp64: half)")
     d.add_argument("--no-bench", action="store_true", help="do not measure the matmul rate (no time estimates)")
+    d.add_argument("--cores", type=int, default=None, help="the wall-time estimate's `snakemake --cores N` (default: this machine's CPUs)")
+    d.add_argument("--calibration", default=None,
+                   help="the time model's constants (default: the file shipped with editscale, measured on a 2-core CPU VM)")
+    d.add_argument("--benchmarks", default=None,
+                   help="the results/benchmarks directory of a finished run of this config: fit the time model to its "
+                        "records and print measured against estimated time per job kind")
+    d.add_argument("--save-calibration", default=None, help="with --benchmarks: write the fitted constants here (for --calibration)")
     d.set_defaults(func=run_doctor)
 
 
@@ -42,7 +51,14 @@ def run_doctor(args) -> None:
     import json
 
     configfile = args.configfile or ("config.yaml" if Path("config.yaml").exists() else None)
-    report = doctor(configfile, bench=not args.no_bench, flops=args.flops, storage_only=args.storage_only)
+    if args.save_calibration and not args.benchmarks:
+        raise EditscaleError("--save-calibration needs --benchmarks (the records to fit)")
+    report = doctor(configfile, bench=not args.no_bench, flops=args.flops, storage_only=args.storage_only,
+                    cores=args.cores, calibration=args.calibration, benchmarks=args.benchmarks)
+    if args.save_calibration:
+        from .io import write_text_atomic
+
+        write_text_atomic(args.save_calibration, json.dumps(report["fitted_calibration"], indent=2) + "\n")
     print(json.dumps(report, indent=2, default=str) if args.json else render(report))
 
 
@@ -89,9 +105,17 @@ def machine_info(path: str | Path = ".") -> dict[str, Any]:
     return info
 
 
-def measure_flops(device: str | torch.device = "cpu", dtype=torch.float32, seconds: float = 0.15) -> float:
-    """Achieved matmul FLOP/s on `device` in `dtype` (a short loop; a rough, warm number)."""
+def measure_flops(device: str | torch.device = "cpu", dtype=torch.float32, seconds: float = 0.15, threads: int | None = None) -> float:
+    """Achieved matmul FLOP/s on `device` in `dtype` (a short loop; a rough, warm number), with
+    `threads` torch CPU threads (default: the current setting)."""
     device = torch.device(device)
+    if threads and device.type == "cpu":
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return measure_flops(device, dtype, seconds)
+        finally:
+            torch.set_num_threads(before)
     n = 2048 if device.type == "cuda" else 512
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -119,7 +143,8 @@ def load_config(configfile: str | Path) -> dict:
 
 
 def doctor(configfile: str | Path | None, bench: bool = True, flops: float | None = None, storage_only: bool = False,
-           root: str | Path = ".") -> dict[str, Any]:
+           root: str | Path = ".", cores: int | None = None, calibration: str | Path | None = None,
+           benchmarks: str | Path | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {}
     rate32 = rate64 = None
     if not storage_only:
@@ -128,16 +153,38 @@ def doctor(configfile: str | Path | None, bench: bool = True, flops: float | Non
             rate32, rate64 = float(flops), float(flops) / 2
         elif bench:
             dev = report["machine"]["device"]
-            rate32 = measure_flops(dev, torch.float32)
-            rate64 = measure_flops(dev, torch.float64)
+            # one thread on the CPU: the edit and evaluation jobs run with `threads: 1`, side by side
+            rate32 = measure_flops(dev, torch.float32, threads=1)
+            rate64 = measure_flops(dev, torch.float64, threads=1)
         report["machine"]["matmul_flops_fp32"] = rate32
         report["machine"]["matmul_flops_fp64"] = rate64
     if configfile:
         config = load_config(configfile)
         report["config"] = str(configfile)
-        report["runs"] = [run_estimate(config, r, rate32, rate64, root) for r in config["runs"]]
+        report["runs"] = [run_estimate(config, r, root) for r in config["runs"]]
         report["gpu_requested"] = bool((config.get("resources") or {}).get("gpu", False))
+        if rate32:
+            cal = read_calibration(calibration)
+            cores = cores or report["machine"]["cpu_usable"]
+            report["time"] = time_estimate(config, rate32, rate64, cal, cores, root)
+            if benchmarks:
+                report.update(calibrate(config, benchmarks, rate32, rate64, cal, cores, root))
+        elif benchmarks:
+            raise EditscaleError("--benchmarks needs the matmul rate (drop --no-bench / --storage-only)")
     return report
+
+
+def calibrate(config: dict, benchmarks, rate32: float, rate64: float | None, used, cores: int, root) -> dict[str, Any]:
+    """Fit the time model to a run's records; the comparison per job kind, and the fitted estimate."""
+    from . import calibration as cb
+    from .planning import config_jobs
+
+    jobs = config_jobs(config, root)
+    seconds = cb.measured(jobs, benchmarks)
+    fitted = cb.fit(jobs, seconds, rate32, rate64, source=f"fitted to {len(seconds)} records in {benchmarks}")
+    return {"fitted_calibration": fitted.to_json(),
+            "calibration_check": cb.comparison(jobs, seconds, {"estimate_before": used, "estimate_fitted": fitted}, rate32, rate64),
+            "time_fitted": time_estimate(config, rate32, rate64, fitted, cores, root)}
 
 
 
@@ -222,10 +269,10 @@ def render(report: dict) -> str:
         if ed:
             lines.append(f"  one edit: {ed['steps']} steps x {ed['tokens_per_step']:.0f} tokens -> {ed['flops_model']:.2e} FLOPs "
                          f"(model) + {ed['flops_solve_fp64']:.2e} FLOPs (fp64 solves)")
-            if "seconds_per_edit" in ed:
-                lines.append(f"  time: ~{fmt_seconds(ed['seconds_per_edit'])} per edit, chain ~{fmt_seconds(ed['chain_hours'] * 3600)}; "
-                             f"evaluation ({est['eval_jobs']} jobs) ~{fmt_seconds(est['eval_hours'] * 3600)} compute "
-                             f"+ ~{fmt_seconds(est['model_load_hours'] * 3600)} loading the model")
+            t = (report.get("time") or {}).get("runs", {}).get(est["run"])
+            if t and t["seconds_per_edit"] is not None:
+                lines.append(f"  time: ~{fmt_seconds(t['seconds_per_edit'])} per edit (segment job ~{fmt_seconds(t['segment_s'])}), "
+                             f"chain ~{fmt_seconds(t['edit_chain_s'])}; evaluation {t['eval_jobs']} jobs ~{fmt_seconds(t['eval_s'])}")
             mem = est["memory"]
             need = mem["weights"] + mem["stats_on_device"] + mem["weight_state"]
             lines.append(f"  edit job device memory: weights {fmt_bytes(mem['weights'])} + stats {fmt_bytes(mem['stats_on_device'])} "
@@ -239,6 +286,7 @@ def render(report: dict) -> str:
         total = sum((e.get("storage") or {}).get("editscale_total", 0) for e in report["runs"])
         if total > m["disk_free"]:
             lines.append(f"WARNING: the runs need ~{fmt_bytes(total)} of checkpoints, more than the {fmt_bytes(m['disk_free'])} free")
+    lines.extend(time_lines(report))
     if report.get("runs"):
         lines.append("")
         lines.append("storage (1 MB = 1e6 bytes; see `editscale doctor --help` and docs/scale.md for the formulas)")
@@ -246,3 +294,25 @@ def render(report: dict) -> str:
         lines.append("|" + "---|" * STORAGE_HEADER.count(" | ") + "---|")
         lines.extend(storage_rows(report))
     return "\n".join(lines).lstrip("\n")
+
+
+def time_lines(report: dict) -> list[str]:
+    """The whole config's time, and with --benchmarks the measured run against the estimates."""
+    t = report.get("time")
+    if not t:
+        return []
+    lines = ["", f"time for the config (calibration: {t['calibration']}): {fmt_seconds(t['total_job_s'])} of job time; "
+             f"`snakemake --cores {t['cores']}` ~{fmt_seconds(t['wall_s'])} wall (longest chain of dependent jobs "
+             f"{fmt_seconds(t['critical_path_s'])})"]
+    check = report.get("calibration_check")
+    if check:
+        fitted = report["time_fitted"]
+        lines.append(f"fitted to the benchmark records: {fmt_seconds(fitted['total_job_s'])} of job time, "
+                     f"~{fmt_seconds(fitted['wall_s'])} wall with --cores {fitted['cores']} (save with --save-calibration FILE)")
+        lines.append("| job kind | jobs | measured | estimate before | ratio | estimate fitted | ratio |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for row in check:
+            m = row["measured_s"] or float("nan")
+            lines.append(f"| {row['kind']} | {row['jobs']} | {fmt_seconds(row['measured_s'])} | {fmt_seconds(row['estimate_before'])} "
+                         f"| {row['estimate_before'] / m:.2f} | {fmt_seconds(row['estimate_fitted'])} | {row['estimate_fitted'] / m:.2f} |")
+    return lines

@@ -44,6 +44,7 @@ Time (an order-of-magnitude estimate, expect a factor 2-3 either way):
 from __future__ import annotations
 
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from .models.registry import model_config, module_shapes, n_params
@@ -56,10 +57,13 @@ SCORE_TOKENS_PER_CASE = 200  # edit scores: 1 edit + 2 paraphrase + 10 neighborh
 HISTORY_TOKENS_PER_CASE = 60  # history: the edit and 2 paraphrase prompts
 DEFAULT_TASK_ITEMS = 500
 DEFAULT_TOKENS_PER_ITEM = 300
+PROBE_TOKENS_PER_CHOICE = 60  # 4 shots + the item
 CHARS_PER_TOKEN = 4.0
 EFFICIENCY = 0.5  # fraction of the matmul rate a transformer pass of a few hundred tokens reaches
 DECODE_EFFICIENCY = 0.05  # token-by-token generation is latency bound
 LOAD_BYTES_PER_S = 1e9
+DEFAULT_STARTUP_S = 8.0  # python + torch + transformers imports of one job, 2-core VM
+SHIPPED_CALIBRATION = Path(__file__).with_name("doctor_calibration.json")
 
 
 def storage_estimate(run: dict, shapes: dict[str, tuple[int, int]], params: int | None, dtype: str = "float32",
@@ -112,7 +116,7 @@ def edit_flops(method: str, hp: dict, params: int, shapes: dict[str, tuple[int, 
     if cls.solve_cost == "none":  # fine-tuning: forward + backward with weight gradients per step
         steps = int(hp["num_steps"])
         return {"model": steps * 6 * params * 2 * PROMPT_TOKENS, "solve": 0.0, "tokens": 2 * PROMPT_TOKENS, "steps": steps,
-                "flops_per_token_step": 6 * params}
+                "flops_per_token_step": 6 * params, "template_tokens": 0.0}
     n_tpl, mean_len = _template_counts(hp)
     tokens = (n_tpl + 1) * (mean_len + PROMPT_TOKENS)
     steps = int(hp["v_num_grad_steps"])
@@ -123,7 +127,7 @@ def edit_flops(method: str, hp: dict, params: int, shapes: dict[str, tuple[int, 
     else:  # "per_segment" (ROME family): one Cholesky per segment, a triangular solve per edit
         solve = sum(d**3 / 3 / segment + 2 * d**2 for d in d_ins)
     return {"model": float(model), "solve": float(solve), "tokens": float(tokens), "steps": steps,
-            "flops_per_token_step": per_token}
+            "flops_per_token_step": per_token, "template_tokens": float(n_tpl * mean_len)}
 
 
 def _task_tokens(spec: dict) -> tuple[int, float, str]:
@@ -141,61 +145,228 @@ def _task_tokens(spec: dict) -> tuple[int, float, str]:
     return items, DEFAULT_TOKENS_PER_ITEM * (shots + 1) / 5, "assumed"
 
 
-# The evaluation cost of each metric over a run: fn(run, section, corpus, flops_per_token, ks) ->
-# (forward FLOPs, decode FLOPs), with ks the metric's checkpoints; each metric names its own in
-# the registry (Metric.cost), a plugin metric without one is counted as free (and reported so).
+# The evaluation cost of one job of each metric: fn(run, section, corpus, flops_per_token, k) ->
+# (forward FLOPs, decode FLOPs) of the job at checkpoint k; each metric names its own in the
+# registry (Metric.cost); a plugin metric without one is counted as model load only (and reported so).
 
 
-def edit_scores_cost(run, section, corpus, f, ks):
-    return f * run["n_edits"] * SCORE_TOKENS_PER_CASE, 0.0
+def edit_scores_cost(run, section, corpus, f, k):
+    return f * run["segment"] * SCORE_TOKENS_PER_CASE, 0.0  # the segment's edits, after each edit
 
 
-def history_cost(run, section, corpus, f, ks):
-    return f * sum(ks) * HISTORY_TOKENS_PER_CASE, 0.0
+def history_cost(run, section, corpus, f, k):
+    return f * k * HISTORY_TOKENS_PER_CASE, 0.0  # all k earlier edits
 
 
-def downstream_cost(run, section, corpus, f, ks):
+def downstream_cost(run, section, corpus, f, k):
     per_ckpt = 0.0
     for spec in (section.get("tasks") or {}).values():
         items, tok_per_item, _ = _task_tokens(spec or {})
         per_ckpt += items * tok_per_item
-    return f * per_ckpt * len(ks), 0.0
+    probes = section.get("probes", {})
+    if probes is not None and probes is not False:  # the built-in probes (evaluate.probes), 4 choices each
+        from .evaluate.probes import PROBES
+
+        names = probes.get("names", list(PROBES))
+        per_ckpt += len(names) * int(probes.get("n_eval", 100) or 100) * 4 * PROBE_TOKENS_PER_CHOICE
+    return f * per_ckpt, 0.0
 
 
-def generation_cost(run, section, corpus, f, ks):
-    return 0.0, f * len(ks) * int(section["n_prompts"]) * (int(section["max_new_tokens"]) + 16)
+def generation_cost(run, section, corpus, f, k):
+    return 0.0, f * int(section["n_prompts"]) * (int(section["max_new_tokens"]) + 16)
 
 
-def perplexity_cost(run, section, corpus, f, ks):
-    return f * len(ks) * int(corpus["heldout_tokens"]), 0.0
+def perplexity_cost(run, section, corpus, f, k):
+    return f * int(corpus["heldout_tokens"]), 0.0
 
 
-def no_model_cost(run, section, corpus, f, ks):
+def no_model_cost(run, section, corpus, f, k):
     """Metrics that never run the model (weights: norms of the stored factors)."""
     return 0.0, 0.0
 
 
-def eval_estimate(config: dict, run: dict, params: int) -> dict[str, Any]:
-    """Jobs and forward-pass FLOPs of each registered metric over the run (decode FLOPs apart)."""
+# ---------------------------------------------------------------------------------------------
+# Jobs and their time: every job the workflow runs for a config, with its compute, and the time
+# model that turns compute into seconds:
+#     seconds = startup_s + model bytes / load_bytes_per_s + factor[kind] x compute seconds,
+#     compute seconds = FLOPs / (matmul rate x EFFICIENCY) (+ fp64 solves at the fp64 rate, + decode
+#     FLOPs at DECODE_EFFICIENCY),
+# or fixed[kind] seconds for kinds without model compute (the report). The factors are fitted from
+# the Snakemake benchmark records of a finished run (editscale.calibration); they absorb what the
+# FLOP count leaves out (small matmuls, Python overhead, two jobs sharing the cores).
+
+
+@dataclass(frozen=True)
+class Job:
+    kind: str  # "edit:<method>", "metric:<name>", "corpus", "stats", "context_templates", "model", "report_tables", ...
+    record: str  # its Snakemake benchmark record (rules/*.smk `benchmark:`)
+    run: str | None = None  # None: shared by the runs (model, corpus, stats, report)
+    flops: float = 0.0  # model-dtype matmul FLOPs
+    flops64: float = 0.0  # float64 solves
+    decode_flops: float = 0.0  # token-by-token generation
+    model_bytes: int = 0  # what the job loads
+
+    def compute_seconds(self, rate32: float, rate64: float | None) -> float:
+        r64 = rate64 or rate32 / 2
+        return (self.flops / (rate32 * EFFICIENCY) + self.flops64 / (r64 * EFFICIENCY)
+                + self.decode_flops / (rate32 * DECODE_EFFICIENCY))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The time model's constants (see above); `source` says where they were measured."""
+
+    startup_s: float = DEFAULT_STARTUP_S
+    load_bytes_per_s: float = LOAD_BYTES_PER_S
+    factors: dict = field(default_factory=dict)  # kind -> multiplier of the compute seconds (1 if absent)
+    fixed: dict = field(default_factory=dict)  # kind -> seconds of a job without model compute
+    rate32: float | None = None  # the matmul rate the factors were fitted at (information)
+    source: str = "uncalibrated FLOP model"
+
+    def factor(self, kind: str) -> float:
+        if kind in self.factors:
+            return float(self.factors[kind])
+        family = kind.split(":")[0] + ":*"  # e.g. a method never calibrated: the mean of its family
+        return float(self.factors.get(family, 1.0))
+
+    def seconds(self, job: Job, rate32: float, rate64: float | None) -> float:
+        if job.kind in self.fixed:
+            return float(self.fixed[job.kind])
+        return self.startup_s + job.model_bytes / self.load_bytes_per_s + self.factor(job.kind) * job.compute_seconds(rate32, rate64)
+
+    def to_json(self) -> dict:
+        return {"startup_s": self.startup_s, "load_bytes_per_s": self.load_bytes_per_s, "factors": dict(self.factors),
+                "fixed": dict(self.fixed), "rate32": self.rate32, "source": self.source}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Calibration":
+        known = {"startup_s", "load_bytes_per_s", "factors", "fixed", "rate32", "source"}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def read_calibration(path: str | Path | None = None) -> Calibration:
+    """A calibration file (`editscale doctor --benchmarks ... --save-calibration FILE`); default: the
+    one shipped with editscale, measured on the 2-core CPU machine (its `source` says which run)."""
+    import json
+
+    from .io import EditscaleError
+
+    path = Path(path) if path else SHIPPED_CALIBRATION
+    try:
+        return Calibration.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as exc:
+        raise EditscaleError(f"calibration file {path}: {exc}") from None
+
+
+def _model_bytes(config: dict, model: str, root) -> tuple[int, int | None, Any]:
+    spec = config["models"][model]
+    cfg, _ = model_config(config, model, root)
+    params = n_params(cfg) if cfg is not None else int(spec.get("params_m", 150) * 1e6)
+    return params, params * DTYPE_BYTES[spec.get("dtype", "float32")], cfg
+
+
+def run_jobs(config: dict, run: dict, root: str | Path = ".") -> list[Job]:
+    """The edit, template and evaluation jobs of one run, with their compute."""
     import importlib
 
     from .evaluate.registry import METRICS
-    from .workflow import metric_grid
+    from .layout import RESULTS
+    from .workflow import metric_grid, segment_ends
 
-    out: dict[str, Any] = {}
+    params, model_bytes, cfg = _model_bytes(config, run["model"], root)
+    if cfg is None:
+        return []
+    shapes = module_shapes(cfg, edited_modules(config, run))
+    hp = run_hparams(run)
+    fl = edit_flops(run["method"], hp, params, shapes, run["segment"], getattr(cfg, "num_hidden_layers", None))
+    bench = RESULTS / "benchmarks" / run["name"]
+    seg = run["segment"]
+    jobs = [Job("context_templates", str(bench / "context_templates.tsv"), run["name"],
+                decode_flops=2.0 * params * fl.get("template_tokens", 0.0), model_bytes=model_bytes)]
+    jobs += [Job(f"edit:{run['method']}", str(bench / f"edit_segment_{k:06d}.tsv"), run["name"], flops=seg * fl["model"],
+                 flops64=seg * fl["solve"], model_bytes=model_bytes) for k in segment_ends(run)]
+    corpus = config["corpora"][run["corpus"]]
     for metric in METRICS.values():
-        ks = metric_grid(config, run, metric.name)
-        flops = decode = 0.0
+        section = (config.get("metrics") or {}).get(metric.name) or {}  # defaults filled in by load_config
+        cost = None
         if metric.cost:
             module, _, name = metric.cost.partition(":")
             cost = getattr(importlib.import_module(module), name)
-            section = (config.get("metrics") or {}).get(metric.name) or {}  # defaults filled in by load_config
-            flops, decode = cost(run, section, config["corpora"][run["corpus"]], 2.0 * params, ks)
-        out[metric.name] = {"jobs": len(ks), "flops": float(flops), "decode_flops": float(decode), "cost_model": bool(metric.cost)}
-    return out
+        for k in metric_grid(config, run, metric.name):
+            flops, decode = cost(run, section, corpus, 2.0 * params, k) if cost else (0.0, 0.0)
+            jobs.append(Job(f"metric:{metric.name}", str(bench / f"{metric.name}_{k:06d}.tsv"), run["name"], flops=float(flops),
+                            decode_flops=float(decode), model_bytes=model_bytes if metric.device else 0))
+    return jobs
 
 
-def run_estimate(config: dict, run: dict, rate32: float | None, rate64: float | None, root: str | Path = ".") -> dict[str, Any]:
+def shared_jobs(config: dict, root: str | Path = ".") -> list[Job]:
+    """The jobs the runs share: model preparation, corpus sample, statistics, report."""
+    from .layout import RESULTS
+
+    bench = RESULTS / "benchmarks"
+    jobs, seen = [], set()
+    for run in config["runs"]:
+        params, model_bytes, _ = _model_bytes(config, run["model"], root)
+        corpus = config["corpora"][run["corpus"]]
+        tokens = float(corpus.get("n_tokens", 0)) + float(corpus.get("heldout_tokens", 0))
+        decode = 2.0 * params * tokens if corpus.get("kind") == "self_sample" else 0.0
+        wanted = [Job("model", str(bench / "model" / f"{run['model']}.tsv"), model_bytes=model_bytes),
+                  Job("corpus", str(bench / "corpus" / run["model"] / f"{run['corpus']}.tsv"), decode_flops=decode,
+                      flops=0.0 if decode else 2.0 * params * tokens, model_bytes=model_bytes)]
+        wanted += [Job("stats", str(bench / "stats" / run["model"] / run["corpus"] / f"{m}.tsv"),
+                       flops=2.0 * params * float(corpus.get("n_tokens", 0)), model_bytes=model_bytes)
+                   for m in stats_modules(config, run)]
+        for job in wanted:
+            if job.record not in seen:
+                seen.add(job.record)
+                jobs.append(job)
+    jobs += [Job("report_tables", str(bench / "report_tables.tsv")), Job("report_plots", str(bench / "report_plots.tsv"))]
+    return jobs
+
+
+def config_jobs(config: dict, root: str | Path = ".") -> list[Job]:
+    return shared_jobs(config, root) + [j for run in config["runs"] for j in run_jobs(config, run, root)]
+
+
+def time_estimate(config: dict, rate32: float, rate64: float | None, calibration: Calibration, cores: int,
+                  root: str | Path = ".") -> dict[str, Any]:
+    """Seconds of every job, per run (edit chain, evaluation) and for the whole config: the sum of job
+    times, and the wall time of `snakemake --cores {cores}` = max(the longest chain of dependent jobs,
+    the sum of job times / cores) (jobs run one thread each)."""
+    shared = shared_jobs(config, root)
+    sec = {j.record: calibration.seconds(j, rate32, rate64) for j in shared}
+    setup = {}
+    for run in config["runs"]:  # model -> corpus -> the slowest stats file, before the run's first edit
+        rj = [j for j in shared if j.kind in ("model", "corpus", "stats") and f"/{run['model']}" in j.record
+              and (j.kind == "model" or f"/{run['corpus']}" in j.record)]
+        setup[run["name"]] = sum(sec[j.record] for j in rj if j.kind != "stats") + max(
+            [sec[j.record] for j in rj if j.kind == "stats"], default=0.0)
+    runs, total, critical = {}, sum(sec.values()), 0.0
+    for run in config["runs"]:
+        jobs = run_jobs(config, run, root)
+        s = {j.record: calibration.seconds(j, rate32, rate64) for j in jobs}
+        edit = sum(s[j.record] for j in jobs if j.kind.startswith("edit:"))
+        evaluation = sum(s[j.record] for j in jobs if j.kind.startswith("metric:"))
+        templates = sum(s[j.record] for j in jobs if j.kind == "context_templates")
+        last = max([s[j.record] for j in jobs if j.kind.startswith("metric:") and j.record.endswith(f"_{run['n_edits']:06d}.tsv")],
+                   default=0.0)
+        n_edit_jobs = sum(j.kind.startswith("edit:") for j in jobs)
+        runs[run["name"]] = {"edit_chain_s": edit, "seconds_per_edit": (edit / run["n_edits"]) if jobs else None,
+                             "segment_s": edit / max(n_edit_jobs, 1), "eval_s": evaluation, "eval_jobs": len(jobs) - 1 - n_edit_jobs,
+                             "jobs": {j.record: s[j.record] for j in jobs}}
+        total += sum(s.values())
+        critical = max(critical, setup[run["name"]] + templates + edit + last)
+    report_s = sum(sec[j.record] for j in shared if j.kind.startswith("report"))
+    critical += report_s
+    return {"runs": runs, "shared_s": sum(sec.values()), "total_job_s": total, "critical_path_s": critical, "cores": cores,
+            "wall_s": max(critical, total / max(cores, 1)), "calibration": calibration.source,
+            "shared_jobs": sec}
+
+
+def run_estimate(config: dict, run: dict, root: str | Path = ".") -> dict[str, Any]:
+    """Shapes, storage, per-edit FLOPs and device memory of one run (time: time_estimate)."""
+    from .workflow import metric_grid, metrics_registry
+
     spec = config["models"][run["model"]]
     dtype = spec.get("dtype", "float32")
     cfg, where = model_config(config, run["model"], root)
@@ -214,24 +385,10 @@ def run_estimate(config: dict, run: dict, rate32: float | None, rate64: float | 
     fl = edit_flops(run["method"], hp, params, shapes, run["segment"], getattr(cfg, "num_hidden_layers", None))
     est["edit"] = {"flops_model": fl["model"], "flops_solve_fp64": fl["solve"], "tokens_per_step": fl["tokens"],
                    "steps": fl["steps"]}
-    ev = eval_estimate(config, run, params)
-    est["eval"] = ev
-    model_bytes = params * DTYPE_BYTES[dtype]
-    jobs = sum(v["jobs"] for v in ev.values())
-    est["eval_jobs"] = jobs
+    est["eval_jobs"] = sum(len(metric_grid(config, run, m)) for m in metrics_registry())
     est["memory"] = {
-        "weights": model_bytes,
+        "weights": params * DTYPE_BYTES[dtype],
         "stats_on_device": sum(8 * shapes[m][1] ** 2 for m in stats_modules(config, run)),
         "weight_state": sum(8 * o * i for o, i in shapes.values()),
     }
-    if rate32:
-        eff32 = rate32 * EFFICIENCY
-        eff64 = (rate64 or rate32 / 2) * EFFICIENCY
-        per_edit = fl["model"] / eff32 + fl["solve"] / eff64
-        est["edit"]["seconds_per_edit"] = per_edit
-        est["edit"]["chain_hours"] = per_edit * run["n_edits"] / 3600
-        eval_s = sum(v["flops"] / eff32 + v["decode_flops"] / (rate32 * DECODE_EFFICIENCY) for v in ev.values())
-        load_s = (jobs + run["n_edits"] // run["segment"]) * model_bytes / LOAD_BYTES_PER_S
-        est["eval_hours"] = eval_s / 3600
-        est["model_load_hours"] = load_s / 3600
     return est

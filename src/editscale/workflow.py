@@ -503,3 +503,20 @@ def load_config(configfile: str | Path) -> dict:
     except yaml.YAMLError as exc:
         raise EditscaleError(f"config file {path} is not valid YAML: {exc}") from exc
     return prepare(config, str(path), workflow_root(path))
+
+
+def report_requested(argv: list[str]) -> bool:
+    """Whether this snakemake invocation renders the report (`--report [FILE]`)."""
+    return any(a == "--report" or a.startswith("--report=") for a in argv)
+
+
+def check_report_ready(outputs: list[str], configfiles: str) -> None:
+    """The report's files of this config exist; else one error naming them and the command."""
+    missing = [f for f in outputs if not Path(f).exists()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise EditscaleError(
+            f"the report of {configfiles} needs its finished run, but {shown} do not exist. Run it first "
+            f"(`snakemake --cores all --configfile={configfiles}`), and if the run used --configfile, pass the "
+            f"same one to the report: `snakemake --report results/report.html --configfile=FILE` (with `=`, so "
+            f"that the words after it are not read as config files)")

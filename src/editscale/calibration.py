@@ -1,0 +1,99 @@
+"""Fitting doctor's time model (editscale.planning: Job, Calibration) to the Snakemake benchmark
+records of a finished run: `editscale doctor --configfile X --benchmarks results/benchmarks`.
+
+Every job of the workflow leaves `results/benchmarks/.../*.tsv` (rules/*.smk `benchmark:`), whose
+`s` column is the job's wall seconds. The jobs of the config (planning.config_jobs) are matched to
+their records by path, then:
+
+  fixed[kind]  = mean seconds, for kinds without model compute (model preparation, the weights
+                 metric, the report tables and figures);
+  startup_s    = median seconds of the evaluation jobs that neither load nor run the model (the
+                 weights metric: process start, imports, reading the factors); the default if none;
+  factor[kind] = sum(seconds - startup_s - load) / sum(compute seconds), for every other kind
+                 (one edit kind per method, one per metric, corpus, stats, context templates),
+                 and the mean per family ("edit:*", "metric:*") for kinds not in the records.
+
+The fitted constants are relative to the matmul rate measured when fitting, so on another machine
+the compute part scales with that machine's rate and the startup stays; refit there for numbers
+within the 25 % the fit reaches on its own machine (benchmarks/RESULTS.md, docs/scale.md).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from .io import EditscaleError
+from .layout import RESULTS
+from .planning import DEFAULT_STARTUP_S, Calibration, Job
+
+MIN_FACTOR = 0.01
+
+
+def record_seconds(path: Path) -> float | None:
+    """Wall seconds of one Snakemake benchmark record (the mean over its rows: `--benchmark-repeats`)."""
+    if not path.is_file():
+        return None
+    lines = [ln.split("\t") for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if len(lines) < 2 or lines[0][0] != "s":
+        raise EditscaleError(f"{path} is not a Snakemake benchmark record (first column `s`)")
+    return sum(float(row[0]) for row in lines[1:]) / (len(lines) - 1)
+
+
+def measured(jobs: list[Job], benchmarks: str | Path) -> dict[str, float]:
+    """record -> seconds, for the jobs whose record is under `benchmarks` (a results/benchmarks dir)."""
+    root = Path(benchmarks)
+    if not root.is_dir():
+        raise EditscaleError(f"--benchmarks {root}: no such directory (a finished run leaves results/benchmarks/)")
+    out = {}
+    for job in jobs:
+        rel = Path(job.record).relative_to(RESULTS / "benchmarks")
+        s = record_seconds(root / rel)
+        if s is not None:
+            out[job.record] = s
+    if not out:
+        raise EditscaleError(f"--benchmarks {root}: no record of any job of this config (is it the run of this config?)")
+    return out
+
+
+def fit(jobs: list[Job], seconds: dict[str, float], rate32: float, rate64: float | None, source: str) -> Calibration:
+    """The calibration of the module docstring, from the measured jobs."""
+    by_kind: dict[str, list[Job]] = {}
+    for job in jobs:
+        if job.record in seconds:
+            by_kind.setdefault(job.kind, []).append(job)
+    fixed = {kind: statistics.fmean(seconds[j.record] for j in js)
+             for kind, js in by_kind.items() if all(j.compute_seconds(rate32, rate64) == 0 for j in js)}
+    light = [seconds[j.record] for kind in fixed if kind.startswith("metric:") for j in by_kind[kind] if j.model_bytes == 0]
+    startup = statistics.median(light) if light else DEFAULT_STARTUP_S
+    base = Calibration(startup_s=startup)
+    factors = {}
+    for kind, js in by_kind.items():
+        if kind in fixed:
+            continue
+        compute = sum(j.compute_seconds(rate32, rate64) for j in js)
+        rest = sum(seconds[j.record] - startup - j.model_bytes / base.load_bytes_per_s for j in js)
+        factors[kind] = max(rest / compute, MIN_FACTOR)
+    for family in ("edit", "metric"):
+        fam = [v for k, v in factors.items() if k.startswith(family + ":")]
+        if fam:
+            factors[family + ":*"] = statistics.fmean(fam)
+    return Calibration(startup_s=startup, factors=factors, fixed=fixed, rate32=rate32, source=source)
+
+
+def comparison(jobs: list[Job], seconds: dict[str, float], calibrations: dict[str, Calibration], rate32: float,
+               rate64: float | None) -> list[dict]:
+    """Per kind: jobs, measured seconds and each calibration's estimate of the same jobs."""
+    rows: dict[str, dict] = {}
+    for job in jobs:
+        if job.record not in seconds:
+            continue
+        row = rows.setdefault(job.kind, {"kind": job.kind, "jobs": 0, "measured_s": 0.0, **{name: 0.0 for name in calibrations}})
+        row["jobs"] += 1
+        row["measured_s"] += seconds[job.record]
+        for name, cal in calibrations.items():
+            row[name] += cal.seconds(job, rate32, rate64)
+    out = sorted(rows.values(), key=lambda r: -r["measured_s"])
+    total = {"kind": "all", "jobs": sum(r["jobs"] for r in out), "measured_s": sum(r["measured_s"] for r in out),
+             **{name: sum(r[name] for r in out) for name in calibrations}}
+    return out + [total]
