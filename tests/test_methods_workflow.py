@@ -1,6 +1,6 @@
 """Every editing method through the real workflow: config/test-methods-tiny.yaml with snakemake.
 
-One sequential run per method (rome, r-rome, memit, emmet, alphaedit, ft-c: 4 edits in segments
+One sequential run per method (rome, r-rome, memit, emmet, alphaedit, encore, ft-c: 4 edits in segments
 of 2) and one batched MEMIT run (2 edits per step) on a tiny random GPT-2, run to completion once
 (module-scoped); the tests then read what each run wrote.
 """
@@ -22,7 +22,7 @@ from benchmarks.snakemake_runs import copy_workflow, planned_jobs, snakemake
 pytestmark = pytest.mark.workflow
 
 CONFIG = "config/test-methods-tiny.yaml"
-METHODS = ["rome", "r-rome", "memit", "emmet", "alphaedit", "ft-c"]
+METHODS = ["rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "ft-c"]
 N_EDITS, SEGMENT = 4, 2
 
 
@@ -89,11 +89,11 @@ def test_update_kinds_per_method(study, runs):
             # one rank-one update of layer 1 per edit
             assert modules == ["transformer.h.1.mlp.c_proj"] and len(updates) == N_EDITS, name
             assert all(u.u.shape[1] == 1 and u.v.shape[1] == 1 for _, u in updates), name
-        elif run["method"] in ("memit", "alphaedit"):
+        elif run["method"] in ("memit", "alphaedit", "encore"):
             assert modules == ["transformer.h.1.mlp.c_proj", "transformer.h.2.mlp.c_proj"], name
         elif run["method"] == "ft-c":
             assert modules == ["transformer.h.0.mlp.c_proj"], name
-        if run["method"] == "alphaedit":
+        if run["method"] in ("alphaedit", "encore"):
             # the keys of earlier edits are carried from segment to segment
             assert {k.rsplit("/", 1)[1] for k in state} == {"keys"} and set(k.rsplit("/", 1)[0] for k in state) == set(modules)
             assert all(keys.shape == (N_EDITS, 256) for keys in state.values()), {k: v.shape for k, v in state.items()}
@@ -148,14 +148,14 @@ def test_tables_have_every_run(study, runs):
     assert kinds == {name: "dense" if run["method"] == "ft-c" else "lowrank" for name, run in runs.items()}
     # what each method measures per edit reaches the edit_log table (not only the chain's columns)
     measured = {"rome": "key_dot_u", "r-rome": "residual_norm", "memit": "z_error_after", "emmet": "constraint_rel_residual",
-                "ft-c": "loss_before", "alphaedit": "n_keys_stored"}
+                "ft-c": "loss_before", "alphaedit": "n_keys_stored", "encore": "n_keys_stored"}
     for name, run in runs.items():
         col = measured[run["method"]]
         values = log.filter(pl.col("run") == name)[col]
         assert values.null_count() == 0 and values.is_nan().sum() == 0, (name, col)
 
 
-def test_cli_lists_all_six_methods():
+def test_cli_lists_every_method():
     res = subprocess.run([str(Path(sys.executable).parent / "editscale"), "methods"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     # one line per method (name, description), then an indented line of its registry metadata

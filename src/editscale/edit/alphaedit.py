@@ -18,10 +18,9 @@ Unlike MEMIT, the covariance itself does not enter the solve; mom2_update_weight
 After the batch is written, the keys of the batch are recomputed at every edited layer on the
 edited model and appended to Kp (the reference code does exactly this to update cache_c).
 
-State: the keys of all earlier edits per layer (`state_dict()` -> {f"{module}/keys": [n, d_in]
-float32}). Kp Kp^T is kept as a sum over fixed chunks of `key_fold_size` consecutive keys (by
-their index in the chain, not by batch) plus the not yet folded tail, so that a chain restored from
-its keys rebuilds exactly the same matrix as the uninterrupted chain: the next update is identical.
+State: the keys of all earlier edits per layer (memit.KeyMemory: `state_dict()` ->
+{f"{module}/keys": [n, d_in] float32}, with Kp Kp^T folded in fixed chunks of `key_fold_size`
+keys so that a restored chain rebuilds exactly the same matrix).
 
 Reference: jianghoucheng/AlphaEdit @f5248d3, AlphaEdit/AlphaEdit_main.py
 `apply_AlphaEdit_to_model` (MEMIT's context templates, grouped key average and compute_z; the
@@ -38,12 +37,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import numpy as np
 import torch
 
 from ..io import EditscaleError
 from .hparams import spec
-from .memit import Memit, MemitSolveHparams, solve_checked
+from .memit import KeyMemory, Memit, MemitSolveHparams, solve_checked
 
 try:  # the stats stage owns the eigendecomposition; the fallback below has the same contract
     from ..stats.mom2 import null_space_basis as _stats_null_space_basis
@@ -103,7 +101,6 @@ class AlphaEdit(Memit):
     ):
         super().__init__(model, tok, hparams, stats, context_templates, state)
         pdt = _DTYPES[self.hparams["projection_dtype"]]
-        self.fold = int(self.hparams["key_fold_size"])
         device = next(model.parameters()).device
         self.P: dict[str, torch.Tensor] = {}
         for m in self._modules:
@@ -122,52 +119,27 @@ class AlphaEdit(Memit):
             elif r == self.P[m].shape[0]:
                 log.warning("alphaedit: the null space of %s is everything (threshold %g): no knowledge is preserved", m, self.hparams["nullspace_threshold"])
         d_in = {m: self.P[m].shape[0] for m in self._modules}
-        # keys of earlier edits: folded chunks (already in _folded) + the pending tail
-        self._blocks: dict[str, list[torch.Tensor]] = {m: [] for m in self._modules}
-        self._pending: dict[str, torch.Tensor] = {m: torch.zeros((0, d_in[m]), dtype=torch.float32, device=device) for m in self._modules}
-        self._folded: dict[str, torch.Tensor] = {m: torch.zeros((d_in[m], d_in[m]), dtype=torch.float64, device=device) for m in self._modules}
-        if state:
-            for m in self._modules:
-                key = f"{m}/keys"
-                if key not in state:
-                    raise EditscaleError(f"alphaedit: state has no {key!r} (has {sorted(state)})")
-                arr = torch.from_numpy(np.ascontiguousarray(np.asarray(state[key], dtype=np.float32)))
-                if arr.dim() != 2 or arr.shape[1] != d_in[m]:
-                    raise EditscaleError(f"alphaedit: state {key!r} has shape {tuple(arr.shape)}, expected [n, {d_in[m]}]")
-                self._append_keys(m, arr.to(device))
+        self.memory = KeyMemory(self._modules, d_in, int(self.hparams["key_fold_size"]), device, state, owner=self.name)
 
     def _needs_cov(self) -> bool:
         return False  # C enters only through P
 
-    # -- earlier keys ---------------------------------------------------------------------------
+    # -- earlier keys (memit.KeyMemory) -------------------------------------------------------
 
     def _append_keys(self, module: str, new: torch.Tensor) -> None:
-        """Append keys [n, d_in] (float32) and fold every completed chunk of `fold` keys."""
-        pending = torch.cat([self._pending[module], new.to(torch.float32)], dim=0)
-        while pending.shape[0] >= self.fold:
-            chunk = pending[: self.fold].clone()
-            c64 = chunk.to(torch.float64).clone()  # fresh, aligned storage: same op on same data
-            self._folded[module].add_(c64.T @ c64)
-            self._blocks[module].append(chunk)
-            pending = pending[self.fold :]
-        self._pending[module] = pending.clone()
+        self.memory.append(module, new)
 
     def prior_kkt(self, module: str) -> torch.Tensor:
-        """Kp Kp^T of all earlier edits at `module`, float64 [d_in x d_in]."""
-        tail = self._pending[module].to(torch.float64).clone()
-        if tail.shape[0] == 0:
-            return self._folded[module].clone()
-        return self._folded[module] + tail.T @ tail
+        return self.memory.kkt(module)
 
     def prior_keys(self, module: str) -> torch.Tensor:
-        """All earlier keys at `module` in chain order, float32 [n, d_in]."""
-        return torch.cat([*self._blocks[module], self._pending[module]], dim=0)
+        return self.memory.keys(module)
 
     def n_prior_keys(self, module: str) -> int:
-        return sum(b.shape[0] for b in self._blocks[module]) + int(self._pending[module].shape[0])
+        return self.memory.count(module)
 
     def state_dict(self) -> dict:
-        return {f"{m}/keys": self.prior_keys(m).detach().cpu().numpy().astype(np.float32) for m in self._modules}
+        return self.memory.state_dict()
 
     # -- the update -----------------------------------------------------------------------------
 
@@ -190,4 +162,4 @@ class AlphaEdit(Memit):
     def after_apply(self, cases: list[dict]) -> None:
         for m in self._modules:
             K = self.keys(m, cases).T.to(torch.float32)  # [B, d_in], on the edited model
-            self._append_keys(m, K.to(self._pending[m].device))
+            self.memory.append(m, K)

@@ -36,6 +36,9 @@ from ..models.registry import arch_spec, get_module, layer_name, n_layers
 from .hparams import spec
 
 
+EARLY_STOP_RULES = ("loss", "mpes", "none")
+
+
 @dataclasses.dataclass(kw_only=True)
 class ValueHparams:
     """Hyper-parameters of `optimize_value` (v* / z) and of the key computation, shared by every
@@ -50,6 +53,10 @@ class ValueHparams:
     clamp_norm_factor: float = spec(minimum=0, doc="||delta|| <= factor * ||v0||")
     kl_factor: float = spec(minimum=0, doc="weight of the essence-drift KL term")
     context_template_length_params: list[list[int]] = spec([[5, 10], [10, 10]], minimum=1, doc="[[length, count], ...] of sampled templates")
+    early_stop: str = spec("loss", choices=EARLY_STOP_RULES, doc="loss: stop at loss < 5e-2 (ROME/MEMIT); mpes: also at the "
+                           "mpes_steps-th step where the target is the argmax everywhere (ENCORE); none: every step")
+    mpes_steps: int = spec(2, minimum=1, doc="early_stop mpes: stop at the N-th step whose predictions are all the target "
+                           "(ENCORE's -prob_cutoff: 2 for Llama3-8B, 4 for GPT2-XL)")
 
 OPENERS = ["The", "Therefore", "Because", "I", "You"]
 KL_PROMPTS = ["{} is a"]
@@ -456,13 +463,22 @@ def optimize_value(model, tok, case: dict, templates, inject_module: str, hp: di
     would make the two readings differ) + kl_factor * KL at the KL prompt's subject position (as the reference
     code computes it: F.kl_div(log p_init, log p_cur, log_target=True), i.e. KL(p_cur || p_init))
     + v_weight_decay * ||delta|| / ||target_init||^2. Adam(v_lr) for at most v_num_grad_steps
-    forward passes (the last one only measures), stop when loss < 5e-2, ||delta|| clamped to
+    forward passes (the last one only measures), ||delta|| clamped to
     clamp_norm_factor * ||target_init|| after every step. Deterministic, no seed involved; model
     parameters never receive gradients.
 
+    Early stopping (hp["early_stop"]), checked after each forward pass, before its backward pass:
+      loss  stop when loss < 5e-2 (ROME's compute_v, MEMIT's compute_z);
+      mpes  most-probable early stopping (ENCORE's compute_z, `prob_cutoff` < 0): count the passes
+            at which every target token is the argmax at its position in every rewriting prompt
+            but the first (the reference indexes `log_probs[1:]`, which leaves out the plain prompt
+            "{}"; the count is cumulative, not reset by a pass that misses), stop when the count
+            reaches mpes_steps; the loss < 5e-2 rule also applies, as in that code;
+      none  run every step.
+
     Returns (v* = target_init + delta, float32 [d], log) with log keys v_loss (final NLL),
     v_loss_init, v_prob (mean target prob at the end), kl, weight_decay, steps (optimizer steps
-    taken), delta_norm, target_init_norm.
+    taken), stop ("loss", "mpes" or "steps": why it stopped), delta_norm, target_init_norm.
     """
     spec = arch_spec(model)
     device = _model_device(model)
@@ -525,6 +541,11 @@ def optimize_value(model, tok, case: dict, templates, inject_module: str, hp: di
     log: dict = {}
     steps_taken = 0
     n_steps = int(hp["v_num_grad_steps"])
+    rule = hp.get("early_stop", "loss")
+    if rule not in EARLY_STOP_RULES:
+        raise EditscaleError(f"early_stop must be one of {list(EARLY_STOP_RULES)}, got {rule!r}")
+    mpes_steps, n_all_correct, stop = int(hp.get("mpes_steps", 2)), 0, "steps"
+    mpes_rows = rows >= 1  # target positions of rewriting prompts 1.. (ENCORE: log_probs[1:])
     prefix = PrefixCache(model, layer_of(model, inject_module), enabled=REUSE_PREFIX)
     with frozen_eval(model), torch.enable_grad(), prefix:
         for it in range(max(n_steps, 1)):
@@ -546,7 +567,16 @@ def optimize_value(model, tok, case: dict, templates, inject_module: str, hp: di
                 log["v_loss_init"] = float(nll.item())
             log.update(v_loss=float(nll.item()), kl=float(kl.item()), weight_decay=float(wd.item()), loss=float(loss.item()))
             log["v_prob"] = float(torch.exp(-nll).item())
-            if loss.item() < EARLY_STOP_LOSS or it >= n_steps - 1:
+            if rule == "mpes":
+                hits = logp[mpes_rows].argmax(dim=-1) == targets[mpes_rows]
+                n_all_correct += bool(hits.all())
+                if n_all_correct == mpes_steps:
+                    stop = "mpes"
+                    break
+            if rule != "none" and loss.item() < EARLY_STOP_LOSS:
+                stop = "loss"
+                break
+            if it >= n_steps - 1:
                 break
             loss.backward()
             delta_holder["opt"].step()
@@ -557,7 +587,7 @@ def optimize_value(model, tok, case: dict, templates, inject_module: str, hp: di
                     delta.mul_(max_norm / delta.norm())
     delta = delta_holder["delta"].detach()
     target_init = state["target_init"]
-    log.update(steps=steps_taken, delta_norm=float(delta.norm().item()), target_init_norm=float(target_init.norm().item()))
+    log.update(steps=steps_taken, stop=stop, delta_norm=float(delta.norm().item()), target_init_norm=float(target_init.norm().item()))
     return (target_init + delta).float(), log
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
 import torch
 
 from ..io import EditscaleError
@@ -53,6 +54,59 @@ def solve_checked(A: torch.Tensor, B: torch.Tensor, what: str) -> torch.Tensor:
     if int(info) != 0 or not torch.isfinite(X).all():
         raise EditscaleError(f"{what} is singular (LU pivot {int(info)}): collect statistics over more tokens")
     return X
+
+
+class KeyMemory:
+    """The keys of every earlier edit of the chain, per edited module, and their Gram matrix
+    Kp Kp^T (float64), which AlphaEdit and ENCORE add to their normal equations.
+
+    Kp Kp^T is kept as a sum over fixed chunks of `fold` consecutive keys (by their index in the
+    chain, not by batch or segment) plus the not yet folded tail, so that a chain restored from its
+    keys (`state_dict()` -> {f"{module}/keys": [n, d_in] float32}, saved with every segment)
+    rebuilds exactly the same matrix as the uninterrupted chain: the next update is identical.
+    """
+
+    def __init__(self, modules: list[str], d_in: dict[str, int], fold: int, device, state: dict | None = None, owner: str = ""):
+        self.modules, self.fold, self.owner = list(modules), int(fold), owner
+        self._blocks: dict[str, list[torch.Tensor]] = {m: [] for m in self.modules}
+        self._pending = {m: torch.zeros((0, d_in[m]), dtype=torch.float32, device=device) for m in self.modules}
+        self._folded = {m: torch.zeros((d_in[m], d_in[m]), dtype=torch.float64, device=device) for m in self.modules}
+        for m in self.modules if state else ():
+            key = f"{m}/keys"
+            if key not in state:
+                raise EditscaleError(f"{owner}: state has no {key!r} (has {sorted(state)})")
+            arr = torch.from_numpy(np.ascontiguousarray(np.asarray(state[key], dtype=np.float32)))
+            if arr.dim() != 2 or arr.shape[1] != d_in[m]:
+                raise EditscaleError(f"{owner}: state {key!r} has shape {tuple(arr.shape)}, expected [n, {d_in[m]}]")
+            self.append(m, arr.to(device))
+
+    def append(self, module: str, new: torch.Tensor) -> None:
+        """Append keys [n, d_in] (stored float32) and fold every completed chunk of `fold` keys."""
+        pending = torch.cat([self._pending[module], new.to(device=self._pending[module].device, dtype=torch.float32)], dim=0)
+        while pending.shape[0] >= self.fold:
+            chunk = pending[: self.fold].clone()
+            c64 = chunk.to(torch.float64).clone()  # fresh, aligned storage: same op on same data
+            self._folded[module].add_(c64.T @ c64)
+            self._blocks[module].append(chunk)
+            pending = pending[self.fold :]
+        self._pending[module] = pending.clone()
+
+    def kkt(self, module: str) -> torch.Tensor:
+        """Kp Kp^T of all earlier edits at `module`, float64 [d_in x d_in]."""
+        tail = self._pending[module].to(torch.float64).clone()
+        if tail.shape[0] == 0:
+            return self._folded[module].clone()
+        return self._folded[module] + tail.T @ tail
+
+    def keys(self, module: str) -> torch.Tensor:
+        """All earlier keys at `module` in chain order, float32 [n, d_in]."""
+        return torch.cat([*self._blocks[module], self._pending[module]], dim=0)
+
+    def count(self, module: str) -> int:
+        return sum(b.shape[0] for b in self._blocks[module]) + int(self._pending[module].shape[0])
+
+    def state_dict(self) -> dict:
+        return {f"{m}/keys": self.keys(m).detach().cpu().numpy().astype(np.float32) for m in self.modules}
 
 
 @dataclasses.dataclass(kw_only=True)

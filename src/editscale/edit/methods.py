@@ -33,6 +33,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "memit": ("editscale.edit.memit.Memit", "MEMIT (Meng et al. 2023): least-squares batch update spread over several MLP layers"),
     "emmet": ("editscale.edit.emmet.Emmet", "EMMET (Gupta et al. 2024): equality-constrained batch edit of one layer (B=1 equals r-ROME)"),
     "alphaedit": ("editscale.edit.alphaedit.AlphaEdit", "AlphaEdit (Fang et al. 2025): MEMIT with the update projected on the null space of preserved keys"),
+    "encore": ("editscale.edit.encore.Encore", "ENCORE (Gupta et al. 2025): MEMIT + norm penalty + earlier edits' keys, with most-probable early stopping"),
     "ft-c": ("editscale.edit.ftc.FineTuneConstrained", "FT-C: constrained (L-inf bounded) fine-tuning of one MLP layer on the target"),
 }
 ENTRY_POINT_GROUP = "editscale.methods"
