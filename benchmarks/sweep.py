@@ -72,9 +72,13 @@ def run_setting(study: str, run_name: str, key: str, value, n_edits: int, thread
     cases = read_jsonl(run_dir / "edits.jsonl")[:n_edits]
     editor = cls(model, tok, hp, stats, templates, **extra)
     weights = WeightState(model, modules)
-    now, t0 = [], time.perf_counter()
+    now, steps, edit_s = [], [], 0.0
+    t0 = time.perf_counter()
     for case in tqdm(cases, desc=f"{run['method']} {key}={value}", unit="edit"):
-        editor.apply([case], weights)
+        t_edit = time.perf_counter()
+        rows = editor.apply([case], weights)
+        edit_s += time.perf_counter() - t_edit
+        steps.append(rows[0].get("steps") if rows else None)
         now.append(case_metrics(model, tok, [case])[0])
     seconds = (time.perf_counter() - t0) / len(cases)
     after = case_metrics(model, tok, cases)
@@ -84,6 +88,7 @@ def run_setting(study: str, run_name: str, key: str, value, n_edits: int, thread
         **{f"{m}_now": _mean(r[m] for r in now) for m in ("es", "ps", "ns", "score")},
         **{f"{m}_after": _mean(r[m] for r in after) for m in ("es", "ps", "ns")},
         "delta_norm": math.sqrt(sum(v * v for v in norms.values())), "s_per_edit": seconds,
+        "s_per_edit_update": edit_s / len(cases), "steps_per_edit": _mean(steps),
     }
 
 
@@ -104,7 +109,8 @@ def main(argv=None) -> None:
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
         futures = [pool.submit(run_setting, args.study, args.run, key, v, args.n_edits) for v in values]
         rows = [f.result() for f in futures]
-    cols = ["value", "es_now", "ps_now", "ns_now", "score_now", "es_after", "ps_after", "ns_after", "delta_norm", "s_per_edit"]
+    cols = ["value", "es_now", "ps_now", "ns_now", "score_now", "es_after", "ps_after", "ns_after", "delta_norm", "s_per_edit",
+            "s_per_edit_update", "steps_per_edit"]
     print(f"{rows[0]['method']} {key} over {args.n_edits} sequential edits ({args.run})")
     print("  ".join(f"{c:>10s}" for c in cols))
     for r in rows:

@@ -5,13 +5,14 @@ Every job of the workflow leaves `results/benchmarks/.../*.tsv` (rules/*.smk `be
 `s` column is the job's wall seconds. The jobs of the config (planning.config_jobs) are matched to
 their records by path, then:
 
-  fixed[kind]  = mean seconds, for kinds without model compute (model preparation, the weights
-                 metric, the report tables and figures);
+  fixed[kind]  = mean seconds, for kinds none of whose jobs computes (model preparation, the
+                 weights metric, the report tables and figures);
   startup_s    = median seconds of the evaluation jobs that neither load nor run the model (the
                  weights metric: process start, imports, reading the factors); the default if none;
   factor[kind] = sum(seconds - startup_s - load) / sum(compute seconds), for every other kind
                  (one edit kind per method, one per metric, corpus, stats, context templates),
-                 and the mean per family ("edit:*", "metric:*") for kinds not in the records.
+                 and the mean per family ("edit:*", "metric:*") for kinds whose computing jobs are
+                 not in the records (a new method; history recorded at k = 0 only).
 
 The fitted constants are relative to the matmul rate measured when fitting, so on another machine
 the compute part scales with that machine's rate and the startup stays; refit there for numbers
@@ -62,8 +63,10 @@ def fit(jobs: list[Job], seconds: dict[str, float], rate32: float, rate64: float
     for job in jobs:
         if job.record in seconds:
             by_kind.setdefault(job.kind, []).append(job)
-    fixed = {kind: statistics.fmean(seconds[j.record] for j in js)
-             for kind, js in by_kind.items() if all(j.compute_seconds(rate32, rate64) == 0 for j in js)}
+    # a kind is fixed when none of its jobs in the config computes (not merely the recorded ones:
+    # history at k = 0 re-scores nothing, at k > 0 it does)
+    computing = {j.kind for j in jobs if j.compute_seconds(rate32, rate64) > 0}
+    fixed = {kind: statistics.fmean(seconds[j.record] for j in js) for kind, js in by_kind.items() if kind not in computing}
     light = [seconds[j.record] for kind in fixed if kind.startswith("metric:") for j in by_kind[kind] if j.model_bytes == 0]
     startup = statistics.median(light) if light else DEFAULT_STARTUP_S
     base = Calibration(startup_s=startup)
@@ -72,6 +75,8 @@ def fit(jobs: list[Job], seconds: dict[str, float], rate32: float, rate64: float
         if kind in fixed:
             continue
         compute = sum(j.compute_seconds(rate32, rate64) for j in js)
+        if compute == 0:  # only the kind's non-computing jobs were recorded: the family's mean below
+            continue
         rest = sum(seconds[j.record] - startup - j.model_bytes / base.load_bytes_per_s for j in js)
         factors[kind] = max(rest / compute, MIN_FACTOR)
     for family in ("edit", "metric"):
