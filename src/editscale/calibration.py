@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .io import EditscaleError
 from .layout import RESULTS
-from .planning import DEFAULT_STARTUP_S, Calibration, Job
+from .planning import DEFAULT_STARTUP_S, LOAD_BYTES_PER_S, Calibration, Job
 
 MIN_FACTOR = 0.01
 
@@ -69,7 +69,6 @@ def fit(jobs: list[Job], seconds: dict[str, float], rate32: float, rate64: float
     fixed = {kind: statistics.fmean(seconds[j.record] for j in js) for kind, js in by_kind.items() if kind not in computing}
     light = [seconds[j.record] for kind in fixed if kind.startswith("metric:") for j in by_kind[kind] if j.model_bytes == 0]
     startup = statistics.median(light) if light else DEFAULT_STARTUP_S
-    base = Calibration(startup_s=startup)
     factors = {}
     for kind, js in by_kind.items():
         if kind in fixed:
@@ -77,7 +76,7 @@ def fit(jobs: list[Job], seconds: dict[str, float], rate32: float, rate64: float
         compute = sum(j.compute_seconds(rate32, rate64) for j in js)
         if compute == 0:  # only the kind's non-computing jobs were recorded: the family's mean below
             continue
-        rest = sum(seconds[j.record] - startup - j.model_bytes / base.load_bytes_per_s for j in js)
+        rest = sum(seconds[j.record] - startup - j.model_bytes / LOAD_BYTES_PER_S for j in js)
         factors[kind] = max(rest / compute, MIN_FACTOR)
     for family in ("edit", "metric"):
         fam = [v for k, v in factors.items() if k.startswith(family + ":")]
