@@ -38,6 +38,8 @@ def per_method(bench: Bench, n_edits: int, warmup: int = 1, methods=METHOD_NAMES
         times = {"total": [], "keys": [], "optimize": [], "update": []}
         losses, updates = [], []
         t_method = time.perf_counter()
+        editor.begin(bench.cases[: warmup + n_edits])  # as the chain does at k = 0 (NAS: its anchor)
+        s_begin = time.perf_counter() - t_method
         for i, case in enumerate(tqdm(bench.cases[: warmup + n_edits], desc=f"{method} edits", unit="edit")):
             common.PHASE_SECONDS.clear()
             t0 = time.perf_counter()
@@ -52,7 +54,7 @@ def per_method(bench: Bench, n_edits: int, warmup: int = 1, methods=METHOD_NAMES
             if out and out[0].get("v_loss") is not None:
                 losses.append(float(out[0]["v_loss"]))
         row = {"method": method, "edits": n_edits, **{f"s_{k}": _median(v) for k, v in times.items()},
-               "v_loss_median": _median(losses), "wall_s": time.perf_counter() - t_method,
+               "v_loss_median": _median(losses), "wall_s": time.perf_counter() - t_method, "s_begin": s_begin,
                **storage(bench, method, updates, weights, warmup + n_edits)}
         log.info("%s: median %.2f s/edit (keys %.2f, optimize %.2f, update %.3f) over %d edits", method,
                  row["s_total"], row["s_keys"], row["s_optimize"], row["s_update"], n_edits)

@@ -73,7 +73,7 @@ class Bench:
 
         hp = hp or self.hparams(method)
         self.fresh_model()
-        cls = get_method(method)
+        cls = get_method(method, hp)
         modules = cls.modules(self.model, hp)
         # every method gets the second moments; one that declares projections (AlphaEdit) derives
         # them from these, as it does when the workflow's cached projection is absent
@@ -104,7 +104,7 @@ def all_modules(bench: Bench) -> list[str]:
     mods: list[str] = []
     for method in METHOD_NAMES:
         hp = bench.hparams(method)
-        mods += get_method(method).modules(bench.model, hp)
+        mods += get_method(method, hp).modules(bench.model, hp)
     return list(dict.fromkeys(mods))
 
 

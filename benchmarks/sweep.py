@@ -57,7 +57,7 @@ def run_setting(study: str, run_name: str, key: str, value, n_edits: int, thread
     run = read_run(Path(run_dir) / "run.json")
     model_dir = study_dir / "data" / "models" / run["model"]
     hp = {**run["hparams"], key: value}
-    cls = get_method(run["method"])
+    cls = get_method(run["method"], hp)
     model, tok = load_model(model_dir)
     modules = cls.modules(model, hp)
     sha = model_sha(model_dir)
@@ -69,8 +69,10 @@ def run_setting(study: str, run_name: str, key: str, value, n_edits: int, thread
         cached = {m: stats_dir / "nullspace" / f"{m}.t{nullspace['threshold']}.h5" for m in modules}
         extra["projections"] = {m: torch.from_numpy(read_projection(p, expected_model_sha=sha)) for m, p in cached.items() if p.exists()}
     templates = read_templates(run_dir / "context_templates.json", cls.template_rule)
-    cases = read_jsonl(run_dir / "edits.jsonl")[:n_edits]
+    sequence = read_jsonl(run_dir / "edits.jsonl")
+    cases = sequence[:n_edits]
     editor = cls(model, tok, hp, stats, templates, **extra)
+    editor.begin(sequence)  # as the chain does at k = 0 (NAS: its anchor)
     weights = WeightState(model, modules)
     now, steps, edit_s = [], [], 0.0
     t0 = time.perf_counter()

@@ -216,3 +216,48 @@ def make_run(repo_root):
         return run_dir, resolved, stats
 
     return make
+
+
+# Cases and templates of the MEMIT-family tests (ENCORE, AlphaEdit, NAS, RECT, PRUNE)
+CITY_CASES = (
+    {"case_id": 11, "edit_index": 1, "subject": "Paris", "prompt": "{} is the capital of", "target_new": "Germany"},
+    {"case_id": 12, "edit_index": 2, "subject": "Berlin", "prompt": "{} is located in", "target_new": {"str": "Asia"}},
+    {"case_id": 13, "edit_index": 3, "subject": "Tokyo", "prompt": "The city of {} is in", "target_new": "Europe"},
+    {"case_id": 14, "edit_index": 4, "subject": "Madrid", "prompt": "{} is a city in", "target_new": "Japan"},
+)
+CITY_TEMPLATES = (("{}",), ("The city is large. {}", "I know. {}"))
+
+
+@pytest.fixture(scope="session")
+def city_cases():
+    """(cases, template groups) shared by the MEMIT-family method tests: fresh copies per call."""
+    import copy
+
+    return lambda: (copy.deepcopy(list(CITY_CASES)), [list(g) for g in CITY_TEMPLATES])
+
+
+@pytest.fixture(scope="session")
+def method_kit(tiny_lm, second_moment, repo_root):
+    """method_kit(method, arch, base=None, **hparams) -> (class, model, tok, hparams, modules, stats):
+    the method's tiny hparams (PRUNE: its base's, with base and restrain_every 1), 4 value steps,
+    a fresh copy of the tiny model and E[k k^T] of every edited module (computed once per
+    architecture and module)."""
+    from editscale.edit.methods import get_method, load_hparams
+
+    cache: dict = {}
+
+    def kit(method: str, arch: str, base: str | None = None, **over):
+        model, tok = tiny_lm(arch)
+        if base is None:
+            hp = load_hparams(repo_root / f"config/hparams/{method}/tiny.yaml", method=method)
+        else:
+            hp = {**load_hparams(repo_root / f"config/hparams/{base}/tiny.yaml", method=base), "base": base, "restrain_every": 1}
+        hp.update(v_num_grad_steps=4, **over)
+        cls = get_method(method, hp)
+        mods = cls.modules(model, hp)
+        for m in mods:
+            if (arch, m) not in cache:
+                cache[(arch, m)] = second_moment(model, tok, m)
+        return cls, model, tok, hp, mods, {m: cache[(arch, m)] for m in mods}
+
+    return kit

@@ -6,6 +6,8 @@ No GPU here: the bf16 path is exercised on the CPU with tiny random models; the 
 
 from __future__ import annotations
 
+import json
+
 import subprocess
 import sys
 from pathlib import Path
@@ -217,3 +219,19 @@ def test_doctor_calibrates_from_a_runs_benchmark_records(tiny_study, tmp_path):
     assert "| job kind | jobs | measured |" in text and "`snakemake --cores 2`" in text
     bad = subprocess.run([*args, "--benchmarks", str(tmp_path / "nowhere")], cwd=tiny_study, capture_output=True, text=True)
     assert bad.returncode != 0 and "nowhere: no such directory" in bad.stderr
+
+
+def test_a_calibration_fitted_on_this_machine_keeps_its_matmul_rates(tmp_path):
+    """The rates a calibration was fitted at are reused on the same machine (a short matmul loop
+    varies by 1.5x on a shared VM), and measured again on another."""
+    from editscale.doctor import doctor, machine_fingerprint, machine_info
+
+    here = machine_fingerprint(machine_info("."))
+    same, other = tmp_path / "same.json", tmp_path / "other.json"
+    same.write_text(json.dumps({"rate32": 1.25e9, "rate64": 0.5e9, "machine": here}))
+    other.write_text(json.dumps({"rate32": 1.25e9, "rate64": 0.5e9, "machine": "another CPU | 64 | cpu |  | 2.0"}))
+    rep = doctor(None, calibration=same)
+    assert rep["machine"]["matmul_flops_fp32"] == 1.25e9 and rep["machine"]["matmul_flops_fp64"] == 0.5e9
+    assert rep["machine"]["matmul_rate_from"].startswith("the calibration's")
+    rep = doctor(None, calibration=other)
+    assert rep["machine"]["matmul_rate_from"] == "measured" and rep["machine"]["matmul_flops_fp32"] != 1.25e9

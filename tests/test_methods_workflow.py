@@ -1,6 +1,6 @@
 """Every editing method through the real workflow: config/test-methods-tiny.yaml with snakemake.
 
-One sequential run per method (rome, r-rome, memit, emmet, alphaedit, encore, ft-c: 4 edits in segments
+One sequential run per method (rome, r-rome, memit, emmet, alphaedit, encore, nas, rect, prune, ultraedit, ft-c: 4 edits in segments
 of 2) and one batched MEMIT run (2 edits per step) on a tiny random GPT-2, run to completion once
 (module-scoped); the tests then read what each run wrote.
 """
@@ -22,7 +22,7 @@ from benchmarks.snakemake_runs import copy_workflow, planned_jobs, snakemake
 pytestmark = pytest.mark.workflow
 
 CONFIG = "config/test-methods-tiny.yaml"
-METHODS = ["rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "ft-c"]
+METHODS = ["rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "nas", "rect", "prune", "ultraedit", "ft-c"]
 N_EDITS, SEGMENT = 4, 2
 
 
@@ -82,6 +82,8 @@ def test_update_kinds_per_method(study, runs):
         kinds = {r["factor_kind"] for r in rows}
         if run["method"] == "ft-c":
             assert kinds == {"dense"} and all(u.kind == "dense" and u.dense is not None for _, u in updates), name
+        elif run["method"] == "rect":
+            assert kinds == {"masked"} and all(u.kind == "masked" and u.mask is not None for _, u in updates), name
         else:
             assert kinds == {"lowrank"} and all(u.kind == "lowrank" for _, u in updates), name
         modules = sorted({u.module for _, u in updates})
@@ -89,14 +91,19 @@ def test_update_kinds_per_method(study, runs):
             # one rank-one update of layer 1 per edit
             assert modules == ["transformer.h.1.mlp.c_proj"] and len(updates) == N_EDITS, name
             assert all(u.u.shape[1] == 1 and u.v.shape[1] == 1 for _, u in updates), name
-        elif run["method"] in ("memit", "alphaedit", "encore"):
+        elif run["method"] in ("memit", "alphaedit", "encore", "nas", "rect", "prune"):
             assert modules == ["transformer.h.1.mlp.c_proj", "transformer.h.2.mlp.c_proj"], name
         elif run["method"] == "ft-c":
             assert modules == ["transformer.h.0.mlp.c_proj"], name
-        if run["method"] in ("alphaedit", "encore"):
-            # the keys of earlier edits are carried from segment to segment
-            assert {k.rsplit("/", 1)[1] for k in state} == {"keys"} and set(k.rsplit("/", 1)[0] for k in state) == set(modules)
-            assert all(keys.shape == (N_EDITS, 256) for keys in state.values()), {k: v.shape for k, v in state.items()}
+        elif run["method"] == "ultraedit":  # the MLP input matrices, one update per edit each
+            assert modules == ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_fc"] and len(updates) == 2 * N_EDITS, name
+            assert {k.split("/")[0] for k in state} == {"normalizer"}, sorted(state)
+        if run["method"] in ("alphaedit", "encore", "nas"):
+            # the keys of earlier edits are carried from segment to segment (and NAS's anchor)
+            keys = {k: v for k, v in state.items() if k.endswith("/keys")}
+            assert set(k.rsplit("/", 1)[0] for k in keys) == set(modules)
+            assert all(v.shape == (N_EDITS, 256) for v in keys.values()), {k: v.shape for k, v in keys.items()}
+            assert set(state) - set(keys) == ({"nas/anchor_norm"} if run["method"] == "nas" else set()), sorted(state)
     # r-ROME differs from ROME only by the template-averaged key, and that changes the update.
     rr = json.loads((study / "results/r-rome-tiny/run.json").read_text())["hparams"]
     assert rr["key_averaging"] == "templates"
@@ -145,10 +152,12 @@ def test_tables_have_every_run(study, runs):
     log = pl.read_parquet(study / "results/tables/edit_log.parquet")
     kinds = {r["run"]: r["factor_kind"] for r in log.select("run", "factor_kind").unique().to_dicts()}
     assert len(log) == N_EDITS * len(runs)
-    assert kinds == {name: "dense" if run["method"] == "ft-c" else "lowrank" for name, run in runs.items()}
+    assert kinds == {name: {"ft-c": "dense", "rect": "masked"}.get(run["method"], "lowrank") for name, run in runs.items()}
     # what each method measures per edit reaches the edit_log table (not only the chain's columns)
     measured = {"rome": "key_dot_u", "r-rome": "residual_norm", "memit": "z_error_after", "emmet": "constraint_rel_residual",
-                "ft-c": "loss_before", "alphaedit": "n_keys_stored", "encore": "n_keys_stored"}
+                "ft-c": "loss_before", "alphaedit": "n_keys_stored", "encore": "n_keys_stored",
+                "rect": "rect_kept_fraction", "prune": "prune_restrained", "nas": "nas_vstar_norm",
+                "ultraedit": "normalizer_n"}
     for name, run in runs.items():
         col = measured[run["method"]]
         values = log.filter(pl.col("run") == name)[col]
@@ -163,5 +172,8 @@ def test_cli_lists_every_method():
     assert sorted(name for name, _ in lines) == sorted(METHODS)
     assert all(len(desc) > 20 for _, desc in lines)
     meta = [line.strip() for line in res.stdout.splitlines() if line.startswith(" ")]
-    assert len(meta) == len(METHODS) and all(m.startswith("updates: ") and "required hparams: layers" in m for m in meta)
+    assert len(meta) == len(METHODS) and all(m.startswith("updates: ") and "required hparams: " in m for m in meta)
+    assert sum("required hparams: layers" in m for m in meta) == len(METHODS) - 2  # prune, ultraedit
+    assert sum("required hparams: base, then those of the method named by base" in m for m in meta) == 1  # prune
     assert sum("updates: dense" in m for m in meta) == 1  # ft-c
+    assert sum("updates: masked" in m for m in meta) == 1  # rect

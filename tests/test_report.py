@@ -429,3 +429,22 @@ def test_rolling_mean_skips_edits_without_prompts():
     df = pl.DataFrame({"run": ["a"] * 4, "edit": [1, 2, 3, 4], "ns": [math.nan, 1.0, 0.0, 1.0]})
     out = _rolling(df, ["ns"], 2)["ns"].to_list()
     assert out[0] is None and out[1:] == [1.0, 0.5, 0.5]
+
+
+def test_summary_has_both_efficacy_readings_side_by_side(tmp_path):
+    """es / ps right after each edit (edit_scores) next to the same edits re-scored once at the last
+    checkpoint (history): they differ when later edits damage earlier ones (collapse at 12)."""
+    res = tmp_path / "results"
+    runs = [{"name": "r", "model": "tiny", "method": "MEMIT", "dataset": "cf", "sample": 0, "n_edits": 20}]
+    write_run(res, "r", n_edits=20, every=5, collapse_at=12)
+    t = tables.build_tables(_metrics(res), runs)
+    s = t["summary"].row(0, named=True)
+    scores, hist = t["edit_scores"], t["history"]
+    assert s["last_checkpoint"] == 20
+    assert s["es_after_each_edit"] == pytest.approx(float(scores["es"].mean()))
+    assert s["ps_after_each_edit"] == pytest.approx(float(scores["ps"].mean()))
+    at_end = hist.filter((pl.col("edit") == 20) & (pl.col("metric") == "es"))
+    assert at_end.height == 20 and s["es_at_last_checkpoint"] == pytest.approx(float(at_end["value"].mean()))
+    assert s["es_at_last_checkpoint"] < s["es_after_each_edit"]
+    cols = t["summary"].columns
+    assert cols.index("es_at_last_checkpoint") == cols.index("es_after_each_edit") + 1

@@ -53,6 +53,15 @@ def test_bad_cross_reference_is_one_clear_error(repo_root, tmp_path):
     assert "runs[rome-tiny].dataset = 'nosuch' is not defined under `datasets:`" in res.stdout + res.stderr
 
 
+def test_batches_for_a_method_without_a_batch_update_fail_at_plan_time(repo_root, tmp_path):
+    """ROME has no batch form: edits_per_step > 1 would silently edit one case after another."""
+    workdir = copy_workflow(repo_root, tmp_path / "wf")
+    set_config(workdir, lambda c: c["runs"][0].update({"edits_per_step": 2, "segment": 2}))
+    res = snakemake(workdir, "-n", check=False)
+    assert res.returncode != 0
+    assert "runs[rome-tiny].edits_per_step = 2: method 'rome' edits one case at a time" in res.stdout + res.stderr
+
+
 def test_decision_curves_must_be_curves_of_the_registered_metrics(repo_root, tmp_path):
     """report.decision_curves names curves the metric registry declares; a typo fails at -n."""
     workdir = copy_workflow(repo_root, tmp_path / "wf")

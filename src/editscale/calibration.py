@@ -16,7 +16,11 @@ their records by path, then:
 
 The fitted constants are relative to the matmul rate measured when fitting, so on another machine
 the compute part scales with that machine's rate and the startup stays; refit there for numbers
-within the 25 % the fit reaches on its own machine (benchmarks/RESULTS.md, docs/scale.md).
+within the 25 % the fit reaches on its own machine (docs/scale.md). On the machine it was fitted
+on (the same `machine` fingerprint: CPU model, CPU count, device, torch) doctor uses the rates
+stored with the calibration instead of measuring again: a short matmul loop on a shared VM varies
+by 1.5x from one call to the next (63 and 94 GFLOP/s measured an hour apart), which would move
+every estimate by as much.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ def measured(jobs: list[Job], benchmarks: str | Path) -> dict[str, float]:
     return out
 
 
-def fit(jobs: list[Job], seconds: dict[str, float], rate32: float, rate64: float | None, source: str) -> Calibration:
+def fit(jobs: list[Job], seconds: dict[str, float], rate32: float, rate64: float | None, source: str,
+        machine: str = "") -> Calibration:
     """The calibration of the module docstring, from the measured jobs."""
     by_kind: dict[str, list[Job]] = {}
     for job in jobs:
@@ -82,7 +87,8 @@ def fit(jobs: list[Job], seconds: dict[str, float], rate32: float, rate64: float
         fam = [v for k, v in factors.items() if k.startswith(family + ":")]
         if fam:
             factors[family + ":*"] = statistics.fmean(fam)
-    return Calibration(startup_s=startup, factors=factors, fixed=fixed, rate32=rate32, source=source)
+    return Calibration(startup_s=startup, factors=factors, fixed=fixed, rate32=rate32, rate64=rate64, machine=machine,
+                       source=source)
 
 
 def comparison(jobs: list[Job], seconds: dict[str, float], calibrations: dict[str, Calibration], rate32: float,

@@ -105,6 +105,18 @@ def machine_info(path: str | Path = ".") -> dict[str, Any]:
     return info
 
 
+def machine_fingerprint(info: dict[str, Any]) -> str:
+    """What decides the matmul rate: CPU model, CPU count, device (GPU name) and torch version."""
+    cpu = ""
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return " | ".join(str(x) for x in (cpu or platform.processor(), info.get("cpu_count"), info.get("device"),
+                                        info.get("gpu_name", ""), info.get("torch")))
+
+
 def measure_flops(device: str | torch.device = "cpu", dtype=torch.float32, seconds: float = 0.15, threads: int | None = None) -> float:
     """Achieved matmul FLOP/s on `device` in `dtype` (a short loop; a rough, warm number), with
     `threads` torch CPU threads (default: the current setting)."""
@@ -147,10 +159,18 @@ def doctor(configfile: str | Path | None, bench: bool = True, flops: float | Non
            benchmarks: str | Path | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {}
     rate32 = rate64 = None
+    cal = read_calibration(calibration)
     if not storage_only:
         report["machine"] = machine_info(root)
+        report["machine"]["fingerprint"] = machine_fingerprint(report["machine"])
+        report["machine"]["matmul_rate_from"] = "measured"
         if flops:
             rate32, rate64 = float(flops), float(flops) / 2
+            report["machine"]["matmul_rate_from"] = "--flops"
+        elif bench and cal.rate32 and cal.machine and cal.machine == report["machine"]["fingerprint"] and not benchmarks:
+            # fitted on this machine: its own rates (calibration.py module doc: why not measure again)
+            rate32, rate64 = float(cal.rate32), float(cal.rate64 or cal.rate32 / 2)
+            report["machine"]["matmul_rate_from"] = "the calibration's (fitted on this machine)"
         elif bench:
             dev = report["machine"]["device"]
             # one thread on the CPU: the edit and evaluation jobs run with `threads: 1`, side by side
@@ -164,24 +184,24 @@ def doctor(configfile: str | Path | None, bench: bool = True, flops: float | Non
         report["runs"] = [run_estimate(config, r, root) for r in config["runs"]]
         report["gpu_requested"] = bool((config.get("resources") or {}).get("gpu", False))
         if rate32:
-            cal = read_calibration(calibration)
             cores = cores or report["machine"]["cpu_usable"]
             report["time"] = time_estimate(config, rate32, rate64, cal, cores, root)
             if benchmarks:
-                report.update(calibrate(config, benchmarks, rate32, rate64, cal, cores, root))
+                report.update(calibrate(config, benchmarks, rate32, rate64, cal, cores, root, report["machine"]["fingerprint"]))
         elif benchmarks:
             raise EditscaleError("--benchmarks needs the matmul rate (drop --no-bench / --storage-only)")
     return report
 
 
-def calibrate(config: dict, benchmarks, rate32: float, rate64: float | None, used, cores: int, root) -> dict[str, Any]:
+def calibrate(config: dict, benchmarks, rate32: float, rate64: float | None, used, cores: int, root,
+              machine: str = "") -> dict[str, Any]:
     """Fit the time model to a run's records; the comparison per job kind, and the fitted estimate."""
     from . import calibration as cb
     from .planning import config_jobs
 
     jobs = config_jobs(config, root)
     seconds = cb.measured(jobs, benchmarks)
-    fitted = cb.fit(jobs, seconds, rate32, rate64, source=f"fitted to {len(seconds)} records in {benchmarks}")
+    fitted = cb.fit(jobs, seconds, rate32, rate64, source=f"fitted to {len(seconds)} records in {benchmarks}", machine=machine)
     return {"fitted_calibration": fitted.to_json(),
             "calibration_check": cb.comparison(jobs, seconds, {"estimate_before": used, "estimate_fitted": fitted}, rate32, rate64),
             "time_fitted": time_estimate(config, rate32, rate64, fitted, cores, root)}
@@ -248,7 +268,8 @@ def render(report: dict) -> str:
         lines.append(f"  disk free at {m['disk_path']}: {fmt_bytes(m['disk_free'])}")
         if m.get("matmul_flops_fp32"):
             lines.append(f"  matmul rate: {m['matmul_flops_fp32'] / 1e9:.0f} GFLOP/s fp32, "
-                         f"{(m['matmul_flops_fp64'] or 0) / 1e9:.0f} GFLOP/s fp64 (estimates use x{EFFICIENCY})")
+                         f"{(m['matmul_flops_fp64'] or 0) / 1e9:.0f} GFLOP/s fp64 (estimates use x{EFFICIENCY}; "
+                         f"{m.get('matmul_rate_from', 'measured')})")
     for est in report.get("runs", []):
         lines.append("")
         lines.append(f"run {est['run']}: {est['method']} on {est['model']} ({est['params'] / 1e6:.0f} M parameters, "

@@ -9,6 +9,8 @@ Storage (exact up to HDF5 overhead of a few KB per file; 1 MB = 1e6 bytes):
   factors   results/{run}/factors/{k}.h5: every update of the segment as fp32 factors; one edit of a
             rank-one method writes u (d_out) and v (d_in) per edited module:
                 bytes/edit = sum over edited modules of 4 (d_out + d_in)
+            (RECT's masked updates: 8 (d_out + d_in) + d_out d_in / 8, float64 factors and a mask
+            bit per entry; FT-C's dense updates: 4 d_out d_in)
             (plus ~100 B of per-edit log and a few KB of attributes per file, not counted)
             (MEMIT with edits_per_step = b writes rank-b factors once per step: the same total.)
   deltas    results/{run}/deltas/{k}.h5: the cumulative dense fp32 delta of every edited module:
@@ -66,12 +68,20 @@ DEFAULT_STARTUP_S = 8.0  # python + torch + transformers imports of one job, 2-c
 SHIPPED_CALIBRATION = Path(__file__).with_name("doctor_calibration.json")
 
 
+# bytes per edit and edited (d_out x d_in) module, by the method's update kind (weights.Update)
+UPDATE_BYTES = {
+    "lowrank": lambda o, i: 4 * (o + i),                    # u, v fp32
+    "masked": lambda o, i: 8 * (o + i) + -(-o * i // 8),    # u, v fp64 + one mask bit per entry
+    "dense": lambda o, i: 4 * o * i,                        # the matrix, fp32
+}
+
+
 def storage_estimate(run: dict, shapes: dict[str, tuple[int, int]], params: int | None, dtype: str = "float32",
-                     stats_modules: list[str] | None = None) -> dict[str, Any]:
+                     stats_modules: list[str] | None = None, update_kind: str = "lowrank") -> dict[str, Any]:
     """Bytes of the run's checkpoints (see module doc); exact for the tensors, HDF5 overhead aside."""
     n, seg = run["n_edits"], run["segment"]
     n_ckpt = n // seg
-    per_edit = sum(4 * (o + i) for o, i in shapes.values())
+    per_edit = sum(UPDATE_BYTES[update_kind](o, i) for o, i in shapes.values())
     factors_ckpt = seg * per_edit
     delta_ckpt = sum(4 * o * i for o, i in shapes.values())
     study_save = None if params is None else params * DTYPE_BYTES[dtype]
@@ -109,14 +119,21 @@ def edit_flops(method: str, hp: dict, params: int, shapes: dict[str, tuple[int, 
     weight gradients; 6 N with them, the usual training figure, is the upper bound)."""
     from .edit.methods import get_method
 
-    cls = get_method(method)
-    layers = [int(x) for x in hp.get("layers", [0])]
+    cls = get_method(method, hp)
+    layers = [int(x) for x in hp.get("layers") or [0]]
     frac_above = 1.0 if not n_layers else max(n_layers - max(layers), 1) / n_layers
     per_token = (2 + 2 * frac_above) * params
     if cls.solve_cost == "none":  # fine-tuning: forward + backward with weight gradients per step
         steps = int(hp["num_steps"])
         return {"model": steps * 6 * params * 2 * PROMPT_TOKENS, "solve": 0.0, "tokens": 2 * PROMPT_TOKENS, "steps": steps,
                 "flops_per_token_step": 6 * params, "template_tokens": 0.0}
+    if cls.solve_cost == "gradient":  # UltraEdit: one forward + activation backward to the lowest edited layer
+        lowest = min(int(x) for k in ("mlp_in_layers", "mlp_up_layers", "layers") for x in hp.get(k) or [0])
+        frac = 1.0 if not n_layers else max(n_layers - lowest, 1) / n_layers
+        per_tok = (2 + 2 * frac) * params
+        solve = sum(2 / 3 * d**3 + 2 * d**2 for _, d in shapes.values())
+        return {"model": float(per_tok * PROMPT_TOKENS), "solve": float(solve), "tokens": float(PROMPT_TOKENS), "steps": 1,
+                "flops_per_token_step": per_tok, "template_tokens": 0.0}
     n_tpl, mean_len = _template_counts(hp)
     tokens = (n_tpl + 1) * (mean_len + PROMPT_TOKENS)
     steps = int(hp["v_num_grad_steps"])
@@ -126,6 +143,7 @@ def edit_flops(method: str, hp: dict, params: int, shapes: dict[str, tuple[int, 
         solve = sum(2 / 3 * d**3 + 2 * d**2 for d in d_ins)
     else:  # "per_segment" (ROME family): one Cholesky per segment, a triangular solve per edit
         solve = sum(d**3 / 3 / segment + 2 * d**2 for d in d_ins)
+    solve += cls.extra_solve_flops(hp, shapes)
     return {"model": float(model), "solve": float(solve), "tokens": float(tokens), "steps": steps,
             "flops_per_token_step": per_token, "template_tokens": float(n_tpl * mean_len)}
 
@@ -205,6 +223,7 @@ class Job:
     flops64: float = 0.0  # float64 solves
     decode_flops: float = 0.0  # token-by-token generation
     model_bytes: int = 0  # what the job loads
+    threads: int = 1  # the rule's `threads:` (rules/stats.smk: corpus and stats take 2)
 
     def compute_seconds(self, rate32: float, rate64: float | None) -> float:
         r64 = rate64 or rate32 / 2
@@ -220,7 +239,9 @@ class Calibration:
     load_bytes_per_s: float = LOAD_BYTES_PER_S
     factors: dict = field(default_factory=dict)  # kind -> multiplier of the compute seconds (1 if absent)
     fixed: dict = field(default_factory=dict)  # kind -> seconds of a job without model compute
-    rate32: float | None = None  # the matmul rate the factors were fitted at (information)
+    rate32: float | None = None  # the matmul rates the factors were fitted at
+    rate64: float | None = None
+    machine: str = ""  # doctor.machine_fingerprint() of the machine it was fitted on
     source: str = "uncalibrated FLOP model"
 
     def factor(self, kind: str) -> float:
@@ -236,11 +257,12 @@ class Calibration:
 
     def to_json(self) -> dict:
         return {"startup_s": self.startup_s, "load_bytes_per_s": self.load_bytes_per_s, "factors": dict(self.factors),
-                "fixed": dict(self.fixed), "rate32": self.rate32, "source": self.source}
+                "fixed": dict(self.fixed), "rate32": self.rate32, "rate64": self.rate64, "machine": self.machine,
+                "source": self.source}
 
     @classmethod
     def from_json(cls, data: dict) -> "Calibration":
-        known = {"startup_s", "load_bytes_per_s", "factors", "fixed", "rate32", "source"}
+        known = {"startup_s", "load_bytes_per_s", "factors", "fixed", "rate32", "rate64", "machine", "source"}
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -312,9 +334,9 @@ def shared_jobs(config: dict, root: str | Path = ".") -> list[Job]:
         decode = 2.0 * params * tokens if corpus.get("kind") == "self_sample" else 0.0
         wanted = [Job("model", str(bench / "model" / f"{run['model']}.tsv"), model_bytes=model_bytes),
                   Job("corpus", str(bench / "corpus" / run["model"] / f"{run['corpus']}.tsv"), decode_flops=decode,
-                      flops=0.0 if decode else 2.0 * params * tokens, model_bytes=model_bytes)]
+                      flops=0.0 if decode else 2.0 * params * tokens, model_bytes=model_bytes, threads=2)]
         wanted += [Job("stats", str(bench / "stats" / run["model"] / run["corpus"] / f"{m}.tsv"),
-                       flops=2.0 * params * float(corpus.get("n_tokens", 0)), model_bytes=model_bytes)
+                       flops=2.0 * params * float(corpus.get("n_tokens", 0)), model_bytes=model_bytes, threads=2)
                    for m in stats_modules(config, run)]
         for job in wanted:
             if job.record not in seen:
@@ -332,9 +354,11 @@ def time_estimate(config: dict, rate32: float, rate64: float | None, calibration
                   root: str | Path = ".") -> dict[str, Any]:
     """Seconds of every job, per run (edit chain, evaluation) and for the whole config: the sum of job
     times, and the wall time of `snakemake --cores {cores}` = max(the longest chain of dependent jobs,
-    the sum of job times / cores) (jobs run one thread each)."""
+    the core-seconds / cores), a job holding min(its threads, cores) cores (the corpus and the
+    statistics run two threads: on 2 cores nothing runs beside them)."""
     shared = shared_jobs(config, root)
     sec = {j.record: calibration.seconds(j, rate32, rate64) for j in shared}
+    core_s = sum(sec[j.record] * min(j.threads, max(cores, 1)) for j in shared)
     setup = {}
     for run in config["runs"]:  # model -> corpus -> the slowest stats file, before the run's first edit
         rj = [j for j in shared if j.kind in ("model", "corpus", "stats") and f"/{run['model']}" in j.record
@@ -355,11 +379,12 @@ def time_estimate(config: dict, rate32: float, rate64: float | None, calibration
                              "segment_s": edit / max(n_edit_jobs, 1), "eval_s": evaluation, "eval_jobs": len(jobs) - 1 - n_edit_jobs,
                              "jobs": {j.record: s[j.record] for j in jobs}}
         total += sum(s.values())
+        core_s += sum(s[j.record] * min(j.threads, max(cores, 1)) for j in jobs)
         critical = max(critical, setup[run["name"]] + templates + edit + last)
     report_s = sum(sec[j.record] for j in shared if j.kind.startswith("report"))
     critical += report_s
     return {"runs": runs, "shared_s": sum(sec.values()), "total_job_s": total, "critical_path_s": critical, "cores": cores,
-            "wall_s": max(critical, total / max(cores, 1)), "calibration": calibration.source,
+            "wall_s": max(critical, core_s / max(cores, 1)), "calibration": calibration.source,
             "shared_jobs": sec}
 
 
@@ -381,7 +406,10 @@ def run_estimate(config: dict, run: dict, root: str | Path = ".") -> dict[str, A
     shapes = module_shapes(cfg, modules)
     hp = run_hparams(run)
     est["params"] = params
-    est["storage"] = storage_estimate(run, shapes, params, dtype, stats_modules(config, run))
+    from .edit.methods import get_method
+
+    kind = get_method(run["method"], hp).update_kind
+    est["storage"] = storage_estimate(run, shapes, params, dtype, stats_modules(config, run), kind)
     fl = edit_flops(run["method"], hp, params, shapes, run["segment"], getattr(cfg, "num_hidden_layers", None))
     est["edit"] = {"flops_model": fl["model"], "flops_solve_fp64": fl["solve"], "tokens_per_step": fl["tokens"],
                    "steps": fl["steps"]}

@@ -77,9 +77,9 @@ def _resolved_hparams(method: str, path: str, overrides_json: str, run_name: str
     from .edit.hparams import read_file
     from .edit.methods import get_method
 
-    cls = get_method(method)
     overrides = json.loads(overrides_json)
     data = read_file(path)
+    cls = get_method(method, {**data, **overrides})
     source = f"hparams file {path} (runs[{run_name}].hparams, method {method})"
     # an override is checked on its own first, so that its error names hparams_overrides, not the file
     cls.validate_hparams_partial(overrides, f"runs[{run_name}].hparams_overrides")
@@ -122,9 +122,12 @@ def model_layers(config: dict, model: str, model_dir: str | Path | None = None) 
 
 
 def edited_modules(config: dict, run: dict) -> list[str]:
+    """The run's edited modules before any model is loaded: the method's `modules`, given the
+    model's architecture name (the registry's names need nothing else)."""
+    from .edit.methods import get_method
+
     hp = run_hparams(run, model_layers(config, run["model"]))
-    template = arch_spec(model_arch(config, run["model"])).mlp_out
-    return [template.format(layer) for layer in hp["layers"]]
+    return get_method(run["method"], hp).modules(model_arch(config, run["model"]), hp)
 
 
 def run_record(config: dict, run: dict) -> dict:
@@ -143,14 +146,15 @@ def template_sampling(run: dict) -> str:
     from .edit.common import TEMPLATE_FORMAT
     from .edit.methods import get_method
 
-    return f"{get_method(run['method']).template_rule}-v{TEMPLATE_FORMAT}"
+    return f"{get_method(run['method'], run_hparams(run)).template_rule}-v{TEMPLATE_FORMAT}"
 
 
 def precomputed(config: dict, run: dict) -> dict[str, dict]:
     """What the run's method needs from the stats stage (`EditMethod.precomputed`)."""
     from .edit.methods import get_method
 
-    return get_method(run["method"]).precomputed(run_hparams(run, model_layers(config, run["model"])))
+    hp = run_hparams(run, model_layers(config, run["model"]))
+    return get_method(run["method"], hp).precomputed(hp)
 
 
 def stats_modules(config: dict, run: dict) -> list[str]:
@@ -459,6 +463,11 @@ def check_config(config: dict) -> None:
                 raise EditscaleError(f"runs[{run['name']}].{key} = {run[key]!r} is not defined under `{section}:` ({sorted(config[section])})")
         segment_ends(run)
         edited_modules(config, run)
+        cls = get_method(run["method"], run_hparams(run))
+        if run["edits_per_step"] > 1 and not cls.batch_edits:
+            raise EditscaleError(f"runs[{run['name']}].edits_per_step = {run['edits_per_step']}: method {run['method']!r} edits one "
+                                 "case at a time (its update has no batch form); use edits_per_step: 1, or a method with "
+                                 "batches (editscale methods: 'batches: yes')")
     from .data.readers import READERS
 
     for name, spec in config["datasets"].items():

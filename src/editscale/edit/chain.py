@@ -4,10 +4,12 @@ Segment ending at edit k reads the cumulative delta after edit k - segment and w
 
   deltas/{k:06d}.h5   one fp32 dataset per edited module: D_k = W_k - W_0, (out, in) orientation;
                       attrs: model_sha256, k, config_hash, factors_sha256, prev_delta_sha256, provenance
-  factors/{k:06d}.h5  updates/{i:06d}: u, v (or dense) of every update in application order, attrs
-                      module, kind, step, edit_indices; log/<column>: one row per edit (case_id,
-                      edit_index, v_loss, update_norm, update_rel, seconds, factor_kind, then every
-                      other scalar the method returned for the edit, e.g. ROME's key_dot_u);
+  factors/{k:06d}.h5  updates/{i:06d}: u, v fp32 (kind lowrank), dense fp32 (dense), or u, v fp64
+                      and mask_bits (masked: np.packbits of the out x in mask, RECT) of every
+                      update in application order, attrs module, kind, step, edit_indices;
+                      log/<column>: one row per edit (case_id, edit_index, v_loss, update_norm,
+                      update_rel, seconds, factor_kind, then every other scalar the method
+                      returned for the edit, e.g. ROME's key_dot_u);
                       method_state/<name>: the method's state after the segment (AlphaEdit keys)
 
 Replaying the factors on D_{k-segment} with the same elementwise operations (weights.add_update)
@@ -82,6 +84,10 @@ def write_factors(path, updates: list[Update], steps: list[int], rows: list[dict
                 ug.attrs.update({"module": upd.module, "kind": upd.kind, "step": step, "meta": json.dumps(upd.meta, default=str)})
                 if upd.kind == "dense":
                     ug.create_dataset("dense", data=upd.dense.cpu().numpy().astype(np.float32))
+                elif upd.kind == "masked":  # float64 factors and the mask, 1 bit per entry
+                    ug.create_dataset("u", data=upd.u.cpu().numpy().astype(np.float64))
+                    ug.create_dataset("v", data=upd.v.cpu().numpy().astype(np.float64))
+                    ug.create_dataset("mask_bits", data=np.packbits(upd.mask.cpu().numpy().astype(bool).reshape(-1)))
                 else:
                     ug.create_dataset("u", data=upd.u.cpu().numpy().astype(np.float32))
                     ug.create_dataset("v", data=upd.v.cpu().numpy().astype(np.float32))
@@ -112,8 +118,15 @@ def read_factors(path) -> tuple[list[tuple[int, Update]], list[dict], dict[str, 
         updates = []
         for name in sorted(f["updates"].keys()):
             ug = f["updates"][name]
-            kw = {"dense": torch.from_numpy(ug["dense"][()])} if ug.attrs["kind"] == "dense" else {
-                "u": torch.from_numpy(ug["u"][()]), "v": torch.from_numpy(ug["v"][()])}
+            kind = ug.attrs["kind"]
+            if kind == "dense":
+                kw = {"dense": torch.from_numpy(ug["dense"][()])}
+            else:
+                kw = {"u": torch.from_numpy(ug["u"][()]), "v": torch.from_numpy(ug["v"][()])}
+            if kind == "masked":
+                shape = (kw["u"].shape[0], kw["v"].shape[0])
+                bits = np.unpackbits(ug["mask_bits"][()], count=shape[0] * shape[1])
+                kw["mask"] = torch.from_numpy(bits.astype(bool).reshape(shape))
             updates.append((int(ug.attrs["step"]), Update(str(ug.attrs["module"]), meta=json.loads(ug.attrs["meta"]), **kw)))
         cols = {c: f["log"][c][()] for c in f["log"].keys()}
         n = len(cols.get("edit_index", []))
@@ -190,7 +203,7 @@ def templates_record(model, tok, method: str, hparams: dict, seed: int) -> dict:
     from .common import TEMPLATE_FORMAT, flat_templates, sample_context_templates
     from .methods import get_method
 
-    rule = get_method(method).template_rule
+    rule = get_method(method, hparams).template_rule
     params = hparams.get("context_template_length_params", [[5, 10], [10, 10]])
     groups = sample_context_templates(model, tok, params, int(seed), rule=rule)
     return {"groups": groups, "templates": flat_templates(groups), "rule": rule, "format": TEMPLATE_FORMAT,
@@ -239,7 +252,7 @@ def run_segment(
     sha = model_sha(model_dir)
     model, tok = load_model(model_dir, dtype=dtype, device=device)
     dev = pick_device(device)
-    method_cls = get_method(method)
+    method_cls = get_method(method, hparams)
     modules = method_cls.modules(model, hparams)
     stats = load_stats({m: p for m, p in stats_paths.items() if m in modules}, sha, dev)
     templates = read_templates(templates_path, method_cls.template_rule)
@@ -257,6 +270,8 @@ def run_segment(
             m: torch.from_numpy(read_projection(p, expected_model_sha=sha)).to(dev) for m, p in projection_paths.items() if m in modules
         }
     editor = method_cls(model, tok, hparams, stats, templates, state=state or None, **extra)
+    if k_start == 0:
+        editor.begin(sorted(read_jsonl(files.edits), key=lambda c: c["edit_index"]))
 
     log.info("%s edits %d..%d on %s (%s), writing %s and %s", method, k_start + 1, k_end, model_dir, dev, files.delta, files.factors)
     updates, steps, rows = [], [], []
@@ -277,7 +292,8 @@ def run_segment(
             add_update(d, upd)
         norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in step_dw.values()))) if step_dw else 0.0
         rel = norm / float(np.sqrt(sum(before[m] ** 2 for m in step_dw))) if step_dw else 0.0
-        kind = "dense" if any(u.kind == "dense" for u in applied) else "lowrank"
+        kinds = {u.kind for u in applied}
+        kind = "dense" if "dense" in kinds else "masked" if "masked" in kinds else "lowrank"
         by_case = {str(r.get("case_id")): r for r in logs}
         for case in batch:
             r = by_case.get(str(case["case_id"]), {})
@@ -338,8 +354,7 @@ def accumulate(delta: dict[str, torch.Tensor], updates: list[Update]) -> None:
     with the same elementwise operations as the chain: the replay primitive."""
     for upd in updates:
         if upd.module not in delta:
-            shape = upd.dense.shape if upd.dense is not None else (upd.u.shape[0], upd.v.shape[0])
-            delta[upd.module] = torch.zeros(shape, dtype=torch.float32)
+            delta[upd.module] = torch.zeros(upd.shape, dtype=torch.float32)
         add_update(delta[upd.module], upd)
 
 

@@ -55,7 +55,7 @@ def resolve_run(record: dict, layers_in_model: int | None = None) -> dict:
     model rule), with config_hash over everything but the name."""
     from .methods import get_method
 
-    cls = get_method(record["method"])
+    cls = get_method(record["method"], record["hparams"])
     source = f"run {record['name']}: resolved hparams of {record.get('hparams_file')}"
     hp = {k: v for k, v in record["hparams"].items() if k not in cls.forced_hparams}
     cls.validate_hparams(hp, source)
@@ -133,4 +133,5 @@ def cmd_methods(args) -> None:
     for name, desc in describe_methods():
         cls = get_method(name)
         print(f"{name:10s} {desc}")
-        print(f"{'':10s}   updates: {cls.update_kind}; templates: {cls.template_rule} rule; required hparams: {', '.join(required(cls.hparams_type))}")
+        more = f", then those of the method named by {cls.wraps}" if cls.wraps else ""
+        print(f"{'':10s}   updates: {cls.update_kind}; batches: {'yes' if cls.batch_edits else 'no'}; templates: {cls.template_rule} rule; required hparams: {', '.join(required(cls.hparams_type)) or 'none'}{more}")

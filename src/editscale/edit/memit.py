@@ -206,6 +206,18 @@ class Memit(EditMethod):
             A = lam * torch.eye(K.shape[0], dtype=torch.float64, device=K.device) + K @ K.T
         return R, solve_checked(A, K, f"{self.name}: lambda C + K K^T of {module}")
 
+    def write_layer(self, weights: WeightState, module: str, u: torch.Tensor, v: torch.Tensor, meta: dict) -> float:
+        """Write layer `module`'s update u v^T (float64 factors) before the next layer's keys are
+        computed; returns ||u v^T||_F. RECT defers the write to `finish_layers`."""
+        u32 = u.to(torch.float32).contiguous()
+        v32 = v.to(torch.float32).contiguous()
+        weights.apply(Update(module=module, u=u32, v=v32, meta=meta))
+        # ||u v^T||_F without forming the matrix: sqrt(sum((u^T u) * (v^T v)))
+        return float(((u32.double().T @ u32.double()) * (v32.double().T @ v32.double())).sum().clamp_min(0).sqrt())
+
+    def finish_layers(self, weights: WeightState, per_layer: dict) -> None:
+        """Run once every layer's update is computed (RECT writes its sparsified updates here)."""
+
     def after_apply(self, cases: list[dict]) -> None:
         """Hook run once the batch is fully written (AlphaEdit stores the new keys here)."""
 
@@ -234,20 +246,11 @@ class Memit(EditMethod):
                 z_err_first = err.norm(dim=0)
             R = err / (n - i)
             u, v = self.solve_layer(i, module, K, R)
-            u32 = u.to(torch.float32).contiguous()
-            v32 = v.to(torch.float32).contiguous()
             self.last_keys[module] = K
             self.last_resid[module] = R
-            weights.apply(
-                Update(
-                    module=module,
-                    u=u32,
-                    v=v32,
-                    meta={"method": self.name, "layer_index": i, "case_ids": [c.get("case_id") for c in cases]},
-                )
-            )
-            # ||u v^T||_F without forming the matrix: sqrt(sum((u^T u) * (v^T v)))
-            per_layer[module] = float(((u32.double().T @ u32.double()) * (v32.double().T @ v32.double())).sum().clamp_min(0).sqrt())
+            meta = {"method": self.name, "layer_index": i, "case_ids": [c.get("case_id") for c in cases]}
+            per_layer[module] = self.write_layer(weights, module, u, v, meta)
+        self.finish_layers(weights, per_layer)
         z_err_last = (Z - self.current_z(cases).to(torch.float64)).norm(dim=0)
         self.after_apply(cases)
         seconds = time.perf_counter() - t0
@@ -262,7 +265,7 @@ class Memit(EditMethod):
                     "z_error_before": float(z_err_first[j]),
                     "z_error_after": float(z_err_last[j]),
                     "update_norm_by_module": per_layer,
-                    "factor_kind": "lowrank",
+                    "factor_kind": self.update_kind,
                     "batch_size": len(cases),
                     "seconds_z": t_z / len(cases),
                     "seconds": seconds / len(cases),

@@ -34,6 +34,10 @@ METHODS: dict[str, tuple[str, str]] = {
     "emmet": ("editscale.edit.emmet.Emmet", "EMMET (Gupta et al. 2024): equality-constrained batch edit of one layer (B=1 equals r-ROME)"),
     "alphaedit": ("editscale.edit.alphaedit.AlphaEdit", "AlphaEdit (Fang et al. 2025): MEMIT with the update projected on the null space of preserved keys"),
     "encore": ("editscale.edit.encore.Encore", "ENCORE (Gupta et al. 2025): MEMIT + norm penalty + earlier edits' keys, with most-probable early stopping"),
+    "nas": ("editscale.edit.nas.Nas", "NAS (2026): AlphaEdit with each target value v* scaled to the unedited model's mean ||v*||, edits above 2x skipped"),
+    "rect": ("editscale.edit.rect.Rect", "RECT (Gu et al. 2024): MEMIT with each update kept only at its top 40 % relative changes |dW / W|"),
+    "prune": ("editscale.edit.prune.Prune", "PRUNE (Ma et al. 2025): ROME / MEMIT / AlphaEdit (base:) with the accumulated delta's singular values above sigma_max(W0) log-restrained"),
+    "ultraedit": ("editscale.edit.ultraedit.UltraEdit", "UltraEdit (Gu et al. 2025): one gradient pass per edit, lifelong-normalized [key | gradient], closed-form ridge update"),
     "ft-c": ("editscale.edit.ftc.FineTuneConstrained", "FT-C: constrained (L-inf bounded) fine-tuning of one MLP layer on the target"),
 }
 ENTRY_POINT_GROUP = "editscale.methods"
@@ -64,10 +68,17 @@ class EditMethod:
             key a file may hold, its type, default, allowed values; `required_hparams` and
             `default_hparams` are derived from it.
         forced_hparams: values the method sets whatever the file says (keys not in hparams_type).
-        update_kind: "lowrank" (factors u v^T) or "dense" (a full matrix per update).
+        update_kind: "lowrank" (factors u v^T), "dense" (a full matrix per update) or "masked"
+            (float64 factors and a mask: RECT).
+        batch_edits: whether `apply` computes one joint update for a batch of cases (MEMIT
+            family, FT-C, UltraEdit); False (ROME family) makes edits_per_step > 1 an error.
+        wraps: for a wrapper (PRUNE), the hparams key naming the method it wraps (`variant`
+            returns the combined class); "" for a method that edits by itself.
         solve_cost: how doctor estimates the closed-form part of one edit: "per_segment" (one
             factorization of C per segment, a triangular solve per edit: ROME family),
-            "per_edit" (a d x d solve per edit: MEMIT family) or "none" (fine-tuning).
+            "per_edit" (a d x d solve per edit: MEMIT family), "gradient" (one forward / backward
+            pass and a d x d solve per edit, no value optimization: UltraEdit) or "none"
+            (fine-tuning).
         precomputed(hparams): what the stats stage must provide for the edit jobs (see there).
         template_rule: how the reference samples and averages context templates ("rome": one flat
             group from the document-start token; "memit": [["{}"], samples after five openers],
@@ -95,6 +106,8 @@ class EditMethod:
     value_loss_layer: str = "max"
     update_kind: str = "lowrank"
     solve_cost: str = "per_edit"
+    batch_edits: bool = True
+    wraps: str = ""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -116,6 +129,17 @@ class EditMethod:
         self.context_templates = template_groups(context_templates)
 
     @classmethod
+    def variant(cls, hparams: dict) -> type:
+        """The class that edits with `hparams`: `cls` itself, except for a wrapper whose hparams
+        name the method it wraps (PRUNE's `base:`), which returns the combined class."""
+        return cls
+
+    @classmethod
+    def extra_solve_flops(cls, hparams: dict, shapes: dict[str, tuple[int, int]]) -> float:
+        """Float64 FLOPs per edit beyond `solve_cost`'s (doctor; PRUNE's SVDs). 0 by default."""
+        return 0.0
+
+    @classmethod
     def precomputed(cls, hparams: dict) -> dict[str, dict]:
         """Inputs the workflow computes before the edit jobs, by kind: "mom2" (the second moment
         of each edited module's input, passed as `stats`) and/or "nullspace" ({"threshold": t}:
@@ -124,7 +148,9 @@ class EditMethod:
 
     @staticmethod
     def modules(model, hparams) -> list[str]:
-        """Names of the edited modules (also the modules whose input statistics the method needs)."""
+        """Names of the edited modules (also the modules whose input statistics the method needs).
+        `model` is a loaded model or its architecture name (model_type): the workflow plans with
+        the name, before any weights are read, so only the registry's names may be used here."""
         return [mlp_out_name(model, int(layer)) for layer in hparams["layers"]]
 
     @classmethod
@@ -145,6 +171,11 @@ class EditMethod:
     def check_for_model(cls, hp: dict, layers_in_model: int, source: str = "hparams") -> None:
         """Checks that need the model's layer count (known from config.json before any job runs)."""
         hparams_spec.check_layers(hp, layers_in_model, source)
+
+    def begin(self, sequence: list[dict]) -> None:
+        """Called once per chain, on the unedited model before its first edit, with the run's
+        whole edit sequence (NAS measures its anchor norm here); its result belongs in
+        `state_dict()`. Nothing by default."""
 
     def apply(self, cases: list[dict], weights: WeightState) -> list[dict]:
         """Edit the model so that every case's prompt predicts its target_new; one log row per case
@@ -198,8 +229,14 @@ def load_plugins(modules=()) -> None:
         _ENTRY_POINTS_LOADED = True
 
 
-def get_method(name: str) -> type[EditMethod]:
-    """The class registered under `name` (imported on demand)."""
+def get_method(name: str, hparams: dict | None = None) -> type[EditMethod]:
+    """The class registered under `name` (imported on demand); with `hparams`, the class that
+    edits with them (`EditMethod.variant`: a wrapper combined with the method it wraps)."""
+    cls = _registered_class(name)
+    return cls.variant(hparams) if hparams is not None else cls
+
+
+def _registered_class(name: str) -> type[EditMethod]:
     if name not in METHODS:
         raise EditscaleError(f"unknown editing method {name!r}; available: {sorted(METHODS)}")
     if name in _CLASSES:
@@ -236,7 +273,7 @@ def load_hparams(path, method: str | None = None, required: Iterable[str] | None
     cls = None
     name = method or data.get("method") or (path.parent.name if path.parent.name in METHODS else None)
     if name is not None:
-        cls = get_method(name)
+        cls = get_method(name, data)
     req = list(required) if required is not None else list(getattr(cls, "required_hparams", ()))
     missing = [k for k in req if k not in data]
     if missing:

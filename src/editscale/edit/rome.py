@@ -56,6 +56,7 @@ class Rome(EditMethod):
     template_rule = "rome"
     value_loss_layer = "final"
     solve_cost = "per_segment"
+    batch_edits = False  # one rank-one update per case (EMMET is the batched ROME)
 
     @classmethod
     def precomputed(cls, hparams):

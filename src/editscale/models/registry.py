@@ -26,6 +26,8 @@ class ArchSpec:
     embed: str
     weight_in_out: bool = False
     n_layers_attr: str = "num_hidden_layers"
+    mlp_in: str = ""  # the (first) MLP input projection (UltraEdit edits these): c_fc, fc_in, gate_proj
+    mlp_up: str = ""  # a gated MLP's second input projection (Llama family's up_proj); "" when none
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -34,6 +36,8 @@ _LLAMA_LIKE = ArchSpec(
     final_norm="model.norm",
     lm_head="lm_head",
     embed="model.embed_tokens",
+    mlp_in="model.layers.{}.mlp.gate_proj",
+    mlp_up="model.layers.{}.mlp.up_proj",
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -45,6 +49,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         embed="transformer.wte",
         weight_in_out=True,
         n_layers_attr="n_layer",
+        mlp_in="transformer.h.{}.mlp.c_fc",
     ),
     "gptj": ArchSpec(
         mlp_out="transformer.h.{}.mlp.fc_out",
@@ -53,6 +58,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         lm_head="lm_head",
         embed="transformer.wte",
         n_layers_attr="n_layer",
+        mlp_in="transformer.h.{}.mlp.fc_in",
     ),
     "gpt_neox": ArchSpec(
         mlp_out="gpt_neox.layers.{}.mlp.dense_4h_to_h",
@@ -60,6 +66,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         final_norm="gpt_neox.final_layer_norm",
         lm_head="lm_head",  # transformers >= 5 (older releases: embed_out)
         embed="gpt_neox.embed_in",
+        mlp_in="gpt_neox.layers.{}.mlp.dense_h_to_4h",
     ),
     "llama": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,

@@ -305,7 +305,11 @@ def summary_table(
     checkpoint analysed), onset_k, onset_ci_low, onset_ci_high, collapse_k, onset_curves (curves
     that agree), onset_decision (how it was decided, or why each curve showed no onset, e.g. too
     few checkpoints), disabling_edits (comma-separated edit indices), n_disabling_edits;
-    edit_seconds_total, edit_seconds_mean (from `edit_log`), storage_bytes.
+    edit_seconds_total, edit_seconds_mean (from `edit_log`), storage_bytes;
+    the two efficacy readings toolkits disagree on (EasyEdit issue #518), side by side (`readings`):
+    {es,ps}_after_each_edit (mean over every edit, each scored right after its own edit or
+    batch: edit_scores) and {es,ps}_at_last_checkpoint (mean over the same edits re-scored once
+    on the model after the last checkpoint, last_checkpoint: history).
     `run_phases` maps run -> editscale.report.phases.RunPhases; computed when not given.
     """
     from ..evaluate.registry import curve_specs
@@ -363,6 +367,7 @@ def summary_table(
         row["edit_seconds_mean"] = secs[1] if secs else None
         sb = (storage_bytes or {}).get(run)
         row["storage_bytes"] = int(sb) if sb is not None else None
+        row.update(readings(tables, run))
         rows.append(row)
 
     schema: dict[str, pl.DataType] = {**{c: pl.Utf8 for c in META_COLS}, "n_edits": pl.Int64, "edits_done": pl.Int64}
@@ -383,9 +388,41 @@ def summary_table(
             "edit_seconds_total": pl.Float64,
             "edit_seconds_mean": pl.Float64,
             "storage_bytes": pl.Int64,
+            **{c: pl.Float64 for c in READING_COLUMNS},
+            "last_checkpoint": pl.Int64,
         }
     )
     return pl.DataFrame([{c: r.get(c) for c in schema} for r in rows], schema=schema)
+
+
+READING_COLUMNS = tuple(f"{m}_{when}" for m in ("es", "ps") for when in ("after_each_edit", "at_last_checkpoint"))
+
+
+def readings(tables: Mapping[str, pl.DataFrame], run: str) -> dict:
+    """Efficacy and paraphrase of a run's edits read two ways (summary_table): right after each
+    edit (the edit_scores table, all edits) and once at the last checkpoint the history table
+    re-scored (the edits up to it); None where a table lacks the run or the metric."""
+    out: dict = {c: None for c in READING_COLUMNS}
+    out["last_checkpoint"] = None
+    scores, history = tables.get("edit_scores"), tables.get("history")
+    last = None
+    if history is not None and history.height and "run" in history.columns:
+        h = history.filter(pl.col("run") == run)
+        if h.height:
+            last = int(h["edit"].max())
+            out["last_checkpoint"] = last
+            h = h.filter(pl.col("edit") == last)
+            for m in ("es", "ps"):
+                v = h.filter(pl.col("metric") == m)["value"].drop_nulls()
+                out[f"{m}_at_last_checkpoint"] = float(v.mean()) if v.len() else None
+    if scores is not None and scores.height and "run" in scores.columns:
+        e = scores.filter(pl.col("run") == run)
+        if last is not None:  # the same edits as the other reading
+            e = e.filter(pl.col("edit") <= last)
+        for m in ("es", "ps"):
+            if m in e.columns and e[m].drop_nulls().len():
+                out[f"{m}_after_each_edit"] = float(e[m].drop_nulls().mean())
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
