@@ -64,7 +64,7 @@ def per_method(bench: Bench, n_edits: int, warmup: int = 1, methods=METHOD_NAMES
 
 # rough cost order from the registry (a d x d solve per edit first, fine-tuning last): the
 # longest jobs first keep the worker pool busy
-_SOLVE_ORDER = ("per_edit", "per_segment", "none")
+_SOLVE_ORDER = ("per_edit", "per_segment", "gradient", "none")
 
 
 def _cost_rank(method: str) -> int:
