@@ -10,6 +10,8 @@ their records by path, then:
   startup_s    = median seconds of the evaluation jobs that neither load nor run the model (the
                  weights metric: process start, imports, reading the factors); the default if none;
   factor[kind] = sum(seconds - startup_s - load) / sum(compute seconds), for every other kind
+                 (a kind whose jobs took less than startup + load, compute lost in the noise, is
+                 fixed at its mean instead)
                  (one edit kind per method, one per metric, corpus, stats, context templates),
                  and the mean per family ("edit:*", "metric:*") for kinds whose computing jobs are
                  not in the records (a new method; history recorded at k = 0 only).
@@ -82,7 +84,10 @@ def fit(jobs: list[Job], seconds: dict[str, float], rate32: float, rate64: float
         if compute == 0:  # only the kind's non-computing jobs were recorded: the family's mean below
             continue
         rest = sum(seconds[j.record] - startup - j.model_bytes / LOAD_BYTES_PER_S for j in js)
-        factors[kind] = max(rest / compute, MIN_FACTOR)
+        if rest / compute < MIN_FACTOR:  # faster than startup + load says: its compute is lost in the noise
+            fixed[kind] = statistics.fmean(seconds[j.record] for j in js)
+            continue
+        factors[kind] = rest / compute
     for family in ("edit", "metric"):
         fam = [v for k, v in factors.items() if k.startswith(family + ":")]
         if fam:
