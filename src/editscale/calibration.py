@@ -10,11 +10,11 @@ their records by path, then:
   startup_s    = median seconds of the evaluation jobs that neither load nor run the model (the
                  weights metric: process start, imports, reading the factors); the default if none;
   factor[kind] = sum(seconds - startup_s - load) / sum(compute seconds), for every other kind
-                 (a kind whose jobs took less than startup + load, compute lost in the noise, is
-                 fixed at its mean instead)
                  (one edit kind per method, one per metric, corpus, stats, context templates),
                  and the mean per family ("edit:*", "metric:*") for kinds whose computing jobs are
-                 not in the records (a new method; history recorded at k = 0 only).
+                 not in the records (a new method; history recorded at k = 0 only); a kind whose
+                 jobs took less than startup + load (its compute lost in the noise) is fixed at
+                 its mean seconds instead.
 
 The fitted constants are relative to the matmul rate measured when fitting, so on another machine
 the compute part scales with that machine's rate and the startup stays; refit there for numbers

@@ -159,7 +159,7 @@ def doctor(configfile: str | Path | None, bench: bool = True, flops: float | Non
            benchmarks: str | Path | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {}
     rate32 = rate64 = None
-    cal = read_calibration(calibration)
+    cal = None if storage_only else read_calibration(calibration)
     if not storage_only:
         report["machine"] = machine_info(root)
         report["machine"]["fingerprint"] = machine_fingerprint(report["machine"])

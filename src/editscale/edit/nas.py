@@ -151,6 +151,7 @@ class Nas(AlphaEdit):
         super().__init__(model, tok, hparams, stats, context_templates, state, projections=projections)
         self.value_module = mlp_out_name(model, self.layers[-1])
         self.anchor: float | None = None
+        self.anchor_norms: list[float] = []  # the v* norms the anchor was taken over (begin)
         if state and ANCHOR_STATE in state:
             self.anchor = float(np.asarray(state[ANCHOR_STATE]).reshape(-1)[0])
         elif state:
@@ -178,7 +179,6 @@ class Nas(AlphaEdit):
         _, target_init = common.module_io_at_subject(self.model, self.tok, self.z_module, prompts, subjects)
         _, v0 = common.module_io_at_subject(self.model, self.tok, self.value_module, prompts, subjects)
         Z = Z.clone()
-        self.last_vstar = []
         for j in range(len(cases)):
             r = target_init[j] - v0[j]
             v = Z[:, j].to(r.dtype) - r
@@ -189,7 +189,6 @@ class Nas(AlphaEdit):
             elif self.anchor > 0:
                 v = v * (self.anchor / (v.norm() + 1e-10))
             Z[:, j] = (r + v).to(Z.dtype)
-            self.last_vstar.append(v)
             logs[j].update(nas_vstar_norm_orig=norm, nas_vstar_norm=float(v.norm()), nas_skipped=int(skipped), nas_anchor=self.anchor)
         return Z, logs
 

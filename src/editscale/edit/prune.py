@@ -111,15 +111,14 @@ class PruneMixin:
             new_v = Vh[over].T.to(torch.float32).contiguous()
             self.last_restraint[m] = (r, float(S[0]) if S.numel() else 0.0)
             if prev is None and r == 0:
-                continue
+                continue  # nothing to take back, nothing to restrain
             parts_u = ([-prev[0].to(device)] if prev is not None else []) + [new_u]
             parts_v = ([prev[1].to(device)] if prev is not None else []) + [new_v]
-            u, v = torch.cat(parts_u, dim=1), torch.cat(parts_v, dim=1)
-            if u.shape[1]:
-                weights.apply(Update(module=m, u=u, v=v, meta={"method": "prune", "restraint": "log", "restrained": r,
-                                                                "sigma_max": sigma_max}))
-            self.correction[m] = (new_u.cpu(), new_v.cpu())
-            if r == 0:
+            weights.apply(Update(module=m, u=torch.cat(parts_u, dim=1), v=torch.cat(parts_v, dim=1),
+                                 meta={"method": "prune", "restraint": "log", "restrained": r, "sigma_max": sigma_max}))
+            if r:
+                self.correction[m] = (new_u.cpu(), new_v.cpu())
+            else:
                 del self.correction[m]
 
     @classmethod

@@ -46,7 +46,7 @@ import torch
 
 from ..io import EditscaleError
 from ..models.nethook import Trace
-from ..models.registry import arch_spec, get_module, mlp_out_name
+from ..models.registry import arch_spec, edited_weight, mlp_out_name, to_math
 from . import common
 from .hparams import check_layers, spec
 from .methods import EditMethod
@@ -147,9 +147,8 @@ class UltraEdit(EditMethod):
         self.device = next(model.parameters()).device
         self.shape_of: dict[str, tuple[int, int]] = {}
         for m in self._modules:
-            weight = get_module(model, m).weight
-            d_out, d_in = (weight.shape[1], weight.shape[0]) if arch_spec(model).weight_in_out else tuple(weight.shape)
-            self.shape_of[m] = (int(d_in), int(d_out))
+            d_out, d_in = to_math(model, edited_weight(model, m)).shape
+            self.shape_of[m] = (int(d_in), int(d_out))  # the reference's get_shape order
         self.normalizer: dict[tuple[int, int], RunningMeanStd] = {}
         for shape in dict.fromkeys(self.shape_of.values()):
             key = _state_prefix(shape)

@@ -3,9 +3,9 @@
 Every update is applied as D += u_1 v_1^T + ... (one outer product at a time, in order; or a
 dense matrix for methods whose update is not low rank; or, for a sparsified low-rank update
 (RECT), the float64 sum of the outer products kept where a boolean mask is true) and the live
-parameter is then set to W0 + D. Outer products and additions are elementwise, so applying the same factors in the same
-order from the same D reproduces the weights bit for bit, whatever the thread count. This is
-what makes replay from factors exact.
+parameter is then set to W0 + D. Outer products and additions are elementwise, so applying the
+same factors in the same order from the same D reproduces the weights bit for bit, whatever the
+thread count. This is what makes replay from factors exact.
 
 All matrices here are in (out, in) orientation; the registry transposes for GPT-2's Conv1D.
 """
