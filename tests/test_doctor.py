@@ -235,3 +235,20 @@ def test_a_calibration_fitted_on_this_machine_keeps_its_matmul_rates(tmp_path):
     assert rep["machine"]["matmul_rate_from"].startswith("the calibration's")
     rep = doctor(None, calibration=other)
     assert rep["machine"]["matmul_rate_from"] == "measured" and rep["machine"]["matmul_flops_fp32"] != 1.25e9
+
+
+def test_nas_anchor_counts_once_in_the_first_segment_and_ultraedit_factors_count_target_tokens():
+    from editscale.edit.methods import get_method
+    from editscale.planning import PROMPT_TOKENS, TARGET_TOKENS, UPDATE_BYTES
+
+    n = 134_515_008
+    hp = {"layers": [3, 4, 5], "v_num_grad_steps": 25, "nas_restart": 256, "context_template_length_params": [[10, 10]]}
+    nas = edit_flops("nas", hp, n, {f"m{i}": (576, 1536) for i in range(3)}, 20, 30)
+    alpha = edit_flops("alphaedit", hp, n, {f"m{i}": (576, 1536) for i in range(3)}, 20, 30)
+    assert alpha["begin"] == 0 and nas["model"] == alpha["model"]
+    assert nas["begin"] == pytest.approx(256 * 25 * 2 * PROMPT_TOKENS * nas["flops_per_token_step"])
+    shapes = {"gate": (1536, 576)}
+    rank = get_method("ultraedit").factor_rank({})
+    assert rank == TARGET_TOKENS > 1
+    est = storage_estimate({"n_edits": 20, "segment": 20}, shapes, n, rank=rank)
+    assert est["factor_bytes_per_edit"] == round(TARGET_TOKENS * UPDATE_BYTES["lowrank"](1536, 576))

@@ -13,6 +13,7 @@ Storage (exact up to HDF5 overhead of a few KB per file; 1 MB = 1e6 bytes):
             bit per entry; FT-C's dense updates: 4 d_out d_in)
             (plus ~100 B of per-edit log and a few KB of attributes per file, not counted)
             (MEMIT with edits_per_step = b writes rank-b factors once per step: the same total.)
+            (UltraEdit writes one rank per target token: x TARGET_TOKENS, the method's factor_rank.)
   deltas    results/{run}/deltas/{k}.h5: the cumulative dense fp32 delta of every edited module:
                 bytes/checkpoint = sum over edited modules of 4 d_out d_in
   study     the forgetting study's code saves the full model every 20 edits
@@ -33,6 +34,9 @@ Time (an order-of-magnitude estimate, expect a factor 2-3 either way):
   per edit (2/3 d_in^3).
   The v* optimization stops early once the new target's loss is below 5e-2, so the step count is
   an upper bound, and so is the estimate for edits that converge fast.
+  NAS adds its anchor once per chain to the first segment's job (the method's begin_flops:
+  nas_restart bare-prompt v* optimizations, each v_num_grad_steps steps over 2 x PROMPT_TOKENS
+  tokens, an upper bound since they stop early as the edits do).
   Seconds = FLOPs / (the device's measured matmul rate x EFFICIENCY). The rate is measured in a
   ~0.3 s matmul loop on the device editscale would use (fp32 and fp64); `--flops` overrides it.
   Evaluation: forward passes, 2 N FLOPs per token: SCORE_TOKENS_PER_CASE tokens per case for the
@@ -55,6 +59,9 @@ from .workflow import edited_modules, run_hparams, stats_modules
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 STUDY_SAVE_EVERY = 20
 PROMPT_TOKENS = 12  # edit prompt with subject + target tokens (CounterFact: ~10 + 2)
+# target tokens per case: geofacts on SmolLM2's tokenizer has 1.79 (UltraEdit's factors measured at
+# 166 kB/edit against 92.9 kB per rank, benchmarks/RESULTS.md 1b)
+TARGET_TOKENS = 1.8
 SCORE_TOKENS_PER_CASE = 200  # edit scores: 1 edit + 2 paraphrase + 10 neighborhood prompts, ~16 tokens each
 HISTORY_TOKENS_PER_CASE = 60  # history: the edit and 2 paraphrase prompts
 DEFAULT_TASK_ITEMS = 500
@@ -77,11 +84,12 @@ UPDATE_BYTES = {
 
 
 def storage_estimate(run: dict, shapes: dict[str, tuple[int, int]], params: int | None, dtype: str = "float32",
-                     stats_modules: list[str] | None = None, update_kind: str = "lowrank") -> dict[str, Any]:
-    """Bytes of the run's checkpoints (see module doc); exact for the tensors, HDF5 overhead aside."""
+                     stats_modules: list[str] | None = None, update_kind: str = "lowrank", rank: float = 1.0) -> dict[str, Any]:
+    """Bytes of the run's checkpoints (see module doc); exact for the tensors, HDF5 overhead aside;
+    `rank`: the stored factors' rank per edit and module (EditMethod.factor_rank)."""
     n, seg = run["n_edits"], run["segment"]
     n_ckpt = n // seg
-    per_edit = sum(UPDATE_BYTES[update_kind](o, i) for o, i in shapes.values())
+    per_edit = int(round(rank * sum(UPDATE_BYTES[update_kind](o, i) for o, i in shapes.values())))
     factors_ckpt = seg * per_edit
     delta_ckpt = sum(4 * o * i for o, i in shapes.values())
     study_save = None if params is None else params * DTYPE_BYTES[dtype]
@@ -145,7 +153,8 @@ def edit_flops(method: str, hp: dict, params: int, shapes: dict[str, tuple[int, 
         solve = sum(d**3 / 3 / segment + 2 * d**2 for d in d_ins)
     solve += cls.extra_solve_flops(hp, shapes)
     return {"model": float(model), "solve": float(solve), "tokens": float(tokens), "steps": steps,
-            "flops_per_token_step": per_token, "template_tokens": float(n_tpl * mean_len)}
+            "flops_per_token_step": per_token, "template_tokens": float(n_tpl * mean_len),
+            "begin": float(cls.begin_flops(hp, per_token))}
 
 
 def _task_tokens(spec: dict) -> tuple[int, float, str]:
@@ -305,7 +314,8 @@ def run_jobs(config: dict, run: dict, root: str | Path = ".") -> list[Job]:
     seg = run["segment"]
     jobs = [Job("context_templates", str(bench / "context_templates.tsv"), run["name"],
                 decode_flops=2.0 * params * fl.get("template_tokens", 0.0), model_bytes=model_bytes)]
-    jobs += [Job(f"edit:{run['method']}", str(bench / f"edit_segment_{k:06d}.tsv"), run["name"], flops=seg * fl["model"],
+    jobs += [Job(f"edit:{run['method']}", str(bench / f"edit_segment_{k:06d}.tsv"), run["name"],
+                 flops=seg * fl["model"] + (fl.get("begin", 0.0) if k == seg else 0.0),  # begin: once, in the first segment
                  flops64=seg * fl["solve"], model_bytes=model_bytes) for k in segment_ends(run)]
     corpus = config["corpora"][run["corpus"]]
     for metric in METRICS.values():
@@ -408,8 +418,8 @@ def run_estimate(config: dict, run: dict, root: str | Path = ".") -> dict[str, A
     est["params"] = params
     from .edit.methods import get_method
 
-    kind = get_method(run["method"], hp).update_kind
-    est["storage"] = storage_estimate(run, shapes, params, dtype, stats_modules(config, run), kind)
+    cls = get_method(run["method"], hp)
+    est["storage"] = storage_estimate(run, shapes, params, dtype, stats_modules(config, run), cls.update_kind, cls.factor_rank(hp))
     fl = edit_flops(run["method"], hp, params, shapes, run["segment"], getattr(cfg, "num_hidden_layers", None))
     est["edit"] = {"flops_model": fl["model"], "flops_solve_fp64": fl["solve"], "tokens_per_step": fl["tokens"],
                    "steps": fl["steps"]}

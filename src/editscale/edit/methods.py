@@ -140,6 +140,18 @@ class EditMethod:
         return 0.0
 
     @classmethod
+    def factor_rank(cls, hparams: dict) -> float:
+        """Rank of one edit's stored factors per edited module (doctor's bytes/edit): 1 for the
+        rank-one methods; UltraEdit writes one rank per target token."""
+        return 1.0
+
+    @classmethod
+    def begin_flops(cls, hparams: dict, flops_per_token_step: float) -> float:
+        """Model FLOPs of `begin` (once per chain, counted in its first segment's job; NAS's
+        anchor). 0 by default."""
+        return 0.0
+
+    @classmethod
     def precomputed(cls, hparams: dict) -> dict[str, dict]:
         """Inputs the workflow computes before the edit jobs, by kind: "mom2" (the second moment
         of each edited module's input, passed as `stats`) and/or "nullspace" ({"threshold": t}:

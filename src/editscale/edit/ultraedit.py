@@ -114,6 +114,12 @@ class UltraEdit(EditMethod):
     def precomputed(cls, hparams):
         return {}
 
+    @classmethod
+    def factor_rank(cls, hparams: dict) -> float:
+        from ..planning import TARGET_TOKENS
+
+        return TARGET_TOKENS  # one factor column per target token of the case (step 3)
+
     @staticmethod
     def modules(model, hparams: dict) -> list[str]:
         spec_ = arch_spec(model)
