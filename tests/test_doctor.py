@@ -248,7 +248,7 @@ def test_nas_anchor_counts_once_in_the_first_segment_and_ultraedit_factors_count
     assert alpha["begin"] == 0 and nas["model"] == alpha["model"]
     assert nas["begin"] == pytest.approx(256 * 25 * 2 * PROMPT_TOKENS * nas["flops_per_token_step"])
     shapes = {"gate": (1536, 576)}
-    rank = get_method("ultraedit").factor_rank({})
+    rank = get_method("ultraedit").factor_rank({}, TARGET_TOKENS)
     assert rank == TARGET_TOKENS > 1
     est = storage_estimate({"n_edits": 20, "segment": 20}, shapes, n, rank=rank)
     assert est["factor_bytes_per_edit"] == round(TARGET_TOKENS * UPDATE_BYTES["lowrank"](1536, 576))

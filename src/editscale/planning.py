@@ -13,7 +13,7 @@ Storage (exact up to HDF5 overhead of a few KB per file; 1 MB = 1e6 bytes):
             bit per entry; FT-C's dense updates: 4 d_out d_in)
             (plus ~100 B of per-edit log and a few KB of attributes per file, not counted)
             (MEMIT with edits_per_step = b writes rank-b factors once per step: the same total.)
-            (UltraEdit writes one rank per target token: x TARGET_TOKENS, the method's factor_rank.)
+            (a method writing one rank per target token: x TARGET_TOKENS, its factor_rank.)
   deltas    results/{run}/deltas/{k}.h5: the cumulative dense fp32 delta of every edited module:
                 bytes/checkpoint = sum over edited modules of 4 d_out d_in
   study     the forgetting study's code saves the full model every 20 edits
@@ -34,9 +34,9 @@ Time (an order-of-magnitude estimate, expect a factor 2-3 either way):
   per edit (2/3 d_in^3).
   The v* optimization stops early once the new target's loss is below 5e-2, so the step count is
   an upper bound, and so is the estimate for edits that converge fast.
-  NAS adds its anchor once per chain to the first segment's job (the method's begin_flops:
-  nas_restart bare-prompt v* optimizations, each v_num_grad_steps steps over 2 x PROMPT_TOKENS
-  tokens, an upper bound since they stop early as the edits do).
+  A method's work before its first edit (EditMethod.begin_flops, e.g. an anchor of bare-prompt v*
+  optimizations, in optimization steps over PROMPT_TOKENS-token prompts; an upper bound since
+  they stop early as the edits do) is counted once per chain, in the first segment's job.
   Seconds = FLOPs / (the device's measured matmul rate x EFFICIENCY). The rate is measured in a
   ~0.3 s matmul loop on the device editscale would use (fp32 and fp64); `--flops` overrides it.
   Evaluation: forward passes, 2 N FLOPs per token: SCORE_TOKENS_PER_CASE tokens per case for the
@@ -59,7 +59,7 @@ from .workflow import edited_modules, run_hparams, stats_modules
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 STUDY_SAVE_EVERY = 20
 PROMPT_TOKENS = 12  # edit prompt with subject + target tokens (CounterFact: ~10 + 2)
-# target tokens per case: geofacts on SmolLM2's tokenizer has 1.79 (UltraEdit's factors measured at
+# target tokens per case: geofacts on SmolLM2's tokenizer has 1.79 (per-token factors measured at
 # 166 kB/edit against 92.9 kB per rank, benchmarks/RESULTS.md 1b)
 TARGET_TOKENS = 1.8
 SCORE_TOKENS_PER_CASE = 200  # edit scores: 1 edit + 2 paraphrase + 10 neighborhood prompts, ~16 tokens each
@@ -135,7 +135,7 @@ def edit_flops(method: str, hp: dict, params: int, shapes: dict[str, tuple[int, 
         steps = int(hp["num_steps"])
         return {"model": steps * 6 * params * 2 * PROMPT_TOKENS, "solve": 0.0, "tokens": 2 * PROMPT_TOKENS, "steps": steps,
                 "flops_per_token_step": 6 * params, "template_tokens": 0.0}
-    if cls.solve_cost == "gradient":  # UltraEdit: one forward + activation backward to the lowest edited layer
+    if cls.solve_cost == "gradient":  # one forward + activation backward to the lowest edited layer
         lowest = min(int(x) for k in ("mlp_in_layers", "mlp_up_layers", "layers") for x in hp.get(k) or [0])
         frac = 1.0 if not n_layers else max(n_layers - lowest, 1) / n_layers
         per_tok = (2 + 2 * frac) * params
@@ -154,7 +154,7 @@ def edit_flops(method: str, hp: dict, params: int, shapes: dict[str, tuple[int, 
     solve += cls.extra_solve_flops(hp, shapes)
     return {"model": float(model), "solve": float(solve), "tokens": float(tokens), "steps": steps,
             "flops_per_token_step": per_token, "template_tokens": float(n_tpl * mean_len),
-            "begin": float(cls.begin_flops(hp, per_token))}
+            "begin": float(cls.begin_flops(hp, per_token * PROMPT_TOKENS))}
 
 
 def _task_tokens(spec: dict) -> tuple[int, float, str]:
@@ -419,7 +419,7 @@ def run_estimate(config: dict, run: dict, root: str | Path = ".") -> dict[str, A
     from .edit.methods import get_method
 
     cls = get_method(run["method"], hp)
-    est["storage"] = storage_estimate(run, shapes, params, dtype, stats_modules(config, run), cls.update_kind, cls.factor_rank(hp))
+    est["storage"] = storage_estimate(run, shapes, params, dtype, stats_modules(config, run), cls.update_kind, cls.factor_rank(hp, TARGET_TOKENS))
     fl = edit_flops(run["method"], hp, params, shapes, run["segment"], getattr(cfg, "num_hidden_layers", None))
     est["edit"] = {"flops_model": fl["model"], "flops_solve_fp64": fl["solve"], "tokens_per_step": fl["tokens"],
                    "steps": fl["steps"]}

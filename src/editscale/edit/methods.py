@@ -140,15 +140,17 @@ class EditMethod:
         return 0.0
 
     @classmethod
-    def factor_rank(cls, hparams: dict) -> float:
+    def factor_rank(cls, hparams: dict, target_tokens: float) -> float:
         """Rank of one edit's stored factors per edited module (doctor's bytes/edit): 1 for the
-        rank-one methods; UltraEdit writes one rank per target token."""
+        rank-one methods; a method that writes one rank per target token returns `target_tokens`
+        (the doctor's mean target length in tokens)."""
         return 1.0
 
     @classmethod
-    def begin_flops(cls, hparams: dict, flops_per_token_step: float) -> float:
-        """Model FLOPs of `begin` (once per chain, counted in its first segment's job; NAS's
-        anchor). 0 by default."""
+    def begin_flops(cls, hparams: dict, flops_per_prompt_step: float) -> float:
+        """Model FLOPs of `begin` (once per chain, counted in its first segment's job, e.g. an
+        anchor computed before the first edit), given the FLOPs of one optimization step over one
+        edit prompt. 0 by default."""
         return 0.0
 
     @classmethod

@@ -148,12 +148,10 @@ class Nas(AlphaEdit):
     hparams_type = NasHparams
 
     @classmethod
-    def begin_flops(cls, hparams: dict, flops_per_token_step: float) -> float:
+    def begin_flops(cls, hparams: dict, flops_per_prompt_step: float) -> float:
         """The anchor (module doc): nas_restart bare-prompt optimizations of up to
-        v_num_grad_steps steps over the prompt and its KL prompt (planning.PROMPT_TOKENS each)."""
-        from ..planning import PROMPT_TOKENS
-
-        return float(hparams["nas_restart"]) * int(hparams["v_num_grad_steps"]) * 2 * PROMPT_TOKENS * flops_per_token_step
+        v_num_grad_steps steps over the prompt and its KL prompt."""
+        return float(hparams["nas_restart"]) * int(hparams["v_num_grad_steps"]) * 2 * flops_per_prompt_step
 
     def __init__(self, model, tok, hparams: dict, stats: dict, context_templates, state=None, projections=None):
         super().__init__(model, tok, hparams, stats, context_templates, state, projections=projections)

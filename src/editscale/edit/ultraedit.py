@@ -115,10 +115,8 @@ class UltraEdit(EditMethod):
         return {}
 
     @classmethod
-    def factor_rank(cls, hparams: dict) -> float:
-        from ..planning import TARGET_TOKENS
-
-        return TARGET_TOKENS  # one factor column per target token of the case (step 3)
+    def factor_rank(cls, hparams: dict, target_tokens: float) -> float:
+        return target_tokens  # one factor column per target token of the case (step 3)
 
     @staticmethod
     def modules(model, hparams: dict) -> list[str]:
