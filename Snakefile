@@ -34,7 +34,6 @@ if workflow.is_main_process:  # the plan, not every job that re-reads the Snakef
 METRIC_REGISTRY = wf.metrics_registry()
 
 RUNS = {run["name"]: run for run in config["runs"]}
-METRICS = config["metrics"]
 ENV = "../envs/editscale.yaml"  # relative to rules/*.smk, where it is used
 
 

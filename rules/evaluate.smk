@@ -13,7 +13,7 @@ for _metric in METRIC_REGISTRY.values():
         output:
             f"results/{{run}}/metrics/{_metric.name}/{{k}}.parquet",
         params:
-            cfg=lambda w, m=_metric.name: wf.canonical_json(METRICS[m]),
+            cfg=wf.metric_params_json(config, _metric.name),
             model_dir=lambda w: f"data/models/{RUNS[w.run]['model']}",
             k=lambda w: int(w.k),
             verb=_metric.verb,

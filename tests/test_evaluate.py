@@ -359,6 +359,39 @@ def test_eval_grid():
     assert g[0] == 0 and g[-1] == 1000 and len(g) == 11
     with pytest.raises(EditscaleError, match="eval_every must be >= 1"):
         eval_grid(10, every=0)
+
+
+def test_log_spaced_and_listed_eval_grids():
+    # the example: 1-2-5 per decade from 10, always with 0 and n_edits
+    assert eval_grid(10_000, {"per_decade": 3, "start": 10}) == [0, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000]
+    assert eval_grid(300, {"per_decade": 3, "start": 10}) == [0, 10, 20, 50, 100, 200, 300]
+    # finer grids round the mantissas 10^(i/D) to 2 significant digits (R10 for D = 10)
+    assert eval_grid(100, {"per_decade": 10, "start": 10}) == [0, 10, 13, 16, 20, 25, 32, 40, 50, 63, 79, 100]
+    assert eval_grid(100, {"per_decade": 1}) == [0, 1, 10, 100]
+    # a list: points above n_edits wait for a longer run
+    assert eval_grid(300, [500, 10, 0]) == [0, 10, 300]
+    assert eval_grid(600, [500, 10, 0]) == [0, 10, 500, 600]
+    # every form is a fixed set cut at n_edits: a longer run keeps every interior point
+    for grid in (7, {"per_decade": 3}, {"per_decade": 7, "start": 4}, [3, 40, 900]):
+        for short, long in ((50, 120), (99, 1000), (1000, 20_000)):
+            assert set(eval_grid(short, grid)) - {short} <= set(eval_grid(long, grid)), (grid, short, long)
+    with pytest.raises(EditscaleError, match="integers >= 0"):
+        eval_grid(10, [3, -1])
+    with pytest.raises(EditscaleError, match="eval_every must be an integer"):
+        eval_grid(10, "log")
+
+
+def test_the_config_schema_accepts_every_grid_form_and_names_a_bad_one():
+    from editscale.config import section
+
+    def grid(value):
+        return section("metrics.history", {"eval_every": value}).eval_every
+
+    assert grid({"per_decade": 3, "start": 10}) == {"per_decade": 3, "start": 10}
+    assert grid([0, 5, 50]) == [0, 5, 50] and grid(25) == 25
+    for bad in (0, {"per_decade": 3, "every": 2}, {"start": 10}, [], [1, 1], "log"):
+        with pytest.raises(EditscaleError, match=r"metrics.history.eval_every: .* none of the allowed forms: .*per_decade"):
+            grid(bad)
     run = {"name": "r", "n_edits": 8, "segment": 4, "edits_per_step": 1}
     assert segment_ends(run) == [4, 8]
     # the chain has no partial segment: the plan refuses n_edits that is not a multiple

@@ -108,6 +108,38 @@ def test_changing_one_metric_reruns_only_that_metric(tiny_study, tmp_path):
     assert jobs["metric_generation"] == 2  # checkpoints 0 and 6
 
 
+def _planned_outputs(res, rule: str) -> set[str]:
+    """The output files of the planned jobs of `rule` in a `snakemake -n` listing."""
+    out, current = set(), None
+    for line in (res.stdout + res.stderr).splitlines():
+        line = line.strip()
+        if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
+            current = line.split()[1].rstrip(":")
+        elif line.startswith("output:") and current == rule:
+            out |= {f.strip() for f in line.split(":", 1)[1].split(",") if f.strip()}
+    return out
+
+
+def test_a_new_grid_form_plans_only_its_new_checkpoints_and_extends_by_points(tiny_study, tmp_path):
+    """A log-spaced grid on the finished run plans only the points it adds (the grid is no job
+    param: the checkpoints 0 and 6 it shares with the linear grid are kept), and extending n_edits
+    then plans only the grid's points beyond the old n_edits."""
+    workdir = _copy_study(tiny_study, tmp_path)
+    history = "results/rome-tiny/metrics/history/{:06d}.parquet".format
+    set_config(workdir, lambda c: c["metrics"]["history"].update({"eval_every": {"per_decade": 3}}))  # 0 1 2 5 6
+    res = snakemake(workdir, "-n")
+    assert set(planned_jobs(res)) <= {"metric_history", "report_tables", "report_plots", "audit", "all"}, planned_jobs(res)
+    assert _planned_outputs(res, "metric_history") == {history(k) for k in (1, 2, 5)}
+    snakemake(workdir, *(history(k) for k in (1, 2, 5)))
+    set_config(workdir, lambda c: c["runs"][0].update({"n_edits": 12}))  # grid 0 1 2 5 10 12
+    res = snakemake(workdir, "-n")
+    assert _planned_outputs(res, "metric_history") == {history(10), history(12)}
+    assert planned_jobs(res)["edit_segment"] == 2
+    # a listed grid: only its points not computed yet (20 waits for a longer run)
+    set_config(workdir, lambda c: c["metrics"]["history"].update({"eval_every": [0, 2, 4, 20]}))
+    assert _planned_outputs(snakemake(workdir, "-n"), "metric_history") == {history(4), history(12)}
+
+
 def test_replay_cli_matches_chain(tiny_study):
     bindir = Path(sys.executable).parent
     res = subprocess.run([str(bindir / "editscale"), "replay", "--model-dir", "data/models/tiny-gpt2",

@@ -26,7 +26,27 @@ SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
 
 @functools.lru_cache(maxsize=1)
 def _file_schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    """The schema file with its `$defs` references written out in place, so that every section's
+    node validates on its own (`section`)."""
+    raw = yaml.safe_load(SCHEMA_PATH.read_text())
+    return _inline_refs(raw, raw.get("$defs") or {})
+
+
+def _inline_refs(node, defs: dict):
+    if isinstance(node, list):
+        return [_inline_refs(x, defs) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _inline_refs(v, defs) for k, v in node.items()}
+    ref = out.pop("$ref", None)
+    if ref is not None:
+        out = {**copy.deepcopy(defs[ref.removeprefix("#/$defs/")]), **out}
+    return out
+
+
+def eval_grid_schema(default) -> dict:
+    """The schema of a metric's eval_every (the checkpoint grid, schema.yaml's $defs.eval_grid)."""
+    return {**copy.deepcopy(_file_schema()["$defs"]["eval_grid"]), "default": default}
 
 
 def schema() -> dict:
@@ -41,7 +61,11 @@ def schema() -> dict:
     for name, fragment in plugins.items():
         if name in metric_props:
             raise EditscaleError(f"plugin metric {name!r} redefines the built-in section metrics.{name}")
-        metric_props[name] = {"type": "object", "additionalProperties": False, "default": {}, **fragment}
+        node = {"type": "object", "additionalProperties": False, "default": {}, **copy.deepcopy(fragment)}
+        grid = (node.get("properties") or {}).get("eval_every")
+        if grid is not None:  # every metric's grid takes the same forms (linear, log-spaced, list)
+            node["properties"]["eval_every"] = eval_grid_schema(grid.get("default", 50))
+        metric_props[name] = node
     return merged
 
 
@@ -88,8 +112,16 @@ def validate(config: dict, source: str = "config") -> dict:
                 f"{source}{f', line {line}' if line else ''}: {where}: unknown key {unknown[0]!r}"
                 + (f" (did you mean {near[0]!r}?)" if near else "") + f"; allowed keys: {', '.join(allowed)}"
             )
-        raise EditscaleError(f"{source}: {where}: {e.message}")
+        raise EditscaleError(f"{source}: {where}: {_message(e)}")
     return config
+
+
+def _message(error) -> str:
+    """jsonschema's message; for a value that matches none of a oneOf's forms, the schema's
+    description of the forms too (its bare message names none of them)."""
+    if error.validator == "oneOf" and error.schema.get("description"):
+        return f"{error.instance!r} is none of the allowed forms: {' '.join(error.schema['description'].split())}"
+    return error.message
 
 
 def _line_of(source: str, key: str) -> int | None:
@@ -145,5 +177,5 @@ def section(path: str, params: dict | None = None) -> Any:
     errors = list(jsonschema.Draft202012Validator(node).iter_errors(values))
     if errors:
         e = errors[0]
-        raise EditscaleError(f"{path}.{'.'.join(str(p) for p in e.absolute_path)}: {e.message}")
+        raise EditscaleError(f"{path}.{'.'.join(str(p) for p in e.absolute_path)}: {_message(e)}")
     return _section_type(path)(**{k: values.get(k) for k in props})

@@ -184,11 +184,38 @@ def segment_ends(run: dict) -> list[int]:
     return list(range(seg, n + 1, seg))
 
 
-def eval_grid(n_edits: int, every: int) -> list[int]:
-    """Checkpoints 0, every, 2*every, ..., always including 0 and n_edits."""
-    if int(every) < 1:
-        raise EditscaleError(f"eval_every must be >= 1, got {every}")
-    return sorted(set(range(0, n_edits + 1, every)) | {0, n_edits})
+def eval_grid(n_edits: int, every) -> list[int]:
+    """The checkpoints of a metric's grid `every` (schema.yaml's $defs.eval_grid) up to n_edits,
+    always with 0 and n_edits: an int N (0, N, 2N, ...), {per_decade: D, start: S} (log-spaced)
+    or a list. Each form is a fixed set of points cut at n_edits, so a longer run only adds points."""
+    if isinstance(every, bool) or not isinstance(every, (int, dict, list, tuple)):
+        raise EditscaleError(f"eval_every must be an integer, {{per_decade: D, start: S}} or a list of checkpoints, got {every!r}")
+    if isinstance(every, dict):
+        points = log_grid(n_edits, int(every["per_decade"]), int(every.get("start", 1)))
+    elif isinstance(every, (list, tuple)):
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in every):
+            raise EditscaleError(f"eval_every: a list of checkpoints must hold integers >= 0, got {list(every)}")
+        points = [k for k in every if k <= n_edits]
+    else:
+        if every < 1:
+            raise EditscaleError(f"eval_every must be >= 1, got {every}")
+        points = range(0, n_edits + 1, every)
+    return sorted(set(points) | {0, n_edits})
+
+
+def log_grid(n_edits: int, per_decade: int, start: int = 1) -> list[int]:
+    """start <= k <= n_edits at `per_decade` points per decade: mantissas 10^(i / per_decade)
+    rounded to 1 significant digit (per_decade <= 3: 1, 2, 5 for 3) or 2 (finer), times powers
+    of ten, rounded to integers; the same points whatever n_edits is."""
+    if per_decade < 1 or start < 1:
+        raise EditscaleError(f"eval_every: per_decade and start must be >= 1, got {per_decade}, {start}")
+    digits = 1 if per_decade <= 3 else 2
+    mantissas = sorted({float(f"{10 ** (i / per_decade):.{digits}g}") for i in range(per_decade)})
+    points, decade = set(), 1
+    while decade <= max(n_edits, 1):
+        points |= {round(m * decade) for m in mantissas}
+        decade *= 10
+    return sorted(k for k in points if start <= k <= n_edits)
 
 
 def segment_end_for(k: int, segment: int) -> int:
@@ -372,6 +399,12 @@ def metric_grid(config: dict, run: dict, metric: str) -> list[int]:
     if get_metric(metric).grid == "segments":
         return segment_ends(run)
     return eval_grid(run["n_edits"], config["metrics"][metric]["eval_every"])
+
+
+def metric_params_json(config: dict, metric: str) -> str:
+    """The params of a metric's jobs: its config section without eval_every, since the grid says
+    which checkpoints exist, not what a checkpoint computes (a new grid plans only new points)."""
+    return canonical_json({k: v for k, v in config["metrics"][metric].items() if k != "eval_every"})
 
 
 def metric_files(config: dict, run: dict, metric: str) -> list[str]:

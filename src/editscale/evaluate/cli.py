@@ -71,13 +71,14 @@ def register(sub) -> None:
 
 def _section(args, metric: str):
     """(typed section, its dict) of metrics.<metric>: the schema's defaults updated with
-    --params-json; the dict is what the output's provenance records."""
+    --params-json; the dict is what the output's provenance records: everything but eval_every,
+    which the rule leaves out (a checkpoint's table does not depend on the grid around it)."""
     import dataclasses
 
     from ..config import section
 
     cfg = section(f"metrics.{metric}", parse_params(args.params_json))
-    return cfg, dataclasses.asdict(cfg)
+    return cfg, {k: v for k, v in dataclasses.asdict(cfg).items() if k != "eval_every"}
 
 
 def parse_params(text: str | None) -> dict:
