@@ -263,3 +263,12 @@ def test_the_nas_anchor_is_in_the_first_edit_job_only(repo_root, tmp_path):
     edits = [j for j in run_jobs(config, run, tmp_path) if j.kind == "edit:nas"]
     assert len(edits) == 10 and len({j.flops for j in edits[1:]}) == 1
     assert edits[0].flops > edits[1].flops  # the anchor's optimizations, on top of the segment's edits
+
+
+def test_a_bounded_history_sample_makes_the_history_estimate_flat_in_k():
+    from editscale.planning import history_cost
+
+    full, sampled = {"sample": "all"}, {"sample": 500}
+    assert history_cost(None, full, None, 1.0, 10_000)[0] == 20 * history_cost(None, full, None, 1.0, 500)[0]
+    assert history_cost(None, sampled, None, 1.0, 10_000)[0] == history_cost(None, sampled, None, 1.0, 500)[0]
+    assert history_cost(None, sampled, None, 1.0, 100)[0] == history_cost(None, full, None, 1.0, 100)[0]

@@ -23,7 +23,7 @@ from editscale.evaluate.generation import (
     unigram_entropy_norm,
     word_tokenize,
 )
-from editscale.evaluate.history import forgetting_curve, retention_curve, score_history
+from editscale.evaluate.history import age_strata, history_sample, score_history
 from editscale.evaluate.perplexity import perplexity
 from editscale.evaluate.scoring import argmax_match, generate, run_prompts, score_pairs, score_token_pairs, target_nll
 from editscale.evaluate.weights import flag_outliers, robust_z, update_norm_rows, weight_drift
@@ -204,35 +204,39 @@ def test_score_history_only_earlier_edits(gpt2):
 # forgetting / retention
 
 
-def _long(rows):
-    return pl.DataFrame(rows, schema=["k", "item", "edit_index", "metric", "value"], orient="row").with_columns(
-        pl.col("k").cast(pl.Int64), pl.col("edit_index").cast(pl.Int64), pl.col("value").cast(pl.Float64)
-    )
+def test_history_sample_is_age_stratified_bounded_seeded_and_stable():
+    cases = [{"case_id": f"c{j}", "edit_index": j} for j in range(1, 20_001)]
+    # strata edges double with age: the newest k/8 edits are a stratum of their own
+    assert age_strata(200, 4) == [(176, 200), (151, 175), (101, 150), (1, 100)]
+    assert age_strata(3, 4) == [(3, 3), (2, 2), (1, 1)] and age_strata(0, 4) == []
 
+    def ids(k, size=100, **kw):
+        return {c["case_id"] for c, _, _ in history_sample(cases, k, size, **kw)}
 
-def test_forgetting_and_retention_curves():
-    # right after their edits: A, B, D learned; C never took
-    edit_scores = _long([
-        (1, "A", 1, "efficacy_em", 1.0), (2, "B", 2, "efficacy_em", 1.0),
-        (3, "C", 3, "efficacy_em", 0.0), (4, "D", 4, "efficacy_em", 1.0),
-        (1, "A", 1, "es", 1.0),
-    ])
-    history = _long([
-        (2, "A", 1, "efficacy_em", 1.0), (2, "B", 2, "efficacy_em", 1.0),
-        (4, "A", 1, "efficacy_em", 0.0), (4, "B", 2, "efficacy_em", 1.0), (4, "C", 3, "efficacy_em", 1.0), (4, "D", 4, "efficacy_em", 1.0),
-        # A comes back at 6, B is forgotten at 6
-        (6, "A", 1, "efficacy_em", 1.0), (6, "B", 2, "efficacy_em", 0.0), (6, "C", 3, "efficacy_em", 0.0), (6, "D", 4, "efficacy_em", 1.0),
-    ])
-    fc = forgetting_curve(edit_scores, history)
-    assert fc["k"].to_list() == [2, 4, 6]
-    assert fc["learned"].to_list() == [2, 3, 3]
-    assert fc["forgotten"].to_list() == [0, 1, 2]  # A stays forgotten although it came back
-    assert fc["forgotten_pct"].to_list() == pytest.approx([0.0, 100 / 3, 200 / 3])
-    rc = retention_curve(edit_scores, history)
-    assert rc["k"].to_list() == [2, 4, 6]
-    assert rc["evaluated"].to_list() == [2, 3, 3]
-    assert rc["retained"].to_list() == [2, 2, 2]  # A counts again at 6
-    assert rc["retained_pct"].to_list() == pytest.approx([100.0, 200 / 3, 200 / 3])
+    for k in (150, 1000, 10_000):
+        picked = history_sample(cases, k, 100)
+        assert len(picked) == 100 and all(1 <= c["edit_index"] <= k for c, _, _ in picked)
+        per_stratum = {}
+        for c, lo, hi in picked:
+            assert lo <= c["edit_index"] <= hi
+            per_stratum[(lo, hi)] = per_stratum.get((lo, hi), 0) + 1
+        assert sorted(per_stratum) == sorted(age_strata(k, 4))
+        # 25 per stratum; at k = 150 the two newest strata hold 19 edits each: all of them, 31 for the rest
+        assert sorted(per_stratum.values()) == ([19, 19, 31, 31] if k == 150 else [25] * 4)
+    # a stratum smaller than its quota gives all its edits and passes the rest on
+    small = history_sample(cases, 10, 7)
+    assert len(small) == 7 and sum(1 for _, lo, hi in small if (lo, hi) == (8, 8)) == 1
+    # all, or fewer earlier edits than the sample: every one, one stratum
+    assert [(c["edit_index"], lo, hi) for c, lo, hi in history_sample(cases, 3, None)] == [(1, 1, 3), (2, 1, 3), (3, 1, 3)]
+    assert len(history_sample(cases, 50, 100)) == 50
+    # seeded: the same sample again, another with another seed; the run's length plays no part
+    assert ids(1000) == ids(1000) != ids(1000, seed=1)
+    assert ids(1000) == {c["case_id"] for c, _, _ in history_sample(cases[:1000], 1000, 100)}
+    # stable: most edits sampled at k are sampled again a little later (fixed per-edit priorities)
+    assert len(ids(1000) & ids(1050)) >= 75
+    # and the edits of an age band that no edit left keep their sample: 1..500 at k = 1000 and 1001
+    old = {c["case_id"] for c, lo, _ in history_sample(cases, 1000, 100) if lo == 1}
+    assert old <= ids(1001)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -237,6 +237,65 @@ def test_forgetting_table_counts():
     assert fg.schema["forgotten_pct"] == pl.Float64 and fg.schema["edit"] == pl.Int64
 
 
+def _history_rows(rows, run="r"):
+    """History family rows from (k, item, edit_index, es[, stratum_lo, stratum_hi])."""
+    cols = {"edit": [], "item": [], "edit_index": [], "value": [], "stratum_lo": [], "stratum_hi": []}
+    for r in rows:
+        k, item, j, es, lo, hi = (*r, 1, r[0]) if len(r) == 4 else r
+        for name, v in zip(cols, (k, item, j, es, lo, hi)):
+            cols[name].append(v)
+    n = len(rows)
+    return pl.DataFrame({"run": [run] * n, "model": "m", "method": "ROME", "dataset": "cf", "sample": "0", "metric": ["es"] * n, **cols})
+
+
+def test_forgetting_table_once_forgotten_always_forgotten():
+    # right after their edits A, B, D succeeded; C never took
+    es = pl.DataFrame({"run": ["r"] * 4, "case_id": ["A", "B", "C", "D"], "edit": [1, 2, 3, 4], "es": [1.0, 1.0, 0.0, 1.0]})
+    hist = _history_rows([
+        (2, "A", 1, 1.0), (2, "B", 2, 1.0),
+        (4, "A", 1, 0.0), (4, "B", 2, 1.0), (4, "C", 3, 1.0), (4, "D", 4, 1.0),
+        (6, "A", 1, 1.0), (6, "B", 2, 0.0), (6, "C", 3, 0.0), (6, "D", 4, 1.0),  # A comes back, B is lost
+    ])
+    fg = tables.forgetting_table(hist, es)
+    assert fg["edit"].to_list() == [2, 4, 6] and fg["n_successful"].to_list() == [2, 3, 3]
+    assert fg["forgotten_pct"].to_list() == pytest.approx([0.0, 100 / 3, 100 / 3])  # now: A at 4, B at 6
+    assert fg["ever_forgotten_pct"].to_list() == pytest.approx([0.0, 100 / 3, 200 / 3])  # A stays forgotten
+    # every earlier edit scored: exact figures, zero-width intervals
+    for c in ("forgotten_pct", "ever_forgotten_pct"):
+        assert fg[f"{c}_lo"].to_list() == pytest.approx(fg[c].to_list()) and fg[f"{c}_hi"].to_list() == pytest.approx(fg[c].to_list())
+
+
+def test_forgetting_table_weights_a_stratified_sample_back_to_every_earlier_edit():
+    """History samples 20 of 1000 earlier edits in 4 age strata; the estimate is the stratified
+    mean (strata weighted by their sizes, not by their sample counts), and its interval covers
+    the population figure."""
+    from editscale.evaluate.history import history_sample
+
+    rng = np.random.default_rng(0)
+    k = 1000
+    cases = [{"case_id": f"c{j}", "edit_index": j} for j in range(1, k + 1)]
+    retained = {f"c{j}": float(rng.random() < (0.2 if j <= 500 else 0.9)) for j in range(1, k + 1)}  # old edits forgotten
+    picked = history_sample(cases, k, 20)
+    hist = _history_rows([(k, c["case_id"], c["edit_index"], retained[c["case_id"]], lo, hi) for c, lo, hi in picked])
+    es = pl.DataFrame({"run": ["r"] * k, "case_id": list(retained), "edit": list(range(1, k + 1)), "es": [1.0] * k})
+    row = tables.forgetting_table(hist, es).row(0, named=True)
+    strata = {}
+    for c, lo, hi in picked:
+        strata.setdefault((lo, hi), []).append(retained[c["case_id"]])
+    expected = sum((hi - lo + 1) * np.mean(v) for (lo, hi), v in strata.items()) / k
+    naive = np.mean([retained[c["case_id"]] for c, _, _ in picked])
+    assert row["n_scored"] == 20 and row["retention"] == pytest.approx(expected) and expected != pytest.approx(naive)
+    assert row["forgotten_pct"] == pytest.approx(100 * (1 - expected))
+    truth = np.mean(list(retained.values()))
+    assert row["retention_lo"] < truth < row["retention_hi"] and row["retention_hi"] - row["retention_lo"] > 0.05
+    # the stratum of edits 1..500 has no sampled success: left out, the others renormalized
+    hist2 = hist.filter(pl.col("stratum_lo") != 1)
+    es2 = es.with_columns(pl.when(pl.col("edit") <= 500).then(0.0).otherwise(1.0).alias("es"))
+    row2 = tables.forgetting_table(hist2, es2).row(0, named=True)
+    rest = {s: v for s, v in strata.items() if s[0] != 1}
+    assert row2["forgotten_pct"] == pytest.approx(100 * (1 - sum((hi - lo + 1) * np.mean(v) for (lo, hi), v in rest.items()) / 500))
+
+
 def test_report_tables_written_with_summary(results, tmp_path):
     out = tmp_path / "tables"
     written = tables.report_tables(RUNS, _metrics(results), out, edit_log=_edit_log(), storage_bytes={"rome-s0": 1234})

@@ -140,6 +140,23 @@ def test_a_new_grid_form_plans_only_its_new_checkpoints_and_extends_by_points(ti
     assert _planned_outputs(snakemake(workdir, "-n"), "metric_history") == {history(4), history(12)}
 
 
+def test_a_bounded_history_sample_reruns_only_history_and_is_stratified(tiny_study, tmp_path):
+    workdir = _copy_study(tiny_study, tmp_path)
+    set_config(workdir, lambda c: c["metrics"]["history"].update({"sample": 2, "strata": 2}))
+    jobs = planned_jobs(snakemake(workdir, "-n"))
+    assert set(jobs) <= {"metric_history", "report_tables", "report_plots", "audit", "all"} and jobs["metric_history"] == 3, jobs  # 0, 3, 6
+    snakemake(workdir, "results/tables/forgetting.parquet")
+    import polars as pl
+
+    at6 = pl.read_parquet(workdir / "results/rome-tiny/metrics/history/000006.parquet")
+    # strata at k = 6 with 2 of them: ages [0, 3) = edits 4..6 and [3, 6) = edits 1..3, one edit from each
+    picked = at6.select("item", "edit_index", "stratum_lo", "stratum_hi").unique().sort("edit_index")
+    assert picked["stratum_lo"].to_list() == [1, 4] and picked["stratum_hi"].to_list() == [3, 6]
+    assert picked["edit_index"][0] <= 3 < picked["edit_index"][1]
+    forgetting = pl.read_parquet(workdir / "results/tables/forgetting.parquet").filter(pl.col("edit") == 6).row(0, named=True)
+    assert forgetting["n_scored"] == 2 and forgetting["retention_lo"] <= forgetting["retention"] <= forgetting["retention_hi"]
+
+
 def test_replay_cli_matches_chain(tiny_study):
     bindir = Path(sys.executable).parent
     res = subprocess.run([str(bindir / "editscale"), "replay", "--model-dir", "data/models/tiny-gpt2",

@@ -41,7 +41,7 @@ Time (an order-of-magnitude estimate, expect a factor 2-3 either way):
   ~0.3 s matmul loop on the device editscale would use (fp32 and fp64); `--flops` overrides it.
   Evaluation: forward passes, 2 N FLOPs per token: SCORE_TOKENS_PER_CASE tokens per case for the
   edit scores after every edit, HISTORY_TOKENS_PER_CASE per earlier edit re-scored by history (all
-  k earlier edits at checkpoint k), the downstream task prompts (few-shot context + item; measured
+  k earlier edits at checkpoint k, or min(k, sample)), the downstream task prompts (few-shot context + item; measured
   from the task files when present), generation (n_prompts x max_new_tokens, decoding at
   DECODE_EFFICIENCY) and perplexity (heldout tokens); each job also loads the model
   (bytes / LOAD_BYTES_PER_S).
@@ -182,7 +182,9 @@ def edit_scores_cost(run, section, corpus, f, k):
 
 
 def history_cost(run, section, corpus, f, k):
-    return f * k * HISTORY_TOKENS_PER_CASE, 0.0  # all k earlier edits
+    sample = section.get("sample", "all")
+    cases = k if sample == "all" else min(k, int(sample))  # all k earlier edits, or the bounded sample
+    return f * cases * HISTORY_TOKENS_PER_CASE, 0.0
 
 
 def downstream_cost(run, section, corpus, f, k):

@@ -207,7 +207,11 @@ def cmd_history(args) -> None:
     cfg, params = _section(args, "history")
     cases = _edits(args)
     model, tok = _model_at(args)
-    df = score_history(model, tok, cases, args.k, parts=tuple(cfg.parts), batch_size=cfg.batch_size)
+    size = None if cfg.sample == "all" else int(cfg.sample)
+    log.info("history at k=%d: re-scoring %s earlier edits (%s)", args.k, "all" if size is None else f"at most {size}",
+             "every one" if size is None else f"{cfg.strata} age strata, seed {cfg.seed}")
+    df = score_history(model, tok, cases, args.k, parts=tuple(cfg.parts), batch_size=cfg.batch_size,
+                       sample=size, strata=cfg.strata, seed=cfg.seed)
     _write(df, args, params, seconds=time.time() - t0)
 
 

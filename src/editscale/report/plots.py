@@ -9,8 +9,9 @@ editscale.evaluate.registry, every function called as fn(tables, FigureOptions))
 - `edit_scores`: editing proficiency, ES / PS / NS of each edit right after it was made, smoothed
   by a rolling mean over the last W edits (the study's smoothing; W = 1 shows raw scores), one
   panel per metric.
-- `forgetting`: % of earlier (successful) edits forgotten and % retention (mean ES of all earlier
-  edits) against the number of edits.
+- `forgetting`: % of earlier (successful) edits forgotten (now, and ever) and % retention (mean ES
+  of all earlier edits) against the number of edits; one run's band is the 95 % interval of
+  history's sample.
 - `downstream`: downstream score per task against edits, one row per reading (generation F1 and
   the log-likelihood reading f1_ll / accuracy_ll).
 - `weight_distance`: Frobenius distance of each edited module (and of all together, "all") from
@@ -181,7 +182,7 @@ def line_band(
             color=color,
             tooltip=tooltip + extra,
         )
-        .transform_filter("datum.n_runs > 1")
+        .transform_filter("datum.hi > datum.lo")  # several samples, or one run's interval
     )
     layer = alt.layer(area, line, data=frame).properties(width=WIDTH, height=HEIGHT)
     sort = list(facet_sort) if facet_sort else "ascending"
@@ -232,16 +233,30 @@ def proficiency_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = 
 
 
 def forgetting_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = FigureOptions()) -> alt.TopLevelMixin:
-    """% of earlier successful edits forgotten, and % retention, against edits."""
+    """% of earlier successful edits forgotten (now, and ever: once forgotten, always forgotten),
+    and % retention, against edits; a series of one run shows the 95 % interval of history's
+    sample as its band (zero width when every earlier edit is re-scored)."""
     forgetting, band = tables.get("forgetting"), opts.band
     title = "Forgetting of earlier edits"
     if forgetting is None or forgetting.height == 0:
         return no_data(title)
-    df = forgetting.with_columns((100.0 * pl.col("retention")).alias("retention (%)"), pl.col("forgotten_pct").alias("forgotten (%)"))
-    long = df.unpivot(index=[*META, "edit"], on=["forgotten (%)", "retention (%)"], variable_name="quantity", value_name="value")
+    quantities = {"forgotten (%)": ("forgotten_pct", 1.0), "ever forgotten (%)": ("ever_forgotten_pct", 1.0), "retention (%)": ("retention", 100.0)}
+    parts = []
+    for label, (col, scale) in quantities.items():
+        if col in forgetting.columns:
+            lo, hi = (pl.col(f"{col}{e}") if f"{col}{e}" in forgetting.columns else pl.col(col) for e in ("_lo", "_hi"))
+            parts.append(forgetting.select(*META, "edit", pl.lit(label).alias("quantity"), (scale * pl.col(col)).alias("value"),
+                                           (scale * lo).alias("ci_lo"), (scale * hi).alias("ci_hi")))
+    long = pl.concat(parts)
     frame = aggregate_samples(long, "edit", "value", by=["quantity"], band=band)
     if frame.height == 0:
         return no_data(title)
+    ci = add_series(long).group_by(["series", "quantity", "edit"]).agg(pl.col("ci_lo").mean(), pl.col("ci_hi").mean())
+    one_run = pl.col("n_runs") == 1
+    frame = frame.join(ci, on=["series", "quantity", "edit"], how="left").with_columns(
+        pl.when(one_run).then(pl.col("ci_lo").fill_null(pl.col("lo"))).otherwise(pl.col("lo")).alias("lo"),
+        pl.when(one_run).then(pl.col("ci_hi").fill_null(pl.col("hi"))).otherwise(pl.col("hi")).alias("hi"),
+    ).drop("ci_lo", "ci_hi")
     return line_band(frame, x="edit", x_title="edits", y_title="%", facet="quantity", facet_title=None, band=band, title=title)
 
 

@@ -14,9 +14,11 @@ atomically):
   case_id, es, em, ps, pm, ns, nm, score, efficacy_em, paraphrase_em (whatever metrics exist).
 - `forgetting.parquet`: per run and checkpoint, the history re-scored: n_scored (earlier edits
   scored), retention (mean es of all earlier edits), paraphrase_retention (mean ps), n_successful
-  (edits that succeeded when they were made: es >= threshold right after the edit) and
-  forgotten_pct (share of those whose es is now below the threshold, in %). Without edit scores
-  every scored edit counts as successful.
+  (scored edits that succeeded when they were made: es >= threshold right after the edit),
+  forgotten_pct (share of the successful edits whose es is now below the threshold, in %) and
+  ever_forgotten_pct (below it now or at any earlier checkpoint: once forgotten, always
+  forgotten); stratified estimates with 95 % intervals (_lo, _hi) when history re-scores a sample
+  (`forgetting_table`). Without edit scores every scored edit counts as successful.
 - `edit_log.parquet`: the per-edit log (run, edit_index, case_id, seconds, update_norm,
   update_rel, v_loss, ...): the one the caller passed, else the `log` group of every
   results/{run}/factors/*.h5 (empty when there is none).
@@ -211,52 +213,114 @@ def edit_scores_wide(long: pl.DataFrame) -> pl.DataFrame:
     return wide.with_columns([pl.col(m).cast(pl.Float64) for m in ordered]).sort(["run", "edit"])
 
 
+Z95 = 1.959963984540054  # the normal quantile of the 95 % intervals
+
+
 def forgetting_table(history: pl.DataFrame, edit_scores: pl.DataFrame | None = None, *, threshold: float = 0.5) -> pl.DataFrame:
-    """Per run and checkpoint: retention of earlier edits and % forgotten (module docstring)."""
+    """Per run and checkpoint: retention of earlier edits and % forgotten (module docstring),
+    estimated from the re-scored earlier edits (all of them, or history's age-stratified sample).
+
+    Each history row names its age stratum (stratum_lo..stratum_hi, edit indices; files without
+    them are one stratum of every earlier edit). Estimates are stratified means: retention and
+    paraphrase_retention over all earlier edits of each stratum (stratum size hi - lo + 1);
+    forgotten_pct and ever_forgotten_pct over the successful edits of each stratum (counted from
+    the edit scores, which score every edit right after it). A stratum with successful edits but
+    none sampled is left out and the weights renormalized. Each estimate has a 95 % normal
+    interval (columns _lo, _hi) from the stratified variance with the finite-population
+    correction, so a full history (every stratum complete) has zero width.
+
+    forgotten_pct: successful edits whose es is below the threshold now. ever_forgotten_pct (the
+    study's once-forgotten-always-forgotten reading): successful edits whose es was below it at
+    this or any earlier checkpoint at which they were scored.
+    """
     schema = {
         **{c: pl.Utf8 for c in META_COLS},
         "edit": pl.Int64,
         "n_scored": pl.Int64,
-        "retention": pl.Float64,
+        "retention": pl.Float64, "retention_lo": pl.Float64, "retention_hi": pl.Float64,
         "paraphrase_retention": pl.Float64,
         "n_successful": pl.Int64,
-        "forgotten_pct": pl.Float64,
+        "forgotten_pct": pl.Float64, "forgotten_pct_lo": pl.Float64, "forgotten_pct_hi": pl.Float64,
+        "ever_forgotten_pct": pl.Float64, "ever_forgotten_pct_lo": pl.Float64, "ever_forgotten_pct_hi": pl.Float64,
     }
     if history.height == 0:
         return pl.DataFrame(schema=schema)
-    keys = list(META_COLS) + ["edit", "item"]
+    for c in ("stratum_lo", "stratum_hi", "edit_index"):
+        if c not in history.columns:
+            history = history.with_columns(pl.lit(None, pl.Int64).alias(c))
+    history = history.with_columns(pl.col("stratum_lo").fill_null(1), pl.col("stratum_hi").fill_null(pl.col("edit")))
+    keys = list(META_COLS) + ["edit", "item", "stratum_lo", "stratum_hi"]
     h = history.filter(pl.col("metric").is_in(["es", "ps"])).pivot(
         on="metric", index=keys, values="value", aggregate_function="last"
     )
     for m in ("es", "ps"):
         if m not in h.columns:
             h = h.with_columns(pl.lit(None, pl.Float64).alias(m))
-    if edit_scores is not None and edit_scores.height and "es" in edit_scores.columns:
+    have_scores = edit_scores is not None and edit_scores.height > 0 and "es" in edit_scores.columns
+    if have_scores:
         at_edit = edit_scores.group_by(["run", "case_id"]).agg(pl.col("es").first().alias("es_at_edit"))
         h = h.join(at_edit, left_on=["run", "item"], right_on=["run", "case_id"], how="left")
         success = pl.col("es_at_edit").fill_null(1.0) >= threshold
     else:
         success = pl.lit(True)
-    h = h.with_columns(success.alias("_ok"), (pl.col("es") < threshold).alias("_lost"))
-    out = (
-        h.group_by(list(META_COLS) + ["edit"])
-        .agg(
-            pl.col("es").count().cast(pl.Int64).alias("n_scored"),
-            pl.col("es").mean().alias("retention"),
-            pl.col("ps").mean().alias("paraphrase_retention"),
-            pl.col("_ok").sum().cast(pl.Int64).alias("n_successful"),
-            (pl.col("_ok") & pl.col("_lost")).sum().cast(pl.Int64).alias("_n_lost"),
-        )
-        .with_columns(
-            pl.when(pl.col("n_successful") > 0)
-            .then(100.0 * pl.col("_n_lost") / pl.col("n_successful"))
-            .otherwise(None)
-            .alias("forgotten_pct")
-        )
-        .drop("_n_lost")
-        .sort(["run", "edit"])
+    h = h.with_columns(success.alias("_ok"), (pl.col("es") < threshold).cast(pl.Float64).alias("_lost"))
+    # once forgotten, always forgotten: lost at this or any earlier checkpoint the fact was scored at
+    h = h.sort(["run", "item", "edit"]).with_columns(pl.col("_lost").cum_max().over(["run", "item"]).alias("_ever"))
+    h = h.with_columns(pl.struct("run", "stratum_lo", "stratum_hi").map_batches(
+        lambda s: _successful_in(s, edit_scores if have_scores else None, threshold), return_dtype=pl.Int64).alias("_n_ok_pop"))
+    h = h.with_columns((pl.col("stratum_hi") - pl.col("stratum_lo") + 1).alias("_n_pop"))
+    by = list(META_COLS) + ["edit"]
+    counts = h.group_by(by).agg(pl.col("es").count().cast(pl.Int64).alias("n_scored"), pl.col("_ok").sum().cast(pl.Int64).alias("n_successful"))
+    out = counts
+    for name, value, pop, rows, scale in (
+        ("retention", "es", "_n_pop", h, 1.0),
+        ("paraphrase_retention", "ps", "_n_pop", h, 1.0),
+        ("forgotten_pct", "_lost", "_n_ok_pop", h.filter(pl.col("_ok")), 100.0),
+        ("ever_forgotten_pct", "_ever", "_n_ok_pop", h.filter(pl.col("_ok")), 100.0),
+    ):
+        out = out.join(_stratified_mean(rows, by, value, pop, name, scale), on=by, how="left")
+    return out.sort(["run", "edit"]).select(list(schema)).cast(schema)
+
+
+def _successful_in(bounds: pl.Series, edit_scores: pl.DataFrame | None, threshold: float) -> pl.Series:
+    """Per (run, stratum_lo, stratum_hi): the edits of the run in that index range that succeeded
+    right after they were made (every edit when there are no edit scores)."""
+    df = bounds.struct.unnest()
+    if edit_scores is None:
+        return (df["stratum_hi"] - df["stratum_lo"] + 1).cast(pl.Int64)
+    cum = {}
+    for run, g in edit_scores.group_by("run"):
+        run = run[0]
+        ok = g.filter(pl.col("es") >= threshold)["edit"].to_numpy()
+        top = int(max(g["edit"].max() or 0, df.filter(pl.col("run") == run)["stratum_hi"].max() or 0))
+        cum[run] = np.concatenate([[0], np.cumsum(np.bincount(ok, minlength=top + 1)[1:top + 1])])
+    out = [int(cum[r][min(hi, len(cum[r]) - 1)] - cum[r][min(lo - 1, len(cum[r]) - 1)]) if r in cum else hi - lo + 1
+           for r, lo, hi in zip(df["run"], df["stratum_lo"], df["stratum_hi"])]
+    return pl.Series(out, dtype=pl.Int64)
+
+
+def _stratified_mean(rows: pl.DataFrame, by: list[str], value: str, pop: str, name: str, scale: float) -> pl.DataFrame:
+    """Columns by + [name, name_lo, name_hi]: the stratified mean of `value` (scaled) with its 95 %
+    normal interval, the strata being (stratum_lo, stratum_hi) with population sizes `pop`."""
+    strata = (
+        rows.filter(pl.col(value).is_not_null())
+        .group_by([*by, "stratum_lo", "stratum_hi"])
+        .agg(pl.len().alias("n"), pl.col(value).mean().alias("m"), pl.col(value).var().alias("s2"), pl.col(pop).first().alias("N"))
+        .with_columns(pl.max_horizontal(pl.col("N"), pl.col("n")).cast(pl.Float64).alias("N"))
+        # one sampled edit of a larger stratum: the largest variance of a 0-1 reading
+        .with_columns(pl.when(pl.col("n") < 2).then(pl.when(pl.col("N") > pl.col("n")).then(0.25).otherwise(0.0)).otherwise(pl.col("s2")).alias("s2"))
     )
-    return out.select(list(schema)).cast(schema)
+    est = strata.group_by(by).agg(
+        ((pl.col("N") * pl.col("m")).sum() / pl.col("N").sum()).alias("_m"),
+        ((pl.col("N") / pl.col("N").sum()) ** 2 * (1 - pl.col("n") / pl.col("N")) * pl.col("s2") / pl.col("n")).sum().alias("_v"),
+    )
+    half = Z95 * pl.col("_v").sqrt()
+    return est.select(
+        *by,
+        (scale * pl.col("_m")).alias(name),
+        (scale * (pl.col("_m") - half).clip(lower_bound=0.0)).alias(f"{name}_lo"),
+        (scale * (pl.col("_m") + half).clip(upper_bound=1.0)).alias(f"{name}_hi"),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
