@@ -4,7 +4,7 @@ from editscale.io import safe_name
 
 FAMILIES = list(METRIC_REGISTRY)  # one report table per registered metric
 FIGURES = wf.report_figures()  # each registered metric's figures, then the overview
-TABLES = FAMILIES + ["forgetting", "edit_log", "phases", "disabling_edits", "summary"]  # report.tables.build_tables
+TABLES = FAMILIES + ["forgetting", "edit_log", "phases", "disabling_edits", "indicators", "summary"]  # report.tables.build_tables
 PER_RUN_FIGURES = [f"overview_{safe_name(run)}" for run in RUNS]  # report.plots.make_plots per_run
 
 

@@ -321,6 +321,57 @@ def test_weight_drift_rank_one():
     assert weight_drift(delta, {"m": torch.ones(3, 2)})["value"].to_list() == df["value"].to_list()
 
 
+def test_collapse_indicators_match_a_direct_numpy_computation():
+    from editscale.evaluate.weights import hyperspherical_energy, matrix_indicators
+
+    rng = np.random.default_rng(3)
+    w0 = rng.standard_normal((7, 5))
+    d = np.outer(rng.standard_normal(7), rng.standard_normal(5))
+    w = w0 + d
+    s = np.linalg.svd(w, compute_uv=False)
+    u = w / np.linalg.norm(w, axis=1, keepdims=True)
+    he = np.mean([1 / np.linalg.norm(u[i] - u[j]) for i in range(7) for j in range(7) if i != j])
+    got = matrix_indicators(torch.tensor(w))
+    assert got["sv_1"] == pytest.approx(s[0]) and got["sv_2"] == pytest.approx(s[1]) and got["sv_3"] == pytest.approx(s[2])
+    assert got["cond"] == pytest.approx(s[0] / s[-1]) and got["hyperspherical_energy"] == pytest.approx(he)
+    # the row blocks of the Gram matrix give the same energy; zero rows are left out
+    assert hyperspherical_energy(torch.tensor(w), chunk=2) == pytest.approx(he)
+    assert hyperspherical_energy(torch.tensor(np.vstack([w, np.zeros((1, 5))]))) == pytest.approx(he)
+    # an orthonormal frame: every pair at distance sqrt(2)
+    assert hyperspherical_energy(torch.eye(4, dtype=torch.float64)) == pytest.approx(1 / math.sqrt(2))
+    # weight_drift reports them for W_k = W_0 + D_k, at k = 0 too (zero delta), per module
+    df = weight_drift({"m": torch.tensor(d, dtype=torch.float32)}, {"m": torch.tensor(w0, dtype=torch.float32)}, k=4)
+    get = {(r["item"], r["metric"]): r["value"] for r in df.iter_rows(named=True)}
+    assert get[("m", "cond")] == pytest.approx(s[0] / s[-1], rel=1e-5) and get[("m", "weight_fro")] == pytest.approx(np.linalg.norm(w), rel=1e-6)
+    at0 = weight_drift({"m": torch.zeros(7, 5)}, {"m": torch.tensor(w0, dtype=torch.float32)}, k=0)
+    s0 = np.linalg.svd(w0, compute_uv=False)
+    assert {(r["item"], r["metric"]): r["value"] for r in at0.iter_rows(named=True)}[("m", "sv_1")] == pytest.approx(s0[0], rel=1e-5)
+    assert "cond" not in set(weight_drift({"m": torch.zeros(7, 5)}, {"m": torch.ones(7, 5)}, indicators=False)["metric"])
+
+
+def test_v_norm_rows_and_the_leading_indicator():
+    from editscale.report.changepoint import Phase
+    from editscale.report.tables import leading_indicator
+
+    log = pl.DataFrame({"case_id": ["a", "b", "c"], "edit_index": [1, 2, 3], "update_norm": [1.0, 1.0, 1.0], "v_norm": [2.0, 4.0, 9.0]})
+    df = update_norm_rows(log, k=3, recent=2)
+    get = {(r["item"], r["metric"]): r["value"] for r in df.iter_rows(named=True)}
+    assert get[("c", "v_norm")] == 9.0 and get[("all", "v_norm_recent")] == pytest.approx(6.5)  # median of the last 2
+
+    class Combined:
+        onset_k = 120.0
+
+    class Run:
+        phases = {"weight_norm": Phase("weight_norm", onset_k=80.0), "perplexity": Phase("perplexity", onset_k=100.0),
+                  "downstream_f1": Phase("downstream_f1", onset_k=50.0), "v_norm": Phase("v_norm", onset_k=None)}
+        combined = Combined()
+
+    # downstream_f1 is a decision curve, not an indicator: ||W||_F moved first, 40 edits ahead
+    assert leading_indicator(Run()) == {"leading_indicator": "weight_norm", "leading_indicator_onset": 80.0, "indicator_lead": 40.0}
+    Run.phases = {"v_norm": Phase("v_norm")}
+    assert leading_indicator(Run())["leading_indicator"] is None
+
+
 def test_flag_outliers():
     norms = np.array([1.0, 1.1, 0.9, 1.05, 0.95, 1.02, 50.0])
     flags = flag_outliers(norms, threshold=5)

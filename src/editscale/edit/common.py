@@ -478,7 +478,8 @@ def optimize_value(model, tok, case: dict, templates, inject_module: str, hp: di
 
     Returns (v* = target_init + delta, float32 [d], log) with log keys v_loss (final NLL),
     v_loss_init, v_prob (mean target prob at the end), kl, weight_decay, steps (optimizer steps
-    taken), stop ("loss", "mpes" or "steps": why it stopped), delta_norm, target_init_norm.
+    taken), stop ("loss", "mpes" or "steps": why it stopped), delta_norm, target_init_norm, v_norm
+    (||v*||, a collapse indicator of the weights metric).
     """
     spec = arch_spec(model)
     device = _model_device(model)
@@ -587,8 +588,10 @@ def optimize_value(model, tok, case: dict, templates, inject_module: str, hp: di
                     delta.mul_(max_norm / delta.norm())
     delta = delta_holder["delta"].detach()
     target_init = state["target_init"]
-    log.update(steps=steps_taken, stop=stop, delta_norm=float(delta.norm().item()), target_init_norm=float(target_init.norm().item()))
-    return (target_init + delta).float(), log
+    v_star = (target_init + delta).float()
+    log.update(steps=steps_taken, stop=stop, delta_norm=float(delta.norm().item()), target_init_norm=float(target_init.norm().item()),
+               v_norm=float(v_star.norm().item()))
+    return v_star, log
 
 
 # ---------------------------------------------------------------------------------------------

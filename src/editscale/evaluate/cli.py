@@ -287,6 +287,7 @@ def cmd_weights(args) -> None:
     import torch
 
     from ..edit.chain import replay
+    from ..edit.methods import get_method
     from ..models.load import load_model, model_sha
     from ..models.registry import edited_weight, to_math
     from .weights import read_edit_logs, update_norm_rows, weight_drift
@@ -294,14 +295,18 @@ def cmd_weights(args) -> None:
     t0 = time.time()
     cfg, params = _section(args, "weights")
     threshold = float(cfg.outlier_z)
-    frames = []
+    model, _ = load_model(args.model_dir, dtype="float32", device="cpu")
     if args.k > 0:
         delta = replay(state_files(args), model_sha(args.model_dir))
-        model, _ = load_model(args.model_dir, dtype="float32", device="cpu")
-        base = {m: to_math(model, edited_weight(model, m)).detach().to(torch.float32) for m in delta}
-        frames.append(weight_drift(delta, base, k=args.k).with_columns(pl.lit(None, dtype=pl.Int64).alias("edit_index")))
-        del model
-    frames.append(update_norm_rows(read_edit_logs(args.factors, args.k), args.k, threshold))
+    else:  # the unedited matrices: the indicators' baseline
+        run = _run_info(args)
+        modules = get_method(run["method"]).modules(model, run["hparams"])
+        delta = {m: torch.zeros_like(to_math(model, edited_weight(model, m)), dtype=torch.float32) for m in modules}
+    base = {m: to_math(model, edited_weight(model, m)).detach().to(torch.float32) for m in delta}
+    del model
+    log.info("weights at k=%d: drift%s of %s", args.k, " and collapse indicators (singular values, hyperspherical energy)" if cfg.indicators else "", sorted(delta))
+    frames = [weight_drift(delta, base, k=args.k, indicators=bool(cfg.indicators)).with_columns(pl.lit(None, dtype=pl.Int64).alias("edit_index"))]
+    frames.append(update_norm_rows(read_edit_logs(args.factors, args.k), args.k, threshold, recent=int(cfg.recent)))
     cols = ["k", "item", "edit_index", "metric", "value"]
     df = pl.concat([f.select(cols) for f in frames])
     _write(df, args, params, seconds=time.time() - t0)

@@ -48,6 +48,7 @@ class CurveSpec:
     phases: bool = True  # onset detection runs on this curve
     joint: str = ""  # joint-drop role of the disabling-edit criterion; curves sharing a role are alternatives (first present wins)
     summary: str = ""  # summary column stem ({summary}_at_{count}); "" = not in the summary
+    indicator: bool = False  # a collapse indicator: the summary names the one whose onset came first and its lead
 
 
 @dataclass(frozen=True)
@@ -122,10 +123,15 @@ for _m in (
                    CurveSpec("downstream_ll", "accuracy_ll", label="downstream accuracy (log-likelihood)", joint="downstream", summary="downstream_accuracy_ll")),
            figures={"downstream": f"{_PLOTS}:downstream_chart"}, cost=f"{_COST}:downstream_cost"),
     Metric("perplexity", "perplexity", "perplexity on the held-out token sample", inputs=("state", "heldout"),
-           curves=(CurveSpec("perplexity", "perplexity", higher_is_better=False, label="log perplexity", log=True, summary="perplexity"),), cost=f"{_COST}:perplexity_cost"),
+           curves=(CurveSpec("perplexity", "perplexity", higher_is_better=False, label="log perplexity", log=True, summary="perplexity", indicator=True),), cost=f"{_COST}:perplexity_cost"),
     Metric("generation", "generation", "n-gram entropy of sampled continuations (fluency)",
            curves=(CurveSpec("fluency", "ngram_entropy", label="generation n-gram entropy", joint="fluency", summary="ngram_entropy"),), cost=f"{_COST}:generation_cost"),
-    Metric("weights", "weights", "drift of the edited matrices and update-norm outliers", inputs=("state", "factors_upto"),
-           device=False, figures={"weight_distance": f"{_PLOTS}:weights_chart", "update_norms": f"{_PLOTS}:update_norm_chart"}, cost=f"{_COST}:no_model_cost"),
+    Metric("weights", "weights", "drift of the edited matrices, collapse indicators and update-norm outliers", inputs=("state", "factors_upto"),
+           device=False,
+           curves=(CurveSpec("weight_norm", "weight_fro", higher_is_better=False, label="||W_k||_F (mean over edited matrices)", log=True, summary="weight_fro", indicator=True),
+                   CurveSpec("condition_number", "cond", higher_is_better=False, label="condition number of W_k", log=True, summary="cond", indicator=True),
+                   CurveSpec("top_singular_value", "sv_1", higher_is_better=False, label="largest singular value of W_k", log=True, indicator=True),
+                   CurveSpec("hyperspherical_energy", "hyperspherical_energy", higher_is_better=False, label="hyperspherical energy of W_k's rows", summary="hyperspherical_energy", indicator=True),
+                   CurveSpec("v_norm", "v_norm_recent", higher_is_better=False, label="||v*|| (median of recent edits)", log=True, summary="v_norm", indicator=True)), figures={"weight_distance": f"{_PLOTS}:weights_chart", "update_norms": f"{_PLOTS}:update_norm_chart"}, cost=f"{_COST}:no_model_cost"),
 ):
     register_metric(_m)

@@ -22,6 +22,8 @@ atomically):
 - `edit_log.parquet`: the per-edit log (run, edit_index, case_id, seconds, update_norm,
   update_rel, v_loss, ...): the one the caller passed, else the `log` group of every
   results/{run}/factors/*.h5 (empty when there is none).
+- `indicators.parquet`: per run, collapse indicator and checkpoint: value, growth per edit and
+  ratio to the unedited model (`indicator_table`); the summary names the leading indicator.
 - `phases.parquet`, `disabling_edits.parquet`: editscale.report.phases (onset of catastrophic
   forgetting per curve and combined; disabling edits with reasons).
 - `summary.parquet`: one row per run, see `summary_table`.
@@ -421,6 +423,7 @@ def summary_table(
         row["onset_curves"] = ",".join(comb.curves_agreeing) if comb else ""
         row["onset_decision"] = comb.decision if comb else "phases not computed"
         dis = [d.edit_index for d in rp.disabling] if rp is not None else []
+        row.update(leading_indicator(rp))
         row["disabling_edits"] = ",".join(str(j) for j in dis)
         row["n_disabling_edits"] = len(dis)
         secs = None
@@ -447,6 +450,9 @@ def summary_table(
             "collapse_k": pl.Float64,
             "onset_curves": pl.Utf8,
             "onset_decision": pl.Utf8,
+            "leading_indicator": pl.Utf8,
+            "leading_indicator_onset": pl.Float64,
+            "indicator_lead": pl.Float64,
             "disabling_edits": pl.Utf8,
             "n_disabling_edits": pl.Int64,
             "edit_seconds_total": pl.Float64,
@@ -457,6 +463,43 @@ def summary_table(
         }
     )
     return pl.DataFrame([{c: r.get(c) for c in schema} for r in rows], schema=schema)
+
+
+def leading_indicator(rp) -> dict:
+    """Which collapse indicator (CurveSpec.indicator: ||W||_F, condition number, top singular
+    value, hyperspherical energy, ||v*||, perplexity) had the earliest onset, that onset, and by
+    how many edits it came before the combined onset (the collapse of the decision curves:
+    downstream ability and efficacy); None where no indicator has an onset, a lead of None where
+    no combined onset was found. A negative lead: the indicator moved after the collapse."""
+    from ..evaluate.registry import curve_specs
+
+    names = {spec.name for _, spec in curve_specs() if spec.indicator}
+    onsets = sorted((ph.onset_k, name) for name, ph in (rp.phases.items() if rp is not None else ()) if name in names and ph.onset_k is not None)
+    if not onsets:
+        return {"leading_indicator": None, "leading_indicator_onset": None, "indicator_lead": None}
+    k, name = onsets[0]
+    combined = rp.combined.onset_k if rp.combined is not None else None
+    return {"leading_indicator": name, "leading_indicator_onset": float(k), "indicator_lead": None if combined is None else float(combined - k)}
+
+
+def indicator_table(tables: Mapping[str, pl.DataFrame], runs: Sequence[str]) -> pl.DataFrame:
+    """Per run, collapse indicator (CurveSpec.indicator) and checkpoint: its value (the mean over
+    the edited matrices) and its growth per edit since the previous checkpoint
+    ((value_k - value_prev) / (k - k_prev)), and relative to k = 0 (value_k / value_0)."""
+    from . import phases as ph
+
+    rows = []
+    for run in runs:
+        for name, (spec, k, y) in ph.curve_values(tables, run).items():
+            if not spec.indicator:
+                continue
+            for i in range(len(k)):
+                growth = (y[i] - y[i - 1]) / (k[i] - k[i - 1]) if i and k[i] > k[i - 1] else None
+                ratio = y[i] / y[0] if k[0] == 0 and y[0] not in (0.0,) and np.isfinite(y[0]) else None
+                rows.append({"run": run, "indicator": name, "edit": int(k[i]), "value": float(y[i]),
+                             "growth_per_edit": None if growth is None else float(growth), "ratio_to_unedited": None if ratio is None else float(ratio)})
+    schema = {"run": pl.Utf8, "indicator": pl.Utf8, "edit": pl.Int64, "value": pl.Float64, "growth_per_edit": pl.Float64, "ratio_to_unedited": pl.Float64}
+    return pl.DataFrame(rows, schema=schema)
 
 
 READING_COLUMNS = tuple(f"{m}_{when}" for m in ("es", "ps") for when in ("after_each_edit", "at_last_checkpoint"))
@@ -572,6 +615,7 @@ def build_tables(
     results = ph.analyze_runs(tables, runs, phase_config)
     tables["phases"] = ph.phases_frame(results)
     tables["disabling_edits"] = ph.disabling_frame(results)
+    tables["indicators"] = indicator_table(tables, [r.run for r in results])
     tables["summary"] = summary_table(
         tables,
         meta or None,
