@@ -61,3 +61,24 @@ def planned_jobs(res) -> dict[str, int]:
         jobs[m.group(1)] = int(m.group(2))
     jobs.pop("total", None)
     return jobs
+
+
+def planned_outputs(res) -> set[str]:
+    """The output files of every job of a `snakemake -n` listing."""
+    out = set()
+    for line in (res.stdout + res.stderr).splitlines():
+        line = line.strip()
+        if line.startswith("output:"):
+            out |= {f.strip().removesuffix(" (update)") for f in line.split(":", 1)[1].split(",") if f.strip()}
+    return out
+
+
+def planned_metric_files(res, metric: str) -> set[str]:
+    """The planned files of one metric (results/{run}/metrics/{metric}/{k}.parquet), whichever rule
+    makes them (the checkpoint jobs make several metrics' files)."""
+    return {f for f in planned_outputs(res) if f"/metrics/{metric}/" in f}
+
+
+def checkpoint_jobs(jobs: dict[str, int]) -> int:
+    """Planned checkpoint jobs (`editscale evaluate`, rules evaluate__{run}__{metrics})."""
+    return sum(n for rule, n in jobs.items() if rule.startswith("evaluate__"))

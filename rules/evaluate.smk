@@ -1,9 +1,19 @@
-# Stage 5 — evaluate: one rule per registered metric (editscale.evaluate.registry: built-ins and
-# plugins), one job per checkpoint; each rule's params are only its own config section, so
-# changing one metric re-runs that metric (and the report), nothing else.
+# Stage 5 — evaluate.
+#
+# edit_scores (grid "segments") has its own rule: one job per segment, scoring every state in it.
+# Every other metric is evaluated by checkpoint jobs: one job per run and checkpoint k runs all the
+# metrics due at k in one process (`editscale evaluate`), so the model is loaded and replayed to k
+# once. One rule per run and set of metrics due together (workflow.eval_groups), its k limited to
+# the checkpoints of that set. Each metric still writes its own file, an update() output that
+# Snakemake keeps: the job recomputes only the files whose evaluation key (the metric's params and
+# its input files' content) changed, so changing one metric re-computes only that metric, and a
+# new grid or a longer run plans only the checkpoints it adds.
 
+CHECKPOINT_METRICS = wf.checkpoint_metrics()
 
 for _metric in METRIC_REGISTRY.values():
+    if _metric.name in CHECKPOINT_METRICS:
+        continue
 
     rule:
         name:
@@ -34,3 +44,58 @@ for _metric in METRIC_REGISTRY.values():
         shell:
             "editscale --threads {threads} {params.verb} --model-dir {params.model_dir}"
             " --k {params.k} {params.flags} --params-json {params.cfg:q} --out {output} {params.device} 2> {log}"
+
+
+localrules:
+    metric_config,
+
+
+rule metric_config:
+    # one metric's section as a file: the input of the checkpoint jobs that evaluate it, so that a
+    # changed section re-plans exactly those (a rule's params would re-plan every job of its rule)
+    output:
+        "results/config/metrics/{metric}.json",
+    wildcard_constraints:
+        metric="|".join(CHECKPOINT_METRICS),
+    params:
+        cfg=lambda w: wf.metric_params_json(config, w.metric),
+    log:
+        "results/logs/metric_config_{metric}.log",
+    conda:
+        ENV
+    shell:
+        "editscale --threads {threads} metric-config --metric {wildcards.metric} --params-json {params.cfg:q} --out {output} 2> {log}"
+
+
+for _run in config["runs"]:
+    for _metrics, _ks in wf.eval_groups(config, _run):
+
+        rule:
+            name:
+                wf.eval_group_rule(_run, _metrics)
+            input:
+                unpack(lambda w, r=_run, ms=_metrics: wf.eval_group_inputs(config, r, ms, int(w.k))),
+                configs=[f"results/config/metrics/{m}.json" for m in _metrics],
+            output:
+                [update(f"results/{_run['name']}/metrics/{m}/{{k}}.parquet") for m in _metrics],
+            wildcard_constraints:
+                k="|".join(f"{k:06d}" for k in _ks),
+            params:
+                model_dir=f"data/models/{_run['model']}",
+                k=lambda w: int(w.k),
+                outs=lambda w, output, ms=_metrics: " ".join(f"{m}={f}" for m, f in zip(ms, output)),
+                flags=lambda w, input: wf.eval_group_flags(input),
+                device=f"--device {config['resources']['device']}",
+            log:
+                f"results/logs/{_run['name']}/evaluate_{{k}}.log",
+            benchmark:
+                f"results/benchmarks/{_run['name']}/evaluate_{{k}}.tsv"
+            resources:
+                mem_mb=wf.model_mem_mb(config, _run["model"]),
+                runtime=60,
+                **wf.gpu_resources(config),
+            conda:
+                ENV
+            shell:
+                "editscale --threads {threads} evaluate --model-dir {params.model_dir} --k {params.k}"
+                " --metric {params.outs} --configs {input.configs} {params.flags} {params.device} 2> {log}"

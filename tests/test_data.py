@@ -330,6 +330,34 @@ def test_geofacts_deterministic(geo, tmp_path):
     assert len(subset) == 50 and all(c in geo for c in subset)
 
 
+def test_geofacts_long_stream_has_20000_unique_subjects_and_county_facts(geo, tmp_path):
+    """Every usable city and the US counties: a stream of 20,000+ unique subjects, built the same
+    way every time; the default dataset is a different, smaller setting and stays as it was."""
+    from editscale.data.sequence import unique_subjects
+
+    spec = {"reader": "geofacts", "seed": 0, "max_cities": "all", "counties": True}
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    build_dataset(spec, a)
+    build_dataset(spec, b)
+    assert a.read_bytes() == b.read_bytes()
+    cases = read_jsonl(a)
+    check_cases(cases)
+    assert len(unique_subjects(cases)) >= 20_000
+    assert len({c["case_id"] for c in cases}) == len(cases)
+    counties = [c for c in cases if c["relation_id"] == "P131"]
+    states = {c["target_true"] for c in counties}
+    assert len(counties) > 1000 and len(states) >= 45 and all(c["target_new"] in states and c["target_new"] != c["target_true"] for c in counties)
+    autauga = next(c for c in counties if c["subject"] == "Autauga County")
+    assert autauga["target_true"] == "Alabama" and all("Autauga County" in p for p in autauga["paraphrase_prompts"])
+    assert all(c["target_true"].lower() not in c["subject"].lower() for c in counties)
+    # the cities keep their population order and ids; the default is the first 4000 of them
+    default_cities = [c["subject"] for c in geo if c["relation_id"] == "P17"]
+    assert [c["subject"] for c in cases if c["relation_id"] == "P17"][: len(default_cities)] == default_cities
+    assert build_dataset({"reader": "geofacts", "seed": 0, "max_cities": 4000, "counties": False}, tmp_path / "d.jsonl") == geo
+    with pytest.raises(EditscaleError, match="options of the geofacts reader"):
+        build_dataset({"reader": "counterfact", "path": str(a), "max_cities": 100}, tmp_path / "x.jsonl")
+
+
 def test_country_facts():
     facts = country_facts()
     assert len(facts) > 200

@@ -172,17 +172,19 @@ def test_calibration_fit_recovers_the_time_model(repo_root, tmp_path):
     config = load_config(repo_root / "config/test-tiny.yaml")
     jobs = config_jobs(config, tmp_path)
     kinds = {j.kind for j in jobs}
-    assert {"edit:rome", "metric:history", "metric:weights", "stats", "corpus", "report_plots"} <= kinds
+    assert {"edit:rome", "metric:evaluate", "metric:edit_scores", "stats", "corpus", "report_plots"} <= kinds
     rate = 2e10
-    truth = Calibration(startup_s=3.0, factors={k: 1.5 + 0.25 * i for i, k in enumerate(sorted(kinds))},
-                        fixed={"metric:weights": 3.0, "model": 12.0, "report_tables": 7.0, "report_plots": 9.0})
+    # no job of this config starts without loading the model or computing (every metric but the edit
+    # scores runs in the checkpoint jobs), so the start-up is the default the fit falls back to
+    truth = Calibration(startup_s=cb.DEFAULT_STARTUP_S, factors={k: 1.5 + 0.25 * i for i, k in enumerate(sorted(kinds))},
+                        fixed={"model": 12.0, "report_tables": 7.0, "report_plots": 9.0})
     bench = tmp_path / "results" / "benchmarks"
     for job in jobs:
         _write_record(bench / Path(job.record).relative_to("results/benchmarks"), truth.seconds(job, rate, rate / 2))
     seconds = cb.measured(jobs, bench)
     assert len(seconds) == len(jobs)
     fitted = cb.fit(jobs, seconds, rate, rate / 2, source="test")
-    assert fitted.startup_s == pytest.approx(3.0) and fitted.fixed == pytest.approx(truth.fixed)
+    assert fitted.startup_s == pytest.approx(truth.startup_s) and fitted.fixed == pytest.approx(truth.fixed)
     for kind in kinds - set(truth.fixed):
         assert fitted.factors[kind] == pytest.approx(truth.factors[kind]), kind
     rows = cb.comparison(jobs, seconds, {"fitted": fitted}, rate, rate / 2)
@@ -208,7 +210,7 @@ def test_doctor_calibrates_from_a_runs_benchmark_records(tiny_study, tmp_path):
     rep = json.loads(res.stdout)
     recorded = {p.relative_to(tiny_study / "results" / "benchmarks") for p in (tiny_study / "results" / "benchmarks").rglob("*.tsv")}
     check = {row["kind"]: row for row in rep["calibration_check"]}
-    assert check["all"]["jobs"] == len(recorded) and {"edit:rome", "metric:history", "stats", "report_plots"} <= set(check)
+    assert check["all"]["jobs"] == len(recorded) and {"edit:rome", "metric:evaluate", "stats", "report_plots"} <= set(check)
     assert check["all"]["estimate_fitted"] == pytest.approx(check["all"]["measured_s"], rel=0.01)
     saved = json.loads(cal.read_text())
     assert saved == rep["fitted_calibration"] and saved["startup_s"] > 0

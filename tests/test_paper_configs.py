@@ -25,7 +25,7 @@ from editscale.models.load import model_sha
 from editscale.stats.convert import convert_rome_stats, module_from_filename, read_rome_npz, rome_stats_url
 from editscale.stats.mom2 import read_stats
 from editscale.workflow import edited_modules, stats_modules
-from benchmarks.snakemake_runs import copy_workflow, planned_jobs, snakemake
+from benchmarks.snakemake_runs import copy_workflow, planned_jobs, planned_metric_files, snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = sorted((REPO / "config" / "paper").glob("*.yaml"))
@@ -122,8 +122,8 @@ def test_paper_config_plans_offline(workflow_copy, path):
     runs = cfg["runs"]
     assert jobs["edit_segment"] == sum(r["n_edits"] // r["segment"] for r in runs)
     assert jobs["edit_scores"] == jobs["edit_segment"]
-    assert jobs["metric_downstream"] == sum(r["n_edits"] // 5 + 1 for r in runs)
-    assert jobs["metric_history"] == sum(r["n_edits"] // 20 + 1 for r in runs)
+    assert len(planned_metric_files(res, "downstream")) == sum(r["n_edits"] // 5 + 1 for r in runs)
+    assert len(planned_metric_files(res, "history")) == sum(r["n_edits"] // 20 + 1 for r in runs)
     assert jobs["download"] == 2  # counterfact.json and the sample index
     assert jobs["stats"] == EXPECTED[path.name][4]
     for rule in ("model", "dataset", "sequence", "corpus_tokens", "report_tables", "audit"):

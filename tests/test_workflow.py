@@ -19,7 +19,7 @@ import yaml
 from editscale.edit.chain import tensor_sha256, read_delta
 from editscale.layout import delta_path
 from editscale.io import EditscaleError
-from benchmarks.snakemake_runs import copy_workflow, planned_jobs, set_config, snakemake
+from benchmarks.snakemake_runs import checkpoint_jobs, copy_workflow, planned_jobs, planned_metric_files, set_config, snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -32,9 +32,35 @@ def test_default_config_plans_the_whole_study(repo_root, tmp_path):
     n_segments = sum(r["n_edits"] // r.get("segment", 20) for r in cfg["runs"])
     assert jobs["edit_segment"] == n_segments
     assert jobs["edit_scores"] == n_segments
-    for rule in ("model", "dataset", "corpus_tokens", "stats", "metric_history", "metric_downstream",
-                 "metric_generation", "metric_perplexity", "metric_weights", "report_tables", "report_plots", "audit"):
+    for rule in ("model", "dataset", "corpus_tokens", "stats", "metric_config", "report_tables", "report_plots", "audit"):
         assert jobs.get(rule, 0) >= 1, rule
+    # one checkpoint job per run and checkpoint of any metric's grid, each metric's file planned once
+    from editscale.workflow import eval_grid
+
+    checkpoint = [m for m in cfg["metrics"] if m != "edit_scores"]
+    grids = {r["name"]: {m: eval_grid(r["n_edits"], cfg["metrics"][m]["eval_every"]) for m in checkpoint} for r in cfg["runs"]}
+    assert checkpoint_jobs(jobs) == sum(len(set().union(*g.values())) for g in grids.values())
+    for m in checkpoint:
+        assert len(planned_metric_files(res, m)) == sum(len(g[m]) for g in grids.values()), m
+
+
+def test_long_config_plans_log_spaced_checkpoint_jobs(repo_root, tmp_path):
+    """config/long.yaml: 10,000 UltraEdit edits and 1,000 ENCORE edits on the 20,000+ case
+    geofacts stream, one checkpoint job per log-spaced checkpoint (0, 10, 20, 50, ...)."""
+    from editscale.workflow import eval_grid
+
+    workdir = copy_workflow(repo_root, tmp_path / "wf")
+    res = snakemake(workdir, "-n", config="config/long.yaml")
+    jobs = planned_jobs(res)
+    cfg = yaml.safe_load((repo_root / "config/long.yaml").read_text())
+    grid = cfg["metrics"]["history"]["eval_every"]
+    assert all(cfg["metrics"][m]["eval_every"] == grid for m in ("downstream", "generation", "perplexity", "weights"))
+    points = {r["name"]: eval_grid(r["n_edits"], grid) for r in cfg["runs"]}
+    assert points["ultraedit-smollm2-long-s0"] == [0, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000]
+    assert checkpoint_jobs(jobs) == sum(len(p) for p in points.values())
+    assert jobs["edit_segment"] == sum(r["n_edits"] // r["segment"] for r in cfg["runs"])
+    assert cfg["metrics"]["history"]["sample"] == 500 and cfg["datasets"]["geofacts-all"] == {
+        "reader": "geofacts", "seed": 0, "max_cities": "all", "counties": True}
 
 
 def test_schema_rejects_unknown_key(repo_root, tmp_path):
@@ -78,7 +104,7 @@ def test_full_run_outputs_and_nothing_left_to_do(tiny_study):
     from benchmarks.workflow_cache import job_seconds, peak_rss
 
     rss = peak_rss(tiny_study)
-    assert {"edit_segment", "edit_scores", "history", "downstream", "generation", "perplexity", "weights"} <= set(rss)
+    assert {"edit_segment", "edit_scores", "evaluate"} <= set(rss)
     assert all(v > 0 for v in rss.values())
     assert job_seconds(tiny_study) > 0
     audit = json.loads((tiny_study / "results/audit.json").read_text())
@@ -94,30 +120,62 @@ def test_raising_n_edits_plans_only_new_segments(tiny_study, tmp_path):
     assert jobs["edit_segment"] == 1 and jobs["edit_scores"] == 1
     for rule in ("model", "dataset", "sequence", "corpus_tokens", "stats", "context_templates", "run_config"):
         assert rule not in jobs, rule
-    # only the new checkpoints are evaluated: 9 (history/weights every 3; downstream etc. at n_edits)
-    assert jobs["metric_history"] == 1 and jobs["metric_weights"] == 1
-    assert jobs.get("metric_perplexity", 0) == 1  # n_edits is always on the grid
+    # only the new checkpoint is evaluated: 9 (history/weights every 3; downstream etc. at n_edits),
+    # by one job (n_edits is on every grid)
+    res = snakemake(workdir, "-n")
+    assert checkpoint_jobs(jobs) == 1
+    for m in ("history", "weights", "perplexity", "downstream", "generation"):
+        assert planned_metric_files(res, m) == {f"results/rome-tiny/metrics/{m}/000009.parquet"}, m
 
 
 def test_changing_one_metric_reruns_only_that_metric(tiny_study, tmp_path):
+    """The checkpoint jobs of generation's grid are planned, and each recomputes generation only:
+    every other metric's file keeps its content (update() output, evaluation key unchanged)."""
+    import hashlib
+
     workdir = tmp_path / "copy"
     shutil.copytree(tiny_study, workdir, symlinks=True)
+    metric_files = sorted((workdir / "results/rome-tiny/metrics").rglob("*.parquet"))
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in metric_files}
     set_config(workdir, lambda c: c["metrics"]["generation"].update({"max_new_tokens": 12}))
     jobs = planned_jobs(snakemake(workdir, "-n"))
-    assert set(jobs) <= {"metric_generation", "report_tables", "report_plots", "audit", "all"}, jobs
-    assert jobs["metric_generation"] == 2  # checkpoints 0 and 6
+    assert set(jobs) <= {"metric_config", "report_tables", "report_plots", "audit", "all"} | {r for r in jobs if r.startswith("evaluate__")}, jobs
+    assert jobs["metric_config"] == 1 and checkpoint_jobs(jobs) == 2  # checkpoints 0 and 6
+    snakemake(workdir, *(f"results/rome-tiny/metrics/generation/{k:06d}.parquet" for k in (0, 6)))
+    changed = {str(p.relative_to(workdir)) for p in metric_files if hashlib.sha256(p.read_bytes()).hexdigest() != before[p]}
+    assert changed == {f"results/rome-tiny/metrics/generation/{k:06d}.parquet" for k in (0, 6)}
+    log = (workdir / "results/logs/rome-tiny/evaluate_000006.log").read_text()
+    assert "evaluating ['generation'] in one process (up to date, kept: ['history', 'downstream', 'perplexity', 'weights'])" in log
+    assert planned_jobs(snakemake(workdir, "-n", "results/rome-tiny/metrics/generation/000006.parquet")) == {}
 
 
-def _planned_outputs(res, rule: str) -> set[str]:
-    """The output files of the planned jobs of `rule` in a `snakemake -n` listing."""
-    out, current = set(), None
-    for line in (res.stdout + res.stderr).splitlines():
-        line = line.strip()
-        if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
-            current = line.split()[1].rstrip(":")
-        elif line.startswith("output:") and current == rule:
-            out |= {f.strip() for f in line.split(":", 1)[1].split(",") if f.strip()}
-    return out
+def test_a_forced_checkpoint_job_recomputes_only_changed_files_unless_told(tiny_study, tmp_path):
+    """-R runs the job; it recomputes a file whose values were changed after it was written (its
+    table_sha256 no longer matches), keeps the intact one, and EDITSCALE_RECOMPUTE=1 redoes all."""
+    import polars as pl
+
+    from editscale.io import read_parquet_metadata
+
+    workdir = _copy_study(tiny_study, tmp_path)
+    history, weights = (workdir / f"results/rome-tiny/metrics/{m}/000003.parquet" for m in ("history", "weights"))
+    meta = read_parquet_metadata(history)
+    tampered = pl.read_parquet(history).with_columns(pl.col("value") + 1.0)
+    tampered.write_parquet(history, metadata=meta)
+    intact = weights.read_bytes()
+    rule = "evaluate__rome_tiny__history_weights"
+    snakemake(workdir, str(history.relative_to(workdir)), "-R", rule)
+    assert pl.read_parquet(history)["value"].to_list() == pl.read_parquet(tiny_study / "results/rome-tiny/metrics/history/000003.parquet")["value"].to_list()
+    assert weights.read_bytes() == intact
+    assert "evaluating ['history'] in one process (up to date, kept: ['weights'])" in (workdir / "results/logs/rome-tiny/evaluate_000003.log").read_text()
+    snakemake(workdir, str(history.relative_to(workdir)), "-R", rule, env={"EDITSCALE_RECOMPUTE": "1"})
+    assert "evaluating ['history', 'weights'] in one process" in (workdir / "results/logs/rome-tiny/evaluate_000003.log").read_text()
+
+
+def test_a_checkpoint_job_loads_and_replays_the_model_once(tiny_study):
+    log = (tiny_study / "results/logs/rome-tiny/evaluate_000006.log").read_text()
+    assert "evaluating ['history', 'downstream', 'perplexity', 'generation', 'weights'] in one process" in log
+    # history loads the model after 6 edits; downstream, perplexity and generation re-use it
+    assert log.count("loaded and replayed once for this checkpoint job, re-used") == 3
 
 
 def test_a_new_grid_form_plans_only_its_new_checkpoints_and_extends_by_points(tiny_study, tmp_path):
@@ -128,23 +186,31 @@ def test_a_new_grid_form_plans_only_its_new_checkpoints_and_extends_by_points(ti
     history = "results/rome-tiny/metrics/history/{:06d}.parquet".format
     set_config(workdir, lambda c: c["metrics"]["history"].update({"eval_every": {"per_decade": 3}}))  # 0 1 2 5 6
     res = snakemake(workdir, "-n")
-    assert set(planned_jobs(res)) <= {"metric_history", "report_tables", "report_plots", "audit", "all"}, planned_jobs(res)
-    assert _planned_outputs(res, "metric_history") == {history(k) for k in (1, 2, 5)}
-    snakemake(workdir, *(history(k) for k in (1, 2, 5)))
+    assert planned_metric_files(res, "history") == {history(k) for k in (1, 2, 5)}
+    # checkpoint 3 left history's grid: its job (now weights alone, another input set) is planned
+    # again, and keeps the weights file, whose evaluation key is unchanged
+    assert all(not planned_metric_files(res, m) for m in ("downstream", "generation", "perplexity")), planned_jobs(res)
+    assert planned_metric_files(res, "weights") <= {"results/rome-tiny/metrics/weights/000003.parquet"}
+    weights3 = (workdir / "results/rome-tiny/metrics/weights/000003.parquet").read_bytes()
+    snakemake(workdir)
+    assert (workdir / "results/rome-tiny/metrics/weights/000003.parquet").read_bytes() == weights3
+    if planned_metric_files(res, "weights"):
+        assert "up to date by its evaluation key" in (workdir / "results/logs/rome-tiny/evaluate_000003.log").read_text()
     set_config(workdir, lambda c: c["runs"][0].update({"n_edits": 12}))  # grid 0 1 2 5 10 12
     res = snakemake(workdir, "-n")
-    assert _planned_outputs(res, "metric_history") == {history(10), history(12)}
+    assert planned_metric_files(res, "history") == {history(10), history(12)}
     assert planned_jobs(res)["edit_segment"] == 2
     # a listed grid: only its points not computed yet (20 waits for a longer run)
     set_config(workdir, lambda c: c["metrics"]["history"].update({"eval_every": [0, 2, 4, 20]}))
-    assert _planned_outputs(snakemake(workdir, "-n"), "metric_history") == {history(4), history(12)}
+    assert planned_metric_files(snakemake(workdir, "-n"), "history") == {history(4), history(12)}
 
 
 def test_a_bounded_history_sample_reruns_only_history_and_is_stratified(tiny_study, tmp_path):
     workdir = _copy_study(tiny_study, tmp_path)
     set_config(workdir, lambda c: c["metrics"]["history"].update({"sample": 2, "strata": 2}))
-    jobs = planned_jobs(snakemake(workdir, "-n"))
-    assert set(jobs) <= {"metric_history", "report_tables", "report_plots", "audit", "all"} and jobs["metric_history"] == 3, jobs  # 0, 3, 6
+    res = snakemake(workdir, "-n")
+    assert planned_metric_files(res, "history") == {f"results/rome-tiny/metrics/history/{k:06d}.parquet" for k in (0, 3, 6)}
+    assert planned_jobs(res)["metric_config"] == 1 and checkpoint_jobs(planned_jobs(res)) == 3
     snakemake(workdir, "results/tables/forgetting.parquet")
     import polars as pl
 
@@ -250,10 +316,10 @@ def test_metric_and_report_commands_are_handed_only_declared_files(repo_root, tm
 
     workdir = copy_workflow(repo_root, tmp_path / "wf")
     res = snakemake(workdir, "-n", "-p", "--forceall")
-    rules = {m.rule_name for m in METRICS.values()} | {"report_tables", "report_plots", "edit_segment", "context_templates"}
-    checked = 0
+    rules = {m.rule_name for m in METRICS.values() if m.grid == "segments"} | {"report_tables", "report_plots", "edit_segment", "context_templates"}
+    checked, checkpoint = 0, 0
     for rule, files, command in _planned_job_files(res.stdout + res.stderr):
-        if rule not in rules:
+        if rule not in rules and not rule.startswith("evaluate__"):
             continue
         argv = shlex.split(command.split(" 2> ")[0])
         assert "--run-dir" not in argv, command
@@ -262,7 +328,8 @@ def test_metric_and_report_commands_are_handed_only_declared_files(repo_root, tm
         undeclared = [a for a in named if a not in files]
         assert not undeclared, (rule, undeclared)
         checked += 1
-    assert checked > len(rules)
+        checkpoint += rule.startswith("evaluate__")
+    assert checked > len(rules) and checkpoint >= 3
     # a metric command refuses a state that lacks the file its checkpoint needs
     from editscale.evaluate.cli import state_files
     from types import SimpleNamespace
@@ -401,7 +468,7 @@ def test_schema_is_the_one_source_of_defaults_and_bounds(repo_root, tmp_path):
         c["report"] = {"window": 5, "slope_ratio": 2.5, "counts": [3, 6]}
 
     set_config(workdir, read_keys)
-    assert planned_jobs(snakemake(workdir, "-n"))["metric_history"] >= 1
+    assert checkpoint_jobs(planned_jobs(snakemake(workdir, "-n"))) >= 1
     # doctor loads configs the way the workflow does: a config the workflow rejects is rejected
     set_config(workdir, lambda c: c["runs"][0].update({"dataset": "nosuch"}))
     with pytest.raises(EditscaleError, match=r"runs\[rome-tiny\].dataset = 'nosuch' is not defined"):
@@ -429,7 +496,7 @@ def test_plugin_method_and_metric_run_through_the_workflow(repo_root, tmp_path):
 
     set_config(workdir, use_plugins)
     res = snakemake(workdir, env={"PYTHONPATH": str(plugins)})
-    assert "metric_toy_norm" in res.stdout + res.stderr
+    assert "toy_norm" in res.stdout + res.stderr and "evaluate__toy_tiny__" in res.stdout + res.stderr  # run by the checkpoint jobs
     # the method ran (its scalar key_norm reaches the edit log) and the metric saw its updates
     log = pl.read_parquet(workdir / "results/tables/edit_log.parquet")
     assert log["run"].unique().to_list() == ["toy-tiny"] and (log["key_norm"] > 0).all()

@@ -6,9 +6,10 @@ Every job of the workflow leaves `results/benchmarks/.../*.tsv` (rules/*.smk `be
 their records by path, then:
 
   fixed[kind]  = mean seconds, for kinds none of whose jobs computes (model preparation, the
-                 weights metric, the report tables and figures);
-  startup_s    = median seconds of the evaluation jobs that neither load nor run the model (the
-                 weights metric: process start, imports, reading the factors); the default if none;
+                 report tables and figures);
+  startup_s    = median seconds of the evaluation jobs that neither load nor run the model (a
+                 plugin metric without `device`; the built-in ones all run in the checkpoint
+                 jobs, which load it); the default (DEFAULT_STARTUP_S) if none;
   factor[kind] = sum(seconds - startup_s - load) / sum(compute seconds), for every other kind
                  (one edit kind per method, one per metric, corpus, stats, context templates),
                  and the mean per family ("edit:*", "metric:*") for kinds whose computing jobs are

@@ -227,7 +227,7 @@ def no_model_cost(run, section, corpus, f, k):
 
 @dataclass(frozen=True)
 class Job:
-    kind: str  # "edit:<method>", "metric:<name>", "corpus", "stats", "context_templates", "model", "report_tables", ...
+    kind: str  # "edit:<method>", "metric:<name>" ("metric:evaluate": a checkpoint job), "corpus", "stats", "context_templates", "model", "report_tables", ...
     record: str  # its Snakemake benchmark record (rules/*.smk `benchmark:`)
     run: str | None = None  # None: shared by the runs (model, corpus, stats, report)
     flops: float = 0.0  # model-dtype matmul FLOPs
@@ -304,7 +304,7 @@ def run_jobs(config: dict, run: dict, root: str | Path = ".") -> list[Job]:
 
     from .evaluate.registry import METRICS
     from .layout import RESULTS
-    from .workflow import metric_grid, segment_ends
+    from .workflow import checkpoint_metrics, metric_grid, segment_ends
 
     params, model_bytes, cfg = _model_bytes(config, run["model"], root)
     if cfg is None:
@@ -320,6 +320,8 @@ def run_jobs(config: dict, run: dict, root: str | Path = ".") -> list[Job]:
                  flops=seg * fl["model"] + (fl.get("begin", 0.0) if k == seg else 0.0),  # begin: once, in the first segment
                  flops64=seg * fl["solve"], model_bytes=model_bytes) for k in segment_ends(run)]
     corpus = config["corpora"][run["corpus"]]
+    grouped = set(checkpoint_metrics())
+    checkpoint: dict[int, list[float]] = {}  # k -> [flops, decode flops, loads the model]
     for metric in METRICS.values():
         section = (config.get("metrics") or {}).get(metric.name) or {}  # defaults filled in by load_config
         cost = None
@@ -328,8 +330,14 @@ def run_jobs(config: dict, run: dict, root: str | Path = ".") -> list[Job]:
             cost = getattr(importlib.import_module(module), name)
         for k in metric_grid(config, run, metric.name):
             flops, decode = cost(run, section, corpus, 2.0 * params, k) if cost else (0.0, 0.0)
-            jobs.append(Job(f"metric:{metric.name}", str(bench / f"{metric.name}_{k:06d}.tsv"), run["name"], flops=float(flops),
-                            decode_flops=float(decode), model_bytes=model_bytes if metric.device else 0))
+            if metric.name in grouped:  # one checkpoint job per k for all of them: one start-up, one load
+                acc = checkpoint.setdefault(k, [0.0, 0.0, 0.0])
+                acc[0], acc[1], acc[2] = acc[0] + float(flops), acc[1] + float(decode), max(acc[2], float(metric.device))
+            else:
+                jobs.append(Job(f"metric:{metric.name}", str(bench / f"{metric.name}_{k:06d}.tsv"), run["name"], flops=float(flops),
+                                decode_flops=float(decode), model_bytes=model_bytes if metric.device else 0))
+    jobs += [Job("metric:evaluate", str(bench / f"evaluate_{k:06d}.tsv"), run["name"], flops=f, decode_flops=d, model_bytes=model_bytes if dev else 0)
+             for k, (f, d, dev) in sorted(checkpoint.items())]
     return jobs
 
 
@@ -402,7 +410,7 @@ def time_estimate(config: dict, rate32: float, rate64: float | None, calibration
 
 def run_estimate(config: dict, run: dict, root: str | Path = ".") -> dict[str, Any]:
     """Shapes, storage, per-edit FLOPs and device memory of one run (time: time_estimate)."""
-    from .workflow import metric_grid, metrics_registry
+    from .workflow import checkpoint_metrics, metric_grid, metrics_registry
 
     spec = config["models"][run["model"]]
     dtype = spec.get("dtype", "float32")
@@ -425,7 +433,10 @@ def run_estimate(config: dict, run: dict, root: str | Path = ".") -> dict[str, A
     fl = edit_flops(run["method"], hp, params, shapes, run["segment"], getattr(cfg, "num_hidden_layers", None))
     est["edit"] = {"flops_model": fl["model"], "flops_solve_fp64": fl["solve"], "tokens_per_step": fl["tokens"],
                    "steps": fl["steps"]}
-    est["eval_jobs"] = sum(len(metric_grid(config, run, m)) for m in metrics_registry())
+    # one job per segment for the edit scores, one checkpoint job per k of any other metric's grid
+    grouped = checkpoint_metrics()
+    est["eval_jobs"] = sum(len(metric_grid(config, run, m)) for m in metrics_registry() if m not in grouped) + len(
+        set().union(*(metric_grid(config, run, m) for m in grouped)) if grouped else set())
     est["memory"] = {
         "weights": params * DTYPE_BYTES[dtype],
         "stats_on_device": sum(8 * shapes[m][1] ** 2 for m in stats_modules(config, run)),

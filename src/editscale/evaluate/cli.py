@@ -1,21 +1,39 @@
-"""`editscale score-edits | history | downstream | generation | perplexity | weights`.
+"""`editscale score-edits | history | downstream | generation | perplexity | weights | evaluate`.
 
-Each verb evaluates one checkpoint k of a run and writes one long parquet table
+Each metric verb evaluates one checkpoint k of a run and writes one long parquet table
 (`results/{run}/metrics/{metric}/{k:06d}.parquet`: k, item, metric, value [, edit_index]) with
 provenance metadata (config_hash = sha256 of the metric's params JSON, input hashes, device).
 `--params-json` takes a JSON object, or @FILE / a path to a .json file holding one.
+
+`evaluate` is the checkpoint job of the workflow: it runs the verbs of several metrics at one
+checkpoint in one process, so that the model is loaded and replayed to k once for all of them
+(the verbs share a model cache for the job's lifetime), and each metric still writes its own
+file. Snakemake keeps those files (they are `update()` outputs of the job) and the job
+recomputes only the metrics whose file is missing or stale: its recorded evaluation_key (the
+hash of the metric's params and of the content of every input file it declares) differs from
+the current one, or its values no longer hash to its recorded table_sha256. A job in which no metric is stale was started for a reason the files do not
+show (a forced re-run, a touched input, a grid change that moved the checkpoint to another
+rule): it keeps every file and says so; EDITSCALE_RECOMPUTE=1 in the environment recomputes all.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 from ..io import EditscaleError, provenance, read_jsonl, sha256_file, sha256_json, write_parquet_atomic
 
 log = logging.getLogger(__name__)
+
+# input kind -> the flag of the metric verbs (editscale.evaluate.registry.INPUT_KINDS)
+from .registry import INPUT_KINDS as INPUT_FLAGS  # noqa: E402
+
+# (model_dir, delta, factors, k, dtype, device) -> (model, tokenizer) while an `evaluate` job runs:
+# its metrics share one load and replay of the checkpoint (None: no cache, each verb loads)
+_MODEL_CACHE: dict | None = None
 
 
 def _common(p, segment: bool = False, edits: bool = True) -> None:
@@ -36,6 +54,22 @@ def _common(p, segment: bool = False, edits: bool = True) -> None:
 
 
 def register(sub) -> None:
+    p = sub.add_parser("evaluate", help="several metrics at one checkpoint k in one process (the workflow's checkpoint job)")
+    p.add_argument("--model-dir", required=True, help="prepared model directory (data/models/{model})")
+    p.add_argument("--k", type=int, required=True, help="checkpoint: the model after k edits (0 = unedited)")
+    p.add_argument("--metric", nargs="+", required=True, metavar="NAME=OUT", help="each metric to evaluate and the parquet file it writes")
+    p.add_argument("--configs", nargs="+", required=True, help="each metric's config section, results/config/metrics/{name}.json (`metric-config`)")
+    p.add_argument("--device", default="auto")
+    for kind, flag in INPUT_FLAGS.items():
+        p.add_argument(flag, nargs="*", default=[], help=f"the checkpoint's `{kind}` input files (editscale.evaluate.registry); each metric gets those it declares")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("metric-config", help="validate one metric's config section and write it as canonical JSON (the checkpoint jobs' input)")
+    p.add_argument("--metric", required=True)
+    p.add_argument("--params-json", required=True, help="the section (without eval_every, which decides only which checkpoints exist)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_metric_config)
+
     p = sub.add_parser("score-edits", help="efficacy / paraphrase / neighborhood scores of each edit of a segment, right after it")
     _common(p, segment=True)
     p.set_defaults(func=cmd_score_edits)
@@ -161,18 +195,40 @@ def _write(df, args, params: dict, extra_inputs: dict[str, str] | None = None, s
 
     meta = provenance(config_hash=sha256_json(params), inputs=_inputs(args, extra_inputs), device=str(pick_device(args.device)))
     meta["params"] = json.dumps(params, sort_keys=True)
+    meta["evaluation_key"] = evaluation_key(args)
     if seconds is not None:
         meta["seconds"] = f"{seconds:.2f}"
     write_parquet_atomic(df, args.out, metadata=meta)
     log.info("wrote %s (%d rows%s)", args.out, df.height, f", {seconds:.1f} s" if seconds is not None else "")
 
 
+def evaluation_key(args) -> str:
+    """What a metric file was computed from, as one hash: the params JSON its verb was given and
+    the content of every input file handed to it (`evaluate` recomputes a file whose key differs)."""
+    files = sorted({str(p) for flag in INPUT_FLAGS.values() for p in _as_list(getattr(args, flag.lstrip("-").replace("-", "_"), None))})
+    return sha256_json({"params": parse_params(args.params_json), "files": {p: sha256_file(p) for p in files if Path(p).is_file()},
+                        "k": args.k, "model": str(args.model_dir)})
+
+
+def _as_list(value) -> list:
+    return [] if value is None else [value] if isinstance(value, (str, Path)) else list(value)
+
+
 def _model_at(args, base: bool = False):
-    """The model after --k edits (base: the unedited model)."""
+    """The model after --k edits (base: the unedited model); from the job's cache inside
+    `evaluate` (the metric verbs only read the model)."""
     from ..edit.chain import model_at
     from ..layout import StateFiles
 
-    return model_at(args.model_dir, StateFiles.unedited() if base else state_files(args), dtype=_dtype(args), device=args.device)
+    state = StateFiles.unedited() if base else state_files(args)
+    key = (str(args.model_dir), str(state.delta), str(state.factors), state.k, _dtype(args), args.device)
+    if _MODEL_CACHE is not None and key in _MODEL_CACHE:
+        log.info("model after %d edits: loaded and replayed once for this checkpoint job, re-used", state.k)
+        return _MODEL_CACHE[key]
+    loaded = model_at(args.model_dir, state, dtype=_dtype(args), device=args.device)
+    if _MODEL_CACHE is not None:
+        _MODEL_CACHE[key] = loaded
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,3 +366,84 @@ def cmd_weights(args) -> None:
     cols = ["k", "item", "edit_index", "metric", "value"]
     df = pl.concat([f.select(cols) for f in frames])
     _write(df, args, params, seconds=time.time() - t0)
+
+
+def cmd_evaluate(args) -> None:
+    """Every listed metric at checkpoint k in this process (module doc)."""
+    global _MODEL_CACHE
+    import polars as pl
+
+    from .. import cli as top
+    from ..io import read_parquet_metadata, table_sha256
+    from .registry import get_metric
+
+    t0 = time.time()
+    configs = {Path(c).stem: c for c in args.configs}
+    outs = {}
+    for item in args.metric:
+        name, sep, out = item.partition("=")
+        if not sep or not out:
+            raise EditscaleError(f"--metric {item!r}: expected NAME=OUT")
+        outs[name] = out
+    unknown = sorted(set(outs) - set(configs))
+    if unknown:
+        raise EditscaleError(f"--configs has no config file for {unknown} (results/config/metrics/NAME.json)")
+    parser = top.build_parser()
+    verbs = {}
+    for name, out in outs.items():
+        metric = get_metric(name)
+        argv = [metric.verb, "--model-dir", str(args.model_dir), "--k", str(args.k), "--out", out,
+                # the section itself, not @FILE: a plugin verb may only parse a JSON object
+                "--params-json", _read_config(configs[name]), "--device", args.device]
+        for kind in metric.inputs:
+            files = getattr(args, INPUT_FLAGS[kind].lstrip("-").replace("-", "_"))
+            if files:
+                argv += [INPUT_FLAGS[kind], *(files if kind in ("state", "factors_upto", "segment_factors") else files[:1])]
+        verbs[name] = parser.parse_args(argv)
+
+    def stale(name) -> bool:
+        path = Path(outs[name])
+        if not path.exists():
+            return True
+        try:
+            meta = read_parquet_metadata(path)
+            if meta.get("evaluation_key") != evaluation_key(verbs[name]):
+                return True
+            # a file whose values were changed after it was written is recomputed too (the audit's check)
+            return table_sha256(pl.read_parquet(path)) != meta.get("table_sha256")
+        except Exception:  # noqa: BLE001 - unreadable (polars raises several kinds): recompute
+            return True
+
+    recompute = os.environ.get("EDITSCALE_RECOMPUTE", "") not in ("", "0")
+    todo = list(outs) if recompute else [n for n in outs if stale(n)]
+    if not todo:
+        log.info("k=%d: every metric file is up to date by its evaluation key (params and input contents): kept. Snakemake "
+                 "re-ran the job for a reason the keys do not see (a forced run, a touched input, another set of inputs); "
+                 "EDITSCALE_RECOMPUTE=1 recomputes them", args.k)
+    log.info("k=%d: evaluating %s in one process (up to date, kept: %s)", args.k, todo, [n for n in outs if n not in todo] or "none")
+    _MODEL_CACHE = {}
+    try:
+        for name in todo:
+            ts = time.time()
+            verbs[name].func(verbs[name])
+            log.info("k=%d: %s done in %.1f s -> %s", args.k, name, time.time() - ts, outs[name])
+    finally:
+        _MODEL_CACHE = None
+    log.info("k=%d: %d metrics in %.1f s", args.k, len(todo), time.time() - t0)
+
+
+def _read_config(path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise EditscaleError(f"{path} not found: the metric's config section (rule metric_config)")
+    return path.read_text().strip()
+
+
+def cmd_metric_config(args) -> None:
+    from ..io import atomic_path
+
+    params = parse_params(args.params_json)
+    _section(args, args.metric)  # one clear error for a bad section
+    with atomic_path(args.out) as tmp:
+        Path(tmp).write_text(json.dumps(params, sort_keys=True, separators=(",", ":")) + "\n")
+    log.info("wrote %s", args.out)
