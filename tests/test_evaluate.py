@@ -532,3 +532,16 @@ def test_cli_k0(tiny_run, tmp_path):
     out = tmp_path / "history.parquet"
     _cli(["history", *base, "--out", str(out)])
     assert pl.read_parquet(out).height == 0
+
+
+def test_the_state_of_any_checkpoint_is_one_delta_and_one_segment_of_factors():
+    """Replaying to k reads the delta at the start of k's segment and at most `segment` updates of
+    that segment's factors, whatever k is (O(segment), not O(k))."""
+    from editscale.workflow import state_files
+
+    run = {"name": "r", "model": "m", "segment": 100}
+    for k in (150, 10_050):
+        files = state_files(run, k)
+        start, end = (k // 100) * 100, (k // 100 + 1) * 100
+        assert files[2:] == [f"results/r/deltas/{start:06d}.h5", f"results/r/factors/{end:06d}.h5"], files
+    assert state_files(run, 10_000)[2:] == ["results/r/deltas/010000.h5"]
