@@ -11,9 +11,10 @@ checkpoint in one process, so that the model is loaded and replayed to k once fo
 file. Snakemake keeps those files (they are `update()` outputs of the job) and the job
 recomputes only the metrics whose file is missing or stale: its recorded evaluation_key (the
 hash of the metric's params and of the content of every input file it declares) differs from
-the current one, or its values no longer hash to its recorded table_sha256. A job in which no metric is stale was started for a reason the files do not
-show (a forced re-run, a touched input, a grid change that moved the checkpoint to another
-rule): it keeps every file and says so; EDITSCALE_RECOMPUTE=1 in the environment recomputes all.
+the current one, or its values no longer hash to its recorded table_sha256. A job in which no
+metric is stale was started for a reason the files do not show (a forced re-run, a touched
+input, a grid change that moved the checkpoint to another rule): it keeps every file and says
+so; EDITSCALE_RECOMPUTE=1 in the environment recomputes all.
 """
 
 from __future__ import annotations
@@ -25,11 +26,9 @@ import time
 from pathlib import Path
 
 from ..io import EditscaleError, provenance, read_jsonl, sha256_file, sha256_json, write_parquet_atomic
+from .registry import INPUT_KINDS as INPUT_FLAGS  # input kind -> the flag of the metric verbs
 
 log = logging.getLogger(__name__)
-
-# input kind -> the flag of the metric verbs (editscale.evaluate.registry.INPUT_KINDS)
-from .registry import INPUT_KINDS as INPUT_FLAGS  # noqa: E402
 
 # (model_dir, delta, factors, k, dtype, device) -> (model, tokenizer) while an `evaluate` job runs:
 # its metrics share one load and replay of the checkpoint (None: no cache, each verb loads)
