@@ -25,6 +25,7 @@ from editscale.evaluate.generation import (
 )
 from editscale.evaluate.history import age_strata, history_sample, score_history
 from editscale.evaluate.perplexity import perplexity
+from editscale.evaluate import scoring
 from editscale.evaluate.scoring import argmax_match, generate, run_prompts, score_pairs, score_token_pairs, target_nll
 from editscale.evaluate.weights import flag_outliers, robust_z, update_norm_rows, weight_drift
 from editscale.models.fetch import build_tiny_model
@@ -111,6 +112,66 @@ def test_generate_batched_equals_single(llama):
         assert torch.allclose(lp[i], lp1[0], atol=1e-4)
     # the first generated token is the argmax of the returned first-step log-probs
     assert all(len(x) == 0 or x[0] == int(lp[i].argmax()) for i, x in enumerate(ids))
+
+
+FEW_SHOT = "Opposites:\nhot -> cold\nbig -> small\nup -> down\nfast -> slow\n"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gptj", "gpt_neox", "llama"])
+def test_shared_few_shot_prefix_runs_once_and_reads_the_same(arch):
+    """Few-shot prompts share their context: with share_prefix it runs once and every row runs
+    only its own tokens (gaps masked); the readings equal the unshared pass and full scoring."""
+    model, tok = build_tiny_model(arch)
+    prompts = [FEW_SHOT + w + " ->" for w in ("happy", "light", "old", "rich", "strong and brave", "a")]
+    enc = [tok(p)["input_ids"] for p in prompts]
+    assert scoring.shared_prefix_len(enc) >= 10
+    choices = [["sad", "dark matter", "x"], ["dark"], ["new", "young at heart"], ["poor"], ["weak", "w"], ["b c d e f", "b"]]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        shared = run_prompts(model, tok, prompts, 4, choices, batch_size=4, keep_first_lp=True)
+    finally:
+        hook.remove()
+    plain = run_prompts(model, tok, prompts, 4, choices, batch_size=4, keep_first_lp=True, share_prefix=False)
+    n_prefix = scoring.shared_prefix_len(enc)
+    assert calls[0] == (1, n_prefix)  # the context once, then only each row's own tokens
+    assert max(c[1] for c in calls[1:]) <= max(len(e) for e in enc) - n_prefix
+    flat = [v for row in shared.choice_ll for v in row]
+    assert flat == pytest.approx([v for row in plain.choice_ll for v in row], abs=1e-5)
+    assert shared.choice_match == plain.choice_match
+    assert shared.new_ids == plain.new_ids
+    assert torch.allclose(shared.first_lp, plain.first_lp, atol=1e-4)
+    pairs = [(p, c) for p, cs in zip(prompts, choices) for c in cs]
+    sc = score_pairs(model, tok, [a for a, _ in pairs], [b for _, b in pairs])
+    assert flat == pytest.approx((-sc.nll).tolist(), abs=1e-5)
+
+
+def test_choice_chunks_are_the_cheapest_partition():
+    """length_chunks: every row with a continuation exactly once, at most max_rows per pass, and
+    the least total cost (forward cost + rows x widest) over all partitions of the sorted rows."""
+    import itertools
+    import random as _random
+
+    rng = _random.Random(3)
+    for _ in range(30):
+        widths = [rng.choice([0, 1, 1, 1, 2, 2, 3, 6]) for _ in range(rng.randint(1, 9))]
+        max_rows, cost = rng.randint(1, 5), rng.choice([0, 2, 16])
+        chunks = scoring.length_chunks(widths, max_rows, cost)
+        assert sorted(i for c in chunks for i in c) == [i for i, w in enumerate(widths) if w > 0]
+        assert all(0 < len(c) <= max_rows for c in chunks)
+        got = sum(cost + len(c) * max(widths[i] for i in c) for c in chunks)
+        ws = sorted(w for w in widths if w > 0)
+        best = math.inf
+        for cuts in itertools.product([0, 1], repeat=max(0, len(ws) - 1)):
+            parts, start = [], 0
+            for j, c in enumerate(cuts, 1):
+                if c:
+                    parts.append(ws[start:j])
+                    start = j
+            parts.append(ws[start:])
+            if all(len(q) <= max_rows for q in parts if q):
+                best = min(best, sum(cost + len(q) * max(q) for q in parts if q))
+        assert got == (best if ws else 0)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gptj", "gpt_neox", "llama"])
