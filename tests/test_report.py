@@ -507,3 +507,72 @@ def test_summary_has_both_efficacy_readings_side_by_side(tmp_path):
     assert s["es_at_last_checkpoint"] < s["es_after_each_edit"]
     cols = t["summary"].columns
     assert cols.index("es_at_last_checkpoint") == cols.index("es_after_each_edit") + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the results API and `editscale compare`
+
+
+def _readme_results_example() -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("### Results in a notebook", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_results_example_runs_on_a_finished_study(tiny_study):
+    import subprocess
+    import sys
+
+    code = _readme_results_example()
+    assert len(code.strip().splitlines()) == 5
+    out = subprocess.run([sys.executable, "-c", code + "print(type(summary).__module__, len(history))"], cwd=tiny_study,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "rome-tiny" in out.stdout and "perplexity_ratio" in out.stdout
+    assert out.stdout.strip().splitlines()[-1].startswith("pandas")
+
+
+def test_results_join_each_runs_resolved_config_and_compare_reads_the_tables(tiny_study):
+    from editscale import results
+
+    res = results.load(tiny_study / "results")
+    record = json.loads((tiny_study / "results" / "rome-tiny" / "run.json").read_text())
+    history = res["history"]
+    assert history.height == res.tables["history"].height  # the join adds columns, never rows
+    assert set(history["hp.v_lr"].unique().to_list()) == {str(record["hparams"]["v_lr"])}
+    assert set(history["config_hash"].unique().to_list()) == {record["config_hash"]}
+    assert set(history["hparams_file"].unique().to_list()) == {record["hparams_file"]}
+    assert res.table("history", join_config=False).columns == res.tables["history"].columns
+    assert res.pandas("summary").shape == res["summary"].shape
+    # the perplexity ratio is the last checkpoint over k = 0, read off the metric files
+    ppl = {int(p.stem): pl.read_parquet(p).filter(pl.col("metric") == "perplexity")["value"][0]
+           for p in (tiny_study / "results" / "rome-tiny" / "metrics" / "perplexity").glob("*.parquet")}
+    cmp = res.compare(["rome-tiny"])
+    assert cmp["perplexity_ratio"][0] == pytest.approx(ppl[max(ppl)] / ppl[0])
+    summary = res.tables["summary"].row(0, named=True)
+    assert cmp["es_at_end"][0] == summary["es_at_end"] and cmp["onset"][0] == summary["onset"]
+    with pytest.raises(EditscaleError, match=r"run\(s\) \['nope'\] not in .*runs: \['rome-tiny'\]"):
+        res.compare(["nope"])
+    with pytest.raises(EditscaleError, match=r"no 'es_at_7' in the summary: counts there are \['end'\]"):
+        res.compare(at=[7])
+    with pytest.raises(EditscaleError, match="no report table 'nope'"):
+        res["nope"]
+
+
+def test_compare_cli_prints_the_table_and_names_bad_input(tiny_study, tmp_path):
+    import subprocess
+
+    def compare(*args, cwd=tiny_study):
+        return subprocess.run(["editscale", "compare", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+    text = compare("rome-tiny", "--at", "end")
+    assert text.returncode == 0, text.stderr
+    header, rule, row = text.stdout.splitlines()
+    assert header.split()[:5] == ["run", "method", "model", "n_edits", "onset"] and set(rule.replace(" ", "")) == {"-"}
+    assert row.startswith("rome-tiny")
+    csv = pl.read_csv(compare("--format", "csv").stdout.encode())
+    assert csv["run"].to_list() == ["rome-tiny"] and "perplexity_ratio" in csv.columns
+    bad = compare("--at", "ten")
+    assert bad.returncode != 0 and "--at takes edit counts or 'end', got 'ten'" in bad.stderr
+    missing = compare(cwd=tmp_path)
+    assert missing.returncode != 0 and "results/tables/summary.parquet not found" in missing.stderr

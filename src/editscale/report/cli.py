@@ -1,4 +1,4 @@
-"""`editscale report-tables | report-plots | phases`: the report stage."""
+"""`editscale report-tables | report-plots | phases | compare`: the report stage."""
 
 from __future__ import annotations
 
@@ -42,6 +42,13 @@ def register(sub) -> None:
     p.add_argument("--cdn-html", action="store_true", help="load vega from a CDN instead of embedding it (smaller HTML, needs network to view)")
     p.add_argument("--no-per-run", action="store_true", help="skip the per-run copies overview_{run} of the overview figure")
     p.set_defaults(func=run_plots)
+
+    p = sub.add_parser("compare", help="terminal table of chosen runs' summaries: onset, ES/PS/NS at fixed edit counts, perplexity ratio")
+    p.add_argument("runs", nargs="*", help="run names (default: every run of the summary)")
+    p.add_argument("--results", default="results", help="the study's results directory (its tables/ and {run}/run.json)")
+    p.add_argument("--at", nargs="+", default=["end"], help="edit counts of the ES/PS/NS columns: counts of the summary (report.counts) or 'end'")
+    p.add_argument("--format", choices=["text", "csv"], default="text")
+    p.set_defaults(func=run_compare)
 
     p = sub.add_parser("phases", help="onset of catastrophic forgetting and disabling edits per run")
     p.add_argument("--tables", nargs="+", default=["results/tables"], help="the report's table files (parquet), or one directory holding them")
@@ -124,3 +131,22 @@ def run_phases(args) -> None:
         c = r.combined
         onset = f"{c.onset_k:.0f} (95% CI {c.ci_low:.0f}-{c.ci_high:.0f}; {', '.join(c.curves_agreeing)})" if c.onset_k is not None else f"none within {r.k_max} edits"
         log.info("run %s: onset %s; %d disabling edit(s)", r.run, onset, len(r.disabling))
+
+
+def run_compare(args) -> None:
+    import sys
+
+    from .results import format_table, load
+
+    at = [a if a == "end" else _count(a) for a in args.at]
+    table = load(args.results, tables=["perplexity"]).compare(args.runs, at)
+    sys.stdout.write((table.write_csv() if args.format == "csv" else format_table(table)).rstrip("\n") + "\n")
+
+
+def _count(text: str) -> int:
+    from ..io import EditscaleError
+
+    try:
+        return int(text)
+    except ValueError:
+        raise EditscaleError(f"--at takes edit counts or 'end', got {text!r}") from None
