@@ -82,6 +82,7 @@ class AlphaEdit(Memit):
     """Null-space constrained MEMIT for sequential editing."""
 
     name = "alphaedit"
+    easyedit_name = "AlphaEdit"
     hparams_type = AlphaEditHparams
 
     @classmethod

@@ -48,6 +48,16 @@ def register(sub) -> None:
     p = sub.add_parser("methods", help="list the editing methods")
     p.set_defaults(func=cmd_methods)
 
+    p = sub.add_parser("hparams", help="hyper-parameter files: import from EasyEdit")
+    hsub = p.add_subparsers(dest="hparams_verb", required=True, metavar="ACTION")
+    q = hsub.add_parser("import-easyedit", help="convert an EasyEdit hparams YAML into an editscale hparams file, naming every key dropped")
+    q.add_argument("file", help="EasyEdit hparams YAML (hparams/<ALG>/<model>.yaml in zjunlp/EasyEdit)")
+    q.add_argument("--method", default=None, help="editscale method (default: the one whose EasyEdit name is the file's alg_name)")
+    q.add_argument("--out", default=None, help="output YAML (default: config/hparams/<method>/<file name>)")
+    q.add_argument("--model-dir", default=None, help="a prepared model directory: also check the layers against its config.json")
+    q.add_argument("--stdout", action="store_true", help="print the file instead of writing it")
+    q.set_defaults(func=cmd_import_easyedit)
+
 
 def resolve_run(record: dict, layers_in_model: int | None = None) -> dict:
     """run.json: the run record (hparams already resolved by the workflow) checked once more
@@ -135,3 +145,21 @@ def cmd_methods(args) -> None:
         print(f"{name:10s} {desc}")
         more = f", then those of the method named by {cls.wraps}" if cls.wraps else ""
         print(f"{'':10s}   updates: {cls.update_kind}; batches: {'yes' if cls.batch_edits else 'no'}; templates: {cls.template_rule} rule; required hparams: {', '.join(required(cls.hparams_type)) or 'none'}{more}")
+
+
+def cmd_import_easyedit(args) -> None:
+    import sys
+
+    from ..io import write_text_atomic
+    from ..models.registry import config_json_layers
+    from .easyedit import convert
+
+    layers = config_json_layers(Path(args.model_dir) / "config.json") if args.model_dir else None
+    conv = convert(args.file, args.method, layers)
+    print(conv.report(), file=sys.stderr)
+    if args.stdout:
+        sys.stdout.write(conv.yaml())
+        return
+    out = Path(args.out) if args.out else Path("config/hparams") / conv.method / Path(args.file).with_suffix(".yaml").name
+    write_text_atomic(out, conv.yaml())
+    log.info("wrote %s (use it as a run's `hparams:` with method %s)", out, conv.method)

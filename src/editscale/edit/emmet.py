@@ -50,6 +50,7 @@ class EmmetHparams(RRomeHparams):
 
 class Emmet(Rome):
     name = "emmet"
+    easyedit_name = "EMMET"
     hparams_type = EmmetHparams
     solve_cost = "per_edit"
     # emmet/emmet_main.py get_context_templates and compute_ks (MEMIT's), emmet/compute_z.py

@@ -129,6 +129,7 @@ class Memit(EditMethod):
     """MEMIT's multi-layer least-squares update, one batch of cases per `apply`."""
 
     name = "memit"
+    easyedit_name = "MEMIT"
     # memit/memit_main.py get_context_templates + compute_ks (grouped key average), compute_z
     # (loss at max(v_loss_layer, z layer))
     template_rule = "memit"

@@ -85,6 +85,9 @@ class EditMethod:
             keys averaged per group); see `editscale.edit.common.sample_context_templates`.
         value_loss_layer: where the reference reads the value-optimization loss ("final": ROME's
             final logits; "max": MEMIT's layer max(v_loss_layer, injection layer)).
+        easyedit_name: EasyEdit's `alg_name` of the same method ("" = none; not inherited), for
+            `editscale hparams import-easyedit` (`editscale.edit.easyedit`);
+            easyedit_keys: EasyEdit key -> editscale key where the names differ.
 
     Construction (once per segment):
         model, tok: the loaded model (eval mode, parameters requires_grad False) and its tokenizer
@@ -108,9 +111,13 @@ class EditMethod:
     solve_cost: str = "per_edit"
     batch_edits: bool = True
     wraps: str = ""
+    easyedit_name: str = ""
+    easyedit_keys: dict = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if "easyedit_name" not in cls.__dict__:  # a subclass is another method unless it says so
+            cls.easyedit_name = ""
         cls.required_hparams = hparams_spec.required(cls.hparams_type)
         cls.default_hparams = hparams_spec.defaults(cls.hparams_type)
 

@@ -50,6 +50,7 @@ class RomeHparams(RRomeHparams):
 
 class Rome(EditMethod):
     name = "rome"
+    easyedit_name = "ROME"
     hparams_type = RomeHparams
     # rome/rome_main.py get_context_templates (flat, from <|endoftext|>); rome/compute_v.py reads
     # the loss from the final logits
@@ -132,5 +133,6 @@ class RRome(Rome):
     key_averaging: the method is what decides it)."""
 
     name = "r-rome"
+    easyedit_name = "R-ROME"
     hparams_type = RRomeHparams
     forced_hparams = {"key_averaging": "templates"}

@@ -107,6 +107,8 @@ class UltraEdit(EditMethod):
     """Lifelong normalization of [key | output gradient] and a closed-form ridge update per module."""
 
     name = "ultraedit"
+    easyedit_name = "UltraEdit"
+    easyedit_keys = {"batch_size": "tuple_size"}  # EasyEdit's cases per forward / backward pass
     hparams_type = UltraEditHparams
     solve_cost = "gradient"
 

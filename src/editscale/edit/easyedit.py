@@ -1,0 +1,207 @@
+"""EasyEdit (zjunlp/EasyEdit) hyper-parameter files -> editscale hparams files.
+
+EasyEdit's ROME-lineage files (ROME, R-ROME, MEMIT, EMMET, AlphaEdit) use the reference code's
+names for what the method computes (layers, v_lr, kl_factor, mom2_update_weight, ...), which are
+editscale's names too, and add keys that say where and how EasyEdit runs (model_name, device,
+stats_dir, fp16, ...) and module-name templates. The conversion:
+
+* the method: the registered class whose `easyedit_name` is the file's `alg_name` (or --method);
+* module templates (`rewrite_module_tmp`, `layer_module_tmp`, `mlp_module_tmp`, `ln_f_module`,
+  `lm_head_module`; UltraEdit's `inner_params`) are matched against the architecture registry
+  (`editscale.models.registry.ARCHITECTURES`): they must name the modules editscale edits and
+  reads for one family; editscale files do not carry them (the model's family decides);
+* run-time keys are dropped, each with the config key that takes its place;
+* the method's `easyedit_keys` renames keys; a key editscale's method does not have is dropped and
+  named ("cannot map");
+* the result is validated like any hparams file (`validate_hparams`; with a model directory also
+  the layer range), and the keys left at editscale's defaults are listed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..io import EditscaleError
+from . import hparams as hparams_spec
+from .methods import METHODS, get_method
+
+# EasyEdit keys that configure its runner, not the method: key -> where editscale sets it
+RUNTIME_KEYS = {
+    "alg_name": "the method: the run's `method:` (and the hparams file's directory)",
+    "model_name": "the model: config `models:` (source)",
+    "model_class": "the model: config `models:`",
+    "tokenizer_name": "the model: config `models:` (the tokenizer comes with it)",
+    "tokenizer_class": "the model: config `models:`",
+    "device": "`--device` / resources.gpu",
+    "stats_dir": "second moments are stage outputs: results/stats/{model}/{corpus}/",
+    "mom2_dataset": "the corpus: config `corpora:` and the run's `corpus:`",
+    "mom2_n_samples": "config `corpora.<c>.n_tokens` (editscale counts tokens, EasyEdit samples)",
+    "mom2_dtype": "second moments are accumulated and solved in float64",
+    "model_parallel": "one device per job",
+    "fp16": "config `models.<m>.dtype`",
+    "half": "config `models.<m>.dtype`",
+    "P_loc": "the null-space projection is a stats-stage output (results/stats/.../nullspace)",
+    "results_dir": "results/ (the workflow's layout)",
+    "silent": "logging: `editscale -v`",
+    "max_length": "prompts are truncated to the model's context",
+    "editor_batch_size": "the run's `edits_per_step`",
+    "batch_size_once": "the run's `edits_per_step`",
+    "dropout": "models are edited in eval mode",
+    "no_grad_layers": "only the hparams' layers are edited",
+}
+# module-name templates -> the ArchSpec field they must equal ("" = not used by editscale)
+MODULE_KEYS = {
+    "rewrite_module_tmp": "mlp_out",
+    "layer_module_tmp": "layer",
+    "ln_f_module": "final_norm",
+    "lm_head_module": "lm_head",
+    "mlp_module_tmp": "mlp",
+    "attn_module_tmp": "",
+}
+
+
+@dataclass
+class Conversion:
+    method: str
+    source: str
+    alg_name: str
+    architecture: str
+    hparams: dict
+    dropped: dict[str, str] = field(default_factory=dict)  # EasyEdit key -> why
+    renamed: dict[str, str] = field(default_factory=dict)  # EasyEdit key -> editscale key
+    defaults: dict = field(default_factory=dict)  # editscale keys the file leaves at their default
+
+    def report(self) -> str:
+        lines = [f"{self.source}: EasyEdit {self.alg_name} -> editscale {self.method}, architecture {self.architecture}"]
+        lines += [f"  renamed {k} -> {v}" for k, v in self.renamed.items()]
+        lines += [f"  dropped {k}: {why}" for k, why in self.dropped.items()]
+        if self.defaults:
+            lines.append("  editscale defaults apply: " + ", ".join(f"{k}={v!r}" for k, v in self.defaults.items()))
+        return "\n".join(lines)
+
+    def yaml(self) -> str:
+        import yaml
+
+        head = [f"# Imported from EasyEdit {self.alg_name} hparams {self.source} by `editscale hparams import-easyedit`;",
+                f"# module templates matched architecture {self.architecture}."]
+        head += [f"# dropped {k}: {why}" for k, why in self.dropped.items()]
+        if self.defaults:
+            head.append("# editscale defaults apply: " + ", ".join(f"{k}={v!r}" for k, v in self.defaults.items()))
+        return "\n".join(head) + "\n" + yaml.safe_dump(self.hparams, sort_keys=False, default_flow_style=None)
+
+
+def method_for(alg_name: str) -> str:
+    """The registered method whose `easyedit_name` is `alg_name` (case-insensitive)."""
+    known = {}
+    for name in METHODS:
+        ee = getattr(get_method(name), "easyedit_name", "")
+        if ee:
+            known[ee.lower()] = name
+    if alg_name.lower() not in known:
+        raise EditscaleError(f"EasyEdit alg_name {alg_name!r} has no editscale counterpart; importable: "
+                             f"{sorted(get_method(n).easyedit_name for n in known.values())} (or pass --method)")
+    return known[alg_name.lower()]
+
+
+def _spec_value(spec, field_name: str) -> str:
+    return spec.layer + ".mlp" if field_name == "mlp" else getattr(spec, field_name)
+
+
+def match_architecture(data: dict, source: str) -> tuple[str, list[str]]:
+    """(family names, template keys checked) for the file's module templates; an error naming the
+    key when a template names a module other than the registry's."""
+    from ..models.registry import ARCHITECTURES
+
+    templates = {k: data[k] for k in MODULE_KEYS if k in data}
+    inner = data.get("inner_params") or []
+    if "rewrite_module_tmp" not in templates and not inner:
+        return "any (the file names no modules)", []
+    families = []
+    for arch, spec in ARCHITECTURES.items():
+        if "rewrite_module_tmp" in templates and templates["rewrite_module_tmp"] != spec.mlp_out:
+            continue
+        if inner and not all(_module_kind(spec, m) for m in inner):
+            continue
+        families.append(arch)
+    if not families:
+        what = f"rewrite_module_tmp {templates['rewrite_module_tmp']!r}" if "rewrite_module_tmp" in templates else f"inner_params {inner}"
+        raise EditscaleError(f"{source}: {what} names no edited module of editscale's architecture registry "
+                             f"({', '.join(f'{a}: {s.mlp_out}' for a, s in ARCHITECTURES.items())}); add the family to editscale.models.registry")
+    spec = ARCHITECTURES[families[0]]
+    for key, value in templates.items():
+        target = MODULE_KEYS[key]
+        if not target:
+            continue
+        expected = {_spec_value(spec, target)} | ({spec.embed} if key == "lm_head_module" else set())  # tied LM head
+        if value not in expected:
+            raise EditscaleError(f"{source}: {key} {value!r} is not {families[0]}'s {' or '.join(sorted(expected))}"
+                                 " (editscale reads the modules of the architecture registry)")
+    return "/".join(families), list(templates)
+
+
+def _module_kind(spec, module: str) -> tuple[str, int] | None:
+    """("layers" | "mlp_in_layers" | "mlp_up_layers", layer) when `module` is one of the family's MLP matrices."""
+    for key, template in (("layers", spec.mlp_out), ("mlp_in_layers", spec.mlp_in), ("mlp_up_layers", spec.mlp_up)):
+        if template:
+            m = re.fullmatch(re.escape(template).replace(r"\{\}", r"(\d+)"), module)
+            if m:
+                return key, int(m.group(1))
+    return None
+
+
+_SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _number(value):
+    """EasyEdit writes 5e-1 and 1e-6, which YAML 1.1 (PyYAML) reads as text; EasyEdit's loader
+    casts them, so does the import."""
+    return float(value) if isinstance(value, str) and _SCIENTIFIC.fullmatch(value) else value
+
+
+def convert(path: str | Path, method: str | None = None, n_layers: int | None = None) -> Conversion:
+    """The editscale hparams of one EasyEdit file (see the module docstring)."""
+    path = Path(path)
+    data = hparams_spec.read_file(path)
+    alg_name = str(data.get("alg_name", ""))
+    if method is None:
+        if not alg_name:
+            raise EditscaleError(f"{path}: no alg_name; pass --method")
+        method = method_for(alg_name)
+    cls = get_method(method)
+    architecture, checked = match_architecture(data, str(path))
+    fields = hparams_spec.fields(cls.hparams_type)
+    renames = dict(getattr(cls, "easyedit_keys", {}))
+    out: dict = {}
+    conv = Conversion(method, str(path), alg_name or method, architecture, out)
+    if data.get("inner_params"):
+        from ..models.registry import ARCHITECTURES
+
+        spec = ARCHITECTURES[architecture.split("/")[0]]
+        for module in data["inner_params"]:
+            key, layer = _module_kind(spec, module)
+            if key not in fields:
+                raise EditscaleError(f"{path}: inner_params {module!r} is a {key} matrix, which editscale's {method} does not edit")
+            out.setdefault(key, []).append(layer)
+        conv.renamed["inner_params"] = "/".join(sorted({k for k in out}))
+    for key, value in data.items():
+        if key in checked or key == "inner_params":
+            continue
+        if key in RUNTIME_KEYS:
+            conv.dropped[key] = RUNTIME_KEYS[key]
+        elif key in renames:
+            out[renames[key]] = _number(value)
+            conv.renamed[key] = renames[key]
+        elif key in fields:
+            out[key] = _number(value)
+        else:
+            conv.dropped[key] = f"cannot map: editscale's {method} has no hyper-parameter {key!r}"
+    for key in checked:
+        if not MODULE_KEYS[key]:
+            conv.dropped[key] = "editscale edits no attention module"
+    conv.defaults = {k: v for k, v in cls.default_hparams.items() if k not in out}
+    cls.validate_hparams({**cls.default_hparams, **out}, source=f"{path} (imported)")
+    if n_layers is not None:
+        cls.check_for_model({**cls.default_hparams, **out}, n_layers, source=f"{path} (imported)")
+    return conv
