@@ -243,9 +243,11 @@ def test_case_metrics_definitions(gpt2):
 
 def test_score_cases_rows(gpt2):
     model, tok = gpt2
-    df = score_cases(model, tok, [case(1), case(2, case_id="c2")], k=[1, 2])
+    df = score_cases(model, tok, [case(1), case(2, case_id="c2")], k=[1, 2], base="self")
     assert df.schema == {"k": pl.Int64, "item": pl.Utf8, "edit_index": pl.Int64, "metric": pl.Utf8, "value": pl.Float64}
     assert set(df["metric"]) == set(EDIT_METRICS)
+    no_base = score_cases(model, tok, [case(1)], k=[1])  # EasyEdit's locality needs the unedited model
+    assert set(no_base["metric"]) == set(EDIT_METRICS) - {"locality"}
     assert df.filter(pl.col("item") == "c2")["k"].unique().to_list() == [2]
     es = df.filter(pl.col("metric").is_in(["es", "ps", "ns", "efficacy_em", "paraphrase_em", "score"]))["value"]
     assert ((es >= 0) & (es <= 1)).all()
@@ -606,3 +608,55 @@ def test_the_state_of_any_checkpoint_is_one_delta_and_one_segment_of_factors():
         start, end = (k // 100) * 100, (k // 100 + 1) * 100
         assert files[2:] == [f"results/r/deltas/{start:06d}.h5", f"results/r/factors/{end:06d}.h5"], files
     assert state_files(run, 10_000)[2:] == ["results/r/deltas/010000.h5"]
+
+
+def _easyedit_argmax(model, tok, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """EasyEdit's test_prediction_acc for one pair, written out: prompt + " " + target tokenized
+    as one string, one forward pass, the argmax at the positions that predict the target tokens
+    (labels = the tokens after the prompt's)."""
+    joined = tok(prompt + " " + target)["input_ids"]
+    n_prompt = len(tok(prompt)["input_ids"])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([joined])).logits[0]
+    answers = logits.argmax(-1).tolist()[n_prompt - 1 : -1]
+    return answers, joined[n_prompt:]
+
+
+def test_easyedit_metrics_are_easyedits_token_accuracy_and_argmax_agreement():
+    """rewrite_acc / rephrase_acc: the fraction of target tokens that are the argmax under
+    teacher forcing; locality: the fraction of neighborhood-target positions whose argmax is the
+    unedited model's. Both against a direct transcription of EasyEdit's computation."""
+    import copy
+
+    from editscale.evaluate.edit_scores import case_metrics
+
+    model, tok = build_tiny_model("gpt2")
+    prompt = "The capital of France is"
+    greedy = model.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=3, do_sample=False, pad_token_id=tok.eos_token_id)
+    own = tok.decode(greedy[0, -3:])  # the model's own continuation: token accuracy 1 where it re-tokenizes alike
+    targets = [own.strip() or "Paris", "Rome", "Saint Petersburg"]
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in edited.parameters():
+            p.add_(0.02 * torch.randn_like(p, generator=torch.Generator().manual_seed(0)))
+    for target in targets:
+        c = {"case_id": "c", "subject": "France", "prompt": "The capital of {} is", "target_true": "Paris", "target_new": target,
+             "paraphrase_prompts": ["France's capital is", "In France, the capital is"],
+             "neighborhood_prompts": ["The capital of Germany is", "Spain's capital city is"], "edit_index": 1}
+        m = case_metrics(edited, tok, [c], base=(model, tok))[0]
+        def acc(p, t):
+            a, lab = _easyedit_argmax(edited, tok, p, t)
+            return sum(x == y for x, y in zip(a, lab)) / len(lab)
+        assert m["rewrite_acc"] == pytest.approx(acc(prompt, target))
+        assert m["rephrase_acc"] == pytest.approx(np.mean([acc(p, target) for p in c["paraphrase_prompts"]]))
+        agree = []
+        for p in c["neighborhood_prompts"]:
+            post, _ = _easyedit_argmax(edited, tok, p, "Paris")
+            pre, _ = _easyedit_argmax(model, tok, p, "Paris")
+            agree.append(np.mean(np.equal(pre, post)))
+        assert m["locality"] == pytest.approx(np.mean(agree))
+    unedited = case_metrics(model, tok, [c], base="self")[0]
+    assert unedited["locality"] == 1.0 and "locality" not in case_metrics(model, tok, [c])[0]
+    assert case_metrics(model, tok, [c], base=(model, tok))[0]["locality"] == 1.0
+    mine = case_metrics(model, tok, [{**c, "target_new": targets[0]}], base="self")[0]
+    assert mine["rewrite_acc"] > 0  # not vacuous: the model's own continuation scores

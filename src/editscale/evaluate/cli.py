@@ -254,6 +254,14 @@ def _model_at(args, base: bool = False):
 # verbs
 
 
+def _locality_base(args, cfg, k: int):
+    """What EasyEdit's locality compares with: the unedited model (loaded once per job, beside
+    the edited one), "self" at k = 0, None when the metric's `easyedit_locality` is off."""
+    if not cfg.easyedit_locality or "neighborhood" not in getattr(cfg, "parts", ("neighborhood",)):
+        return None
+    return "self" if k == 0 else _model_at(args, base=True)
+
+
 def cmd_score_edits(args) -> None:
     import polars as pl
 
@@ -266,11 +274,12 @@ def cmd_score_edits(args) -> None:
 
     start_delta, factors = segment_files(args.segment_files, args.k, _segment(args))
     by_index = {int(c["edit_index"]): c for c in _edits(args)}
+    base = _locality_base(args, cfg, k=1)
     frames = []
     for j, model, tok in states_in_segment(args.model_dir, start_delta, factors, dtype=_dtype(args), device=args.device):
         if j not in by_index:
             raise EditscaleError(f"edit {j} of the chain is not in {args.edits}")
-        frames.append(score_cases(model, tok, [by_index[j]], k=j, batch_size=cfg.batch_size))
+        frames.append(score_cases(model, tok, [by_index[j]], k=j, batch_size=cfg.batch_size, base=base))
     df = pl.concat(frames) if frames else score_cases(None, None, [], k=args.k)
     _write(df, args, params, seconds=time.time() - t0)
 
@@ -286,7 +295,7 @@ def cmd_history(args) -> None:
     log.info("history at k=%d: re-scoring %s earlier edits (%s)", args.k, "all" if size is None else f"at most {size}",
              "every one" if size is None else f"{cfg.strata} age strata, seed {cfg.seed}")
     df = score_history(model, tok, cases, args.k, parts=tuple(cfg.parts), batch_size=cfg.batch_size,
-                       sample=size, strata=cfg.strata, seed=cfg.seed)
+                       sample=size, strata=cfg.strata, seed=cfg.seed, base=_locality_base(args, cfg, args.k))
     _write(df, args, params, seconds=time.time() - t0)
 
 

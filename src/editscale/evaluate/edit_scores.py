@@ -18,6 +18,17 @@ For a case with new object o* and true object o (nll = mean token NLL of " " + o
   paraphrase_em   fraction of paraphrase prompts on which o* is the argmax continuation
   neighborhood_em fraction of neighborhood prompts on which o_n is the argmax continuation
   nll_new, nll_true  NLL of o* and o on the edit prompt
+
+EasyEdit's names, computed as EasyEdit's `test_prediction_acc` does (teacher forcing on
+prompt + " " + target, easyeditor/evaluate/evaluate_utils.py), side by side with the above:
+
+  rewrite_acc   mean over the edit prompts of the fraction of o*'s tokens that are the argmax
+                given the prompt and o*'s tokens before them (token accuracy, not all-or-nothing)
+  rephrase_acc  the same over paraphrase_prompts
+  locality      mean over neighborhood prompts of the fraction of o_n's positions where the
+                edited model's argmax equals the unedited model's (EasyEdit compares pre- and
+                post-edit argmax tokens, not the answer); needs `base` (the unedited model),
+                1.0 by definition when the model is the unedited one
 """
 
 from __future__ import annotations
@@ -33,7 +44,9 @@ from .scoring import run_prompts
 PARTS = ("efficacy", "paraphrase", "neighborhood")
 EDIT_METRICS = (
     "es", "em", "ps", "pm", "ns", "nm", "score", "efficacy_em", "paraphrase_em", "neighborhood_em", "nll_new", "nll_true",
+    "rewrite_acc", "rephrase_acc", "locality",
 )
+EASYEDIT_METRICS = ("rewrite_acc", "rephrase_acc", "locality")
 
 
 def harmonic_mean(values: Sequence[float]) -> float:
@@ -51,13 +64,14 @@ def _mean(xs: list[float]) -> float:
 
 
 def case_metrics(
-    model, tok, cases: Sequence[dict], parts: Sequence[str] = PARTS, batch_size: int = 64
+    model, tok, cases: Sequence[dict], parts: Sequence[str] = PARTS, batch_size: int = 64, base=None
 ) -> list[dict[str, float]]:
     """Per-case metric dicts (keys as in the module docstring, restricted to `parts`).
 
     All prompts of all cases go through one batched `scoring.run_prompts` call: each distinct
     prompt is run once and its new and correct targets are scored as continuations of its KV
-    cache (same numbers as `score_pairs`, tested).
+    cache (same numbers as `score_pairs`, tested). `base`: (model, tok) of the unedited model for
+    EasyEdit's locality; "self" when `model` is the unedited model; None leaves locality out.
     """
     prompts: list[str] = []
     targets: list[str] = []
@@ -80,18 +94,35 @@ def case_metrics(
         uniq.setdefault((prompts[2 * s_], targets[2 * s_], targets[2 * s_ + 1]), len(uniq))
     keys = list(uniq)
     res = run_prompts(model, tok, [p for p, _, _ in keys], 0, [[a, b] for _, a, b in keys], batch_size=batch_size)
-    nll, hit = [], []
+    base_argmax = {}
+    if base is not None and base != "self" and "neighborhood" in parts:  # the unedited model's argmax on o_n
+        near = sorted({(prompts[2 * i], targets[2 * i + 1]) for i, (_, part, _) in enumerate(slots) if part == "neighborhood"})
+        got = run_prompts(base[0], base[1], [p for p, _ in near], 0, [[b] for _, b in near], batch_size=batch_size)
+        base_argmax = {pb: got.choice_argmax[i][0] for i, pb in enumerate(near)}
+    nll, hit, acc, agree = [], [], [], []
     for s_ in range(len(slots)):
-        u = uniq[(prompts[2 * s_], targets[2 * s_], targets[2 * s_ + 1])]
+        key = (prompts[2 * s_], targets[2 * s_], targets[2 * s_ + 1])
+        u = uniq[key]
         nll += [-res.choice_ll[u][0], -res.choice_ll[u][1]]
         hit += [res.choice_match[u][0], res.choice_match[u][1]]
-    per: list[dict[str, dict[str, list]]] = [{p: {"new": [], "old": [], "hit_new": [], "hit_old": []} for p in parts} for _ in cases]
+        acc.append(res.choice_token_acc[u][0])
+        if base == "self":
+            agree.append(1.0)
+        elif (key[0], key[2]) in base_argmax:
+            now, before = res.choice_argmax[u][1], base_argmax[(key[0], key[2])]
+            agree.append(sum(a == b for a, b in zip(now, before)) / len(before))
+        else:
+            agree.append(math.nan)
+    per: list[dict[str, dict[str, list]]] = [
+        {p: {"new": [], "old": [], "hit_new": [], "hit_old": [], "acc_new": [], "agree": []} for p in parts} for _ in cases]
     for s, (ci, part, _) in enumerate(slots):
         d = per[ci][part]
         d["new"].append(nll[2 * s])
         d["old"].append(nll[2 * s + 1])
         d["hit_new"].append(float(hit[2 * s]))
         d["hit_old"].append(float(hit[2 * s + 1]))
+        d["acc_new"].append(acc[s])
+        d["agree"].append(agree[s])
     out = []
     for ci in range(len(cases)):
         m: dict[str, float] = {}
@@ -102,16 +133,20 @@ def case_metrics(
             m["efficacy_em"] = _mean(d["hit_new"])
             m["nll_new"] = _mean(d["new"])
             m["nll_true"] = _mean(d["old"])
+            m["rewrite_acc"] = _mean(d["acc_new"])
         if "paraphrase" in parts:
             d = per[ci]["paraphrase"]
             m["ps"] = _mean([float(a < b) for a, b in zip(d["new"], d["old"])])
             m["pm"] = _mean([math.exp(-a) - math.exp(-b) for a, b in zip(d["new"], d["old"])])
             m["paraphrase_em"] = _mean(d["hit_new"])
+            m["rephrase_acc"] = _mean(d["acc_new"])
         if "neighborhood" in parts:
             d = per[ci]["neighborhood"]
             m["ns"] = _mean([float(b < a) for a, b in zip(d["new"], d["old"])])
             m["nm"] = _mean([math.exp(-b) - math.exp(-a) for a, b in zip(d["new"], d["old"])])
             m["neighborhood_em"] = _mean(d["hit_old"])
+            if base is not None:
+                m["locality"] = _mean(d["agree"])
         if all(p in parts for p in PARTS):
             m["score"] = harmonic_mean([m["es"], m["ps"], m["ns"]])
         out.append(m)
@@ -134,6 +169,8 @@ def metrics_to_rows(cases: Sequence[dict], metrics: Sequence[dict[str, float]], 
     )
 
 
-def score_cases(model, tok, cases: Sequence[dict], k: int | Sequence[int] = 0, parts: Sequence[str] = PARTS, batch_size: int = 64) -> pl.DataFrame:
-    """Score `cases` on the current model -> long rows (k, item=case_id, edit_index, metric, value)."""
-    return metrics_to_rows(cases, case_metrics(model, tok, cases, parts, batch_size), k)
+def score_cases(model, tok, cases: Sequence[dict], k: int | Sequence[int] = 0, parts: Sequence[str] = PARTS, batch_size: int = 64,
+                base=None) -> pl.DataFrame:
+    """Score `cases` on the current model -> long rows (k, item=case_id, edit_index, metric, value);
+    `base` as in `case_metrics`."""
+    return metrics_to_rows(cases, case_metrics(model, tok, cases, parts, batch_size, base), k)

@@ -101,6 +101,8 @@ class PairScores:
     nll_sum: torch.Tensor  # [n] summed token NLL
     n_tokens: torch.Tensor  # [n] number of target tokens
     match: torch.Tensor  # [n] bool: every target token is the argmax given its prefix
+    token_hits: torch.Tensor | None = None  # [n] number of target tokens that are the argmax given their prefix
+    argmax: list[list[int]] | None = None  # the argmax token at each target position (teacher forcing)
 
 
 def score_token_pairs(
@@ -118,8 +120,10 @@ def score_token_pairs(
     nll_sum = torch.zeros(n, dtype=torch.float64)
     n_tok = torch.zeros(n, dtype=torch.long)
     match = torch.zeros(n, dtype=torch.bool)
+    token_hits = torch.zeros(n, dtype=torch.long)
+    argmax: list[list[int]] = [[] for _ in range(n)]
     if n == 0:
-        return PairScores(nll_sum.clone(), nll_sum, n_tok, match)
+        return PairScores(nll_sum.clone(), nll_sum, n_tok, match, token_hits, argmax)
     limit = max_positions(model)
     seqs = []
     for p, t in zip(prompt_ids, target_ids):
@@ -143,14 +147,19 @@ def score_token_pairs(
                 tgt[r, t_max - T:] = torch.tensor(target_ids[i], dtype=torch.long)
                 valid[r, t_max - T:] = True
             tok_lp = logp.gather(-1, tgt[..., None])[..., 0]
-            tok_hit = logp.argmax(-1) == tgt
+            top = logp.argmax(-1)
+            tok_hit = top == tgt
             sums = -(tok_lp * valid).sum(-1).double().cpu()
             hits = (tok_hit | ~valid).all(-1).cpu()
+            n_hit = (tok_hit & valid).sum(-1).cpu()
+            top = top.cpu().tolist()
             for r, i in enumerate(idx):
                 nll_sum[i] = sums[r]
                 n_tok[i] = t_lens[r]
                 match[i] = hits[r]
-    return PairScores(nll_sum / n_tok, nll_sum, n_tok, match)
+                token_hits[i] = n_hit[r]
+                argmax[i] = top[r][t_max - t_lens[r]:]
+    return PairScores(nll_sum / n_tok, nll_sum, n_tok, match, token_hits, argmax)
 
 
 def score_pairs(
@@ -191,6 +200,8 @@ class PromptResult:
     first_lp: torch.Tensor | None  # [n, V] log P(next token | prompt), float32 CPU (keep_first_lp)
     choice_ll: list[list[float]]  # mean token log-likelihood of " " + each choice
     choice_match: list[list[bool]] | None = None  # every choice token is the argmax (teacher forcing)
+    choice_token_acc: list[list[float]] | None = None  # fraction of the choice's tokens that are the argmax (EasyEdit's token accuracy)
+    choice_argmax: list[list[list[int]]] | None = None  # the argmax token at each of the choice's positions
 
 
 def _cache_kw(model) -> str:
@@ -244,11 +255,11 @@ def length_chunks(widths: Sequence[int], max_rows: int, forward_cost: int = FORW
 
 
 def _choice_logliks(model, cache, mask, n_real, last_lp, rows, toks, chunk: int = 64):
-    """(mean token log-likelihood, all-argmax flag) of each token list toks[i] continuing batch
-    row rows[i]; None if the cache cannot be row-selected."""
+    """(mean token log-likelihood, all-argmax flag, argmax fraction, argmax tokens) of each token
+    list toks[i] continuing batch row rows[i]; None if the cache cannot be row-selected."""
     top = last_lp.argmax(-1).tolist()
     sums = [float(last_lp[r, t[0]]) for r, t in zip(rows, toks)]  # the first token: off the prompt pass
-    hits = [top[r] == t[0] for r, t in zip(rows, toks)]
+    argmax = [[top[r]] for r in rows]
     device = mask.device
     for at in length_chunks([len(t) - 1 for t in toks], chunk):
         t_ids = [toks[i] for i in at]
@@ -273,8 +284,10 @@ def _choice_logliks(model, cache, mask, n_real, last_lp, rows, toks, chunk: int 
         for j, (i, t) in enumerate(zip(at, t_ids)):
             for q in range(1, len(t)):
                 sums[i] += float(lp[j, q - 1, t[q]])
-                hits[i] = hits[i] and am[j][q - 1] == t[q]
-    return [v / len(t) for v, t in zip(sums, toks)], hits
+                argmax[i].append(am[j][q - 1])
+    hits = [sum(a == b for a, b in zip(am_i, t)) for am_i, t in zip(argmax, toks)]
+    return [v / len(t) for v, t in zip(sums, toks)], [h == len(t) for h, t in zip(hits, toks)], \
+        [h / len(t) for h, t in zip(hits, toks)], argmax
 
 
 def shared_prefix_len(seqs: Sequence[Sequence[int]], min_len: int = 4) -> int:
@@ -334,7 +347,8 @@ def run_prompts(
     """
     n = len(prompts)
     choices = [list(c) for c in choices] if choices is not None else [[] for _ in range(n)]
-    res = PromptResult([[] for _ in range(n)], None, [[math.nan] * len(c) for c in choices], [[False] * len(c) for c in choices])
+    res = PromptResult([[] for _ in range(n)], None, [[math.nan] * len(c) for c in choices], [[False] * len(c) for c in choices],
+                       [[math.nan] * len(c) for c in choices], [[[] for _ in c] for c in choices])
     if n == 0:
         return res
     limit = max_positions(model)
@@ -376,10 +390,12 @@ def run_prompts(
                 got = None if cache is None else _choice_logliks(model, cache, mask, n_real, last_lp, rows, toks)
                 if got is None:  # a cache without row selection: score the pairs from scratch
                     sc = score_token_pairs(model, tok, [enc[idx[r]] for r in rows], toks, batch_size, max_batch_tokens)
-                    got = ((-sc.nll).tolist(), sc.match.tolist())
-                for (i, j), v, h in zip(where, got[0], got[1]):
+                    got = ((-sc.nll).tolist(), sc.match.tolist(), (sc.token_hits / sc.n_tokens).tolist(), sc.argmax)
+                for (i, j), v, h, acc, am in zip(where, *got):
                     res.choice_ll[i][j] = v
                     res.choice_match[i][j] = bool(h)
+                    res.choice_token_acc[i][j] = float(acc)
+                    res.choice_argmax[i][j] = list(am)
             if max_new_tokens <= 0:
                 continue
             if cache is None:

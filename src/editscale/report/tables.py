@@ -65,7 +65,8 @@ TIDY_SCHEMA = {
     "item": pl.Utf8,
     "value": pl.Float64,
 }
-EDIT_SCORE_METRICS = ("es", "em", "ps", "pm", "ns", "nm", "score", "efficacy_em", "paraphrase_em")
+EDIT_SCORE_METRICS = ("es", "em", "ps", "pm", "ns", "nm", "score", "efficacy_em", "paraphrase_em",
+                      "rewrite_acc", "rephrase_acc", "locality")  # the last three: EasyEdit's names (evaluate.edit_scores)
 _REPORT = section_defaults("report")  # the schema's defaults of the summary settings
 SUMMARY_COUNTS = tuple(_REPORT["counts"])
 REQUIRED = ("k", "item", "metric", "value")
