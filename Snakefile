@@ -9,6 +9,9 @@ from editscale.io import EditscaleError
 
 min_version("8.0")
 
+# `snakemake --report` opens on this overview of the study (runs, grids, where the onsets are)
+report: "report/workflow.rst"
+
 
 # config.yaml is the default study; `--configfile other.yaml` replaces it (not merged into it).
 if not workflow.overwrite_configfiles:

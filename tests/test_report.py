@@ -413,6 +413,8 @@ def test_overview_shades_phase_and_empty_inputs(tmp_path):
     marks = [layer["mark"]["type"] if isinstance(layer["mark"], dict) else layer["mark"] for layer in spec["layer"]]
     assert marks.count("rect") == 1 and "rule" in marks and "line" in marks
     assert "180" in spec["title"]
+    led = plots.overview_chart(t, "long", phase=phase, indicator={"leading_indicator": "weight_norm", "indicator_lead": 30.0}).to_dict()
+    assert led["title"].endswith("(onset of catastrophic forgetting at 180 edits); first indicator to move: weight_norm, 30 edits ahead")
     paths = plots.save_chart(chart, tmp_path / "ov", formats=("png", "svg"))
     assert _is_png(paths[0]) and paths[1].stat().st_size > 0
     # nothing at all: every figure is a "no data" figure, still written

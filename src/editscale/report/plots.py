@@ -368,11 +368,13 @@ def overview_chart(
     phase: Mapping | None = None,
     disabling: Sequence[int] = (),
     smooth: int = 1,
+    indicator: Mapping | None = None,
 ) -> alt.TopLevelMixin:
     """Normalized curves of one run with the detected phases shaded.
 
     `phase` holds onset_k, ci_low, ci_high, collapse_k (a row of the phases table, curve =
-    "combined"); `disabling` the flagged edit indices.
+    "combined"); `disabling` the flagged edit indices; `indicator` the summary's
+    leading_indicator / indicator_lead, named in the title.
     """
     from ..evaluate.registry import curve_specs
 
@@ -418,6 +420,10 @@ def overview_chart(
         title += f" (onset of catastrophic forgetting at {onset:.0f} edits)"
     else:
         title += " (no onset of catastrophic forgetting detected)"
+    lead = (indicator or {}).get("leading_indicator")
+    if lead:
+        by = (indicator or {}).get("indicator_lead")
+        title += f"; first indicator to move: {lead}" + (f", {by:.0f} edits ahead" if by is not None and not np.isnan(by) else "")
     if len(disabling):
         dis = pl.DataFrame({"edit": [int(j) for j in disabling], "what": "disabling edit"})
         layers.append(alt.Chart(dis).mark_rule(color="#e45756", strokeDash=[4, 3]).encode(x="edit:Q", tooltip=["what:N", "edit:Q"]))
@@ -492,7 +498,10 @@ def make_plots(
     }
     runs = _runs(tables)
     phase, dis = _phase_rows(tables, runs)
-    overviews = {run: overview_chart(tables, run, phase=phase.get(run), disabling=dis.get(run, []), smooth=options.smooth) for run in runs}
+    summary = tables.get("summary")
+    leads = {r["run"]: r for r in summary.iter_rows(named=True)} if summary is not None and "leading_indicator" in summary.columns else {}
+    overviews = {run: overview_chart(tables, run, phase=phase.get(run), disabling=dis.get(run, []), smooth=options.smooth,
+                                     indicator=leads.get(run)) for run in runs}
     charts["overview"] = alt.vconcat(*overviews.values()) if overviews else no_data("overview")
     if per_run:
         for run, chart in overviews.items():
