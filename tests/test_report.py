@@ -565,7 +565,10 @@ def test_compare_cli_prints_the_table_and_names_bad_input(tiny_study, tmp_path):
     import subprocess
 
     def compare(*args, cwd=tiny_study):
-        return subprocess.run(["editscale", "compare", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+        import sys
+
+        exe = str(Path(sys.executable).parent / "editscale")  # the venv's, activated or not
+        return subprocess.run([exe, "compare", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
     text = compare("rome-tiny", "--at", "end")
     assert text.returncode == 0, text.stderr
