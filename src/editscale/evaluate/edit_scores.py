@@ -46,7 +46,6 @@ EDIT_METRICS = (
     "es", "em", "ps", "pm", "ns", "nm", "score", "efficacy_em", "paraphrase_em", "neighborhood_em", "nll_new", "nll_true",
     "rewrite_acc", "rephrase_acc", "locality",
 )
-EASYEDIT_METRICS = ("rewrite_acc", "rephrase_acc", "locality")
 
 
 def harmonic_mean(values: Sequence[float]) -> float:

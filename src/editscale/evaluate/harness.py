@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 TASK_DIR = Path(__file__).with_name("harness_tasks")
 SHIPPED = {p.stem: p for p in sorted(TASK_DIR.glob("*.yaml"))}  # task name -> template (name = file stem)
-DATA_FILES = {"editscale_sst2": "sst2.jsonl", "editscale_mmlu": "mmlu.jsonl"}
+DATA_DIR_MARK = "{{data_dir}}"  # each template names its data file as "{{data_dir}}/<file>.jsonl"
 
 
 def _require_lm_eval() -> None:
@@ -55,10 +56,11 @@ def render_tasks(names, data_dir: str | Path, out_dir: Path) -> dict[str, Path]:
     for name in names:
         if name not in SHIPPED:
             continue
-        data = data_dir / DATA_FILES[name]
+        template = SHIPPED[name].read_text()
+        data = data_dir / re.search(re.escape(DATA_DIR_MARK) + r'/([^"\s]+)', template).group(1)
         if not data.is_file():
             raise EditscaleError(f"lm_eval task {name!r}: data file {data} not found (metrics.lm_eval.data_dir)")
-        (out_dir / f"{name}.yaml").write_text(SHIPPED[name].read_text().replace("{{data_file}}", str(data)))
+        (out_dir / f"{name}.yaml").write_text(template.replace(DATA_DIR_MARK, str(data_dir)))
         files[name] = data
     return files
 

@@ -148,8 +148,8 @@ def compare_table(res: Results, runs: Sequence[str] | None = None, at: Sequence[
             for q in PROFICIENCY:
                 col = f"{q}_at_{label}"
                 if col not in summary.columns:
-                    have = sorted({c.rsplit("_at_", 1)[1] for c in summary.columns if c.startswith(f"{q}_at_")} & (
-                        {"end"} | {c.rsplit("_at_", 1)[1] for c in summary.columns if c.rsplit("_at_", 1)[-1].isdigit()}))
+                    stems = (c[len(f"{q}_at_"):] for c in summary.columns if c.startswith(f"{q}_at_"))
+                    have = sorted(s_ for s_ in stems if s_ == "end" or s_.isdigit())
                     raise EditscaleError(f"no {col!r} in the summary: counts there are {have} (report.counts up to n_edits, and 'end')")
                 row[col] = s.get(col)
         row["retention_at_end"] = s.get("retention_at_end")
