@@ -82,12 +82,21 @@ def phase(name: str):
         yield
         return
     _active_phase.append(name)
+    _sync_device()
     t0 = time.perf_counter()
     try:
         yield
     finally:
+        _sync_device()
         PHASE_SECONDS[name] += time.perf_counter() - t0
         _active_phase.pop()
+
+
+def _sync_device() -> None:
+    """Wait for queued GPU work, so that a phase's seconds are its own (CUDA kernels run
+    asynchronously: without this, one phase's kernels would be timed in the next)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------
