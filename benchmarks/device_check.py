@@ -86,13 +86,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cases(n: int) -> list[dict]:
+def edit_cases(n: int) -> list[dict]:
     cases = unique_subjects(build_geofacts(seed=0))
     random.Random(0).shuffle(cases)  # mix the relations, as a run's edit sequence does
     return cases[:n]
 
 
-def _texts(cases: list[dict]) -> list[str]:
+def fact_texts(cases: list[dict]) -> list[str]:
     """A corpus for the statistics pass: the cases' true facts, in documents of 40 sentences."""
     sents = [c["prompt"].format(c["subject"]) + " " + c["target_true"] + "." for c in cases]
     return [" ".join(sents[i : i + 40]) for i in range(0, len(sents), 40)]
@@ -102,7 +102,7 @@ def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def _editor(method: str, hp: dict, model, tok, stats: dict, templates):
+def method_editor(method: str, hp: dict, model, tok, stats: dict, templates):
     """(method object, WeightState, edited modules) with what the chain would hand the method
     (EditMethod.precomputed): the second moments of its own modules, or only the null-space
     projections derived from them (AlphaEdit, NAS), on the model's device."""
@@ -149,7 +149,7 @@ def _inputs_gib(editor) -> float:
     return sum(t.numel() * t.element_size() for t in mats if isinstance(t, torch.Tensor)) / 2**30
 
 
-def _stats_modules(model, methods: dict[str, dict]) -> list[str]:
+def stats_modules_of(model, methods: dict[str, dict]) -> list[str]:
     mods: list[str] = []
     for method, hp in methods.items():
         cls = get_method(method, hp)
@@ -158,7 +158,7 @@ def _stats_modules(model, methods: dict[str, dict]) -> list[str]:
     return list(dict.fromkeys(mods))
 
 
-def _hparams(method: str, stem: str, fixed_steps: bool = False) -> dict:
+def method_hparams(method: str, stem: str, fixed_steps: bool = False) -> dict:
     """The method's hparams file for `stem`; `fixed_steps`: every value optimization runs all its
     steps (early_stop none, where the method optimizes a value), so that timings compare."""
     hp = load_hparams(REPO / "config" / "hparams" / method / f"{stem}.yaml", method=method)
@@ -172,16 +172,16 @@ def _hparams(method: str, stem: str, fixed_steps: bool = False) -> dict:
 
 
 def equality(device: torch.device, tol: float, n_edits: int) -> list[dict]:
-    cases = _cases(n_edits)
+    cases = edit_cases(n_edits)
     rows = []
     for arch in TINY_ARCHS:
         base, tok = build_tiny_model(arch)
-        hps = {m: _hparams(m, "tiny") for m in METHODS}
+        hps = {m: method_hparams(m, "tiny") for m in METHODS}
         if arch == "llama":  # UltraEdit edits both input matrices of a gated MLP, as the tests do
             hps["ultraedit"]["mlp_up_layers"] = [2]
-        mods = _stats_modules(base, hps)
+        mods = stats_modules_of(base, hps)
         stats = {m: torch.from_numpy(s) for m, (s, _) in
-                 compute_mom2(base, tok, mods, _texts(_cases(400)), max_tokens=2048, seq_len=64, batch_size=8, progress=False).items()}
+                 compute_mom2(base, tok, mods, fact_texts(edit_cases(400)), max_tokens=2048, seq_len=64, batch_size=8, progress=False).items()}
         for method, hp in hps.items():
             templates = templates_record(base, tok, method, hp, seed=0)["groups"]
             deltas, first = {}, {}
@@ -189,7 +189,7 @@ def equality(device: torch.device, tol: float, n_edits: int) -> list[dict]:
             for side, dev in (("cpu", torch.device("cpu")), ("device", device)):
                 torch.use_deterministic_algorithms(True, warn_only=True)
                 model = copy.deepcopy(base).to(dev)
-                editor, weights, modules = _editor(method, hp, model, tok, {m: s.to(dev) for m, s in stats.items()}, templates)
+                editor, weights, modules = method_editor(method, hp, model, tok, {m: s.to(dev) for m, s in stats.items()}, templates)
                 editor.begin(cases)
                 for i, case in enumerate(cases):
                     editor.apply([case], weights)
@@ -244,10 +244,10 @@ def shape_run(label: str, arch: str, dtype: str, stem: str, stats_tokens: int, n
     out = {"shape": label, "arch": arch, "dtype": dtype, "params": n_params, "model_gib": model_gib, "build_s": time.perf_counter() - t0}
     log.info("[%s] %s %s: %.2f B parameters, %.2f GiB, built in %.1f s", label, arch, dtype, n_params / 1e9, model_gib, out["build_s"])
 
-    hps = {m: _hparams(m, stem, fixed_steps=True) for m in TIMED_METHODS}
-    mods = _stats_modules(model, hps)
-    cases = _cases(1 + n_timed + 2000)
-    texts = _texts(cases)
+    hps = {m: method_hparams(m, stem, fixed_steps=True) for m in TIMED_METHODS}
+    mods = stats_modules_of(model, hps)
+    cases = edit_cases(1 + n_timed + 2000)
+    texts = fact_texts(cases)
     seq_len, batch = (512, 32) if device.type == "cuda" else (128, 8)
     timings: dict = {}
     if device.type == "cuda":
@@ -261,7 +261,7 @@ def shape_run(label: str, arch: str, dtype: str, stem: str, stats_tokens: int, n
                     "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else _rss_gib()}
     log.info("[%s] (c) statistics of %d modules: %d tokens in %.2f s = %.0f tokens/s", label, len(mods), timings["tokens"],
              timings["forward_s"], out["stats"]["tokens_per_s"])
-    stats = {m: torch.from_numpy(s) for m, (s, _) in res.items()}  # host; each method gets its own (_editor)
+    stats = {m: torch.from_numpy(s) for m, (s, _) in res.items()}  # host; each method gets its own (method_editor)
     del res
 
     out["methods"] = []
@@ -271,7 +271,7 @@ def shape_run(label: str, arch: str, dtype: str, stem: str, stats_tokens: int, n
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         ts = time.perf_counter()
-        editor, weights, modules = _editor(method, hp, model, tok, stats, templates)
+        editor, weights, modules = method_editor(method, hp, model, tok, stats, templates)
         editor.begin(cases[: 1 + n_timed])
         _sync(device)
         setup_s = time.perf_counter() - ts

@@ -90,7 +90,8 @@ def cmd_context_templates(args) -> None:
     from .chain import read_run, templates_record
 
     run = read_run(args.run_json)
-    model, tok = load_model(args.model_dir)
+    # sampled from the model as the run's jobs load it (its dtype): the templates are its text
+    model, tok = load_model(args.model_dir, dtype=run.get("dtype", "float32"))
     record = templates_record(model, tok, run["method"], run["hparams"], int(run.get("seed", 0)))
     write_json_atomic(args.out, record)
     log.info("sampled %d context templates in %d group(s) by the %s rule -> %s", len(record["templates"]), len(record["groups"]), record["rule"], args.out)

@@ -379,7 +379,8 @@ def cmd_weights(args) -> None:
     t0 = time.time()
     cfg, params = _section(args, "weights")
     threshold = float(cfg.outlier_z)
-    model, _ = load_model(args.model_dir, dtype="float32", device="cpu")
+    # W0 as the run's jobs hold it (a half-precision run edits the rounded weights), read in float32 below
+    model, _ = load_model(args.model_dir, dtype=_dtype(args), device="cpu")
     if args.k > 0:
         delta = replay(state_files(args), model_sha(args.model_dir))
     else:  # the unedited matrices: the indicators' baseline
