@@ -63,19 +63,25 @@ rule stats:
 
 rule nullspace:
     priority: 10
-    # AlphaEdit's projection onto the null space of the preserved keys; once per (model, layer, threshold)
+    # AlphaEdit's projection onto the null space of the preserved keys; once per (model, layer,
+    # threshold, rule): nullspace/ by editscale's rule, nullspace-svd32/ by the reference's
     input:
         "results/stats/{model}/{corpus}/{module}.h5",
     output:
-        "results/stats/{model}/{corpus}/nullspace/{module}.t{threshold}.h5",
+        "results/stats/{model}/{corpus}/nullspace{rule}/{module}.t{threshold}.h5",
+    wildcard_constraints:
+        rule="|-svd32",
+    params:
+        rule=lambda w: w.rule.lstrip("-") or "eigh64",
     log:
-        "results/logs/stats/{model}/{corpus}/nullspace-{module}-{threshold}.log",
+        "results/logs/stats/{model}/{corpus}/nullspace{rule}-{module}-{threshold}.log",
     benchmark:
-        "results/benchmarks/stats/{model}/{corpus}/nullspace-{module}-{threshold}.tsv"
+        "results/benchmarks/stats/{model}/{corpus}/nullspace{rule}-{module}-{threshold}.tsv"
     resources:
         mem_mb=4000,
         runtime=30,
     conda:
         ENV
     shell:
-        "editscale --threads {threads} nullspace --stats {input} --threshold {wildcards.threshold} --out {output} 2> {log}"
+        "editscale --threads {threads} nullspace --stats {input} --threshold {wildcards.threshold} --rule {params.rule}"
+        " --out {output} 2> {log}"

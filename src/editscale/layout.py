@@ -42,9 +42,12 @@ def stats_path(model: str, corpus: str, module: str) -> Path:
     return RESULTS / "stats" / model / corpus / f"{module}.h5"
 
 
-def projection_path(model: str, corpus: str, module: str, threshold) -> Path:
-    """AlphaEdit's null-space projection computed from stats_path(model, corpus, module)."""
-    return RESULTS / "stats" / model / corpus / "nullspace" / f"{module}.t{threshold}.h5"
+def projection_path(model: str, corpus: str, module: str, threshold, rule: str = "eigh64") -> Path:
+    """AlphaEdit's null-space projection computed from stats_path(model, corpus, module) by `rule`
+    (editscale.stats.mom2.PROJECTION_RULES; the default's folder is nullspace/, another rule's
+    nullspace-<rule>/)."""
+    folder = "nullspace" if rule == "eigh64" else f"nullspace-{rule}"
+    return RESULTS / "stats" / model / corpus / folder / f"{module}.t{threshold}.h5"
 
 
 def segment_start(k: int, segment: int) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import layout
 from .io import EditscaleError
-from .models.fetch import TINY_ARCHS, TINY_LAYERS
+from .models.fetch import TINY_FAMILIES, TINY_LAYERS
 from .models.registry import KNOWN_CONFIGS, arch_spec, config_json_layers
 
 
@@ -39,8 +39,8 @@ def model_arch(config: dict, model: str) -> str:
     if spec["source"] in KNOWN_CONFIGS:  # the embedded models and the published hf: configs
         return KNOWN_CONFIGS[spec["source"]][0]
     if kind == "tiny":
-        if ref not in TINY_ARCHS:
-            raise EditscaleError(f"models.{model}.source = {spec['source']!r}: {ref!r} is not a tiny architecture ({', '.join(TINY_ARCHS)})")
+        if ref not in TINY_FAMILIES:
+            raise EditscaleError(f"models.{model}.source = {spec['source']!r}: {ref!r} is not a tiny architecture ({', '.join(TINY_FAMILIES)})")
         return ref
     if kind == "embedded":
         known = sorted(s for s in KNOWN_CONFIGS if s.startswith("embedded:"))
@@ -172,7 +172,8 @@ def projection_files(config: dict, run: dict) -> dict[str, str]:
     spec = precomputed(config, run).get("nullspace")
     if spec is None:
         return {}
-    return {m: str(layout.projection_path(run["model"], run["corpus"], m, spec["threshold"])) for m in edited_modules(config, run)}
+    return {m: str(layout.projection_path(run["model"], run["corpus"], m, spec["threshold"], spec.get("rule", "eigh64")))
+            for m in edited_modules(config, run)}
 
 
 def segment_ends(run: dict) -> list[int]:

@@ -24,7 +24,8 @@ keys so that a restored chain rebuilds exactly the same matrix).
 
 Reference: jianghoucheng/AlphaEdit @f5248d3, AlphaEdit/AlphaEdit_main.py
 `apply_AlphaEdit_to_model` (MEMIT's context templates, grouped key average and compute_z; the
-solve in float32 there, float64 here; measured in docs/fidelity.md).
+solve in float32 there, float64 here; measured in docs/fidelity.md; `projection_rule: svd32` and
+`solve_dtype: float32` reproduce the reference's float32 projector and solve).
 
 Hyperparameters: MEMIT's names, plus nullspace_threshold (AlphaEdit: 2e-2, an absolute bound on
 the eigenvalues of C, so it depends on the activation scale of the model), L2 (AlphaEdit: 10),
@@ -43,24 +44,16 @@ from ..io import EditscaleError
 from .hparams import spec
 from .memit import KeyMemory, Memit, MemitSolveHparams, solve_checked
 
-try:  # the stats stage owns the eigendecomposition; the fallback below has the same contract
-    from ..stats.mom2 import null_space_basis as _stats_null_space_basis
-except ImportError:  # pragma: no cover - depends on what the stats stage provides
-    _stats_null_space_basis = None
+from ..stats.mom2 import PROJECTION_RULES, null_space_projection_by_rule
 
 
-def null_space_projection(mom2, threshold: float, device="cpu") -> torch.Tensor:
-    """P = U0 U0^T (float64 tensor on `device`) over the eigenvectors of the symmetric PSD `mom2`
-    with eigenvalue < threshold (editscale.stats.mom2's definition, computed on `device`)."""
+def null_space_projection(mom2, threshold: float, device="cpu", rule: str = "eigh64") -> torch.Tensor:
+    """P = U0 U0^T (float64 tensor on `device`) by editscale.stats.mom2's `rule` (eigh64: the
+    eigenvectors of the float64 `mom2` with eigenvalue < threshold; svd32: the reference's float32
+    SVD), computed on `device`."""
     m = torch.as_tensor(mom2).detach().to(torch.float64)
-    if _stats_null_space_basis is not None:
-        u0, _ = _stats_null_space_basis(m.cpu().numpy(), float(threshold), device=str(device))
-        U0 = torch.from_numpy(u0).to(device)
-    else:
-        m = m.to(device)
-        vals, vecs = torch.linalg.eigh((m + m.T) / 2)
-        U0 = vecs[:, vals < float(threshold)]
-    return U0 @ U0.T
+    P, _, _ = null_space_projection_by_rule(m.cpu().numpy(), float(threshold), rule=rule, device=str(device))
+    return torch.from_numpy(P).to(device)
 
 
 log = logging.getLogger(__name__)
@@ -76,6 +69,9 @@ class AlphaEditHparams(MemitSolveHparams):
     L2: float = spec(minimum=0, doc="ridge of P (Kp Kp^T + K K^T) + L2 I")
     key_fold_size: int = spec(64, minimum=1, doc="earlier keys folded into Kp Kp^T in chunks of this many (exact replay)")
     projection_dtype: str = spec("float64", choices=tuple(_DTYPES), doc="dtype of P in the solve")
+    projection_rule: str = spec("eigh64", choices=PROJECTION_RULES,
+                                doc="eigh64: eigh of the float64 C; svd32: the reference's float32 SVD (reproduces its P)")
+    solve_dtype: str = spec("float64", choices=tuple(_DTYPES), doc="dtype of the solve (the reference: float32)")
 
 
 class AlphaEdit(Memit):
@@ -88,7 +84,7 @@ class AlphaEdit(Memit):
     @classmethod
     def precomputed(cls, hparams):
         # C enters only through P: the edit jobs read the projections, not the float64 covariances
-        return {"nullspace": {"threshold": hparams["nullspace_threshold"]}}
+        return {"nullspace": {"threshold": hparams["nullspace_threshold"], "rule": hparams.get("projection_rule", "eigh64")}}
 
     def __init__(
         self,
@@ -108,7 +104,8 @@ class AlphaEdit(Memit):
             if projections is not None and m in projections:
                 P = torch.as_tensor(projections[m])
             elif m in self.stats:
-                P = null_space_projection(self.stats[m], float(self.hparams["nullspace_threshold"]), device=device)
+                P = null_space_projection(self.stats[m], float(self.hparams["nullspace_threshold"]), device=device,
+                                          rule=self.hparams["projection_rule"])
             else:
                 raise EditscaleError(f"alphaedit: neither a null-space projection nor statistics for {m}")
             self.P[m] = P.to(device=device, dtype=pdt)
@@ -145,14 +142,16 @@ class AlphaEdit(Memit):
     # -- the update -----------------------------------------------------------------------------
 
     def solve_layer(self, index: int, module: str, K: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        P = self.P[module].to(device=K.device, dtype=torch.float64)
+        dt = _DTYPES[self.hparams["solve_dtype"]]
+        P = self.P[module].to(device=K.device, dtype=dt)
         d = K.shape[0]
         if P.shape != (d, d):
             raise EditscaleError(f"alphaedit: projection of {module} has shape {tuple(P.shape)}, keys have dimension {d}")
-        A = self.prior_kkt(module).to(K.device) + K @ K.T
-        M = P @ A + float(self.hparams["L2"]) * torch.eye(d, dtype=torch.float64, device=K.device)
-        v = solve_checked(M, P @ K, f"alphaedit: P (Kp Kp^T + K K^T) + L2 I of {module}")
-        return R, v
+        Kd = K.to(dt)
+        A = self.prior_kkt(module).to(device=K.device, dtype=dt) + Kd @ Kd.T
+        M = P @ A + float(self.hparams["L2"]) * torch.eye(d, dtype=dt, device=K.device)
+        v = solve_checked(M, P @ Kd, f"alphaedit: P (Kp Kp^T + K K^T) + L2 I of {module}")
+        return R, v.to(torch.float64)
 
     def row_extra(self) -> dict:
         return {

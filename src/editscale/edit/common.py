@@ -490,7 +490,6 @@ def optimize_value(model, tok, case: dict, templates, inject_module: str, hp: di
     taken), stop ("loss", "mpes" or "steps": why it stopped), delta_norm, target_init_norm, v_norm
     (||v*||, a collapse indicator of the weights metric).
     """
-    spec = arch_spec(model)
     device = _model_device(model)
     subject = case["subject"]
     _check_template(case["prompt"])
@@ -525,8 +524,7 @@ def optimize_value(model, tok, case: dict, templates, inject_module: str, hp: di
     loss_layer = layer_name(model, loss_layer_idx)
     last_layer = layer_name(model, n_layer - 1)
     names = list(dict.fromkeys([inject_module, loss_layer, last_layer]))
-    final_norm = get_module(model, spec.final_norm)
-    lm_head = lm_head_module(model)
+    lens = logit_lens(model)
 
     inj_mask = torch.zeros(input_ids.shape, device=device)
     inj_mask[torch.arange(len(prompts), device=device), torch.tensor(lookup, device=device)] = 1.0
@@ -545,7 +543,7 @@ def optimize_value(model, tok, case: dict, templates, inject_module: str, hp: di
         return out + inj_mask[..., None].to(out.dtype) * d.to(out.dtype)
 
     def read_out(h: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(lm_head(final_norm(h[r, c])).float(), dim=-1)
+        return torch.log_softmax(lens(h[r, c]).float(), dim=-1)
 
     kl_init = None
     log: dict = {}
@@ -642,6 +640,22 @@ class CovSolver:
         else:
             out = torch.linalg.lu_solve(*self._lu, b)
         return out[:, 0] if vec else out
+
+
+def logit_lens(model):
+    """h (the residual stream at any layer, [..., d]) -> logits as the model computes them from its
+    last layer's output: the final norm, the LM head, and Gemma-2's final logit soft-capping
+    (cap * tanh(logits / cap), `config.final_logit_softcapping`), so that a loss read at an earlier
+    layer or at the last one sees the model's own output function."""
+    final_norm = get_module(model, arch_spec(model).final_norm)
+    head = lm_head_module(model)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def lens(h: torch.Tensor) -> torch.Tensor:
+        logits = head(final_norm(h))
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    return lens
 
 
 def lm_head_module(model) -> torch.nn.Module:

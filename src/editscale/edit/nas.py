@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ..io import EditscaleError
 from ..models.nethook import Trace
-from ..models.registry import arch_spec, get_module, layer_name, mlp_out_name, n_layers
+from ..models.registry import layer_name, mlp_out_name, n_layers
 from . import common
 from .alphaedit import AlphaEdit, AlphaEditHparams
 from .hparams import spec
@@ -95,8 +95,7 @@ def bare_value_norms(model, tok, cases: list[dict], inject_module: str, value_mo
     n_layer = n_layers(model)
     loss_module = layer_name(model, max(int(hp["v_loss_layer"]), common.layer_of(model, inject_module)))
     last_module = layer_name(model, n_layer - 1)
-    final_norm = get_module(model, arch_spec(model).final_norm)
-    lm_head = common.lm_head_module(model)
+    lens = common.logit_lens(model)
     state: dict = {}
 
     def edit_output(name, out):
@@ -109,7 +108,7 @@ def bare_value_norms(model, tok, cases: list[dict], inject_module: str, value_mo
         return out.index_put((inj_rows, inj_cols), state["delta"][seq_to_case].to(out.dtype), accumulate=True)
 
     def log_probs(h, r, c):
-        return torch.log_softmax(lm_head(final_norm(h[r, c])).float(), dim=-1)
+        return torch.log_softmax(lens(h[r, c]).float(), dim=-1)
 
     names = list(dict.fromkeys([inject_module, loss_module, last_module]))
     kl_init = None

@@ -62,6 +62,8 @@ class UltraEditHparams:
     layers: list[int] = spec([], doc="layers whose MLP output matrix is edited (UltraEdit's GPT-J setting: fc_out)")
     lr: float = spec(1e-6, minimum=0, doc="step size of the pseudo-value -lr ||h^||^2 g^ (UltraEdit: 1e-6)")
     tuple_size: int = spec(10, minimum=1, doc="cases per forward / backward pass of a step (UltraEdit's dataset.batch_size: 10)")
+    solve_dtype: str = spec("float64", choices=("float64", "float32"),
+                            doc="dtype of (H^T H + I)^-1 H^T: float64 (editscale), float32 (the reference, as published)")
 
 
 class RunningMeanStd:
@@ -227,10 +229,11 @@ class UltraEdit(EditMethod):
             d_in, d_out = self.shape_of[m]
             h_hat, g_hat = self.normalizer[self.shape_of[m]](torch.cat([H, G], dim=-1)).split([d_in, d_out], dim=-1)
             v_hat = -lr * (h_hat * h_hat).sum(-1, keepdim=True) * g_hat  # [N, d_out] pseudo-values
-            H64 = H.double()
-            A = H64.T @ H64 + torch.eye(d_in, dtype=torch.float64, device=H.device)
-            v = torch.linalg.solve(A, H64.T)  # (H^T H + I)^-1 H^T, [d_in x N]
-            u = v_hat.double().T  # [d_out x N]
+            dt = torch.float64 if self.hparams["solve_dtype"] == "float64" else torch.float32
+            Hs = H.to(dt)
+            A = Hs.T @ Hs + torch.eye(d_in, dtype=dt, device=H.device)
+            v = torch.linalg.solve(A, Hs.T)  # (H^T H + I)^-1 H^T, [d_in x N]
+            u = v_hat.to(dt).T  # [d_out x N]
             u32, v32 = u.float().contiguous(), v.float().contiguous()
             weights.apply(Update(module=m, u=u32, v=v32, meta={"method": self.name, "rows": int(H.shape[0]),
                                                                "case_ids": [c.get("case_id") for c in cases]}))

