@@ -56,6 +56,16 @@ def register(sub) -> None:
     q.add_argument("--rule", default="eigh64", help="eigh64 (float64 eigh, default) | svd32 (AlphaEdit's reference: float32 SVD)")
     q.set_defaults(func=run_nullspace)
 
+    q = sub.add_parser("convert-projection", help="AlphaEdit's / EasyEdit's null_space_project.pt -> editscale's projection files")
+    q.add_argument("--pt", required=True, help="null_space_project.pt: torch tensor [n_layers, d, d]")
+    q.add_argument("--model-dir", required=True, help="prepared model directory")
+    q.add_argument("--layers", required=True, type=int, nargs="+", help="the edited layers, in the order of the file (hparams `layers`)")
+    q.add_argument("--threshold", required=True, type=float, help="the nullspace_threshold the file was made with")
+    q.add_argument("--stats-dir", required=True, help="results/stats/MODEL/CORPUS holding each module's stats file")
+    q.add_argument("--out-dir", required=True, help="results/stats/MODEL/CORPUS/nullspace-svd32 (the reference's rule)")
+    q.add_argument("--rule", default="svd32", help="how the file's P was made (AlphaEdit / EasyEdit: svd32)")
+    q.set_defaults(func=run_convert_projection)
+
 
 def _parse_spec(text: str) -> dict:
     from ..io import EditscaleError
@@ -168,18 +178,22 @@ def run_stats(args) -> None:
     else:
         batches = iter_corpus(spec, tok, model, "stats", batch_size=batch_size, timings=timings)
         inputs = {"corpus": corpus_fingerprint(spec)}
+    convergence: dict = {}
     results = compute_mom2(
         model, tok, list(targets), batches, max_tokens=None if args.tokens else spec["n_tokens"],
         seq_len=spec["seq_len"], batch_size=batch_size, progress=not args.no_progress, timings=timings,
+        convergence=convergence,
     )
     wall = time.perf_counter() - t0
     for m, path in targets.items():
         mom2, count = results[m]
         write_mom2(
             path, mom2, count, module=m, model_sha256=sha, corpus=cid, corpus_spec=spec, dtype=args.dtype,
-            device=str(device), inputs=inputs,
+            device=str(device), inputs=inputs, convergence=convergence.get(m),
         )
         log.info("wrote %s (d=%d, %d tokens)", path, mom2.shape[0], count)
+        if convergence.get(m):  # how much C still moved while the token count doubled: choose the budget by it
+            log.info("  convergence of %s: %s", m, ", ".join(f"{n} tok {100 * rel:.2f} %" for n, rel in convergence[m]))
     tokens = timings["tokens"]
     msg = (f"stats: {tokens} tokens in {wall:.1f} s wall ({tokens / wall:.0f} tok/s end to end); "
            f"forward + accumulation {timings['forward_s']:.1f} s = {tokens / timings['forward_s']:.0f} tok/s")
@@ -187,6 +201,13 @@ def run_stats(args) -> None:
         msg += (f"; self-sample generation {timings['generated_tokens']} tokens in {timings['generate_s']:.1f} s = "
                 f"{timings['generated_tokens'] / timings['generate_s']:.0f} tok/s")
     log.info(msg)
+
+
+def run_convert_projection(args) -> None:
+    from .convert import convert_projections
+
+    info = convert_projections(args.pt, args.model_dir, args.layers, args.stats_dir, args.out_dir, args.threshold, args.rule)
+    print(json.dumps(info, indent=2))
 
 
 def run_nullspace(args) -> None:

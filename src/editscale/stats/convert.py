@@ -1,4 +1,6 @@
-"""Convert the ROME authors' precomputed layer statistics (.npz) into editscale's stats HDF5.
+"""Convert the statistics researchers share into editscale's files: the ROME authors' layer
+statistics (.npz; AlphaEdit's and EasyEdit's caches are the same `layer_stats` files) into the stats
+HDF5, and AlphaEdit's / EasyEdit's null-space projections (.pt) into projection HDF5.
 
 ROME and MEMIT (kmeng01/rome, kmeng01/memit, rome/layer_stats.py) cache the second moment of the
 edited MLP matrix's input over 100,000 Wikipedia articles and publish the files at
@@ -154,3 +156,69 @@ def convert_rome_stats(
              stat["sample_size"], out, model_dir)
     return {"out": str(out), "module": module, "dim": d, "count": stat["count"], "sample_size": stat["sample_size"],
             "model_sha256": sha, "npz_sha256": npz_sha, "precision": str(stat["sum"].dtype)}
+
+
+# ---------------------------------------------------------------------------------------------
+# AlphaEdit's and EasyEdit's null-space projections
+
+def read_projection_pt(path: str | Path):
+    """The projections of a `null_space_project.pt`: AlphaEdit's experiments/evaluate.py writes
+    `torch.save(P, "null_space_project.pt")` with P a float32 tensor [len(hparams.layers), d, d] (row
+    i for the i-th edited layer, U0 U0^T of `get_project`), and EasyEdit's AlphaEdit ships and reads
+    the same tensor (examples/null_space_project_<model>.pt). A single [d, d] matrix is one layer."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise EditscaleError(f"projection file {path} not found")
+    try:
+        P = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a foreign or damaged file
+        raise EditscaleError(f"{path} is not a torch tensor file (torch.save of the projections): {exc}") from exc
+    if not isinstance(P, torch.Tensor):
+        raise EditscaleError(f"{path} holds a {type(P).__name__}, expected the tensor of projections [n_layers, d, d]")
+    if P.dim() == 2:
+        P = P[None]
+    if P.dim() != 3 or P.shape[1] != P.shape[2] or not P.is_floating_point():
+        raise EditscaleError(f"{path}: expected a float tensor [n_layers, d, d], got {P.dtype} {tuple(P.shape)}")
+    return P
+
+
+def convert_projections(pt: str | Path, model_dir: str | Path, layers: list[int], stats_dir: str | Path, out_dir: str | Path,
+                        threshold: float, rule: str = "svd32") -> list[dict[str, Any]]:
+    """Write one projection HDF5 per layer (`out_dir/{module}.t{threshold}.h5`, the module being the
+    MLP output matrix of the layer, as AlphaEdit edits it) from a `null_space_project.pt`. Each is
+    tied to the stats file of its module in `stats_dir` (its sha256, as `editscale nullspace`
+    records it), which must exist: convert the same model's layer statistics first. `rule` records
+    how the file's P was made (AlphaEdit's and EasyEdit's: svd32), so a run with that
+    projection_rule reads it."""
+    from ..models.load import model_sha
+    from ..models.registry import mlp_out_name, module_shapes
+    from .mom2 import write_projection
+
+    P = read_projection_pt(pt)
+    if len(layers) != P.shape[0]:
+        raise EditscaleError(f"{pt} holds {P.shape[0]} projections but {len(layers)} layers were named ({layers}): name the "
+                             "layers in the order of the hparams' `layers` that made the file")
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(model_dir))
+    sha, pt_sha = model_sha(model_dir), sha256_file(pt)
+    written = []
+    for i, layer in enumerate(layers):
+        module = mlp_out_name(cfg.model_type, int(layer))
+        d_in = module_shapes(cfg, [module])[module][1]
+        if P.shape[1] != d_in:
+            raise EditscaleError(f"{pt}: projection {i} is {P.shape[1]} x {P.shape[1]} but the input of {module} in {model_dir} "
+                                 f"has dimension {d_in}: the file is for another model")
+        stats = Path(stats_dir) / f"{module}.h5"
+        if not stats.exists():
+            raise EditscaleError(f"{stats} not found: convert or compute the statistics of {module} first (the projection is tied to them)")
+        Pi = P[i].double().numpy()
+        out = Path(out_dir) / f"{module}.t{threshold}.h5"
+        rank = int(round(float(Pi.trace())))
+        write_projection(out, Pi, threshold=threshold, rank=rank, stats_sha256=sha256_file(stats), model_sha256=sha,
+                         module=module, rule=rule)
+        log.info("convert-projection: %s[%d] (%s, rank %d) -> %s", pt, i, module, rank, out)
+        written.append({"out": str(out), "module": module, "rank": rank, "pt_sha256": pt_sha})
+    return written

@@ -86,6 +86,8 @@ def compute_mom2(
     progress: bool = True,
     timings: dict | None = None,
     stop_early: bool = True,
+    convergence: dict | None = None,
+    convergence_start: int = 4096,
 ) -> dict[str, tuple[np.ndarray, int]]:
     """E[k k^T] of the input k of each module in `modules`, over all non-padding tokens, one pass.
 
@@ -98,6 +100,11 @@ def compute_mom2(
     and accumulation only, apart from time spent producing the batches (e.g. sampling).
     `stop_early=False` runs the whole model, LM head included (what a plain forward costs; for
     benchmarks/ only: the result is the same).
+    `convergence` (if given) receives, per module, the convergence read-out: [(n, ||C_n - C_n/2||_F /
+    ||C_n||_F)] at n = convergence_start, 2x, 4x, ... tokens (the first batch end at or past each
+    point) and at the end, i.e. how much the estimate still moved while its token count doubled
+    (FastMEMIT reports the same relative change against the token budget). The previous estimate
+    is kept on the host, so the read-out costs no device memory.
     """
     modules = list(dict.fromkeys(modules))
     if not modules:
@@ -107,6 +114,16 @@ def compute_mom2(
     sums: dict[str, torch.Tensor] = {}
     count = 0
     forward_s = 0.0
+    next_point, previous = int(convergence_start), {}
+
+    def read_out() -> None:  # C at this count against C at the previous point (host memory)
+        for name, s in sums.items():
+            cur = (s / count).cpu()
+            if name in previous:
+                rel = float((cur - previous[name][1]).norm() / cur.norm().clamp_min(1e-300))
+                convergence.setdefault(name, []).append((count, rel))
+            previous[name] = (count, cur)
+
     t_start = time.perf_counter()
     bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="mom2", disable=not progress, dynamic_ncols=True)
     try:
@@ -137,6 +154,10 @@ def compute_mom2(
                 sums[name].addmm_(k.T, k)
             count += n
             forward_s += time.perf_counter() - t0
+            if convergence is not None and count >= next_point:
+                read_out()
+                while next_point <= count:
+                    next_point *= 2
             bar.update(n)
             if timings is not None and timings.get("generate_s"):
                 bar.set_postfix(gen_tok_s=f"{timings['generated_tokens'] / timings['generate_s']:.0f}", refresh=False)
@@ -144,6 +165,8 @@ def compute_mom2(
         bar.close()
     if count == 0:
         raise EditscaleError("compute_mom2: the corpus produced no tokens")
+    if convergence is not None and any(previous.get(name, (0,))[0] != count for name in sums):
+        read_out()  # the final estimate against the last point
     if timings is not None:
         timings["forward_s"] = timings.get("forward_s", 0.0) + forward_s
         timings["tokens"] = timings.get("tokens", 0) + count
@@ -173,8 +196,10 @@ def write_mom2(
     device: str = "cpu",
     inputs: dict[str, str] | None = None,
     config_hash: str = "",
+    convergence: list[tuple[int, float]] | None = None,
 ) -> None:
-    """Write one module's statistics atomically (temp file, fsync, rename)."""
+    """Write one module's statistics atomically (temp file, fsync, rename); `convergence`: the
+    read-out of compute_mom2, stored as dataset `convergence` [n, 2] = (tokens, relative change)."""
     mom2 = np.asarray(mom2, dtype=np.float64)
     if mom2.ndim != 2 or mom2.shape[0] != mom2.shape[1]:
         raise EditscaleError(f"write_mom2 {path}: mom2 must be a square matrix, got shape {mom2.shape}")
@@ -193,6 +218,8 @@ def write_mom2(
         with h5py.File(tmp, "w") as f:
             f.create_dataset("mom2", data=mom2)
             f.create_dataset("count", data=np.int64(count))
+            if convergence:
+                f.create_dataset("convergence", data=np.asarray(convergence, dtype=np.float64).reshape(-1, 2))
             for key, value in attrs.items():
                 f.attrs[key] = _attr(value)
 
