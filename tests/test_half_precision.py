@@ -126,3 +126,35 @@ def test_tiny_workflow_runs_in_bfloat16(repo_root, tmp_path):
     assert audit["passed"]
     assert (results / "tables/summary.csv").exists()
     assert planned_jobs(snakemake(workdir, "-n")) == {}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_unedited_view_reads_the_base_model_without_a_second_copy(tiny_model_dirs, dtype, monkeypatch):
+    """EasyEdit's locality compares with the unedited model: a view of the edited one (the edited
+    matrices swapped back from the model's files, cast as load_model casts them) gives the same
+    readings as a separately loaded base model, restores the edited weights bit for bit, and loads
+    no model."""
+    from benchmarks.device_check import edit_cases as cases_of
+    from editscale.edit.chain import apply_delta
+    from editscale.evaluate.edit_scores import case_metrics
+    from editscale.models import load
+    from editscale.models.load import UneditedView, load_model
+
+    model_dir = tiny_model_dirs("llama")
+    base, tok = load_model(model_dir, dtype=dtype, device="cpu")
+    edited, _ = load_model(model_dir, dtype=dtype, device="cpu")
+    modules = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+    g = torch.Generator().manual_seed(0)
+    apply_delta(edited, {m: 0.05 * torch.randn(tuple(edited_weight(edited, m).shape), generator=g) for m in modules})
+    after = {m: edited_weight(edited, m).detach().clone() for m in modules}
+    cases = [{**c, "neighborhood_prompts": [c["prompt"].format(c["subject"])]} for c in cases_of(3)]
+    expected = case_metrics(edited, tok, cases, base=(base, tok))
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("a second model was loaded"))
+    view = UneditedView(edited, tok, model_dir, modules)
+    with view as (m, _):
+        for name in modules:
+            assert torch.equal(edited_weight(m, name), edited_weight(base, name))
+    got = case_metrics(edited, tok, cases, base=view)
+    assert got == expected and any(r["locality"] < 1 for r in got)
+    for name in modules:
+        assert torch.equal(edited_weight(edited, name), after[name])

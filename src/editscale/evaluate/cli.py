@@ -19,6 +19,7 @@ so; EDITSCALE_RECOMPUTE=1 in the environment recomputes all.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -233,13 +234,12 @@ def _as_list(value) -> list:
     return [] if value is None else [value] if isinstance(value, (str, Path)) else list(value)
 
 
-def _model_at(args, base: bool = False):
-    """The model after --k edits (base: the unedited model); from the job's cache inside
-    `evaluate` (the metric verbs only read the model)."""
+def _model_at(args):
+    """The model after --k edits; from the job's cache inside `evaluate` (the metric verbs only
+    read the model)."""
     from ..edit.chain import model_at
-    from ..layout import StateFiles
 
-    state = StateFiles.unedited() if base else state_files(args)
+    state = state_files(args)
     key = (str(args.model_dir), str(state.delta), str(state.factors), state.k, _dtype(args), args.device)
     if _MODEL_CACHE is not None and key in _MODEL_CACHE:
         log.info("model after %d edits: loaded and replayed once for this checkpoint job, re-used", state.k)
@@ -254,12 +254,23 @@ def _model_at(args, base: bool = False):
 # verbs
 
 
-def _locality_base(args, cfg, k: int):
-    """What EasyEdit's locality compares with: the unedited model (loaded once per job, beside
-    the edited one), "self" at k = 0, None when the metric's `easyedit_locality` is off."""
+def _locality_base(args, cfg, k: int, model, tok):
+    """What EasyEdit's locality compares with: the unedited model as a view of the edited `model`
+    (its edited matrices swapped back to the base weights while the base readings are taken: no
+    second copy of the model), "self" at k = 0, None when the metric's `easyedit_locality` is off."""
     if not cfg.easyedit_locality or "neighborhood" not in getattr(cfg, "parts", ("neighborhood",)):
         return None
-    return "self" if k == 0 else _model_at(args, base=True)
+    return "self" if k == 0 else _unedited_view(args, model, tok)
+
+
+def _unedited_view(args, model, tok):
+    """models.load.UneditedView of the job's edited model: the run's edited matrices swapped back
+    to the base weights inside a `with` block (instead of a second model in memory)."""
+    from ..edit.methods import get_method
+    from ..models.load import UneditedView
+
+    run = _run_info(args)
+    return UneditedView(model, tok, args.model_dir, get_method(run["method"], run["hparams"]).modules(model, run["hparams"]))
 
 
 def cmd_score_edits(args) -> None:
@@ -274,11 +285,12 @@ def cmd_score_edits(args) -> None:
 
     start_delta, factors = segment_files(args.segment_files, args.k, _segment(args))
     by_index = {int(c["edit_index"]): c for c in _edits(args)}
-    base = _locality_base(args, cfg, k=1)
+    base = None
     frames = []
     for j, model, tok in states_in_segment(args.model_dir, start_delta, factors, dtype=_dtype(args), device=args.device):
         if j not in by_index:
             raise EditscaleError(f"edit {j} of the chain is not in {args.edits}")
+        base = base or _locality_base(args, cfg, 1, model, tok)  # one view of the replayed model, reused
         frames.append(score_cases(model, tok, [by_index[j]], k=j, batch_size=cfg.batch_size, base=base))
     df = pl.concat(frames) if frames else score_cases(None, None, [], k=args.k)
     _write(df, args, params, seconds=time.time() - t0)
@@ -295,7 +307,7 @@ def cmd_history(args) -> None:
     log.info("history at k=%d: re-scoring %s earlier edits (%s)", args.k, "all" if size is None else f"at most {size}",
              "every one" if size is None else f"{cfg.strata} age strata, seed {cfg.seed}")
     df = score_history(model, tok, cases, args.k, parts=tuple(cfg.parts), batch_size=cfg.batch_size,
-                       sample=size, strata=cfg.strata, seed=cfg.seed, base=_locality_base(args, cfg, args.k))
+                       sample=size, strata=cfg.strata, seed=cfg.seed, base=_locality_base(args, cfg, args.k, model, tok))
     _write(df, args, params, seconds=time.time() - t0)
 
 
@@ -317,17 +329,12 @@ def cmd_downstream(args) -> None:
     bs, generation = cfg.batch_size, cfg.generation
     # optional per-task "keep_solved": restrict to the items the UNEDITED model gets right
     need_base = [i for i, t in enumerate(tasks) if (tasks_cfg.get(t.name) or {}).get("keep_solved")]
-    if need_base:
-        base, btok = _model_at(args, base=True)
-        for i in need_base:
-            reading = tasks_cfg[tasks[i].name]["keep_solved"]
-            tasks[i] = keep_solved(base, btok, tasks[i], reading if isinstance(reading, str) else "ll", bs)
-        if args.k == 0:
-            model, tok = base, btok
-        else:
-            del base
-    if not need_base or args.k != 0:
-        model, tok = _model_at(args)
+    model, tok = _model_at(args)
+    if need_base:  # read on the unedited model: a view of this one (no second copy of the weights)
+        with contextlib.nullcontext((model, tok)) if args.k == 0 else _unedited_view(args, model, tok) as (base, btok):
+            for i in need_base:
+                reading = tasks_cfg[tasks[i].name]["keep_solved"]
+                tasks[i] = keep_solved(base, btok, tasks[i], reading if isinstance(reading, str) else "ll", bs)
     frames = []
     files = {}
     for task in tasks:

@@ -33,6 +33,7 @@ prompt + " " + target, easyeditor/evaluate/evaluate_utils.py), side by side with
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -69,8 +70,10 @@ def case_metrics(
 
     All prompts of all cases go through one batched `scoring.run_prompts` call: each distinct
     prompt is run once and its new and correct targets are scored as continuations of its KV
-    cache (same numbers as `score_pairs`, tested). `base`: (model, tok) of the unedited model for
-    EasyEdit's locality; "self" when `model` is the unedited model; None leaves locality out.
+    cache (same numbers as `score_pairs`, tested). `base`: the unedited model for EasyEdit's
+    locality, as (model, tok) or a context manager yielding it (models.load.UneditedView: the
+    edited model with its base matrices swapped in); "self" when `model` is the unedited model;
+    None leaves locality out.
     """
     prompts: list[str] = []
     targets: list[str] = []
@@ -96,7 +99,8 @@ def case_metrics(
     base_argmax = {}
     if base is not None and base != "self" and "neighborhood" in parts:  # the unedited model's argmax on o_n
         near = sorted({(prompts[2 * i], targets[2 * i + 1]) for i, (_, part, _) in enumerate(slots) if part == "neighborhood"})
-        got = run_prompts(base[0], base[1], [p for p, _ in near], 0, [[b] for _, b in near], batch_size=batch_size)
+        with base if hasattr(base, "__enter__") else contextlib.nullcontext(base) as (base_model, base_tok):
+            got = run_prompts(base_model, base_tok, [p for p, _ in near], 0, [[b] for _, b in near], batch_size=batch_size)
         base_argmax = {pb: got.choice_argmax[i][0] for i, pb in enumerate(near)}
     nll, hit, acc, agree = [], [], [], []
     for s_ in range(len(slots)):

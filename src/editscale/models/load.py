@@ -50,3 +50,61 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "aut
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return model, tok
+
+
+def read_weights(model_dir: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Named tensors of a prepared model's safetensors (single file or sharded with an index),
+    read one by one: what a job needs of the base weights without loading a second model."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        where = json.loads(index.read_text())["weight_map"]
+    else:
+        single = model_dir / "model.safetensors"
+        if not single.exists():
+            raise EditscaleError(f"{model_dir} holds neither model.safetensors nor model.safetensors.index.json")
+        where = {n: single.name for n in names}
+    missing = [n for n in names if n not in where]
+    if missing:
+        raise EditscaleError(f"{model_dir}: no tensor {missing} in its safetensors")
+    out = {}
+    for file in sorted({where[n] for n in names}):
+        with safe_open(str(model_dir / file), framework="pt") as f:
+            have = set(f.keys())
+            for n in names:
+                if where[n] == file:
+                    if n not in have:
+                        raise EditscaleError(f"{model_dir / file}: no tensor {n!r}")
+                    out[n] = f.get_tensor(n)
+    return out
+
+
+class UneditedView:
+    """The unedited model inside an edited one, without a second copy of its weights: entering sets
+    the edited matrices to their base weights (read from the model directory and cast to the
+    model's dtype, exactly as load_model casts them), leaving puts back what they were. Only the
+    edited matrices are copied. `with UneditedView(model, tok, model_dir, modules) as (m, tok):`."""
+
+    def __init__(self, model, tok, model_dir: str | Path, modules: list[str]):
+        self.model, self.tok = model, tok
+        self.params = {m: dict(model.named_parameters())[f"{m}.weight"] for m in modules}
+        names = {f"{m}.weight": m for m in modules}
+        self.base = {names[n]: w for n, w in read_weights(model_dir, list(names)).items()}
+        for m, w in self.base.items():
+            if w.shape != self.params[m].shape:
+                raise EditscaleError(f"{model_dir}: base weight of {m} has shape {tuple(w.shape)}, the model's {tuple(self.params[m].shape)}")
+        self._saved: dict[str, torch.Tensor] = {}
+
+    def __enter__(self):
+        with torch.no_grad():
+            for m, p in self.params.items():
+                self._saved[m] = p.detach().clone()
+                p.copy_(self.base[m].to(device=p.device, dtype=p.dtype))
+        return self.model, self.tok
+
+    def __exit__(self, *exc) -> None:
+        with torch.no_grad():
+            for m, p in self.params.items():
+                p.copy_(self._saved.pop(m))
