@@ -32,6 +32,10 @@ if workflow.is_main_process:  # the plan, not every job that re-reads the Snakef
     try:
         # a run longer than its usable edit sequence fails here, not at the segment that runs out
         wf.check_sequence_lengths(config)
+        if config["resources"].get("gpu_mem_gb"):  # the edit jobs' predicted GPU memory against the machines'
+            from editscale.planning import check_device_memory
+
+            check_device_memory(config)
     except EditscaleError as exc:
         raise ValueError(f"config error: {exc}") from None
 METRIC_REGISTRY = wf.metrics_registry()

@@ -294,10 +294,12 @@ def render(report: dict) -> str:
             if t and t["seconds_per_edit"] is not None:
                 lines.append(f"  time: ~{fmt_seconds(t['seconds_per_edit'])} per edit (segment job ~{fmt_seconds(t['segment_s'])}), "
                              f"chain ~{fmt_seconds(t['edit_chain_s'])}; evaluation {t['eval_jobs']} jobs ~{fmt_seconds(t['eval_s'])}")
-            mem = est["memory"]
-            need = mem["weights"] + mem["stats_on_device"] + mem["weight_state"]
-            lines.append(f"  edit job device memory: weights {fmt_bytes(mem['weights'])} + stats {fmt_bytes(mem['stats_on_device'])} "
-                         f"+ base/delta copies {fmt_bytes(mem['weight_state'])} = {fmt_bytes(need)} plus activations")
+            mem = est["edit_job_memory"]
+            need = mem["total"]
+            lines.append(f"  edit job device memory (peak): weights {fmt_bytes(mem['weights'])} + method state "
+                         f"{fmt_bytes(mem['method_state'])} + base/delta copies {fmt_bytes(mem['weight_state'])} + "
+                         f"activations or solve {fmt_bytes(mem['edit_phase'])} = {fmt_bytes(need)} "
+                         "(within 10 % of one H200's peaks: docs/scale.md)")
             if m and "gpu_memory_total" in m and need > m["gpu_memory_total"]:
                 lines.append("  WARNING: more than this GPU's memory")
     if report.get("runs") is not None and m:

@@ -53,7 +53,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
-from .models.registry import model_config, module_shapes, n_params
+from .models.registry import arch_spec, model_config, module_shapes, n_params
 from .workflow import edited_modules, run_hparams, stats_modules
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -408,6 +408,64 @@ def time_estimate(config: dict, rate32: float, rate64: float | None, calibration
             "shared_jobs": sec}
 
 
+# Activation bytes kept for the backward pass of one optimization step, per (token x hidden x layer
+# in the graph x dtype byte): fitted to ROME's peak at GPT-2 XL's shape on one H200 (benchmarks/
+# RESULTS.md section 8), where the optimization sets the peak; holds the other nine there to 10 %.
+ACTIVATION_FACTOR = 28.0
+
+
+def edit_job_memory(cls, hp: dict, cfg, dtype: str, shapes: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """Peak device bytes of an edit job, by part: the weights in `dtype`; what the method keeps
+    for the segment (`EditMethod.device_matrices`: float64 d_in x d_in per edited module); the
+    WeightState (W0 and the delta, float32, per edited matrix); and the larger of the two phases
+    of an edit, the optimization's activations (`EditMethod.value_prompts` x hidden x the layers
+    from the lowest edited one up x ACTIVATION_FACTOR) and one module's solve (transient
+    matrices). Peaks at GPT-2 XL (float32) and Llama-3-8B (bfloat16) shapes on an H200 sit within
+    10 % of it (tests/test_doctor_memory.py)."""
+    from .edit.common import layer_of
+    from .models.registry import meta_model
+
+    model = meta_model(cfg)
+    dbytes = DTYPE_BYTES[dtype]
+    params = sum(p.numel() for p in model.parameters())
+    resident, transient = cls.device_matrices(hp)
+    d_in = {m: i for m, (_, i) in shapes.items()}
+    n_prompts, tokens = cls.value_prompts(hp)
+    lowest = min(layer_of(model, m) for m in shapes)
+    n_layer = int(getattr(cfg, arch_spec(cfg.model_type).n_layers_attr))
+    hidden = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
+    activations = ACTIVATION_FACTOR * n_prompts * tokens * hidden * (n_layer - lowest) * dbytes
+    solve = transient * 8 * max(d ** 2 for d in d_in.values())
+    parts = {
+        "weights": float(params * dbytes),
+        "method_state": float(resident * sum(8 * d ** 2 for d in d_in.values())),
+        "weight_state": float(sum(8 * o * i for o, i in shapes.values())),
+        "edit_phase": float(max(activations, solve)),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def check_device_memory(config: dict, root: str | Path = ".") -> None:
+    """Refuse, at plan time, a run whose edit jobs are predicted (edit_job_memory) to need more GPU
+    memory than `resources.gpu_mem_gb`; runs of a model whose config is not known yet are skipped."""
+    from .io import EditscaleError
+
+    limit = config.get("resources", {}).get("gpu_mem_gb")
+    if not limit:
+        return
+    for run in config["runs"]:
+        est = run_estimate(config, run, root).get("edit_job_memory")
+        if est and est["total"] > float(limit) * 2**30:
+            parts = ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.1f}" for k, v in est.items() if k != "total")
+            raise EditscaleError(
+                f"run {run['name']}: its edit jobs (rule edit_segment) need about {est['total'] / 2**30:.1f} GiB of GPU memory "
+                f"({parts} GiB; model {run['model']} in {config['models'][run['model']]['dtype']}), more than "
+                f"resources.gpu_mem_gb = {limit}: "
+                + ("load the model in bfloat16, " if config["models"][run["model"]]["dtype"] == "float32" else "")
+                + "edit fewer layers, or use a larger GPU")
+
+
 def run_estimate(config: dict, run: dict, root: str | Path = ".") -> dict[str, Any]:
     """Shapes, storage, per-edit FLOPs and device memory of one run (time: time_estimate)."""
     from .workflow import checkpoint_metrics, metric_grid, metrics_registry
@@ -442,4 +500,5 @@ def run_estimate(config: dict, run: dict, root: str | Path = ".") -> dict[str, A
         "stats_on_device": sum(8 * shapes[m][1] ** 2 for m in stats_modules(config, run)),
         "weight_state": sum(8 * o * i for o, i in shapes.values()),
     }
+    est["edit_job_memory"] = edit_job_memory(cls, hp, cfg, dtype, shapes)
     return est

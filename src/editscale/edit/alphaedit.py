@@ -86,6 +86,11 @@ class AlphaEdit(Memit):
         # C enters only through P: the edit jobs read the projections, not the float64 covariances
         return {"nullspace": {"threshold": hparams["nullspace_threshold"], "rule": hparams.get("projection_rule", "eigh64")}}
 
+    @classmethod
+    def device_matrices(cls, hparams):
+        resident, _ = super().device_matrices(hparams)
+        return resident + 1, 4.0  # + Kp Kp^T (KeyMemory); the solve: A, P A, M and its factor
+
     def __init__(
         self,
         model,

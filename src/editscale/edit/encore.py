@@ -61,6 +61,11 @@ class Encore(Memit):
     def precomputed(cls, hparams):
         return {"mom2": {}}
 
+    @classmethod
+    def device_matrices(cls, hparams):
+        resident, transient = super().device_matrices(hparams)
+        return resident + float(hparams.get("add_prev_edits", True)), transient  # + Kp Kp^T (KeyMemory)
+
     def __init__(self, model, tok, hparams: dict, stats: dict, context_templates, state=None):
         super().__init__(model, tok, hparams, stats, context_templates, state)
         device = next(model.parameters()).device

@@ -161,6 +161,30 @@ class EditMethod:
         return 0.0
 
     @classmethod
+    def device_matrices(cls, hparams: dict) -> tuple[float, float]:
+        """(resident, transient): how many float64 [d_in, d_in] matrices the edit job holds per
+        edited module for the whole segment (second moments, projections, factors kept), and at
+        most at once while one module's update is solved (doctor's memory estimate). Derived from
+        `precomputed` and `solve_cost`; a method holding more says so."""
+        needs = cls.precomputed(hparams)
+        resident = float("mom2" in needs) + float("nullspace" in needs)
+        if cls.solve_cost == "per_segment" and "mom2" in needs:
+            resident += 1  # the Cholesky factor of C, kept for the segment
+        transient = {"per_edit": 3.0, "gradient": 2.0}.get(cls.solve_cost, 0.0)  # the system, its factor, a sum
+        return resident, transient
+
+    @classmethod
+    def value_prompts(cls, hparams: dict) -> tuple[int, float]:
+        """(prompts, tokens per prompt) of one edit's optimization pass, whose activations are kept
+        for the backward pass (doctor's memory estimate): the rewriting prompts of the context
+        templates (template length + ~12 tokens of prompt and target) for a value optimization;
+        a method without one overrides it."""
+        params = hparams.get("context_template_length_params", [[5, 10], [10, 10]])
+        n = sum(int(c) for _, c in params)
+        mean_len = sum(int(length) * int(c) for length, c in params) / max(n, 1)
+        return 1 + n, mean_len + 12
+
+    @classmethod
     def precomputed(cls, hparams: dict) -> dict[str, dict]:
         """Inputs the workflow computes before the edit jobs, by kind: "mom2" (the second moment
         of each edited module's input, passed as `stats`) and/or "nullspace" ({"threshold": t}:

@@ -119,6 +119,10 @@ class UltraEdit(EditMethod):
         return {}
 
     @classmethod
+    def value_prompts(cls, hparams):
+        return int(hparams.get("tuple_size", 10)), 16.0  # one forward / backward pass per tuple of cases
+
+    @classmethod
     def factor_rank(cls, hparams: dict, target_tokens: float) -> float:
         return target_tokens  # one factor column per target token of the case (step 3)
 
