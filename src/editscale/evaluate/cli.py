@@ -377,25 +377,29 @@ def cmd_weights(args) -> None:
     import polars as pl
     import torch
 
+    from transformers import AutoConfig
+
     from ..edit.chain import replay
     from ..edit.methods import get_method
-    from ..models.load import load_model, model_sha
-    from ..models.registry import edited_weight, to_math
+    from ..models.load import DTYPES, model_sha, read_weights
+    from ..models.registry import edited_weight, meta_model, to_math
     from .weights import read_edit_logs, update_norm_rows, weight_drift
 
     t0 = time.time()
     cfg, params = _section(args, "weights")
     threshold = float(cfg.outlier_z)
-    # W0 as the run's jobs hold it (a half-precision run edits the rounded weights), read in float32 below
-    model, _ = load_model(args.model_dir, dtype=_dtype(args), device="cpu")
+    # only the edited matrices are read (no model is loaded: the job may hold one for other metrics);
+    # the shapes-only model gives their names and orientation
+    shell = meta_model(AutoConfig.from_pretrained(str(args.model_dir)))
     if args.k > 0:
         delta = replay(state_files(args), model_sha(args.model_dir))
     else:  # the unedited matrices: the indicators' baseline
         run = _run_info(args)
-        modules = get_method(run["method"]).modules(model, run["hparams"])
-        delta = {m: torch.zeros_like(to_math(model, edited_weight(model, m)), dtype=torch.float32) for m in modules}
-    base = {m: to_math(model, edited_weight(model, m)).detach().to(torch.float32) for m in delta}
-    del model
+        modules = get_method(run["method"]).modules(shell, run["hparams"])
+        delta = {m: torch.zeros(tuple(to_math(shell, edited_weight(shell, m)).shape), dtype=torch.float32) for m in modules}
+    # W0 as the run's jobs hold it (a half-precision run edits the rounded weights: cast as load_model casts), in float32
+    raw = read_weights(args.model_dir, [f"{m}.weight" for m in delta])
+    base = {m: to_math(shell, raw[f"{m}.weight"].to(DTYPES[_dtype(args)])).to(torch.float32) for m in delta}
     log.info("weights at k=%d: drift%s of %s", args.k, " and collapse indicators (singular values, hyperspherical energy)" if cfg.indicators else "", sorted(delta))
     frames = [weight_drift(delta, base, k=args.k, indicators=bool(cfg.indicators)).with_columns(pl.lit(None, dtype=pl.Int64).alias("edit_index"))]
     frames.append(update_norm_rows(read_edit_logs(args.factors, args.k), args.k, threshold, recent=int(cfg.recent)))
