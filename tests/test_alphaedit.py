@@ -3,6 +3,7 @@ preserved keys, earlier keys accumulate, state round trip continues identically,
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -188,8 +189,8 @@ def test_projections_kwarg_and_identity_projection_is_ridge_memit(second_moment,
     ws3 = WeightState(model3, mods)
     e3.apply(CASES[:1], ws3)
     model4, *_ = prepare(second_moment, tiny_lm, "gptj")
-    mh = {**{k: v for k, v in hp.items() if k not in ("L2", "nullspace_threshold", "key_fold_size", "projection_dtype")},
-          "mom2_adjustment": False, "mom2_update_weight": hp["L2"]}
+    memit_keys = {f.name for f in dataclasses.fields(Memit.hparams_type)}  # AlphaEdit's own keys (L2, projection_*, ...) left out
+    mh = {**{k: v for k, v in hp.items() if k in memit_keys}, "mom2_adjustment": False, "mom2_update_weight": hp["L2"]}
     e4 = Memit(model4, tok, mh, {}, TEMPLATES)
     ws4 = WeightState(model4, mods)
     e4.apply(CASES[:1], ws4)
