@@ -644,7 +644,7 @@ class CovSolver:
 
 def logit_lens(model):
     """h (the residual stream at any layer, [..., d]) -> logits as the model computes them from its
-    last layer's output: the final norm, the LM head, and Gemma-2's final logit soft-capping
+    last layer's output: the final norm, the LM head, and Gemma-2's final logit softcapping
     (cap * tanh(logits / cap), `config.final_logit_softcapping`), so that a loss read at an earlier
     layer or at the last one sees the model's own output function."""
     final_norm = get_module(model, arch_spec(model).final_norm)

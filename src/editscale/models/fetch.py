@@ -192,7 +192,7 @@ def build_tiny_model(arch: str, seed: int = 0):
         ),
     }
     # the 2024-26 families: the Llama shape in each family's own config class (its norms, biases,
-    # head_dim, soft-capping, sliding windows as transformers defines them)
+    # head_dim, softcapping, sliding windows as transformers defines them)
     gqa = dict(vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=TINY_LAYERS, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=512, **ids)
     family_classes = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "mistral": "MistralConfig", "gemma2": "Gemma2Config",
