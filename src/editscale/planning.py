@@ -427,7 +427,7 @@ def edit_job_memory(cls, hp: dict, cfg, dtype: str, shapes: dict[str, tuple[int,
 
     model = meta_model(cfg)
     dbytes = DTYPE_BYTES[dtype]
-    params = sum(p.numel() for p in model.parameters())
+    params = n_params(cfg)
     resident, transient = cls.device_matrices(hp)
     d_in = {m: i for m, (_, i) in shapes.items()}
     n_prompts, tokens = cls.value_prompts(hp)

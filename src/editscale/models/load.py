@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..io import EditscaleError
+from .registry import edited_weight
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class UneditedView:
 
     def __init__(self, model, tok, model_dir: str | Path, modules: list[str]):
         self.model, self.tok = model, tok
-        self.params = {m: dict(model.named_parameters())[f"{m}.weight"] for m in modules}
+        self.params = {m: edited_weight(model, m) for m in modules}
         names = {f"{m}.weight": m for m in modules}
         self.base = {names[n]: w for n, w in read_weights(model_dir, list(names)).items()}
         for m, w in self.base.items():

@@ -339,15 +339,14 @@ def null_space_projection_by_rule(mom2: np.ndarray, threshold: float, rule: str 
     if rule == "eigh64":
         u0, values = null_space_basis(mom2, threshold, device=device)
         return u0 @ u0.T, values, u0.shape[1]
-    null_space_basis(mom2, threshold, device=device, check_only=True)
-    c32 = torch.from_numpy(np.asarray(mom2, dtype=np.float64)).to(device=device, dtype=torch.float32)
+    c32 = torch.from_numpy(_checked_mom2(mom2, threshold)).to(device=device, dtype=torch.float32)
     U, S, _ = torch.linalg.svd(c32, full_matrices=False)
     small = (S < threshold).nonzero(as_tuple=True)[0]
     P = (U[:, small] @ U[:, small].T).double().cpu().numpy()
     return P, np.sort(S.double().cpu().numpy()), int(small.numel())
 
 
-def null_space_basis(mom2: np.ndarray, threshold: float, device: str = "cpu", check_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def null_space_basis(mom2: np.ndarray, threshold: float, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """(U_0 [d, r], all eigenvalues ascending): eigenvectors of mom2 with eigenvalue < threshold.
 
     The threshold is absolute and applies to mom2 as stored, i.e. normalized by the token count.
@@ -357,6 +356,17 @@ def null_space_basis(mom2: np.ndarray, threshold: float, device: str = "cpu", ch
     unnormalized K0 K0^T = count * mom2, the equivalent threshold is count * threshold. Being
     absolute, it depends on the scale of the keys of the model and layer: check `rank`.
     """
+    m = _checked_mom2(mom2, threshold)
+    # eigh (symmetric) rather than SVD: C is symmetric PSD, so its eigenvectors are its singular
+    # vectors and eigh is cheaper and returns real, ordered eigenvalues.
+    t = torch.from_numpy((m + m.T) / 2).to(device)
+    vals, vecs = torch.linalg.eigh(t)
+    vals, vecs = vals.cpu().numpy(), vecs.cpu().numpy()
+    return vecs[:, vals < threshold], vals
+
+
+def _checked_mom2(mom2: np.ndarray, threshold: float) -> np.ndarray:
+    """mom2 as a float64 array, after the checks every projection rule needs (threshold, shape, finite)."""
     if not np.isfinite(threshold) or threshold <= 0:
         raise EditscaleError(f"null-space threshold must be a positive number, got {threshold}")
     m = np.asarray(mom2, dtype=np.float64)
@@ -364,14 +374,7 @@ def null_space_basis(mom2: np.ndarray, threshold: float, device: str = "cpu", ch
         raise EditscaleError(f"null-space projection needs a square matrix, got shape {m.shape}")
     if not np.all(np.isfinite(m)):
         raise EditscaleError("null-space projection: mom2 contains NaN or Inf")
-    if check_only:
-        return np.empty((m.shape[0], 0)), np.empty(0)
-    # eigh (symmetric) rather than SVD: C is symmetric PSD, so its eigenvectors are its singular
-    # vectors and eigh is cheaper and returns real, ordered eigenvalues.
-    t = torch.from_numpy((m + m.T) / 2).to(device)
-    vals, vecs = torch.linalg.eigh(t)
-    vals, vecs = vals.cpu().numpy(), vecs.cpu().numpy()
-    return vecs[:, vals < threshold], vals
+    return m
 
 
 def null_space_projection(mom2: np.ndarray, threshold: float) -> np.ndarray:
