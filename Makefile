@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup lint test test-slurm run benchmark
+.PHONY: setup lint test test-slow test-all test-slurm run benchmark
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,15 @@ setup:
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
 
+# the quick tier, before every commit (< 10 min on the 2-core VM); the long end-to-end checks
+# (pytest mark `slow`) run in `make test-slow`; CI runs both (.ci/run)
 test: lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow:
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: lint
 	$(BIN)/python -m pytest -q
 
 lint:

@@ -51,7 +51,7 @@ import torch  # noqa: E402
 
 from editscale.data.geofacts import build_geofacts  # noqa: E402
 from editscale.data.sequence import unique_subjects  # noqa: E402
-from editscale.edit import common  # noqa: E402
+from editscale.edit import subject_keys, timing  # noqa: E402
 from editscale.edit.chain import templates_record  # noqa: E402
 from editscale.edit.methods import METHODS, get_method, load_hparams  # noqa: E402
 from editscale.edit.weights import WeightState  # noqa: E402
@@ -257,7 +257,7 @@ def shape_run(label: str, arch: str, dtype: str, stem: str, stats_tokens: int, n
     _sync(device)
     out["stats"] = {"modules": len(mods), "d_in": sorted({s.shape[0] for s, _ in res.values()}), "tokens": timings["tokens"],
                     "seconds": timings["forward_s"], "tokens_per_s": timings["tokens"] / timings["forward_s"],
-                    "stops_after_layer": max(common.layer_of(model, m) for m in mods),
+                    "stops_after_layer": max(subject_keys.layer_of(model, m) for m in mods),
                     "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else _rss_gib()}
     log.info("[%s] (c) statistics of %d modules: %d tokens in %.2f s = %.0f tokens/s", label, len(mods), timings["tokens"],
              timings["forward_s"], out["stats"]["tokens_per_s"])
@@ -278,7 +278,7 @@ def shape_run(label: str, arch: str, dtype: str, stem: str, stats_tokens: int, n
         split = {"total": [], "keys": [], "optimize": [], "update": []}
         steps = []
         for i, case in enumerate(cases[: 1 + n_timed]):
-            common.PHASE_SECONDS.clear()
+            timing.PHASE_SECONDS.clear()
             _sync(device)
             te = time.perf_counter()
             logs = editor.apply([case], weights)
@@ -286,7 +286,7 @@ def shape_run(label: str, arch: str, dtype: str, stem: str, stats_tokens: int, n
             total = time.perf_counter() - te
             if i == 0:
                 continue  # warm-up: kernels, caches, allocator
-            keys, opt = common.PHASE_SECONDS["keys"], common.PHASE_SECONDS["optimize"]
+            keys, opt = timing.PHASE_SECONDS["keys"], timing.PHASE_SECONDS["optimize"]
             for k, v in (("total", total), ("keys", keys), ("optimize", opt), ("update", total - keys - opt)):
                 split[k].append(v)
             steps.append(logs[0].get("steps") if logs else None)

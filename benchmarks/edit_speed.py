@@ -3,7 +3,7 @@ closed-form update, and the before / after of the edit-path optimizations, each 
 side in the same run on the same cases:
 
 - prefix reuse: the blocks below the injection layer computed once per value optimization
-  instead of once per step (common.REUSE_PREFIX);
+  instead of once per step (value_optimization.REUSE_PREFIX);
 - C^-1 factored once per segment (a Cholesky factor kept by the method) instead of per edit;
 - the keys of all context templates in one padded batch instead of one forward per template.
 """
@@ -17,7 +17,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from editscale.edit import common
+from editscale.edit import solvers, subject_keys, templating, timing, value_optimization
 from editscale.models.registry import mlp_out_name
 
 from .prepare import METHOD_NAMES, Bench
@@ -41,14 +41,14 @@ def per_method(bench: Bench, n_edits: int, warmup: int = 1, methods=METHOD_NAMES
         editor.begin(bench.cases[: warmup + n_edits])  # as the chain does at k = 0 (NAS: its anchor)
         s_begin = time.perf_counter() - t_method
         for i, case in enumerate(tqdm(bench.cases[: warmup + n_edits], desc=f"{method} edits", unit="edit")):
-            common.PHASE_SECONDS.clear()
+            timing.PHASE_SECONDS.clear()
             t0 = time.perf_counter()
             out = editor.apply([case], weights)
             total = time.perf_counter() - t0
             updates += weights.take_applied()
             if i < warmup:
                 continue
-            keys, opt = common.PHASE_SECONDS["keys"], common.PHASE_SECONDS["optimize"]
+            keys, opt = timing.PHASE_SECONDS["keys"], timing.PHASE_SECONDS["optimize"]
             for k, v in (("total", total), ("keys", keys), ("optimize", opt), ("update", total - keys - opt)):
                 times[k].append(v)
             if out and out[0].get("v_loss") is not None:
@@ -68,9 +68,9 @@ _SOLVE_ORDER = ("per_edit", "per_segment", "gradient", "none")
 
 
 def _cost_rank(method: str) -> int:
-    from editscale.edit.methods import get_method
+    from editscale.edit.cost import cost_class
 
-    return _SOLVE_ORDER.index(get_method(method).solve_cost)
+    return _SOLVE_ORDER.index(cost_class(method).solve)
 
 
 def _method_worker(name: str, work: str, threads: int, method: str, n_edits: int, warmup: int) -> dict:
@@ -106,18 +106,18 @@ def prefix_reuse(bench: Bench, n_cases: int) -> dict:
     templates = bench.templates(hp)
     module = mlp_out_name(bench.model, hp["layers"][0])
     on, off, identical = [], [], True
-    saved = common.REUSE_PREFIX
+    saved = value_optimization.REUSE_PREFIX
     try:
         for case in bench.cases[:n_cases]:
             res = {}
             for flag, acc in ((False, off), (True, on)):
-                common.REUSE_PREFIX = flag
+                value_optimization.REUSE_PREFIX = flag
                 t0 = time.perf_counter()
-                res[flag] = common.optimize_value(bench.model, bench.tok, case, templates, module, hp)
+                res[flag] = value_optimization.optimize_value(bench.model, bench.tok, case, templates, module, hp)
                 acc.append(time.perf_counter() - t0)
             identical &= bool(torch.equal(res[True][0], res[False][0]))
     finally:
-        common.REUSE_PREFIX = saved
+        value_optimization.REUSE_PREFIX = saved
     return {"before_s": _median(off), "after_s": _median(on), "speedup": _median(off) / _median(on),
             "bit_identical": identical, "cases": n_cases, "layer": hp["layers"][0]}
 
@@ -131,9 +131,9 @@ def cov_factor_cache(bench: Bench, n_cases: int) -> dict:
     keys = torch.randn(n_cases, C.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
     for k in keys:
-        common.CovSolver(C, module).solve(k)
+        solvers.CovSolver(C, module).solve(k)
     per_edit = (time.perf_counter() - t0) / n_cases
-    solver = common.CovSolver(C, module)
+    solver = solvers.CovSolver(C, module)
     t0 = time.perf_counter()
     for k in keys:
         solver.solve(k)
@@ -146,16 +146,16 @@ def keys_batched(bench: Bench, n_cases: int) -> dict:
     per template (before); same keys up to float rounding."""
     hp = bench.hparams("rome")
     bench.fresh_model()
-    templates = common.flat_templates(bench.templates(hp))
+    templates = templating.flat_templates(bench.templates(hp))
     module = mlp_out_name(bench.model, hp["layers"][0])
     loop_s, batch_s, max_diff = [], [], 0.0
     for case in bench.cases[:n_cases]:
         t0 = time.perf_counter()
-        singles = [common.module_io_at_subject(bench.model, bench.tok, module, [t.format(case["prompt"])], [case["subject"]])[0][0] for t in templates]
+        singles = [subject_keys.module_io_at_subject(bench.model, bench.tok, module, [t.format(case["prompt"])], [case["subject"]])[0][0] for t in templates]
         k_loop = torch.stack(singles).mean(0)
         loop_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        k_batch = common.compute_keys(bench.model, bench.tok, module, [case], templates)[0]
+        k_batch = subject_keys.compute_keys(bench.model, bench.tok, module, [case], templates)[0]
         batch_s.append(time.perf_counter() - t0)
         max_diff = max(max_diff, float((k_loop - k_batch).abs().max() / k_loop.abs().max()))
     return {"before_s": _median(loop_s), "after_s": _median(batch_s), "speedup": _median(loop_s) / _median(batch_s),

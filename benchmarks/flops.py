@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from editscale.edit import common
+from editscale.edit import encoding, templating, value_optimization
 from editscale.models.registry import get_module, layer_name, mlp_out_name, n_layers
 
 from .prepare import Bench
@@ -41,14 +41,14 @@ def _block_matmul_params(model, i: int) -> int:
 def rome_edit_flops(bench: Bench, case: dict, steps: int) -> dict:
     model, tok = bench.model, bench.tok
     hp = bench.hparams("rome")
-    templates = common.flat_templates(bench.templates(hp))
+    templates = templating.flat_templates(bench.templates(hp))
     L, n = hp["layers"][0], n_layers(model)
     loss_layer = int(hp["v_loss_layer"])
     d = model.config.hidden_size
-    vocab = common.lm_head_module(model).weight.shape[0]
+    vocab = encoding.lm_head_module(model).weight.shape[0]
     rewriting = [t.format(case["prompt"]) for t in templates]
-    ids, _ = common.encode_with_subject(tok, rewriting + common.KL_PROMPTS, [case["subject"]] * (len(rewriting) + 1))
-    n_target = len(common.target_token_ids(tok, common.target_str(case)))
+    ids, _ = encoding.encode_with_subject(tok, rewriting + value_optimization.KL_PROMPTS, [case["subject"]] * (len(rewriting) + 1))
+    n_target = len(encoding.target_token_ids(tok, encoding.target_str(case)))
     lens = [len(x) + n_target - 1 for x in ids[: len(rewriting)]] + [len(x) for x in ids[len(rewriting):]]
     tokens = sum(lens)
     attn = sum(4 * t * t * d for t in lens)  # per layer: QK^T and AV over each row
@@ -76,7 +76,7 @@ def floor(bench: Bench, rome_row: dict, n_cases: int = 3) -> dict:
     gflops, secs = [], []
     for case in bench.cases[1 : 1 + n_cases]:
         t0 = time.perf_counter()
-        _, log = common.optimize_value(bench.model, bench.tok, case, templates, module, hp)
+        _, log = value_optimization.optimize_value(bench.model, bench.tok, case, templates, module, hp)
         secs.append(time.perf_counter() - t0)
         gflops.append(rome_edit_flops(bench, case, int(log["steps"]))["gflop"])
     peak = matmul_gflops(bench.threads)

@@ -57,7 +57,7 @@ class Bench:
         return load_hparams(REPO / "config" / "hparams" / method / f"{stem}.yaml", method=method)
 
     def templates(self, hp: dict, method: str = "rome") -> list[list[str]]:
-        """Template groups as the workflow samples them for `method` (flatten with common.flat_templates)."""
+        """Template groups as the workflow samples them for `method` (flatten with templating.flat_templates)."""
         from editscale.edit.chain import templates_record
 
         return templates_record(self.model, self.tok, method, hp, seed=0)["groups"]

@@ -44,7 +44,7 @@ def run_setting(study: str, run_name: str, key: str, value, n_edits: int, thread
     from tqdm import tqdm
 
     torch.set_num_threads(threads)
-    from editscale.edit.chain import load_stats, read_run, read_templates
+    from editscale.edit.chain import load_precomputed, read_run, read_templates
     from editscale.edit.methods import get_method
     from editscale.edit.weights import WeightState
     from editscale.evaluate.edit_scores import case_metrics
@@ -62,7 +62,7 @@ def run_setting(study: str, run_name: str, key: str, value, n_edits: int, thread
     modules = cls.modules(model, hp)
     sha = model_sha(model_dir)
     stats_dir = study_dir / "results" / "stats" / run["model"] / run["corpus"]
-    stats = load_stats({m: str(stats_dir / f"{m}.h5") for m in modules if (stats_dir / f"{m}.h5").exists()}, sha, "cpu")
+    stats = load_precomputed({"mom2": {m: str(stats_dir / f"{m}.h5") for m in modules if (stats_dir / f"{m}.h5").exists()}}, modules, sha, "cpu")["stats"]
     extra = {}
     nullspace = cls.precomputed(hp).get("nullspace")
     if nullspace:  # cached projections where the workflow left them; the method derives the rest from stats

@@ -56,16 +56,14 @@ rule edit_segment:
         edits="results/{run}/edits.jsonl",
         templates="results/{run}/context_templates.json",
         # what the method declares it needs (EditMethod.precomputed): second moments, projections
-        stats=lambda w: list(wf.stats_files(config, RUNS[w.run]).values()),
-        projections=lambda w: list(wf.projection_files(config, RUNS[w.run]).values()),
+        precomputed=lambda w: [p for paths in wf.precomputed_files(config, RUNS[w.run]).values() for p in paths.values()],
         previous=lambda w: wf.previous_segment(RUNS[w.run], int(w.k)),
     output:
         delta="results/{run}/deltas/{k}.h5",
         factors="results/{run}/factors/{k}.h5",
     params:
         model_dir=lambda w: f"data/models/{RUNS[w.run]['model']}",
-        stats=lambda w: " ".join(f"{m}={p}" for m, p in wf.stats_files(config, RUNS[w.run]).items()),
-        projections=lambda w: " ".join(f"{m}={p}" for m, p in wf.projection_files(config, RUNS[w.run]).items()),
+        precomputed=lambda w: wf.precomputed_flags(config, RUNS[w.run]),
         k=lambda w: int(w.k),
         device=config["resources"]["device"],
     log:
@@ -82,5 +80,5 @@ rule edit_segment:
     shell:
         "editscale --threads {threads} edit-segment --model-dir {params.model_dir} --run-json {input.run}"
         " --edits {input.edits} --previous {input.previous} --k {params.k} --templates {input.templates}"
-        " --stats {params.stats} --projections {params.projections}"
+        " --precomputed {params.precomputed}"
         " --out-delta {output.delta} --out-factors {output.factors} --device {params.device} 2> {log}"

@@ -26,7 +26,7 @@ for _metric in METRIC_REGISTRY.values():
             cfg=wf.metric_params_json(config, _metric.name),
             model_dir=lambda w: f"data/models/{RUNS[w.run]['model']}",
             k=lambda w: int(w.k),
-            verb=_metric.verb,
+            verb=_metric.command,
             # every declared input, handed to the command by name (--state, --edits, --tokens, ...)
             flags=lambda w, input, m=_metric.name: wf.metric_flags(RUNS[w.run], m, input),
             device=f"--device {config['resources']['device']}" if _metric.device else "",

@@ -116,7 +116,7 @@ def rome_kit():
     layer LAYER); tiny_hparams(**over); two cases CASE, CASE2; dense(updates); rel(a, b)."""
     from types import SimpleNamespace
 
-    from editscale.edit import common
+    from editscale.edit import templating
     from editscale.models.fetch import build_tiny_model
     from editscale.models.registry import mlp_out_name
 
@@ -129,7 +129,7 @@ def rome_kit():
             tok.padding_side = "right"
             for p in model.parameters():
                 p.requires_grad_(False)
-            templates = common.flat_templates(common.sample_context_templates(model, tok, [[3, 2]], seed=0, rule="rome"))
+            templates = templating.flat_templates(templating.sample_context_templates(model, tok, [[3, 2]], seed=0, rule="rome"))
             module = mlp_out_name(model, ROME_LAYER)
             cache[arch] = (model, tok, templates, module, _random_token_mom2(model, module))
         return cache[arch]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from editscale.edit.methods import load_hparams
-from editscale.edit import common
+from editscale.edit import subject_keys
 from editscale.edit.alphaedit import AlphaEdit, null_space_projection
 from editscale.edit.memit import Memit
 from editscale.edit.methods import get_method
@@ -110,7 +110,7 @@ def test_prior_keys_grow_with_post_edit_keys(second_moment, tiny_lm):
     assert all(editor.n_prior_keys(m) == 2 for m in mods)
     # the stored keys are those of the edited model (as AlphaEdit's cache_c update)
     for m in mods:
-        post = common.compute_keys(model, tok, m, CASES[:2], TEMPLATES).float()
+        post = subject_keys.compute_keys(model, tok, m, CASES[:2], TEMPLATES).float()
         assert torch.allclose(editor.prior_keys(m), post, rtol=1e-6, atol=1e-7)
     editor.apply(CASES[2:3], ws)
     sd = editor.state_dict()

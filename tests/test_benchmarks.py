@@ -4,11 +4,14 @@ same results as the naive ones they are compared with)."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import subprocess
 import sys
 
 
+@pytest.mark.slow
 def test_harness_tiny(repo_root, tmp_path):
     out = tmp_path / "res.json"
     cmd = [sys.executable, "-m", "benchmarks", "--model", "tiny", "--edits", "2", "--threads", "1",
@@ -16,12 +19,13 @@ def test_harness_tiny(repo_root, tmp_path):
     res = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     fig = json.loads(out.read_text())
-    from editscale.edit.methods import METHODS, get_method
+    from editscale.edit.cost import cost_class
+    from editscale.edit.methods import METHODS
 
     assert [r["method"] for r in fig["edits"]] == list(METHODS)  # every registered method, in the registry's order
     for r in fig["edits"]:
         # every method but UltraEdit optimizes a value or the weights (UltraEdit: one gradient pass)
-        optimizes = get_method(r["method"]).solve_cost != "gradient"
+        optimizes = cost_class(r["method"]).solve != "gradient"
         assert r["edits"] == 2 and r["s_total"] > 0 and (r["s_optimize"] > 0) == optimizes, r
         assert r["s_keys"] + r["s_optimize"] + r["s_update"] <= r["s_total"] * (1 + 1e-6) + 1e-9
         assert r["bytes_per_edit_factors"] > 0 and r["model_over_factors"] > 0

@@ -26,8 +26,7 @@ SEGMENT = 2
 
 def _run_all(model_dir, run_dir, resolved, stats, n):
     for k in range(SEGMENT, n + 1, SEGMENT):
-        run_segment(model_dir, SegmentFiles.in_run(run_dir, k, SEGMENT), resolved["method"], resolved["hparams"], stats,
-                    run_dir / "templates.json", edits_per_step=resolved["edits_per_step"])
+        run_segment(model_dir, SegmentFiles.in_run(run_dir, k, SEGMENT), resolved, {"mom2": stats}, run_dir / "templates.json")
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -60,7 +59,7 @@ def test_resume_after_lost_segment_gives_same_hashes(make_run, tmp_path, tiny_mo
     # A killed job leaves no finished-looking file; resuming recomputes only the lost segment.
     delta_path(run_dir, 4).unlink()
     factors_path(run_dir, 4).unlink()
-    run_segment(model_dir, SegmentFiles.in_run(run_dir, 4, SEGMENT), "rome", resolved["hparams"], stats, run_dir / "templates.json")
+    run_segment(model_dir, SegmentFiles.in_run(run_dir, 4, SEGMENT), resolved, {"mom2": stats}, run_dir / "templates.json")
     again = {m: tensor_sha256(t) for m, t in read_delta(delta_path(run_dir, 4))[0].items()}
     assert first == again
 
@@ -75,7 +74,7 @@ def test_failed_segment_leaves_no_output(make_run, tmp_path, tiny_model_dirs, re
 
     monkeypatch.setattr(rome.Rome, "apply", boom)
     with pytest.raises(RuntimeError):
-        run_segment(model_dir, SegmentFiles.in_run(run_dir, 2, SEGMENT), "rome", resolved["hparams"], stats, run_dir / "templates.json")
+        run_segment(model_dir, SegmentFiles.in_run(run_dir, 2, SEGMENT), resolved, {"mom2": stats}, run_dir / "templates.json")
     assert not list((run_dir).glob("deltas/*")) and not list(run_dir.glob("factors/*"))
 
 
@@ -107,7 +106,7 @@ def test_factors_log_and_model_check(make_run, tmp_path, tiny_model_dirs, repo_r
     foreign = tmp_path / "foreign" / f"{module}.h5"
     write_mom2(foreign, mom2, count, module=module, model_sha256="f" * 64, corpus="test", corpus_spec={}, dtype="float32")
     with pytest.raises(EditscaleError, match=str(foreign.name)):
-        run_segment(model_dir, SegmentFiles.in_run(run_dir, 4, SEGMENT), "rome", resolved["hparams"], {module: str(foreign)},
+        run_segment(model_dir, SegmentFiles.in_run(run_dir, 4, SEGMENT), resolved, {"mom2": {module: str(foreign)}},
                     run_dir / "templates.json")
     assert not delta_path(run_dir, 4).exists()
 
@@ -122,8 +121,8 @@ def test_stale_or_foreign_context_templates_are_refused(make_run, tmp_path, tiny
     assert record["rule"] == "rome" and len(record["groups"]) == 1 and record["groups"][0][0] == "{}"
     write_json_atomic(path, {"templates": record["templates"]})  # what editscale wrote before format 2
     with pytest.raises(EditscaleError, match=r"templates.json holds context templates in an older format.*delete it"):
-        run_segment(model_dir, SegmentFiles.in_run(run_dir, SEGMENT, SEGMENT), "rome", resolved["hparams"], stats, path)
+        run_segment(model_dir, SegmentFiles.in_run(run_dir, SEGMENT, SEGMENT), resolved, {"mom2": stats}, path)
     write_json_atomic(path, {**record, "rule": "memit"})
     with pytest.raises(EditscaleError, match=r"sampled with the 'memit' rule but this method follows the 'rome' rule"):
-        run_segment(model_dir, SegmentFiles.in_run(run_dir, SEGMENT, SEGMENT), "rome", resolved["hparams"], stats, path)
+        run_segment(model_dir, SegmentFiles.in_run(run_dir, SEGMENT, SEGMENT), resolved, {"mom2": stats}, path)
     assert not (run_dir / "deltas").exists() or not any((run_dir / "deltas").iterdir())

@@ -475,3 +475,16 @@ def test_cli_bad_reader(tmp_path):
     assert res.returncode != 0
     assert "bogus_reader" in res.stderr and "geofacts" in res.stderr
     assert not out.exists()
+
+
+def test_the_case_type_and_the_validated_fields_are_the_same():
+    """data.schema.EditCase (the type stages are written against) and the fields validate_case
+    checks name the same keys and types."""
+    import typing
+
+    from editscale.data.schema import LIST_FIELDS, OPTIONAL_FIELDS, STRING_FIELDS, EditCase
+
+    hints = typing.get_type_hints(EditCase)
+    assert set(hints) == set(STRING_FIELDS) | set(LIST_FIELDS) | set(OPTIONAL_FIELDS)
+    assert all(hints[k] is str for k in STRING_FIELDS) and all(hints[k] == list[str] for k in LIST_FIELDS)
+    assert all(hints[k] is t for k, t in OPTIONAL_FIELDS.items())

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from editscale.edit.cost import method_cost
 from editscale.layout import SegmentFiles, StateFiles
 from editscale.edit.chain import model_at, read_delta, read_factors, replay_delta, run_segment, tensor_sha256
 from editscale.layout import delta_path, factors_path
@@ -64,8 +65,8 @@ def test_rome_segment_in_bfloat16(make_run, tmp_path, tiny_model_dirs, repo_root
     deltas = {}
     for dtype in ("float32", "bfloat16"):
         run_dir, resolved, stats = make_run(tmp_path / dtype, model_dir, n=2)
-        run_segment(model_dir, SegmentFiles.in_run(run_dir, SEGMENT, SEGMENT), "rome", resolved["hparams"], stats, run_dir / "templates.json",
-                    dtype=dtype, device="cpu")
+        run_segment(model_dir, SegmentFiles.in_run(run_dir, SEGMENT, SEGMENT), {**resolved, "dtype": dtype}, {"mom2": stats},
+                    run_dir / "templates.json", device="cpu")
         deltas[dtype], _ = read_delta(delta_path(run_dir, SEGMENT))
     (module,) = deltas["bfloat16"]
     with h5py.File(delta_path(run_dir, SEGMENT)) as f:
@@ -95,7 +96,7 @@ def test_rome_segment_in_bfloat16(make_run, tmp_path, tiny_model_dirs, repo_root
 def test_storage_formula_matches_written_files(make_run, tmp_path, tiny_model_dirs, repo_root):
     model_dir = tiny_model_dirs("gpt2")
     run_dir, resolved, stats = make_run(tmp_path, model_dir, n=2)
-    run_segment(model_dir, SegmentFiles.in_run(run_dir, SEGMENT, SEGMENT), "rome", resolved["hparams"], stats, run_dir / "templates.json")
+    run_segment(model_dir, SegmentFiles.in_run(run_dir, SEGMENT, SEGMENT), resolved, {"mom2": stats}, run_dir / "templates.json")
     model, _ = load_model(model_dir)
     module = next(iter(stats))
     shape = tuple(to_math(model, edited_weight(model, module)).shape)
@@ -195,6 +196,7 @@ def test_calibration_fit_recovers_the_time_model(repo_root, tmp_path):
     assert fitted.factor("edit:memit") == mean_edit and mean_edit == pytest.approx(truth.factors["edit:rome"])
 
 
+@pytest.mark.slow
 def test_doctor_calibrates_from_a_runs_benchmark_records(tiny_study, tmp_path):
     """`doctor --benchmarks` on the tiny workflow's own records: every recorded job kind is compared,
     the fitted model reproduces the measured job time, and a saved calibration read back with
@@ -240,7 +242,6 @@ def test_a_calibration_fitted_on_this_machine_keeps_its_matmul_rates(tmp_path):
 
 
 def test_nas_anchor_counts_once_in_the_first_segment_and_ultraedit_factors_count_target_tokens():
-    from editscale.edit.methods import get_method
     from editscale.planning import PROMPT_TOKENS, TARGET_TOKENS, UPDATE_BYTES
 
     n = 134_515_008
@@ -250,7 +251,7 @@ def test_nas_anchor_counts_once_in_the_first_segment_and_ultraedit_factors_count
     assert alpha["begin"] == 0 and nas["model"] == alpha["model"]
     assert nas["begin"] == pytest.approx(256 * 25 * 2 * PROMPT_TOKENS * nas["flops_per_token_step"])
     shapes = {"gate": (1536, 576)}
-    rank = get_method("ultraedit").factor_rank({}, TARGET_TOKENS)
+    rank = method_cost("ultraedit", {}).factor_rank(TARGET_TOKENS)
     assert rank == TARGET_TOKENS > 1
     est = storage_estimate({"n_edits": 20, "segment": 20}, shapes, n, rank=rank)
     assert est["factor_bytes_per_edit"] == round(TARGET_TOKENS * UPDATE_BYTES["lowrank"](1536, 576))
@@ -268,7 +269,7 @@ def test_the_nas_anchor_is_in_the_first_edit_job_only(repo_root, tmp_path):
 
 
 def test_a_bounded_history_sample_makes_the_history_estimate_flat_in_k():
-    from editscale.planning import history_cost
+    from editscale.evaluate.metrics.history import cost as history_cost
 
     full, sampled = {"sample": "all"}, {"sample": 500}
     assert history_cost(None, full, None, 1.0, 10_000)[0] == 20 * history_cost(None, full, None, 1.0, 500)[0]

@@ -12,6 +12,7 @@ import pytest
 
 from editscale.edit.methods import get_method, load_hparams
 from editscale.models.registry import known_config, meta_model, module_shapes
+from editscale.edit.cost import method_cost
 from editscale.planning import edit_job_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,11 +27,12 @@ def test_edit_job_memory_estimate_holds_the_h200_peaks(shape, dtype, method, pea
     hp = load_hparams(ROOT / f"config/hparams/{method}/{shape}.yaml", method=method)
     cls = get_method(method, hp)
     shapes = module_shapes(cfg, cls.modules(meta_model(cfg), hp))
-    est = edit_job_memory(cls, hp, cfg, dtype, shapes)
+    est = edit_job_memory(method_cost(method, hp), cfg, dtype, shapes)
     assert est["total"] / 2**30 == pytest.approx(peak_gib, rel=0.12)
     assert est["weights"] / 2**30 == pytest.approx(next(s["model_gib"] for s in RUN["shapes"] if s["shape"] == shape), rel=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.workflow
 def test_a_run_that_cannot_fit_the_gpu_is_refused_at_plan_time(repo_root, tmp_path):
     """resources.gpu_mem_gb below the predicted peak of an edit job: `snakemake -n` fails naming the

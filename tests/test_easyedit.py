@@ -22,6 +22,7 @@ FIXTURES = REPO / "tests" / "data" / "easyedit"
 EDITSCALE = str(Path(sys.executable).parent / "editscale")
 
 
+@pytest.mark.slow
 def test_imported_rome_memit_alphaedit_files_round_trip_into_runs_that_plan(tmp_path):
     work = copy_workflow(REPO, tmp_path / "wf")
     runs = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editscale.edit import common
+from editscale.edit import solvers
 from editscale.edit.emmet import Emmet
 from editscale.edit.rome import Rome
 from editscale.edit.weights import WeightState
@@ -36,7 +36,7 @@ def run(rome_kit, method_cls, arch, hp, cases):
         editor = method_cls(model, tok, hp, {module: C}, templates)
         rows = editor.apply(cases, ws)
         updates = ws.take_applied()
-        after = {"templates_out": common.module_forward(model, ws, module, editor.last.get("K", editor.last.get("k_star")))}
+        after = {"templates_out": solvers.module_forward(model, ws, module, editor.last.get("K", editor.last.get("k_star")))}
     finally:
         ws.delta[module].zero_()
         ws._write(module)

@@ -1,7 +1,7 @@
 """ENCORE on tiny random models of every supported architecture: each update solves the
 norm-penalised normal equations with the earlier edits' keys; the keys stored are those each
 update used; a restored chain gives the identical next update; and MPES stops the z optimization
-by its rule (common.optimize_value, for every method that optimizes v* or z)."""
+by its rule (value_optimization.optimize_value, for every method that optimizes v* or z)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from editscale.edit import common
+from editscale.edit import encoding, subject_keys, templating, value_optimization
 from editscale.edit.encore import Encore
 from editscale.edit.memit import Memit
 from editscale.edit.methods import get_method, load_hparams
 from editscale.edit.weights import WeightState
 from editscale.io import EditscaleError
 from editscale.models.registry import layer_name
+from editscale.data.schema import fill
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ["gpt2", "gptj", "gpt_neox", "llama"]
@@ -142,10 +143,10 @@ def _all_targets_argmax(model, tok, case, templates, module, v_star) -> bool:
     loss read at the final layer as in this test's hparams."""
     from editscale.models.nethook import Trace
 
-    target_ids = common.target_token_ids(tok, common.target_str(case))
-    prompts = [common.fill(t, case["prompt"]) for t in common.flat_templates(templates)][1:]
-    ids, lookup = common.encode_with_subject(tok, prompts, [case["subject"]] * len(prompts))
-    _, v0 = common.module_io_at_subject(model, tok, module, [case["prompt"]], [case["subject"]])
+    target_ids = encoding.target_token_ids(tok, encoding.target_str(case))
+    prompts = [fill(t, case["prompt"]) for t in templating.flat_templates(templates)][1:]
+    ids, lookup = encoding.encode_with_subject(tok, prompts, [case["subject"]] * len(prompts))
+    _, v0 = subject_keys.module_io_at_subject(model, tok, module, [case["prompt"]], [case["subject"]])
     delta = v_star - v0[0].float()
     ok = True
     for seq, pos in zip(ids, lookup):
@@ -177,17 +178,17 @@ def test_mpes_stops_by_its_rule(second_moment, tiny_lm, arch):
     case = {"case_id": 14, "subject": "Tokyo", "prompt": "We talked about {}", "target_new": "Europe"}
     runs = {}
     for n in (1, 2):
-        v, lg = common.optimize_value(model, tok, case, TEMPLATES, module, {**hp, "early_stop": "mpes", "mpes_steps": n})
+        v, lg = value_optimization.optimize_value(model, tok, case, TEMPLATES, module, {**hp, "early_stop": "mpes", "mpes_steps": n})
         runs[n] = (v, lg)
     v1, lg1 = runs[1]
-    assert lg1["stop"] == "mpes" and lg1["v_loss"] > common.EARLY_STOP_LOSS, lg1
+    assert lg1["stop"] == "mpes" and lg1["v_loss"] > value_optimization.EARLY_STOP_LOSS, lg1
     assert _all_targets_argmax(model, tok, case, TEMPLATES, module, v1)
     assert runs[2][1]["steps"] >= lg1["steps"]
-    v_none, lg_none = common.optimize_value(model, tok, case, TEMPLATES, module,
+    v_none, lg_none = value_optimization.optimize_value(model, tok, case, TEMPLATES, module,
                                             {**hp, "early_stop": "none", "v_num_grad_steps": lg1["steps"] + 1})
     assert lg_none["stop"] == "steps" and lg_none["steps"] == lg1["steps"] and torch.equal(v_none, v1)
     if lg1["steps"] > 0:  # one step earlier the condition did not hold yet
-        v_before, _ = common.optimize_value(model, tok, case, TEMPLATES, module,
+        v_before, _ = value_optimization.optimize_value(model, tok, case, TEMPLATES, module,
                                             {**hp, "early_stop": "none", "v_num_grad_steps": lg1["steps"]})
         assert not _all_targets_argmax(model, tok, case, TEMPLATES, module, v_before)
 

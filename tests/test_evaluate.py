@@ -24,9 +24,9 @@ from editscale.evaluate.generation import (
     word_tokenize,
 )
 from editscale.evaluate.history import age_strata, history_sample, score_history
-from editscale.evaluate.perplexity import perplexity
+from editscale.evaluate.metrics.perplexity import perplexity
 from editscale.evaluate import scoring
-from editscale.evaluate.scoring import argmax_match, generate, run_prompts, score_pairs, score_token_pairs, target_nll
+from editscale.evaluate.scoring import Batching, Decoding, argmax_match, generate, run_prompts, score_pairs, score_token_pairs, target_nll
 from editscale.evaluate.weights import flag_outliers, robust_z, update_norm_rows, weight_drift
 from editscale.models.fetch import build_tiny_model
 
@@ -129,10 +129,10 @@ def test_shared_few_shot_prefix_runs_once_and_reads_the_same(arch):
     calls = []
     hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
     try:
-        shared = run_prompts(model, tok, prompts, 4, choices, batch_size=4, keep_first_lp=True)
+        shared = run_prompts(model, tok, prompts, choices, decoding=Decoding(4), batching=Batching(4), keep_first_lp=True)
     finally:
         hook.remove()
-    plain = run_prompts(model, tok, prompts, 4, choices, batch_size=4, keep_first_lp=True, share_prefix=False)
+    plain = run_prompts(model, tok, prompts, choices, decoding=Decoding(4), batching=Batching(4, share_prefix=False), keep_first_lp=True)
     n_prefix = scoring.shared_prefix_len(enc)
     assert calls[0] == (1, n_prefix)  # the context once, then only each row's own tokens
     assert max(c[1] for c in calls[1:]) <= max(len(e) for e in enc) - n_prefix
@@ -180,7 +180,7 @@ def test_run_prompts_matches_scorer_and_hf_generate(arch):
     greedy tokens as transformers' generate."""
     model, tok = build_tiny_model(arch)
     choices = [["Paris", "the country of France"], ["there", "cat", "a b c d"], ["x"], ["Saint Petersburg", "dog"]]
-    r = run_prompts(model, tok, PROMPTS, 6, choices, batch_size=3, keep_first_lp=True)
+    r = run_prompts(model, tok, PROMPTS, choices, decoding=Decoding(6), batching=Batching(3), keep_first_lp=True)
     flat = [(p, c) for p, cs in zip(PROMPTS, choices) for c in cs]
     sc = score_pairs(model, tok, [a for a, _ in flat], [b for _, b in flat])
     assert [v for row in r.choice_ll for v in row] == pytest.approx((-sc.nll).tolist(), abs=1e-5)
@@ -191,7 +191,7 @@ def test_run_prompts_matches_scorer_and_hf_generate(arch):
     for p, ids in zip(PROMPTS, r.new_ids):
         greedy = tok.decode(ids[:2])
         if len(ids) >= 2 and greedy.startswith(" ") and tok(greedy, add_special_tokens=False)["input_ids"] == ids[:2]:
-            assert run_prompts(model, tok, [p], 0, [[greedy[1:]]]).choice_match == [[True]]
+            assert run_prompts(model, tok, [p], [[greedy[1:]]]).choice_match == [[True]]
             checked += 1
     assert checked or arch in ("gpt2", "gptj")
     for i, p in enumerate(PROMPTS):

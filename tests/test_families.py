@@ -9,7 +9,8 @@ import torch
 
 from benchmarks.device_check import edit_cases, method_hparams
 from editscale.edit.chain import templates_record
-from editscale.edit.common import logit_lens, module_forward
+from editscale.edit.solvers import module_forward
+from editscale.edit.value_optimization import logit_lens
 from editscale.edit.methods import get_method
 from editscale.edit.weights import WeightState
 from editscale.evaluate.edit_scores import case_metrics

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from editscale.edit.methods import load_hparams
-from editscale.edit import common
+from editscale.edit import encoding
 from editscale.edit.ftc import FineTuneConstrained, _Batch
 from editscale.edit.methods import get_method
 from editscale.edit.weights import WeightState, add_update
@@ -39,7 +39,7 @@ def nll(model, tok, cases, objective: str) -> torch.Tensor:
 def teacher_forced_nll(model, tok, case) -> float:
     """NLL of target_new's tokens given the prompt, computed independently of ftc.py."""
     p = tok(case["prompt"].format(case["subject"]))["input_ids"]
-    t = common.target_token_ids(tok, common.target_str(case))
+    t = encoding.target_token_ids(tok, encoding.target_str(case))
     ids = torch.tensor([p + t])
     logp = torch.log_softmax(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float(), -1)
     return float(-sum(logp[len(p) - 1 + j, t[j]] for j in range(len(t))) / len(t))

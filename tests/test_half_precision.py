@@ -92,6 +92,7 @@ def test_bfloat16_edit_keeps_its_precision_and_replays_exactly(arch_kit, arch, m
     assert rel <= BOUND.get(method, DEFAULT_BOUND), f"{method} on {arch}: bfloat16 update {rel:.3g} from float32"
 
 
+@pytest.mark.slow
 @pytest.mark.workflow
 def test_tiny_workflow_runs_in_bfloat16(repo_root, tmp_path):
     """config/test-tiny.yaml with `dtype: bfloat16`: every job that loads the model (statistics,

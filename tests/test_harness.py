@@ -20,6 +20,7 @@ from editscale.models.fetch import build_tiny_model
 DOWNSTREAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "downstream"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_harness_accuracy_equals_accuracy_ll_on_the_same_items(arch, tmp_path):
     """The harness's multiple-choice `acc` (argmax of the summed log-likelihood of " " + choice
@@ -64,6 +65,7 @@ def _with_lm_eval(cfg, limit: int) -> None:
     cfg["metrics"]["lm_eval"] = {"eval_every": 6, "tasks": {"editscale_sst2": {"limit": limit}}, "data_dir": str(DOWNSTREAM)}
 
 
+@pytest.mark.slow
 def test_the_lm_eval_metric_plans_only_its_jobs_and_reruns_only_itself(tiny_study, tmp_path):
     workdir = tmp_path / "copy"
     shutil.copytree(tiny_study, workdir, symlinks=True)

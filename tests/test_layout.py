@@ -61,6 +61,34 @@ def test_methods_are_named_only_in_their_modules_and_the_registry():
                 assert not re.search(re.escape(name), text), f"{name!r} named in {path.relative_to(SRC)}"
 
 
+# The layers, lowest first: a module may import its own layer and the ones below, never one above
+# (imports inside functions count). The registry and plugin loading sit at the bottom, so that a
+# stage never reaches up to load plugins or to find another stage's registry.
+LAYERS = ["io", "robust", "registry", "plugins", "config", "layout", "models", "data", "stats", "edit", "evaluate", "report",
+          "audit", "results", "workflow", "planning", "calibration", "doctor", "cli"]
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return -1  # the package itself
+    assert parts[1] in LAYERS, f"{module}: put {parts[1]!r} in tests/test_layout.py's LAYERS"
+    return LAYERS.index(parts[1])
+
+
+def test_no_module_imports_a_higher_layer():
+    graph = _import_graph()
+    upward = sorted(f"{m} -> {t}" for m in graph for t in graph[m] if _layer(t) > _layer(m))
+    assert not upward, upward
+
+
+def test_the_upward_import_check_sees_imports_inside_functions():
+    """The graph the layer test reads has function-level imports (a lazy import is still a dependency)."""
+    graph = _import_graph()
+    assert "editscale.edit.chain" in graph["editscale.evaluate.job"]  # imported inside Checkpoint.model only
+    assert _layer("editscale.edit.chain") < _layer("editscale.evaluate.job")
+
+
 def test_stage_packages_do_not_import_the_orchestration_modules():
     """The stages (models, data, stats, edit, evaluate, report, audit) are the library; the workflow
     plan, the cost estimates and doctor sit above them and import them, never the reverse."""

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from editscale.edit.methods import load_hparams
-from editscale.edit import common
+from editscale.edit import subject_keys, value_optimization
 from editscale.edit.memit import Memit
 from editscale.edit.methods import get_method
 from editscale.edit.weights import Update, WeightState, add_update
 from editscale.io import EditscaleError
+from editscale.models.registry import layer_name
 
 ROOT = Path(__file__).resolve().parents[1]
 HPARAMS = ROOT / "config" / "hparams" / "memit"
@@ -90,12 +91,12 @@ def test_keys_average_within_then_across_template_groups(second_moment, tiny_lm,
     flat = [t for g in GROUPED for t in g]
     per_case = []
     for case in CASES[:2]:
-        k = common.module_io_at_subject(model, tok, m, [t.format(case["prompt"]) for t in flat], [case["subject"]] * len(flat))[0].double()
+        k = subject_keys.module_io_at_subject(model, tok, m, [t.format(case["prompt"]) for t in flat], [case["subject"]] * len(flat))[0].double()
         per_case.append(0.5 * k[0] + 0.5 * k[1:].mean(0))
     expected = torch.stack(per_case)
-    got = common.compute_keys(model, tok, m, CASES[:2], GROUPED).double()
+    got = subject_keys.compute_keys(model, tok, m, CASES[:2], GROUPED).double()
     assert torch.allclose(got, expected, rtol=1e-6, atol=1e-7)
-    flat_mean = common.compute_keys(model, tok, m, CASES[:2], flat).double()
+    flat_mean = subject_keys.compute_keys(model, tok, m, CASES[:2], flat).double()
     assert (flat_mean - expected).norm() > 1e-3 * expected.norm()  # the two weightings differ here
     # MEMIT (and AlphaEdit, which inherits keys()) uses the grouped average
     editor = Memit(model, tok, hp, stats, GROUPED)
@@ -108,19 +109,19 @@ def test_z_loss_layer_is_max_of_v_loss_layer_and_z_layer(second_moment, tiny_lm,
     reads the loss at the z layer (not below the injection, where delta has no effect)."""
     model, tok, hp, mods, stats = prepare(second_moment, tiny_lm, arch)
     z_layer = hp["layers"][-1]
-    inject = common.layer_name(model, z_layer)
+    inject = layer_name(model, z_layer)
     steps = {"v_num_grad_steps": 3}
-    low, log_low = common.optimize_value(model, tok, CASES[0], GROUPED, inject, {**hp, **steps, "v_loss_layer": 0})
-    at, log_at = common.optimize_value(model, tok, CASES[0], GROUPED, inject, {**hp, **steps, "v_loss_layer": z_layer})
+    low, log_low = value_optimization.optimize_value(model, tok, CASES[0], GROUPED, inject, {**hp, **steps, "v_loss_layer": 0})
+    at, log_at = value_optimization.optimize_value(model, tok, CASES[0], GROUPED, inject, {**hp, **steps, "v_loss_layer": z_layer})
     assert torch.equal(low, at) and log_low["v_loss"] == log_at["v_loss"]
-    top, _ = common.optimize_value(model, tok, CASES[0], GROUPED, inject, {**hp, **steps, "v_loss_layer": 3})
+    top, _ = value_optimization.optimize_value(model, tok, CASES[0], GROUPED, inject, {**hp, **steps, "v_loss_layer": 3})
     assert not torch.equal(top, at)  # above the z layer, v_loss_layer is honoured
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_keys_are_recomputed_after_each_layer(second_moment, tiny_lm, arch):
     model, tok, hp, mods, stats = prepare(second_moment, tiny_lm, arch)
-    k2_before = common.compute_keys(model, tok, mods[1], CASES[:2], TEMPLATES).double().T
+    k2_before = subject_keys.compute_keys(model, tok, mods[1], CASES[:2], TEMPLATES).double().T
     editor = Memit(model, tok, hp, stats, TEMPLATES)
     ws = WeightState(model, mods)
     editor.apply(CASES[:2], ws)
@@ -131,10 +132,10 @@ def test_keys_are_recomputed_after_each_layer(second_moment, tiny_lm, arch):
     model2, tok2 = tiny_lm(arch)
     ws2 = WeightState(model2, mods)
     ws2.apply(first)
-    k2_expected = common.compute_keys(model2, tok2, mods[1], CASES[:2], TEMPLATES).double().T
+    k2_expected = subject_keys.compute_keys(model2, tok2, mods[1], CASES[:2], TEMPLATES).double().T
     assert torch.allclose(k2_used, k2_expected, rtol=1e-5, atol=1e-6)
     # the first layer's keys are those of the unedited model
-    k1_base = common.compute_keys(tiny_lm(arch)[0], tok, mods[0], CASES[:2], TEMPLATES).double().T
+    k1_base = subject_keys.compute_keys(tiny_lm(arch)[0], tok, mods[0], CASES[:2], TEMPLATES).double().T
     assert torch.allclose(editor.last_keys[mods[0]], k1_base, rtol=1e-5, atol=1e-6)
 
 

@@ -19,7 +19,7 @@ import yaml
 from editscale.edit.chain import read_delta, read_factors, tensor_sha256
 from benchmarks.snakemake_runs import copy_workflow, planned_jobs, snakemake
 
-pytestmark = pytest.mark.workflow
+pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 CONFIG = "config/test-methods-tiny.yaml"
 METHODS = ["rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "nas", "rect", "prune", "ultraedit", "ft-c"]

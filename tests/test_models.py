@@ -210,6 +210,7 @@ def smollm2_dir(tmp_path_factory):
     return out, manifest
 
 
+@pytest.mark.slow
 def test_embedded_smollm2_is_the_wheel_dequantized(smollm2_dir):
     out, manifest = smollm2_dir
     wheel = CACHE / SPEC["wheel_file"]
@@ -224,6 +225,7 @@ def test_embedded_smollm2_is_the_wheel_dequantized(smollm2_dir):
     assert 500e6 < size < 600e6, size
 
 
+@pytest.mark.slow
 def test_embedded_smollm2_answers_paris(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from editscale.edit import common
+from editscale.edit import subject_keys, value_optimization
 from editscale.edit.methods import get_method
 from editscale.edit.nas import ANCHOR_STATE, Nas, bare_value_norms, trimmed_mean
 from editscale.edit.weights import WeightState
@@ -43,8 +43,8 @@ TEMPLATES = [["{}"], ["The city is large. {}", "I know. {}"]]
 def _residual_before_mlp(editor, cases):
     prompts = [c["prompt"] for c in cases]
     subjects = [c["subject"] for c in cases]
-    _, out = common.module_io_at_subject(editor.model, editor.tok, editor.z_module, prompts, subjects)
-    _, v0 = common.module_io_at_subject(editor.model, editor.tok, editor.value_module, prompts, subjects)
+    _, out = subject_keys.module_io_at_subject(editor.model, editor.tok, editor.z_module, prompts, subjects)
+    _, v0 = subject_keys.module_io_at_subject(editor.model, editor.tok, editor.value_module, prompts, subjects)
     return out - v0, v0, out
 
 
@@ -87,9 +87,9 @@ def test_the_batched_anchor_optimization_of_one_case_is_the_single_case_one(prep
     z_module, value_module = layer_name(model, hp["layers"][-1]), mlp_out_name(model, hp["layers"][-1])
     case = cases[1]
     (norm,) = bare_value_norms(model, tok, [case], z_module, value_module, hp)
-    z, _ = common.optimize_value(model, tok, case, [["{}"]], z_module, {**hp, "early_stop": "loss"}, loss_layer="max")
-    _, out = common.module_io_at_subject(model, tok, z_module, [case["prompt"]], [case["subject"]])
-    _, v0 = common.module_io_at_subject(model, tok, value_module, [case["prompt"]], [case["subject"]])
+    z, _ = value_optimization.optimize_value(model, tok, case, [["{}"]], z_module, {**hp, "early_stop": "loss"}, loss_layer="max")
+    _, out = subject_keys.module_io_at_subject(model, tok, z_module, [case["prompt"]], [case["subject"]])
+    _, v0 = subject_keys.module_io_at_subject(model, tok, value_module, [case["prompt"]], [case["subject"]])
     assert norm == pytest.approx(float((z - out[0] + v0[0]).norm()), rel=1e-4)
     # a batch optimizes every case: its norms differ from the unedited values'
     norms = bare_value_norms(model, tok, cases, z_module, value_module, hp)

@@ -113,6 +113,7 @@ def workflow_copy(repo_root, tmp_path_factory):
     return copy_workflow(repo_root, tmp_path_factory.mktemp("paper"))
 
 
+@pytest.mark.slow
 @pytest.mark.workflow
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.name)
 def test_paper_config_plans_offline(workflow_copy, path):
@@ -145,6 +146,7 @@ def test_dataset_url_path_outside_downloads_is_a_config_error(workflow_copy, tmp
     assert "datasets.counterfact has a url, so its path must be a file directly under data/downloads/" in res.stdout + res.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.workflow
 def test_download_dataset_and_paper_order_through_snakemake(repo_root, tmp_path):
     """A dataset with a `url` goes download -> dataset -> sequence, and the sequence follows the
@@ -291,9 +293,10 @@ def test_convert_rome_stats(rome_npz, tiny_model_dirs, tmp_path):
     assert attrs["module"] == "transformer.h.1.mlp.c_proj" and attrs["token_count"] == 1000
     assert attrs["dtype"] == "float32" and '"kind": "rome_npz"' in attrs["corpus_spec"]
     # The edit code reads it like any stats file.
-    from editscale.edit.chain import load_stats
+    from editscale.edit.chain import load_precomputed
 
-    C = load_stats({"transformer.h.1.mlp.c_proj": str(out)}, model_sha(model_dir), "cpu")["transformer.h.1.mlp.c_proj"]
+    module = "transformer.h.1.mlp.c_proj"
+    C = load_precomputed({"mom2": {module: str(out)}}, [module], model_sha(model_dir), "cpu")["stats"][module]
     assert tuple(C.shape) == (256, 256)
 
 
@@ -322,6 +325,7 @@ def test_convert_stats_cli(rome_npz, tiny_model_dirs, tmp_path):
     assert "https://example.org/x.npz" in read_stats(out)[2]["corpus_spec"]
 
 
+@pytest.mark.slow
 @pytest.mark.workflow
 def test_converted_stats_replace_the_stats_job(repo_root, tmp_path):
     """docs/scale.md: build the model and corpus, convert the published file into the stats path,

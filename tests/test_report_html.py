@@ -13,11 +13,12 @@ import base64
 import html
 import json
 import re
+import shutil
 import zipfile
 
 import pytest
 
-from benchmarks.snakemake_runs import copy_workflow, snakemake
+from benchmarks.snakemake_runs import snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -25,9 +26,11 @@ FIGURES = ["edit_scores", "forgetting", "downstream", "weight_distance", "update
 
 
 @pytest.fixture(scope="module")
-def tiny_run(repo_root, tmp_path_factory):
-    workdir = copy_workflow(repo_root, tmp_path_factory.mktemp("report") / "wf")
-    snakemake(workdir)
+def tiny_run(tiny_study, tmp_path_factory):
+    """A copy of the session's finished tiny study (the report only reads it; `--report` writes
+    beside it, so each module works on its own copy)."""
+    workdir = tmp_path_factory.mktemp("report") / "wf"
+    shutil.copytree(tiny_study, workdir, symlinks=True)
     return workdir
 
 

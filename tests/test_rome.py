@@ -1,4 +1,4 @@
-"""ROME / r-ROME and the shared building blocks (editscale.edit.common) on tiny random models of
+"""ROME / r-ROME and the shared building blocks (editscale.edit.encoding, templating, subject_keys, value_optimization, solvers) on tiny random models of
 every supported architecture."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from editscale.edit.methods import load_hparams
-from editscale.edit import common
+from editscale.edit import encoding, solvers, subject_keys, templating, value_optimization
 from editscale.edit.methods import METHODS, EditMethod, describe_methods, get_method
 from editscale.edit.rome import Rome, RRome
 from editscale.edit.weights import WeightState
@@ -34,13 +34,13 @@ def test_subject_last_index_hand_checked(rome_kit):
     model, tok, *_ = rome_kit.tiny("gpt2")
     toks = tok.convert_ids_to_tokens(tok("The capital of France is")["input_ids"])
     assert toks == ["The", "Ġcapital", "Ġof", "ĠFran", "ce", "Ġis"]
-    assert common.subject_last_index(tok, "The capital of {} is", "France") == 4
+    assert encoding.subject_last_index(tok, "The capital of {} is", "France") == 4
     assert tok.convert_ids_to_tokens(tok("France is a")["input_ids"]) == ["F", "ran", "ce", "Ġis", "Ġa"]
-    assert common.subject_last_index(tok, "{} is a", "France") == 2
+    assert encoding.subject_last_index(tok, "{} is a", "France") == 2
     # subject at the very end of the prompt
-    assert common.subject_last_index(tok, "I visited {}", "France") == len(tok("I visited France")["input_ids"]) - 1
+    assert encoding.subject_last_index(tok, "I visited {}", "France") == len(tok("I visited France")["input_ids"]) - 1
     with pytest.raises(EditscaleError):
-        common.subject_last_index(tok, "no placeholder", "France")
+        encoding.subject_last_index(tok, "no placeholder", "France")
 
 
 def test_subject_last_index_with_bos(rome_kit):
@@ -54,18 +54,18 @@ def test_subject_last_index_with_bos(rome_kit):
     btok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>")
     ids = btok("The capital of France is")["input_ids"]
     assert ids[0] == bos and len(ids) == 7
-    assert common.subject_last_index(btok, "The capital of {} is", "France") == 5
-    assert common.subject_last_index(btok, "{} is a", "France") == 3
+    assert encoding.subject_last_index(btok, "The capital of {} is", "France") == 5
+    assert encoding.subject_last_index(btok, "{} is a", "France") == 3
     # the slow-tokenizer fallback (ROME's prefix rule) agrees
     btok_slow = type("Slow", (), {"is_fast": False, "__call__": lambda self, t, **k: btok(t, **k)})()
-    assert common.subject_last_index(btok_slow, "The capital of {} is", "France") == 5
+    assert encoding.subject_last_index(btok_slow, "The capital of {} is", "France") == 5
 
 
 def _record_generation(monkeypatch) -> tuple[list[dict], list[int]]:
     """Spy on the sampler: (prompt ids, n and max_len of every sampling call; the sequence length
     at every generation step)."""
     calls: list = []
-    original = common._sample_continuations
+    original = templating._sample_continuations
 
     def spy(model, tok, prompt_ids, n, max_len, gen, top_k=5):
         out = original(model, tok, prompt_ids, n, max_len, gen, top_k)
@@ -73,14 +73,14 @@ def _record_generation(monkeypatch) -> tuple[list[dict], list[int]]:
         return out
 
     steps: list = []
-    original_logits = common.next_token_logits
+    original_logits = encoding.next_token_logits
 
     def logits_spy(model, input_ids, *a, **k):
         steps.append(input_ids.shape[1])
         return original_logits(model, input_ids, *a, **k)
 
-    monkeypatch.setattr(common, "_sample_continuations", spy)
-    monkeypatch.setattr(common, "next_token_logits", logits_spy)
+    monkeypatch.setattr(templating, "_sample_continuations", spy)
+    monkeypatch.setattr(templating, "next_token_logits", logits_spy)
     return calls, steps
 
 
@@ -89,7 +89,7 @@ def test_rome_rule_templates_follow_rome_reference(rome_kit, monkeypatch):
     included) holds `length` tokens; one flat group (compute_u averages flat)."""
     model, tok, *_ = rome_kit.tiny("gpt2")
     calls, steps = _record_generation(monkeypatch)
-    a = common.sample_context_templates(model, tok, [[3, 2], [4, 6]], seed=3, rule="rome")
+    a = templating.sample_context_templates(model, tok, [[3, 2], [4, 6]], seed=3, rule="rome")
     assert len(a) == 1 and a[0][0] == "{}" and len(a[0]) == 1 + 2 + 6
     assert [c["prompt"] for c in calls] == [[tok.bos_token_id]] * 2 and tok.bos_token == "<|endoftext|>"
     assert [(c["n"], c["max_len"]) for c in calls] == [(2, 3), (6, 4)]
@@ -97,8 +97,8 @@ def test_rome_rule_templates_follow_rome_reference(rome_kit, monkeypatch):
     assert steps == [1, 2] + [1, 2, 3]
     for t in a[0][1:]:
         assert t.endswith(". {}") and t.count("{") == 1 and t.count("}") == 1 and "<|endoftext|>" not in t
-    assert a == common.sample_context_templates(model, tok, [[3, 2], [4, 6]], seed=3, rule="rome")
-    assert a != common.sample_context_templates(model, tok, [[3, 2], [4, 6]], seed=4, rule="rome")
+    assert a == templating.sample_context_templates(model, tok, [[3, 2], [4, 6]], seed=3, rule="rome")
+    assert a != templating.sample_context_templates(model, tok, [[3, 2], [4, 6]], seed=4, rule="rome")
 
 
 def test_memit_rule_templates_follow_memit_reference(rome_kit, monkeypatch):
@@ -106,7 +106,7 @@ def test_memit_rule_templates_follow_memit_reference(rome_kit, monkeypatch):
     tokens counted in `length`; remainders go to the first openers (editscale extension)."""
     model, tok, *_ = rome_kit.tiny("gpt2")
     calls, steps = _record_generation(monkeypatch)
-    g = common.sample_context_templates(model, tok, [[4, 5], [3, 7]], seed=3, rule="memit")
+    g = templating.sample_context_templates(model, tok, [[4, 5], [3, 7]], seed=3, rule="memit")
     assert [len(x) for x in g] == [1, 5, 7] and g[0] == ["{}"]
     openers = ["The", "Therefore", "Because", "I", "You"]
     assert [tok.decode(c["prompt"]) for c in calls] == openers + openers
@@ -126,10 +126,10 @@ def test_generated_braces_and_blank_lines_are_cleaned(rome_kit, monkeypatch):
     model, tok, *_ = rome_kit.tiny("gpt2")
     monkeypatch.setattr(tok, "batch_decode", lambda ids, **k: ["a{b}\n\nc"] * len(ids))
     for rule in ("rome", "memit"):
-        flat = common.flat_templates(common.sample_context_templates(model, tok, [[3, 5]], seed=0, rule=rule))
+        flat = templating.flat_templates(templating.sample_context_templates(model, tok, [[3, 5]], seed=0, rule=rule))
         assert flat[1:] and all(t == "a b  c. {}" for t in flat[1:])
     with pytest.raises(EditscaleError, match="unknown context template rule"):
-        common.sample_context_templates(model, tok, [[3, 5]], seed=0, rule="other")
+        templating.sample_context_templates(model, tok, [[3, 5]], seed=0, rule="other")
 
 
 def test_rome_reads_the_loss_from_the_final_logits(rome_kit):
@@ -137,8 +137,8 @@ def test_rome_reads_the_loss_from_the_final_logits(rome_kit):
     loss_layer "final" gives the same v* for any v_loss_layer, and Rome rejects a v_loss_layer that
     is not the last layer instead of ignoring it."""
     model, tok, templates, module, C = rome_kit.tiny("gpt2")
-    v3, _ = common.optimize_value(model, tok, rome_kit.CASE, templates, module, rome_kit.tiny_hparams(v_num_grad_steps=3, v_loss_layer=3), loss_layer="final")
-    v1, _ = common.optimize_value(model, tok, rome_kit.CASE, templates, module, rome_kit.tiny_hparams(v_num_grad_steps=3, v_loss_layer=1), loss_layer="final")
+    v3, _ = value_optimization.optimize_value(model, tok, rome_kit.CASE, templates, module, rome_kit.tiny_hparams(v_num_grad_steps=3, v_loss_layer=3), loss_layer="final")
+    v1, _ = value_optimization.optimize_value(model, tok, rome_kit.CASE, templates, module, rome_kit.tiny_hparams(v_num_grad_steps=3, v_loss_layer=1), loss_layer="final")
     assert torch.equal(v1, v3)
     with pytest.raises(EditscaleError, match=r"v_loss_layer 2 is not the last layer \(3\).*set v_loss_layer: 3"):
         Rome(model, tok, rome_kit.tiny_hparams(v_loss_layer=2), {module: C}, templates)
@@ -149,23 +149,23 @@ def test_module_io_batched_equals_single(rome_kit, arch):
     model, tok, templates, module, _ = rome_kit.tiny(arch)
     prompts = ["The capital of {} is", "{} is a", "Some long prefix text that pads the others. {} speaks"]
     subjects = ["France", "Japan", "Germany"]
-    ins, outs = common.module_io_at_subject(model, tok, module, prompts, subjects)
+    ins, outs = subject_keys.module_io_at_subject(model, tok, module, prompts, subjects)
     assert ins.shape[0] == outs.shape[0] == 3 and outs.shape[1] == 64 and ins.shape[1] > 64
     for i, (p, s) in enumerate(zip(prompts, subjects)):
-        i1, o1 = common.module_io_at_subject(model, tok, module, [p], [s])
+        i1, o1 = subject_keys.module_io_at_subject(model, tok, module, [p], [s])
         assert torch.allclose(ins[i], i1[0], atol=1e-5) and torch.allclose(outs[i], o1[0], atol=1e-5)
-    keys = common.compute_keys(model, tok, module, [rome_kit.CASE, rome_kit.CASE2], templates)
-    per = common.module_io_at_subject(model, tok, module, [t.format(rome_kit.CASE2["prompt"]) for t in templates], [rome_kit.CASE2["subject"]] * len(templates))[0]
+    keys = subject_keys.compute_keys(model, tok, module, [rome_kit.CASE, rome_kit.CASE2], templates)
+    per = subject_keys.module_io_at_subject(model, tok, module, [t.format(rome_kit.CASE2["prompt"]) for t in templates], [rome_kit.CASE2["subject"]] * len(templates))[0]
     assert torch.allclose(keys[1], per.mean(0), atol=1e-6)
 
 
 def test_next_token_logits_match_the_model(rome_kit, arch):
     """final norm + LM head applied to the last layer's output = the model's own logits."""
     model, tok, *_ = rome_kit.tiny(arch)
-    ids, mask = common.pad_right([tok("The capital of France is")["input_ids"], tok("Hello")["input_ids"]], tok.eos_token_id)
+    ids, mask = encoding.pad_right([tok("The capital of France is")["input_ids"], tok("Hello")["input_ids"]], tok.eos_token_id)
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask).logits
-        mine = common.next_token_logits(model, ids, mask)
+        mine = encoding.next_token_logits(model, ids, mask)
     last = mask.sum(1) - 1
     assert torch.allclose(mine, full[torch.arange(2), last], atol=1e-5)
 
@@ -175,17 +175,17 @@ def test_optimize_value_lowers_nll_and_is_deterministic(rome_kit, arch):
     for p in model.parameters():  # even with trainable params, none may receive a gradient
         p.requires_grad_(True)
     try:
-        v1, log1 = common.optimize_value(model, tok, rome_kit.CASE, templates, module, rome_kit.tiny_hparams())
+        v1, log1 = value_optimization.optimize_value(model, tok, rome_kit.CASE, templates, module, rome_kit.tiny_hparams())
         assert all(p.grad is None for p in model.parameters())
         assert all(p.requires_grad for p in model.parameters())
     finally:
         for p in model.parameters():
             p.requires_grad_(False)
-    v2, log2 = common.optimize_value(model, tok, rome_kit.CASE, templates, module, rome_kit.tiny_hparams())
+    v2, log2 = value_optimization.optimize_value(model, tok, rome_kit.CASE, templates, module, rome_kit.tiny_hparams())
     assert log1["v_loss"] < log1["v_loss_init"]
     assert 0 < log1["steps"] <= 9
     assert torch.equal(v1, v2) and log1 == log2
-    _, out = common.module_io_at_subject(model, tok, module, [rome_kit.CASE["prompt"]], [rome_kit.CASE["subject"]])
+    _, out = subject_keys.module_io_at_subject(model, tok, module, [rome_kit.CASE["prompt"]], [rome_kit.CASE["subject"]])
     assert log1["target_init_norm"] == pytest.approx(float(out[0].norm()), rel=1e-5)
     assert float((v1 - out[0]).norm()) <= 4 * log1["target_init_norm"] * (1 + 1e-5)
 
@@ -201,15 +201,15 @@ def test_optimize_value_prefix_reuse_is_bit_identical(rome_kit, arch, inject, mo
     handle = below.register_forward_hook(lambda *a: calls.append(1))
     try:
         hp = rome_kit.tiny_hparams(v_num_grad_steps=6)
-        monkeypatch.setattr(common, "REUSE_PREFIX", False)
-        v_off, log_off = common.optimize_value(model, tok, rome_kit.CASE, templates, target, hp)
+        monkeypatch.setattr(value_optimization, "REUSE_PREFIX", False)
+        v_off, log_off = value_optimization.optimize_value(model, tok, rome_kit.CASE, templates, target, hp)
         runs_off = len(calls)
         calls.clear()
-        monkeypatch.setattr(common, "REUSE_PREFIX", True)
-        v_on, log_on = common.optimize_value(model, tok, rome_kit.CASE, templates, target, hp)
+        monkeypatch.setattr(value_optimization, "REUSE_PREFIX", True)
+        v_on, log_on = value_optimization.optimize_value(model, tok, rome_kit.CASE, templates, target, hp)
         runs_on = len(calls)
         # the model is left as it was: block 0 computes again afterwards
-        common.module_io_at_subject(model, tok, module, [rome_kit.CASE["prompt"]], [rome_kit.CASE["subject"]])
+        subject_keys.module_io_at_subject(model, tok, module, [rome_kit.CASE["prompt"]], [rome_kit.CASE["subject"]])
         runs_after = len(calls) - runs_on
     finally:
         handle.remove()
@@ -234,16 +234,16 @@ def test_rome_edit_defining_property(rome_kit, arch, mode):
         v_star = rome.last["v_star"]
         if mode == "prompt":
             # the live model now maps the plain prompt's key to v*
-            k, out = common.module_io_at_subject(model, tok, module, [rome_kit.CASE["prompt"]], [rome_kit.CASE["subject"]])
+            k, out = subject_keys.module_io_at_subject(model, tok, module, [rome_kit.CASE["prompt"]], [rome_kit.CASE["subject"]])
             assert torch.allclose(k[0].double(), rome.last["key"])  # the key at the edited layer is unchanged
             assert rome_kit.rel(out[0], v_star) < 1e-4
         else:
-            out = common.module_forward(model, ws, module, rome.last["k_star"])
+            out = solvers.module_forward(model, ws, module, rome.last["k_star"])
             assert rome_kit.rel(out, v_star) < 1e-4
             # and the live parameter agrees with the WeightState
             k_star = rome.last["k_star"]
             W = to_math(model, edited_weight(model, module)).float()
-            live = torch.nn.functional.linear(k_star, W, common.module_bias(model, module))
+            live = torch.nn.functional.linear(k_star, W, solvers.module_bias(model, module))
             assert rome_kit.rel(live, v_star) < 1e-4
     finally:
         ws.delta[module].zero_()
@@ -252,11 +252,11 @@ def test_rome_edit_defining_property(rome_kit, arch, mode):
 
 def test_rome_uses_inverse_second_moment(rome_kit, arch):
     model, tok, templates, module, _ = rome_kit.tiny(arch)
-    d = common.module_io_at_subject(model, tok, module, ["{}"], ["x"])[0].shape[1]
+    d = subject_keys.module_io_at_subject(model, tok, module, ["{}"], ["x"])[0].shape[1]
     g = torch.Generator().manual_seed(1)
     A = torch.randn(d, d, generator=g, dtype=torch.float64)
     C = A @ A.T / d + 0.05 * torch.eye(d, dtype=torch.float64)
-    k_star = common.compute_keys(model, tok, module, [rome_kit.CASE], templates)[0]
+    k_star = subject_keys.compute_keys(model, tok, module, [rome_kit.CASE], templates)[0]
     expected = torch.linalg.solve(C, k_star.double())
     expected = expected / expected.norm()
     hp = rome_kit.tiny_hparams(v_num_grad_steps=1)
@@ -279,13 +279,13 @@ def test_rome_uses_inverse_second_moment(rome_kit, arch):
 def test_rome_cov_factor_cached_once(rome_kit, monkeypatch):
     model, tok, templates, module, C = rome_kit.tiny("gpt2")
     calls = []
-    orig = common.CovSolver.__init__
+    orig = solvers.CovSolver.__init__
 
     def counting(self, *a, **k):
         calls.append(1)
         orig(self, *a, **k)
 
-    monkeypatch.setattr(common.CovSolver, "__init__", counting)
+    monkeypatch.setattr(solvers.CovSolver, "__init__", counting)
     ws = WeightState(model, [module])
     try:
         rome = Rome(model, tok, rome_kit.tiny_hparams(v_num_grad_steps=2), {module: C}, templates)
@@ -311,7 +311,7 @@ def test_rome_batch_is_sequential(rome_kit):
         rome.apply([rome_kit.CASE2], ws)
         one_by_one = ws.take_applied()
         # after both edits the second case's key maps to its v*
-        _, out = common.module_io_at_subject(model, tok, module, [rome_kit.CASE2["prompt"]], [rome_kit.CASE2["subject"]])
+        _, out = subject_keys.module_io_at_subject(model, tok, module, [rome_kit.CASE2["prompt"]], [rome_kit.CASE2["subject"]])
         assert rome_kit.rel(out[0], rome.last["v_star"]) < 1e-4
     finally:
         ws.delta[module].zero_()
@@ -388,10 +388,10 @@ def test_prompts_with_braces_are_filled_not_formatted(rome_kit):
 
     model, tok, templates, module, _ = rome_kit.tiny("gpt2")
     prompt, subject = "{} plays for FC {Reds} in", "Lionel Messi"
-    ids, last = common.encode_with_subject(tok, [prompt], [subject])
+    ids, last = encoding.encode_with_subject(tok, [prompt], [subject])
     assert ids[0] == tok("Lionel Messi plays for FC {Reds} in")["input_ids"]
     assert tok.decode(ids[0][: last[0] + 1]).endswith("Messi")
     case = {**rome_kit.CASE, "prompt": prompt, "subject": subject}
-    keys = common.compute_keys(model, tok, module, [case], templates)
+    keys = subject_keys.compute_keys(model, tok, module, [case], templates)
     assert keys.shape[0] == 1 and torch.isfinite(keys).all()
     assert prompt_text(case) == "Lionel Messi plays for FC {Reds} in"

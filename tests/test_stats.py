@@ -267,6 +267,7 @@ def test_text_files_heldout_is_disjoint(tmp_path):
         list(iter_corpus({**spec, "n_tokens": 10**6}, tok, split="heldout"))
 
 
+@pytest.mark.slow
 def test_self_sample_is_deterministic_and_full_length():
     model, tok = build_tiny_model("llama")
     spec = {"kind": "self_sample", "n_tokens": 100, "seq_len": 16, "seed": 3, "gen_batch_size": 4}
@@ -466,6 +467,7 @@ def _editscale(*args, cwd):
     return subprocess.run([sys.executable, "-m", "editscale.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_corpus_stats_nullspace(tmp_path):
     """The workflow's path: model dir -> `editscale corpus` -> `editscale stats --tokens` -> `editscale nullspace`."""
     model_dir = tmp_path / "models" / "tiny"

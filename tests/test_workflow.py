@@ -178,6 +178,7 @@ def test_a_checkpoint_job_loads_and_replays_the_model_once(tiny_study):
     assert log.count("loaded and replayed once for this checkpoint job, re-used") == 3
 
 
+@pytest.mark.slow
 def test_a_new_grid_form_plans_only_its_new_checkpoints_and_extends_by_points(tiny_study, tmp_path):
     """A log-spaced grid on the finished run plans only the points it adds (the grid is no job
     param: the checkpoints 0 and 6 it shares with the linear grid are kept), and extending n_edits
@@ -205,6 +206,7 @@ def test_a_new_grid_form_plans_only_its_new_checkpoints_and_extends_by_points(ti
     assert planned_metric_files(snakemake(workdir, "-n"), "history") == {history(4), history(12)}
 
 
+@pytest.mark.slow
 def test_a_bounded_history_sample_reruns_only_history_and_is_stratified(tiny_study, tmp_path):
     workdir = _copy_study(tiny_study, tmp_path)
     set_config(workdir, lambda c: c["metrics"]["history"].update({"sample": 2, "strata": 2}))
@@ -331,16 +333,14 @@ def test_metric_and_report_commands_are_handed_only_declared_files(repo_root, tm
         checkpoint += rule.startswith("evaluate__")
     assert checked > len(rules) and checkpoint >= 3
     # a metric command refuses a state that lacks the file its checkpoint needs
-    from editscale.evaluate.cli import state_files
-    from types import SimpleNamespace
+    from editscale.evaluate.job import Checkpoint
 
     run_json = tmp_path / "run.json"
     run_json.write_text(json.dumps({"segment": 3}))
-    args = SimpleNamespace(state=[str(run_json), "results/r/deltas/000003.h5", "results/r/factors/000006.h5"], k=5)
-    st = state_files(args)
+    st = Checkpoint("data/models/m", 5, {"state": [str(run_json), "results/r/deltas/000003.h5", "results/r/factors/000006.h5"]}).state
     assert (str(st.delta), str(st.factors)) == ("results/r/deltas/000003.h5", "results/r/factors/000006.h5")
     with pytest.raises(EditscaleError, match="deltas/000006.h5 among the given files"):
-        state_files(SimpleNamespace(state=[str(run_json), "results/r/factors/000006.h5"], k=6))
+        Checkpoint("data/models/m", 6, {"state": [str(run_json), "results/r/factors/000006.h5"]}).state
 
 
 def _copy_study(tiny_study, tmp_path) -> Path:
@@ -420,6 +420,7 @@ def test_bad_hparams_fail_at_plan_time_naming_file_and_key(repo_root, tmp_path, 
     assert not (workdir / "results").exists()  # nothing ran
 
 
+@pytest.mark.slow
 def test_lowered_n_edits_leaves_stale_checkpoints_out_of_the_report(tiny_study, tmp_path):
     """Defect: report_tables globbed results/*/metrics and factors, so checkpoints beyond a lowered
     n_edits (still on disk) entered every table, the summary and the phase detector."""
@@ -478,6 +479,7 @@ def test_schema_is_the_one_source_of_defaults_and_bounds(repo_root, tmp_path):
         doctor_load(workdir / "config/test-tiny.yaml")
 
 
+@pytest.mark.slow
 def test_plugin_method_and_metric_run_through_the_workflow(repo_root, tmp_path):
     """A toy method and a toy metric, one file each outside src/ (tests/plugins), run the tiny
     workflow end to end via `plugins:` with no other file of editscale changed."""
@@ -531,20 +533,26 @@ def test_every_file_a_job_writes_is_a_declared_output(tiny_study):
 
 
 def test_a_plugin_module_that_registers_nothing_is_an_error_and_plugins_load_once(tmp_path, monkeypatch):
-    """A plugin whose registration call is missing must not be ignored; entry points are scanned
-    once per process, not at every validation."""
+    """A plugin whose registration call is missing must not be ignored (even when its import
+    loads a registry's built-ins); a registry scans its entry points once per process, not at
+    every read."""
     import importlib.metadata
 
-    from editscale.edit import methods
+    from editscale import plugins
+    from editscale.registry import Registry
 
-    (tmp_path / "empty_plugin.py").write_text("VALUE = 1  # registers nothing\n")
+    (tmp_path / "empty_plugin.py").write_text("from editscale.evaluate.registry import METRICS\nVALUE = len(METRICS)  # registers nothing\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(EditscaleError, match="plugin module 'empty_plugin' registered no method or metric"):
-        methods.load_plugins(["empty_plugin"])
+    with pytest.raises(EditscaleError, match="plugin module 'empty_plugin' registered nothing"):
+        plugins.load_plugins(["empty_plugin"])
     scans = []
-    monkeypatch.setattr(methods, "_ENTRY_POINTS_LOADED", False)
     real = importlib.metadata.entry_points
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kw: scans.append(kw) or real(**kw))
-    methods.load_plugins()
-    methods.load_plugins()
-    assert len(scans) == 2  # the two groups, once
+    registry = Registry("test-only thing", entry_points="editscale.test_only")
+    try:
+        assert "x" not in registry and list(registry) == [] and len(registry) == 0
+        assert scans == [{"group": "editscale.test_only"}]  # once
+    finally:
+        from editscale.registry import REGISTRIES
+
+        REGISTRIES.pop("test-only thing")

@@ -36,19 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     from . import doctor  # machine check + the planning module's estimates (beside workflow, not a stage)
 
     doctor.register(sub)
-    from .evaluate.registry import METRICS
-
-    for metric in METRICS.values():  # plugin metrics bring their own sub-command
-        if metric.add_verb is not None:
-            metric.add_verb(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .edit.methods import load_plugins
+    from .plugins import load_plugins
 
     try:
-        load_plugins()  # EDITSCALE_PLUGINS (set by the Snakefile from the config) and entry points
+        load_plugins()  # EDITSCALE_PLUGINS (set by the Snakefile from the config)
     except EditscaleError as exc:
         print(f"editscale: error: {exc}", file=sys.stderr)
         return 2

@@ -50,10 +50,13 @@ def eval_grid_schema(default) -> dict:
 
 
 def schema() -> dict:
-    """The schema file plus the metrics.<name> section of every plugin metric (its `schema`)."""
-    from .evaluate.registry import METRICS
+    """The schema file plus the metrics.<name> section of every plugin metric (its `schema`; the
+    metric registry is found among editscale.registry.REGISTRIES: no plugin metric can exist
+    before that registry's module was imported)."""
+    from .registry import REGISTRIES
 
-    plugins = {m.name: m.schema for m in METRICS.values() if m.schema is not None}
+    metrics = REGISTRIES.get("metric")
+    plugins = {m.name: m.schema for m in (metrics.values() if metrics is not None else ()) if m.schema is not None}
     if not plugins:
         return _file_schema()
     merged = copy.deepcopy(_file_schema())
@@ -89,7 +92,7 @@ def validate(config: dict, source: str = "config") -> dict:
     The config's `plugins:` are imported first: a plugin metric adds its section to the schema."""
     import jsonschema
 
-    from .edit.methods import load_plugins
+    from .plugins import load_plugins
 
     plugins = config.get("plugins") or []
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
@@ -154,10 +157,32 @@ def _fill_defaults(obj, node: dict) -> None:
             _fill_defaults(item, node["items"])
 
 
+_JSON_TYPES = {"integer": int, "number": float, "boolean": bool, "string": str, "array": list, "object": dict, "null": type(None)}
+
+
+def _py_type(node: dict):
+    """The Python type of a schema node: its `type` (or the union of its oneOf / anyOf forms)."""
+    forms = node.get("oneOf") or node.get("anyOf")
+    kinds = node.get("type")
+    if forms:
+        types_ = [_py_type(f) for f in forms]
+    elif kinds:
+        types_ = [_JSON_TYPES.get(k, Any) for k in (kinds if isinstance(kinds, list) else [kinds])]
+    else:
+        return Any
+    if Any in types_:
+        return Any
+    out = types_[0]
+    for t in types_[1:]:
+        out = out | t
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def _section_type(path: str) -> type:
+    """The frozen dataclass of one section: a field per schema property, typed from the schema."""
     props = _node(path).get("properties") or {}
-    fields = [(k, Any, dataclasses.field(default=None)) for k in props]
+    fields = [(k, _py_type(v), dataclasses.field(default=None)) for k, v in props.items()]
     return dataclasses.make_dataclass("Section_" + path.replace(".", "_"), fields, frozen=True)
 
 

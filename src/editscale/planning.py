@@ -13,7 +13,7 @@ Storage (exact up to HDF5 overhead of a few KB per file; 1 MB = 1e6 bytes):
             bit per entry; FT-C's dense updates: 4 d_out d_in)
             (plus ~100 B of per-edit log and a few KB of attributes per file, not counted)
             (MEMIT with edits_per_step = b writes rank-b factors once per step: the same total.)
-            (a method writing one rank per target token: x TARGET_TOKENS, its factor_rank.)
+            (a method writing one rank per target token: x TARGET_TOKENS, its cost spec's factor_rank.)
   deltas    results/{run}/deltas/{k}.h5: the cumulative dense fp32 delta of every edited module:
                 bytes/checkpoint = sum over edited modules of 4 d_out d_in
   study     the forgetting study's code saves the full model every 20 edits
@@ -34,17 +34,17 @@ Time (an order-of-magnitude estimate, expect a factor 2-3 either way):
   per edit (2/3 d_in^3).
   The v* optimization stops early once the new target's loss is below 5e-2, so the step count is
   an upper bound, and so is the estimate for edits that converge fast.
-  A method's work before its first edit (EditMethod.begin_flops, e.g. an anchor of bare-prompt v*
+  A method's work before its first edit (its cost spec's begin_flops, editscale.edit.cost, e.g. an anchor of bare-prompt v*
   optimizations, in optimization steps over PROMPT_TOKENS-token prompts; an upper bound since
   they stop early as the edits do) is counted once per chain, in the first segment's job.
   Seconds = FLOPs / (the device's measured matmul rate x EFFICIENCY). The rate is measured in a
   ~0.3 s matmul loop on the device editscale would use (fp32 and fp64); `--flops` overrides it.
-  Evaluation: forward passes, 2 N FLOPs per token: SCORE_TOKENS_PER_CASE tokens per case for the
-  edit scores after every edit, HISTORY_TOKENS_PER_CASE per earlier edit re-scored by history (all
-  k earlier edits at checkpoint k, or min(k, sample)), the downstream task prompts (few-shot context + item; measured
-  from the task files when present), generation (n_prompts x max_new_tokens, decoding at
-  DECODE_EFFICIENCY) and perplexity (heldout tokens); each job also loads the model
-  (bytes / LOAD_BYTES_PER_S).
+  Evaluation: forward passes, 2 N FLOPs per token, counted by each metric's `cost` (in its module,
+  editscale.evaluate.metrics): tokens per case for the edit scores after every edit, per earlier
+  edit re-scored by history (all k earlier edits at checkpoint k, or min(k, sample)), the
+  downstream task prompts (few-shot context + item; measured from the task files when present),
+  generation (n_prompts x max_new_tokens, decoding at DECODE_EFFICIENCY) and perplexity (heldout
+  tokens); each job also loads the model (bytes / LOAD_BYTES_PER_S).
 """
 
 from __future__ import annotations
@@ -62,12 +62,6 @@ PROMPT_TOKENS = 12  # edit prompt with subject + target tokens (CounterFact: ~10
 # target tokens per case: geofacts on SmolLM2's tokenizer has 1.79 (per-token factors measured at
 # 166 kB/edit against 92.9 kB per rank, benchmarks/RESULTS.md 1b)
 TARGET_TOKENS = 1.8
-SCORE_TOKENS_PER_CASE = 200  # edit scores: 1 edit + 2 paraphrase + 10 neighborhood prompts, ~16 tokens each
-HISTORY_TOKENS_PER_CASE = 60  # history: the edit and 2 paraphrase prompts
-DEFAULT_TASK_ITEMS = 500
-DEFAULT_TOKENS_PER_ITEM = 300
-PROBE_TOKENS_PER_CHOICE = 60  # 4 shots + the item
-CHARS_PER_TOKEN = 4.0
 EFFICIENCY = 0.5  # fraction of the matmul rate a transformer pass of a few hundred tokens reaches
 DECODE_EFFICIENCY = 0.05  # token-by-token generation is latency bound
 LOAD_BYTES_PER_S = 1e9
@@ -86,7 +80,7 @@ UPDATE_BYTES = {
 def storage_estimate(run: dict, shapes: dict[str, tuple[int, int]], params: int | None, dtype: str = "float32",
                      stats_modules: list[str] | None = None, update_kind: str = "lowrank", rank: float = 1.0) -> dict[str, Any]:
     """Bytes of the run's checkpoints (see module doc); exact for the tensors, HDF5 overhead aside;
-    `rank`: the stored factors' rank per edit and module (EditMethod.factor_rank)."""
+    `rank`: the stored factors' rank per edit and module (editscale.edit.cost.CostSpec.factor_rank)."""
     n, seg = run["n_edits"], run["segment"]
     n_ckpt = n // seg
     per_edit = int(round(rank * sum(UPDATE_BYTES[update_kind](o, i) for o, i in shapes.values())))
@@ -125,17 +119,17 @@ def edit_flops(method: str, hp: dict, params: int, shapes: dict[str, tuple[int, 
     "solve" (float64 linear algebra). Per v* step and token: 2 N forward plus 2 N x (fraction of
     layers above the last edited one) backward, since only activation gradients are needed (no
     weight gradients; 6 N with them, the usual training figure, is the upper bound)."""
-    from .edit.methods import get_method
+    from .edit.cost import method_cost
 
-    cls = get_method(method, hp)
+    cost = method_cost(method, hp)
     layers = [int(x) for x in hp.get("layers") or [0]]
     frac_above = 1.0 if not n_layers else max(n_layers - max(layers), 1) / n_layers
     per_token = (2 + 2 * frac_above) * params
-    if cls.solve_cost == "none":  # fine-tuning: forward + backward with weight gradients per step
+    if cost.solve == "none":  # fine-tuning: forward + backward with weight gradients per step
         steps = int(hp["num_steps"])
         return {"model": steps * 6 * params * 2 * PROMPT_TOKENS, "solve": 0.0, "tokens": 2 * PROMPT_TOKENS, "steps": steps,
                 "flops_per_token_step": 6 * params, "template_tokens": 0.0}
-    if cls.solve_cost == "gradient":  # one forward + activation backward to the lowest edited layer
+    if cost.solve == "gradient":  # one forward + activation backward to the lowest edited layer
         lowest = min(int(x) for k in ("mlp_in_layers", "mlp_up_layers", "layers") for x in hp.get(k) or [0])
         frac = 1.0 if not n_layers else max(n_layers - lowest, 1) / n_layers
         per_tok = (2 + 2 * frac) * params
@@ -147,71 +141,14 @@ def edit_flops(method: str, hp: dict, params: int, shapes: dict[str, tuple[int, 
     steps = int(hp["v_num_grad_steps"])
     model = steps * per_token * tokens + len(shapes) * 2 * params * n_tpl * (mean_len + PROMPT_TOKENS)
     d_ins = [i for _, i in shapes.values()]
-    if cls.solve_cost == "per_edit":
+    if cost.solve == "per_edit":
         solve = sum(2 / 3 * d**3 + 2 * d**2 for d in d_ins)
     else:  # "per_segment" (ROME family): one Cholesky per segment, a triangular solve per edit
         solve = sum(d**3 / 3 / segment + 2 * d**2 for d in d_ins)
-    solve += cls.extra_solve_flops(hp, shapes)
+    solve += cost.extra_solve_flops(shapes)
     return {"model": float(model), "solve": float(solve), "tokens": float(tokens), "steps": steps,
             "flops_per_token_step": per_token, "template_tokens": float(n_tpl * mean_len),
-            "begin": float(cls.begin_flops(hp, per_token * PROMPT_TOKENS))}
-
-
-def _task_tokens(spec: dict) -> tuple[int, float, str]:
-    """(items evaluated, tokens per item, basis) of one downstream task."""
-    path = Path(str(spec.get("path", "")))
-    shots = int(spec.get("n_shots", 4))
-    n_eval = spec.get("n_eval", 100)
-    if path.is_file():
-        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        if lines:
-            chars = sum(len(ln) for ln in lines) / len(lines)
-            items = min(n_eval, len(lines) - shots) if n_eval else len(lines) - shots
-            return max(items, 0), (shots + 1) * chars / CHARS_PER_TOKEN, "file"
-    items = n_eval or DEFAULT_TASK_ITEMS
-    return items, DEFAULT_TOKENS_PER_ITEM * (shots + 1) / 5, "assumed"
-
-
-# The evaluation cost of one job of each metric: fn(run, section, corpus, flops_per_token, k) ->
-# (forward FLOPs, decode FLOPs) of the job at checkpoint k; each metric names its own in the
-# registry (Metric.cost); a plugin metric without one is counted as model load only (and reported so).
-
-
-def edit_scores_cost(run, section, corpus, f, k):
-    return f * run["segment"] * SCORE_TOKENS_PER_CASE, 0.0  # the segment's edits, after each edit
-
-
-def history_cost(run, section, corpus, f, k):
-    sample = section.get("sample", "all")
-    cases = k if sample == "all" else min(k, int(sample))  # all k earlier edits, or the bounded sample
-    return f * cases * HISTORY_TOKENS_PER_CASE, 0.0
-
-
-def downstream_cost(run, section, corpus, f, k):
-    per_ckpt = 0.0
-    for spec in (section.get("tasks") or {}).values():
-        items, tok_per_item, _ = _task_tokens(spec or {})
-        per_ckpt += items * tok_per_item
-    probes = section.get("probes", {})
-    if probes is not None and probes is not False:  # the built-in probes (evaluate.probes), 4 choices each
-        from .evaluate.probes import PROBES
-
-        names = probes.get("names", list(PROBES))
-        per_ckpt += len(names) * int(probes.get("n_eval", 100) or 100) * 4 * PROBE_TOKENS_PER_CHOICE
-    return f * per_ckpt, 0.0
-
-
-def generation_cost(run, section, corpus, f, k):
-    return 0.0, f * int(section["n_prompts"]) * (int(section["max_new_tokens"]) + 16)
-
-
-def perplexity_cost(run, section, corpus, f, k):
-    return f * int(corpus["heldout_tokens"]), 0.0
-
-
-def no_model_cost(run, section, corpus, f, k):
-    """Metrics that never run the model (weights: norms of the stored factors)."""
-    return 0.0, 0.0
+            "begin": float(cost.begin_flops(per_token * PROMPT_TOKENS))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,10 +237,9 @@ def _model_bytes(config: dict, model: str, root) -> tuple[int, int | None, Any]:
 
 def run_jobs(config: dict, run: dict, root: str | Path = ".") -> list[Job]:
     """The edit, template and evaluation jobs of one run, with their compute."""
-    import importlib
-
     from .evaluate.registry import METRICS
     from .layout import RESULTS
+    from .registry import resolve
     from .workflow import checkpoint_metrics, metric_grid, segment_ends
 
     params, model_bytes, cfg = _model_bytes(config, run["model"], root)
@@ -324,10 +260,9 @@ def run_jobs(config: dict, run: dict, root: str | Path = ".") -> list[Job]:
     checkpoint: dict[int, list[float]] = {}  # k -> [flops, decode flops, loads the model]
     for metric in METRICS.values():
         section = (config.get("metrics") or {}).get(metric.name) or {}  # defaults filled in by load_config
-        cost = None
-        if metric.cost:
-            module, _, name = metric.cost.partition(":")
-            cost = getattr(importlib.import_module(module), name)
+        # each metric's cost(run, section, corpus, flops_per_token, k) -> (forward FLOPs, decode FLOPs) of its
+        # job at k (editscale.evaluate.registry); a plugin metric without one is counted as model load only
+        cost = resolve(metric.cost, what=f"metric {metric.name!r}: cost") if metric.cost else None
         for k in metric_grid(config, run, metric.name):
             flops, decode = cost(run, section, corpus, 2.0 * params, k) if cost else (0.0, 0.0)
             if metric.name in grouped:  # one checkpoint job per k for all of them: one start-up, one load
@@ -414,23 +349,23 @@ def time_estimate(config: dict, rate32: float, rate64: float | None, calibration
 ACTIVATION_FACTOR = 28.0
 
 
-def edit_job_memory(cls, hp: dict, cfg, dtype: str, shapes: dict[str, tuple[int, int]]) -> dict[str, float]:
+def edit_job_memory(cost, cfg, dtype: str, shapes: dict[str, tuple[int, int]]) -> dict[str, float]:
     """Peak device bytes of an edit job, by part: the weights in `dtype`; what the method keeps
-    for the segment (`EditMethod.device_matrices`: float64 d_in x d_in per edited module); the
+    for the segment (`CostSpec.device_matrices`: float64 d_in x d_in per edited module); the
     WeightState (W0 and the delta, float32, per edited matrix); and the larger of the two phases
-    of an edit, the optimization's activations (`EditMethod.value_prompts` x hidden x the layers
+    of an edit, the optimization's activations (`CostSpec.value_prompts` x hidden x the layers
     from the lowest edited one up x ACTIVATION_FACTOR) and one module's solve (transient
     matrices). Peaks at GPT-2 XL (float32) and Llama-3-8B (bfloat16) shapes on an H200 sit within
     10 % of it (tests/test_doctor_memory.py)."""
-    from .edit.common import layer_of
+    from .edit.subject_keys import layer_of
     from .models.registry import meta_model
 
     model = meta_model(cfg)
     dbytes = DTYPE_BYTES[dtype]
     params = n_params(cfg)
-    resident, transient = cls.device_matrices(hp)
+    resident, transient = cost.device_matrices()
     d_in = {m: i for m, (_, i) in shapes.items()}
-    n_prompts, tokens = cls.value_prompts(hp)
+    n_prompts, tokens = cost.value_prompts()
     lowest = min(layer_of(model, m) for m in shapes)
     n_layer = int(getattr(cfg, arch_spec(cfg.model_type).n_layers_attr))
     hidden = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
@@ -484,10 +419,11 @@ def run_estimate(config: dict, run: dict, root: str | Path = ".") -> dict[str, A
     shapes = module_shapes(cfg, modules)
     hp = run_hparams(run)
     est["params"] = params
+    from .edit.cost import method_cost
     from .edit.methods import get_method
 
-    cls = get_method(run["method"], hp)
-    est["storage"] = storage_estimate(run, shapes, params, dtype, stats_modules(config, run), cls.update_kind, cls.factor_rank(hp, TARGET_TOKENS))
+    cls, cost = get_method(run["method"], hp), method_cost(run["method"], hp)
+    est["storage"] = storage_estimate(run, shapes, params, dtype, stats_modules(config, run), cls.update_kind, cost.factor_rank(TARGET_TOKENS))
     fl = edit_flops(run["method"], hp, params, shapes, run["segment"], getattr(cfg, "num_hidden_layers", None))
     est["edit"] = {"flops_model": fl["model"], "flops_solve_fp64": fl["solve"], "tokens_per_step": fl["tokens"],
                    "steps": fl["steps"]}
@@ -500,5 +436,5 @@ def run_estimate(config: dict, run: dict, root: str | Path = ".") -> dict[str, A
         "stats_on_device": sum(8 * shapes[m][1] ** 2 for m in stats_modules(config, run)),
         "weight_state": sum(8 * o * i for o, i in shapes.values()),
     }
-    est["edit_job_memory"] = edit_job_memory(cls, hp, cfg, dtype, shapes)
+    est["edit_job_memory"] = edit_job_memory(cost, cfg, dtype, shapes)
     return est

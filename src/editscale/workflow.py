@@ -5,6 +5,7 @@ Kept here (not in the Snakefile) so that they are unit-testable and the rules st
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -86,10 +87,8 @@ def _resolved_hparams(method: str, path: str, overrides_json: str, run_name: str
     hp = {**cls.default_hparams, **data, **overrides}
     if overrides:
         source += f" with runs[{run_name}].hparams_overrides {sorted(overrides)}"
-    cls.validate_hparams(hp, source)
-    if layers_in_model is not None:
-        cls.check_for_model(hp, layers_in_model, source)
-    return json.dumps(canonical({**hp, **cls.forced_hparams}))
+    typed = cls.resolve_hparams(hp, source, layers_in_model)  # the method's dataclass, built at plan time
+    return json.dumps(canonical({**dataclasses.asdict(typed), **cls.forced_hparams}))
 
 
 def run_hparams(run: dict, layers_in_model: int | None = None) -> dict:
@@ -143,7 +142,7 @@ def run_record(config: dict, run: dict) -> dict:
 def template_sampling(run: dict) -> str:
     """How the run's context templates are sampled (the method's reference rule and the format
     version): a param of the context_templates rule, so a change re-samples them."""
-    from .edit.common import TEMPLATE_FORMAT
+    from .edit.templating import TEMPLATE_FORMAT
     from .edit.methods import get_method
 
     return f"{get_method(run['method'], run_hparams(run)).template_rule}-v{TEMPLATE_FORMAT}"
@@ -174,6 +173,17 @@ def projection_files(config: dict, run: dict) -> dict[str, str]:
         return {}
     return {m: str(layout.projection_path(run["model"], run["corpus"], m, spec["threshold"], spec.get("rule", "eigh64")))
             for m in edited_modules(config, run)}
+
+
+def precomputed_files(config: dict, run: dict) -> dict[str, dict[str, str]]:
+    """kind -> module -> the file an edit job of the run reads, for each kind the method declares."""
+    files = {"mom2": stats_files(config, run), "nullspace": projection_files(config, run)}
+    return {kind: paths for kind, paths in files.items() if paths}
+
+
+def precomputed_flags(config: dict, run: dict) -> str:
+    """The edit job's --precomputed arguments (KIND:MODULE=PATH)."""
+    return " ".join(f"{kind}:{m}={p}" for kind, paths in precomputed_files(config, run).items() for m, p in paths.items())
 
 
 def segment_ends(run: dict) -> list[int]:
@@ -577,6 +587,7 @@ def prepare(config: dict, source: str = "config", root: Path | None = None) -> d
     that reads a config (through `load_config`) accept. `root`: the workflow directory relative
     hparams paths are resolved against when the caller runs elsewhere."""
     from .config import validate
+    from .evaluate.registry import METRICS  # noqa: F401 - the registry whose plugin and entry-point metrics add schema sections
 
     validate(config, source)
     if root is not None:

@@ -9,7 +9,7 @@ import dataclasses
 
 import torch
 
-from editscale.edit.common import module_io_at_subject
+from editscale.edit.subject_keys import module_io_at_subject
 from editscale.edit.hparams import spec
 from editscale.edit.methods import EditMethod, register_method
 from editscale.edit.weights import Update

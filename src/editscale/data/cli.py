@@ -1,6 +1,5 @@
 """`editscale dataset` and `editscale sequence`: build data/datasets/{dataset}.jsonl and results/{run}/edits.jsonl;
-`editscale download` (rule `download`) and `editscale convert-stats` (the ROME authors' precomputed
-statistics into editscale's HDF5)."""
+and `editscale download` (rule `download`)."""
 
 from __future__ import annotations
 
@@ -39,18 +38,6 @@ def register(sub) -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds without data before giving up")
     p.set_defaults(func=run_download)
 
-    p = sub.add_parser(
-        "convert-stats",
-        help="convert the ROME authors' layer_stats .npz (rome.baulab.info/data/stats/...) into editscale's stats HDF5",
-    )
-    p.add_argument("--npz", required=True, help="e.g. transformer.h.17.mlp.c_proj_float32_mom2_100000.npz")
-    p.add_argument("--model-dir", required=True, help="prepared model directory (its manifest sha goes into the file)")
-    p.add_argument("--module", default=None, help="edited module (default: read from the npz file name)")
-    p.add_argument("--out", required=True, help="e.g. results/stats/gpt2-xl/wikipedia/transformer.h.17.mlp.c_proj.h5")
-    p.add_argument("--corpus", default="rome-wikipedia", help="corpus label stored in the file")
-    p.add_argument("--source-url", default=None, help="where the npz came from (recorded in the file)")
-    p.set_defaults(func=run_convert_stats)
-
 
 def run_dataset(args) -> None:
     from .readers import build_dataset
@@ -88,11 +75,3 @@ def run_download(args) -> None:
 
     digest = download(args.url, args.out, sha256=args.sha256 or known_sha256(args.url), timeout=args.timeout)
     print(f"{digest}  {args.out}")
-
-
-def run_convert_stats(args) -> None:
-    from ..stats.convert import convert_rome_stats
-
-    info = convert_rome_stats(args.npz, args.model_dir, args.out, module=args.module, corpus=args.corpus,
-                              source_url=args.source_url)
-    print(json.dumps(info, indent=2, sort_keys=True))

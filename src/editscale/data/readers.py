@@ -15,10 +15,12 @@ import logging
 import os
 from collections import Counter
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from ..io import EditscaleError, write_jsonl_atomic
+from ..registry import Registry
 from .geofacts import build_geofacts
 from .schema import UNKNOWN_RELATION, fill, make_template, subsample, validate_case
 
@@ -300,12 +302,23 @@ def file_reader(read: Callable[..., list[dict]], many: bool = False) -> Callable
     return reader
 
 
-# the keys only one reader's format has: a record with all of them names its reader
-FORMAT_KEYS = {
-    "counterfact": {"requested_rewrite"},
-    "counterfact_easyedit": {"prompt", "ground_truth", "rephrase_prompt"},
-    "zsre_mend": {"src", "alt", "answers"},
-}
+@dataclass(frozen=True)
+class Reader:
+    """A dataset reader: `read(spec) -> (cases, source)`, and the keys only its format has (a
+    record with all of them names its reader: `detect_reader`)."""
+
+    read: Callable[[dict], tuple[list[dict], str]]
+    format_keys: frozenset = frozenset()
+
+
+# reader name -> Reader: the one table of dataset readers (editscale.registry.Registry); a plugin
+# adds one with READERS.add(name, Reader(...)) or an `editscale.readers` entry point (a Reader or a function)
+READERS: Registry[Reader] = Registry("dataset reader", entry_points="editscale.readers",
+                                     from_entry_point=lambda name, obj: obj if isinstance(obj, Reader) else Reader(obj))
+READERS.add("geofacts", Reader(read_geofacts))
+READERS.add("counterfact", Reader(file_reader(read_counterfact), frozenset({"requested_rewrite"})))
+READERS.add("counterfact_easyedit", Reader(file_reader(read_counterfact_easyedit, many=True), frozenset({"prompt", "ground_truth", "rephrase_prompt"})))
+READERS.add("zsre_mend", Reader(file_reader(read_zsre_mend), frozenset({"src", "alt", "answers"})))
 
 
 def detect_reader(path: str | os.PathLike) -> str | None:
@@ -315,17 +328,10 @@ def detect_reader(path: str | os.PathLike) -> str | None:
     except EditscaleError:
         return None
     first = records[0] if records and isinstance(records[0], dict) else {}
-    hits = [name for name, keys in FORMAT_KEYS.items() if keys <= set(first)]
+    hits = [name for name, reader in READERS.items() if reader.format_keys and reader.format_keys <= set(first)]
     return hits[0] if len(hits) == 1 else None
 
 
-# reader name -> function spec -> (cases, source): the one table of dataset readers
-READERS: dict[str, Callable[[dict], tuple[list[dict], str]]] = {
-    "geofacts": read_geofacts,
-    "counterfact": file_reader(read_counterfact),
-    "counterfact_easyedit": file_reader(read_counterfact_easyedit, many=True),
-    "zsre_mend": file_reader(read_zsre_mend),
-}
 # The config's dataset entry is passed whole: `url` belongs to the download rule and `order_file`
 # to the sequence rule; they are accepted here and not used.
 SPEC_KEYS = {"reader", "path", "n_cases", "seed", "url", "order_file", "max_skipped_fraction", "max_cities", "counties"}
@@ -406,7 +412,7 @@ def load_cases(spec: dict) -> list[dict]:
     check_reader_options(spec, "dataset spec")
     token = _SKIP_REPORTS.set([])
     try:
-        cases, source = READERS[reader](spec)
+        cases, source = READERS[reader].read(spec)
         reports = _SKIP_REPORTS.get()
     finally:
         _SKIP_REPORTS.reset(token)

@@ -24,10 +24,29 @@ Optional fields:
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from ..io import EditscaleError
 
+
+class EditCase(TypedDict):
+    """One normalized case (module doc): what every reader produces and every stage reads."""
+
+    case_id: str
+    subject: str
+    relation_id: str
+    prompt: str
+    target_true: str
+    target_new: str
+    paraphrase_prompts: list[str]
+    neighborhood_prompts: list[str]
+    attribute_prompts: list[str]
+    generation_prompts: list[str]
+    neighborhood_target: NotRequired[str]
+    edit_index: NotRequired[int]
+
+
+# what validate_case checks: EditCase's fields (tests/test_data.py holds the two equal)
 STRING_FIELDS = ("case_id", "subject", "relation_id", "prompt", "target_true", "target_new")
 LIST_FIELDS = ("paraphrase_prompts", "neighborhood_prompts", "attribute_prompts", "generation_prompts")
 REQUIRED_FIELDS = STRING_FIELDS + LIST_FIELDS
@@ -56,7 +75,7 @@ def make_template(prompt: str, subject: str) -> str | None:
     return prompt.replace(subject, "{}", 1)
 
 
-def validate_case(d: Any, source: str | None = None) -> dict:
+def validate_case(d: Any, source: str | None = None) -> EditCase:
     """Check one case against the schema; return it unchanged or raise EditscaleError.
 
     The message names the case_id (or the position when there is none), the field and the

@@ -45,6 +45,7 @@ from .hparams import spec
 from .memit import KeyMemory, Memit, MemitSolveHparams, solve_checked
 
 from ..stats.mom2 import PROJECTION_RULES, null_space_projection_by_rule
+from .cost import CostSpec
 
 
 def null_space_projection(mom2, threshold: float, device="cpu", rule: str = "eigh64") -> torch.Tensor:
@@ -78,18 +79,12 @@ class AlphaEdit(Memit):
     """Null-space constrained MEMIT for sequential editing."""
 
     name = "alphaedit"
-    easyedit_name = "AlphaEdit"
     hparams_type = AlphaEditHparams
 
     @classmethod
     def precomputed(cls, hparams):
         # C enters only through P: the edit jobs read the projections, not the float64 covariances
         return {"nullspace": {"threshold": hparams["nullspace_threshold"], "rule": hparams.get("projection_rule", "eigh64")}}
-
-    @classmethod
-    def device_matrices(cls, hparams):
-        resident, _ = super().device_matrices(hparams)
-        return resident + 1, 4.0  # + Kp Kp^T (KeyMemory); the solve: A, P A, M and its factor
 
     def __init__(
         self,
@@ -102,15 +97,15 @@ class AlphaEdit(Memit):
         projections: dict | None = None,
     ):
         super().__init__(model, tok, hparams, stats, context_templates, state)
-        pdt = _DTYPES[self.hparams["projection_dtype"]]
+        pdt = _DTYPES[self.hp.projection_dtype]
         device = next(model.parameters()).device
         self.P: dict[str, torch.Tensor] = {}
         for m in self._modules:
             if projections is not None and m in projections:
                 P = torch.as_tensor(projections[m])
             elif m in self.stats:
-                P = null_space_projection(self.stats[m], float(self.hparams["nullspace_threshold"]), device=device,
-                                          rule=self.hparams["projection_rule"])
+                P = null_space_projection(self.stats[m], float(self.hp.nullspace_threshold), device=device,
+                                          rule=self.hp.projection_rule)
             else:
                 raise EditscaleError(f"alphaedit: neither a null-space projection nor statistics for {m}")
             self.P[m] = P.to(device=device, dtype=pdt)
@@ -118,11 +113,11 @@ class AlphaEdit(Memit):
         self.null_dim = {m: int(round(float(torch.diagonal(P).sum()))) for m, P in self.P.items()}
         for m, r in self.null_dim.items():
             if r == 0:
-                log.warning("alphaedit: the null space of %s is empty (threshold %g): every update will be zero", m, self.hparams["nullspace_threshold"])
+                log.warning("alphaedit: the null space of %s is empty (threshold %g): every update will be zero", m, self.hp.nullspace_threshold)
             elif r == self.P[m].shape[0]:
-                log.warning("alphaedit: the null space of %s is everything (threshold %g): no knowledge is preserved", m, self.hparams["nullspace_threshold"])
+                log.warning("alphaedit: the null space of %s is everything (threshold %g): no knowledge is preserved", m, self.hp.nullspace_threshold)
         d_in = {m: self.P[m].shape[0] for m in self._modules}
-        self.memory = KeyMemory(self._modules, d_in, int(self.hparams["key_fold_size"]), device, state, owner=self.name)
+        self.memory = KeyMemory(self._modules, d_in, int(self.hp.key_fold_size), device, state, owner=self.name)
 
     def _needs_cov(self) -> bool:
         return False  # C enters only through P
@@ -147,14 +142,14 @@ class AlphaEdit(Memit):
     # -- the update -----------------------------------------------------------------------------
 
     def solve_layer(self, index: int, module: str, K: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dt = _DTYPES[self.hparams["solve_dtype"]]
+        dt = _DTYPES[self.hp.solve_dtype]
         P = self.P[module].to(device=K.device, dtype=dt)
         d = K.shape[0]
         if P.shape != (d, d):
             raise EditscaleError(f"alphaedit: projection of {module} has shape {tuple(P.shape)}, keys have dimension {d}")
         Kd = K.to(dt)
         A = self.prior_kkt(module).to(device=K.device, dtype=dt) + Kd @ Kd.T
-        M = P @ A + float(self.hparams["L2"]) * torch.eye(d, dtype=dt, device=K.device)
+        M = P @ A + float(self.hp.L2) * torch.eye(d, dtype=dt, device=K.device)
         v = solve_checked(M, P @ Kd, f"alphaedit: P (Kp Kp^T + K K^T) + L2 I of {module}")
         return R, v.to(torch.float64)
 
@@ -168,3 +163,9 @@ class AlphaEdit(Memit):
         for m in self._modules:
             K = self.keys(m, cases).T.to(torch.float32)  # [B, d_in], on the edited model
             self.memory.append(m, K)
+
+
+class AlphaEditCost(CostSpec):
+    def device_matrices(self) -> tuple[float, float]:
+        resident, _ = super().device_matrices()
+        return resident + 1, 4.0  # + Kp Kp^T (KeyMemory); the solve: A, P A, M and its factor

@@ -34,7 +34,7 @@ from ..io import EditscaleError, atomic_path, provenance, read_jsonl, sha256_fil
 from ..layout import SegmentFiles, StateFiles
 from ..models.load import load_model, model_sha, pick_device
 from .weights import Update, WeightState, add_update
-from .common import PHASE_SECONDS
+from .timing import PHASE_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -172,35 +172,42 @@ def _cases_between(edits_path, k_start: int, k_end: int) -> list[dict]:
     return sorted(cases, key=lambda c: c["edit_index"])
 
 
-def segment_inputs(model_sha256: str, files: SegmentFiles, templates_path, stats_paths: dict[str, str],
-                   projection_paths: dict[str, str] | None, modules: list[str]) -> dict:
+def segment_inputs(model_sha256: str, files: SegmentFiles, templates_path, precomputed: dict[str, dict[str, str]], modules: list[str]) -> dict:
     """What a segment was computed from, recorded in its delta and factors (the audit checks each
     still exists and matches): the model, the edit sequence, the templates, the previous
-    checkpoint, and the content_sha256 of each second-moment / projection file it read."""
-    from ..stats.mom2 import content_sha256
+    checkpoint, and the content_sha256 of each precomputed file it read (second moments,
+    projections: `{role}:{module}`)."""
+    from ..stats.mom2 import PRECOMPUTED_KINDS, content_sha256
 
     inputs: dict = {"model": model_sha256}
     for role, path in (("edits", files.edits), ("templates", templates_path), ("previous_delta", files.previous_delta),
                        ("previous_factors", files.previous_factors)):
         if path is not None:
             inputs[role] = {"path": str(path), "sha256": sha256_file(path)}
-    for kind, paths in (("stats", stats_paths), ("projection", projection_paths or {})):
+    for kind, paths in precomputed.items():
         for module, path in sorted(paths.items()):
             if module in modules:
-                inputs[f"{kind}:{module}"] = {"path": str(path), "content_sha256": content_sha256(path)}
+                inputs[f"{PRECOMPUTED_KINDS[kind].role}:{module}"] = {"path": str(path), "content_sha256": content_sha256(path)}
     return inputs
 
 
-def load_stats(stats_paths: dict[str, str], model_sha256: str, device) -> dict[str, torch.Tensor]:
-    from ..stats.mom2 import read_mom2
+def load_precomputed(precomputed: dict[str, dict[str, str]], modules: list[str], model_sha256: str, device) -> dict[str, dict[str, torch.Tensor]]:
+    """The precomputed inputs of the edited `modules`, by the keyword the method takes each kind by
+    (stats.mom2.PRECOMPUTED_KINDS): {"stats": {module: C}, "projections": {module: P}, ...}."""
+    from ..stats.mom2 import PRECOMPUTED_KINDS
 
-    return {m: torch.from_numpy(read_mom2(p, expected_model_sha=model_sha256)).to(device) for m, p in stats_paths.items()}
+    unknown = sorted(set(precomputed) - set(PRECOMPUTED_KINDS))
+    if unknown:
+        raise EditscaleError(f"precomputed input kind(s) {unknown} unknown (known: {sorted(PRECOMPUTED_KINDS)})")
+    return {PRECOMPUTED_KINDS[kind].argument: {m: torch.from_numpy(PRECOMPUTED_KINDS[kind].read(p, expected_model_sha=model_sha256)).to(device)
+                                               for m, p in paths.items() if m in modules}
+            for kind, paths in precomputed.items()}
 
 
 def templates_record(model, tok, method: str, hparams: dict, seed: int) -> dict:
     """The content of a run's context_templates.json: template groups sampled from the unedited
     model by the method's reference rule (`EditMethod.template_rule`), with what made them."""
-    from .common import TEMPLATE_FORMAT, flat_templates, sample_context_templates
+    from .templating import TEMPLATE_FORMAT, flat_templates, sample_context_templates
     from .methods import get_method
 
     rule = get_method(method, hparams).template_rule
@@ -214,7 +221,7 @@ def read_templates(path: str | Path, rule: str) -> list[list[str]]:
     """The template groups of a context_templates.json; one written by an older editscale (flat
     templates, before the per-reference sampling) or for another method family is refused, naming
     the file, instead of silently averaging keys the wrong way."""
-    from .common import TEMPLATE_FORMAT
+    from .templating import TEMPLATE_FORMAT
 
     data = json.loads(Path(path).read_text())
     if data.get("format") != TEMPLATE_FORMAT or "groups" not in data:
@@ -227,34 +234,27 @@ def read_templates(path: str | Path, rule: str) -> list[list[str]]:
     return data["groups"]
 
 
-def run_segment(
-    model_dir: str | Path,
-    files: SegmentFiles,
-    method: str,
-    hparams: dict,
-    stats_paths: dict[str, str],
-    templates_path: str | Path,
-    edits_per_step: int = 1,
-    config_hash: str = "",
-    dtype: str = "float32",
-    device: str = "auto",
-    projection_paths: dict[str, str] | None = None,
-) -> None:
+def run_segment(model_dir: str | Path, files: SegmentFiles, run: dict, precomputed: dict[str, dict[str, str]], templates_path: str | Path,
+                device: str = "auto") -> None:
     """Apply the segment's edits to the state of the previous checkpoint and write its delta and
-    factors (every file named by `files`)."""
+    factors (every file named by `files`). `run`: the run record (run.json: method, hparams,
+    edits_per_step, dtype, config_hash); `precomputed`: kind -> module -> file of what the method
+    declared it needs (EditMethod.precomputed), handed to it by kind (`load_precomputed`)."""
     from .methods import get_method
 
+    method, hparams = run["method"], run["hparams"]
+    edits_per_step = int(run.get("edits_per_step", 1))
     k_end, segment, k_start = files.k_end, files.segment, files.k_start
     if k_start < 0 or segment <= 0 or segment % edits_per_step:
         raise EditscaleError(f"segment {segment} must be positive, <= k={k_end}, and a multiple of edits_per_step {edits_per_step}")
     torch.use_deterministic_algorithms(True, warn_only=True)
     cases = _cases_between(files.edits, k_start, k_end)
     sha = model_sha(model_dir)
-    model, tok = load_model(model_dir, dtype=dtype, device=device)
+    model, tok = load_model(model_dir, dtype=run.get("dtype", "float32"), device=device)
     dev = pick_device(device)
     method_cls = get_method(method, hparams)
     modules = method_cls.modules(model, hparams)
-    stats = load_stats({m: p for m, p in stats_paths.items() if m in modules}, sha, dev)
+    inputs_by_argument = {"stats": {}, **load_precomputed(precomputed, modules, sha, dev)}
     templates = read_templates(templates_path, method_cls.template_rule)
 
     prev_delta, prev_attrs, state = None, {}, None
@@ -262,14 +262,7 @@ def run_segment(
         prev_delta, prev_attrs = read_delta(files.previous_delta, expected_model_sha=sha)
         _, _, state, _ = read_factors(files.previous_factors)
     weights = WeightState(model, modules, delta=prev_delta)
-    extra = {}
-    if projection_paths:  # AlphaEdit: the cached null-space projections of the stats stage
-        from ..stats.mom2 import read_projection
-
-        extra["projections"] = {
-            m: torch.from_numpy(read_projection(p, expected_model_sha=sha)).to(dev) for m, p in projection_paths.items() if m in modules
-        }
-    editor = method_cls(model, tok, hparams, stats, templates, state=state or None, **extra)
+    editor = method_cls(model, tok, hparams, context_templates=templates, state=state or None, **inputs_by_argument)
     if k_start == 0:
         editor.begin(sorted(read_jsonl(files.edits), key=lambda c: c["edit_index"]))
 
@@ -315,10 +308,10 @@ def run_segment(
         steps.extend([rows[-1]["step"]] * len(applied))
         bar.set_postfix(loss=f"{rows[-1]['v_loss'] or 0:.3f}", norm=f"{norm:.3g}")
 
-    inputs = segment_inputs(sha, files, templates_path, stats_paths, projection_paths, modules)
+    inputs = segment_inputs(sha, files, templates_path, precomputed, modules)
     attrs = {
         "model_sha256": sha, "k": k_end, "k_start": k_start, "segment": segment, "method": method,
-        "hparams": json.dumps(hparams, sort_keys=True), **provenance(config_hash, inputs, str(dev)),
+        "hparams": json.dumps(hparams, sort_keys=True), **provenance(run.get("config_hash", ""), inputs, str(dev)),
     }
     write_factors(files.factors, updates, steps, rows, editor.state_dict(), attrs)
     prev_sha = inputs["previous_delta"]["sha256"] if files.previous_delta is not None else None

@@ -32,9 +32,9 @@ def register(sub) -> None:
     p.add_argument("--k", type=int, required=True, help="edit count at the end of the segment")
     p.add_argument("--out-delta", required=True, help="the delta to write (deltas/{k}.h5)")
     p.add_argument("--out-factors", required=True, help="the factors to write (factors/{k}.h5)")
-    p.add_argument("--stats", nargs="*", default=[], help="MODULE=PATH of each edited module's second moment")
     p.add_argument("--templates", required=True)
-    p.add_argument("--projections", nargs="*", default=[], help="MODULE=PATH of AlphaEdit null-space projections")
+    p.add_argument("--precomputed", nargs="*", default=[], metavar="KIND:MODULE=PATH",
+                   help="what the stats stage computed for the method (EditMethod.precomputed), e.g. mom2:MODULE=PATH, nullspace:MODULE=PATH")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_edit_segment)
 
@@ -67,10 +67,7 @@ def resolve_run(record: dict, layers_in_model: int | None = None) -> dict:
 
     cls = get_method(record["method"], record["hparams"])
     source = f"run {record['name']}: resolved hparams of {record.get('hparams_file')}"
-    hp = {k: v for k, v in record["hparams"].items() if k not in cls.forced_hparams}
-    cls.validate_hparams(hp, source)
-    if layers_in_model is not None:
-        cls.check_for_model(hp, layers_in_model, source)
+    cls.resolve_hparams(record["hparams"], source, layers_in_model)
     resolved = dict(record)
     resolved["config_hash"] = sha256_json({k: v for k, v in resolved.items() if k != "name"})
     return resolved
@@ -103,21 +100,18 @@ def cmd_edit_segment(args) -> None:
 
     run = read_run(args.run_json)
     files = SegmentFiles.declared(args.k, int(run["segment"]), args.edits, args.previous, args.out_delta, args.out_factors)
-    run_segment(
-        args.model_dir, files, run["method"], run["hparams"], _module_paths(args.stats, "--stats"),
-        args.templates, edits_per_step=int(run.get("edits_per_step", 1)), config_hash=run["config_hash"],
-        dtype=run.get("dtype", "float32"), device=args.device,
-        projection_paths=_module_paths(args.projections, "--projections"),
-    )
+    run_segment(args.model_dir, files, run, _precomputed_paths(args.precomputed), args.templates, device=args.device)
 
 
-def _module_paths(items: list[str], flag: str) -> dict[str, str]:
-    out = {}
+def _precomputed_paths(items: list[str]) -> dict[str, dict[str, str]]:
+    """--precomputed KIND:MODULE=PATH ... as kind -> module -> path."""
+    out: dict[str, dict[str, str]] = {}
     for item in items:
-        module, sep, path = item.partition("=")
-        if not sep:
-            raise EditscaleError(f"{flag} expects MODULE=PATH, got {item!r}")
-        out[module] = path
+        kind, sep, rest = item.partition(":")
+        module, sep2, path = rest.partition("=")
+        if not (sep and sep2 and kind and module and path):
+            raise EditscaleError(f"--precomputed expects KIND:MODULE=PATH, got {item!r}")
+        out.setdefault(kind, {})[module] = path
     return out
 
 

@@ -5,13 +5,13 @@ names for what the method computes (layers, v_lr, kl_factor, mom2_update_weight,
 editscale's names too, and add keys that say where and how EasyEdit runs (model_name, device,
 stats_dir, fp16, ...) and module-name templates. The conversion:
 
-* the method: the registered class whose `easyedit_name` is the file's `alg_name` (or --method);
+* the method: the registered method whose entry's `easyedit` is the file's `alg_name` (or --method);
 * module templates (`rewrite_module_tmp`, `layer_module_tmp`, `mlp_module_tmp`, `ln_f_module`,
   `lm_head_module`; UltraEdit's `inner_params`) are matched against the architecture registry
   (`editscale.models.registry.ARCHITECTURES`): they must name the modules editscale edits and
   reads for one family; editscale files do not carry them (the model's family decides);
 * run-time keys are dropped, each with the config key that takes its place;
-* the method's `easyedit_keys` renames keys; a key editscale's method does not have is dropped and
+* the entry's `easyedit_keys` renames keys; a key editscale's method does not have is dropped and
   named ("cannot map");
 * the result is validated like any hparams file (`validate_hparams`; with a model directory also
   the layer range), and the keys left at editscale's defaults are listed.
@@ -93,15 +93,12 @@ class Conversion:
 
 
 def method_for(alg_name: str) -> str:
-    """The registered method whose `easyedit_name` is `alg_name` (case-insensitive)."""
-    known = {}
-    for name in METHODS:
-        ee = getattr(get_method(name), "easyedit_name", "")
-        if ee:
-            known[ee.lower()] = name
+    """The registered method whose EasyEdit name (its registry entry's `easyedit`) is `alg_name`
+    (case-insensitive)."""
+    known = {entry.easyedit.lower(): name for name, entry in METHODS.items() if entry.easyedit}
     if alg_name.lower() not in known:
         raise EditscaleError(f"EasyEdit alg_name {alg_name!r} has no editscale counterpart; importable: "
-                             f"{sorted(get_method(n).easyedit_name for n in known.values())} (or pass --method)")
+                             f"{sorted(METHODS[n].easyedit for n in known.values())} (or pass --method)")
     return known[alg_name.lower()]
 
 
@@ -172,7 +169,7 @@ def convert(path: str | Path, method: str | None = None, n_layers: int | None = 
     cls = get_method(method)
     architecture, checked = match_architecture(data, str(path))
     fields = hparams_spec.fields(cls.hparams_type)
-    renames = dict(getattr(cls, "easyedit_keys", {}))
+    renames = dict(METHODS[method].easyedit_keys)
     out: dict = {}
     conv = Conversion(method, str(path), alg_name or method, architecture, out)
     if data.get("inner_params"):

@@ -34,7 +34,9 @@ import torch
 
 from ..io import EditscaleError
 from ..models.registry import layer_name
-from .common import CovSolver, compute_keys, module_forward, module_io_at_subject, optimize_value
+from .subject_keys import compute_keys, module_io_at_subject
+from .solvers import CovSolver, module_forward
+from .value_optimization import optimize_value
 from .hparams import spec
 from .rome import RRomeHparams, Rome
 from .weights import Update, WeightState
@@ -50,9 +52,7 @@ class EmmetHparams(RRomeHparams):
 
 class Emmet(Rome):
     name = "emmet"
-    easyedit_name = "EMMET"
     hparams_type = EmmetHparams
-    solve_cost = "per_edit"
     # emmet/emmet_main.py get_context_templates and compute_ks (MEMIT's), emmet/compute_z.py
     template_rule = "memit"
     value_loss_layer = "max"
@@ -64,24 +64,24 @@ class Emmet(Rome):
     def solver(self, module: str, d_in: int | None = None) -> CovSolver:
         """(mom2_update_weight * C + update_norm_lambda * I)^-1, factored once per method object."""
         if module not in self._solvers:
-            hp = self.hparams
-            if hp["mom2_adjustment"]:
+            hp = self.hp
+            if hp.mom2_adjustment:
                 if module not in self.stats:
                     raise EditscaleError(f"{self.name}: mom2_adjustment needs the second moment of {module!r}; stats hold {sorted(self.stats)}")
-                C, scale = self.stats[module], float(hp["mom2_update_weight"])
+                C, scale = self.stats[module], float(hp.mom2_update_weight)
             else:
                 C, scale = torch.eye(int(d_in), dtype=torch.float64), 1.0
-            self._solvers[module] = CovSolver(C, module=module, scale=scale, ridge=float(hp.get("update_norm_lambda", 0.0)))
+            self._solvers[module] = CovSolver(C, module=module, scale=scale, ridge=float(hp.update_norm_lambda))
         return self._solvers[module]
 
     def apply(self, cases: list[dict], weights: WeightState) -> list[dict]:
         if not cases:
             return []
         t0 = time.perf_counter()
-        hp, module = self.hparams, self.module
+        hp, module = self.hp, self.module
         B = len(cases)
         K = compute_keys(self.model, self.tok, module, cases, self.context_templates).T.to(torch.float64)  # [d_in, B]
-        inject = module if hp["v_inject"] == "mlp_out" else layer_name(self.model, int(hp["layers"][0]))
+        inject = module if hp.v_inject == "mlp_out" else layer_name(self.model, int(hp.layers[0]))
         values, logs = [], []
         for case in cases:
             v, log = optimize_value(self.model, self.tok, case, self.context_templates, inject, hp, loss_layer=self.value_loss_layer)
@@ -89,15 +89,15 @@ class Emmet(Rome):
             logs.append(log)
         Z = torch.stack(values, dim=1).to(device=K.device, dtype=torch.float64)  # [d, B]
         cur = module_forward(self.model, weights, module, K)  # W K + b, [d_out, B]
-        if hp["v_inject"] == "mlp_out":
+        if hp.v_inject == "mlp_out":
             R = Z - cur
         else:
             _, z_init = module_io_at_subject(self.model, self.tok, inject, [c["prompt"] for c in cases], [c["subject"] for c in cases])
             R = Z - z_init.T.to(device=K.device, dtype=torch.float64)
         CinvK = self.solver(module, d_in=K.shape[0]).solve(K)  # [d_in, B]
         D = K.T @ CinvK
-        if B > 1 and hp["emmet_lambda"]:
-            D = D + float(hp["emmet_lambda"]) * torch.eye(B, dtype=D.dtype, device=D.device)
+        if B > 1 and hp.emmet_lambda:
+            D = D + float(hp.emmet_lambda) * torch.eye(B, dtype=D.dtype, device=D.device)
         U = torch.linalg.solve(D, R.T).T  # R D^-1 (D symmetric), [d_out, B]
         meta = {"method": self.name, "case_ids": [c.get("case_id") for c in cases], "batch": B}
         weights.apply(Update(module, u=U.float(), v=CinvK.float(), meta=meta))

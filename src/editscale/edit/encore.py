@@ -20,7 +20,7 @@ i.e. MEMIT's objective plus a Frobenius-norm penalty and keeping the earlier edi
 unchanged. `add_prev_edits: false` drops Kp (MEMIT plus the norm penalty). The stored keys are
 memit.KeyMemory's (exact replay from the segment's saved state).
 
-MPES (common.optimize_value, `early_stop: mpes`, ENCORE's default): the z optimization stops at
+MPES (value_optimization.optimize_value, `early_stop: mpes`, ENCORE's default): the z optimization stops at
 the `mpes_steps`-th pass at which the new target is the argmax continuation at every target
 position of every rewriting prompt (ENCORE's `prob_cutoff: -N`).
 
@@ -37,9 +37,10 @@ import dataclasses
 import torch
 
 from ..io import EditscaleError
-from . import common
+from . import value_optimization
 from .hparams import spec
 from .memit import KeyMemory, Memit, MemitSolveHparams, solve_checked
+from .cost import CostSpec
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -48,7 +49,7 @@ class EncoreHparams(MemitSolveHparams):
     update_norm_lambda: float = spec(minimum=0, doc="lambda_n: weight of the Frobenius-norm penalty ||dW||^2")
     add_prev_edits: bool = spec(True, doc="add the keys of every earlier edit (Kp Kp^T) to the normal equations")
     key_fold_size: int = spec(64, minimum=1, doc="earlier keys folded into Kp Kp^T in chunks of this many (exact replay)")
-    early_stop: str = spec("mpes", choices=common.EARLY_STOP_RULES, doc="z optimization's stopping rule (ENCORE: mpes)")
+    early_stop: str = spec("mpes", choices=value_optimization.EARLY_STOP_RULES, doc="z optimization's stopping rule (ENCORE: mpes)")
 
 
 class Encore(Memit):
@@ -61,16 +62,11 @@ class Encore(Memit):
     def precomputed(cls, hparams):
         return {"mom2": {}}
 
-    @classmethod
-    def device_matrices(cls, hparams):
-        resident, transient = super().device_matrices(hparams)
-        return resident + float(hparams.get("add_prev_edits", True)), transient  # + Kp Kp^T (KeyMemory)
-
     def __init__(self, model, tok, hparams: dict, stats: dict, context_templates, state=None):
         super().__init__(model, tok, hparams, stats, context_templates, state)
         device = next(model.parameters()).device
         d_in = {m: int(self.stats[m].shape[0]) for m in self._modules}
-        self.memory = KeyMemory(self._modules, d_in, int(self.hparams["key_fold_size"]), device, state, owner=self.name)
+        self.memory = KeyMemory(self._modules, d_in, int(self.hp.key_fold_size), device, state, owner=self.name)
 
     def _needs_cov(self) -> bool:
         return True
@@ -83,9 +79,9 @@ class Encore(Memit):
         d = K.shape[0]
         if C.shape != (d, d):
             raise EditscaleError(f"encore: statistics of {module} have shape {tuple(C.shape)}, keys have dimension {d}")
-        A = float(self.hparams["mom2_update_weight"]) * C
-        A = A + float(self.hparams["update_norm_lambda"]) * torch.eye(d, dtype=torch.float64, device=K.device)
-        if self.hparams["add_prev_edits"]:
+        A = float(self.hp.mom2_update_weight) * C
+        A = A + float(self.hp.update_norm_lambda) * torch.eye(d, dtype=torch.float64, device=K.device)
+        if self.hp.add_prev_edits:
             A = A + self.memory.kkt(module).to(K.device)
         v = solve_checked(A + K @ K.T, K, f"encore: lambda_p C + lambda_n I + Kp Kp^T + K K^T of {module}")
         self.memory.append(module, K.T)  # as used in this update (the reference's SEQ_CACHE)
@@ -93,3 +89,9 @@ class Encore(Memit):
 
     def row_extra(self) -> dict:
         return {"n_keys_stored": self.memory.count(self._modules[0])}
+
+
+class EncoreCost(CostSpec):
+    def device_matrices(self) -> tuple[float, float]:
+        resident, transient = super().device_matrices()
+        return resident + float(self.hparams.get("add_prev_edits", True)), transient  # + Kp Kp^T (KeyMemory)

@@ -34,10 +34,11 @@ from torch.func import functional_call
 from ..data.schema import fill
 from ..io import EditscaleError
 from ..models.registry import edited_weight, from_math, mlp_out_name
-from . import common
+from . import encoding, timing
 from .hparams import spec
 from .methods import EditMethod
 from .weights import Update, WeightState
+from .cost import CostSpec
 
 OBJECTIVES = ("last_token", "teacher_forced")
 
@@ -54,7 +55,7 @@ class _Batch:
         if objective not in OBJECTIVES:
             raise EditscaleError(f"ft-c objective {objective!r} unknown: use one of {OBJECTIVES}")
         p_ids = [list(x) for x in tok([prompt_text(c) for c in cases])["input_ids"]]
-        tids = [common.target_token_ids(tok, common.target_str(c)) for c in cases]
+        tids = [encoding.target_token_ids(tok, encoding.target_str(c)) for c in cases]
         t = max(len(x) for x in tids)
         pos = torch.zeros((len(cases), t), dtype=torch.long)
         tgt = torch.zeros((len(cases), t), dtype=torch.long)
@@ -70,7 +71,7 @@ class _Batch:
         for i, x in enumerate(tids):
             tgt[i, : len(x)] = torch.tensor(x)
             tmask[i, : len(x)] = 1.0
-        input_ids, mask = common.pad_right(seqs, common._pad_id(tok), device)
+        input_ids, mask = encoding.pad_right(seqs, encoding.pad_id(tok), device)
         self.inputs = {"input_ids": input_ids, "attention_mask": mask, "use_cache": False}
         self.pos = pos.to(device)
         self.tgt = tgt.to(device)
@@ -105,7 +106,6 @@ class FineTuneConstrained(EditMethod):
     name = "ft-c"
     hparams_type = FineTuneHparams
     update_kind = "dense"
-    solve_cost = "none"
 
     @classmethod
     def precomputed(cls, hparams):
@@ -148,20 +148,20 @@ class FineTuneConstrained(EditMethod):
         if not cases:
             return []
         t0 = time.perf_counter()
-        hp = self.hparams
+        hp = self.hp
         model = self.model
         device = next(model.parameters()).device
-        eps = hp.get("norm_constraint")
+        eps = hp.norm_constraint
         eps = None if eps in (None, False) else float(eps)
-        min_loss = float(hp["min_loss"])
-        bs = max(1, int(hp["batch_size"]))
-        batches = [_Batch(self.tok, cases[i : i + bs], hp["objective"], device) for i in range(0, len(cases), bs)]
+        min_loss = float(hp.min_loss)
+        bs = max(1, int(hp.batch_size))
+        batches = [_Batch(self.tok, cases[i : i + bs], hp.objective, device) for i in range(0, len(cases), bs)]
 
         for p in model.parameters():
             p.requires_grad_(False)
         start = {m: weights.current(m).to(device) for m in self._modules}
         work = {m: start[m].clone().requires_grad_(True) for m in self._modules}
-        opt = torch.optim.Adam(list(work.values()), lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]))
+        opt = torch.optim.Adam(list(work.values()), lr=float(hp.lr), weight_decay=float(hp.weight_decay))
         lo = {m: start[m] - eps for m in self._modules} if eps is not None else None
         hi = {m: start[m] + eps for m in self._modules} if eps is not None else None
 
@@ -170,8 +170,8 @@ class FineTuneConstrained(EditMethod):
         was_training = model.training
         model.eval()
         try:
-            with common.phase("optimize"):
-                for step in range(int(hp["num_steps"])):
+            with timing.phase("optimize"):
+                for step in range(int(hp.num_steps)):
                     steps_run = step + 1
                     total = 0.0
                     for batch in batches:
@@ -229,3 +229,7 @@ class FineTuneConstrained(EditMethod):
                 }
             )
         return rows
+
+
+class FineTuneCost(CostSpec):
+    solve = "none"  # fine-tuning: forward + backward with weight gradients per step, no closed form

@@ -115,32 +115,46 @@ def _numbers(value) -> list:
 
 def check(hparams_type, data: dict, source: str, method: str, partial: bool = False) -> None:
     """Validate `data` against the method's declared fields (see module doc); `partial` (for
-    `hparams_overrides` on their own) skips the missing-key check."""
+    `hparams_overrides` on their own) skips the missing-key check. Every problem of `data` is
+    reported in one error (one per line after the first), so that a file is fixed in one go."""
     known = fields(hparams_type)
     hints = typing.get_type_hints(hparams_type)
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        key = unknown[0]
+    problems = []
+    for key in sorted(set(data) - set(known)):
         near = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
-        raise EditscaleError(
-            f"{source}: unknown key {key!r} for method {method!r}"
-            + (f" (did you mean {near[0]!r}?)" if near else "")
-            + f"; {method} takes: {sorted(known)}"
-            + (f" (also unknown: {unknown[1:]})" if len(unknown) > 1 else "")
-        )
+        problems.append(f"unknown key {key!r} for method {method!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                        + f"; {method} takes: {sorted(known)}")
     if not partial:
         missing = [k for k in required(hparams_type) if k not in data]
         if missing:
-            raise EditscaleError(f"{source}: missing required key(s) {missing} for method {method!r}")
+            problems.append(f"missing required key(s) {missing} for method {method!r}")
     for key, value in data.items():
+        if key not in known:
+            continue
         f, tp = known[key], hints[key]
         if not _is(value, tp):
-            raise EditscaleError(f"{source}: {key!r} must be a {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+            problems.append(f"{key!r} must be a {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+            continue
         choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
         if choices and value not in choices:
-            raise EditscaleError(f"{source}: {key!r} = {value!r} is not allowed for method {method!r}; allowed: {list(choices)}")
+            problems.append(f"{key!r} = {value!r} is not allowed for method {method!r}; allowed: {list(choices)}")
         if minimum is not None and any(x < minimum for x in _numbers(value)):
-            raise EditscaleError(f"{source}: {key!r} = {value!r} must be >= {minimum}")
+            problems.append(f"{key!r} = {value!r} must be >= {minimum}")
+    if problems:
+        more = "".join(f"\n  {source}: {p}" for p in problems[1:])
+        raise EditscaleError(f"{source}: {problems[0]}" + (f" ({len(problems)} problems){more}" if more else ""))
+
+
+def build(hparams_type, data):
+    """The typed hyper-parameters: an instance of `hparams_type` from a mapping (its keys that are
+    fields of the type; values copied) or from another hparams instance; an instance of the type
+    is returned as it is. Validation is `check`'s (callers validate first)."""
+    if isinstance(data, hparams_type):
+        return data
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        data = dataclasses.asdict(data)
+    names = fields(hparams_type)
+    return hparams_type(**{k: _copy(v) for k, v in data.items() if k in names})
 
 
 def check_layers(data: dict, n_layers: int, source: str, keys: tuple[str, ...] = ("layers", "v_loss_layer")) -> None:

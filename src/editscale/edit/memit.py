@@ -3,10 +3,10 @@
 For a batch of B cases:
 
 1. z_i (one per case): the residual stream output of the last edited layer L at the subject-last
-   token that makes the model predict target_new (common.optimize_value with inject_module =
+   token that makes the model predict target_new (value_optimization.optimize_value with inject_module =
    the block of layer L; ROME/MEMIT's compute_z).
 2. For each edited layer l in ascending order, on the model as updated so far:
-     K   = template-averaged keys at the input of mlp_out(l) (common.compute_keys), d_in x B
+     K   = template-averaged keys at the input of mlp_out(l) (subject_keys.compute_keys), d_in x B
      Z0  = the current residual output of layer L at the subject-last token of the plain prompt
      R   = (Z - Z0) / (number of layers not yet updated, l included)
      dW  = R K^T (lambda C + K K^T)^-1,  lambda = mom2_update_weight, C = E[k k^T] of mlp_out(l)
@@ -35,7 +35,7 @@ import torch
 
 from ..io import EditscaleError
 from ..models.registry import get_module, layer_name, mlp_out_name
-from . import common
+from . import subject_keys, value_optimization
 from .hparams import spec
 from .methods import EditMethod
 from .weights import Update, WeightState
@@ -110,7 +110,7 @@ class KeyMemory:
 
 
 @dataclasses.dataclass(kw_only=True)
-class MemitSolveHparams(common.ValueHparams):
+class MemitSolveHparams(value_optimization.ValueHparams):
     """What MEMIT and its null-space variant share (memit/memit_hparams.py minus module names and
     statistics, which the registry and the workflow supply)."""
 
@@ -129,7 +129,6 @@ class Memit(EditMethod):
     """MEMIT's multi-layer least-squares update, one batch of cases per `apply`."""
 
     name = "memit"
-    easyedit_name = "MEMIT"
     # memit/memit_main.py get_context_templates + compute_ks (grouped key average), compute_z
     # (loss at max(v_loss_layer, z layer))
     template_rule = "memit"
@@ -143,14 +142,14 @@ class Memit(EditMethod):
     @classmethod
     def validate_hparams(cls, hp: dict, source: str = "hparams") -> None:
         super().validate_hparams(hp, source)
-        common.check_common_hparams(hp, source)
+        value_optimization.check_common_hparams(hp, source)
         layers = hp["layers"]
         if layers != sorted(set(layers)):
             raise EditscaleError(f"{source}: layers {layers} must be strictly ascending")
 
     def __init__(self, model, tok, hparams: dict, stats: dict, context_templates, state=None):
         super().__init__(model, tok, hparams, stats, context_templates, state)
-        self.layers = [int(x) for x in self.hparams["layers"]]
+        self.layers = [int(x) for x in self.hp.layers]
         self._modules = self.modules(model, self.hparams)
         for m in self._modules:
             get_module(model, m)
@@ -168,7 +167,7 @@ class Memit(EditMethod):
         return [mlp_out_name(model, int(layer)) for layer in hparams["layers"]]
 
     def _needs_cov(self) -> bool:
-        return bool(self.hparams.get("mom2_adjustment", True))
+        return bool(getattr(self.hp, "mom2_adjustment", True))  # the methods without the switch always use C
 
     def state_dict(self) -> dict:
         return {}
@@ -179,25 +178,25 @@ class Memit(EditMethod):
         """z of every case at the last edited layer, stacked as columns [d_model x B]."""
         zs, logs = [], []
         for case in cases:
-            z, lg = common.optimize_value(self.model, self.tok, case, self.context_templates, self.z_module, self.hparams, loss_layer=self.value_loss_layer)
+            z, lg = value_optimization.optimize_value(self.model, self.tok, case, self.context_templates, self.z_module, self.hp, loss_layer=self.value_loss_layer)
             zs.append(z.detach().reshape(-1))
             logs.append(lg or {})
         return torch.stack(zs, dim=1), logs
 
     def current_z(self, cases: list[dict]) -> torch.Tensor:
         """Residual output of the last edited layer at the subject-last token of each prompt [d x B]."""
-        _, out = common.module_io_at_subject(
+        _, out = subject_keys.module_io_at_subject(
             self.model, self.tok, self.z_module, [c["prompt"] for c in cases], [c["subject"] for c in cases]
         )
         return out.detach().T
 
     def keys(self, module: str, cases: list[dict]) -> torch.Tensor:
         """Template-averaged keys at the input of `module` [d_in x B]."""
-        return common.compute_keys(self.model, self.tok, module, cases, self.context_templates).detach().T
+        return subject_keys.compute_keys(self.model, self.tok, module, cases, self.context_templates).detach().T
 
     def solve_layer(self, index: int, module: str, K: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(u, v) with dW = u v^T; K [d_in x B], R [d_out x B], both float64."""
-        lam = float(self.hparams["mom2_update_weight"])
+        lam = float(self.hp.mom2_update_weight)
         if self._needs_cov():
             C = self.stats[module].to(device=K.device, dtype=torch.float64)
             if C.shape != (K.shape[0], K.shape[0]):

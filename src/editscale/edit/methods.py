@@ -1,7 +1,8 @@
 """The registry of editing methods and the interface every method implements.
 
-A method is a class derived from `EditMethod`, registered in `METHODS` by dotted path (imported
-lazily, so the registry works before every method's module exists). The edit chain creates one
+A method is a class derived from `EditMethod`, registered in `METHODS` (an editscale.registry.Registry)
+by a `module:Class` reference (imported lazily, so the registry works before every method's
+module exists). The edit chain creates one
 method object per segment, calls `apply` once per batch of cases (batch size 1 for sequential
 single edits), and saves `state_dict()` with the segment.
 
@@ -13,7 +14,6 @@ is recorded as factors and can be replayed exactly.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,42 +21,85 @@ import numpy as np
 import torch
 
 from ..io import EditscaleError
+from ..registry import Registry, resolve
 from ..models.registry import mlp_out_name, n_layers
 from . import hparams as hparams_spec
 from .weights import WeightState
 
-# name -> (class dotted path, one-line description): the built-in methods. Plugins add theirs with
-# `register_method` (a `plugins:` module of the config) or an `editscale.methods` entry point.
-METHODS: dict[str, tuple[str, str]] = {
-    "rome": ("editscale.edit.rome.Rome", "ROME (Meng et al. 2022): rank-one update of one MLP output matrix, C^-1 k* direction, key at the plain prompt"),
-    "r-rome": ("editscale.edit.rome.RRome", "r-ROME (Gupta et al. 2024): ROME with the template-averaged key k* used in both places of the update"),
-    "memit": ("editscale.edit.memit.Memit", "MEMIT (Meng et al. 2023): least-squares batch update spread over several MLP layers"),
-    "emmet": ("editscale.edit.emmet.Emmet", "EMMET (Gupta et al. 2024): equality-constrained batch edit of one layer (B=1 equals r-ROME)"),
-    "alphaedit": ("editscale.edit.alphaedit.AlphaEdit", "AlphaEdit (Fang et al. 2025): MEMIT with the update projected on the null space of preserved keys"),
-    "encore": ("editscale.edit.encore.Encore", "ENCORE (Gupta et al. 2025): MEMIT + norm penalty + earlier edits' keys, with most-probable early stopping"),
-    "nas": ("editscale.edit.nas.Nas", "NAS (2026): AlphaEdit with each target value v* scaled to the unedited model's mean ||v*||, edits above 2x skipped"),
-    "rect": ("editscale.edit.rect.Rect", "RECT (Gu et al. 2024): MEMIT with each update kept only at its top 40 % relative changes |dW / W|"),
-    "prune": ("editscale.edit.prune.Prune", "PRUNE (Ma et al. 2025): ROME / MEMIT / AlphaEdit (base:) with the accumulated delta's singular values above sigma_max(W0) log-restrained"),
-    "ultraedit": ("editscale.edit.ultraedit.UltraEdit", "UltraEdit (Gu et al. 2025): one gradient pass per edit, lifelong-normalized [key | gradient], closed-form ridge update"),
-    "ft-c": ("editscale.edit.ftc.FineTuneConstrained", "FT-C: constrained (L-inf bounded) fine-tuning of one MLP layer on the target"),
-}
-ENTRY_POINT_GROUP = "editscale.methods"
+@dataclasses.dataclass(frozen=True)
+class MethodEntry:
+    """A registered method: its class as a `module:Class` reference (imported on first use) and
+    a one-line description (`editscale methods`)."""
+
+    ref: str
+    description: str
+    cls: type | None = dataclasses.field(default=None, compare=False)  # a class handed over directly
+    # interop (`editscale hparams import-easyedit`, editscale.edit.easyedit): EasyEdit's `alg_name`
+    # of the same method ("" = none), and EasyEdit key -> editscale key where the names differ
+    easyedit: str = ""
+    easyedit_keys: tuple[tuple[str, str], ...] = ()
+    # planning: what `editscale doctor` estimates its jobs by, a `module:Class` reference to a
+    # subclass of editscale.edit.cost.CostSpec ("" = CostSpec itself)
+    cost: str = ""
+
+    def load(self) -> type:
+        return self.cls if self.cls is not None else resolve(self.ref, what="method class")
 
 
-def register_method(name: str, cls_or_path, description: str = "") -> None:
-    """Add a method to the registry (a plugin's module calls this at import); the class or its
-    dotted path. A name already taken is an error, so that a plugin cannot silently replace one."""
-    path = cls_or_path if isinstance(cls_or_path, str) else f"{cls_or_path.__module__}.{cls_or_path.__qualname__}"
-    if name in METHODS and METHODS[name][0] != path:
-        raise EditscaleError(f"editing method {name!r} is already registered ({METHODS[name][0]}); {path} cannot take the name")
-    if not isinstance(cls_or_path, str):
-        _CLASSES[name] = cls_or_path
-        doc = (cls_or_path.__doc__ or "").strip()
-        description = description or (doc.splitlines()[0] if doc else name)
-    METHODS[name] = (path, description)
+def _method_from_entry_point(name: str, obj) -> MethodEntry | None:
+    return _entry(obj, "") if isinstance(obj, type) else None
 
 
-_CLASSES: dict[str, type] = {}
+def _entry(cls_or_ref, description: str, easyedit: str = "", easyedit_keys: dict | None = None, cost: str = "") -> MethodEntry:
+    interop = {"easyedit": easyedit, "easyedit_keys": tuple(sorted((easyedit_keys or {}).items())), "cost": cost}
+    if isinstance(cls_or_ref, str):
+        module, sep, attr = cls_or_ref.rpartition(":") if ":" in cls_or_ref else cls_or_ref.rpartition(".")  # a dotted path too
+        return MethodEntry(f"{module}:{attr}" if sep else cls_or_ref, description, **interop)
+    doc = (cls_or_ref.__doc__ or "").strip()
+    return MethodEntry(f"{cls_or_ref.__module__}:{cls_or_ref.__qualname__}", description or (doc.splitlines()[0] if doc else ""), cls_or_ref,
+                       **interop)
+
+
+# The editing methods: name -> MethodEntry. Plugins add theirs with `register_method` (a `plugins:`
+# module of the config) or an `editscale.methods` entry point (a class).
+METHODS: Registry[MethodEntry] = Registry("editing method", refs=lambda e: ([] if e.cls is not None else [e.ref]) + ([e.cost] if e.cost else []),
+                                          entry_points="editscale.methods", from_entry_point=_method_from_entry_point)
+
+
+def register_method(name: str, cls_or_ref, description: str = "", easyedit: str = "", easyedit_keys: dict | None = None,
+                    cost: str = "") -> None:
+    """Add a method to the registry (a plugin's module calls this at import): its class, or a
+    `module:Class` reference; (for `editscale hparams import-easyedit`) EasyEdit's alg_name of it
+    and the keys EasyEdit names differently; (for `editscale doctor`) its cost spec, a
+    `module:Class` reference to an editscale.edit.cost.CostSpec subclass. A name already taken is
+    an error, so that a plugin cannot silently replace one."""
+    METHODS.add(name, _entry(cls_or_ref, description, easyedit, easyedit_keys, cost))
+
+
+# the built-in methods
+register_method("rome", "editscale.edit.rome:Rome", "ROME (Meng et al. 2022): rank-one update of one MLP output matrix, C^-1 k* direction, "
+                "key at the plain prompt", easyedit="ROME", cost="editscale.edit.rome:RomeCost")
+register_method("r-rome", "editscale.edit.rome:RRome", "r-ROME (Gupta et al. 2024): ROME with the template-averaged key k* used in both places "
+                "of the update", easyedit="R-ROME", cost="editscale.edit.rome:RomeCost")
+register_method("memit", "editscale.edit.memit:Memit", "MEMIT (Meng et al. 2023): least-squares batch update spread over several MLP layers",
+                easyedit="MEMIT")
+register_method("emmet", "editscale.edit.emmet:Emmet", "EMMET (Gupta et al. 2024): equality-constrained batch edit of one layer (B=1 equals r-ROME)",
+                easyedit="EMMET")
+register_method("alphaedit", "editscale.edit.alphaedit:AlphaEdit", "AlphaEdit (Fang et al. 2025): MEMIT with the update projected on the null space "
+                "of preserved keys", easyedit="AlphaEdit", cost="editscale.edit.alphaedit:AlphaEditCost")
+register_method("encore", "editscale.edit.encore:Encore", "ENCORE (Gupta et al. 2025): MEMIT + norm penalty + earlier edits' keys, with "
+                "most-probable early stopping", cost="editscale.edit.encore:EncoreCost")
+register_method("nas", "editscale.edit.nas:Nas", "NAS (2026): AlphaEdit with each target value v* scaled to the unedited model's mean ||v*||, "
+                "edits above 2x skipped", cost="editscale.edit.nas:NasCost")
+register_method("rect", "editscale.edit.rect:Rect", "RECT (Gu et al. 2024): MEMIT with each update kept only at its top 40 % relative changes |dW / W|")
+register_method("prune", "editscale.edit.prune:Prune", "PRUNE (Ma et al. 2025): ROME / MEMIT / AlphaEdit (base:) with the accumulated delta's "
+                "singular values above sigma_max(W0) log-restrained", cost="editscale.edit.prune:PruneCost")
+register_method("ultraedit", "editscale.edit.ultraedit:UltraEdit", "UltraEdit (Gu et al. 2025): one gradient pass per edit, lifelong-normalized "
+                "[key | gradient], closed-form ridge update", easyedit="UltraEdit",
+                easyedit_keys={"batch_size": "tuple_size"},  # EasyEdit's cases per forward / backward pass
+                cost="editscale.edit.ultraedit:UltraEditCost")
+register_method("ft-c", "editscale.edit.ftc:FineTuneConstrained", "FT-C: constrained (L-inf bounded) fine-tuning of one MLP layer on the target",
+                cost="editscale.edit.ftc:FineTuneCost")
 
 
 class EditMethod:
@@ -74,25 +117,18 @@ class EditMethod:
             family, FT-C, UltraEdit); False (ROME family) makes edits_per_step > 1 an error.
         wraps: for a wrapper (PRUNE), the hparams key naming the method it wraps (`variant`
             returns the combined class); "" for a method that edits by itself.
-        solve_cost: how doctor estimates the closed-form part of one edit: "per_segment" (one
-            factorization of C per segment, a triangular solve per edit: ROME family),
-            "per_edit" (a d x d solve per edit: MEMIT family), "gradient" (one forward / backward
-            pass and a d x d solve per edit, no value optimization: UltraEdit) or "none"
-            (fine-tuning).
         precomputed(hparams): what the stats stage must provide for the edit jobs (see there).
         template_rule: how the reference samples and averages context templates ("rome": one flat
             group from the document-start token; "memit": [["{}"], samples after five openers],
-            keys averaged per group); see `editscale.edit.common.sample_context_templates`.
+            keys averaged per group); see `editscale.edit.templates.sample_context_templates`.
         value_loss_layer: where the reference reads the value-optimization loss ("final": ROME's
             final logits; "max": MEMIT's layer max(v_loss_layer, injection layer)).
-        easyedit_name: EasyEdit's `alg_name` of the same method ("" = none; not inherited), for
-            `editscale hparams import-easyedit` (`editscale.edit.easyedit`);
-            easyedit_keys: EasyEdit key -> editscale key where the names differ.
 
     Construction (once per segment):
         model, tok: the loaded model (eval mode, parameters requires_grad False) and its tokenizer
             (pad token set, right padding).
-        hparams: the method's hyper-parameters (see `load_hparams`).
+        hparams: the method's hyper-parameters, a mapping or an instance of `hparams_type` (see
+            `load_hparams`); the method reads the typed ones, `self.hp` (`resolve_hparams`).
         stats: module name -> second moment E[k k^T] of that module's inputs (float64 [d_in, d_in]),
             for each module of `modules(model, hparams)` the method needs statistics for.
         context_templates: groups of templates from `sample_context_templates` (a flat list of
@@ -108,81 +144,49 @@ class EditMethod:
     template_rule: str = "memit"
     value_loss_layer: str = "max"
     update_kind: str = "lowrank"
-    solve_cost: str = "per_edit"
     batch_edits: bool = True
     wraps: str = ""
-    easyedit_name: str = ""
-    easyedit_keys: dict = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if "easyedit_name" not in cls.__dict__:  # a subclass is another method unless it says so
-            cls.easyedit_name = ""
         cls.required_hparams = hparams_spec.required(cls.hparams_type)
         cls.default_hparams = hparams_spec.defaults(cls.hparams_type)
 
     def __init__(self, model, tok, hparams: dict, stats: dict[str, torch.Tensor], context_templates: list[str], state: dict | None = None):
         self.model = model
         self.tok = tok
-        hp = {**self.default_hparams, **{k: v for k, v in hparams.items() if k not in self.forced_hparams}}
-        self.validate_hparams(hp, source=f"{self.name} hparams")
-        self.check_for_model(hp, n_layers(model), source=f"{self.name} hparams")
-        self.hparams = {**hp, **self.forced_hparams}
+        self.hp = self.resolve_hparams(hparams, f"{self.name} hparams", n_layers(model))
         self.stats = stats or {}
-        from .common import template_groups
+        from .templating import template_groups
 
         if not context_templates:
             raise EditscaleError(f"{self.name}: no context templates (expected at least ['{{}}'])")
         self.context_templates = template_groups(context_templates)
 
     @classmethod
+    def resolve_hparams(cls, hparams, source: str, layers_in_model: int | None = None):
+        """The typed hyper-parameters (an instance of `hparams_type`) of a mapping or an instance:
+        the declared defaults updated with its values (what the method forces left out), every
+        problem of the values in one error naming `source`, then the method's cross-field rules
+        and (given the model's layer count) the layer ranges. The workflow builds them at plan
+        time; the edit jobs rebuild them from run.json."""
+        values = dataclasses.asdict(hparams) if dataclasses.is_dataclass(hparams) and not isinstance(hparams, type) else dict(hparams)
+        hp = {**cls.default_hparams, **{k: v for k, v in values.items() if k not in cls.forced_hparams}}
+        cls.validate_hparams(hp, source=source)
+        if layers_in_model is not None:
+            cls.check_for_model(hp, layers_in_model, source=source)
+        return hparams_spec.build(cls.hparams_type, hp)
+
+    @property
+    def hparams(self) -> dict:
+        """The resolved values as a mapping, with what the method forces (run.json's record)."""
+        return {**dataclasses.asdict(self.hp), **self.forced_hparams}
+
+    @classmethod
     def variant(cls, hparams: dict) -> type:
         """The class that edits with `hparams`: `cls` itself, except for a wrapper whose hparams
         name the method it wraps (PRUNE's `base:`), which returns the combined class."""
         return cls
-
-    @classmethod
-    def extra_solve_flops(cls, hparams: dict, shapes: dict[str, tuple[int, int]]) -> float:
-        """Float64 FLOPs per edit beyond `solve_cost`'s (doctor; PRUNE's SVDs). 0 by default."""
-        return 0.0
-
-    @classmethod
-    def factor_rank(cls, hparams: dict, target_tokens: float) -> float:
-        """Rank of one edit's stored factors per edited module (doctor's bytes/edit): 1 for the
-        rank-one methods; a method that writes one rank per target token returns `target_tokens`
-        (the doctor's mean target length in tokens)."""
-        return 1.0
-
-    @classmethod
-    def begin_flops(cls, hparams: dict, flops_per_prompt_step: float) -> float:
-        """Model FLOPs of `begin` (once per chain, counted in its first segment's job, e.g. an
-        anchor computed before the first edit), given the FLOPs of one optimization step over one
-        edit prompt. 0 by default."""
-        return 0.0
-
-    @classmethod
-    def device_matrices(cls, hparams: dict) -> tuple[float, float]:
-        """(resident, transient): how many float64 [d_in, d_in] matrices the edit job holds per
-        edited module for the whole segment (second moments, projections, factors kept), and at
-        most at once while one module's update is solved (doctor's memory estimate). Derived from
-        `precomputed` and `solve_cost`; a method holding more says so."""
-        needs = cls.precomputed(hparams)
-        resident = float("mom2" in needs) + float("nullspace" in needs)
-        if cls.solve_cost == "per_segment" and "mom2" in needs:
-            resident += 1  # the Cholesky factor of C, kept for the segment
-        transient = {"per_edit": 3.0, "gradient": 2.0}.get(cls.solve_cost, 0.0)  # the system, its factor, a sum
-        return resident, transient
-
-    @classmethod
-    def value_prompts(cls, hparams: dict) -> tuple[int, float]:
-        """(prompts, tokens per prompt) of one edit's optimization pass, whose activations are kept
-        for the backward pass (doctor's memory estimate): the rewriting prompts of the context
-        templates (template length + ~12 tokens of prompt and target) for a value optimization;
-        a method without one overrides it."""
-        params = hparams.get("context_template_length_params", [[5, 10], [10, 10]])
-        n = sum(int(c) for _, c in params)
-        mean_len = sum(int(length) * int(c) for length, c in params) / max(n, 1)
-        return 1 + n, mean_len + 12
 
     @classmethod
     def precomputed(cls, hparams: dict) -> dict[str, dict]:
@@ -232,48 +236,6 @@ class EditMethod:
         return {}
 
 
-_PLUGINS_LOADED: set[str] = set()
-_ENTRY_POINTS_LOADED = False
-
-
-def load_plugins(modules=()) -> None:
-    """Import plugin modules (the config's `plugins:`, and EDITSCALE_PLUGINS, which the Snakefile
-    sets so that every job sees the same plugins) and the `editscale.methods` / `editscale.metrics`
-    entry points of installed packages; their import registers what they define. Each module and
-    the entry points are loaded once per process; a module that registers nothing is an error
-    (a plugin whose registration is missing would otherwise be ignored)."""
-    import os
-    import sys
-    from importlib.metadata import entry_points
-
-    from ..evaluate.registry import METRICS, Metric, register_metric
-
-    global _ENTRY_POINTS_LOADED
-    names = [*modules, *filter(None, os.environ.get("EDITSCALE_PLUGINS", "").split(","))]
-    for module_name in dict.fromkeys(names):
-        if module_name in _PLUGINS_LOADED:
-            continue
-        fresh = module_name not in sys.modules
-        before = (set(METHODS), set(METRICS))
-        try:
-            importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            raise EditscaleError(f"plugin module {module_name!r} cannot be imported ({exc}); is it on PYTHONPATH?") from exc
-        if fresh and (set(METHODS), set(METRICS)) == before:
-            raise EditscaleError(f"plugin module {module_name!r} registered no method or metric "
-                                 "(it must call editscale.edit.methods.register_method or editscale.evaluate.registry.register_metric)")
-        _PLUGINS_LOADED.add(module_name)
-    if not _ENTRY_POINTS_LOADED:
-        for group in (ENTRY_POINT_GROUP, "editscale.metrics"):
-            for ep in entry_points(group=group):
-                obj = ep.load()
-                if group == ENTRY_POINT_GROUP and isinstance(obj, type) and ep.name not in METHODS:
-                    register_method(ep.name, obj)
-                elif isinstance(obj, Metric):
-                    register_metric(obj)
-        _ENTRY_POINTS_LOADED = True
-
-
 def get_method(name: str, hparams: dict | None = None) -> type[EditMethod]:
     """The class registered under `name` (imported on demand); with `hparams`, the class that
     edits with them (`EditMethod.variant`: a wrapper combined with the method it wraps)."""
@@ -282,27 +244,12 @@ def get_method(name: str, hparams: dict | None = None) -> type[EditMethod]:
 
 
 def _registered_class(name: str) -> type[EditMethod]:
-    if name not in METHODS:
-        raise EditscaleError(f"unknown editing method {name!r}; available: {sorted(METHODS)}")
-    if name in _CLASSES:
-        return _CLASSES[name]
-    path = METHODS[name][0]
-    module_name, _, cls_name = path.rpartition(".")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            raise EditscaleError(f"method {name!r} is registered as {path} but {module_name} is not available in this installation") from exc
-        raise
-    try:
-        return getattr(module, cls_name)
-    except AttributeError as exc:
-        raise EditscaleError(f"method {name!r}: {module_name} has no class {cls_name}") from exc
+    return METHODS[name].load()
 
 
 def describe_methods() -> list[tuple[str, str]]:
     """(name, one-line description) of every registered method, for `editscale methods`."""
-    return [(name, desc) for name, (_, desc) in METHODS.items()]
+    return [(name, entry.description or name) for name, entry in METHODS.items()]
 
 
 def load_hparams(path, method: str | None = None, required: Iterable[str] | None = None) -> dict:

@@ -41,9 +41,11 @@ from tqdm import tqdm
 from ..io import EditscaleError
 from ..models.nethook import Trace
 from ..models.registry import layer_name, mlp_out_name, n_layers
-from . import common
-from .alphaedit import AlphaEdit, AlphaEditHparams
+from . import encoding, subject_keys, templating, value_optimization
+from .alphaedit import AlphaEdit, AlphaEditCost, AlphaEditHparams
+from .hparams import build as build_hparams
 from .hparams import spec
+from ..data.schema import fill
 
 ANCHOR_STATE = "nas/anchor_norm"
 
@@ -69,16 +71,17 @@ def trimmed_mean(values, upper_quantile: float) -> float:
     return float(kept.mean())
 
 
-def bare_value_norms(model, tok, cases: list[dict], inject_module: str, value_module: str, hp: dict) -> list[float]:
+def bare_value_norms(model, tok, cases: list[dict], inject_module: str, value_module: str, hp) -> list[float]:
     """||v0 + delta|| of each case, delta optimized jointly for the batch on the bare prompts (module doc)."""
+    hp = build_hparams(value_optimization.ValueHparams, hp)
     device = next(model.parameters()).device
     n_case = len(cases)
     subjects = [c["subject"] for c in cases]
-    target_ids = [common.target_token_ids(tok, common.target_str(c)) for c in cases]
-    rw_ids, rw_lookup = common.encode_with_subject(tok, [c["prompt"] for c in cases], subjects)
-    kl_ids, kl_lookup = common.encode_with_subject(tok, common.KL_PROMPTS * n_case, subjects)
+    target_ids = [encoding.target_token_ids(tok, encoding.target_str(c)) for c in cases]
+    rw_ids, rw_lookup = encoding.encode_with_subject(tok, [c["prompt"] for c in cases], subjects)
+    kl_ids, kl_lookup = encoding.encode_with_subject(tok, value_optimization.KL_PROMPTS * n_case, subjects)
     seqs = [ids + t[:-1] for ids, t in zip(rw_ids, target_ids)] + kl_ids
-    input_ids, mask = common.pad_right(seqs, common._pad_id(tok), device)
+    input_ids, mask = encoding.pad_right(seqs, encoding.pad_id(tok), device)
     inj_rows = torch.arange(2 * n_case, device=device)
     inj_cols = torch.tensor(rw_lookup + kl_lookup, device=device)
     seq_to_case = torch.cat([torch.arange(n_case), torch.arange(n_case)]).to(device)
@@ -93,9 +96,9 @@ def bare_value_norms(model, tok, cases: list[dict], inject_module: str, value_mo
     kl_cols = torch.tensor(kl_lookup, device=device)
 
     n_layer = n_layers(model)
-    loss_module = layer_name(model, max(int(hp["v_loss_layer"]), common.layer_of(model, inject_module)))
+    loss_module = layer_name(model, max(int(hp.v_loss_layer), subject_keys.layer_of(model, inject_module)))
     last_module = layer_name(model, n_layer - 1)
-    lens = common.logit_lens(model)
+    lens = value_optimization.logit_lens(model)
     state: dict = {}
 
     def edit_output(name, out):
@@ -104,7 +107,7 @@ def bare_value_norms(model, tok, cases: list[dict], inject_module: str, value_mo
         if "delta" not in state:
             state["target_init"] = out[inj_rows[:n_case], inj_cols[:n_case]].detach().float().clone()
             state["delta"] = torch.zeros((n_case, out.shape[-1]), device=device, dtype=torch.float32, requires_grad=True)
-            state["opt"] = torch.optim.Adam([state["delta"]], lr=float(hp["v_lr"]))
+            state["opt"] = torch.optim.Adam([state["delta"]], lr=float(hp.v_lr))
         return out.index_put((inj_rows, inj_cols), state["delta"][seq_to_case].to(out.dtype), accumulate=True)
 
     def log_probs(h, r, c):
@@ -112,8 +115,8 @@ def bare_value_norms(model, tok, cases: list[dict], inject_module: str, value_mo
 
     names = list(dict.fromkeys([inject_module, loss_module, last_module]))
     kl_init = None
-    n_steps = int(hp["v_num_grad_steps"])
-    with common.frozen_eval(model), torch.enable_grad():
+    n_steps = int(hp.v_num_grad_steps)
+    with encoding.frozen_eval(model), torch.enable_grad():
         for it in range(max(n_steps, 1)):
             if "opt" in state:
                 state["opt"].zero_grad()
@@ -125,18 +128,18 @@ def bare_value_norms(model, tok, cases: list[dict], inject_module: str, value_mo
             kl_logp = log_probs(tr.outputs[last_module], kl_rows, kl_cols)
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
-            kl = float(hp["kl_factor"]) * torch.nn.functional.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
-            wd = float(hp["v_weight_decay"]) * (delta.norm(dim=1) / target_init.norm(dim=1) ** 2).mean()
+            kl = float(hp.kl_factor) * torch.nn.functional.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
+            wd = float(hp.v_weight_decay) * (delta.norm(dim=1) / target_init.norm(dim=1) ** 2).mean()
             loss = nll_each.mean() + kl + wd
-            if loss.item() < common.EARLY_STOP_LOSS or it >= n_steps - 1:
+            if loss.item() < value_optimization.EARLY_STOP_LOSS or it >= n_steps - 1:
                 break
             loss.backward()
             state["opt"].step()
             with torch.no_grad():
-                max_norm = float(hp["clamp_norm_factor"]) * target_init.norm(dim=1)
+                max_norm = float(hp.clamp_norm_factor) * target_init.norm(dim=1)
                 scale = torch.minimum(torch.ones_like(max_norm), max_norm / (delta.norm(dim=1) + 1e-10))
                 delta.mul_(scale[:, None])
-    _, v0 = common.module_io_at_subject(model, tok, value_module, [c["prompt"] for c in cases], subjects)
+    _, v0 = subject_keys.module_io_at_subject(model, tok, value_module, [c["prompt"] for c in cases], subjects)
     return (v0 + state["delta"].detach()).norm(dim=1).tolist()
 
 
@@ -145,12 +148,6 @@ class Nas(AlphaEdit):
 
     name = "nas"
     hparams_type = NasHparams
-
-    @classmethod
-    def begin_flops(cls, hparams: dict, flops_per_prompt_step: float) -> float:
-        """The anchor (module doc): nas_restart bare-prompt optimizations of up to
-        v_num_grad_steps steps over the prompt and its KL prompt."""
-        return float(hparams["nas_restart"]) * int(hparams["v_num_grad_steps"]) * 2 * flops_per_prompt_step
 
     def __init__(self, model, tok, hparams: dict, stats: dict, context_templates, state=None, projections=None):
         super().__init__(model, tok, hparams, stats, context_templates, state, projections=projections)
@@ -164,31 +161,31 @@ class Nas(AlphaEdit):
 
     def begin(self, sequence: list[dict]) -> None:
         """The anchor, from the unedited model and a sample of the run's edit sequence."""
-        n = int(self.hparams["nas_restart"])
+        n = int(self.hp.nas_restart)
         pool = list(sequence)
-        sample = pool if n >= len(pool) else random.Random(int(self.hparams["nas_seed"])).sample(pool, n)
-        size = int(self.hparams["nas_batch_size"])
+        sample = pool if n >= len(pool) else random.Random(int(self.hp.nas_seed)).sample(pool, n)
+        size = int(self.hp.nas_batch_size)
         norms: list[float] = []
         for s in tqdm(range(0, len(sample), size), desc=f"nas anchor ||v*|| at {self.z_module}", unit="batch"):
-            norms += bare_value_norms(self.model, self.tok, sample[s : s + size], self.z_module, self.value_module, self.hparams)
-        self.anchor = trimmed_mean(norms, float(self.hparams["nas_trim_quantile"]))
+            norms += bare_value_norms(self.model, self.tok, sample[s : s + size], self.z_module, self.value_module, self.hp)
+        self.anchor = trimmed_mean(norms, float(self.hp.nas_trim_quantile))
         self.anchor_norms = norms
 
     def compute_targets(self, cases: list[dict]):
         if self.anchor is None:
             raise EditscaleError("nas: no anchor norm: begin(sequence) must run on the unedited model before the first edit")
         Z, logs = super().compute_targets(cases)
-        first = common.flat_templates(self.context_templates)[0]
-        prompts = [common.fill(first, c["prompt"]) for c in cases]
+        first = templating.flat_templates(self.context_templates)[0]
+        prompts = [fill(first, c["prompt"]) for c in cases]
         subjects = [c["subject"] for c in cases]
-        _, target_init = common.module_io_at_subject(self.model, self.tok, self.z_module, prompts, subjects)
-        _, v0 = common.module_io_at_subject(self.model, self.tok, self.value_module, prompts, subjects)
+        _, target_init = subject_keys.module_io_at_subject(self.model, self.tok, self.z_module, prompts, subjects)
+        _, v0 = subject_keys.module_io_at_subject(self.model, self.tok, self.value_module, prompts, subjects)
         Z = Z.clone()
         for j in range(len(cases)):
             r = target_init[j] - v0[j]
             v = Z[:, j].to(r.dtype) - r
             norm = float(v.norm())
-            skipped = self.anchor > 0 and norm > float(self.hparams["nas_skip_factor"]) * self.anchor
+            skipped = self.anchor > 0 and norm > float(self.hp.nas_skip_factor) * self.anchor
             if skipped:
                 v = v0[j]
             elif self.anchor > 0:
@@ -202,3 +199,10 @@ class Nas(AlphaEdit):
         if self.anchor is not None:
             out[ANCHOR_STATE] = np.array([self.anchor], dtype=np.float64)
         return out
+
+
+class NasCost(AlphaEditCost):
+    def begin_flops(self, flops_per_prompt_step: float) -> float:
+        """The anchor (module doc): nas_restart bare-prompt optimizations of up to
+        v_num_grad_steps steps over the prompt and its KL prompt."""
+        return float(self.hparams["nas_restart"]) * int(self.hparams["v_num_grad_steps"]) * 2 * flops_per_prompt_step

@@ -42,6 +42,7 @@ from ..io import EditscaleError
 from .hparams import spec
 from .methods import EditMethod, get_method
 from .weights import Update, WeightState
+from .cost import CostSpec
 
 def bases() -> list[str]:
     """The methods PRUNE can restrain: every registered one that edits by itself with low-rank
@@ -85,7 +86,7 @@ class PruneMixin:
     def apply(self, cases: list[dict], weights: WeightState) -> list[dict]:
         rows = super().apply(cases, weights)
         self.last_restraint = {}
-        if cases and int(cases[-1].get("edit_index", 0)) % int(self.hparams["restrain_every"]) == 0:
+        if cases and int(cases[-1].get("edit_index", 0)) % int(self.hp.restrain_every) == 0:
             self.restrain(weights)
         extra = {
             "prune_restrained": int(sum(r for r, _ in self.last_restraint.values())) if self.last_restraint else -1,
@@ -121,11 +122,6 @@ class PruneMixin:
             else:
                 del self.correction[m]
 
-    @classmethod
-    def extra_solve_flops(cls, hparams: dict, shapes: dict[str, tuple[int, int]]) -> float:
-        # a thin SVD of each accumulated delta per restraint: ~4 d_out d_in min(d_out, d_in)
-        return sum(4.0 * o * i * min(o, i) for o, i in shapes.values()) / int(hparams.get("restrain_every", 1))
-
     def state_dict(self) -> dict:
         out = dict(super().state_dict())
         for m, (u, v) in self.correction.items():
@@ -159,3 +155,31 @@ def _combined(base: str) -> type:
     hp_type = dataclasses.make_dataclass(f"Prune{base_cls.__name__}Hparams", [], bases=(PruneHparams, base_cls.hparams_type), kw_only=True)
     return type(f"PruneOn{base_cls.__name__}", (PruneMixin, base_cls), {"hparams_type": hp_type, "__module__": __name__,
                                                                           "__doc__": f"PRUNE on {base_cls.__name__}", "wraps": ""})
+
+
+class PruneCost(CostSpec):
+    """The wrapped method's cost (`base:`), plus a thin SVD of each accumulated delta per restraint."""
+
+    def __init__(self, method_cls, hparams: dict):
+        from .cost import method_cost
+
+        super().__init__(method_cls, hparams)
+        self.base = method_cost(hparams["base"], hparams)
+        self.solve = self.base.solve
+
+    def extra_solve_flops(self, shapes: dict[str, tuple[int, int]]) -> float:
+        # ~4 d_out d_in min(d_out, d_in) per SVD
+        svd = sum(4.0 * o * i * min(o, i) for o, i in shapes.values()) / int(self.hparams.get("restrain_every", 1))
+        return self.base.extra_solve_flops(shapes) + svd
+
+    def factor_rank(self, target_tokens: float) -> float:
+        return self.base.factor_rank(target_tokens)
+
+    def begin_flops(self, flops_per_prompt_step: float) -> float:
+        return self.base.begin_flops(flops_per_prompt_step)
+
+    def device_matrices(self) -> tuple[float, float]:
+        return self.base.device_matrices()
+
+    def value_prompts(self) -> tuple[int, float]:
+        return self.base.value_prompts()

@@ -78,7 +78,7 @@ class Rect(Memit):
         self.last_kept = {}
         for module, u, v, meta in pending:
             dW = outer_sum(u, v, torch.float64)
-            mask = relative_change_mask(dW, weights.current(module), float(self.hparams["rect_keep_percent"]))
+            mask = relative_change_mask(dW, weights.current(module), float(self.hp.rect_keep_percent))
             weights.apply(Update(module=module, u=u.contiguous(), v=v.contiguous(), mask=mask, meta=meta))
             kept = torch.where(mask, dW, 0.0)
             per_layer[module] = float(kept.norm())

@@ -28,10 +28,13 @@ import time
 import torch
 
 from ..io import EditscaleError
-from .common import CovSolver, ValueHparams, check_common_hparams, check_loss_layer, compute_keys, module_forward, module_io_at_subject, optimize_value
+from .subject_keys import compute_keys, module_io_at_subject
+from .solvers import CovSolver, module_forward
+from .value_optimization import ValueHparams, check_common_hparams, check_loss_layer, optimize_value
 from .hparams import spec
 from .methods import EditMethod
 from .weights import Update, WeightState
+from .cost import CostSpec
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -50,13 +53,11 @@ class RomeHparams(RRomeHparams):
 
 class Rome(EditMethod):
     name = "rome"
-    easyedit_name = "ROME"
     hparams_type = RomeHparams
     # rome/rome_main.py get_context_templates (flat, from <|endoftext|>); rome/compute_v.py reads
     # the loss from the final logits
     template_rule = "rome"
     value_loss_layer = "final"
-    solve_cost = "per_segment"
     batch_edits = False  # one rank-one update per case (EMMET is the batched ROME)
 
     @classmethod
@@ -83,6 +84,11 @@ class Rome(EditMethod):
         if cls.value_loss_layer == "final":
             check_loss_layer(layers_in_model, hp, cls.name, source)
 
+    @property
+    def key_averaging(self) -> str:
+        """The key of the update's denominator: the file's (ROME) or the one the method forces (r-ROME)."""
+        return self.forced_hparams.get("key_averaging") or self.hp.key_averaging
+
     def solver(self, module: str) -> CovSolver:
         """C^-1 for `module`, factored once per method object (i.e. once per segment)."""
         if module not in self._solvers:
@@ -93,7 +99,7 @@ class Rome(EditMethod):
 
     def left_vector(self, k_star: torch.Tensor) -> torch.Tensor:
         """u = C^-1 k* / ||C^-1 k*|| (float64); k* / ||k*|| without mom2_adjustment."""
-        u = self.solver(self.module).solve(k_star) if self.hparams["mom2_adjustment"] else k_star.to(torch.float64)
+        u = self.solver(self.module).solve(k_star) if self.hp.mom2_adjustment else k_star.to(torch.float64)
         return u / u.norm()
 
     def apply(self, cases: list[dict], weights: WeightState) -> list[dict]:
@@ -101,11 +107,11 @@ class Rome(EditMethod):
 
     def edit_one(self, case: dict, weights: WeightState) -> dict:
         t0 = time.perf_counter()
-        hp, module = self.hparams, self.module
+        hp, module = self.hp, self.module
         k_star = compute_keys(self.model, self.tok, module, [case], self.context_templates)[0]
         u = self.left_vector(k_star)
         v_star, vlog = optimize_value(self.model, self.tok, case, self.context_templates, module, hp, loss_layer=self.value_loss_layer)
-        if hp["key_averaging"] == "prompt":
+        if self.key_averaging == "prompt":
             k_in, k_out = module_io_at_subject(self.model, self.tok, module, [case["prompt"]], [case["subject"]])
             cur_in, cur_out = k_in[0].to(torch.float64), k_out[0].to(torch.float64)
         else:
@@ -114,7 +120,7 @@ class Rome(EditMethod):
         u = u.to(cur_in.device)
         denom = torch.dot(cur_in, u)
         right = (v_star.to(torch.float64) - cur_out) / denom
-        meta = {"method": self.name, "case_id": case.get("case_id"), "key_averaging": hp["key_averaging"]}
+        meta = {"method": self.name, "case_id": case.get("case_id"), "key_averaging": self.key_averaging}
         weights.apply(Update(module, u=right.float()[:, None], v=u.float()[:, None], meta=meta))
         self.last = {"k_star": k_star, "u": u, "v_star": v_star, "key": cur_in, "key_output": cur_out, "right": right}
         return {
@@ -133,6 +139,11 @@ class RRome(Rome):
     key_averaging: the method is what decides it)."""
 
     name = "r-rome"
-    easyedit_name = "R-ROME"
     hparams_type = RRomeHparams
     forced_hparams = {"key_averaging": "templates"}
+
+
+class RomeCost(CostSpec):
+    """ROME / r-ROME: one factorization of C per segment, a triangular solve per edit."""
+
+    solve = "per_segment"

@@ -47,10 +47,12 @@ import torch
 from ..io import EditscaleError
 from ..models.nethook import Trace
 from ..models.registry import arch_spec, edited_weight, mlp_out_name, to_math
-from . import common
+from . import encoding, timing
 from .hparams import check_layers, spec
 from .methods import EditMethod
 from .weights import Update, WeightState
+from ..data.schema import fill
+from .cost import CostSpec
 
 EPS32 = float(torch.finfo(torch.float32).eps)  # the reference's eps (float32 features)
 
@@ -99,9 +101,9 @@ class RunningMeanStd:
 def case_tokens(tok, case: dict) -> tuple[list[int], list[int]]:
     """(input ids, label ids) of one case: tok(prompt) + target[:-1]; labels -100 except the
     target tokens, each at the position that predicts it (data/zsre.py `tok_tuples`)."""
-    text = common.fill(case["prompt"], case["subject"])
+    text = fill(case["prompt"], case["subject"])
     prompt = list(tok(text)["input_ids"])
-    target = common.target_token_ids(tok, common.target_str(case))
+    target = encoding.target_token_ids(tok, encoding.target_str(case))
     return prompt + target[:-1], [-100] * (len(prompt) - 1) + target
 
 
@@ -109,22 +111,11 @@ class UltraEdit(EditMethod):
     """Lifelong normalization of [key | output gradient] and a closed-form ridge update per module."""
 
     name = "ultraedit"
-    easyedit_name = "UltraEdit"
-    easyedit_keys = {"batch_size": "tuple_size"}  # EasyEdit's cases per forward / backward pass
     hparams_type = UltraEditHparams
-    solve_cost = "gradient"
 
     @classmethod
     def precomputed(cls, hparams):
         return {}
-
-    @classmethod
-    def value_prompts(cls, hparams):
-        return int(hparams.get("tuple_size", 10)), 16.0  # one forward / backward pass per tuple of cases
-
-    @classmethod
-    def factor_rank(cls, hparams: dict, target_tokens: float) -> float:
-        return target_tokens  # one factor column per target token of the case (step 3)
 
     @staticmethod
     def modules(model, hparams: dict) -> list[str]:
@@ -198,7 +189,7 @@ class UltraEdit(EditMethod):
             outputs[name] = out
             return out
 
-        with common.frozen_eval(self.model), torch.enable_grad():
+        with encoding.frozen_eval(self.model), torch.enable_grad():
             with Trace(self.model, self._modules, edit_output=keep_grad) as tr:
                 logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
             loss = torch.nn.functional.cross_entropy(logits[where].float(), labels[where])
@@ -212,11 +203,11 @@ class UltraEdit(EditMethod):
             return []
         t0 = time.perf_counter()
         order = sorted(cases, key=lambda c: len(case_tokens(self.tok, c)[0]), reverse=True)
-        size = int(self.hparams["tuple_size"])
+        size = int(self.hp.tuple_size)
         keys: dict[str, list[torch.Tensor]] = {m: [] for m in self._modules}
         grads: dict[str, list[torch.Tensor]] = {m: [] for m in self._modules}
         loss_of: dict = {}
-        with common.phase("keys"):
+        with timing.phase("keys"):
             for s in range(0, len(order), size):
                 group = order[s : s + size]
                 k, g, loss = self.keys_and_gradients(group)
@@ -226,14 +217,14 @@ class UltraEdit(EditMethod):
                     grads[m].append(g[m])
                 for c in group:
                     loss_of[id(c)] = loss
-        lr = float(self.hparams["lr"])
+        lr = float(self.hp.lr)
         norms = {}
         for m in self._modules:
             H, G = torch.cat(keys[m]), torch.cat(grads[m])
             d_in, d_out = self.shape_of[m]
             h_hat, g_hat = self.normalizer[self.shape_of[m]](torch.cat([H, G], dim=-1)).split([d_in, d_out], dim=-1)
             v_hat = -lr * (h_hat * h_hat).sum(-1, keepdim=True) * g_hat  # [N, d_out] pseudo-values
-            dt = torch.float64 if self.hparams["solve_dtype"] == "float64" else torch.float32
+            dt = torch.float64 if self.hp.solve_dtype == "float64" else torch.float32
             Hs = H.to(dt)
             A = Hs.T @ Hs + torch.eye(d_in, dtype=dt, device=H.device)
             v = torch.linalg.solve(A, Hs.T)  # (H^T H + I)^-1 H^T, [d_in x N]
@@ -251,3 +242,13 @@ class UltraEdit(EditMethod):
 
 def _state_prefix(shape: tuple[int, int]) -> str:
     return f"normalizer/{shape[0]}x{shape[1]}"
+
+
+class UltraEditCost(CostSpec):
+    solve = "gradient"
+
+    def value_prompts(self) -> tuple[int, float]:
+        return int(self.hparams.get("tuple_size", 10)), 16.0  # one forward / backward pass per tuple of cases
+
+    def factor_rank(self, target_tokens: float) -> float:
+        return target_tokens  # one factor column per target token of the case (step 3)

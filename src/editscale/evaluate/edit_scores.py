@@ -40,7 +40,7 @@ from typing import Sequence
 import polars as pl
 
 from ..data.schema import fill
-from .scoring import run_prompts
+from .scoring import Batching, run_prompts
 
 PARTS = ("efficacy", "paraphrase", "neighborhood")
 EDIT_METRICS = (
@@ -95,12 +95,12 @@ def case_metrics(
     for s_ in range(len(slots)):
         uniq.setdefault((prompts[2 * s_], targets[2 * s_], targets[2 * s_ + 1]), len(uniq))
     keys = list(uniq)
-    res = run_prompts(model, tok, [p for p, _, _ in keys], 0, [[a, b] for _, a, b in keys], batch_size=batch_size)
+    res = run_prompts(model, tok, [p for p, _, _ in keys], [[a, b] for _, a, b in keys], batching=Batching(batch_size))
     base_argmax = {}
     if base is not None and base != "self" and "neighborhood" in parts:  # the unedited model's argmax on o_n
         near = sorted({(prompts[2 * i], targets[2 * i + 1]) for i, (_, part, _) in enumerate(slots) if part == "neighborhood"})
         with base if hasattr(base, "__enter__") else contextlib.nullcontext(base) as (base_model, base_tok):
-            got = run_prompts(base_model, base_tok, [p for p, _ in near], 0, [[b] for _, b in near], batch_size=batch_size)
+            got = run_prompts(base_model, base_tok, [p for p, _ in near], [[b] for _, b in near], batching=Batching(batch_size))
         base_argmax = {pb: got.choice_argmax[i][0] for i, pb in enumerate(near)}
     nll, hit, acc, agree = [], [], [], []
     for s_ in range(len(slots)):

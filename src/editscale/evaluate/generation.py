@@ -34,7 +34,7 @@ import polars as pl
 import torch
 
 from ..data.schema import fill
-from .scoring import decode, run_prompts
+from .scoring import Batching, Decoding, decode, run_prompts
 
 _WORD = re.compile(r"\w+(?=n't)|n't|'\w+|\w+|[^\w\s]")
 
@@ -98,7 +98,7 @@ def sample_continuations(
         g = torch.Generator().manual_seed(prompt_seed(seed, p) % (2**63))
         u = torch.rand((max(max_new_tokens, 1), top_k), generator=g, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
         noise[i] = (-torch.log(-torch.log(u))).float()
-    res = run_prompts(model, tok, prompts, max_new_tokens, pick=paired_top_k(noise, top_k), batch_size=batch_size)
+    res = run_prompts(model, tok, prompts, decoding=Decoding(max_new_tokens, paired_top_k(noise, top_k)), batching=Batching(batch_size))
     return decode(tok, res.new_ids)
 
 

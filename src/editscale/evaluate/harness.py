@@ -30,11 +30,10 @@ import logging
 import os
 import re
 import tempfile
-import time
 from pathlib import Path
 
 from ..io import EditscaleError
-from .registry import CurveSpec, Metric, register_metric
+from .registry import CurveSpec, metric
 
 log = logging.getLogger(__name__)
 
@@ -108,30 +107,6 @@ def evaluate_harness(model, tok, tasks: dict, num_fewshot: int | None, batch_siz
     return results, samples, files
 
 
-def _add_verb(sub) -> None:
-    from .cli import _common
-
-    p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on the model at checkpoint k (metric lm_eval)")
-    _common(p)
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> None:
-    from .cli import _model_at, _section, _write, sha256_file
-
-    t0 = time.time()
-    cfg, params = _section(args, "lm_eval")
-    tasks = {name: dict(spec or {}) for name, spec in (cfg.tasks or {}).items()}
-    if not tasks:
-        raise EditscaleError("metrics.lm_eval.tasks is empty: name harness tasks, e.g. {editscale_sst2: {limit: 100}}")
-    model, tok = _model_at(args)
-    results, _, files = evaluate_harness(model, tok, tasks, cfg.num_fewshot, cfg.batch_size, cfg.data_dir, cfg.include_path,
-                                         cfg.seed, cfg.online)
-    df = harness_rows(args.k, results)
-    log.info("lm_eval at k=%d: %s", args.k, {t: {m: round(v, 4) for m, v in r.items() if isinstance(v, float)} for t, r in results.items()})
-    _write(df, args, params, {f"task:{t}": sha256_file(p) for t, p in files.items()}, seconds=time.time() - t0)
-
-
 SCHEMA = {
     "properties": {
         "eval_every": {"type": "integer", "minimum": 1, "default": 50},
@@ -148,8 +123,19 @@ SCHEMA = {
 }
 
 _require_lm_eval()  # at import, i.e. when the config's plugins are loaded (snakemake -n), not after hours of edits
-register_metric(Metric(
-    "lm_eval", "lm-eval", "lm-evaluation-harness tasks (EleutherAI lm-eval 0.4.x) on the in-memory model",
-    curves=(CurveSpec("lm_eval_acc", "acc,none", label="lm-eval accuracy (mean over tasks)", summary="lm_eval_acc"),),
-    schema=SCHEMA, add_verb=_add_verb,
-))
+
+
+@metric("lm_eval", "lm-evaluation-harness tasks (EleutherAI lm-eval 0.4.x) on the in-memory model",
+        curves=(CurveSpec("lm_eval_acc", "acc,none", label="lm-eval accuracy (mean over tasks)", summary="lm_eval_acc"),),
+        schema=SCHEMA)
+def compute(checkpoint, cfg):
+    tasks = {name: dict(spec or {}) for name, spec in (cfg.tasks or {}).items()}
+    if not tasks:
+        raise EditscaleError("metrics.lm_eval.tasks is empty: name harness tasks, e.g. {editscale_sst2: {limit: 100}}")
+    model, tok = checkpoint.model()
+    results, _, files = evaluate_harness(model, tok, tasks, cfg.num_fewshot, cfg.batch_size, cfg.data_dir, cfg.include_path,
+                                         cfg.seed, cfg.online)
+    log.info("lm_eval at k=%d: %s", checkpoint.k, {t: {m: round(v, 4) for m, v in r.items() if isinstance(v, float)} for t, r in results.items()})
+    for task, path in files.items():
+        checkpoint.uses(f"task:{task}", path)
+    return harness_rows(checkpoint.k, results)

@@ -1,12 +1,19 @@
 """The registry of metrics: each entry carries what the workflow, the CLI and the report need.
 
-A metric is evaluated per checkpoint k of a run by one `editscale <verb>` job that writes
-results/{run}/metrics/{name}/{k:06d}.parquet (columns k, item, metric, value [, edit_index]).
-The rules of rules/evaluate.smk, the report's tables and the schema's metric sections are made
-from this registry; a plugin adds a metric with `register_metric(Metric(...))` (its `schema`
-fragment becomes metrics.<name> of the config schema, its `add_verb` adds the sub-command).
+A metric is a function of a checkpoint: `compute(checkpoint, cfg) -> polars.DataFrame`, the long
+table (columns k, item, metric, value [, edit_index]) of results/{run}/metrics/{name}/{k:06d}.parquet.
+`checkpoint` (editscale.evaluate.job.Checkpoint) hands it lazily what it declared: the replayed
+model and tokenizer, the edit cases, the unedited model's readings, its input files; `cfg` is
+its config section (metrics.<name>) as a typed object. One generic job (editscale.evaluate.job)
+parses the arguments, computes the evaluation key, records provenance and writes the file; no
+metric parses arguments or writes files.
 
-Inputs a metric job may declare (`inputs`), each a file set the rule hands its command:
+The built-in metrics are the modules of `editscale.evaluate.metrics`, each registering itself
+with `@metric(...)` on its compute function; a plugin does the same in its own module (its
+`schema` fragment becomes metrics.<name> of the config schema). Adding a built-in metric is its
+module plus its section in schema.yaml.
+
+Inputs a metric may declare (`inputs`), each a file set the rule hands the job:
   state            the files that define the model after k edits: model manifest, run.json,
                    the checkpoint delta and/or the factors of k's segment  -> --state PATHS
   edits            the run's edit sequence                                -> --edits PATH
@@ -18,7 +25,8 @@ Inputs a metric job may declare (`inputs`), each a file set the rule hands its c
 What the report makes of a metric is declared here too: its `curves` (CurveSpec: the per-run
 curves the phase detector, the disabling-edit criterion, the summary's *_at_N columns and the
 overview figure read) and its `figures` (file stem -> "module:function", each function called as
-fn(tables, options) with options an editscale.report.plots.FigureOptions).
+fn(tables, options) with options an editscale.report.plots.FigureOptions); doctor's estimate
+reads its `cost` (cost(run, section, corpus, flops_per_token, k) -> (model FLOPs, decode FLOPs)).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from ..io import EditscaleError
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,7 @@ class CurveSpec:
 @dataclass(frozen=True)
 class Metric:
     name: str
-    verb: str
+    compute: str | Callable  # compute(checkpoint, cfg) -> polars.DataFrame, or its "module:function"
     description: str
     grid: str = "eval_every"  # "eval_every": the section's eval_every grid; "segments": every segment end
     inputs: tuple[str, ...] = ("state", "edits")
@@ -63,31 +72,54 @@ class Metric:
     curves: tuple[CurveSpec, ...] = ()  # what the report reads from this metric (CurveSpec)
     figures: Mapping[str, str] = field(default_factory=dict)  # figure stem -> "module:function"
     schema: dict | None = None  # plugins: the JSON-schema of metrics.<name> (built-ins: schema.yaml)
-    add_verb: Callable | None = None  # plugins: add_verb(subparsers) registers the sub-command
-    cost: str = ""  # doctor's cost model, "module:function" (editscale.planning's signature); "" = not estimated
+    cost: str | Callable | None = None  # doctor's cost model (module doc); None = not estimated
     rule: str = ""  # Snakemake rule name (default metric_<name>)
+    verb: str = ""  # its `editscale` sub-command (default: the name, "_" -> "-")
+    order: int = 100  # position among the metrics: report columns, the checkpoint job's order
 
     @property
     def rule_name(self) -> str:
         return self.rule or f"metric_{self.name}"
 
+    @property
+    def command(self) -> str:
+        return self.verb or self.name.replace("_", "-")
 
-METRICS: dict[str, Metric] = {}
-# input kind -> the command-line flag that hands its files to the command (module docstring)
+    def refs(self) -> list[str]:
+        """Its lazy `module:function` references (checked when a plugin loads)."""
+        return [r for r in (self.compute, self.cost, *self.figures.values()) if isinstance(r, str)]
+
+
+# input kind -> the command-line flag that hands its files to the job (module docstring)
 INPUT_KINDS = {"state": "--state", "edits": "--edits", "heldout": "--tokens", "factors_upto": "--factors", "segment_factors": "--segment-files"}
+MULTI_FILE_KINDS = ("state", "factors_upto", "segment_factors")  # the others are one file each
 
 
-def register_metric(metric: Metric) -> None:
-    """Add a metric; a name already taken by another definition is an error."""
-    old = METRICS.get(metric.name)
-    if old is not None and old != metric:
-        raise EditscaleError(f"metric {metric.name!r} is already registered; pick another name")
-    bad = [k for k in metric.inputs if k not in INPUT_KINDS]
-    if bad or metric.grid not in ("eval_every", "segments"):
-        raise EditscaleError(f"metric {metric.name!r}: inputs {bad} / grid {metric.grid!r} unknown (inputs: {list(INPUT_KINDS)}; grid: eval_every | segments)")
-    if old is None and metric.schema is not None and "eval_every" not in (metric.schema.get("properties") or {}) and metric.grid == "eval_every":
-        raise EditscaleError(f"metric {metric.name!r}: its schema must define eval_every (the checkpoint grid)")
-    METRICS[metric.name] = metric
+def _checked(entry: Metric) -> Metric:
+    bad = [k for k in entry.inputs if k not in INPUT_KINDS]
+    if bad or entry.grid not in ("eval_every", "segments"):
+        raise EditscaleError(f"metric {entry.name!r}: inputs {bad} / grid {entry.grid!r} unknown (inputs: {list(INPUT_KINDS)}; grid: eval_every | segments)")
+    if entry.schema is not None and "eval_every" not in (entry.schema.get("properties") or {}) and entry.grid == "eval_every":
+        raise EditscaleError(f"metric {entry.name!r}: its schema must define eval_every (the checkpoint grid)")
+    return entry
+
+
+METRICS: Registry[Metric] = Registry(
+    "metric", refs=Metric.refs, entry_points="editscale.metrics",
+    from_entry_point=lambda name, obj: obj if isinstance(obj, Metric) else None,
+    make=lambda name, compute, **meta: _checked(Metric(name, compute, **meta)),
+    builtins="editscale.evaluate.metrics", order=lambda m: m.order,
+)
+
+
+def metric(name: str, description: str, **metadata) -> Callable:
+    """Decorator registering `compute(checkpoint, cfg)` as metric `name` (Metric's fields as keywords)."""
+    return METRICS.register(name, description=description, **metadata)
+
+
+def register_metric(entry: Metric) -> None:
+    """Add a Metric; a name already taken by another definition is an error."""
+    METRICS.add(entry.name, _checked(entry))
 
 
 def curve_specs() -> list[tuple[Metric, CurveSpec]]:
@@ -101,37 +133,4 @@ def figure_stems() -> list[str]:
 
 
 def get_metric(name: str) -> Metric:
-    if name not in METRICS:
-        raise EditscaleError(f"unknown metric {name!r}; registered: {sorted(METRICS)}")
     return METRICS[name]
-
-
-_PLOTS, _COST = "editscale.report.plots", "editscale.planning"
-
-for _m in (
-    Metric("edit_scores", "score-edits", "efficacy / paraphrase / neighborhood of each edit right after it",
-           grid="segments", inputs=("state", "segment_factors", "edits"), table="wide", rule="edit_scores",
-           curves=(CurveSpec("proficiency", "es", label="ES of the new edit", per_edit=True, summary="es"),
-                   *(CurveSpec(q, q, per_edit=True, phases=False, summary=q) for q in ("ps", "ns", "score"))),
-           figures={"edit_scores": f"{_PLOTS}:proficiency_chart"}, cost=f"{_COST}:edit_scores_cost"),
-    Metric("history", "history", "re-scores every earlier edit at checkpoint k (forgetting)",
-           curves=(CurveSpec("efficacy", "retention", label="retention of earlier edits (ES)", table="forgetting", joint="efficacy", summary="retention"),
-                   CurveSpec("forgotten_pct", "forgotten_pct", higher_is_better=False, table="forgetting", phases=False, summary="forgotten_pct")),
-           figures={"forgetting": f"{_PLOTS}:forgetting_chart"}, cost=f"{_COST}:history_cost"),
-    Metric("downstream", "downstream", "few-shot downstream tasks and offline probes",
-           curves=(CurveSpec("downstream_f1", "f1", label="downstream F1 (mean over tasks)", joint="downstream", summary="downstream_f1"),
-                   CurveSpec("downstream_ll", "accuracy_ll", label="downstream accuracy (log-likelihood)", joint="downstream", summary="downstream_accuracy_ll")),
-           figures={"downstream": f"{_PLOTS}:downstream_chart"}, cost=f"{_COST}:downstream_cost"),
-    Metric("perplexity", "perplexity", "perplexity on the held-out token sample", inputs=("state", "heldout"),
-           curves=(CurveSpec("perplexity", "perplexity", higher_is_better=False, label="log perplexity", log=True, summary="perplexity", indicator=True),), cost=f"{_COST}:perplexity_cost"),
-    Metric("generation", "generation", "n-gram entropy of sampled continuations (fluency)",
-           curves=(CurveSpec("fluency", "ngram_entropy", label="generation n-gram entropy", joint="fluency", summary="ngram_entropy"),), cost=f"{_COST}:generation_cost"),
-    Metric("weights", "weights", "drift of the edited matrices, collapse indicators and update-norm outliers", inputs=("state", "factors_upto"),
-           device=False,
-           curves=(CurveSpec("weight_norm", "weight_fro", higher_is_better=False, label="||W_k||_F (mean over edited matrices)", log=True, summary="weight_fro", indicator=True),
-                   CurveSpec("condition_number", "cond", higher_is_better=False, label="condition number of W_k", log=True, summary="cond", indicator=True),
-                   CurveSpec("top_singular_value", "sv_1", higher_is_better=False, label="largest singular value of W_k", log=True, indicator=True),
-                   CurveSpec("hyperspherical_energy", "hyperspherical_energy", higher_is_better=False, label="hyperspherical energy of W_k's rows", summary="hyperspherical_energy", indicator=True),
-                   CurveSpec("v_norm", "v_norm_recent", higher_is_better=False, label="||v*|| (median of recent edits)", log=True, summary="v_norm", indicator=True)), figures={"weight_distance": f"{_PLOTS}:weights_chart", "update_norms": f"{_PLOTS}:update_norm_chart"}, cost=f"{_COST}:no_model_cost"),
-):
-    register_metric(_m)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -317,30 +317,38 @@ def _prefix_cache(model, prefix: Sequence[int], device):
     return cache if cache is not None and hasattr(cache, "batch_repeat_interleave") else None
 
 
-def run_prompts(
-    model,
-    tok,
-    prompts: Sequence[str],
-    max_new_tokens: int = 0,
-    choices: Sequence[Sequence[str]] | None = None,
-    pick=None,
-    batch_size: int = 16,
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-    stop_at_eos: bool = True,
-    keep_first_lp: bool = False,
-    space: bool = True,
-    share_prefix: bool = True,
-) -> PromptResult:
+@dataclass(frozen=True)
+class Decoding:
+    """run_prompts' decoding after the prompt pass: `max_new_tokens` steps, greedy or
+    `pick(step, logits [B, V], prompt indices) -> token ids [B]` (paired sampling), ending a row at
+    EOS when `stop_at_eos`."""
+
+    max_new_tokens: int = 0
+    pick: Callable | None = None
+    stop_at_eos: bool = True
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How run_prompts batches: at most `batch_size` rows and `max_batch_tokens` tokens per pass;
+    `share_prefix` runs the token prefix every prompt shares once."""
+
+    batch_size: int = 16
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    share_prefix: bool = True
+
+
+def run_prompts(model, tok, prompts: Sequence[str], choices: Sequence[Sequence[str]] | None = None, *, decoding: Decoding = Decoding(),
+                batching: Batching = Batching(), keep_first_lp: bool = False, space: bool = True) -> PromptResult:
     """One prompt pass per batch (left padded, KV cache), then
 
     * the mean token log-likelihood of `(" " if space) + choice` for every choice of the prompt
       (single-token choices are read off the prompt pass; longer ones continue the cache),
-    * `max_new_tokens` decoding steps: greedy, or `pick(step, logits [B, V], prompt indices) ->
-      token ids [B]` (used for paired sampling).
+    * `decoding.max_new_tokens` decoding steps (`Decoding`): greedy, or `decoding.pick`.
 
-    Few-shot prompts repeat one context: with `share_prefix`, the token prefix that all prompts
-    share is run once and its KV cache is copied to every row, and each row runs only its own
-    tokens (the gap left by a shorter row is masked). The readings are the same up to float
+    Few-shot prompts repeat one context: with `Batching.share_prefix`, the token prefix that all
+    prompts share is run once and its KV cache is copied to every row, and each row runs only its
+    own tokens (the gap left by a shorter row is masked). The readings are the same up to float
     rounding (tested); the prompt pass of the downstream probes shrinks ~20-fold.
 
     Equivalent to `score_pairs` / greedy `model.generate` up to float rounding (tested).
@@ -352,25 +360,15 @@ def run_prompts(
     if n == 0:
         return res
     limit = max_positions(model)
-    enc = [p[-max(1, limit - max(max_new_tokens, 8)):] for p in encode_prompts(tok, prompts)]
+    enc = [p[-max(1, limit - max(decoding.max_new_tokens, 8)):] for p in encode_prompts(tok, prompts)]
     ctoks = [encode_targets(tok, c, space) if c else [] for c in choices]
     device = model_device(model)
-    pad = pad_id(tok)
-    eos = tok.eos_token_id if stop_at_eos else None
     with torch.inference_mode():
-        n_prefix = shared_prefix_len(enc) if share_prefix else 0
+        n_prefix = shared_prefix_len(enc) if batching.share_prefix else 0
         prefix = _prefix_cache(model, enc[0][:n_prefix], device) if n_prefix else None
         n_prefix = n_prefix if prefix is not None else 0
-        for idx in length_batches([len(s) + max_new_tokens for s in enc], batch_size, max_batch_tokens):
-            ids, mask, pos = left_pad([enc[i][n_prefix:] for i in idx], pad, device)
-            kw = {}
-            if prefix is not None:
-                rows = copy.deepcopy(prefix)
-                rows.batch_repeat_interleave(len(idx))
-                mask = torch.cat([torch.ones((len(idx), n_prefix), dtype=mask.dtype, device=device), mask], dim=1)
-                pos = pos + n_prefix
-                kw = {_cache_kw(model): rows}
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
+        for idx in length_batches([len(s) + decoding.max_new_tokens for s in enc], batching.batch_size, batching.max_batch_tokens):
+            out, mask = _prompt_pass(model, tok, [enc[i] for i in idx], prefix, n_prefix, device)
             cache = _cache_of(out)
             last = out.logits[:, -1].float()
             last_lp = torch.log_softmax(last, dim=-1)
@@ -379,62 +377,86 @@ def run_prompts(
                     res.first_lp = torch.zeros((n, last_lp.shape[-1]), dtype=torch.float32)
                 res.first_lp[torch.tensor(idx)] = last_lp.cpu()
             n_real = mask.sum(-1)
-            # candidate continuations, before decoding extends the cache
-            rows, toks, where = [], [], []
-            for r, i in enumerate(idx):
-                for j, t in enumerate(ctoks[i]):
-                    rows.append(r)
-                    toks.append(t)
-                    where.append((i, j))
-            if rows:
-                got = None if cache is None else _choice_logliks(model, cache, mask, n_real, last_lp, rows, toks)
-                if got is None:  # a cache without row selection: score the pairs from scratch
-                    sc = score_token_pairs(model, tok, [enc[idx[r]] for r in rows], toks, batch_size, max_batch_tokens)
-                    got = ((-sc.nll).tolist(), sc.match.tolist(), (sc.token_hits / sc.n_tokens).tolist(), sc.argmax)
-                for (i, j), v, h, acc, am in zip(where, *got):
-                    res.choice_ll[i][j] = v
-                    res.choice_match[i][j] = bool(h)
-                    res.choice_token_acc[i][j] = float(acc)
-                    res.choice_argmax[i][j] = list(am)
-            if max_new_tokens <= 0:
-                continue
-            if cache is None:
-                raise RuntimeError(f"{type(model).__name__} returned no KV cache; cannot decode")
-            done = torch.zeros(len(idx), dtype=torch.bool, device=device)
-            gen = []
-            logits = last
-            for step in range(max_new_tokens):
-                nxt = pick(step, logits, idx) if pick is not None else logits.argmax(-1)
-                nxt = nxt.to(device)
-                if eos is not None:
-                    nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-                gen.append(nxt)
-                if eos is not None:
-                    done |= nxt == eos
-                    if bool(done.all()):
-                        break
-                if step == max_new_tokens - 1:
-                    break
-                mask = torch.cat([mask, torch.ones((len(idx), 1), dtype=mask.dtype, device=device)], dim=1)
-                out = model(
-                    input_ids=nxt[:, None], attention_mask=mask, position_ids=(n_real + step)[:, None],
-                    use_cache=True, **{_cache_kw(model): cache},
-                )
-                cache = _cache_of(out)
-                logits = out.logits[:, -1].float()
-            g = torch.stack(gen, dim=1).cpu().tolist()
-            for r, i in enumerate(idx):
-                seq = g[r]
-                if eos is not None and eos in seq:
-                    seq = seq[: seq.index(eos)]
-                res.new_ids[i] = seq
+            _score_choices(model, tok, res, enc, ctoks, idx, cache, mask, n_real, last_lp, batching)
+            if decoding.max_new_tokens > 0:
+                for i, seq in zip(idx, _decode(model, tok, cache, mask, n_real, last, idx, decoding, device)):
+                    res.new_ids[i] = seq
     return res
+
+
+def _prompt_pass(model, tok, rows: list[list[int]], prefix, n_prefix: int, device):
+    """(output, attention mask) of one left-padded batch of prompts, each after the shared prefix
+    whose KV cache `prefix` holds (copied per row) when there is one."""
+    ids, mask, pos = left_pad([r[n_prefix:] for r in rows], pad_id(tok), device)
+    kw = {}
+    if prefix is not None:
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(len(rows))
+        mask = torch.cat([torch.ones((len(rows), n_prefix), dtype=mask.dtype, device=device), mask], dim=1)
+        pos = pos + n_prefix
+        kw = {_cache_kw(model): cache}
+    return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kw), mask
+
+
+def _score_choices(model, tok, res: PromptResult, enc, ctoks, idx, cache, mask, n_real, last_lp, batching: Batching) -> None:
+    """The candidate continuations of the batch's prompts, before decoding extends the cache:
+    their log-likelihood, exact match, token accuracy and argmax tokens, into `res`."""
+    rows, toks, where = [], [], []
+    for r, i in enumerate(idx):
+        for j, t in enumerate(ctoks[i]):
+            rows.append(r)
+            toks.append(t)
+            where.append((i, j))
+    if not rows:
+        return
+    got = None if cache is None else _choice_logliks(model, cache, mask, n_real, last_lp, rows, toks)
+    if got is None:  # a cache without row selection: score the pairs from scratch
+        sc = score_token_pairs(model, tok, [enc[idx[r]] for r in rows], toks, batching.batch_size, batching.max_batch_tokens)
+        got = ((-sc.nll).tolist(), sc.match.tolist(), (sc.token_hits / sc.n_tokens).tolist(), sc.argmax)
+    for (i, j), v, h, acc, am in zip(where, *got):
+        res.choice_ll[i][j] = v
+        res.choice_match[i][j] = bool(h)
+        res.choice_token_acc[i][j] = float(acc)
+        res.choice_argmax[i][j] = list(am)
+
+
+def _decode(model, tok, cache, mask, n_real, logits, idx, decoding: Decoding, device) -> list[list[int]]:
+    """The new token ids of each row of the batch (up to, not including, EOS)."""
+    if cache is None:
+        raise RuntimeError(f"{type(model).__name__} returned no KV cache; cannot decode")
+    eos = tok.eos_token_id if decoding.stop_at_eos else None
+    pad = pad_id(tok)
+    done = torch.zeros(len(idx), dtype=torch.bool, device=device)
+    gen = []
+    for step in range(decoding.max_new_tokens):
+        nxt = decoding.pick(step, logits, idx) if decoding.pick is not None else logits.argmax(-1)
+        nxt = nxt.to(device)
+        if eos is not None:
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        gen.append(nxt)
+        if eos is not None:
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+        if step == decoding.max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones((len(idx), 1), dtype=mask.dtype, device=device)], dim=1)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=(n_real + step)[:, None],
+                    use_cache=True, **{_cache_kw(model): cache})
+        cache = _cache_of(out)
+        logits = out.logits[:, -1].float()
+    out_ids = []
+    for seq in torch.stack(gen, dim=1).cpu().tolist():
+        if eos is not None and eos in seq:
+            seq = seq[: seq.index(eos)]
+        out_ids.append(seq)
+    return out_ids
 
 
 def generate(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16, pick=None,
              stop_at_eos: bool = True) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy (or `pick`) decoding: (new token ids per prompt, log P(next token | prompt) [n, V])."""
-    r = run_prompts(model, tok, prompts, max_new_tokens, None, pick, batch_size, stop_at_eos=stop_at_eos, keep_first_lp=True)
+    r = run_prompts(model, tok, prompts, keep_first_lp=True, decoding=Decoding(max_new_tokens, pick, stop_at_eos), batching=Batching(batch_size))
     return r.new_ids, r.first_lp
 
 

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 import polars as pl
 
-from .scoring import decode, run_prompts
+from .scoring import Batching, Decoding, decode, run_prompts
 
 INVALID = -1
 
@@ -124,7 +124,7 @@ def parse_prefix(text: str, choices: list[str]) -> int:
 
 def choice_loglik(model, tok, prompts: list[str], choices: list[list[str]], batch_size: int = 16) -> list[list[float]]:
     """Mean token log-likelihood of " " + choice after each prompt (one prompt pass per prompt)."""
-    return run_prompts(model, tok, prompts, 0, choices, batch_size=batch_size).choice_ll
+    return run_prompts(model, tok, prompts, choices, batching=Batching(batch_size)).choice_ll
 
 
 def evaluate_task(model, tok, task: Task, batch_size: int = 16, generation: bool = True) -> tuple[dict[str, float], list[dict]]:
@@ -136,7 +136,8 @@ def evaluate_task(model, tok, task: Task, batch_size: int = 16, generation: bool
     items = task.items
     prompts = [it.prompt for it in items]
     labels = [it.answer for it in items]
-    res = run_prompts(model, tok, prompts, task.max_new_tokens if generation else 0, [it.choices for it in items], batch_size=batch_size)
+    res = run_prompts(model, tok, prompts, [it.choices for it in items], decoding=Decoding(task.max_new_tokens if generation else 0),
+                      batching=Batching(batch_size))
     ll = res.choice_ll
     texts = decode(tok, res.new_ids) if generation else [""] * len(items)
     # content-free log-likelihoods: each distinct cf prompt once, with all the choices it needs

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..io import EditscaleError
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,18 @@ _LLAMA_LIKE = ArchSpec(
 # Gemma-2 / Gemma-3 (text): the Llama names, the MLP output normalized before the residual add
 _GEMMA_LIKE = dataclasses.replace(_LLAMA_LIKE, mlp_out_norm="model.layers.{}.post_feedforward_layernorm")
 
-ARCHITECTURES: dict[str, ArchSpec] = {
+# model_type -> ArchSpec (editscale.registry.Registry); a plugin adds one with
+# register_architecture(model_type, ArchSpec(...)) or an `editscale.architectures` entry point
+ARCHITECTURES: Registry[ArchSpec] = Registry("architecture", entry_points="editscale.architectures",
+                                             from_entry_point=lambda name, obj: obj if isinstance(obj, ArchSpec) else None)
+
+
+def register_architecture(model_type: str, spec: ArchSpec) -> None:
+    """Teach editscale a model family: the module names of its MLP, layers, norms and embeddings."""
+    ARCHITECTURES.add(model_type, spec)
+
+
+for _model_type, _spec in {
     "gpt2": ArchSpec(
         mlp_out="transformer.h.{}.mlp.c_proj",
         layer="transformer.h.{}",
@@ -86,7 +98,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma3_text": _GEMMA_LIKE,  # Gemma-3 1B and the text model of the larger ones (Gemma3ForCausalLM)
     # Phi-3 and Phi-4: one fused gate_up_proj (the first MLP input matrix, 2 x intermediate rows)
     "phi3": dataclasses.replace(_LLAMA_LIKE, mlp_in="model.layers.{}.mlp.gate_up_proj", mlp_up=""),
-}
+}.items():
+    register_architecture(_model_type, _spec)
 
 
 def arch_spec(model_or_type) -> ArchSpec:
@@ -96,7 +109,7 @@ def arch_spec(model_or_type) -> ArchSpec:
         raise EditscaleError(
             f"unknown architecture (model_type) {model_type!r}: editscale knows {sorted(ARCHITECTURES)}"
             + (f"; nearest: {near}" if near else "")
-            + ". Add an ArchSpec to editscale.models.registry.ARCHITECTURES."
+            + ". Add one with editscale.models.registry.register_architecture(model_type, ArchSpec(...)) in a plugin module."
         )
     return ARCHITECTURES[model_type]
 

@@ -32,9 +32,7 @@ Every figure renders from a handful of points, and an empty input gives a "no da
 from __future__ import annotations
 
 import logging
-import importlib
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -468,17 +466,6 @@ def _phase_rows(tables: Mapping[str, pl.DataFrame], runs: Sequence[str]) -> tupl
     return phase, dis
 
 
-def figure_function(ref: str):
-    """The figure function a metric names ("module:function"); a bad name is an error naming it."""
-    from ..io import EditscaleError
-
-    module, _, name = ref.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise EditscaleError(f"figure function {ref!r} (a metric's `figures` in the registry) cannot be loaded: {exc}") from exc
-
-
 def make_plots(
     tables: Mapping[str, pl.DataFrame],
     out_dir: str | os.PathLike,
@@ -491,10 +478,11 @@ def make_plots(
     """Write every figure of the metric registry, then the overview, to `out_dir`; returns the
     files written. `per_run` also writes each run's overview alone as overview_{run}."""
     from ..evaluate.registry import METRICS
+    from ..registry import resolve
 
     out_dir = Path(out_dir)
     charts: dict[str, alt.TopLevelMixin] = {
-        stem: figure_function(ref)(tables, options) for metric in METRICS.values() for stem, ref in metric.figures.items()
+        stem: resolve(ref, what=f"metric {metric.name!r}: figure {stem!r}")(tables, options) for metric in METRICS.values() for stem, ref in metric.figures.items()
     }
     runs = _runs(tables)
     phase, dis = _phase_rows(tables, runs)

@@ -383,87 +383,106 @@ def summary_table(
     from . import phases as ph
 
     stems = [spec.summary for _, spec in curve_specs() if spec.summary]
-
     meta = normalize_runs_meta(runs_meta)
     runs = list(meta) or sorted({r for df in tables.values() if df is not None and "run" in df.columns for r in df["run"].unique().to_list()})
     rows = []
     all_labels: list[str] = []
     for run in runs:
-        m = meta.get(run, {})
-        n_edits = m.get("n_edits")
+        n_edits = meta.get(run, {}).get("n_edits")
         n_edits = int(n_edits) if n_edits is not None else None
-        mf = _meta_frame([run], meta).row(0, named=True)
-        seen = [
-            int(df.filter(pl.col("run") == run)["edit"].max())
-            for df in tables.values()
-            if df is not None and df.height and "run" in df.columns and "edit" in df.columns and df.filter(pl.col("run") == run).height
-        ]
-        edits_done = max(seen) if seen else None
+        edits_done = _edits_done(tables, run)
         end = n_edits if n_edits is not None else edits_done
-        points = [(str(c), c) for c in counts if end is None or c <= end]
-        if end is not None:
-            points.append(("end", end))
-        row = {**mf, "n_edits": n_edits, "edits_done": edits_done}
-        curves = [(spec, k, y) for spec, k, y in ph.curve_values(tables, run).values() if spec.summary]
-        for label, c in points:
-            if label not in all_labels:
-                all_labels.append(label)
-            for spec, k, y in curves:
-                row[f"{spec.summary}_at_{label}"] = _window_mean(k, y, c, window) if spec.per_edit else _at(k, y, c)
+        points = _summary_points(counts, end)
+        all_labels += [label for label, _ in points if label not in all_labels]
         rp = (run_phases or {}).get(run) if run_phases is not None else ph.analyze_run(tables, run)
-        comb = rp.combined if rp is not None else None
-        n_max = (rp.k_max if rp is not None and rp.k_max is not None else None) or edits_done or end or 0
-        if comb is not None and comb.onset_k is not None:
-            row["onset"] = str(int(round(comb.onset_k)))
-        else:
-            row["onset"] = f"none within {n_max} edits"
-        row["onset_k"] = comb.onset_k if comb else None
-        row["onset_ci_low"] = comb.ci_low if comb else None
-        row["onset_ci_high"] = comb.ci_high if comb else None
-        row["collapse_k"] = comb.collapse_k if comb else None
-        row["onset_curves"] = ",".join(comb.curves_agreeing) if comb else ""
-        row["onset_decision"] = comb.decision if comb else "phases not computed"
-        dis = [d.edit_index for d in rp.disabling] if rp is not None else []
+        row = {**_meta_frame([run], meta).row(0, named=True), "n_edits": n_edits, "edits_done": edits_done}
+        row.update(_curves_at(tables, run, points, window))
+        row.update(_onset_columns(rp, edits_done, end))
         row.update(leading_indicator(rp))
-        row["disabling_edits"] = ",".join(str(j) for j in dis)
-        row["n_disabling_edits"] = len(dis)
-        secs = None
-        if edit_log is not None and edit_log.height and "seconds" in edit_log.columns:
-            s = edit_log.filter(pl.col("run") == run)["seconds"].drop_nulls()
-            secs = (float(s.sum()), float(s.mean())) if s.len() else None
-        row["edit_seconds_total"] = secs[0] if secs else None
-        row["edit_seconds_mean"] = secs[1] if secs else None
-        sb = (storage_bytes or {}).get(run)
-        row["storage_bytes"] = int(sb) if sb is not None else None
+        dis = [d.edit_index for d in rp.disabling] if rp is not None else []
+        row.update(disabling_edits=",".join(str(j) for j in dis), n_disabling_edits=len(dis))
+        row.update(_cost_columns(edit_log, storage_bytes, run))
         row.update(readings(tables, run))
         rows.append(row)
-
     schema: dict[str, pl.DataType] = {**{c: pl.Utf8 for c in META_COLS}, "n_edits": pl.Int64, "edits_done": pl.Int64}
-    for label in all_labels:
-        for q in stems:
-            schema[f"{q}_at_{label}"] = pl.Float64
-    schema.update(
-        {
-            "onset": pl.Utf8,
-            "onset_k": pl.Float64,
-            "onset_ci_low": pl.Float64,
-            "onset_ci_high": pl.Float64,
-            "collapse_k": pl.Float64,
-            "onset_curves": pl.Utf8,
-            "onset_decision": pl.Utf8,
-            "leading_indicator": pl.Utf8,
-            "leading_indicator_onset": pl.Float64,
-            "indicator_lead": pl.Float64,
-            "disabling_edits": pl.Utf8,
-            "n_disabling_edits": pl.Int64,
-            "edit_seconds_total": pl.Float64,
-            "edit_seconds_mean": pl.Float64,
-            "storage_bytes": pl.Int64,
-            **{c: pl.Float64 for c in READING_COLUMNS},
-            "last_checkpoint": pl.Int64,
-        }
-    )
+    schema.update({f"{q}_at_{label}": pl.Float64 for label in all_labels for q in stems})
+    schema.update(_summary_tail_schema())
     return pl.DataFrame([{c: r.get(c) for c in schema} for r in rows], schema=schema)
+
+
+def _summary_tail_schema() -> dict[str, pl.DataType]:
+    """The summary's columns after the curves' {stem}_at_{count}."""
+    return {
+        "onset": pl.Utf8,
+        "onset_k": pl.Float64,
+        "onset_ci_low": pl.Float64,
+        "onset_ci_high": pl.Float64,
+        "collapse_k": pl.Float64,
+        "onset_curves": pl.Utf8,
+        "onset_decision": pl.Utf8,
+        "leading_indicator": pl.Utf8,
+        "leading_indicator_onset": pl.Float64,
+        "indicator_lead": pl.Float64,
+        "disabling_edits": pl.Utf8,
+        "n_disabling_edits": pl.Int64,
+        "edit_seconds_total": pl.Float64,
+        "edit_seconds_mean": pl.Float64,
+        "storage_bytes": pl.Int64,
+        **{c: pl.Float64 for c in READING_COLUMNS},
+        "last_checkpoint": pl.Int64,
+    }
+
+
+def _edits_done(tables: Mapping[str, pl.DataFrame], run: str) -> int | None:
+    """The last edit any table of the run has reached (scored or checkpoint seen)."""
+    seen = [
+        int(df.filter(pl.col("run") == run)["edit"].max())
+        for df in tables.values()
+        if df is not None and df.height and "run" in df.columns and "edit" in df.columns and df.filter(pl.col("run") == run).height
+    ]
+    return max(seen) if seen else None
+
+
+def _summary_points(counts: Sequence[int], end: int | None) -> list[tuple[str, int]]:
+    """(label, edit count) of the summary's columns: each count up to `end`, then "end"."""
+    points = [(str(c), c) for c in counts if end is None or c <= end]
+    return points + ([("end", end)] if end is not None else [])
+
+
+def _curves_at(tables: Mapping[str, pl.DataFrame], run: str, points, window: int) -> dict:
+    """{stem}_at_{label} of every summary curve: per-edit curves averaged over the last
+    min(window, c) edits ending at c, checkpoint curves at the latest checkpoint <= c."""
+    from . import phases as ph
+
+    curves = [(spec, k, y) for spec, k, y in ph.curve_values(tables, run).values() if spec.summary]
+    return {f"{spec.summary}_at_{label}": _window_mean(k, y, c, window) if spec.per_edit else _at(k, y, c)
+            for label, c in points for spec, k, y in curves}
+
+
+def _onset_columns(rp, edits_done: int | None, end: int | None) -> dict:
+    """The combined onset of the run's phase analysis (`summary_table`'s onset* columns)."""
+    comb = rp.combined if rp is not None else None
+    n_max = (rp.k_max if rp is not None and rp.k_max is not None else None) or edits_done or end or 0
+    return {
+        "onset": str(int(round(comb.onset_k))) if comb is not None and comb.onset_k is not None else f"none within {n_max} edits",
+        "onset_k": comb.onset_k if comb else None,
+        "onset_ci_low": comb.ci_low if comb else None,
+        "onset_ci_high": comb.ci_high if comb else None,
+        "collapse_k": comb.collapse_k if comb else None,
+        "onset_curves": ",".join(comb.curves_agreeing) if comb else "",
+        "onset_decision": comb.decision if comb else "phases not computed",
+    }
+
+
+def _cost_columns(edit_log: pl.DataFrame | None, storage_bytes: Mapping[str, int] | None, run: str) -> dict:
+    """Edit seconds (total, mean per edit, from the edit log) and the run's stored bytes."""
+    secs = None
+    if edit_log is not None and edit_log.height and "seconds" in edit_log.columns:
+        s = edit_log.filter(pl.col("run") == run)["seconds"].drop_nulls()
+        secs = (float(s.sum()), float(s.mean())) if s.len() else None
+    sb = (storage_bytes or {}).get(run)
+    return {"edit_seconds_total": secs[0] if secs else None, "edit_seconds_mean": secs[1] if secs else None,
+            "storage_bytes": int(sb) if sb is not None else None}
 
 
 def leading_indicator(rp) -> dict:

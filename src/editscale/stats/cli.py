@@ -1,5 +1,6 @@
-"""`editscale corpus` (token sample of a corpus), `editscale stats` (E[k k^T] per edited module) and
-`editscale nullspace` (AlphaEdit projection).
+"""`editscale corpus` (token sample of a corpus), `editscale stats` (E[k k^T] per edited module),
+`editscale nullspace` (AlphaEdit projection) and `editscale convert-stats` (the ROME authors'
+precomputed statistics into editscale's HDF5).
 
     editscale corpus --model-dir data/models/M --corpus-json '{"kind": "self_sample", "n_tokens": 65536}' \
         --out-dir data/corpora/M/CORPUS                       # -> stats.npy, heldout.npy, corpus.json
@@ -32,6 +33,18 @@ def _model_args(p, device_default="auto") -> None:
 
 
 def register(sub) -> None:
+    p = sub.add_parser(
+        "convert-stats",
+        help="convert the ROME authors' layer_stats .npz (rome.baulab.info/data/stats/...) into editscale's stats HDF5",
+    )
+    p.add_argument("--npz", required=True, help="e.g. transformer.h.17.mlp.c_proj_float32_mom2_100000.npz")
+    p.add_argument("--model-dir", required=True, help="prepared model directory (its manifest sha goes into the file)")
+    p.add_argument("--module", default=None, help="edited module (default: read from the npz file name)")
+    p.add_argument("--out", required=True, help="e.g. results/stats/gpt2-xl/wikipedia/transformer.h.17.mlp.c_proj.h5")
+    p.add_argument("--corpus", default="rome-wikipedia", help="corpus label stored in the file")
+    p.add_argument("--source-url", default=None, help="where the npz came from (recorded in the file)")
+    p.set_defaults(func=run_convert_stats)
+
     c = sub.add_parser("corpus", help="token sample of a corpus: stats.npy and the disjoint held-out heldout.npy")
     _model_args(c)
     c.add_argument("--out-dir", required=True, help="directory receiving stats.npy, heldout.npy and corpus.json")
@@ -228,3 +241,13 @@ def run_nullspace(args) -> None:
         model_sha256=str(attrs.get("model_sha256", "")), module=str(attrs.get("module", "")),
         eigenvalues=eigenvalues, device=args.device,
     )
+
+
+def run_convert_stats(args) -> None:
+    import json
+
+    from .convert import convert_rome_stats
+
+    info = convert_rome_stats(args.npz, args.model_dir, args.out, module=args.module, corpus=args.corpus,
+                              source_url=args.source_url)
+    print(json.dumps(info, indent=2, sort_keys=True))

@@ -24,8 +24,9 @@ import itertools
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import h5py
 import numpy as np
@@ -433,3 +434,21 @@ def read_projection(path: str | Path, expected_model_sha: str | None = None) -> 
         P = np.asarray(_dataset(f, path, "P", "projection"), dtype=np.float64)
     _check_content(path, attrs, "projection", P)
     return P
+
+
+@dataclass(frozen=True)
+class PrecomputedKind:
+    """An input the stats stage computes for the edit jobs (EditMethod.precomputed names its kind):
+    how an edit job reads one file of it, the keyword the method's constructor takes the
+    module -> tensor mapping by, and the prefix of its provenance records."""
+
+    read: Callable  # read(path, expected_model_sha) -> numpy array
+    argument: str
+    role: str
+
+
+# kind -> how the edit chain hands it to a method (the chain names no kind itself)
+PRECOMPUTED_KINDS = {
+    "mom2": PrecomputedKind(read_mom2, argument="stats", role="stats"),
+    "nullspace": PrecomputedKind(read_projection, argument="projections", role="projection"),
+}

@@ -1,4 +1,4 @@
-"""Perplexity on a fixed held-out token sample.
+"""perplexity: perplexity on a fixed held-out token sample.
 
 Input: int64 token ids [n_seq, seq_len] (an .npy written by the stats stage from its held-out
 corpus). Every sequence is scored as one causal window: tokens 1..L-1 are predicted from their
@@ -17,8 +17,9 @@ import numpy as np
 import polars as pl
 import torch
 
-from ..io import EditscaleError
-from .scoring import model_device
+from ...io import EditscaleError
+from ..registry import CurveSpec, metric
+from ..scoring import model_device
 
 
 def load_tokens(path: str | Path) -> np.ndarray:
@@ -69,3 +70,19 @@ def perplexity_rows(k: int, result: dict[str, float], item: str = "all") -> pl.D
         {"k": [k] * len(result), "item": [item] * len(result), "metric": list(result), "value": [float(v) for v in result.values()]},
         schema={"k": pl.Int64, "item": pl.Utf8, "metric": pl.Utf8, "value": pl.Float64},
     )
+
+
+def cost(run, section, corpus, f, k):
+    return f * int(corpus["heldout_tokens"]), 0.0
+
+
+@metric("perplexity", "perplexity on the held-out token sample", inputs=("state", "heldout"), order=40,
+        curves=(CurveSpec("perplexity", "perplexity", higher_is_better=False, label="log perplexity", log=True, summary="perplexity", indicator=True),),
+        cost=cost)
+def compute(checkpoint, cfg) -> pl.DataFrame:
+    path = checkpoint.input("heldout")
+    tokens = load_tokens(path)
+    model, _ = checkpoint.model()
+    result = perplexity(model, tokens, batch_size=cfg.batch_size, ignore_id=cfg.ignore_id)
+    checkpoint.uses("tokens", path)
+    return perplexity_rows(checkpoint.k, result)
