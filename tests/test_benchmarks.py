@@ -80,3 +80,22 @@ def test_sweep_applies_each_value_on_the_runs_own_inputs(tmp_path, tiny_model_di
         assert all(0.0 <= r[k] <= 1.0 for k in ("es_now", "ps_now", "es_after"))
     assert rows[0]["value"] == 10.0 and rows[1]["value"] == 10000.0
     assert rows[1]["delta_norm"] < rows[0]["delta_norm"]
+
+
+def test_compare_studies_sees_a_changed_table_value_and_nothing_else(tiny_study, tmp_path):
+    """benchmarks.compare_studies (the before / after check of a refactor): a study equals its
+    copy; one changed metric value is one difference naming the file."""
+    import shutil
+
+    import polars as pl
+
+    from benchmarks.compare_studies import compare
+    from editscale.io import read_parquet_metadata, write_parquet_atomic
+
+    for side in ("before", "after"):
+        shutil.copytree(tiny_study, tmp_path / side / "test-tiny", symlinks=True)
+    assert compare(tmp_path / "before", tmp_path / "after", ["test-tiny"]) == 0
+    path = tmp_path / "after/test-tiny/results/rome-tiny/metrics/perplexity/000006.parquet"
+    df = pl.read_parquet(path)
+    write_parquet_atomic(df.with_columns(pl.col("value") * 1.001), path, metadata=read_parquet_metadata(path))
+    assert compare(tmp_path / "before", tmp_path / "after", ["test-tiny"]) == 1

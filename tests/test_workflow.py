@@ -340,7 +340,7 @@ def test_metric_and_report_commands_are_handed_only_declared_files(repo_root, tm
     st = Checkpoint("data/models/m", 5, {"state": [str(run_json), "results/r/deltas/000003.h5", "results/r/factors/000006.h5"]}).state
     assert (str(st.delta), str(st.factors)) == ("results/r/deltas/000003.h5", "results/r/factors/000006.h5")
     with pytest.raises(EditscaleError, match="deltas/000006.h5 among the given files"):
-        Checkpoint("data/models/m", 6, {"state": [str(run_json), "results/r/factors/000006.h5"]}).state
+        _ = Checkpoint("data/models/m", 6, {"state": [str(run_json), "results/r/factors/000006.h5"]}).state
 
 
 def _copy_study(tiny_study, tmp_path) -> Path:
