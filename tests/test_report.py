@@ -561,6 +561,7 @@ def test_results_join_each_runs_resolved_config_and_compare_reads_the_tables(tin
         res["nope"]
 
 
+@pytest.mark.slow
 def test_compare_cli_prints_the_table_and_names_bad_input(tiny_study, tmp_path):
     import subprocess
 

