@@ -6,6 +6,7 @@ from snakemake.utils import min_version
 
 from editscale import workflow as wf
 from editscale.io import EditscaleError
+from editscale.memory import MemoryPlan, check_memory
 
 min_version("8.0")
 
@@ -32,13 +33,13 @@ if workflow.is_main_process:  # the plan, not every job that re-reads the Snakef
     try:
         # a run longer than its usable edit sequence fails here, not at the segment that runs out
         wf.check_sequence_lengths(config)
-        if config["resources"].get("gpu_mem_gb"):  # the edit jobs' predicted GPU memory against the machines'
-            from editscale.planning import check_device_memory
-
-            check_device_memory(config)
+        # every job's predicted peak memory against resources.mem_mb / gpu_mem_gb (when set)
+        check_memory(config)
     except EditscaleError as exc:
         raise ValueError(f"config error: {exc}") from None
 METRIC_REGISTRY = wf.metrics_registry()
+# each rule's mem_mb: the predicted peak RSS of its jobs (editscale.memory), computed on first use
+MEMORY = MemoryPlan(config)
 
 RUNS = {run["name"]: run for run in config["runs"]}
 ENV = "../envs/editscale.yaml"  # relative to rules/*.smk, where it is used

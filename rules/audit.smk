@@ -11,8 +11,10 @@ rule audit:
         cfg=wf.canonical_json(config["audit"]),
     log:
         "results/logs/audit.log",
+    benchmark:
+        "results/benchmarks/audit.tsv"
     resources:
-        mem_mb=lambda w: max(wf.model_mem_mb(config, m) for m in config["models"]),
+        mem_mb=lambda w: MEMORY.mem_mb("audit"),
         runtime=60,
     conda:
         ENV

@@ -38,7 +38,7 @@ rule context_templates:
     benchmark:
         "results/benchmarks/{run}/context_templates.tsv"
     resources:
-        mem_mb=lambda w: wf.model_mem_mb(config, RUNS[w.run]["model"]),
+        mem_mb=lambda w: MEMORY.mem_mb("context_templates", w.run, RUNS[w.run]["model"]),
         runtime=30,
     conda:
         ENV
@@ -72,7 +72,7 @@ rule edit_segment:
         # Snakemake's own record of the job: wall seconds, max RSS, I/O (benchmarks/ reads it)
         "results/benchmarks/{run}/edit_segment_{k}.tsv"
     resources:
-        mem_mb=lambda w: int(wf.model_mem_mb(config, RUNS[w.run]["model"]) * 1.5),
+        mem_mb=lambda w: MEMORY.mem_mb("edit", w.run, RUNS[w.run]["model"]),
         runtime=lambda w: 10 + 2 * RUNS[w.run]["segment"],
         **wf.gpu_resources(config),
     conda:

@@ -36,7 +36,7 @@ for _metric in METRIC_REGISTRY.values():
             # Snakemake's own record of the job: wall seconds, max RSS, I/O (benchmarks/ reads it)
             f"results/benchmarks/{{run}}/{_metric.name}_{{k}}.tsv"
         resources:
-            mem_mb=lambda w: wf.model_mem_mb(config, RUNS[w.run]["model"]),
+            mem_mb=lambda w, m=_metric.name: MEMORY.mem_mb(f"metric:{m}", w.run, RUNS[w.run]["model"]),
             runtime=60,
             **(wf.gpu_resources(config) if _metric.device else {}),
         conda:
@@ -91,7 +91,7 @@ for _run in config["runs"]:
             benchmark:
                 f"results/benchmarks/{_run['name']}/evaluate_{{k}}.tsv"
             resources:
-                mem_mb=wf.model_mem_mb(config, _run["model"]),
+                mem_mb=lambda w, r=_run: MEMORY.mem_mb("metric:evaluate", r["name"], r["model"]),
                 runtime=60,
                 **wf.gpu_resources(config),
             conda:

@@ -15,7 +15,7 @@ rule model:
     benchmark:
         "results/benchmarks/model/{model}.tsv"
     resources:
-        mem_mb=lambda w: wf.model_mem_mb(config, w.model) * 2,
+        mem_mb=lambda w: MEMORY.mem_mb("model", w.model, w.model),
         runtime=60,
     conda:
         ENV

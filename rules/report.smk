@@ -30,7 +30,7 @@ rule report_tables:
     benchmark:
         "results/benchmarks/report_tables.tsv"
     resources:
-        mem_mb=4000,
+        mem_mb=lambda w: MEMORY.mem_mb("report_tables"),
         runtime=30,
     conda:
         ENV
@@ -64,7 +64,7 @@ rule report_plots:
     benchmark:
         "results/benchmarks/report_plots.tsv"
     resources:
-        mem_mb=4000,
+        mem_mb=lambda w: MEMORY.mem_mb("report_plots"),
         runtime=30,
     conda:
         ENV

@@ -21,7 +21,7 @@ rule corpus_tokens:
     benchmark:
         "results/benchmarks/corpus/{model}/{corpus}.tsv"
     resources:
-        mem_mb=lambda w: wf.model_mem_mb(config, w.model),
+        mem_mb=lambda w: MEMORY.mem_mb("corpus", w.model, w.model),
         runtime=120,
         **wf.gpu_resources(config),
     conda:
@@ -49,7 +49,7 @@ rule stats:
     benchmark:
         "results/benchmarks/stats/{model}/{corpus}/{module}.tsv"
     resources:
-        mem_mb=lambda w: wf.model_mem_mb(config, w.model),
+        mem_mb=lambda w: MEMORY.mem_mb("stats", w.model, w.model),
         runtime=240,
         **wf.gpu_resources(config),
     conda:
@@ -78,7 +78,7 @@ rule nullspace:
     benchmark:
         "results/benchmarks/stats/{model}/{corpus}/nullspace{rule}-{module}-{threshold}.tsv"
     resources:
-        mem_mb=4000,
+        mem_mb=lambda w: MEMORY.mem_mb("nullspace", w.model),
         runtime=30,
     conda:
         ENV

@@ -178,7 +178,7 @@ def test_calibration_fit_recovers_the_time_model(repo_root, tmp_path):
     # no job of this config starts without loading the model or computing (every metric but the edit
     # scores runs in the checkpoint jobs), so the start-up is the default the fit falls back to
     truth = Calibration(startup_s=cb.DEFAULT_STARTUP_S, factors={k: 1.5 + 0.25 * i for i, k in enumerate(sorted(kinds))},
-                        fixed={"model": 12.0, "report_tables": 7.0, "report_plots": 9.0})
+                        fixed={"model": 12.0, "report_tables": 7.0, "report_plots": 9.0, "audit": 5.0})
     bench = tmp_path / "results" / "benchmarks"
     for job in jobs:
         _write_record(bench / Path(job.record).relative_to("results/benchmarks"), truth.seconds(job, rate, rate / 2))
@@ -215,12 +215,19 @@ def test_doctor_calibrates_from_a_runs_benchmark_records(tiny_study, tmp_path):
     assert check["all"]["jobs"] == len(recorded) and {"edit:rome", "metric:evaluate", "stats", "report_plots"} <= set(check)
     assert check["all"]["estimate_fitted"] == pytest.approx(check["all"]["measured_s"], rel=0.01)
     saved = json.loads(cal.read_text())
-    assert saved == rep["fitted_calibration"] and saved["startup_s"] > 0
+    assert saved == {**rep["fitted_calibration"], **rep["fitted_memory"]} and saved["startup_s"] > 0
+    # the memory model, fitted to the same records' max RSS: every recorded kind is compared
+    mem = {row["kind"] for row in rep["memory_check"]}
+    assert {"edit:rome", "metric:evaluate", "stats", "corpus", "model", "audit"} <= mem <= set(saved["memory"])
+    assert all(row["measured"] > 50 * 2**20 for row in rep["memory_check"])  # a Python + torch process at least
     res2 = subprocess.run([*args, "--calibration", str(cal), "--json"], cwd=tiny_study, capture_output=True, text=True)
     assert res2.returncode == 0, res2.stderr
-    assert json.loads(res2.stdout)["time"]["total_job_s"] == pytest.approx(rep["time_fitted"]["total_job_s"])
+    again = json.loads(res2.stdout)
+    assert again["time"]["total_job_s"] == pytest.approx(rep["time_fitted"]["total_job_s"])
+    assert again["memory_source"] == saved["memory_source"]
     text = subprocess.run([*args, "--benchmarks", "results/benchmarks"], cwd=tiny_study, capture_output=True, text=True).stdout
     assert "| job kind | jobs | measured |" in text and "`snakemake --cores 2`" in text
+    assert "measured max RSS (Snakemake records) against predicted" in text and "| edit:rome |" in text
     bad = subprocess.run([*args, "--benchmarks", str(tmp_path / "nowhere")], cwd=tiny_study, capture_output=True, text=True)
     assert bad.returncode != 0 and "nowhere: no such directory" in bad.stderr
 

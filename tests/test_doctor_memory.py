@@ -49,3 +49,72 @@ def test_a_run_that_cannot_fit_the_gpu_is_refused_at_plan_time(repo_root, tmp_pa
     assert "run memit-llama3-8b: its edit jobs (rule edit_segment) need about 29.4 GiB" in text and "gpu_mem_gb = 24" in text
     set_config(workdir, lambda c: c["resources"].update(gpu_mem_gb=80), name=study)
     assert snakemake(workdir, "-n", config=study, check=False).returncode == 0
+
+
+def _record(path: Path, rss_mib: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("s\th:m:s\tmax_rss\tmax_vms\n" f"1.0\t0:00:01\t{rss_mib}\t{2 * rss_mib}\n")
+
+
+def test_the_host_memory_fit_recovers_a_known_line_per_kind(repo_root, tmp_path):
+    """Records written from known lines (peak RSS = a x model bytes + b + the job's working phase on
+    the CPU) at two model sizes give back a and b per job kind; a kind seen at one size takes its
+    family's slope; the prediction from the fit is the record."""
+    from editscale import calibration as cb
+    from editscale.memory import job_memory
+    from editscale.planning import Calibration, config_jobs
+    from editscale.workflow import load_config
+
+    config = load_config(repo_root / "config/test-tiny.yaml")
+    big = json.loads(json.dumps(config))
+    big["models"]["tiny-gpt2"]["dtype"] = "bfloat16"  # half the model bytes: a second size
+    for r in big["runs"]:
+        r["name"] += "-bf16"
+    truth = {"edit:rome": (1.3, 600e6), "metric:evaluate": (1.1, 800e6), "stats": (1.0, 500e6), "model": (2.0, 400e6)}
+    jobs = config_jobs(config, tmp_path)
+    jobs_big = [j for j in config_jobs(big, tmp_path) if j.run]  # the shared jobs have the same records
+    assert {j.model_bytes for j in jobs} != {j.model_bytes for j in jobs_big}
+    rss = {}
+    for job in jobs + jobs_big:
+        a, b = truth.get(job.kind, (1.0, 700e6))
+        rss[job.record] = a * job.model_bytes + b + job.device_extra
+    fits = cb.fit_memory(jobs + jobs_big, rss)
+    for kind in ("edit:rome", "metric:evaluate"):
+        assert fits[kind] == pytest.approx(list(truth[kind]), rel=1e-6), kind
+    assert fits["stats"][0] == pytest.approx(1.0) and fits["stats"][1] == pytest.approx(500e6)  # one size: "the" family is none, a = 1
+    cal = Calibration(memory=fits)
+    for job in jobs + jobs_big:
+        assert job_memory(job, cal, gpu=False).host == pytest.approx(rss[job.record], rel=1e-6), job.record
+    # the record's column is MiB
+    _record(tmp_path / "r.tsv", 512.0)
+    assert cb.record_rss(tmp_path / "r.tsv") == 512 * 2**20
+    (tmp_path / "bad.tsv").write_text("s\th:m:s\n1\t0:00:01\n")
+    with pytest.raises(Exception, match="no `max_rss` column"):
+        cb.record_rss(tmp_path / "bad.tsv")
+
+
+def test_a_job_that_cannot_fit_the_host_memory_is_refused_with_every_figure(repo_root, tmp_path):
+    """resources.mem_mb below the predicted peak of some job kinds: one error naming each (kind,
+    owner, rule, MB, dtype); a limit above every prediction passes; the rules' mem_mb is the
+    prediction x the margin."""
+    from editscale.io import EditscaleError
+    from editscale.memory import MB, RULE_MARGIN, MemoryPlan, check_memory, config_memory
+    from editscale.workflow import load_config
+
+    config = load_config(repo_root / "config/test-tiny.yaml")
+    peaks = {(jm.job.kind, jm.job.run or jm.job.model): jm.host for jm in config_memory(config, tmp_path)}
+    limit = sorted(peaks.values())[len(peaks) // 2] / MB  # about half the kinds above it
+    config["resources"]["mem_mb"] = limit
+    with pytest.raises(EditscaleError) as err:
+        check_memory(config, tmp_path)
+    text = str(err.value)
+    over = [(k, o) for (k, o), v in peaks.items() if v > limit * MB]
+    assert over and f"{len(over)} job kind(s) cannot fit" in text
+    for kind, owner in over:
+        assert f"{owner}: its {kind} jobs" in text and f"more than resources.mem_mb = {limit}" in text
+    assert "(model tiny-gpt2 in float32)" in text
+    config["resources"]["mem_mb"] = max(peaks.values()) / MB + 1
+    check_memory(config, tmp_path)
+    plan = MemoryPlan(config, tmp_path)
+    assert plan.mem_mb("edit", "rome-tiny") >= peaks[("edit:rome", "rome-tiny")] * RULE_MARGIN / MB
+    assert plan.mem_mb("edit", "rome-tiny") - peaks[("edit:rome", "rome-tiny")] * RULE_MARGIN / MB < 100

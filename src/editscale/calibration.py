@@ -48,15 +48,29 @@ def record_seconds(path: Path) -> float | None:
     return sum(float(row[0]) for row in lines[1:]) / (len(lines) - 1)
 
 
-def measured(jobs: list[Job], benchmarks: str | Path) -> dict[str, float]:
-    """record -> seconds, for the jobs whose record is under `benchmarks` (a results/benchmarks dir)."""
+def record_rss(path: Path) -> float | None:
+    """Peak RSS of one Snakemake benchmark record, bytes (its `max_rss` column is in MiB; the
+    largest over its rows)."""
+    if not path.is_file():
+        return None
+    lines = [ln.split("\t") for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if len(lines) < 2 or "max_rss" not in lines[0]:
+        raise EditscaleError(f"{path} is not a Snakemake benchmark record (no `max_rss` column)")
+    col = lines[0].index("max_rss")
+    values = [float(row[col]) for row in lines[1:] if row[col] not in ("", "NA", "-")]
+    return max(values) * 2**20 if values else None
+
+
+def measured(jobs: list[Job], benchmarks: str | Path, read=record_seconds) -> dict[str, float]:
+    """record -> seconds (or what `read` reads), for the jobs whose record is under `benchmarks`
+    (a results/benchmarks dir)."""
     root = Path(benchmarks)
     if not root.is_dir():
         raise EditscaleError(f"--benchmarks {root}: no such directory (a finished run leaves results/benchmarks/)")
     out = {}
     for job in jobs:
         rel = Path(job.record).relative_to(RESULTS / "benchmarks")
-        s = record_seconds(root / rel)
+        s = read(root / rel)
         if s is not None:
             out[job.record] = s
     if not out:
@@ -113,3 +127,51 @@ def comparison(jobs: list[Job], seconds: dict[str, float], calibrations: dict[st
     total = {"kind": "all", "jobs": sum(r["jobs"] for r in out), "measured_s": sum(r["measured_s"] for r in out),
              **{name: sum(r[name] for r in out) for name in calibrations}}
     return out + [total]
+
+
+def fit_memory(jobs: list[Job], rss: dict[str, float], on_device: bool = False) -> dict[str, list[float]]:
+    """Per job kind, peak RSS = a x model bytes + b (editscale.memory), by least squares over its
+    recorded jobs after taking away what the job's working phase holds beyond the weights when
+    it ran on the CPU (Job.device_extra; `on_device`: the records are of a GPU run, whose device
+    jobs held that on the GPU). A kind recorded at one model size only (or none: nullspace, the
+    report) gets a = its family's mean if it loads a model, else 0, and b = the mean residual;
+    "edit:*" and "metric:*" are the means over their members."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for job in jobs:
+        if job.record in rss:
+            extra = 0.0 if (on_device and job.uses_device) else job.device_extra
+            points.setdefault(job.kind, []).append((float(job.model_bytes), rss[job.record] - extra))
+    fits: dict[str, list[float]] = {}
+    single: dict[str, list[tuple[float, float]]] = {}
+    for kind, pts in points.items():
+        xs = [x for x, _ in pts]
+        if len(set(xs)) < 2:
+            single[kind] = pts
+            continue
+        mx, my = statistics.fmean(xs), statistics.fmean(y for _, y in pts)
+        a = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x in xs)
+        fits[kind] = [a, my - a * mx]
+    families = {fam: [f for k, f in fits.items() if k.startswith(fam + ":")] for fam in ("edit", "metric")}
+    for fam, members in families.items():
+        if members:
+            fits[fam + ":*"] = [statistics.fmean(f[0] for f in members), statistics.fmean(f[1] for f in members)]
+    for kind, pts in single.items():
+        fam = fits.get(kind.split(":")[0] + ":*")
+        a = (fam[0] if fam else 1.0) if any(x > 0 for x, _ in pts) else 0.0
+        fits[kind] = [a, statistics.fmean(y - a * x for x, y in pts)]
+    return fits
+
+
+def memory_comparison(jobs: list[Job], rss: dict[str, float], predict) -> list[dict]:
+    """Per job kind and model size: jobs, the largest measured peak RSS and `predict(job)`'s
+    largest prediction for the same jobs (bytes)."""
+    rows: dict[tuple[str, int], dict] = {}
+    for job in jobs:
+        if job.record not in rss:
+            continue
+        row = rows.setdefault((job.kind, job.model_bytes), {"kind": job.kind, "model_bytes": job.model_bytes, "jobs": 0,
+                                                            "measured": 0.0, "predicted": 0.0})
+        row["jobs"] += 1
+        row["measured"] = max(row["measured"], rss[job.record])
+        row["predicted"] = max(row["predicted"], predict(job))
+    return sorted(rows.values(), key=lambda r: (r["kind"], r["model_bytes"]))

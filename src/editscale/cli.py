@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import doctor  # machine check + the planning module's estimates (beside workflow, not a stage)
 
     doctor.register(sub)
+    from . import merge  # run records and the study built from them (above the stages and the plan)
+
+    merge.register(sub)
     return parser
 
 

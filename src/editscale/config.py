@@ -82,6 +82,11 @@ def _node(path: str) -> dict:
     return node
 
 
+def section_schema(path: str) -> dict:
+    """The schema node of one section, e.g. section_schema("metrics.history")."""
+    return _node(path)
+
+
 def section_defaults(path: str) -> dict:
     """The schema's defaults of one section, e.g. section_defaults("metrics.generation")."""
     return {k: copy.deepcopy(v["default"]) for k, v in (_node(path).get("properties") or {}).items() if "default" in v}

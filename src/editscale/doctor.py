@@ -58,7 +58,8 @@ def run_doctor(args) -> None:
     if args.save_calibration:
         from .io import write_text_atomic
 
-        write_text_atomic(args.save_calibration, json.dumps(report["fitted_calibration"], indent=2) + "\n")
+        fitted = {**report.get("fitted_calibration", {}), **report.get("fitted_memory", {})}
+        write_text_atomic(args.save_calibration, json.dumps(fitted, indent=2) + "\n")
     print(json.dumps(report, indent=2, default=str) if args.json else render(report))
 
 
@@ -183,6 +184,8 @@ def doctor(configfile: str | Path | None, bench: bool = True, flops: float | Non
         report["config"] = str(configfile)
         report["runs"] = [run_estimate(config, r, root) for r in config["runs"]]
         report["gpu_requested"] = bool((config.get("resources") or {}).get("gpu", False))
+        if not storage_only:
+            report.update(memory_report(config, cal, root, benchmarks))
         if rate32:
             cores = cores or report["machine"]["cpu_usable"]
             report["time"] = time_estimate(config, rate32, rate64, cal, cores, root)
@@ -191,6 +194,31 @@ def doctor(configfile: str | Path | None, bench: bool = True, flops: float | Non
         elif benchmarks:
             raise EditscaleError("--benchmarks needs the matmul rate (drop --no-bench / --storage-only)")
     return report
+
+
+def memory_report(config: dict, cal, root, benchmarks=None) -> dict[str, Any]:
+    """Predicted peak memory per job kind (editscale.memory); with `benchmarks`, the memory model
+    fitted to the records' max RSS and measured against predicted per kind and model size."""
+    import dataclasses
+
+    from . import calibration as cb
+    from . import memory
+    from .planning import config_jobs
+
+    out: dict[str, Any] = {"memory": memory.memory_rows(config, root, cal), "memory_source": cal.memory_source or "default fit",
+                           "memory_on_gpu": memory.on_gpu(config)}
+    if benchmarks:
+        jobs = config_jobs(config, root)
+        rss = cb.measured(jobs, benchmarks, read=cb.record_rss)
+        fits = cb.fit_memory(jobs, rss, on_device=memory.on_gpu(config))
+        fitted = dataclasses.replace(cal, memory=fits, memory_source=f"fitted to the max_rss of {len(rss)} records in {benchmarks}")
+        gpu = memory.on_gpu(config)
+        out["fitted_memory"] = {"memory": fits, "memory_source": fitted.memory_source}
+        out["memory_check"] = [
+            {**row, "fitted": fit_row["predicted"]} for row, fit_row in zip(
+                cb.memory_comparison(jobs, rss, lambda j: memory.job_memory(j, cal, gpu).host),
+                cb.memory_comparison(jobs, rss, lambda j: memory.job_memory(j, fitted, gpu).host))]
+    return out
 
 
 def calibrate(config: dict, benchmarks, rate32: float, rate64: float | None, used, cores: int, root,
@@ -310,6 +338,7 @@ def render(report: dict) -> str:
         if total > m["disk_free"]:
             lines.append(f"WARNING: the runs need ~{fmt_bytes(total)} of checkpoints, more than the {fmt_bytes(m['disk_free'])} free")
     lines.extend(time_lines(report))
+    lines.extend(memory_lines(report))
     if report.get("runs"):
         lines.append("")
         lines.append("storage (1 MB = 1e6 bytes; see `editscale doctor --help` and docs/scale.md for the formulas)")
@@ -338,4 +367,31 @@ def time_lines(report: dict) -> list[str]:
             m = row["measured_s"] or float("nan")
             lines.append(f"| {row['kind']} | {row['jobs']} | {fmt_seconds(row['measured_s'])} | {fmt_seconds(row['estimate_before'])} "
                          f"| {row['estimate_before'] / m:.2f} | {fmt_seconds(row['estimate_fitted'])} | {row['estimate_fitted'] / m:.2f} |")
+    return lines
+
+
+def memory_lines(report: dict) -> list[str]:
+    """Predicted peak memory per job kind; with --benchmarks, measured against predicted."""
+    rows = report.get("memory")
+    if not rows:
+        return []
+    where = "the GPU" if report.get("memory_on_gpu") else "the CPU (host memory holds the working phase)"
+    lines = ["", f"peak memory per job (editscale.memory; host fit: {report['memory_source']}; jobs run on {where}; "
+                 "GPU: what the job would need on one)",
+             "| job kind | of | jobs | model | host (peak RSS) | GPU |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['kind']} | {r['owner']} | {r['jobs']} | {fmt_bytes(r['model_bytes'])} | {fmt_bytes(r['host'])} "
+                     f"| {fmt_bytes(r['gpu']) if r['gpu'] is not None else '-'} |")
+    check = report.get("memory_check")
+    if check:
+        lines += ["", "measured max RSS (Snakemake records) against predicted, per job kind and model size",
+                  "| job kind | model | jobs | measured | predicted before | ratio | fitted | ratio |", "|---|---|---|---|---|---|---|---|"]
+        for r in check:
+            m = r["measured"] or float("nan")
+            lines.append(f"| {r['kind']} | {fmt_bytes(r['model_bytes'])} | {r['jobs']} | {fmt_bytes(r['measured'])} "
+                         f"| {fmt_bytes(r['predicted'])} | {r['predicted'] / m:.2f} | {fmt_bytes(r['fitted'])} | {r['fitted'] / m:.2f} |")
+        fits = report["fitted_memory"]["memory"]
+        lines += ["", "fitted: peak RSS = a x model bytes + b (save with --save-calibration FILE)",
+                  "| job kind | a | b |", "|---|---|---|"]
+        lines += [f"| {k} | {a:.2f} | {fmt_bytes(b)} |" for k, (a, b) in sorted(fits.items())]
     return lines

@@ -172,6 +172,9 @@ class Job:
     decode_flops: float = 0.0  # token-by-token generation
     model_bytes: int = 0  # what the job loads
     threads: int = 1  # the rule's `threads:` (rules/stats.smk: corpus and stats take 2)
+    model: str | None = None  # the model of a shared job (model, corpus, stats, nullspace)
+    uses_device: bool = False  # runs its model on the configured device (editscale.memory: GPU or host)
+    device_extra: float = 0.0  # bytes its working phase holds beyond the weights (editscale.memory)
 
     def compute_seconds(self, rate32: float, rate64: float | None) -> float:
         r64 = rate64 or rate32 / 2
@@ -191,6 +194,8 @@ class Calibration:
     rate64: float | None = None
     machine: str = ""  # doctor.machine_fingerprint() of the machine it was fitted on
     source: str = "uncalibrated FLOP model"
+    memory: dict = field(default_factory=dict)  # kind -> [a, b]: peak RSS = a x model bytes + b (editscale.memory)
+    memory_source: str = ""
 
     def factor(self, kind: str) -> float:
         if kind in self.factors:
@@ -206,11 +211,11 @@ class Calibration:
     def to_json(self) -> dict:
         return {"startup_s": self.startup_s, "load_bytes_per_s": self.load_bytes_per_s, "factors": dict(self.factors),
                 "fixed": dict(self.fixed), "rate32": self.rate32, "rate64": self.rate64, "machine": self.machine,
-                "source": self.source}
+                "source": self.source, "memory": dict(self.memory), "memory_source": self.memory_source}
 
     @classmethod
     def from_json(cls, data: dict) -> "Calibration":
-        known = {"startup_s", "load_bytes_per_s", "factors", "fixed", "rate32", "rate64", "machine", "source"}
+        known = {"startup_s", "load_bytes_per_s", "factors", "fixed", "rate32", "rate64", "machine", "source", "memory", "memory_source"}
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -250,11 +255,20 @@ def run_jobs(config: dict, run: dict, root: str | Path = ".") -> list[Job]:
     fl = edit_flops(run["method"], hp, params, shapes, run["segment"], getattr(cfg, "num_hidden_layers", None))
     bench = RESULTS / "benchmarks" / run["name"]
     seg = run["segment"]
+    dtype = config["models"][run["model"]].get("dtype", "float32")
+    from .edit.cost import method_cost
+
+    edit_extra = edit_job_memory(method_cost(run["method"], hp), cfg, dtype, shapes)
+    edit_extra = edit_extra["total"] - edit_extra["weights"]
     jobs = [Job("context_templates", str(bench / "context_templates.tsv"), run["name"],
-                decode_flops=2.0 * params * fl.get("template_tokens", 0.0), model_bytes=model_bytes)]
+                decode_flops=2.0 * params * fl.get("template_tokens", 0.0), model_bytes=model_bytes, uses_device=True,
+                device_extra=inference_extra(cfg, dtype, TEMPLATE_TOKENS, TEMPLATE_TOKENS))]
     jobs += [Job(f"edit:{run['method']}", str(bench / f"edit_segment_{k:06d}.tsv"), run["name"],
                  flops=seg * fl["model"] + (fl.get("begin", 0.0) if k == seg else 0.0),  # begin: once, in the first segment
-                 flops64=seg * fl["solve"], model_bytes=model_bytes) for k in segment_ends(run)]
+                 flops64=seg * fl["solve"], model_bytes=model_bytes, uses_device=True, device_extra=edit_extra)
+             for k in segment_ends(run)]
+    scoring = inference_extra(cfg, dtype, SCORING_TOKENS, LOGIT_ROWS)
+    evaluation = max(scoring, inference_extra(cfg, dtype, PERPLEXITY_TOKENS, PERPLEXITY_TOKENS))
     corpus = config["corpora"][run["corpus"]]
     grouped = set(checkpoint_metrics())
     checkpoint: dict[int, list[float]] = {}  # k -> [flops, decode flops, loads the model]
@@ -270,34 +284,50 @@ def run_jobs(config: dict, run: dict, root: str | Path = ".") -> list[Job]:
                 acc[0], acc[1], acc[2] = acc[0] + float(flops), acc[1] + float(decode), max(acc[2], float(metric.device))
             else:
                 jobs.append(Job(f"metric:{metric.name}", str(bench / f"{metric.name}_{k:06d}.tsv"), run["name"], flops=float(flops),
-                                decode_flops=float(decode), model_bytes=model_bytes if metric.device else 0))
-    jobs += [Job("metric:evaluate", str(bench / f"evaluate_{k:06d}.tsv"), run["name"], flops=f, decode_flops=d, model_bytes=model_bytes if dev else 0)
+                                decode_flops=float(decode), model_bytes=model_bytes if metric.device else 0,
+                                uses_device=bool(metric.device), device_extra=scoring if metric.device else 0.0))
+    jobs += [Job("metric:evaluate", str(bench / f"evaluate_{k:06d}.tsv"), run["name"], flops=f, decode_flops=d, model_bytes=model_bytes if dev else 0,
+                 uses_device=bool(dev), device_extra=evaluation if dev else 0.0)
              for k, (f, d, dev) in sorted(checkpoint.items())]
     return jobs
 
 
 def shared_jobs(config: dict, root: str | Path = ".") -> list[Job]:
-    """The jobs the runs share: model preparation, corpus sample, statistics, report."""
+    """The jobs the runs share: model preparation, corpus sample, statistics, null-space
+    projections, report, audit."""
     from .layout import RESULTS
+    from .workflow import projection_files
 
     bench = RESULTS / "benchmarks"
     jobs, seen = [], set()
     for run in config["runs"]:
-        params, model_bytes, _ = _model_bytes(config, run["model"], root)
+        params, model_bytes, cfg = _model_bytes(config, run["model"], root)
+        model = run["model"]
+        dtype = config["models"][model].get("dtype", "float32")
         corpus = config["corpora"][run["corpus"]]
         tokens = float(corpus.get("n_tokens", 0)) + float(corpus.get("heldout_tokens", 0))
         decode = 2.0 * params * tokens if corpus.get("kind") == "self_sample" else 0.0
-        wanted = [Job("model", str(bench / "model" / f"{run['model']}.tsv"), model_bytes=model_bytes),
-                  Job("corpus", str(bench / "corpus" / run["model"] / f"{run['corpus']}.tsv"), decode_flops=decode,
-                      flops=0.0 if decode else 2.0 * params * tokens, model_bytes=model_bytes, threads=2)]
-        wanted += [Job("stats", str(bench / "stats" / run["model"] / run["corpus"] / f"{m}.tsv"),
-                       flops=2.0 * params * float(corpus.get("n_tokens", 0)), model_bytes=model_bytes, threads=2)
+        shapes = module_shapes(cfg, edited_modules(config, run)) if cfg is not None else {}
+        wanted = [Job("model", str(bench / "model" / f"{model}.tsv"), model_bytes=model_bytes, model=model),
+                  Job("corpus", str(bench / "corpus" / model / f"{run['corpus']}.tsv"), decode_flops=decode,
+                      flops=0.0 if decode else 2.0 * params * tokens, model_bytes=model_bytes, threads=2, model=model,
+                      uses_device=True, device_extra=corpus_extra(cfg, dtype, corpus) if cfg is not None else 0.0)]
+        wanted += [Job("stats", str(bench / "stats" / model / run["corpus"] / f"{m}.tsv"),
+                       flops=2.0 * params * float(corpus.get("n_tokens", 0)), model_bytes=model_bytes, threads=2, model=model,
+                       uses_device=True, device_extra=stats_extra(shapes[m][1], dtype, corpus) if m in shapes else 0.0)
                    for m in stats_modules(config, run)]
+        for m, path in projection_files(config, run).items():
+            p = Path(path)
+            d = shapes[m][1] if m in shapes else 0
+            wanted.append(Job("nullspace", str(bench / "stats" / model / run["corpus"] / f"{p.parent.name}-{m}-{p.name[len(m) + 2:-3]}.tsv"),
+                              flops64=10.0 * d**3, model=model, device_extra=NULLSPACE_MATRICES * 8.0 * d * d))
         for job in wanted:
             if job.record not in seen:
                 seen.add(job.record)
                 jobs.append(job)
-    jobs += [Job("report_tables", str(bench / "report_tables.tsv")), Job("report_plots", str(bench / "report_plots.tsv"))]
+    biggest = max((_model_bytes(config, m, root)[1] for m in {r["model"] for r in config["runs"]}), default=0)
+    jobs += [Job("report_tables", str(bench / "report_tables.tsv")), Job("report_plots", str(bench / "report_plots.tsv")),
+             Job("audit", str(bench / "audit.tsv"), model_bytes=biggest)]
     return jobs
 
 
@@ -381,24 +411,56 @@ def edit_job_memory(cost, cfg, dtype: str, shapes: dict[str, tuple[int, int]]) -
     return parts
 
 
-def check_device_memory(config: dict, root: str | Path = ".") -> None:
-    """Refuse, at plan time, a run whose edit jobs are predicted (edit_job_memory) to need more GPU
-    memory than `resources.gpu_mem_gb`; runs of a model whose config is not known yet are skipped."""
-    from .io import EditscaleError
+def edit_job_memory_parts(config: dict, run_name: str, root: str | Path = ".") -> str:
+    """"weights 15.0, method state 7.7, ..." (GiB) of a run's edit job, for the plan-time error."""
+    run = next(r for r in config["runs"] if r["name"] == run_name)
+    est = run_estimate(config, run, root).get("edit_job_memory")
+    if not est:
+        return ""
+    return ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.1f}" for k, v in est.items() if k != "total")
 
-    limit = config.get("resources", {}).get("gpu_mem_gb")
-    if not limit:
-        return
-    for run in config["runs"]:
-        est = run_estimate(config, run, root).get("edit_job_memory")
-        if est and est["total"] > float(limit) * 2**30:
-            parts = ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.1f}" for k, v in est.items() if k != "total")
-            raise EditscaleError(
-                f"run {run['name']}: its edit jobs (rule edit_segment) need about {est['total'] / 2**30:.1f} GiB of GPU memory "
-                f"({parts} GiB; model {run['model']} in {config['models'][run['model']]['dtype']}), more than "
-                f"resources.gpu_mem_gb = {limit}: "
-                + ("load the model in bfloat16, " if config["models"][run["model"]]["dtype"] == "float32" else "")
-                + "edit fewer layers, or use a larger GPU")
+
+# What a job's working phase holds beyond the weights (editscale.memory's module doc says where
+# each figure comes from): forward passes without gradients, the statistics pass, sampling.
+PERPLEXITY_TOKENS = 2048  # perplexity's batch: as many sequences as fit 2,048 tokens, logits at all of them
+SCORING_TOKENS = 16384  # evaluate.scoring.DEFAULT_MAX_BATCH_TOKENS
+LOGIT_ROWS = 64  # prompt scoring reads logits at the target positions only: a few per row of a batch
+TEMPLATE_TOKENS = 512  # context templates: a few dozen short generations
+STATS_ACT = 10.0  # d_in-wide activations per token of the statistics pass, in the model's dtype (H200-fitted)
+NULLSPACE_MATRICES = 5  # C, its eigenvectors, the projector and work arrays, float64 d x d
+
+
+def _dims(cfg) -> tuple[int, int, int, int]:
+    hidden = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0))
+    d_ff = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden)
+    layers = int(getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0))
+    return hidden, d_ff, layers, int(cfg.vocab_size)
+
+
+def inference_extra(cfg, dtype: str, tokens: int, logit_rows: int) -> float:
+    """A forward pass without gradients over `tokens` tokens: the MLP-wide and residual-wide
+    activations of one layer in the model's dtype, and float32 logits plus log-softmax at
+    `logit_rows` positions."""
+    if cfg is None:
+        return 0.0
+    hidden, d_ff, _, vocab = _dims(cfg)
+    return float(tokens * (d_ff + 4 * hidden) * DTYPE_BYTES[dtype] + logit_rows * vocab * 8)
+
+
+def stats_extra(d_in: int, dtype: str, corpus: dict) -> float:
+    """One module's statistics job: the float64 accumulator, the batch's keys in float64 and the
+    d_in-wide activations of one forward pass."""
+    bt = int(corpus.get("batch_size", 32)) * int(corpus.get("seq_len", 128))
+    return float(8 * d_in * d_in + bt * d_in * (8 + STATS_ACT * DTYPE_BYTES[dtype]))
+
+
+def corpus_extra(cfg, dtype: str, corpus: dict) -> float:
+    """Sampling the corpus from the model: the KV cache of a batch and one step's logits."""
+    hidden, _, layers, vocab = _dims(cfg)
+    b, t = int(corpus.get("batch_size", 32)), int(corpus.get("seq_len", 128))
+    if corpus.get("kind") != "self_sample":
+        return 0.0
+    return float(2 * layers * b * t * hidden * DTYPE_BYTES[dtype] + b * vocab * 8)
 
 
 def run_estimate(config: dict, run: dict, root: str | Path = ".") -> dict[str, Any]:

@@ -573,12 +573,47 @@ def check_config(config: dict) -> None:
 
         check_reader_options(spec, f"datasets.{name}")
     downloads(config)  # dataset urls and paths agree (one error naming the dataset)
+    check_chat_template(config)
     from .evaluate.registry import curve_specs
 
     phase_curves = sorted(spec.name for _, spec in curve_specs() if spec.phases)
     unknown = [c for c in config["report"]["decision_curves"] if c not in phase_curves]
     if unknown:
         raise EditscaleError(f"report.decision_curves: {unknown} are not curves of the registered metrics (phase curves: {phase_curves})")
+
+
+CHAT_CASE_METRICS = ("edit_scores", "history")  # the metrics that put an edit case's prompts to the model
+
+
+def check_chat_template(config: dict, root: str | Path = ".") -> None:
+    """`metrics.<edit_scores|history>.chat_template` frames a case's prompts as questions: every run
+    must read a question-style dataset (its reader's `prompts`); and any metric's chat_template
+    needs each model's tokenizer to have a chat template, checked here once the model is prepared
+    (else when the job loads it)."""
+    from .data.readers import READERS
+
+    metrics = config.get("metrics") or {}
+    on = sorted(m for m, sec in metrics.items() if isinstance(sec, dict) and sec.get("chat_template"))
+    if not on:
+        return
+    for m in (m for m in on if m in CHAT_CASE_METRICS):
+        for run in config["runs"]:
+            reader = config["datasets"][run["dataset"]]["reader"]
+            if getattr(READERS[reader], "prompts", "cloze") != "question":
+                raise EditscaleError(
+                    f"metrics.{m}.chat_template is on, but run {run['name']}'s dataset {run['dataset']!r} (reader {reader!r}) "
+                    "has cloze prompts, not questions; turn it off, or use a question dataset (zsre_mend)")
+    for run in config["runs"]:
+        prepared = Path(root) / "data" / "models" / run["model"]
+        if (prepared / "tokenizer_config.json").exists() and not _has_chat_template(prepared):
+            raise EditscaleError(f"metrics.{on[0]}.chat_template is on, but model {run['model']!r} ({prepared}) has no chat "
+                                 "template (a base model): turn it off for this config")
+
+
+def _has_chat_template(model_dir: Path) -> bool:
+    if (model_dir / "chat_template.jinja").exists() or (model_dir / "chat_template.json").exists():
+        return True
+    return bool(json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
 
 
 def prepare(config: dict, source: str = "config", root: Path | None = None) -> dict:

@@ -309,6 +309,9 @@ class Reader:
 
     read: Callable[[dict], tuple[list[dict], str]]
     format_keys: frozenset = frozenset()
+    # "question" (zsRE: "What university did {} attend?") or "cloze" (CounterFact: "{} is located
+    # in"): whether an instruct model's chat template may frame its prompts (metrics' chat_template)
+    prompts: str = "cloze"
 
 
 # reader name -> Reader: the one table of dataset readers (editscale.registry.Registry); a plugin
@@ -318,7 +321,7 @@ READERS: Registry[Reader] = Registry("dataset reader", entry_points="editscale.r
 READERS.add("geofacts", Reader(read_geofacts))
 READERS.add("counterfact", Reader(file_reader(read_counterfact), frozenset({"requested_rewrite"})))
 READERS.add("counterfact_easyedit", Reader(file_reader(read_counterfact_easyedit, many=True), frozenset({"prompt", "ground_truth", "rephrase_prompt"})))
-READERS.add("zsre_mend", Reader(file_reader(read_zsre_mend), frozenset({"src", "alt", "answers"})))
+READERS.add("zsre_mend", Reader(file_reader(read_zsre_mend), frozenset({"src", "alt", "answers"}), prompts="question"))
 
 
 def detect_reader(path: str | os.PathLike) -> str | None:

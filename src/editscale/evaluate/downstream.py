@@ -62,6 +62,7 @@ class Format:
     parse: Callable[[str, list[str]], int]
     sep: str = "\n"  # between few-shot blocks
     max_new_tokens: int = 3
+    question: bool = True  # the prompt asks a question (chat_template applies); False: a cloze like sst2's
 
 
 def _int_label(r: dict, key: str = "label") -> int:
@@ -83,9 +84,11 @@ def _render_dialogue(r: dict) -> str:
 
 
 FORMATS: dict[str, Format] = {
-    "sst2": Format(("sentence",), ["negative", "positive"], _int_label, lambda r: f"Review : {r['sentence']}\nSentiment :", parse_word),
+    "sst2": Format(("sentence",), ["negative", "positive"], _int_label, lambda r: f"Review : {r['sentence']}\nSentiment :", parse_word,
+                   question=False),
     "sentiment_analysis": Format(
-        ("sentence",), ["negative", "positive"], _int_label, lambda r: f"Review : {r['sentence']}\nSentiment :", parse_word
+        ("sentence",), ["negative", "positive"], _int_label, lambda r: f"Review : {r['sentence']}\nSentiment :", parse_word,
+        question=False,
     ),
     "mrpc": Format(
         ("sentence1", "sentence2"), ["No", "Yes"], _int_label,
@@ -158,7 +161,8 @@ def build_task(name: str, records: list[dict], fmt: str | None = None, n_eval: i
     context = "".join(f.render(s) + " " + f.classes[f.label(s)] + f.sep for s in shots)
     cf_prompt = context + f.render(_content_free(evals[0] if evals else shots[0], f.fields))
     items = [Item(context + f.render(r), list(f.classes), f.label(r), cf_prompt, str(r.get("idx", r.get("index", r.get("id", ""))))) for r in evals]
-    return Task(name, items, f.parse, max_new_tokens or f.max_new_tokens, {"format": fmt_name, "n_shots": len(shots), "seed": seed})
+    return Task(name, items, f.parse, max_new_tokens or f.max_new_tokens, {"format": fmt_name, "n_shots": len(shots), "seed": seed},
+                question=f.question)
 
 
 def load_task(name: str, spec: dict) -> Task:

@@ -40,7 +40,7 @@ from typing import Sequence
 import polars as pl
 
 from ..data.schema import fill
-from .scoring import Batching, run_prompts
+from .scoring import Batching, chat_prompt, run_prompts
 
 PARTS = ("efficacy", "paraphrase", "neighborhood")
 EDIT_METRICS = (
@@ -64,7 +64,7 @@ def _mean(xs: list[float]) -> float:
 
 
 def case_metrics(
-    model, tok, cases: Sequence[dict], parts: Sequence[str] = PARTS, batch_size: int = 64, base=None
+    model, tok, cases: Sequence[dict], parts: Sequence[str] = PARTS, batch_size: int = 64, base=None, chat: bool = False
 ) -> list[dict[str, float]]:
     """Per-case metric dicts (keys as in the module docstring, restricted to `parts`).
 
@@ -73,7 +73,8 @@ def case_metrics(
     cache (same numbers as `score_pairs`, tested). `base`: the unedited model for EasyEdit's
     locality, as (model, tok) or a context manager yielding it (models.load.UneditedView: the
     edited model with its base matrices swapped in); "self" when `model` is the unedited model;
-    None leaves locality out.
+    None leaves locality out. `chat`: every prompt is a question put to an instruct model in its
+    chat template (scoring.chat_prompt), the targets scored as the start of its answer.
     """
     prompts: list[str] = []
     targets: list[str] = []
@@ -90,17 +91,21 @@ def case_metrics(
                 prompts += [p, p]
                 targets += [case["target_new"], correct]
                 slots.append((ci, part, pi))
+    if chat:
+        wrapped = {p: chat_prompt(tok, p) for p in dict.fromkeys(prompts)}
+        prompts = [wrapped[p] for p in prompts]
+    space = not chat
     # each prompt once (KV cache), with its two targets as continuations
     uniq: dict[tuple[str, str, str], int] = {}
     for s_ in range(len(slots)):
         uniq.setdefault((prompts[2 * s_], targets[2 * s_], targets[2 * s_ + 1]), len(uniq))
     keys = list(uniq)
-    res = run_prompts(model, tok, [p for p, _, _ in keys], [[a, b] for _, a, b in keys], batching=Batching(batch_size))
+    res = run_prompts(model, tok, [p for p, _, _ in keys], [[a, b] for _, a, b in keys], batching=Batching(batch_size), space=space)
     base_argmax = {}
     if base is not None and base != "self" and "neighborhood" in parts:  # the unedited model's argmax on o_n
         near = sorted({(prompts[2 * i], targets[2 * i + 1]) for i, (_, part, _) in enumerate(slots) if part == "neighborhood"})
         with base if hasattr(base, "__enter__") else contextlib.nullcontext(base) as (base_model, base_tok):
-            got = run_prompts(base_model, base_tok, [p for p, _ in near], [[b] for _, b in near], batching=Batching(batch_size))
+            got = run_prompts(base_model, base_tok, [p for p, _ in near], [[b] for _, b in near], batching=Batching(batch_size), space=space)
         base_argmax = {pb: got.choice_argmax[i][0] for i, pb in enumerate(near)}
     nll, hit, acc, agree = [], [], [], []
     for s_ in range(len(slots)):
@@ -173,7 +178,7 @@ def metrics_to_rows(cases: Sequence[dict], metrics: Sequence[dict[str, float]], 
 
 
 def score_cases(model, tok, cases: Sequence[dict], k: int | Sequence[int] = 0, parts: Sequence[str] = PARTS, batch_size: int = 64,
-                base=None) -> pl.DataFrame:
+                base=None, chat: bool = False) -> pl.DataFrame:
     """Score `cases` on the current model -> long rows (k, item=case_id, edit_index, metric, value);
-    `base` as in `case_metrics`."""
-    return metrics_to_rows(cases, case_metrics(model, tok, cases, parts, batch_size, base), k)
+    `base` and `chat` as in `case_metrics`."""
+    return metrics_to_rows(cases, case_metrics(model, tok, cases, parts, batch_size, base, chat), k)

@@ -71,11 +71,11 @@ def history_sample(cases: Sequence[dict], k: int, size: int | None, strata: int 
 
 
 def score_history(model, tok, cases: Sequence[dict], k: int, parts: Sequence[str] = HISTORY_PARTS, batch_size: int = 64,
-                  sample: int | None = None, strata: int = 4, seed: int = 0, base=None) -> pl.DataFrame:
+                  sample: int | None = None, strata: int = 4, seed: int = 0, base=None, chat: bool = False) -> pl.DataFrame:
     """Rows (k, item=case_id, edit_index, metric, value, stratum_lo, stratum_hi) for the sampled
     earlier edits (all with edit_index <= k when `sample` is None)."""
     picked = history_sample(cases, k, sample, strata, seed)
-    df = score_cases(model, tok, [c for c, _, _ in picked], k=k, parts=parts, batch_size=batch_size, base=base)
+    df = score_cases(model, tok, [c for c, _, _ in picked], k=k, parts=parts, batch_size=batch_size, base=base, chat=chat)
     bounds = pl.DataFrame({"item": [c["case_id"] for c, _, _ in picked], "stratum_lo": [lo for _, lo, _ in picked],
                            "stratum_hi": [hi for _, _, hi in picked]},
                           schema={"item": df.schema["item"] if df.height else pl.Utf8, "stratum_lo": pl.Int64, "stratum_hi": pl.Int64})

@@ -64,10 +64,13 @@ def metric_section(name: str, params: dict):
     """(typed section, its provenance dict) of metrics.<name>: the schema's defaults updated with
     `params`; the dict is everything but eval_every (a checkpoint's table does not depend on the
     grid around it)."""
-    from ..config import section
+    from ..config import section, section_schema
 
     cfg = section(f"metrics.{name}", params)
-    return cfg, {k: v for k, v in dataclasses.asdict(cfg).items() if k != "eval_every"}
+    # an option marked `x-key: when-set` in the schema (added after studies were run) enters the
+    # key only when set: adding it to editscale re-runs no finished checkpoint
+    when_set = {k for k, v in (section_schema(f"metrics.{name}").get("properties") or {}).items() if v.get("x-key") == "when-set"}
+    return cfg, {k: v for k, v in dataclasses.asdict(cfg).items() if k != "eval_every" and not (k in when_set and v is None)}
 
 
 class ModelCache:

@@ -28,6 +28,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ..io import EditscaleError
+
 DEFAULT_MAX_BATCH_TOKENS = 16384
 
 
@@ -49,6 +51,21 @@ def max_positions(model) -> int:
 
 def encode_prompts(tok, prompts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in tok(list(prompts), add_special_tokens=True)["input_ids"]] if prompts else []
+
+
+def chat_prompt(tok, text: str) -> str:
+    """`text` as the user turn of the tokenizer's chat template, up to the start of the assistant's
+    answer (an instruct model's question prompt; its answer is then scored without the leading
+    space, `space=False`). The template's own BOS text is dropped where encode_prompts adds one."""
+    if not getattr(tok, "chat_template", None):
+        raise EditscaleError(
+            f"chat_template is on but the tokenizer of {getattr(tok, 'name_or_path', 'the model')!r} has no chat template "
+            "(a base model, not an instruct one): turn the metric's chat_template off")
+    out = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    bos = tok.bos_token
+    if bos and out.startswith(bos) and tok.bos_token_id is not None and tok("x", add_special_tokens=True)["input_ids"][:1] == [tok.bos_token_id]:
+        out = out[len(bos):]
+    return out
 
 
 def encode_targets(tok, targets: Sequence[str], space: bool = True) -> list[list[int]]:

@@ -4,6 +4,8 @@ the metrics)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import re
 from dataclasses import dataclass, field
@@ -12,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import polars as pl
 
-from .scoring import Batching, Decoding, decode, run_prompts
+from .scoring import Batching, Decoding, chat_prompt, decode, run_prompts
 
 INVALID = -1
 
@@ -86,6 +88,20 @@ class Task:
     parse: Callable[[str, list[str]], int]  # generated continuation -> choice index | INVALID
     max_new_tokens: int = 3
     meta: dict = field(default_factory=dict)
+    question: bool = False  # its prompts ask a question (chat_task puts them in an instruct model's chat template)
+    space: bool = True  # choices are scored as " " + choice (False: the start of a chat reply)
+
+
+def chat_task(task: Task, tok) -> Task:
+    """A question-format task put to an instruct model: each prompt (few-shot context and item)
+    as the user turn of its chat template, the choices scored as the start of the reply (no
+    leading space); other tasks unchanged."""
+    if not task.question:
+        return task
+    wrap = {p: chat_prompt(tok, p) for it in task.items for p in (it.prompt, it.cf_prompt) if p is not None}
+    items = [dataclasses.replace(it, prompt=wrap[it.prompt], cf_prompt=None if it.cf_prompt is None else wrap[it.cf_prompt])
+             for it in task.items]
+    return dataclasses.replace(task, items=items, space=False, meta={**task.meta, "chat_template": True})
 
 
 def first_line(text: str) -> str:
@@ -122,9 +138,10 @@ def parse_prefix(text: str, choices: list[str]) -> int:
     return best
 
 
-def choice_loglik(model, tok, prompts: list[str], choices: list[list[str]], batch_size: int = 16) -> list[list[float]]:
-    """Mean token log-likelihood of " " + choice after each prompt (one prompt pass per prompt)."""
-    return run_prompts(model, tok, prompts, choices, batching=Batching(batch_size)).choice_ll
+def choice_loglik(model, tok, prompts: list[str], choices: list[list[str]], batch_size: int = 16, space: bool = True) -> list[list[float]]:
+    """Mean token log-likelihood of " " + choice (`space`; else the choice) after each prompt (one
+    prompt pass per prompt)."""
+    return run_prompts(model, tok, prompts, choices, batching=Batching(batch_size), space=space).choice_ll
 
 
 def evaluate_task(model, tok, task: Task, batch_size: int = 16, generation: bool = True) -> tuple[dict[str, float], list[dict]]:
@@ -137,7 +154,7 @@ def evaluate_task(model, tok, task: Task, batch_size: int = 16, generation: bool
     prompts = [it.prompt for it in items]
     labels = [it.answer for it in items]
     res = run_prompts(model, tok, prompts, [it.choices for it in items], decoding=Decoding(task.max_new_tokens if generation else 0),
-                      batching=Batching(batch_size))
+                      batching=Batching(batch_size), space=task.space)
     ll = res.choice_ll
     texts = decode(tok, res.new_ids) if generation else [""] * len(items)
     # content-free log-likelihoods: each distinct cf prompt once, with all the choices it needs
@@ -149,7 +166,7 @@ def evaluate_task(model, tok, task: Task, batch_size: int = 16, generation: bool
     cf_val: dict[tuple[str, str], float] = {}
     if cf_choices:
         cf_prompts = sorted(cf_choices)
-        cf_ll = choice_loglik(model, tok, cf_prompts, [cf_choices[p] for p in cf_prompts], batch_size)
+        cf_ll = choice_loglik(model, tok, cf_prompts, [cf_choices[p] for p in cf_prompts], batch_size, task.space)
         for p, row in zip(cf_prompts, cf_ll):
             cf_val.update({(p, c): v for c, v in zip(cf_choices[p], row)})
     pred_ll = [int(np.argmax(row)) for row in ll]

@@ -56,6 +56,7 @@ def compute(checkpoint, cfg):
     import polars as pl
 
     from ..downstream import build_tasks, evaluate_task, metrics_rows, task_config
+    from ..tasks import chat_task
     from ..probes import keep_solved
 
     tasks_cfg = task_config({k: v for k, v in dataclasses.asdict(cfg).items() if k != "eval_every"})
@@ -69,6 +70,8 @@ def compute(checkpoint, cfg):
     # optional per-task "keep_solved": restrict to the items the UNEDITED model gets right
     need_base = [i for i, t in enumerate(tasks) if (tasks_cfg.get(t.name) or {}).get("keep_solved")]
     model, tok = checkpoint.model()
+    if cfg.chat_template:  # question-format tasks as the user turn of the instruct model's chat template
+        tasks = [chat_task(t, tok) for t in tasks]
     if need_base:  # read on the unedited model: a view of this one (no second copy of the weights)
         with checkpoint.unedited(model, tok) as (base, btok):
             for i in need_base:

@@ -31,5 +31,5 @@ def compute(checkpoint, cfg):
             raise EditscaleError(f"edit {j} of the chain is not in {checkpoint.input('edits')}")
         if locality and base is None:  # one view of the replayed model (updated in place), reused
             base = checkpoint.unedited(model, tok)
-        frames.append(score_cases(model, tok, [by_index[j]], k=j, batch_size=cfg.batch_size, base=base))
+        frames.append(score_cases(model, tok, [by_index[j]], k=j, batch_size=cfg.batch_size, base=base, chat=bool(cfg.chat_template)))
     return pl.concat(frames) if frames else score_cases(None, None, [], k=checkpoint.k)

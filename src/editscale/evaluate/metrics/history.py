@@ -33,4 +33,4 @@ def compute(checkpoint, cfg):
     if cfg.easyedit_locality and "neighborhood" in cfg.parts:
         base = "self" if checkpoint.k == 0 else checkpoint.unedited(model, tok)
     return score_history(model, tok, cases, checkpoint.k, parts=tuple(cfg.parts), batch_size=cfg.batch_size,
-                         sample=size, strata=cfg.strata, seed=cfg.seed, base=base)
+                         sample=size, strata=cfg.strata, seed=cfg.seed, base=base, chat=bool(cfg.chat_template))

@@ -1,0 +1,309 @@
+"""Studies that outlive a sitting: a finished run's small mergeable record, and one study's
+tables, figures and audit built from records made in several results directories (several
+sittings, machines or cluster nodes).
+
+    editscale export-run --configfile C --run R [--results-root .] --out records/
+        records/R/record.json                what must be shared and what the run was made from
+        records/R/metrics/{metric}/{k}.parquet   the run's metric files, byte for byte
+        records/R/edit_log.parquet           the per-edit log its factors files hold
+    editscale merge --configfile C --out DIR records/ other-results/records/ ...
+        DIR/tables/*.parquet, *.csv          the report tables (editscale.report.tables), as the
+                                             workflow's report_tables rule builds them
+        DIR/plots/                           the figures (editscale.report.plots)
+        DIR/merge.json                       which record each run came from, every file's sha256
+        DIR/audit.json                       every record file re-hashed against its record
+
+A record holds no deltas or factors (megabytes per checkpoint): what the report reads of them is
+the edit log and the bytes they take, both in the record. The files a record copies are the ones
+the config declares for the run (editscale.workflow), read from `--results-root`, never a glob.
+
+Merging checks that the records share what must be shared, and refuses with one error naming every
+difference: each run's record was made with this config's run (its run.json: method, resolved
+hparams, dtype, dataset, sample, seed) and metric settings; runs of one model share the model's
+sha256, runs of one dataset its sha256, runs reading one statistics file its sha256, and every
+record has the same editscale version. A run of the config with no record, or whose record stops
+short of the config's n_edits, is an error unless `--allow-missing` (then the tables hold the runs
+that are there, and merge.json names the missing ones).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .io import EditscaleError, sha256_file, write_json_atomic, write_parquet_atomic
+from .workflow import canonical_json
+
+log = logging.getLogger(__name__)
+
+RECORD_FORMAT = 1
+RECORD_FILE = "record.json"
+EDIT_LOG_FILE = "edit_log.parquet"
+
+
+def _run(config: dict, name: str) -> dict:
+    for run in config["runs"]:
+        if run["name"] == name:
+            return run
+    raise EditscaleError(f"run {name!r} is not in the config (runs: {[r['name'] for r in config['runs']]})")
+
+
+def run_inputs(config: dict, run: dict, root: Path) -> dict[str, Any]:
+    """The files a run's record is made from (the config's declared paths under `root`)."""
+    from . import workflow as wf
+
+    metrics = {m: [root / f for f in wf.metric_files(config, run, m)] for m in wf.metrics_registry()}
+    return {
+        "metrics": metrics,
+        "factors": [root / wf.factors_file(run["name"], k) for k in wf.segment_ends(run)],
+        "deltas": [root / wf.delta_file(run["name"], k) for k in wf.segment_ends(run)],
+        "run_json": root / "results" / run["name"] / "run.json",
+        "edits": root / "results" / run["name"] / "edits.jsonl",
+        "model_manifest": root / "data" / "models" / run["model"] / "manifest.json",
+        "dataset": root / "data" / "datasets" / f"{run['dataset']}.jsonl",
+        "stats": {m: root / p for files in wf.precomputed_files(config, run).values() for m, p in files.items()},
+    }
+
+
+def shared_identity(config: dict, run: dict, files: dict[str, Any]) -> dict[str, Any]:
+    """What runs made elsewhere must agree on, keyed by what they share (merge checks it)."""
+    from . import __version__
+
+    return {
+        "editscale_version": __version__,
+        f"model:{run['model']}": sha256_file(files["model_manifest"]),
+        f"dataset:{run['dataset']}": sha256_file(files["dataset"]),
+        **{f"precomputed:{Path(p).relative_to(files['model_manifest'].parents[3])}": sha256_file(p)
+           for p in files["stats"].values()},
+    }
+
+
+def job_seconds(config: dict, run: dict, root: Path) -> dict[str, float]:
+    """Wall seconds of the run's jobs from their Snakemake benchmark records: edit chain,
+    evaluation, and their sum (a record missing: left out, counted in `jobs_missing`)."""
+    from .calibration import record_seconds
+    from .planning import run_jobs
+
+    out = {"edit_s": 0.0, "eval_s": 0.0, "other_s": 0.0, "jobs": 0, "jobs_missing": 0}
+    for job in run_jobs(config, run, root):
+        s = record_seconds(root / job.record)
+        if s is None:
+            out["jobs_missing"] += 1
+            continue
+        out["jobs"] += 1
+        key = "edit_s" if job.kind.startswith("edit:") else "eval_s" if job.kind.startswith("metric:") else "other_s"
+        out[key] += s
+    out["total_s"] = out["edit_s"] + out["eval_s"] + out["other_s"]
+    return out
+
+
+def export_run(config: dict, run_name: str, out: str | Path, root: str | Path = ".") -> Path:
+    """Write the run's record to out/{run}/ (module doc); refuses an unfinished run, naming the
+    first missing file."""
+    from .doctor import machine_fingerprint, machine_info
+    from .io import git_commit
+    from .report.tables import edit_log_from_factors, normalize_edit_log
+
+    root = Path(root)
+    run = _run(config, run_name)
+    files = run_inputs(config, run, root)
+    needed = [p for ps in files["metrics"].values() for p in ps] + files["factors"] + files["deltas"] + [
+        files["run_json"], files["edits"], files["model_manifest"], files["dataset"], *files["stats"].values()]
+    missing = [p for p in needed if not Path(p).is_file()]
+    if missing:
+        raise EditscaleError(f"run {run_name} is not finished in {root}: {len(missing)} of its files are missing, e.g. {missing[0]} "
+                             "(continue it with snakemake, then export)")
+    dest = Path(out) / run_name
+    tmp = dest.with_name(dest.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    copied: dict[str, str] = {}
+    for metric, paths in files["metrics"].items():
+        for p in paths:
+            rel = Path("metrics") / metric / p.name
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, tmp / rel)
+            copied[str(rel)] = sha256_file(p)
+    log_df = normalize_edit_log(edit_log_from_factors(files["factors"], [run_name]))
+    write_parquet_atomic(log_df, tmp / EDIT_LOG_FILE, {})
+    copied[EDIT_LOG_FILE] = sha256_file(tmp / EDIT_LOG_FILE)
+    from . import workflow as wf
+
+    record = {
+        "format": RECORD_FORMAT,
+        "run": run_name,
+        "meta": json.loads(wf.runs_meta({"runs": [run]}))[0],
+        "run_record": json.loads(files["run_json"].read_text(encoding="utf-8")),
+        "metric_config": {m: json.loads(wf.metric_params_json(config, m)) for m in wf.metrics_registry()},
+        "shared": shared_identity(config, run, files),
+        "edits_sha256": sha256_file(files["edits"]),
+        "storage_bytes": sum(Path(p).stat().st_size for p in files["factors"] + files["deltas"]),
+        "git_commit": git_commit(),
+        "machine": machine_fingerprint(machine_info(root)),
+        "job_seconds": job_seconds(config, run, root),
+        "files": copied,
+    }
+    write_json_atomic(tmp / RECORD_FILE, record)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    log.info("record of run %s: %d files -> %s", run_name, len(copied) + 1, dest)
+    return dest
+
+
+def find_records(sources: list[str | Path]) -> dict[str, list[Path]]:
+    """run -> the record directories found among `sources` (each a record directory, or a
+    directory of records)."""
+    found: dict[str, list[Path]] = {}
+    for src in map(Path, sources):
+        if not src.is_dir():
+            raise EditscaleError(f"merge: {src} is not a directory (give record directories, or directories holding them)")
+        dirs = [src] if (src / RECORD_FILE).is_file() else sorted(d for d in src.iterdir() if (d / RECORD_FILE).is_file())
+        if not dirs:
+            raise EditscaleError(f"merge: {src} holds no run record ({RECORD_FILE}); make them with `editscale export-run`")
+        for d in dirs:
+            rec = json.loads((d / RECORD_FILE).read_text(encoding="utf-8"))
+            found.setdefault(rec["run"], []).append(d)
+    return found
+
+
+def check_records(config: dict, records: dict[str, dict], allow_missing: bool) -> list[str]:
+    """Every disagreement between the records and the config (module doc), in one error; returns
+    the config's runs that have no usable record (only with allow_missing)."""
+    from . import workflow as wf
+
+    problems, missing = [], []
+    shared: dict[str, tuple[str, str]] = {}
+    metric_config = {m: json.loads(wf.metric_params_json(config, m)) for m in wf.metrics_registry()}
+    for run in config["runs"]:
+        name = run["name"]
+        rec = records.get(name)
+        if rec is None:
+            missing.append(name)
+            continue
+        want = json.loads(canonical_json(wf.run_record(config, run)))
+        got = {k: v for k, v in rec["run_record"].items() if k in want}  # run.json adds its provenance (config_hash)
+        if got != want:
+            diff = sorted(k for k in want if want.get(k) != got.get(k))
+            problems.append(f"run {name}: its record was made with another run config (differs in {diff})")
+        for m, params in metric_config.items():
+            if rec["metric_config"].get(m) != params:
+                problems.append(f"run {name}: metrics.{m} differs from this config's (record: {rec['metric_config'].get(m)}, config: {params})")
+        for key, value in rec["shared"].items():
+            if key in shared and shared[key][0] != value:
+                problems.append(f"{key}: run {name}'s record has {str(value)[:16]}, run {shared[key][1]}'s {str(shared[key][0])[:16]}"
+                                " (they must be the same to be compared)")
+            shared.setdefault(key, (value, name))
+        have = set(rec["files"])
+        short = [f for m in metric_config for f in (str(Path("metrics") / m / Path(p).name) for p in wf.metric_files(config, run, m))
+                 if f not in have]
+        if short:
+            if allow_missing:
+                missing.append(name)
+            else:
+                problems.append(f"run {name}: its record lacks {len(short)} metric file(s) of this config, e.g. {short[0]} "
+                                f"(a shorter run, or other eval grids)")
+    if missing and not allow_missing:
+        problems.append(f"no record of run(s) {missing} (export them with `editscale export-run`, or pass --allow-missing)")
+    if problems:
+        raise EditscaleError(f"merge: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return missing
+
+
+def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missing: bool = False, plots: bool = True) -> dict:
+    """The study's tables, figures, audit and merge.json from the records in `sources`."""
+    import polars as pl
+
+    from . import workflow as wf
+    from .config import section
+    from .report.phases import PhaseConfig
+    from .report.tables import report_tables
+
+    found = find_records(sources)
+    wanted = [r["name"] for r in config["runs"]]
+    dup = {run: dirs for run, dirs in found.items() if run in wanted and len(dirs) > 1}
+    if dup:
+        raise EditscaleError("merge: run(s) with more than one record: " + "; ".join(f"{r}: {[str(d) for d in ds]}" for r, ds in dup.items()))
+    dirs = {run: ds[0] for run, ds in found.items() if run in wanted}
+    records = {run: json.loads((d / RECORD_FILE).read_text(encoding="utf-8")) for run, d in dirs.items()}
+    missing = check_records(config, records, allow_missing)
+    present = [r for r in config["runs"] if r["name"] in records and r["name"] not in missing]
+    if not present:
+        raise EditscaleError("merge: none of the config's runs has a complete record")
+    out = Path(out)
+    audit = [{"file": str(dirs[r["name"]] / f), "expected": sha, "actual": sha256_file(dirs[r["name"]] / f)}
+             for r in present for f, sha in sorted(records[r["name"]]["files"].items())]
+    bad = [a for a in audit if a["expected"] != a["actual"]]
+    if bad:
+        raise EditscaleError(f"merge: {len(bad)} record file(s) changed since export, e.g. {bad[0]['file']} "
+                             f"(sha256 {bad[0]['actual'][:16]}, recorded {bad[0]['expected'][:16]}); export the run again")
+    metric_paths = [dirs[r["name"]] / "metrics" / m / Path(p).name for r in present for m in wf.metrics_registry()
+                    for p in wf.metric_files(config, r, m)]
+    # a record directory is named after its run: the report reads the run from the path ({run}/metrics/{m}/{k})
+    for r in present:
+        if dirs[r["name"]].name != r["name"]:
+            raise EditscaleError(f"merge: the record of run {r['name']} is in {dirs[r['name']]}: its directory must be named after the run")
+    edit_log = pl.concat([pl.read_parquet(dirs[r["name"]] / EDIT_LOG_FILE) for r in present], how="diagonal_relaxed")
+    storage = {r["name"]: int(records[r["name"]]["storage_bytes"]) for r in present}
+    cfg = section("report", config["report"])
+    meta = json.loads(wf.runs_meta({"runs": present}))
+    written = report_tables(meta, metric_paths, out / "tables", edit_log=edit_log, storage_bytes=storage, window=cfg.window,
+                            counts=tuple(cfg.counts), phase_config=PhaseConfig.from_report(cfg))
+    if plots:
+        from .report.plots import FigureOptions, make_plots
+        from .report.tables import read_tables
+
+        written += make_plots(read_tables(out / "tables"), out / "plots", FigureOptions(smooth=cfg.smooth, norm_z=cfg.norm_z))
+    summary = {
+        "runs": {r["name"]: {"record": str(dirs[r["name"]]), "git_commit": records[r["name"]]["git_commit"],
+                             "machine": records[r["name"]]["machine"], "job_seconds": records[r["name"]]["job_seconds"]}
+                 for r in present},
+        "missing": missing,
+        "shared": {k: v for rec in records.values() for k, v in rec["shared"].items()},
+        "metric_files": {str(p): sha256_file(p) for p in metric_paths},
+        "tables": {str(p.relative_to(out)): sha256_file(p) for p in written if p.suffix in (".parquet", ".csv")},
+    }
+    write_json_atomic(out / "merge.json", summary)
+    write_json_atomic(out / "audit.json", {"passed": True, "n_checks": len(audit), "failures": [], "checks": audit})
+    log.info("merged %d run(s) (%d missing) into %s", len(present), len(missing), out)
+    return summary
+
+
+def register(sub) -> None:
+    e = sub.add_parser("export-run", help="write a finished run's small mergeable record (metric files, edit log, hashes)",
+                       description="The record of one run of a config: its metric files byte for byte, the edit log of its "
+                       "factors, the sha256 of the model, dataset and statistics it shares with other runs, and its job times "
+                       "(editscale.merge). Commit it, or carry it to the machine that merges.")
+    e.add_argument("--configfile", required=True)
+    e.add_argument("--run", nargs="+", required=True, help="run name(s) of the config")
+    e.add_argument("--results-root", default=".", help="the workflow directory the run was made in (holds data/ and results/)")
+    e.add_argument("--out", required=True, help="records go to OUT/{run}/")
+    e.set_defaults(func=run_export)
+    m = sub.add_parser("merge", help="one study's tables, figures and audit from run records made in several places",
+                       description="Checks that the records agree with the config and with each other (model, dataset, "
+                       "statistics, editscale version), then builds the report tables (as the report_tables rule does), the "
+                       "figures, merge.json and audit.json in OUT (editscale.merge).")
+    m.add_argument("sources", nargs="+", help="record directories, or directories holding them")
+    m.add_argument("--configfile", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--allow-missing", action="store_true", help="tables of the runs that have a complete record; the others listed")
+    m.add_argument("--no-plots", action="store_true")
+    m.set_defaults(func=run_merge)
+
+
+def run_export(args) -> None:
+    from .workflow import load_config
+
+    config = load_config(args.configfile)
+    for name in args.run:
+        export_run(config, name, args.out, args.results_root)
+
+
+def run_merge(args) -> None:
+    from .workflow import load_config
+
+    summary = merge(load_config(args.configfile), args.sources, args.out, allow_missing=args.allow_missing, plots=not args.no_plots)
+    print(f"merged {len(summary['runs'])} run(s) into {args.out}" + (f"; missing: {summary['missing']}" if summary["missing"] else ""))

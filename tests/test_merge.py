@@ -1,0 +1,120 @@
+"""Run records and merged studies (issue 29 item 1): a finished run exported as a small record,
+records from several places merged into one study's tables, and every disagreement refused.
+
+The session's tiny study is only read: its run is exported, and the records are edited copies."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from editscale.io import EditscaleError
+from editscale.merge import RECORD_FILE, export_run, merge
+from editscale.workflow import load_config
+
+pytestmark = pytest.mark.workflow
+RUN = "rome-tiny"
+
+
+@pytest.fixture(scope="module")
+def record(tiny_study, tmp_path_factory):
+    out = tmp_path_factory.mktemp("records")
+    export_run(load_config(tiny_study / "config/test-tiny.yaml"), RUN, out, tiny_study)
+    return out / RUN
+
+
+def _copy_record(record: Path, dest: Path, edit=None) -> Path:
+    shutil.copytree(record, dest)
+    if edit:
+        rec = json.loads((dest / RECORD_FILE).read_text())
+        edit(rec)
+        (dest / RECORD_FILE).write_text(json.dumps(rec))
+    return dest
+
+
+def test_a_record_is_small_and_holds_the_runs_metric_files_byte_for_byte(tiny_study, record):
+    rec = json.loads((record / RECORD_FILE).read_text())
+    metric_files = sorted((tiny_study / "results" / RUN / "metrics").rglob("*.parquet"))
+    assert metric_files and len([f for f in rec["files"] if f.startswith("metrics/")]) == len(metric_files)
+    for f in metric_files:
+        assert (record / f.relative_to(tiny_study / "results" / RUN)).read_bytes() == f.read_bytes()
+    assert not list(record.rglob("*.h5"))  # no deltas or factors: the edit log and the bytes they take instead
+    assert rec["storage_bytes"] == sum(p.stat().st_size for sub in ("deltas", "factors")
+                                       for p in (tiny_study / "results" / RUN / sub).glob("*.h5"))
+    assert set(rec["shared"]) >= {"editscale_version", "model:tiny-gpt2", "dataset:geofacts"}
+    assert any(k.startswith("precomputed:results/stats/tiny-gpt2/") for k in rec["shared"])  # ROME's second moment
+    assert rec["job_seconds"]["jobs"] > 0 and rec["job_seconds"]["edit_s"] > 0
+    assert sum(p.stat().st_size for p in record.rglob("*") if p.is_file()) < 500_000
+
+
+def test_merged_tables_are_byte_identical_to_the_workflows(tiny_study, record, tmp_path):
+    exe = str(Path(sys.executable).parent / "editscale")
+    res = subprocess.run([exe, "merge", "--configfile", "config/test-tiny.yaml", "--out", str(tmp_path / "merged"),
+                          str(record.parent)], cwd=tiny_study, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    ours, theirs = tmp_path / "merged" / "tables", tiny_study / "results" / "tables"
+    names = sorted(p.name for p in theirs.iterdir())
+    assert names == sorted(p.name for p in ours.iterdir())
+    for name in names:
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+    summary = json.loads((tmp_path / "merged" / "merge.json").read_text())
+    assert summary["missing"] == [] and set(summary["runs"]) == {RUN}
+    assert all(Path(p).is_relative_to(record) for p in summary["metric_files"])  # the tables say which files they came from
+    assert json.loads((tmp_path / "merged" / "audit.json").read_text())["passed"]
+    assert (tmp_path / "merged" / "plots" / "edit_scores.png").exists()
+
+
+def test_a_changed_record_file_is_refused_naming_it(tiny_study, record, tmp_path):
+    bad = _copy_record(record, tmp_path / "recs" / RUN)
+    target = sorted((bad / "metrics" / "history").glob("*.parquet"))[-1]
+    target.write_bytes(target.read_bytes() + b"\0")
+    with pytest.raises(EditscaleError, match=f"record file\\(s\\) changed since export, e.g. .*{target.name}"):
+        merge(load_config(tiny_study / "config/test-tiny.yaml"), [bad.parent], tmp_path / "out", plots=False)
+
+
+def test_records_that_disagree_are_refused_with_every_problem(tiny_study, record, tmp_path):
+    """A second run of the config whose record claims another model sha256 and another metric
+    setting, while the config's hparams of the first run changed: one error names all three."""
+    config = load_config(tiny_study / "config/test-tiny.yaml")
+    twin = dict(config["runs"][0], name="rome-tiny-b")
+    config["runs"].append(twin)
+
+    def other(rec):
+        rec["run"] = rec["meta"]["name"] = "rome-tiny-b"
+        rec["run_record"]["name"] = "rome-tiny-b"
+        rec["shared"]["model:tiny-gpt2"] = "0" * 64
+        rec["metric_config"]["history"]["batch_size"] = 7
+
+    recs = tmp_path / "recs"
+    _copy_record(record, recs / RUN)
+    _copy_record(record, recs / "rome-tiny-b", other)
+    config["runs"][0]["hparams_overrides"] = {"v_num_grad_steps": 3}
+    with pytest.raises(EditscaleError) as err:
+        merge(config, [recs], tmp_path / "out", plots=False)
+    text = str(err.value)
+    assert "3 problem(s)" in text
+    assert "run rome-tiny: its record was made with another run config (differs in ['hparams', 'hparams_overrides'])" in text
+    assert "run rome-tiny-b: metrics.history differs" in text
+    assert "model:tiny-gpt2: run rome-tiny-b's record has 0000000000000000" in text
+
+
+def test_a_missing_run_is_an_error_unless_allowed(tiny_study, record, tmp_path):
+    config = load_config(tiny_study / "config/test-tiny.yaml")
+    config["runs"].append(dict(config["runs"][0], name="rome-tiny-b"))
+    with pytest.raises(EditscaleError, match=r"no record of run\(s\) \['rome-tiny-b'\]"):
+        merge(config, [record.parent], tmp_path / "out", plots=False)
+    summary = merge(config, [record.parent], tmp_path / "out", allow_missing=True, plots=False)
+    assert summary["missing"] == ["rome-tiny-b"] and list(summary["runs"]) == [RUN]
+
+
+def test_an_unfinished_run_cannot_be_exported(tiny_study, tmp_path):
+    config = load_config(tiny_study / "config/test-tiny.yaml")
+    config["runs"][0]["n_edits"] = 9  # three more edits than were made
+    with pytest.raises(EditscaleError, match="run rome-tiny is not finished .* e.g. .*000009"):
+        export_run(config, RUN, tmp_path, tiny_study)
+    assert not list(tmp_path.iterdir())
