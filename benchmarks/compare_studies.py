@@ -12,7 +12,12 @@ config/NAME.yaml` in BEFORE/NAME and AFTER/NAME). Compared:
   metadata equal except git_commit, seconds, table_sha256 (which hashes those seconds rows),
   evaluation_key and the sha256 of delta / factors inputs (those files record the code version);
 - every results/*/deltas/* and factors/*: every dataset and attribute equal, except the code
-  version, the hashes of files that record it and the edit log's per-step seconds.
+  version, the hashes of files that record it and the edit log's per-step seconds;
+- every results/tables/*.parquet (the report): equal values, without the rows and columns that
+  measure time (downstream's `seconds` rows, the edit log's and summary's *seconds* columns).
+
+`compare_dirs(A, B)` is the same check of two workflow directories (tests/test_kill.py compares a
+study stopped and continued in a fresh copy with the uninterrupted one).
 
 Prints each difference and a count; exit status 1 when any.
 """
@@ -64,39 +69,59 @@ def h5_content(path: Path) -> dict:
     return out
 
 
+def _without_timing(df: pl.DataFrame) -> pl.DataFrame:
+    """A table without what measures time: downstream's `seconds` rows, the edit log's and the
+    summary's *seconds* columns (different in any two executions)."""
+    if "metric" in df.columns:
+        df = df.filter(pl.col("metric") != "seconds")
+    return df.drop([c for c in df.columns if "seconds" in c])
+
+
+def compare_dirs(b: Path, a: Path, label: str = "") -> tuple[list[str], dict[str, int]]:
+    """The differences between two finished workflow directories (module doc), plus the report
+    tables (results/tables/*.parquet, timing left out); and counts of what was compared."""
+    diffs: list[str] = []
+    counts = {"metric_tables": 0, "state_files": 0, "report_tables": 0}
+    files = sorted(p.relative_to(b) for p in (b / "results").glob("*/metrics/**/*.parquet"))
+    other = sorted(p.relative_to(a) for p in (a / "results").glob("*/metrics/**/*.parquet"))
+    if files != other:
+        diffs.append(f"{label} metric file sets differ: {sorted(set(files) ^ set(other))}")
+    for rel in (r for r in files if (a / r).exists()):
+        counts["metric_tables"] += 1
+        x, y = _without_timing(pl.read_parquet(b / rel)), _without_timing(pl.read_parquet(a / rel))
+        if x.schema != y.schema or not x.equals(y):
+            diffs.append(f"TABLE DIFFERS {label} {rel}")
+        mx, my = read_parquet_metadata(b / rel), read_parquet_metadata(a / rel)
+        for key in sorted((set(mx) | set(my)) - IGNORED_METADATA):
+            vx, vy = mx.get(key), my.get(key)
+            if key == "inputs":
+                vx, vy = (strip_state_hashes(json.loads(v)) for v in (vx, vy))
+            if vx != vy:
+                diffs.append(f"METADATA DIFFERS {label} {rel} {key} {vx} | {vy}")
+    for p in sorted(list((b / "results").glob("*/deltas/*")) + list((b / "results").glob("*/factors/*"))):
+        q = a / p.relative_to(b)
+        if not q.exists() or h5_content(p) != h5_content(q):
+            diffs.append(f"STATE FILE DIFFERS {label} {p.relative_to(b)}")
+        else:
+            counts["state_files"] += 1
+    for p in sorted((b / "results" / "tables").glob("*.parquet")):
+        q = a / p.relative_to(b)
+        counts["report_tables"] += 1
+        if not q.exists() or not _without_timing(pl.read_parquet(p)).equals(_without_timing(pl.read_parquet(q))):
+            diffs.append(f"REPORT TABLE DIFFERS {label} {p.relative_to(b)}")
+    return diffs, counts
+
+
 def compare(before: Path, after: Path, configs: list[str]) -> int:
-    bad = tables = state_files = 0
+    bad, total = 0, {"metric_tables": 0, "state_files": 0, "report_tables": 0}
     for cfg in configs:
-        b, a = before / cfg, after / cfg
-        files = sorted(p.relative_to(b) for p in (b / "results").glob("*/metrics/**/*.parquet"))
-        other = sorted(p.relative_to(a) for p in (a / "results").glob("*/metrics/**/*.parquet"))
-        if files != other:
-            print(cfg, "metric file sets differ:", sorted(set(files) ^ set(other)))
-            bad += 1
-        for rel in (r for r in files if (a / r).exists()):
-            tables += 1
-            x, y = pl.read_parquet(b / rel), pl.read_parquet(a / rel)
-            if "metric" in x.columns:
-                x, y = x.filter(pl.col("metric") != "seconds"), y.filter(pl.col("metric") != "seconds")
-            if x.schema != y.schema or not x.equals(y):
-                print("TABLE DIFFERS", cfg, rel)
-                bad += 1
-            mx, my = read_parquet_metadata(b / rel), read_parquet_metadata(a / rel)
-            for key in sorted((set(mx) | set(my)) - IGNORED_METADATA):
-                vx, vy = mx.get(key), my.get(key)
-                if key == "inputs":
-                    vx, vy = (strip_state_hashes(json.loads(v)) for v in (vx, vy))
-                if vx != vy:
-                    print("METADATA DIFFERS", cfg, rel, key, vx, "|", vy)
-                    bad += 1
-        for p in sorted(list((b / "results").glob("*/deltas/*")) + list((b / "results").glob("*/factors/*"))):
-            q = a / p.relative_to(b)
-            if not q.exists() or h5_content(p) != h5_content(q):
-                print("STATE FILE DIFFERS", cfg, p.relative_to(b))
-                bad += 1
-            else:
-                state_files += 1
-    print(f"{tables} metric tables compared, {state_files} delta / factors files equal in content; {bad} differences")
+        diffs, counts = compare_dirs(before / cfg, after / cfg, cfg)
+        for line in diffs:
+            print(line)
+        bad += len(diffs)
+        total = {k: total[k] + counts[k] for k in total}
+    print(f"{total['metric_tables']} metric tables compared, {total['state_files']} delta / factors files equal in content, "
+          f"{total['report_tables']} report tables; {bad} differences")
     return bad
 
 

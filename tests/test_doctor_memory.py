@@ -66,25 +66,37 @@ def test_the_host_memory_fit_recovers_a_known_line_per_kind(repo_root, tmp_path)
     from editscale.workflow import load_config
 
     config = load_config(repo_root / "config/test-tiny.yaml")
-    big = json.loads(json.dumps(config))
-    big["models"]["tiny-gpt2"]["dtype"] = "bfloat16"  # half the model bytes: a second size
-    for r in big["runs"]:
-        r["name"] += "-bf16"
-    truth = {"edit:rome": (1.3, 600e6), "metric:evaluate": (1.1, 800e6), "stats": (1.0, 500e6), "model": (2.0, 400e6)}
+
+    def variant(suffix: str, **model) -> list:
+        other = json.loads(json.dumps(config))
+        other["models"]["tiny-gpt2"].update(model)
+        for r in other["runs"]:
+            r["name"] += suffix
+        return [j for j in config_jobs(other, tmp_path) if j.run]  # the shared jobs' records are config's
+
+    truth = {"edit:rome": (1.3, 600e6), "metric:evaluate": (1.1, 800e6), "stats": (1.0, 500e6), "model": (2.0, 400e6),
+             "edit:rome@half": (1.3, 900e6)}
     jobs = config_jobs(config, tmp_path)
-    jobs_big = [j for j in config_jobs(big, tmp_path) if j.run]  # the shared jobs have the same records
-    assert {j.model_bytes for j in jobs} != {j.model_bytes for j in jobs_big}
+    jobs_big = variant("-llama", source="tiny:llama")  # another architecture: a second model size, float32
+    jobs_half = variant("-bf16", dtype="bfloat16")  # half precision on the CPU: its own fit
+    assert {j.model_bytes for j in jobs if j.run} != {j.model_bytes for j in jobs_big}
     rss = {}
-    for job in jobs + jobs_big:
-        a, b = truth.get(job.kind, (1.0, 700e6))
+    for job in jobs + jobs_big + jobs_half:
+        key = job.kind + ("@half" if job.dtype != "float32" and job.model_bytes else "")
+        a, b = truth.get(key, truth.get(job.kind, (1.0, 700e6)))
         rss[job.record] = a * job.model_bytes + b + job.device_extra
-    fits = cb.fit_memory(jobs + jobs_big, rss)
+    fits = cb.fit_memory(jobs + jobs_big + jobs_half, rss)
     for kind in ("edit:rome", "metric:evaluate"):
         assert fits[kind] == pytest.approx(list(truth[kind]), rel=1e-6), kind
-    assert fits["stats"][0] == pytest.approx(1.0) and fits["stats"][1] == pytest.approx(500e6)  # one size: "the" family is none, a = 1
+    # one size in half precision: the float32 fit's slope, its own intercept
+    assert fits["edit:rome@half"] == pytest.approx([1.3, 900e6], rel=1e-6)
+    assert fits["stats"][0] == pytest.approx(1.0) and fits["stats"][1] == pytest.approx(500e6)  # one size, no family: a = 1
     cal = Calibration(memory=fits)
-    for job in jobs + jobs_big:
+    for job in jobs + jobs_big + jobs_half:
         assert job_memory(job, cal, gpu=False).host == pytest.approx(rss[job.record], rel=1e-6), job.record
+    # on a GPU the half-precision edit job's host side is the float32 fit (its working set is on the device)
+    half_edit = next(j for j in jobs_half if j.kind == "edit:rome")
+    assert job_memory(half_edit, cal, gpu=True).host == pytest.approx(1.3 * half_edit.model_bytes + 600e6)
     # the record's column is MiB
     _record(tmp_path / "r.tsv", 512.0)
     assert cb.record_rss(tmp_path / "r.tsv") == 512 * 2**20

@@ -1,17 +1,25 @@
-"""A real kill: SIGKILL the whole snakemake process group while the second edit segment runs.
+"""A real kill: SIGKILL the whole snakemake process group while the second edit segment runs,
+then the study continued on "another machine": a fresh copy of the workflow given the stopped
+study's data/ and results/ (issue 29 item 1).
 
 Directory A is the session's tiny study (config/test-tiny.yaml run uninterrupted to the end,
 the `tiny_study` fixture, only read here). Directory B runs the whole workflow and is killed, snakemake
 and every job it started, while the edit job of the second segment (edits 4-6) is running. Then:
 no file that looks finished is left for that segment (atomic writes; `.000006.h5.*` temp files
-may exist), `snakemake --unlock` + a plain re-run (the default profile has rerun-incomplete)
-completes the workflow, the final deltas are bit-identical to A's, and the first segment's
-checkpoint (deltas/000003.h5) is re-used, not recomputed.
+may exist). Directory C is a fresh copy of the workflow (no .snakemake/: no lock, no records of
+B's jobs) into which B's data/ and results/ are copied with their modification times (`cp -a`,
+`rsync -a`); a plain `snakemake` there plans only the lost segment and what depends on it, the
+first segment's checkpoint (deltas/000003.h5) is re-used, not recomputed, and every file of the
+finished study equals A's (benchmarks.compare_studies.compare_dirs: metric tables, deltas,
+factors, report tables; only what measures time differs). B itself resumes too, after
+`snakemake --unlock` (the stale lock of the killed run), planning the same jobs.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +30,7 @@ import psutil
 import pytest
 
 from editscale.edit.chain import read_delta, read_factors, tensor_sha256
+from benchmarks.compare_studies import compare_dirs
 from benchmarks.snakemake_runs import copy_workflow, planned_jobs, snakemake
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
@@ -109,25 +118,31 @@ def test_kill_mid_segment_then_resume_gives_identical_hashes(repo_root, tiny_stu
     assert first.exists() and (dir_b / RUN / "factors" / "000003.h5").exists()
     mtime_first, sha_first = first.stat().st_mtime_ns, _delta_hashes(dir_b, 3)
 
-    # Resume B: the stale lock of the killed run is released as a user would, and the plan
-    # contains the lost segment only (not the finished first one).
-    snakemake(dir_b, "--unlock")
-    plan = planned_jobs(snakemake(dir_b, "-n"))
+    # Continue in C: a fresh copy of the workflow with B's state, modification times kept.
+    dir_c = copy_workflow(repo_root, tmp_path / "C")
+    for part in ("data", "results"):
+        shutil.copytree(dir_b / part, dir_c / part, symlinks=True)  # copy2: file mtimes kept, as cp -a
+    plan = planned_jobs(snakemake(dir_c, "-n"))
     assert plan["edit_segment"] == 1, plan
     for rule in ("model", "dataset", "sequence", "corpus_tokens", "stats", "run_config", "context_templates"):
         assert rule not in plan, (rule, plan)
-    res = snakemake(dir_b)
+    # B, where it stopped: the stale lock of the killed run is released as a user would, and the
+    # plan is the same
+    snakemake(dir_b, "--unlock")
+    assert planned_jobs(snakemake(dir_b, "-n")) == plan
+    res = snakemake(dir_c)
     assert "Nothing to be done" not in res.stdout + res.stderr
-    assert planned_jobs(snakemake(dir_b, "-n")) == {}
+    assert planned_jobs(snakemake(dir_c, "-n")) == {}
 
-    hashes_a, hashes_b = _delta_hashes(dir_a, 6), _delta_hashes(dir_b, 6)
-    assert hashes_a and hashes_a == hashes_b
-    # the re-run's factors hold the same three edits, in order
-    assert [r["edit_index"] for r in read_factors(dir_b / RUN / "factors" / "000006.h5")[1]] == [4, 5, 6]
+    hashes_a, hashes_c = _delta_hashes(dir_a, 6), _delta_hashes(dir_c, 6)
+    assert hashes_a and hashes_a == hashes_c
+    # the continued run's factors hold the same three edits, in order
+    assert [r["edit_index"] for r in read_factors(dir_c / RUN / "factors" / "000006.h5")[1]] == [4, 5, 6]
     # the finished first segment was re-used, not recomputed
-    assert first.stat().st_mtime_ns == mtime_first and _delta_hashes(dir_b, 3) == sha_first == _delta_hashes(dir_a, 3)
-    # the resumed run is complete and its hash chain checks out
-    assert (dir_b / "results/audit.json").exists()
-    import json
-
-    assert json.loads((dir_b / "results/audit.json").read_text())["passed"]
+    first_c = dir_c / RUN / "deltas" / "000003.h5"
+    assert first_c.stat().st_mtime_ns == mtime_first and _delta_hashes(dir_c, 3) == sha_first == _delta_hashes(dir_a, 3)
+    # every file of the study equals the uninterrupted one's (timing aside)
+    diffs, counts = compare_dirs(dir_a, dir_c)
+    assert diffs == [] and counts["metric_tables"] > 5 and counts["state_files"] == 4 and counts["report_tables"] > 5, diffs
+    # the continued run is complete and its hash chain checks out
+    assert json.loads((dir_c / "results/audit.json").read_text())["passed"]

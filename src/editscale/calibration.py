@@ -36,6 +36,7 @@ from .layout import RESULTS
 from .planning import DEFAULT_STARTUP_S, LOAD_BYTES_PER_S, Calibration, Job
 
 MIN_FACTOR = 0.01
+MIN_SLOPE = 1.0  # peak RSS per model byte of a job that loads the model (fit_memory)
 
 
 def record_seconds(path: Path) -> float | None:
@@ -130,17 +131,22 @@ def comparison(jobs: list[Job], seconds: dict[str, float], calibrations: dict[st
 
 
 def fit_memory(jobs: list[Job], rss: dict[str, float], on_device: bool = False) -> dict[str, list[float]]:
-    """Per job kind, peak RSS = a x model bytes + b (editscale.memory), by least squares over its
-    recorded jobs after taking away what the job's working phase holds beyond the weights when
-    it ran on the CPU (Job.device_extra; `on_device`: the records are of a GPU run, whose device
-    jobs held that on the GPU). A kind recorded at one model size only (or none: nullspace, the
-    report) gets a = its family's mean if it loads a model, else 0, and b = the mean residual;
+    """Per job kind, peak RSS = a x model bytes + b (editscale.memory): a by least squares over its
+    recorded jobs, at least MIN_SLOPE for a kind that loads the model, and b the largest residual
+    (the line bounds every record), after taking away what the job's working phase holds beyond
+    the weights when it ran on the CPU (Job.device_extra; `on_device`: the records are of a GPU
+    run, whose device jobs held that on the GPU). A kind recorded at one model size only (or
+    none: nullspace, the report) gets a = its family's mean if it loads a model, else 0;
+    a half-precision model on the CPU is fitted apart (kind@half, editscale.memory.fit_key), with
+    the float32 fit's slope when it was measured at one size;
     "edit:*" and "metric:*" are the means over their members."""
+    from .memory import HALF_ON_CPU, fit_key
+
     points: dict[str, list[tuple[float, float]]] = {}
     for job in jobs:
         if job.record in rss:
             extra = 0.0 if (on_device and job.uses_device) else job.device_extra
-            points.setdefault(job.kind, []).append((float(job.model_bytes), rss[job.record] - extra))
+            points.setdefault(fit_key(job, on_device), []).append((float(job.model_bytes), rss[job.record] - extra))
     fits: dict[str, list[float]] = {}
     single: dict[str, list[tuple[float, float]]] = {}
     for kind, pts in points.items():
@@ -150,15 +156,21 @@ def fit_memory(jobs: list[Job], rss: dict[str, float], on_device: bool = False) 
             continue
         mx, my = statistics.fmean(xs), statistics.fmean(y for _, y in pts)
         a = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x in xs)
-        fits[kind] = [a, my - a * mx]
+        # a job that holds the model holds its weights once at least (a slope below 1 is the
+        # records' noise: Snakemake samples RSS at intervals, and file-backed weight pages come
+        # and go); b: the largest residual, so that the line bounds every measured peak
+        a = max(a, MIN_SLOPE if any(x > 0 for x in xs) else 0.0)
+        fits[kind] = [a, max(y - a * x for x, y in pts)]
     families = {fam: [f for k, f in fits.items() if k.startswith(fam + ":")] for fam in ("edit", "metric")}
     for fam, members in families.items():
         if members:
             fits[fam + ":*"] = [statistics.fmean(f[0] for f in members), statistics.fmean(f[1] for f in members)]
     for kind, pts in single.items():
-        fam = fits.get(kind.split(":")[0] + ":*")
-        a = (fam[0] if fam else 1.0) if any(x > 0 for x, _ in pts) else 0.0
-        fits[kind] = [a, statistics.fmean(y - a * x for x, y in pts)]
+        # one model size: the float32 fit's slope for kind@half, else the family's, else 1
+        fam = fits.get(kind[: -len(HALF_ON_CPU)]) if kind.endswith(HALF_ON_CPU) else None
+        fam = fam or fits.get(kind.split(":")[0].split("@")[0] + ":*")
+        a = (fam[0] if fam else MIN_SLOPE) if any(x > 0 for x, _ in pts) else 0.0
+        fits[kind] = [a, max(0.0, max(y - a * x for x, y in pts))]
     return fits
 
 

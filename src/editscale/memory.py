@@ -24,6 +24,10 @@ weights, a job's working phase holds (`device_extra`, bytes; editscale.planning 
                for corpus, nullspace and the evaluation kinds, whose formulas are the analysis above
   host bytes = a[kind] x model bytes + b[kind] + (device_extra when the job runs on the CPU)
 
+with a, b of kind@half for a half-precision model on the CPU, where PyTorch casts the weights in
+every matmul (measured: the checkpoint jobs of SmolLM2 in bfloat16 peak at ~2x the float32 ones'
+RSS, not half; benchmarks/RESULTS.md section 9), else the kind's float32 fit.
+
 a and b (peak RSS) are fitted per job kind to the `max_rss` of Snakemake's benchmark records of a
 measured run (`editscale doctor --benchmarks DIR --memory`; editscale.calibration.fit_memory), the
 shipped ones to benchmarks/memory/smollm2-dtypes.yaml: a tiny GPT-2, SmolLM2-135M in float32 and
@@ -60,8 +64,20 @@ def on_gpu(config: dict) -> bool:
     return bool(res.get("gpu")) or str(res.get("device", "auto")).startswith("cuda")
 
 
+HALF_ON_CPU = "@half"  # the fit of a job kind whose model runs in half precision on the CPU
+
+
+def fit_key(job: Job, gpu: bool) -> str:
+    """The memory fit a job takes: its kind, or kind@half for a half-precision model on the CPU
+    (there every matmul casts its weights: peak RSS does not halve with the model bytes)."""
+    half_on_cpu = job.dtype != "float32" and job.model_bytes > 0 and not (gpu and job.uses_device)
+    return job.kind + HALF_ON_CPU if half_on_cpu else job.kind
+
+
 def host_fit(calibration: Calibration, kind: str) -> tuple[float, float]:
     fits = calibration.memory or {}
+    if kind not in fits and kind.endswith(HALF_ON_CPU):  # never measured in half precision: the float32 fit
+        kind = kind[: -len(HALF_ON_CPU)]
     if kind in fits:
         a, b = fits[kind]
         return float(a), float(b)
@@ -73,7 +89,7 @@ def host_fit(calibration: Calibration, kind: str) -> tuple[float, float]:
 
 
 def job_memory(job: Job, calibration: Calibration, gpu: bool) -> JobMemory:
-    a, b = host_fit(calibration, job.kind)
+    a, b = host_fit(calibration, fit_key(job, gpu))
     on_device = gpu and job.uses_device
     host = a * job.model_bytes + b + (0.0 if on_device else job.device_extra)
     return JobMemory(job, host, (job.model_bytes + job.device_extra) if job.uses_device else None)

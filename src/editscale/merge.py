@@ -45,10 +45,9 @@ EDIT_LOG_FILE = "edit_log.parquet"
 
 
 def _run(config: dict, name: str) -> dict:
-    for run in config["runs"]:
-        if run["name"] == name:
-            return run
-    raise EditscaleError(f"run {name!r} is not in the config (runs: {[r['name'] for r in config['runs']]})")
+    from .workflow import run_by_name
+
+    return run_by_name(config, name)
 
 
 def run_inputs(config: dict, run: dict, root: Path) -> dict[str, Any]:
@@ -68,15 +67,43 @@ def run_inputs(config: dict, run: dict, root: Path) -> dict[str, Any]:
     }
 
 
-def shared_identity(config: dict, run: dict, files: dict[str, Any]) -> dict[str, Any]:
-    """What runs made elsewhere must agree on, keyed by what they share (merge checks it)."""
-    from . import __version__
+def made_by(paths: list[Path]) -> dict[str, list[str]]:
+    """The editscale versions and commits that wrote the given metric files (their provenance):
+    the code that made the run, not the code exporting it."""
+    from .io import read_parquet_metadata
 
+    versions, commits = set(), set()
+    for p in paths:
+        meta = read_parquet_metadata(p)
+        versions.add(meta.get("editscale_version", "unknown"))
+        commits.add(meta.get("git_commit", "unknown"))
+    return {"editscale_version": sorted(versions), "git_commit": sorted(commits)}
+
+
+def content_identity(path: Path) -> str:
+    """sha256 of what a file holds: a statistics or projection file's recorded `content_sha256`
+    (its tensors; the file's bytes also hold when and where it was made), else the file's bytes."""
+    if path.suffix == ".h5":
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            if "content_sha256" in f.attrs:
+                return str(f.attrs["content_sha256"])
+    return sha256_file(path)
+
+
+def shared_identity(config: dict, run: dict, files: dict[str, Any]) -> dict[str, Any]:
+    """What runs made elsewhere must agree on, keyed by what they share (merge checks it): the
+    model's weights (the manifest's model_sha256, not the manifest, which records its making),
+    the dataset, each statistics / projection file's content, the editscale version."""
+    from .models.load import model_sha
+
+    versions = made_by([p for ps in files["metrics"].values() for p in ps])["editscale_version"]
     return {
-        "editscale_version": __version__,
-        f"model:{run['model']}": sha256_file(files["model_manifest"]),
+        "editscale_version": ", ".join(versions),
+        f"model:{run['model']}": model_sha(files["model_manifest"].parent),
         f"dataset:{run['dataset']}": sha256_file(files["dataset"]),
-        **{f"precomputed:{Path(p).relative_to(files['model_manifest'].parents[3])}": sha256_file(p)
+        **{f"precomputed:{Path(p).relative_to(files['model_manifest'].parents[3])}": content_identity(Path(p))
            for p in files["stats"].values()},
     }
 
@@ -141,7 +168,8 @@ def export_run(config: dict, run_name: str, out: str | Path, root: str | Path = 
         "shared": shared_identity(config, run, files),
         "edits_sha256": sha256_file(files["edits"]),
         "storage_bytes": sum(Path(p).stat().st_size for p in files["factors"] + files["deltas"]),
-        "git_commit": git_commit(),
+        "git_commit": made_by([p for ps in files["metrics"].values() for p in ps])["git_commit"],
+        "exported_by": git_commit(),
         "machine": machine_fingerprint(machine_info(root)),
         "job_seconds": job_seconds(config, run, root),
         "files": copied,
@@ -282,6 +310,14 @@ def register(sub) -> None:
     e.add_argument("--results-root", default=".", help="the workflow directory the run was made in (holds data/ and results/)")
     e.add_argument("--out", required=True, help="records go to OUT/{run}/")
     e.set_defaults(func=run_export)
+    t = sub.add_parser("targets", help="the files that finish the given runs of a config (for `snakemake $(editscale targets ...)`)",
+                       description="Prints the files that finish the runs (edit chain, every metric file, what the audit "
+                       "checks), space-separated: `snakemake --cores all --configfile=C $(editscale targets --configfile C "
+                       "--run R)` runs those runs alone, e.g. one per machine or per sitting; `editscale export-run` then "
+                       "writes each one's record for `editscale merge`.")
+    t.add_argument("--configfile", required=True)
+    t.add_argument("--run", nargs="+", required=True)
+    t.set_defaults(func=run_targets)
     m = sub.add_parser("merge", help="one study's tables, figures and audit from run records made in several places",
                        description="Checks that the records agree with the config and with each other (model, dataset, "
                        "statistics, editscale version), then builds the report tables (as the report_tables rule does), the "
@@ -292,6 +328,13 @@ def register(sub) -> None:
     m.add_argument("--allow-missing", action="store_true", help="tables of the runs that have a complete record; the others listed")
     m.add_argument("--no-plots", action="store_true")
     m.set_defaults(func=run_merge)
+
+
+def run_targets(args) -> None:
+    from .workflow import load_config, run_by_name, run_targets as targets
+
+    config = load_config(args.configfile)
+    print(" ".join(f for name in args.run for f in targets(config, run_by_name(config, name))))
 
 
 def run_export(args) -> None:

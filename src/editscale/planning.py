@@ -49,6 +49,7 @@ Time (an order-of-magnitude estimate, expect a factor 2-3 either way):
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,6 +176,7 @@ class Job:
     model: str | None = None  # the model of a shared job (model, corpus, stats, nullspace)
     uses_device: bool = False  # runs its model on the configured device (editscale.memory: GPU or host)
     device_extra: float = 0.0  # bytes its working phase holds beyond the weights (editscale.memory)
+    dtype: str = "float32"  # the model's dtype (half precision on the CPU has its own memory fit)
 
     def compute_seconds(self, rate32: float, rate64: float | None) -> float:
         r64 = rate64 or rate32 / 2
@@ -289,7 +291,7 @@ def run_jobs(config: dict, run: dict, root: str | Path = ".") -> list[Job]:
     jobs += [Job("metric:evaluate", str(bench / f"evaluate_{k:06d}.tsv"), run["name"], flops=f, decode_flops=d, model_bytes=model_bytes if dev else 0,
                  uses_device=bool(dev), device_extra=evaluation if dev else 0.0)
              for k, (f, d, dev) in sorted(checkpoint.items())]
-    return jobs
+    return [dataclasses.replace(j, dtype=dtype) for j in jobs]
 
 
 def shared_jobs(config: dict, root: str | Path = ".") -> list[Job]:
@@ -324,7 +326,7 @@ def shared_jobs(config: dict, root: str | Path = ".") -> list[Job]:
         for job in wanted:
             if job.record not in seen:
                 seen.add(job.record)
-                jobs.append(job)
+                jobs.append(dataclasses.replace(job, dtype=dtype))
     biggest = max((_model_bytes(config, m, root)[1] for m in {r["model"] for r in config["runs"]}), default=0)
     jobs += [Job("report_tables", str(bench / "report_tables.tsv")), Job("report_plots", str(bench / "report_plots.tsv")),
              Job("audit", str(bench / "audit.tsv"), model_bytes=biggest)]

@@ -534,6 +534,13 @@ def audit_files(config: dict) -> list[str]:
     return sorted(files)
 
 
+def run_targets(config: dict, run: dict) -> list[str]:
+    """The files that finish one run (its audited files; `snakemake $(editscale targets ...)` runs
+    that run alone, e.g. one run per machine, merged later with `editscale merge`)."""
+    one = {**config, "runs": [run]}
+    return audit_files(one)
+
+
 def run_by_name(config: dict, name: str) -> dict:
     for run in config["runs"]:
         if run["name"] == name:
