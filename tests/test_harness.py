@@ -12,12 +12,27 @@ import pytest
 
 from benchmarks.snakemake_runs import checkpoint_jobs, planned_jobs, set_config, snakemake
 from editscale.evaluate.downstream import FORMATS, build_task
-from editscale.evaluate.harness import evaluate_harness, harness_rows
 from editscale.evaluate.tasks import evaluate_task
 from editscale.io import EditscaleError, read_jsonl
 from editscale.models.fetch import build_tiny_model
 
 DOWNSTREAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "downstream"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _lm_eval_registered_in_this_module_only():
+    """Importing editscale.evaluate.harness registers the plugin metric `lm_eval` for the whole
+    process: imported here rather than at collection, and taken out again after this module, so
+    that no other test's in-process config plans an lm_eval metric it never asked for (in a real
+    run only a config listing the plugin imports it)."""
+    import sys
+
+    import editscale.evaluate.harness  # noqa: F401
+    yield
+    from editscale.evaluate.registry import METRICS
+
+    METRICS._entries.pop("lm_eval", None)
+    sys.modules.pop("editscale.evaluate.harness", None)
 
 
 @pytest.mark.slow
@@ -28,6 +43,7 @@ def test_harness_accuracy_equals_accuracy_ll_on_the_same_items(arch, tmp_path):
     the same items, zero-shot: each choice's harness log-likelihood is editscale's mean times the
     choice's token count, and where a task's choices are equally long (SST-2's two words, MMLU's
     letters) the two accuracies are equal."""
+    from editscale.evaluate.harness import evaluate_harness, harness_rows
     from editscale.evaluate.scoring import encode_targets
 
     model, tok = build_tiny_model(arch)
@@ -54,6 +70,8 @@ def test_harness_accuracy_equals_accuracy_ll_on_the_same_items(arch, tmp_path):
 
 @pytest.mark.slow
 def test_harness_names_unknown_tasks_and_missing_data(tmp_path):
+    from editscale.evaluate.harness import evaluate_harness
+
     model, tok = build_tiny_model("gpt2")
     with pytest.raises(EditscaleError, match=r"unknown task\(s\) \['nope'\]; shipped offline tasks: \['editscale_mmlu', 'editscale_sst2'\]"):
         evaluate_harness(model, tok, {"nope": None}, 0, 8, DOWNSTREAM, None)

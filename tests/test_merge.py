@@ -118,3 +118,34 @@ def test_an_unfinished_run_cannot_be_exported(tiny_study, tmp_path):
     with pytest.raises(EditscaleError, match="run rome-tiny is not finished .* e.g. .*000009"):
         export_run(config, RUN, tmp_path, tiny_study)
     assert not list(tmp_path.iterdir())
+
+
+def test_published_results_are_regenerated_byte_for_byte_from_the_records(tiny_study, record, tmp_path):
+    """`merge --publish`: results.csv / .md hold the run's one row (the edit scores right after
+    each edit, the same edits at the end, perplexity and downstream k = 0 -> end), figures are
+    PNGs under 300 kB, provenance names each record file; a second merge of the same records
+    writes the same bytes."""
+    import polars as pl
+
+    from editscale.report.publish import MAX_PNG_BYTES
+
+    config = load_config(tiny_study / "config/test-tiny.yaml")
+    pub = tmp_path / "pub"
+    merge(config, [record.parent], tmp_path / "out", publish_to=pub)
+    res = pl.read_csv(pub / "results.csv")
+    assert res["run"].to_list() == [RUN] and res["n_edits"][0] == 6
+    scores = pl.read_parquet(tiny_study / "results/tables/edit_scores.parquet")
+    assert res["es_after_edit"][0] == pytest.approx(scores["es"].mean())
+    ppl = pl.read_parquet(tiny_study / "results/tables/perplexity.parquet").filter(pl.col("metric") == "perplexity")
+    assert res["perplexity_0"][0] == pytest.approx(ppl.filter(pl.col("edit") == 0)["value"][0])
+    assert res["perplexity_end"][0] == pytest.approx(ppl.filter(pl.col("edit") == 6)["value"][0])
+    assert "| method | s/edit | steps/edit | ES |" in (pub / "results.md").read_text()
+    pngs = sorted((pub / "figures").glob("*.png"))
+    assert {p.stem for p in pngs} >= {"edit_scores", "forgetting", "overview"}
+    assert all(p.stat().st_size < MAX_PNG_BYTES for p in pngs)
+    prov = json.loads((pub / "provenance.json").read_text())
+    assert set(prov["runs"]) == {RUN} and prov["runs"][RUN]["made_by_commit"]
+    assert len(prov["record_files"]) == len([f for f in json.loads((record / RECORD_FILE).read_text())["files"] if f.startswith("metrics/")])
+    before = {p.name: p.read_bytes() for p in (pub / "results.csv", pub / "results.md")}
+    merge(config, [record.parent], tmp_path / "out2", publish_to=pub)
+    assert {p.name: p.read_bytes() for p in (pub / "results.csv", pub / "results.md")} == before

@@ -34,7 +34,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .io import EditscaleError, sha256_file, write_json_atomic, write_parquet_atomic
+from .io import EditscaleError, sha256_file, sha256_json, write_json_atomic, write_parquet_atomic
 from .workflow import canonical_json
 
 log = logging.getLogger(__name__)
@@ -241,8 +241,12 @@ def check_records(config: dict, records: dict[str, dict], allow_missing: bool) -
     return missing
 
 
-def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missing: bool = False, plots: bool = True) -> dict:
-    """The study's tables, figures, audit and merge.json from the records in `sources`."""
+def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missing: bool = False, plots: bool = True,
+          publish_to: str | Path | None = None) -> dict:
+    """The study's tables, figures, audit and merge.json from the records in `sources`; with
+    `publish_to`, the readers' results there too (editscale.report.publish)."""
+    if publish_to and not plots:
+        raise EditscaleError("merge: --publish needs the figures (drop --no-plots)")
     import polars as pl
 
     from . import workflow as wf
@@ -296,8 +300,37 @@ def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missin
     }
     write_json_atomic(out / "merge.json", summary)
     write_json_atomic(out / "audit.json", {"passed": True, "n_checks": len(audit), "failures": [], "checks": audit})
+    if publish_to:
+        from .report.publish import publish
+        from .report.tables import read_tables
+
+        where = Path(publish_to).resolve()
+        prov = {
+            "config_sha256": sha256_json(config_for_hash(config)),
+            "runs": {r["name"]: {"record": _relative(dirs[r["name"]], where), "made_by_commit": records[r["name"]]["git_commit"],
+                                 "machine": records[r["name"]]["machine"], "job_seconds": records[r["name"]]["job_seconds"],
+                                 "edits_sha256": records[r["name"]]["edits_sha256"]}
+                     for r in present},
+            "missing_runs": missing,
+            "shared": summary["shared"],
+            "record_files": {_relative(Path(p), where): sha for p, sha in summary["metric_files"].items()},
+            "regenerate": "editscale merge --configfile <config> --out <dir> --publish <this directory> <the records>",
+        }
+        publish(read_tables(out / "tables"), out / "plots", publish_to, prov)
     log.info("merged %d run(s) (%d missing) into %s", len(present), len(missing), out)
     return summary
+
+
+def config_for_hash(config: dict) -> dict:
+    """What a study's results depend on: its runs, metrics and report settings (not where it ran:
+    resources, plugins' paths)."""
+    return {k: config[k] for k in ("models", "datasets", "corpora", "runs", "metrics", "report") if k in config}
+
+
+def _relative(path: Path, base: Path) -> str:
+    import os
+
+    return os.path.relpath(Path(path).resolve(), base)
 
 
 def register(sub) -> None:
@@ -327,6 +360,8 @@ def register(sub) -> None:
     m.add_argument("--out", required=True)
     m.add_argument("--allow-missing", action="store_true", help="tables of the runs that have a complete record; the others listed")
     m.add_argument("--no-plots", action="store_true")
+    m.add_argument("--publish", default=None, help="also write the readers' results here (results.csv / .md, figures/*.png "
+                   "under 300 kB, provenance.json: editscale.report.publish), e.g. docs/results/<study>")
     m.set_defaults(func=run_merge)
 
 
@@ -348,5 +383,6 @@ def run_export(args) -> None:
 def run_merge(args) -> None:
     from .workflow import load_config
 
-    summary = merge(load_config(args.configfile), args.sources, args.out, allow_missing=args.allow_missing, plots=not args.no_plots)
+    summary = merge(load_config(args.configfile), args.sources, args.out, allow_missing=args.allow_missing, plots=not args.no_plots,
+                    publish_to=args.publish)
     print(f"merged {len(summary['runs'])} run(s) into {args.out}" + (f"; missing: {summary['missing']}" if summary["missing"] else ""))

@@ -1,0 +1,141 @@
+"""A study's results for readers (docs/results/<study>/, `editscale merge --publish DIR`): the one
+table a reader looks at first, as CSV and Markdown, the figures (PNG, each under MAX_PNG_BYTES) and
+the provenance, all from the report tables, so that the merge of the committed run records
+regenerates every committed table byte for byte.
+
+results.csv / results.md, one row per run, in the config's order:
+  s_per_edit, steps_per_edit   the edit log's mean seconds and optimizer steps per edit (steps:
+                               methods that optimize v*; empty for closed-form / gradient-free ones)
+  es / ps / ns_after_edit      mean efficacy, paraphrase and neighborhood scores of every edit
+                               right after it was made (edit_scores)
+  es / ps_at_end               the same edits re-scored at the last checkpoint (history)
+  forgotten_pct_at_end         the share of successful edits forgotten by then (forgetting)
+  perplexity_0, perplexity_end held-out perplexity of the unedited model and at the end
+  downstream_0, downstream_end the probes' / tasks' mean accuracy (log-likelihood reading)
+  onset_k, onset_ci            the detected onset of catastrophic forgetting and its bootstrap
+                               interval ("none" when no curve shows one)
+  leading_indicator, lead      the weight statistic that moved first, and by how many edits
+  disabling_edits              how many single edits the detector flags
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping
+
+import polars as pl
+
+from ..io import EditscaleError, atomic_path, write_json_atomic
+
+MAX_PNG_BYTES = 300_000
+PNG_SCALES = (1.0, 0.8, 0.65, 0.5, 0.4)  # the first that keeps a figure under MAX_PNG_BYTES
+FIGURES = ("edit_scores", "forgetting", "downstream", "overview", "weight_distance", "update_norms")
+
+COLUMNS = {  # column -> what the Markdown header says
+    "method": "method", "s_per_edit": "s/edit", "steps_per_edit": "steps/edit", "es_after_edit": "ES",
+    "ps_after_edit": "PS", "ns_after_edit": "NS", "es_at_end": "ES at end", "ps_at_end": "PS at end",
+    "forgotten_pct_at_end": "forgotten %", "perplexity_0": "ppl k=0", "perplexity_end": "ppl end",
+    "downstream_0": "downstream k=0", "downstream_end": "downstream end", "onset_k": "onset", "onset_ci": "onset 95 % CI",
+    "leading_indicator": "leading indicator", "lead": "lead (edits)", "disabling_edits": "disabling edits",
+}
+
+
+def _per_run(df: pl.DataFrame, value: str, how: str = "mean") -> dict[str, float]:
+    if df.is_empty() or value not in df.columns:
+        return {}
+    agg = getattr(pl.col(value).cast(pl.Float64).fill_nan(None), how)()  # a case without such prompts: NaN, left out
+    return dict(df.group_by("run", maintain_order=True).agg(agg).iter_rows())
+
+
+def _at(df: pl.DataFrame, metric: str, first: bool) -> dict[str, float]:
+    """Per run, the mean over items of `metric` at the run's first (k = 0) or last checkpoint."""
+    if df.is_empty():
+        return {}
+    sel = df.filter(pl.col("metric") == metric)
+    if sel.is_empty():
+        return {}
+    edge = sel.group_by("run").agg((pl.col("edit").min() if first else pl.col("edit").max()).alias("at"))
+    sel = sel.join(edge, on="run").filter(pl.col("edit") == pl.col("at"))
+    return dict(sel.group_by("run").agg(pl.col("value").mean()).iter_rows())
+
+
+def results_table(tables: Mapping[str, pl.DataFrame]) -> pl.DataFrame:
+    """The study's one-row-per-run table (module doc) from the report tables."""
+    summary = tables["summary"]
+    log, scores = tables.get("edit_log", pl.DataFrame()), tables.get("edit_scores", pl.DataFrame())
+    steps = _per_run(log, "steps")
+    after = {q: _per_run(scores, q) for q in ("es", "ps", "ns")}
+    ppl0, ppl1 = _at(tables["perplexity"], "perplexity", True), _at(tables["perplexity"], "perplexity", False)
+    ds0, ds1 = _at(tables["downstream"], "accuracy_ll", True), _at(tables["downstream"], "accuracy_ll", False)
+    rows = []
+    for r in summary.iter_rows(named=True):
+        run = r["run"]
+        lo, hi = r.get("onset_ci_low"), r.get("onset_ci_high")
+        rows.append({
+            "run": run, "method": r["method"], "n_edits": r["n_edits"],
+            "s_per_edit": r.get("edit_seconds_mean"), "steps_per_edit": steps.get(run),
+            "es_after_edit": after["es"].get(run), "ps_after_edit": after["ps"].get(run), "ns_after_edit": after["ns"].get(run),
+            "es_at_end": r.get("es_at_last_checkpoint"), "ps_at_end": r.get("ps_at_last_checkpoint"),
+            "forgotten_pct_at_end": r.get("forgotten_pct_at_end"),
+            "perplexity_0": ppl0.get(run), "perplexity_end": ppl1.get(run),
+            "downstream_0": ds0.get(run), "downstream_end": ds1.get(run),
+            "onset_k": r.get("onset_k"), "onset_ci": f"{int(lo)}-{int(hi)}" if lo is not None and hi is not None else None,
+            "leading_indicator": r.get("leading_indicator"), "lead": r.get("indicator_lead"),
+            "disabling_edits": r.get("n_disabling_edits"),
+        })
+    schema = {"run": pl.Utf8, "method": pl.Utf8, "n_edits": pl.Int64, "onset_ci": pl.Utf8, "leading_indicator": pl.Utf8,
+              "onset_k": pl.Int64, "lead": pl.Int64, "disabling_edits": pl.Int64}
+    return pl.DataFrame(rows, schema={c: schema.get(c, pl.Float64) for c in rows[0]} if rows else None)
+
+
+def _cell(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def markdown(df: pl.DataFrame) -> str:
+    cols = [c for c in COLUMNS if c in df.columns]
+    lines = ["| " + " | ".join(COLUMNS[c] for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r[c]) for c in cols) + " |" for r in df.iter_rows(named=True)]
+    return "\n".join(lines) + "\n"
+
+
+def small_png(svg_path: Path, out: Path) -> float:
+    """The figure's SVG rendered as PNG at the largest of PNG_SCALES that stays under
+    MAX_PNG_BYTES; returns the scale."""
+    import vl_convert as vlc
+
+    svg = svg_path.read_text(encoding="utf-8")
+    for scale in PNG_SCALES:
+        png = vlc.svg_to_png(svg, scale=scale)
+        if len(png) < MAX_PNG_BYTES:
+            with atomic_path(out) as tmp:
+                Path(tmp).write_bytes(png)
+            return scale
+    raise EditscaleError(f"{svg_path}: no PNG under {MAX_PNG_BYTES} bytes even at scale {PNG_SCALES[-1]}")
+
+
+def publish(tables: Mapping[str, pl.DataFrame], plots_dir: str | Path, out: str | Path, provenance: dict) -> list[Path]:
+    """Write results.csv, results.md, figures/*.png and provenance.json to `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    df = results_table(tables)
+    written = [out / "results.csv", out / "results.md"]
+    with atomic_path(written[0]) as tmp:
+        df.write_csv(tmp)
+    with atomic_path(written[1]) as tmp:
+        Path(tmp).write_text(markdown(df), encoding="utf-8")
+    scales = {}
+    for name in FIGURES:
+        svg = Path(plots_dir) / f"{name}.svg"
+        if svg.exists():
+            (out / "figures").mkdir(exist_ok=True)
+            scales[name] = small_png(svg, out / "figures" / f"{name}.png")
+            written.append(out / "figures" / f"{name}.png")
+    write_json_atomic(out / "provenance.json", {**provenance, "figure_scales": scales})
+    written.append(out / "provenance.json")
+    return written
