@@ -120,7 +120,7 @@ def test_a_job_that_cannot_fit_the_host_memory_is_refused_with_every_figure(repo
     with pytest.raises(EditscaleError) as err:
         check_memory(config, tmp_path)
     text = str(err.value)
-    over = [(k, o) for (k, o), v in peaks.items() if v > limit * MB]
+    over = [(k, o or "study") for (k, o), v in peaks.items() if v > limit * MB]
     assert over and f"{len(over)} job kind(s) cannot fit" in text
     for kind, owner in over:
         assert f"{owner}: its {kind} jobs" in text and f"more than resources.mem_mb = {limit}" in text

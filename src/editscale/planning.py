@@ -127,7 +127,7 @@ def edit_flops(method: str, hp: dict, params: int, shapes: dict[str, tuple[int, 
     frac_above = 1.0 if not n_layers else max(n_layers - max(layers), 1) / n_layers
     per_token = (2 + 2 * frac_above) * params
     if cost.solve == "none":  # fine-tuning: forward + backward with weight gradients per step
-        steps = int(hp["num_steps"])
+        steps = int(hp.get("num_steps", 1))
         return {"model": steps * 6 * params * 2 * PROMPT_TOKENS, "solve": 0.0, "tokens": 2 * PROMPT_TOKENS, "steps": steps,
                 "flops_per_token_step": 6 * params, "template_tokens": 0.0}
     if cost.solve == "gradient":  # one forward + activation backward to the lowest edited layer
@@ -139,7 +139,8 @@ def edit_flops(method: str, hp: dict, params: int, shapes: dict[str, tuple[int, 
                 "flops_per_token_step": per_tok, "template_tokens": 0.0}
     n_tpl, mean_len = _template_counts(hp)
     tokens = (n_tpl + 1) * (mean_len + PROMPT_TOKENS)
-    steps = int(hp["v_num_grad_steps"])
+    # a plugin method whose hparams name no step count (and no cost spec) counts one optimization step
+    steps = int(hp.get("v_num_grad_steps", 1))
     model = steps * per_token * tokens + len(shapes) * 2 * params * n_tpl * (mean_len + PROMPT_TOKENS)
     d_ins = [i for _, i in shapes.values()]
     if cost.solve == "per_edit":
