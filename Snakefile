@@ -29,17 +29,17 @@ try:
 except EditscaleError as exc:
     raise ValueError(f"config error: {exc}") from None
 wf.export_plugins(config)  # every job imports the same plugins
+# each rule's mem_mb: the predicted peak RSS of its jobs (editscale.memory), computed on first use
+MEMORY = MemoryPlan(config)
 if workflow.is_main_process:  # the plan, not every job that re-reads the Snakefile (cluster jobs)
     try:
         # a run longer than its usable edit sequence fails here, not at the segment that runs out
         wf.check_sequence_lengths(config)
         # every job's predicted peak memory against resources.mem_mb / gpu_mem_gb (when set)
-        check_memory(config)
+        check_memory(config, memories=MEMORY.jobs)
     except EditscaleError as exc:
         raise ValueError(f"config error: {exc}") from None
 METRIC_REGISTRY = wf.metrics_registry()
-# each rule's mem_mb: the predicted peak RSS of its jobs (editscale.memory), computed on first use
-MEMORY = MemoryPlan(config)
 
 RUNS = {run["name"]: run for run in config["runs"]}
 ENV = "../envs/editscale.yaml"  # relative to rules/*.smk, where it is used

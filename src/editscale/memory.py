@@ -29,7 +29,7 @@ every matmul (measured: the checkpoint jobs of SmolLM2 in bfloat16 peak at ~2x t
 RSS, not half; benchmarks/RESULTS.md section 9), else the kind's float32 fit.
 
 a and b (peak RSS) are fitted per job kind to the `max_rss` of Snakemake's benchmark records of a
-measured run (`editscale doctor --benchmarks DIR --memory`; editscale.calibration.fit_memory), the
+measured run (`editscale doctor --benchmarks DIR`; editscale.calibration.fit_memory), the
 shipped ones to benchmarks/memory/smollm2-dtypes.yaml: a tiny GPT-2, SmolLM2-135M in float32 and
 in bfloat16 (benchmarks/RESULTS.md section 9). A kind never measured takes its family's mean
 ("edit:*", "metric:*"), else DEFAULT_HOST_FIT.
@@ -37,6 +37,7 @@ in bfloat16 (benchmarks/RESULTS.md section 9). A kind never measured takes its f
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,16 +110,20 @@ class MemoryPlan:
 
     def __init__(self, config: dict, root: str | Path = "."):
         self.config, self.root = config, root
-        self._peaks: dict[tuple[str, str | None], float] | None = None
 
-    @property
+    @functools.cached_property
+    def jobs(self) -> list[JobMemory]:
+        """Every job's prediction, computed once (the plan-time check and the rules share it) and
+        only when first asked: a job that re-reads the Snakefile asks for none."""
+        return config_memory(self.config, self.root)
+
+    @functools.cached_property
     def peaks(self) -> dict[tuple[str, str | None], float]:
-        if self._peaks is None:  # on the first rule that asks: a job that re-reads the Snakefile asks for none
-            self._peaks = {}
-            for jm in config_memory(self.config, self.root):
-                key = (rule_kind(jm.job.kind), jm.job.run or jm.job.model)
-                self._peaks[key] = max(self._peaks.get(key, 0.0), jm.host)
-        return self._peaks
+        peaks: dict[tuple[str, str | None], float] = {}
+        for jm in self.jobs:
+            key = (rule_kind(jm.job.kind), jm.job.run or jm.job.model)
+            peaks[key] = max(peaks.get(key, 0.0), jm.host)
+        return peaks
 
     def mem_mb(self, kind: str, owner: str | None = None, model: str | None = None) -> int:
         """MB for the rule's jobs of `kind` owned by `owner` (a run name, or a model name for the
@@ -136,10 +141,12 @@ def rule_kind(kind: str) -> str:
     return "edit" if kind.startswith("edit:") else kind
 
 
-def check_memory(config: dict, root: str | Path = ".", calibration: Calibration | None = None) -> None:
+def check_memory(config: dict, root: str | Path = ".", calibration: Calibration | None = None,
+                 memories: list[JobMemory] | None = None) -> None:
     """Refuse, at plan time, every job predicted to need more host memory than `resources.mem_mb`
     or more GPU memory than `resources.gpu_mem_gb`: one error naming each job kind, its owner and
-    the figures (the edit jobs' GPU parts as editscale.planning.edit_job_memory splits them)."""
+    the figures (the edit jobs' GPU parts as editscale.planning.edit_job_memory splits them).
+    `memories`: the predictions when already made (MemoryPlan.jobs), else config_memory's."""
     from .planning import edit_job_memory_parts
 
     res = config.get("resources") or {}
@@ -148,10 +155,8 @@ def check_memory(config: dict, root: str | Path = ".", calibration: Calibration 
     if not host_limit and not gpu_limit:
         return
     worst: dict[tuple[str, str, str], JobMemory] = {}
-    cal = calibration or read_calibration()
-    gpu = on_gpu(config)
-    for job in config_jobs(config, root):
-        jm = job_memory(job, cal, gpu)
+    for jm in memories if memories is not None else config_memory(config, root, calibration):
+        job = jm.job
         owner = job.run or job.model or "study"
         checks = [("host", jm.host, host_limit and float(host_limit) * MB),
                   # a stated GPU size checks the device jobs even where this config runs on the CPU
@@ -187,10 +192,10 @@ RULES = {"edit": "edit_segment", "corpus": "corpus_tokens", "metric:evaluate": "
 
 
 def _dtype(config: dict, job: Job) -> str:
-    model = job.model or (next((r["model"] for r in config["runs"] if r["name"] == job.run), None))
-    if not model:
-        return ""
-    return f" (model {model} in {config['models'][model].get('dtype', 'float32')})"
+    from .workflow import run_by_name
+
+    model = job.model or (run_by_name(config, job.run)["model"] if job.run else None)
+    return f" (model {model} in {job.dtype})" if model else ""
 
 
 def memory_rows(config: dict, root: str | Path = ".", calibration: Calibration | None = None) -> list[dict[str, Any]]:

@@ -44,14 +44,9 @@ RECORD_FILE = "record.json"
 EDIT_LOG_FILE = "edit_log.parquet"
 
 
-def _run(config: dict, name: str) -> dict:
-    from .workflow import run_by_name
-
-    return run_by_name(config, name)
-
-
 def run_inputs(config: dict, run: dict, root: Path) -> dict[str, Any]:
     """The files a run's record is made from (the config's declared paths under `root`)."""
+    from . import layout
     from . import workflow as wf
 
     metrics = {m: [root / f for f in wf.metric_files(config, run, m)] for m in wf.metrics_registry()}
@@ -59,8 +54,8 @@ def run_inputs(config: dict, run: dict, root: Path) -> dict[str, Any]:
         "metrics": metrics,
         "factors": [root / wf.factors_file(run["name"], k) for k in wf.segment_ends(run)],
         "deltas": [root / wf.delta_file(run["name"], k) for k in wf.segment_ends(run)],
-        "run_json": root / "results" / run["name"] / "run.json",
-        "edits": root / "results" / run["name"] / "edits.jsonl",
+        "run_json": root / layout.run_dir(run["name"]) / "run.json",
+        "edits": root / layout.run_dir(run["name"]) / "edits.jsonl",
         "model_manifest": root / "data" / "models" / run["model"] / "manifest.json",
         "dataset": root / "data" / "datasets" / f"{run['dataset']}.jsonl",
         "stats": {m: root / p for files in wf.precomputed_files(config, run).values() for m, p in files.items()},
@@ -92,13 +87,13 @@ def content_identity(path: Path) -> str:
     return sha256_file(path)
 
 
-def shared_identity(config: dict, run: dict, files: dict[str, Any]) -> dict[str, Any]:
+def shared_identity(run: dict, files: dict[str, Any], versions: list[str]) -> dict[str, Any]:
     """What runs made elsewhere must agree on, keyed by what they share (merge checks it): the
     model's weights (the manifest's model_sha256, not the manifest, which records its making),
-    the dataset, each statistics / projection file's content, the editscale version."""
+    the dataset, each statistics / projection file's content, the editscale version(s) that made
+    the run (`made_by`)."""
     from .models.load import model_sha
 
-    versions = made_by([p for ps in files["metrics"].values() for p in ps])["editscale_version"]
     return {
         "editscale_version": ", ".join(versions),
         f"model:{run['model']}": model_sha(files["model_manifest"].parent),
@@ -134,8 +129,10 @@ def export_run(config: dict, run_name: str, out: str | Path, root: str | Path = 
     from .io import git_commit
     from .report.tables import edit_log_from_factors, normalize_edit_log
 
+    from .workflow import run_by_name
+
     root = Path(root)
-    run = _run(config, run_name)
+    run = run_by_name(config, run_name)
     files = run_inputs(config, run, root)
     needed = [p for ps in files["metrics"].values() for p in ps] + files["factors"] + files["deltas"] + [
         files["run_json"], files["edits"], files["model_manifest"], files["dataset"], *files["stats"].values()]
@@ -159,16 +156,17 @@ def export_run(config: dict, run_name: str, out: str | Path, root: str | Path = 
     copied[EDIT_LOG_FILE] = sha256_file(tmp / EDIT_LOG_FILE)
     from . import workflow as wf
 
+    provenance = made_by([p for ps in files["metrics"].values() for p in ps])
     record = {
         "format": RECORD_FORMAT,
         "run": run_name,
         "meta": json.loads(wf.runs_meta({"runs": [run]}))[0],
         "run_record": json.loads(files["run_json"].read_text(encoding="utf-8")),
         "metric_config": {m: json.loads(wf.metric_params_json(config, m)) for m in wf.metrics_registry()},
-        "shared": shared_identity(config, run, files),
+        "shared": shared_identity(run, files, provenance["editscale_version"]),
         "edits_sha256": sha256_file(files["edits"]),
         "storage_bytes": sum(Path(p).stat().st_size for p in files["factors"] + files["deltas"]),
-        "git_commit": made_by([p for ps in files["metrics"].values() for p in ps])["git_commit"],
+        "git_commit": provenance["git_commit"],
         "exported_by": git_commit(),
         "machine": machine_fingerprint(machine_info(root)),
         "job_seconds": job_seconds(config, run, root),
@@ -268,6 +266,7 @@ def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missin
     out = Path(out)
     audit = [{"file": str(dirs[r["name"]] / f), "expected": sha, "actual": sha256_file(dirs[r["name"]] / f)}
              for r in present for f, sha in sorted(records[r["name"]]["files"].items())]
+    hashed = {a["file"]: a["actual"] for a in audit}
     bad = [a for a in audit if a["expected"] != a["actual"]]
     if bad:
         raise EditscaleError(f"merge: {len(bad)} record file(s) changed since export, e.g. {bad[0]['file']} "
@@ -295,7 +294,7 @@ def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missin
                  for r in present},
         "missing": missing,
         "shared": {k: v for rec in records.values() for k, v in rec["shared"].items()},
-        "metric_files": {str(p): sha256_file(p) for p in metric_paths},
+        "metric_files": {str(p): hashed[str(p)] for p in metric_paths},  # hashed once, by the check above
         "tables": {str(p.relative_to(out)): sha256_file(p) for p in written if p.suffix in (".parquet", ".csv")},
     }
     write_json_atomic(out / "merge.json", summary)
