@@ -485,6 +485,22 @@ def test_cli_corpus_stats_nullspace(tmp_path):
     assert (stats_tokens != PAD).sum() == 150 and held.shape == (2, 32) and held.min() >= 0
     meta = json.loads((corpus_dir / "corpus.json").read_text())
     assert meta["model_sha256"] == manifest["model_sha256"] and meta["splits"]["stats"]["tokens"] == 150
+    assert meta["sampling_processes"] == 1
+
+    # Two threads: two 1-thread sampling processes, the same tokens (a corpus does not depend on
+    # the job's core count)
+    pooled_dir = tmp_path / "corpora" / "tiny" / "pooled"
+    res = _editscale("--threads", "2", "corpus", "--model-dir", str(model_dir), "--corpus-json", json.dumps(spec), "--out-dir", str(pooled_dir),
+                     "--device", "cpu", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "2 sampling processes" in res.stderr
+    assert json.loads((pooled_dir / "corpus.json").read_text())["sampling_processes"] == 2
+    for split in ("stats", "heldout"):
+        assert np.array_equal(np.load(pooled_dir / f"{split}.npy"), np.load(corpus_dir / f"{split}.npy")), split
+    # a bad opener fails before any worker starts, with one error naming the key's problem
+    res = _editscale("--threads", "2", "corpus", "--model-dir", str(model_dir), "--corpus-json",
+                     json.dumps({**spec, "openers": ["word " * 40]}), "--out-dir", str(tmp_path / "bad"), "--device", "cpu", cwd=tmp_path)
+    assert res.returncode == 2 and "an opener is as long as seq_len=32" in res.stderr and not (tmp_path / "bad").exists()
 
     out_dir = tmp_path / "stats" / "tiny" / "ss"
     modules = ["transformer.h.1.mlp.c_proj", "transformer.h.2.mlp.c_proj"]

@@ -133,8 +133,8 @@ def comparison(jobs: list[Job], seconds: dict[str, float], calibrations: dict[st
 def fit_memory(jobs: list[Job], rss: dict[str, float], on_device: bool = False) -> dict[str, list[float]]:
     """Per job kind, peak RSS = a x model bytes + b (editscale.memory): a by least squares over its
     recorded jobs, at least MIN_SLOPE for a kind that loads the model, and b the largest residual
-    (the line bounds every record), after taking away what the job's working phase holds beyond
-    the weights when it ran on the CPU (Job.device_extra; `on_device`: the records are of a GPU
+    (the line bounds every record), per process of the job (Job.cpu_processes), after taking away
+    what the job's working phase holds beyond the weights when it ran on the CPU (Job.device_extra; `on_device`: the records are of a GPU
     run, whose device jobs held that on the GPU). A kind recorded at one model size only (or
     none: nullspace, the report) gets a = its family's mean if it loads a model, else 0;
     a half-precision model on the CPU is fitted apart (kind@half, editscale.memory.fit_key), with
@@ -145,8 +145,10 @@ def fit_memory(jobs: list[Job], rss: dict[str, float], on_device: bool = False) 
     points: dict[str, list[tuple[float, float]]] = {}
     for job in jobs:
         if job.record in rss:
-            extra = 0.0 if (on_device and job.uses_device) else job.device_extra
-            points.setdefault(fit_key(job, on_device), []).append((float(job.model_bytes), rss[job.record] - extra))
+            cpu = not (on_device and job.uses_device)
+            extra = job.device_extra if cpu else 0.0
+            per_process = rss[job.record] / (job.cpu_processes if cpu else 1)
+            points.setdefault(fit_key(job, on_device), []).append((float(job.model_bytes), per_process - extra))
     fits: dict[str, list[float]] = {}
     single: dict[str, list[tuple[float, float]]] = {}
     for kind, pts in points.items():

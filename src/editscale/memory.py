@@ -92,7 +92,8 @@ def host_fit(calibration: Calibration, kind: str) -> tuple[float, float]:
 def job_memory(job: Job, calibration: Calibration, gpu: bool) -> JobMemory:
     a, b = host_fit(calibration, fit_key(job, gpu))
     on_device = gpu and job.uses_device
-    host = a * job.model_bytes + b + (0.0 if on_device else job.device_extra)
+    per_process = a * job.model_bytes + b + (0.0 if on_device else job.device_extra)
+    host = per_process * (1 if on_device else job.cpu_processes)
     return JobMemory(job, host, (job.model_bytes + job.device_extra) if job.uses_device else None)
 
 

@@ -178,6 +178,7 @@ class Job:
     uses_device: bool = False  # runs its model on the configured device (editscale.memory: GPU or host)
     device_extra: float = 0.0  # bytes its working phase holds beyond the weights (editscale.memory)
     dtype: str = "float32"  # the model's dtype (half precision on the CPU has its own memory fit)
+    cpu_processes: int = 1  # processes that each hold the model when it runs on the CPU (self-sampling: one per thread)
 
     def compute_seconds(self, rate32: float, rate64: float | None) -> float:
         r64 = rate64 or rate32 / 2
@@ -314,7 +315,8 @@ def shared_jobs(config: dict, root: str | Path = ".") -> list[Job]:
         wanted = [Job("model", str(bench / "model" / f"{model}.tsv"), model_bytes=model_bytes, model=model),
                   Job("corpus", str(bench / "corpus" / model / f"{run['corpus']}.tsv"), decode_flops=decode,
                       flops=0.0 if decode else 2.0 * params * tokens, model_bytes=model_bytes, threads=2, model=model,
-                      uses_device=True, device_extra=corpus_extra(cfg, dtype, corpus) if cfg is not None else 0.0)]
+                      uses_device=True, device_extra=corpus_extra(cfg, dtype, corpus) if cfg is not None else 0.0,
+                      cpu_processes=2 if decode else 1)]  # editscale.stats.corpus.SamplingPool
         wanted += [Job("stats", str(bench / "stats" / model / run["corpus"] / f"{m}.tsv"),
                        flops=2.0 * params * float(corpus.get("n_tokens", 0)), model_bytes=model_bytes, threads=2, model=model,
                        uses_device=True, device_extra=stats_extra(shapes[m][1], dtype, corpus) if m in shapes else 0.0)

@@ -115,34 +115,55 @@ def _save_npy(path: Path, array) -> None:
 
 
 def run_corpus(args) -> None:
+    import contextlib
     import time
 
-    from ..io import provenance, write_json_atomic
-    from .corpus import PAD, corpus_fingerprint, corpus_id, sample_tokens
+    import torch
 
-    spec, sha, model, tok = _setup(args)
+    from ..io import provenance, write_json_atomic
+    from ..models.load import load_model, model_sha, pick_device
+    from .corpus import PAD, SamplingPool, opener_prompts, corpus_fingerprint, corpus_id, normalize_spec, sample_tokens
+
+    spec = normalize_spec(_parse_spec(args.corpus_json))
+    sha = model_sha(args.model_dir)
+    device = pick_device(args.device)
+    # Self-sampling on the CPU: one 1-thread worker process per thread of the job (--threads),
+    # each holding the model (decoding on one thread per process is what scales; the tokens are
+    # the same for any worker count). Elsewhere, the model in this process.
+    workers = torch.get_num_threads() if spec["kind"] == "self_sample" and device.type == "cpu" else 1
     out_dir = Path(args.out_dir)
     cid = corpus_id(spec)
     log.info(
-        "corpus %s (%s): %d stats + %d held-out tokens of %d-token sequences for %s -> %s",
+        "corpus %s (%s): %d stats + %d held-out tokens of %d-token sequences for %s -> %s%s",
         cid, spec["kind"], spec["n_tokens"], spec["heldout_tokens"], spec["seq_len"], args.model_dir, out_dir,
+        f" ({workers} sampling processes of 1 thread)" if workers > 1 else "",
     )
-    meta = {"corpus_id": cid, "corpus_spec": spec, "model_sha256": sha, "pad": PAD, "splits": {}}
+    if workers > 1:
+        from transformers import AutoConfig, AutoTokenizer
+
+        model, tok = None, AutoTokenizer.from_pretrained(str(args.model_dir))
+        opener_prompts(spec, tok, AutoConfig.from_pretrained(str(args.model_dir)))  # before any worker starts
+        pool = SamplingPool(args.model_dir, args.dtype, workers)
+    else:
+        model, tok = load_model(args.model_dir, dtype=args.dtype, device=args.device)
+        pool = contextlib.nullcontext()
+    meta = {"corpus_id": cid, "corpus_spec": spec, "model_sha256": sha, "pad": PAD, "splits": {}, "sampling_processes": workers}
     arrays = {}
-    for split in ("stats", "heldout"):
-        timings: dict = {}
-        t0 = time.perf_counter()
-        arrays[split] = sample_tokens(spec, tok, model, split, timings=timings)
-        seconds = time.perf_counter() - t0
-        n = int((arrays[split] != PAD).sum())
-        meta["splits"][split] = {"shape": list(arrays[split].shape), "tokens": n, "seconds": round(seconds, 2)}
-        msg = f"{split}: {arrays[split].shape[0]} sequences, {n} tokens in {seconds:.1f} s"
-        if timings.get("generate_s"):
-            rate = timings["generated_tokens"] / timings["generate_s"]
-            meta["splits"][split]["generate_tok_s"] = round(rate, 1)
-            msg += f" (self-sample generation {rate:.0f} tok/s)"
-        log.info(msg)
-    meta["provenance"] = provenance(inputs={"model": sha, "corpus": corpus_fingerprint(spec)}, device=str(next(model.parameters()).device))
+    with pool:
+        for split in ("stats", "heldout"):
+            timings: dict = {}
+            t0 = time.perf_counter()
+            arrays[split] = sample_tokens(spec, tok, model, split, timings=timings, pool=pool if workers > 1 else None)
+            seconds = time.perf_counter() - t0
+            n = int((arrays[split] != PAD).sum())
+            meta["splits"][split] = {"shape": list(arrays[split].shape), "tokens": n, "seconds": round(seconds, 2)}
+            msg = f"{split}: {arrays[split].shape[0]} sequences, {n} tokens in {seconds:.1f} s"
+            if timings.get("generate_s"):
+                rate = timings["generated_tokens"] / timings["generate_s"]
+                meta["splits"][split]["generate_tok_s"] = round(rate, 1)
+                msg += f" (self-sample generation {rate:.0f} tok/s)"
+            log.info(msg)
+    meta["provenance"] = provenance(inputs={"model": sha, "corpus": corpus_fingerprint(spec)}, device=str(device))
     for split, arr in arrays.items():
         _save_npy(out_dir / f"{split}.npy", arr)
     write_json_atomic(out_dir / "corpus.json", meta)
