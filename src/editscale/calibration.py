@@ -133,8 +133,10 @@ def comparison(jobs: list[Job], seconds: dict[str, float], calibrations: dict[st
 def fit_memory(jobs: list[Job], rss: dict[str, float], on_device: bool = False) -> dict[str, list[float]]:
     """Per job kind, peak RSS = a x model bytes + b (editscale.memory): a by least squares over its
     recorded jobs, at least MIN_SLOPE for a kind that loads the model, and b the largest residual
-    (the line bounds every record), per process of the job (Job.cpu_processes), after taking away
-    what the job's working phase holds beyond the weights when it ran on the CPU (Job.device_extra; `on_device`: the records are of a GPU
+    (the line bounds every record), per process of the job (Job.cpu_processes; a job of worker
+    processes counts its parent's floor in each worker's share, so its prediction, which adds the
+    parent, stays above its record), after taking away what the job's working phase holds beyond
+    the weights when it ran on the CPU (Job.device_extra; `on_device`: the records are of a GPU
     run, whose device jobs held that on the GPU). A kind recorded at one model size only (or
     none: nullspace, the report) gets a = its family's mean if it loads a model, else 0;
     a half-precision model on the CPU is fitted apart (kind@half, editscale.memory.fit_key), with

@@ -93,7 +93,9 @@ def job_memory(job: Job, calibration: Calibration, gpu: bool) -> JobMemory:
     a, b = host_fit(calibration, fit_key(job, gpu))
     on_device = gpu and job.uses_device
     per_process = a * job.model_bytes + b + (0.0 if on_device else job.device_extra)
-    host = per_process * (1 if on_device else job.cpu_processes)
+    processes = 1 if on_device else job.cpu_processes
+    # worker processes each hold the model; their parent holds none, only Python and torch (b)
+    host = per_process * processes + (b if processes > 1 else 0.0)
     return JobMemory(job, host, (job.model_bytes + job.device_extra) if job.uses_device else None)
 
 
