@@ -316,7 +316,7 @@ def shared_jobs(config: dict, root: str | Path = ".") -> list[Job]:
                   Job("corpus", str(bench / "corpus" / model / f"{run['corpus']}.tsv"), decode_flops=decode,
                       flops=0.0 if decode else 2.0 * params * tokens, model_bytes=model_bytes, threads=2, model=model,
                       uses_device=True, device_extra=corpus_extra(cfg, dtype, corpus) if cfg is not None else 0.0,
-                      cpu_processes=2 if decode else 1)]  # editscale.stats.corpus.SamplingPool
+                      cpu_processes=2 if decode else 1)]  # SamplingPool: one worker per thread (threads=2)
         wanted += [Job("stats", str(bench / "stats" / model / run["corpus"] / f"{m}.tsv"),
                        flops=2.0 * params * float(corpus.get("n_tokens", 0)), model_bytes=model_bytes, threads=2, model=model,
                        uses_device=True, device_extra=stats_extra(shapes[m][1], dtype, corpus) if m in shapes else 0.0)

@@ -146,14 +146,14 @@ def run_corpus(args) -> None:
         pool = SamplingPool(args.model_dir, args.dtype, workers)
     else:
         model, tok = load_model(args.model_dir, dtype=args.dtype, device=args.device)
-        pool = contextlib.nullcontext()
+        pool = None
     meta = {"corpus_id": cid, "corpus_spec": spec, "model_sha256": sha, "pad": PAD, "splits": {}, "sampling_processes": workers}
     arrays = {}
-    with pool:
+    with pool or contextlib.nullcontext():
         for split in ("stats", "heldout"):
             timings: dict = {}
             t0 = time.perf_counter()
-            arrays[split] = sample_tokens(spec, tok, model, split, timings=timings, pool=pool if workers > 1 else None)
+            arrays[split] = sample_tokens(spec, tok, model, split, timings=timings, pool=pool)
             seconds = time.perf_counter() - t0
             n = int((arrays[split] != PAD).sum())
             meta["splits"][split] = {"shape": list(arrays[split].shape), "tokens": n, "seconds": round(seconds, 2)}
