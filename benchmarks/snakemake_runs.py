@@ -63,6 +63,20 @@ def planned_jobs(res) -> dict[str, int]:
     return jobs
 
 
+def incomplete_jobs(res) -> dict[str, int]:
+    """Of a dry run's jobs, those planned because Snakemake holds their outputs for incomplete
+    (a job it had started when it was killed): rule -> count. Under the profile's
+    `rerun-incomplete: true` Snakemake gives such a job the reason "Forced execution" (no dry run
+    here forces anything else); without it, "Incomplete output files"."""
+    jobs: dict[str, int] = {}
+    for block in (res.stdout + res.stderr).split("\nrule ")[1:]:
+        rule, _, body = block.partition(":")
+        reason = next((line for line in body.splitlines() if line.strip().startswith("reason:")), "")
+        if "Incomplete output files" in reason or "Forced execution" in reason:
+            jobs[rule.strip()] = jobs.get(rule.strip(), 0) + 1
+    return jobs
+
+
 def planned_outputs(res) -> set[str]:
     """The output files of every job of a `snakemake -n` listing."""
     out = set()

@@ -139,6 +139,9 @@ def test_published_results_are_regenerated_byte_for_byte_from_the_records(tiny_s
     ppl = pl.read_parquet(tiny_study / "results/tables/perplexity.parquet").filter(pl.col("metric") == "perplexity")
     assert res["perplexity_0"][0] == pytest.approx(ppl.filter(pl.col("edit") == 0)["value"][0])
     assert res["perplexity_end"][0] == pytest.approx(ppl.filter(pl.col("edit") == 6)["value"][0])
+    # s/edit: the median of the edit log's seconds (robust to a paused or shared machine)
+    seconds = pl.read_parquet(tiny_study / "results/tables/edit_log.parquet")["seconds"]
+    assert res["s_per_edit"][0] == pytest.approx(seconds.median()) and seconds.median() != seconds.mean()
     assert "| method | s/edit | steps/edit | ES |" in (pub / "results.md").read_text()
     pngs = sorted((pub / "figures").glob("*.png"))
     assert {p.stem for p in pngs} >= {"edit_scores", "forgetting", "overview"}

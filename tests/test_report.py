@@ -314,6 +314,7 @@ def test_report_tables_written_with_summary(results, tmp_path):
     assert "too few points" in s["onset_decision"][0]  # 5 checkpoints cannot show a change point
     r0 = s.row(0, named=True)
     assert r0["edit_seconds_total"] == pytest.approx(40.0) and r0["edit_seconds_mean"] == pytest.approx(2.0)
+    assert r0["edit_seconds_median"] == pytest.approx(2.0)
     assert r0["storage_bytes"] == 1234 and s.row(1, named=True)["storage_bytes"] is None
     assert r0["n_edits"] == 20 and r0["edits_done"] == 20
     # counts <= n_edits (10) plus the end; the larger counts are absent

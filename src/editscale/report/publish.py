@@ -4,8 +4,10 @@ the provenance, all from the report tables, so that the merge of the committed r
 regenerates every committed table byte for byte.
 
 results.csv / results.md, one row per run, in the config's order:
-  s_per_edit, steps_per_edit   the edit log's mean seconds and optimizer steps per edit (steps:
-                               methods that optimize v*; empty for closed-form / gradient-free ones)
+  s_per_edit, steps_per_edit   the edit log's median seconds and mean optimizer steps per edit
+                               (the median: a study run over several sittings on a shared machine
+                               has edits that waited while it was paused or busy; steps: methods
+                               that optimize v*; empty for closed-form / gradient-free ones)
   es / ps / ns_after_edit      mean efficacy, paraphrase and neighborhood scores of every edit
                                right after it was made (edit_scores)
   es / ps_at_end               the same edits re-scored at the last checkpoint (history)
@@ -74,7 +76,7 @@ def results_table(tables: Mapping[str, pl.DataFrame]) -> pl.DataFrame:
         lo, hi = r.get("onset_ci_low"), r.get("onset_ci_high")
         rows.append({
             "run": run, "method": r["method"], "n_edits": r["n_edits"],
-            "s_per_edit": r.get("edit_seconds_mean"), "steps_per_edit": steps.get(run),
+            "s_per_edit": r.get("edit_seconds_median"), "steps_per_edit": steps.get(run),
             "es_after_edit": after["es"].get(run), "ps_after_edit": after["ps"].get(run), "ns_after_edit": after["ns"].get(run),
             "es_at_end": r.get("es_at_last_checkpoint"), "ps_at_end": r.get("ps_at_last_checkpoint"),
             "forgotten_pct_at_end": r.get("forgotten_pct_at_end"),

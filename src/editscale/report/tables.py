@@ -372,7 +372,8 @@ def summary_table(
     checkpoint analysed), onset_k, onset_ci_low, onset_ci_high, collapse_k, onset_curves (curves
     that agree), onset_decision (how it was decided, or why each curve showed no onset, e.g. too
     few checkpoints), disabling_edits (comma-separated edit indices), n_disabling_edits;
-    edit_seconds_total, edit_seconds_mean (from `edit_log`), storage_bytes;
+    edit_seconds_total, edit_seconds_mean, edit_seconds_median (from `edit_log`; the median is what
+    a paused or shared machine barely moves), storage_bytes;
     the two efficacy readings toolkits disagree on (EasyEdit issue #518), side by side (`readings`):
     {es,ps}_after_each_edit (mean over every edit, each scored right after its own edit or
     batch: edit_scores) and {es,ps}_at_last_checkpoint (mean over the same edits re-scored once
@@ -427,6 +428,7 @@ def _summary_tail_schema() -> dict[str, pl.DataType]:
         "n_disabling_edits": pl.Int64,
         "edit_seconds_total": pl.Float64,
         "edit_seconds_mean": pl.Float64,
+        "edit_seconds_median": pl.Float64,
         "storage_bytes": pl.Int64,
         **{c: pl.Float64 for c in READING_COLUMNS},
         "last_checkpoint": pl.Int64,
@@ -475,14 +477,14 @@ def _onset_columns(rp, edits_done: int | None, end: int | None) -> dict:
 
 
 def _cost_columns(edit_log: pl.DataFrame | None, storage_bytes: Mapping[str, int] | None, run: str) -> dict:
-    """Edit seconds (total, mean per edit, from the edit log) and the run's stored bytes."""
+    """Edit seconds (total, mean and median per edit, from the edit log) and the run's stored bytes."""
     secs = None
     if edit_log is not None and edit_log.height and "seconds" in edit_log.columns:
         s = edit_log.filter(pl.col("run") == run)["seconds"].drop_nulls()
-        secs = (float(s.sum()), float(s.mean())) if s.len() else None
+        secs = (float(s.sum()), float(s.mean()), float(s.median())) if s.len() else None
     sb = (storage_bytes or {}).get(run)
     return {"edit_seconds_total": secs[0] if secs else None, "edit_seconds_mean": secs[1] if secs else None,
-            "storage_bytes": int(sb) if sb is not None else None}
+            "edit_seconds_median": secs[2] if secs else None, "storage_bytes": int(sb) if sb is not None else None}
 
 
 def leading_indicator(rp) -> dict:
