@@ -99,3 +99,41 @@ def test_compare_studies_sees_a_changed_table_value_and_nothing_else(tiny_study,
     df = pl.read_parquet(path)
     write_parquet_atomic(df.with_columns(pl.col("value") * 1.001), path, metadata=read_parquet_metadata(path))
     assert compare(tmp_path / "before", tmp_path / "after", ["test-tiny"]) == 1
+
+
+@pytest.mark.slow
+def test_eval_cost_reruns_the_checkpoint_jobs_side_by_side_and_leaves_the_study_alone(tiny_study, tmp_path):
+    """benchmarks.eval_cost (issue 29 item 3): the checkpoint job at two counts and the edit-score
+    job of each count's segment, re-run as Snakemake runs them, outputs to scratch: every metric of
+    the smaller count's job gets its seconds at both counts and a ratio, history says how many edits
+    it re-scored (the study's own table's count), and no file of the study changes."""
+    import polars as pl
+
+    from benchmarks.eval_cost import main
+    from editscale.io import sha256_file
+
+    def snapshot():
+        return {str(p.relative_to(tiny_study)): (sha256_file(p), p.stat().st_mtime_ns)
+                for p in sorted((tiny_study / "results").rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    out = tmp_path / "cost.json"
+    main(["--workdir", str(tiny_study), "--configfile", "config/test-tiny.yaml", "--run", "rome-tiny", "--ks", "3", "6",
+          "--repeats", "2", "--out", str(out)])
+    assert snapshot() == before
+    res = json.loads(out.read_text())
+    assert all(len(res["results"][kind][k]) == 2 for kind in ("checkpoint", "edit_scores") for k in ("3", "6"))
+    rows = {r["metric"]: r for r in res["rows"]}
+    assert {"history", "weights", "(model load and replay to k)", "(checkpoint job, wall)"} <= set(rows)
+    history = rows["history"]
+    for k, side in ((3, "lo"), (6, "hi")):
+        table = pl.read_parquet(tiny_study / f"results/rome-tiny/metrics/history/{k:06d}.parquet")
+        assert history[f"scored_{side}"] == table["edit_index"].n_unique()
+    assert history["s_lo"] > 0 and history["ratio"] == pytest.approx(history["s_hi"] / history["s_lo"])
+    assert history["ratio_per_scored_edit"] == pytest.approx(history["ratio"] * history["scored_lo"] / history["scored_hi"])
+    scores = next(r for k, r in rows.items() if k.startswith("edit_scores (segment 1-3 vs 4-6)"))
+    assert scores["scored_lo"] == scores["scored_hi"] == 3 and scores["flat"] in (True, False)
+    assert "| history |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="no checkpoint job of rome-tiny at k=4"):
+        main(["--workdir", str(tiny_study), "--configfile", "config/test-tiny.yaml", "--run", "rome-tiny", "--ks", "4", "6",
+              "--out", str(tmp_path / "x.json")])

@@ -84,7 +84,9 @@ class ModelCache:
         if key in self._models:
             log.info("model after %d edits: loaded and replayed once for this checkpoint job, re-used", key[3])
         else:
+            t0 = time.time()
             self._models[key] = load()
+            log.info("model after %d edits: loaded and replayed in %.1f s", key[3], time.time() - t0)
         return self._models[key]
 
 
