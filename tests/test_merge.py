@@ -144,7 +144,7 @@ def test_published_results_are_regenerated_byte_for_byte_from_the_records(tiny_s
     assert res["s_per_edit"][0] == pytest.approx(seconds.median()) and seconds.median() != seconds.mean()
     assert "| method | s/edit | steps/edit | ES |" in (pub / "results.md").read_text()
     pngs = sorted((pub / "figures").glob("*.png"))
-    assert {p.stem for p in pngs} >= {"edit_scores", "forgetting", "overview"}
+    assert {p.stem for p in pngs} >= {"edit_scores", "forgetting", f"overview_{RUN}"}
     assert all(p.stat().st_size < MAX_PNG_BYTES for p in pngs)
     prov = json.loads((pub / "provenance.json").read_text())
     assert set(prov["runs"]) == {RUN} and prov["runs"][RUN]["made_by_commit"]

@@ -32,7 +32,9 @@ from ..io import EditscaleError, atomic_path, write_json_atomic
 
 MAX_PNG_BYTES = 300_000
 PNG_SCALES = (1.0, 0.8, 0.65, 0.5, 0.4)  # the first that keeps a figure under MAX_PNG_BYTES
-FIGURES = ("edit_scores", "forgetting", "downstream", "overview", "weight_distance", "update_norms")
+# the study's figures (every run in one chart), then each run's overview: the study's overview stacks
+# one panel per run and outgrows MAX_PNG_BYTES at a few runs, a run's own stays readable
+FIGURES = ("edit_scores", "forgetting", "downstream", "weight_distance", "update_norms")
 
 COLUMNS = {  # column -> what the Markdown header says
     "method": "method", "s_per_edit": "s/edit", "steps_per_edit": "steps/edit", "es_after_edit": "ES",
@@ -132,7 +134,7 @@ def publish(tables: Mapping[str, pl.DataFrame], plots_dir: str | Path, out: str 
     with atomic_path(written[1]) as tmp:
         Path(tmp).write_text(markdown(df), encoding="utf-8")
     scales = {}
-    for name in FIGURES:
+    for name in (*FIGURES, *(f"overview_{run}" for run in df["run"])):
         svg = Path(plots_dir) / f"{name}.svg"
         if svg.exists():
             (out / "figures").mkdir(exist_ok=True)
