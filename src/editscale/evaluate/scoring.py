@@ -338,11 +338,13 @@ def _prefix_cache(model, prefix: Sequence[int], device):
 class Decoding:
     """run_prompts' decoding after the prompt pass: `max_new_tokens` steps, greedy or
     `pick(step, logits [B, V], prompt indices) -> token ids [B]` (paired sampling), ending a row at
-    EOS when `stop_at_eos`."""
+    EOS when `stop_at_eos`, and once its decoded text ends with one of `stop_strings` (that token
+    kept: transformers' `stop_strings`, which a natural answer ends at)."""
 
     max_new_tokens: int = 0
     pick: Callable | None = None
     stop_at_eos: bool = True
+    stop_strings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -444,17 +446,23 @@ def _decode(model, tok, cache, mask, n_real, logits, idx, decoding: Decoding, de
     eos = tok.eos_token_id if decoding.stop_at_eos else None
     pad = pad_id(tok)
     done = torch.zeros(len(idx), dtype=torch.bool, device=device)
+    ends = [None] * len(idx)  # per row: the number of tokens it keeps, once a stop string ended it
     gen = []
     for step in range(decoding.max_new_tokens):
         nxt = decoding.pick(step, logits, idx) if decoding.pick is not None else logits.argmax(-1)
         nxt = nxt.to(device)
-        if eos is not None:
+        if eos is not None or decoding.stop_strings:
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         gen.append(nxt)
         if eos is not None:
             done |= nxt == eos
-            if bool(done.all()):
-                break
+        if decoding.stop_strings:
+            rows = torch.stack(gen, dim=1).tolist()
+            for r in (~done).nonzero().flatten().tolist():
+                if tok.decode(rows[r], skip_special_tokens=True).endswith(decoding.stop_strings):
+                    done[r], ends[r] = True, step + 1
+        if (eos is not None or decoding.stop_strings) and bool(done.all()):
+            break
         if step == decoding.max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones((len(idx), 1), dtype=mask.dtype, device=device)], dim=1)
@@ -463,7 +471,8 @@ def _decode(model, tok, cache, mask, n_real, logits, idx, decoding: Decoding, de
         cache = _cache_of(out)
         logits = out.logits[:, -1].float()
     out_ids = []
-    for seq in torch.stack(gen, dim=1).cpu().tolist():
+    for seq, end in zip(torch.stack(gen, dim=1).cpu().tolist(), ends):
+        seq = seq[:end] if end is not None else seq
         if eos is not None and eos in seq:
             seq = seq[: seq.index(eos)]
         out_ids.append(seq)
