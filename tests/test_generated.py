@@ -1,0 +1,141 @@
+"""Metric `answers` (editscale.evaluate.generated, a plugin metric): which edits it answers for,
+the questions it asks, its readings against the matching rules, and its place in a finished study
+(only its jobs planned, every other metric file kept byte for byte)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+
+import pytest
+
+from benchmarks.snakemake_runs import checkpoint_jobs, planned_jobs, set_config, snakemake
+from editscale.io import EditscaleError
+from editscale.models.fetch import build_tiny_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _answers_registered_in_this_module_only():
+    """Importing the plugin registers `answers` for the whole process: taken out again after this
+    module (as tests/test_harness.py does for lm_eval)."""
+    import sys
+
+    import editscale.evaluate.generated  # noqa: F401
+    yield
+    from editscale.evaluate.registry import METRICS
+
+    METRICS._entries.pop("answers", None)
+    sys.modules.pop("editscale.evaluate.generated", None)
+
+
+def _case(i: int, relation: str = "P17") -> dict:
+    return {"case_id": f"c{i}", "edit_index": i, "subject": f"Town{i}", "prompt": "{} is a city in", "relation_id": relation,
+            "target_new": "France", "target_true": "Gambia", "paraphrase_prompts": [f"Town{i} is located in the country of"],
+            "neighborhood_prompts": ["Paris is a city in", "Lyon is a city in", "Nice is a city in", "Metz is a city in"]}
+
+
+def test_questions_come_from_the_case_or_its_relation():
+    from editscale.evaluate.generated import question
+
+    assert question(_case(1)) == "Which country is Town1 located in?"
+    assert question({**_case(1), "question": "Where is {} again?"}) == "Where is Town1 again?"
+    with pytest.raises(EditscaleError, match="no question template for relation 'P9999'"):
+        question(_case(1, "P9999"))
+
+
+def test_the_sample_is_historys_plus_the_current_edit_and_the_whole_sequence_at_zero():
+    from editscale.evaluate.generated import answer_sample
+    from editscale.evaluate.history import history_sample
+
+    cases = [_case(i) for i in range(1, 41)]
+    at_20 = answer_sample(cases, 20, 5, 4, 0)
+    drawn = [c["edit_index"] for c, _, _ in history_sample(cases, 20, 5, 4, 0)]
+    got = [c["edit_index"] for c, _, _ in at_20]
+    assert set(drawn) <= set(got) and 20 in got and len(got) in (len(drawn), len(drawn) + 1)
+    assert all(lo <= c["edit_index"] <= hi <= 20 for c, lo, hi in at_20)
+    at_0 = answer_sample(cases, 0, 5, 4, 0)
+    assert len(at_0) == 5 and all((lo, hi) == (1, 40) for _, lo, hi in at_0)
+    assert [c["edit_index"] for c, _, _ in at_0] == [c["edit_index"] for c, _, _ in history_sample(cases, 40, 5, 4, 0)]
+
+
+class _Checkpoint:
+    """The parts of editscale.evaluate.job.Checkpoint the metric reads."""
+
+    def __init__(self, k, cases, model, tok, base=None):
+        self.k, self._cases, self._model, self._tok, self._base = k, cases, model, tok, base
+
+    def edits(self):
+        return self._cases
+
+    def model(self):
+        return self._model, self._tok
+
+    def unedited(self, model, tok):
+        return contextlib.nullcontext((self._base or model, tok))
+
+
+def test_readings_follow_the_matching_rules_on_the_generated_answers():
+    from editscale.evaluate.answers import exact_match, generate_answers, token_f1
+    from editscale.evaluate.generated import compute
+    from editscale.evaluate.job import metric_section
+
+    model, tok = build_tiny_model("llama")
+    base, _ = build_tiny_model("llama", seed=1)  # another "unedited" model: neighbourhood answers may differ
+    cases = [_case(i) for i in range(1, 7)]
+    cfg, _ = metric_section("answers", {"contexts": ["cloze", "qa_inst"], "sample": 3, "neighbors": 2, "max_new_tokens": 6})
+    df = compute(_Checkpoint(6, cases, model, tok, base), cfg)
+    assert set(df["context"]) == {"cloze", "qa_inst"}
+    cloze = df.filter(df["context"] == "cloze")
+    assert set(cloze["metric"]) == {"efficacy_em", "efficacy_f1", "efficacy_old_em", "paraphrase_em", "paraphrase_f1",
+                                    "neighborhood_kept", "neighborhood_old_em"}
+    assert set(df.filter(df["context"] == "qa_inst")["metric"]) == {"efficacy_em", "efficacy_f1", "efficacy_old_em"}
+    assert 6 in set(df["edit_index"]) and df["item"].n_unique() <= 4  # the sample of 3 plus the current edit
+    # the efficacy readings are the matching rules applied to the model's own answer
+    row = cloze.filter((cloze["item"] == "c6") & (cloze["metric"] == "efficacy_f1"))
+    _, (answer,) = generate_answers(model, tok, ["Town6 is a city in"], 6)
+    assert row["value"][0] == token_f1(answer, ["France"])
+    assert cloze.filter((cloze["item"] == "c6") & (cloze["metric"] == "efficacy_em"))["value"][0] == exact_match(answer, ["France"])
+    # at k = 0 the unedited model is the model: every neighbourhood answer is kept
+    df0 = compute(_Checkpoint(0, cases, model, tok), cfg)
+    kept = df0.filter(df0["metric"] == "neighborhood_kept")["value"]
+    assert kept.len() > 0 and kept.min() == 1.0 and set(df0["stratum_hi"]) == {6}
+
+
+def test_a_question_context_on_a_relation_without_a_question_is_one_clear_error():
+    from editscale.evaluate.generated import compute
+    from editscale.evaluate.job import metric_section
+
+    model, tok = build_tiny_model("gpt2")
+    cfg, _ = metric_section("answers", {"contexts": ["question"], "sample": 2, "max_new_tokens": 2})
+    with pytest.raises(EditscaleError, match="relation 'P0'"):
+        compute(_Checkpoint(2, [_case(1, "P0"), _case(2, "P0")], model, tok), cfg)
+
+
+def _with_answers(cfg) -> None:
+    cfg["plugins"] = ["editscale.evaluate.generated"]
+    cfg["metrics"]["answers"] = {"eval_every": 6, "contexts": ["cloze", "question"], "sample": 4, "neighbors": 2, "max_new_tokens": 8}
+
+
+@pytest.mark.slow
+def test_adding_the_answers_metric_to_a_finished_study_runs_only_it(tiny_study, tmp_path):
+    import polars as pl
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(tiny_study, workdir, symlinks=True)
+    metric_files = sorted((workdir / "results/rome-tiny/metrics").rglob("*.parquet"))
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in metric_files}
+    set_config(workdir, _with_answers)
+    jobs = planned_jobs(snakemake(workdir, "-n"))
+    assert set(jobs) <= {"metric_config", "report_tables", "report_plots", "audit", "all"} | {r for r in jobs if r.startswith("evaluate__")}, jobs
+    assert checkpoint_jobs(jobs) == 2  # checkpoints 0 and 6 of its grid
+    snakemake(workdir)
+    changed = {str(p.relative_to(workdir)) for p in metric_files if hashlib.sha256(p.read_bytes()).hexdigest() != before[p]}
+    assert changed == set()  # every other metric's file is kept
+    for k in (0, 6):
+        table = pl.read_parquet(workdir / f"results/rome-tiny/metrics/answers/{k:06d}.parquet")
+        assert set(table["context"]) == {"cloze", "question"} and table["value"].is_between(0, 1).all()
+    assert 6 in set(pl.read_parquet(workdir / "results/rome-tiny/metrics/answers/000006.parquet")["edit_index"])
+    summary = pl.read_parquet(workdir / "results/tables/summary.parquet")
+    assert "gen_es_at_end" in summary.columns
+    assert planned_jobs(snakemake(workdir, "-n")) == {}
