@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -96,3 +97,26 @@ def planned_metric_files(res, metric: str) -> set[str]:
 def checkpoint_jobs(jobs: dict[str, int]) -> int:
     """Planned checkpoint jobs (`editscale evaluate`, rules evaluate__{run}__{metrics})."""
     return sum(n for rule, n in jobs.items() if rule.startswith("evaluate__"))
+
+
+# rules a metric added to a finished study may plan: its checkpoint jobs and what reads every metric
+ADDED_METRIC_RULES = {"metric_config", "report_tables", "report_plots", "audit", "all"}
+
+
+def add_metric_to_finished_study(study: Path, workdir: Path, edit) -> tuple[dict[str, int], Callable[[], set[str]]]:
+    """A copy of a finished study at `workdir` with its config changed by `edit` (a metric added):
+    (the planned jobs, a function that lists the run's metric files changed since the copy)."""
+    import hashlib
+
+    shutil.copytree(study, workdir, symlinks=True)
+    files = sorted(workdir.glob("results/*/metrics/**/*.parquet"))
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    set_config(workdir, edit)
+    jobs = planned_jobs(snakemake(workdir, "-n"))
+    unexpected = set(jobs) - ADDED_METRIC_RULES - {r for r in jobs if r.startswith("evaluate__")}
+    assert not unexpected, jobs
+
+    def changed() -> set[str]:
+        return {str(p.relative_to(workdir)) for p in files if hashlib.sha256(p.read_bytes()).hexdigest() != before[p]}
+
+    return jobs, changed
