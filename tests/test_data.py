@@ -89,6 +89,10 @@ def test_validate_case_accepts_good_case():
         ({"paraphrase_prompts": "Paris is"}, ["'paraphrase_prompts'", "list"]),
         ({"neighborhood_prompts": [1]}, ["'neighborhood_prompts'[0]"]),
         ({"edit_index": "1"}, ["'edit_index'"]),
+        ({"portability": {"hop": "capital"}}, ["'portability'", "list"]),
+        ({"portability": [{"hop": "capital", "prompt": "The capital of X's country is"}]}, ["'portability'[0]", "'target_new'"]),
+        ({"portability": [{"hop": "c", "prompt": "p", "target_new": "Rome", "answer": "x"}]}, ["'portability'[0]", "unknown keys ['answer']"]),
+        ({"portability": [{"hop": "c", "prompt": "p", "target_new": ""}]}, ["'portability'[0].target_new", "non-empty"]),
     ],
 )
 def test_validate_case_names_case_and_field(bad, words):
@@ -487,4 +491,29 @@ def test_the_case_type_and_the_validated_fields_are_the_same():
     hints = typing.get_type_hints(EditCase)
     assert set(hints) == set(STRING_FIELDS) | set(LIST_FIELDS) | set(OPTIONAL_FIELDS)
     assert all(hints[k] is str for k in STRING_FIELDS) and all(hints[k] == list[str] for k in LIST_FIELDS)
-    assert all(hints[k] is t for k, t in OPTIONAL_FIELDS.items())
+    assert all((typing.get_origin(hints[k]) or hints[k]) is t for k, t in OPTIONAL_FIELDS.items())
+
+
+def test_geofacts_portability_probes_follow_the_new_country(geo):
+    """`portability: true`: every city_country case gets the two-hop probes whose answer differs
+    between its new and its true country (capital, continent, currency of each, from the country
+    facts); the cases are otherwise the same, and without the option no case has the field."""
+    from editscale.data.geofacts import country_facts
+
+    with_probes = build_geofacts(seed=0, portability=True)
+    countries = {c["country"]: c for c in country_facts()}
+    assert [{k: v for k, v in c.items() if k != "portability"} for c in with_probes] == geo
+    assert not any("portability" in c for c in geo)
+    cities = [c for c in with_probes if c["relation_id"] == "P17"]
+    assert cities and all("portability" in c for c in cities) and not any("portability" in c for c in with_probes if c["relation_id"] != "P17")
+    n_probes = 0
+    for case in cities:
+        validate_case(case)
+        new, old = countries[case["target_new"]], countries[case["target_true"]]
+        hops = {p["hop"]: p for p in case["portability"]}
+        assert set(hops) == {h for h in ("capital", "continent", "currency") if new[h] != old[h]}
+        for hop, probe in hops.items():
+            assert (probe["target_new"], probe["target_true"]) == (new[hop], old[hop])
+            assert case["subject"] in probe["prompt"] and probe["question"].endswith("?")
+        n_probes += len(hops)
+    assert n_probes > 2 * len(cities)  # most new countries differ in capital and currency at least

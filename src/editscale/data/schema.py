@@ -19,6 +19,10 @@ Optional fields:
     neighborhood_target   str   true answer of the neighborhood prompts when it is not target_true
                                 (EasyEdit CounterFact locality, zsRE nq questions)
     edit_index            int   1-based position in an edit sequence (results/{run}/edits.jsonl)
+    portability           list[dict]  multi-hop probes whose answer follows from the edit, each
+                                {hop: str, prompt: str (full string), target_new: str (the answer
+                                the edited fact implies), and optionally question: str (the same
+                                probe as a question), target_true: str (the answer before the edit)}
 """
 
 from __future__ import annotations
@@ -44,13 +48,15 @@ class EditCase(TypedDict):
     generation_prompts: list[str]
     neighborhood_target: NotRequired[str]
     edit_index: NotRequired[int]
+    portability: NotRequired[list[dict]]
 
 
 # what validate_case checks: EditCase's fields (tests/test_data.py holds the two equal)
 STRING_FIELDS = ("case_id", "subject", "relation_id", "prompt", "target_true", "target_new")
 LIST_FIELDS = ("paraphrase_prompts", "neighborhood_prompts", "attribute_prompts", "generation_prompts")
 REQUIRED_FIELDS = STRING_FIELDS + LIST_FIELDS
-OPTIONAL_FIELDS = {"neighborhood_target": str, "edit_index": int}
+OPTIONAL_FIELDS = {"neighborhood_target": str, "edit_index": int, "portability": list}
+PORTABILITY_FIELDS = {"hop": True, "prompt": True, "target_new": True, "question": False, "target_true": False}  # field -> required
 
 UNKNOWN_RELATION = "unknown"
 
@@ -117,6 +123,17 @@ def validate_case(d: Any, source: str | None = None) -> EditCase:
     for field, kind in OPTIONAL_FIELDS.items():
         if field in d and (not isinstance(d[field], kind) or isinstance(d[field], bool)):
             raise EditscaleError(f"{case}: field '{field}' must be {kind.__name__}, got {type(d[field]).__name__}")
+    for i, probe in enumerate(d.get("portability") or []):
+        if not isinstance(probe, dict):
+            raise EditscaleError(f"{case}: field 'portability'[{i}] must be an object, got {type(probe).__name__}")
+        for key, required in PORTABILITY_FIELDS.items():
+            if required and key not in probe:
+                raise EditscaleError(f"{case}: field 'portability'[{i}] has no '{key}' (fields: {list(PORTABILITY_FIELDS)})")
+            if key in probe and (not isinstance(probe[key], str) or not probe[key].strip()):
+                raise EditscaleError(f"{case}: field 'portability'[{i}].{key} must be a non-empty string")
+        unknown = sorted(set(probe) - set(PORTABILITY_FIELDS))
+        if unknown:
+            raise EditscaleError(f"{case}: field 'portability'[{i}] has unknown keys {unknown} (fields: {list(PORTABILITY_FIELDS)})")
     return d
 
 
