@@ -245,12 +245,32 @@ def test_score_cases_rows(gpt2):
     model, tok = gpt2
     df = score_cases(model, tok, [case(1), case(2, case_id="c2")], k=[1, 2], base="self")
     assert df.schema == {"k": pl.Int64, "item": pl.Utf8, "edit_index": pl.Int64, "metric": pl.Utf8, "value": pl.Float64}
-    assert set(df["metric"]) == set(EDIT_METRICS)
+    portability = {"port_s", "portability_em", "portability_acc"}  # cases with probes only
+    assert set(df["metric"]) == set(EDIT_METRICS) - portability
     no_base = score_cases(model, tok, [case(1)], k=[1])  # EasyEdit's locality needs the unedited model
-    assert set(no_base["metric"]) == set(EDIT_METRICS) - {"locality"}
+    assert set(no_base["metric"]) == set(EDIT_METRICS) - {"locality"} - portability
     assert df.filter(pl.col("item") == "c2")["k"].unique().to_list() == [2]
     es = df.filter(pl.col("metric").is_in(["es", "ps", "ns", "efficacy_em", "paraphrase_em", "score"]))["value"]
     assert ((es >= 0) & (es <= 1)).all()
+
+
+def test_portability_probes_are_scored_like_efficacy_on_their_own_targets(gpt2):
+    """port_s: P(probe's target_new) > P(its target_true), over the probes that know the answer
+    before the edit; portability_em / _acc: the new target's argmax match / token accuracy (all
+    probes); the other readings of the case do not change."""
+    model, tok = gpt2
+    probes = [{"hop": "capital", "prompt": "The capital of the country where Lyon is located is", "target_new": "Rome", "target_true": "Paris"},
+              {"hop": "currency", "prompt": "The currency of the country where Lyon is located is the", "target_new": "Euro"}]
+    with_probes = case(1, portability=probes)
+    df = score_cases(model, tok, [with_probes], k=[1])
+    got = dict(zip(df["metric"], df["value"]))
+    sc = score_pairs(model, tok, [probes[0]["prompt"]] * 2 + [probes[1]["prompt"]], ["Rome", "Paris", "Euro"])
+    assert got["port_s"] == float(sc.nll[0] < sc.nll[1])
+    assert got["portability_em"] == pytest.approx((float(sc.match[0]) + float(sc.match[2])) / 2)
+    assert got["portability_acc"] == pytest.approx(float((sc.token_hits[0] / sc.n_tokens[0] + sc.token_hits[2] / sc.n_tokens[2]) / 2))
+    plain = score_cases(model, tok, [case(1)], k=[1])
+    # (batched with other rows: equal up to float rounding)
+    assert dict(zip(plain["metric"], plain["value"])) == pytest.approx({m: v for m, v in got.items() if not m.startswith("port")}, abs=1e-5)
 
 
 def test_score_history_only_earlier_edits(gpt2):

@@ -100,6 +100,31 @@ def test_readings_follow_the_matching_rules_on_the_generated_answers():
     assert kept.len() > 0 and kept.min() == 1.0 and set(df0["stratum_hi"]) == {6}
 
 
+def test_portability_probes_are_answered_in_every_context_that_can_ask_them():
+    """A probe with a question is asked in every context (its cloze prompt in `cloze`), one
+    without only in `cloze`; its readings use the probe's own targets."""
+    from editscale.evaluate.answers import exact_match, generate_answers, token_f1
+    from editscale.evaluate.generated import compute
+    from editscale.evaluate.job import metric_section
+
+    model, tok = build_tiny_model("gpt2")
+    probes = [{"hop": "capital", "prompt": "The capital of the country where Town2 is located is",
+               "question": "What is the capital of the country where Town2 is located?", "target_new": "Paris", "target_true": "Banjul"},
+              {"hop": "currency", "prompt": "The currency of the country where Town2 is located is the", "target_new": "Euro"}]
+    cases = [_case(1), {**_case(2), "portability": probes}]
+    cfg, _ = metric_section("answers", {"contexts": ["cloze", "qa_inst"], "parts": ["portability"], "sample": "all", "max_new_tokens": 5})
+    df = compute(_Checkpoint(2, cases, model, tok), cfg)
+    assert set(df["item"]) == {"c2"}  # the case without probes has nothing to answer
+    cloze, qa = (df.filter(df["context"] == c) for c in ("cloze", "qa_inst"))
+    _, answers = generate_answers(model, tok, [p["prompt"] for p in probes], 5)
+    got = dict(zip(cloze["metric"], cloze["value"]))
+    assert got["portability_em"] == (exact_match(answers[0], ["Paris"]) + exact_match(answers[1], ["Euro"])) / 2
+    assert got["portability_f1"] == (token_f1(answers[0], ["Paris"]) + token_f1(answers[1], ["Euro"])) / 2
+    assert got["portability_old_em"] == exact_match(answers[0], ["Banjul"])  # the probe that knows its old answer
+    _, (asked,) = generate_answers(model, tok, ["Please answer the question:\n\nQ: What is the capital of the country where Town2 is located?\nA:"], 5)
+    assert dict(zip(qa["metric"], qa["value"]))["portability_em"] == exact_match(asked, ["Paris"])  # only the probe with a question
+
+
 def test_a_question_context_on_a_relation_without_a_question_is_one_clear_error():
     from editscale.evaluate.generated import compute
     from editscale.evaluate.job import metric_section

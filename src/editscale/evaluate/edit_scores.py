@@ -18,6 +18,10 @@ For a case with new object o* and true object o (nll = mean token NLL of " " + o
   paraphrase_em   fraction of paraphrase prompts on which o* is the argmax continuation
   neighborhood_em fraction of neighborhood prompts on which o_n is the argmax continuation
   nll_new, nll_true  NLL of o* and o on the edit prompt
+  port_s          portability score (cases with `portability` probes only): fraction of the
+                  probes whose answer before the edit is known (target_true) on which the answer
+                  the edit implies is more likely, P(probe's target_new) > P(its target_true)
+  portability_em  fraction of the probes on which their target_new is the argmax continuation
 
 EasyEdit's names, computed as EasyEdit's `test_prediction_acc` does (teacher forcing on
 prompt + " " + target, easyeditor/evaluate/evaluate_utils.py), side by side with the above:
@@ -29,6 +33,7 @@ prompt + " " + target, easyeditor/evaluate/evaluate_utils.py), side by side with
                 edited model's argmax equals the unedited model's (EasyEdit compares pre- and
                 post-edit argmax tokens, not the answer); needs `base` (the unedited model),
                 1.0 by definition when the model is the unedited one
+  portability_acc  EasyEdit's portability reading: the token accuracy of each probe's target_new
 """
 
 from __future__ import annotations
@@ -42,10 +47,11 @@ import polars as pl
 from ..data.schema import fill
 from .scoring import Batching, chat_prompt, run_prompts
 
-PARTS = ("efficacy", "paraphrase", "neighborhood")
+PARTS = ("efficacy", "paraphrase", "neighborhood", "portability")  # portability: cases that have probes
+SCORE_PARTS = ("efficacy", "paraphrase", "neighborhood")  # the harmonic mean `score`
 EDIT_METRICS = (
     "es", "em", "ps", "pm", "ns", "nm", "score", "efficacy_em", "paraphrase_em", "neighborhood_em", "nll_new", "nll_true",
-    "rewrite_acc", "rephrase_acc", "locality",
+    "rewrite_acc", "rephrase_acc", "locality", "port_s", "portability_em", "portability_acc",
 )
 
 
@@ -80,16 +86,18 @@ def case_metrics(
     targets: list[str] = []
     slots: list[tuple[int, str, int]] = []  # (case, part, prompt number) for each pair of rows
     for ci, case in enumerate(cases):
-        groups = {
-            "efficacy": ([fill(case["prompt"], case["subject"])], case["target_true"]),
-            "paraphrase": (list(case.get("paraphrase_prompts") or []), case["target_true"]),
-            "neighborhood": (list(case.get("neighborhood_prompts") or []), case.get("neighborhood_target") or case["target_true"]),
+        groups = {  # part -> [(prompt, the edit's answer, the correct answer)]
+            "efficacy": [(fill(case["prompt"], case["subject"]), case["target_new"], case["target_true"])],
+            "paraphrase": [(p, case["target_new"], case["target_true"]) for p in case.get("paraphrase_prompts") or []],
+            "neighborhood": [(p, case["target_new"], case.get("neighborhood_target") or case["target_true"])
+                             for p in case.get("neighborhood_prompts") or []],
+            # a probe without a known answer before the edit is scored against its own target twice (port_s leaves it out)
+            "portability": [(q["prompt"], q["target_new"], q.get("target_true") or q["target_new"]) for q in case.get("portability") or []],
         }
         for part in parts:
-            ps, correct = groups[part]
-            for pi, p in enumerate(ps):
+            for pi, (p, new, correct) in enumerate(groups[part]):
                 prompts += [p, p]
-                targets += [case["target_new"], correct]
+                targets += [new, correct]
                 slots.append((ci, part, pi))
     if chat:
         wrapped = {p: chat_prompt(tok, p) for p in dict.fromkeys(prompts)}
@@ -155,7 +163,12 @@ def case_metrics(
             m["neighborhood_em"] = _mean(d["hit_old"])
             if base is not None:
                 m["locality"] = _mean(d["agree"])
-        if all(p in parts for p in PARTS):
+        if "portability" in parts and cases[ci].get("portability"):
+            d, probes = per[ci]["portability"], cases[ci]["portability"]
+            m["port_s"] = _mean([float(a < b) for a, b, q in zip(d["new"], d["old"], probes) if q.get("target_true")])
+            m["portability_em"] = _mean(d["hit_new"])
+            m["portability_acc"] = _mean(d["acc_new"])
+        if all(p in parts for p in SCORE_PARTS):
             m["score"] = harmonic_mean([m["es"], m["ps"], m["ns"]])
         out.append(m)
     return out

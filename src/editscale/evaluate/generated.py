@@ -21,6 +21,10 @@ before it was edited). In each context of `contexts`:
   neighborhood   cloze only, up to `neighbors` neighbourhood prompts: neighborhood_kept = 1 when the
                  generated tokens equal the unedited model's (the reference's locality),
                  neighborhood_old_em against target_true
+  portability    the case's multi-hop probes (the case schema's `portability`, e.g. geofacts'
+                 `portability: true`): their cloze prompt, or their question in the other
+                 contexts; portability_em / portability_f1 against the probe's target_new,
+                 portability_old_em against its target_true where it has one
 
 Values are means over a case's prompts of a part. The question of a case is its `question` field
 where the dataset has one ("{}" for the subject), else its relation's template in QUESTIONS (by
@@ -88,8 +92,10 @@ SCHEMA = {
         "eval_every": {"default": 50},
         "contexts": {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"enum": list(CONTEXTS)}, "default": ["cloze"],
                      "description": "how each prompt is put to the model (editscale.evaluate.answers): cloze, question, qa_inst, chat"},
-        "parts": {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"enum": ["efficacy", "paraphrase", "neighborhood"]},
-                  "default": ["efficacy", "paraphrase", "neighborhood"], "description": "paraphrase and neighborhood: cloze context only"},
+        "parts": {"type": "array", "minItems": 1, "uniqueItems": True,
+                  "items": {"enum": ["efficacy", "paraphrase", "neighborhood", "portability"]},
+                  "default": ["efficacy", "paraphrase", "neighborhood", "portability"],
+                  "description": "paraphrase and neighborhood: cloze context only; portability: cases that have probes"},
         "sample": {"oneOf": [{"const": "all"}, {"type": "integer", "minimum": 1}], "default": 100,
                    "description": "earlier edits answered per checkpoint (history's age-stratified sample), plus the current edit"},
         "strata": {"type": "integer", "minimum": 1, "maximum": 16, "default": 4},
@@ -99,7 +105,8 @@ SCHEMA = {
         "batch_size": {"type": "integer", "minimum": 1, "default": 32},
     }
 }
-PROMPT_TOKENS, NEIGHBOR_PROMPTS = 20, 2  # doctor: a prompt's tokens; base + edited model per neighbourhood prompt
+# doctor: a prompt's tokens; base + edited model per neighbourhood prompt; portability probes per case (geofacts: <= 3)
+PROMPT_TOKENS, NEIGHBOR_PROMPTS, PROBES = 20, 2, 3
 
 
 def question(case: dict) -> str:
@@ -130,17 +137,25 @@ def answer_sample(cases: list[dict], k: int, size: int | None, strata: int, seed
     return sorted(picked, key=lambda t: int(t[0]["edit_index"]))
 
 
-def _prompts(case: dict, context: str, parts, neighbors: int, tok) -> list[tuple[str, str]]:
-    """(part, prompt text) of one case in one context."""
+def _prompts(case: dict, context: str, parts, neighbors: int, tok) -> list[tuple[str, str, list[str], list[str]]]:
+    """(part, prompt text, the edit's answers, the answers before it) of one case in one context."""
+    new, old = references(case, "target_new"), references(case, "target_true")
     out = []
     if "efficacy" in parts:
         cloze = fill(case["prompt"], case["subject"])
-        out.append(("efficacy", context_prompt(context, tok, cloze=cloze, question=None if context == "cloze" else question(case))))
+        out.append(("efficacy", context_prompt(context, tok, cloze=cloze, question=None if context == "cloze" else question(case)), new, old))
     if context == "cloze":
         if "paraphrase" in parts:
-            out += [("paraphrase", p) for p in case.get("paraphrase_prompts") or []]
+            out += [("paraphrase", p, new, old) for p in case.get("paraphrase_prompts") or []]
         if "neighborhood" in parts:
-            out += [("neighborhood", p) for p in (case.get("neighborhood_prompts") or [])[:neighbors]]
+            near = [case.get("neighborhood_target") or case["target_true"]]
+            out += [("neighborhood", p, new, near) for p in (case.get("neighborhood_prompts") or [])[:neighbors]]
+    if "portability" in parts:
+        for probe in case.get("portability") or []:
+            text = probe["prompt"] if context == "cloze" else probe.get("question")
+            if text is not None:  # a probe without a question is asked in the cloze context only
+                out.append(("portability", context_prompt(context, tok, cloze=text, question=text), [probe["target_new"]],
+                            [probe["target_true"]] if probe.get("target_true") else []))
     return out
 
 
@@ -150,8 +165,8 @@ def cost(run, section, corpus, f, k):
     parts = section.get("parts", ["efficacy", "paraphrase", "neighborhood"])
     per_case = 0
     for context in section.get("contexts", ["cloze"]):
-        per_case += 1 + (3 * ("paraphrase" in parts) + NEIGHBOR_PROMPTS * int(section.get("neighbors", 3)) * ("neighborhood" in parts)
-                         if context == "cloze" else 0)
+        per_case += 1 + PROBES * ("portability" in parts) + (
+            3 * ("paraphrase" in parts) + NEIGHBOR_PROMPTS * int(section.get("neighbors", 3)) * ("neighborhood" in parts) if context == "cloze" else 0)
     steps = int(section.get("max_new_tokens", MAX_NEW_TOKENS))
     return f * cases * per_case * PROMPT_TOKENS, f * cases * per_case * steps
 
@@ -160,7 +175,8 @@ def cost(run, section, corpus, f, k):
         order=25, schema=SCHEMA, cost=cost,
         curves=(CurveSpec("generated_efficacy", "efficacy_em", label="generated answers: efficacy (exact match)", summary="gen_es"),
                 CurveSpec("generated_paraphrase", "paraphrase_em", phases=False, summary="gen_ps"),
-                CurveSpec("generated_locality", "neighborhood_kept", phases=False, summary="gen_ns")))
+                CurveSpec("generated_locality", "neighborhood_kept", phases=False, summary="gen_ns"),
+                CurveSpec("generated_portability", "portability_em", phases=False, summary="gen_port")))
 def compute(checkpoint, cfg):
     import polars as pl
 
@@ -172,24 +188,22 @@ def compute(checkpoint, cfg):
              "the sequence before editing" if k == 0 else "the current edit and history's sample", list(cfg.contexts), cfg.max_new_tokens)
     rows = {c: [] for c in ("k", "item", "edit_index", "context", "metric", "value", "stratum_lo", "stratum_hi")}
     for context in cfg.contexts:
-        jobs = [(i, part, prompt) for i, (case, _, _) in enumerate(picked) for part, prompt in _prompts(case, context, cfg.parts, int(cfg.neighbors), tok)]
-        ids, texts = generate_answers(model, tok, [p for _, _, p in jobs], int(cfg.max_new_tokens), int(cfg.batch_size))
-        neighborhood = [j for j, (_, part, _) in enumerate(jobs) if part == "neighborhood"]
+        jobs = [(i, *p) for i, (case, _, _) in enumerate(picked) for p in _prompts(case, context, cfg.parts, int(cfg.neighbors), tok)]
+        ids, texts = generate_answers(model, tok, [job[2] for job in jobs], int(cfg.max_new_tokens), int(cfg.batch_size))
+        neighborhood = [j for j, job in enumerate(jobs) if job[1] == "neighborhood"]
         base_ids = {}
         if neighborhood:
             with checkpoint.unedited(model, tok) as (base_model, base_tok):
                 got, _ = generate_answers(base_model, base_tok, [jobs[j][2] for j in neighborhood], int(cfg.max_new_tokens), int(cfg.batch_size))
             base_ids = dict(zip(neighborhood, got))
         values: dict[tuple[int, str], list[float]] = {}
-        for j, (i, part, _) in enumerate(jobs):
-            case = picked[i][0]
+        for j, (i, part, _, new, old) in enumerate(jobs):
             if part == "neighborhood":
-                readings = {"neighborhood_kept": float(ids[j] == base_ids[j]), "neighborhood_old_em": exact_match(texts[j], references(case, "target_true"))}
+                readings = {"neighborhood_kept": float(ids[j] == base_ids[j]), "neighborhood_old_em": exact_match(texts[j], old)}
             else:
-                new = references(case, "target_new")
                 readings = {f"{part}_em": exact_match(texts[j], new), f"{part}_f1": token_f1(texts[j], new)}
-                if part == "efficacy":
-                    readings["efficacy_old_em"] = exact_match(texts[j], references(case, "target_true"))
+                if part in ("efficacy", "portability") and old:
+                    readings[f"{part}_old_em"] = exact_match(texts[j], old)
             for name, v in readings.items():
                 values.setdefault((i, name), []).append(v)
         for (i, name), vs in sorted(values.items()):
