@@ -517,3 +517,58 @@ def test_geofacts_portability_probes_follow_the_new_country(geo):
             assert case["subject"] in probe["prompt"] and probe["question"].endswith("?")
         n_probes += len(hops)
     assert n_probes > 2 * len(cities)  # most new countries differ in capital and currency at least
+
+
+def test_knowedit_reader_on_the_public_examples():
+    """KnowEdit's own example records (tests/data/knowedit: WikiData_recent, Wiki counterfact,
+    ZsRE from EasyEdit's examples/KnowEdit.md): the recent one has no ground_truth (inserted
+    knowledge) and is skipped; portability entries become probes with their first answer, a
+    question prompt also as the probe's question; the first locality prompt is the neighbourhood."""
+    from editscale.data.readers import detect_reader, read_knowedit
+    from editscale.data.schema import validate_case
+
+    path = Path(__file__).parent / "data" / "knowedit" / "knowedit-sample.json"
+    raw = load(path)
+    assert detect_reader(path) == "knowedit"
+    cases = read_knowedit(path)
+    assert [c["case_id"] for c in cases] == ["knowedit-000001", "knowedit-000002"]
+    for c in cases:
+        validate_case(c)
+    piesch, zsre = cases
+    assert fill(piesch["prompt"], piesch["subject"]) == raw[1]["prompt"]
+    assert (piesch["target_true"], piesch["target_new"]) == ("mayor of Vienna", "Archbishop of León, Mexico")
+    assert piesch["portability"] == [{"hop": "Subject_Aliasing", "prompt": "The name of the position held by Frederic of Pieschen is",
+                                      "target_new": "Archbishop of León, Mexico"}]
+    assert piesch["neighborhood_prompts"] == ["The gender of Frederic Piesch is"] and piesch["neighborhood_target"] == "male"
+    assert piesch["paraphrase_prompts"] == []
+    assert zsre["target_true"] == "Aspidoceratidae" and zsre["paraphrase_prompts"] == ["What family are Epaspidoceras?"]
+    probe = zsre["portability"][0]
+    assert probe["question"] == probe["prompt"] == raw[2]["portability"]["Reasoning"][0]["prompt"] and probe["target_new"] == "Owlet moths"
+    assert zsre["neighborhood_prompts"] == ["The taxon rank of Epaspidoceras is"] and zsre["neighborhood_target"] == "genus"
+
+
+def test_mquake_reader_on_the_public_example():
+    """MQuAKE's README instance (tests/data/mquake): the rewrite is a case; the instance's
+    multi-hop questions are probes of its last rewrite, with the new and the old answer and their
+    aliases."""
+    from editscale.data.readers import read_mquake
+    from editscale.data.schema import validate_case
+
+    path = Path(__file__).parent / "data" / "mquake" / "MQuAKE-CF-sample.json"
+    raw = load(path)[0]
+    (case,) = read_mquake(path)
+    validate_case(case)
+    rw = raw["requested_rewrite"][0]
+    assert case["case_id"] == "mquake-2500-0" and case["relation_id"] == "P27"
+    assert fill(case["prompt"], case["subject"]) == "Vince McMahon is a citizen of"
+    assert (case["target_new"], case["target_true"]) == (rw["target_new"]["str"], rw["target_true"]["str"])
+    assert case["paraphrase_prompts"] == [rw["question"]]
+    assert [p["question"] for p in case["portability"]] == raw["questions"]
+    assert all(p["target_new"] == "Franklin" and p["target_new_aliases"] == ["Franklin, Kentucky"] and p["target_true"] == "Washington, D.C."
+               and p["target_true_aliases"] == ["Washington"] for p in case["portability"])
+
+
+def test_a_probe_alias_that_is_not_a_list_of_strings_is_refused():
+    probe = {"hop": "h", "prompt": "p", "target_new": "Rome", "target_new_aliases": "Roma"}
+    with pytest.raises(EditscaleError, match=r"'portability'\[0\].target_new_aliases must be a list of strings"):
+        validate_case(good_case(portability=[probe]))

@@ -269,6 +269,146 @@ def read_zsre_mend(path: str | os.PathLike) -> list[dict]:
     return cases
 
 
+def _first_answer(value: Any) -> str | None:
+    """The first answer of a KnowEdit ground_truth: a string, a list of strings, or a list of
+    alias lists (the first alias of the first answer)."""
+    while isinstance(value, list):
+        if not value:
+            return None
+        value = value[0]
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def read_knowedit(path: str | os.PathLike) -> list[dict]:
+    """KnowEdit json (zjunlp/KnowEdit: ZsRE, WikiData_counterfact, WikiData_recent test files), a
+    list of records: subject, prompt, target_new, ground_truth (a string, a list, or a list of
+    alias lists), rephrase_prompt / rephrase, portability and locality, each {category: [{prompt,
+    ground_truth}]}.
+
+    Mapping: target_true = the first answer of ground_truth; paraphrase_prompts = [rephrase_prompt]
+    where there is one; neighborhood_prompts = [the first locality prompt] (Relation_Specificity,
+    else Forgetfulness: EasyEdit's loader takes the first too) with its answer as
+    neighborhood_target; every portability entry becomes a probe {hop: its category, prompt,
+    target_new: its first answer (aliases are not kept), question: the prompt when it is a
+    question}; the answer before the edit of a probe is not in the format (no target_true).
+    Skipped: records without ground_truth (WikiData_recent inserts new knowledge: nothing to
+    compare against), WikiBio's text records (no subject / target_new), subjects not in the prompt.
+    case_id = "knowedit-<index in file>"."""
+    path = Path(path)
+    records = _load_json_list(path)
+    skips = _Skips()
+    cases = []
+    for i, rec in enumerate(records):
+        ident = f"#{i}"
+        if not isinstance(rec, dict) or "subject" not in rec or "target_new" not in rec:
+            skips.add("no subject / target_new (not a fact edit, e.g. WikiBio)", ident)
+            continue
+        subject = _get(rec, "subject", str, path, ident)
+        prompt = _get(rec, "prompt", str, path, ident).strip()
+        target_new = _get(rec, "target_new", str, path, ident).strip()
+        target_true = _first_answer(rec.get("ground_truth"))
+        if target_true is None:
+            skips.add("no ground_truth (knowledge insertion: nothing to compare against)", ident)
+            continue
+        if not _targets_ok(target_true, target_new, skips, ident):
+            continue
+        template = make_template(prompt, subject) if subject.strip() else None
+        if template is None:
+            skips.add("subject does not occur in prompt (or prompt holds braces)", ident)
+            continue
+        rephrase = str(rec.get("rephrase_prompt") or rec.get("rephrase") or "").strip()
+        locality = rec.get("locality") or {}
+        near = [q for cat in ("Relation_Specificity", "Forgetfulness") for q in locality.get(cat) or []][:1]
+        near_prompt = _first_answer(near[0].get("prompt")) if near else None
+        near_answer = _first_answer(near[0].get("ground_truth")) if near else None
+        probes = []
+        for hop, entries in (rec.get("portability") or {}).items():
+            for q in entries or []:
+                text, answer = _first_answer(q.get("prompt")), _first_answer(q.get("ground_truth"))
+                if text and answer:
+                    probes.append({"hop": hop, "prompt": text, "target_new": answer, **({"question": text} if text.endswith("?") else {})})
+        case = {
+            "case_id": f"knowedit-{i:06d}",
+            "subject": subject,
+            "relation_id": UNKNOWN_RELATION,
+            "prompt": template,
+            "target_true": target_true,
+            "target_new": target_new,
+            "paraphrase_prompts": [rephrase] if rephrase else [],
+            "neighborhood_prompts": [near_prompt] if near_prompt and near_answer else [],
+            "attribute_prompts": [],
+            "generation_prompts": [prompt] + ([rephrase] if rephrase else []),
+        }
+        if near_prompt and near_answer and near_answer != target_true:
+            case["neighborhood_target"] = near_answer
+        if probes:
+            case["portability"] = probes
+        cases.append(case)
+    skips.report("knowedit", path, len(records), len(cases))
+    return cases
+
+
+def read_mquake(path: str | os.PathLike) -> list[dict]:
+    """MQuAKE json (princeton-nlp/MQuAKE: MQuAKE-CF-3k.json, MQuAKE-CF.json, MQuAKE-T.json), a list
+    of instances: requested_rewrite (the edits: prompt with "{}", subject, target_new / target_true
+    as {str, id}, question), questions (multi-hop questions whose answer follows from all of them),
+    answer / answer_alias (before the edits), new_answer / new_answer_alias (after).
+
+    Each rewrite becomes a case (case_id "mquake-<case_id>-<rewrite number>", paraphrase_prompts =
+    [its question], no neighbourhood prompts: the format has none); the instance's multi-hop
+    questions become probes of its last rewrite (hop "multi_hop", prompt = question = each question,
+    target_new = new_answer, target_true = answer, with their aliases), so that in a sequence they
+    are asked once every edit they depend on has been made (the instance's rewrites are adjacent
+    in file order). Skipped: rewrites whose target_new equals target_true, or whose subject is
+    empty or whose prompt lacks "{}"."""
+    path = Path(path)
+    records = _load_json_list(path)
+    skips = _Skips()
+    cases = []
+    n_rewrites = 0
+    for i, rec in enumerate(records):
+        ident = f"#{i} (case_id {rec.get('case_id') if isinstance(rec, dict) else '?'})"
+        rewrites = _get(rec, "requested_rewrite", list, path, ident)
+        questions = [q.strip() for q in _str_list(rec, "questions", path, ident) if q.strip()]
+        new_answer, old_answer = str(rec.get("new_answer") or "").strip(), str(rec.get("answer") or "").strip()
+        mine = []
+        for j, rw in enumerate(rewrites):
+            n_rewrites += 1
+            where = f"{ident} rewrite {j}"
+            subject = _get(rw, "subject", str, path, where)
+            prompt = _get(rw, "prompt", str, path, where)
+            target_new = str(_get(rw, "target_new", dict, path, where).get("str") or "").strip()
+            target_true = str(_get(rw, "target_true", dict, path, where).get("str") or "").strip()
+            if not _targets_ok(target_true, target_new, skips, where):
+                continue
+            if not subject.strip() or prompt.count("{}") != 1 or prompt.count("{") != 1:
+                skips.add("empty subject or a prompt without one '{}'", where)
+                continue
+            question = str(rw.get("question") or "").strip()
+            mine.append({
+                "case_id": f"mquake-{rec.get('case_id', i)}-{j}",
+                "subject": subject,
+                "relation_id": str(rw.get("relation_id") or UNKNOWN_RELATION),
+                "prompt": prompt,
+                "target_true": target_true,
+                "target_new": target_new,
+                "paraphrase_prompts": [question] if question else [],
+                "neighborhood_prompts": [],
+                "attribute_prompts": [],
+                "generation_prompts": [fill(prompt, subject)],
+            })
+        if mine and questions and new_answer:
+            mine[-1]["portability"] = [
+                {"hop": "multi_hop", "prompt": q, "question": q, "target_new": new_answer,
+                 "target_new_aliases": [a for a in rec.get("new_answer_alias") or [] if isinstance(a, str)],
+                 **({"target_true": old_answer, "target_true_aliases": [a for a in rec.get("answer_alias") or [] if isinstance(a, str)]}
+                    if old_answer and old_answer != new_answer else {})}
+                for q in questions]
+        cases += mine
+    skips.report("mquake", path, n_rewrites, len(cases))
+    return cases
+
+
 def read_geofacts(spec: dict) -> tuple[list[dict], str]:
     # n_cases is applied by build_geofacts itself (seeded subset, same rule as build_dataset).
     from .geofacts import MAX_CITIES
@@ -322,6 +462,8 @@ READERS.add("geofacts", Reader(read_geofacts))
 READERS.add("counterfact", Reader(file_reader(read_counterfact), frozenset({"requested_rewrite"})))
 READERS.add("counterfact_easyedit", Reader(file_reader(read_counterfact_easyedit, many=True), frozenset({"prompt", "ground_truth", "rephrase_prompt"})))
 READERS.add("zsre_mend", Reader(file_reader(read_zsre_mend), frozenset({"src", "alt", "answers"}), prompts="question"))
+READERS.add("knowedit", Reader(file_reader(read_knowedit), frozenset({"subject", "target_new", "portability", "locality"})))
+READERS.add("mquake", Reader(file_reader(read_mquake), frozenset({"requested_rewrite", "questions", "new_answer"})))
 
 
 def detect_reader(path: str | os.PathLike) -> str | None:

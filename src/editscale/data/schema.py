@@ -22,7 +22,8 @@ Optional fields:
     portability           list[dict]  multi-hop probes whose answer follows from the edit, each
                                 {hop: str, prompt: str (full string), target_new: str (the answer
                                 the edited fact implies), and optionally question: str (the same
-                                probe as a question), target_true: str (the answer before the edit)}
+                                probe as a question), target_true: str (the answer before the edit),
+                                target_new_aliases / target_true_aliases: list[str]}
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ LIST_FIELDS = ("paraphrase_prompts", "neighborhood_prompts", "attribute_prompts"
 REQUIRED_FIELDS = STRING_FIELDS + LIST_FIELDS
 OPTIONAL_FIELDS = {"neighborhood_target": str, "edit_index": int, "portability": list}
 PORTABILITY_FIELDS = {"hop": True, "prompt": True, "target_new": True, "question": False, "target_true": False}  # field -> required
+PORTABILITY_ALIASES = ("target_new_aliases", "target_true_aliases")  # optional lists of strings
 
 UNKNOWN_RELATION = "unknown"
 
@@ -131,9 +133,13 @@ def validate_case(d: Any, source: str | None = None) -> EditCase:
                 raise EditscaleError(f"{case}: field 'portability'[{i}] has no '{key}' (fields: {list(PORTABILITY_FIELDS)})")
             if key in probe and (not isinstance(probe[key], str) or not probe[key].strip()):
                 raise EditscaleError(f"{case}: field 'portability'[{i}].{key} must be a non-empty string")
-        unknown = sorted(set(probe) - set(PORTABILITY_FIELDS))
+        for key in PORTABILITY_ALIASES:
+            if key in probe and not (isinstance(probe[key], list) and all(isinstance(a, str) for a in probe[key])):
+                raise EditscaleError(f"{case}: field 'portability'[{i}].{key} must be a list of strings")
+        unknown = sorted(set(probe) - set(PORTABILITY_FIELDS) - set(PORTABILITY_ALIASES))
         if unknown:
-            raise EditscaleError(f"{case}: field 'portability'[{i}] has unknown keys {unknown} (fields: {list(PORTABILITY_FIELDS)})")
+            raise EditscaleError(f"{case}: field 'portability'[{i}] has unknown keys {unknown} "
+                                 f"(fields: {[*PORTABILITY_FIELDS, *PORTABILITY_ALIASES]})")
     return d
 
 

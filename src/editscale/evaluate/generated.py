@@ -154,8 +154,9 @@ def _prompts(case: dict, context: str, parts, neighbors: int, tok) -> list[tuple
         for probe in case.get("portability") or []:
             text = probe["prompt"] if context == "cloze" else probe.get("question")
             if text is not None:  # a probe without a question is asked in the cloze context only
-                out.append(("portability", context_prompt(context, tok, cloze=text, question=text), [probe["target_new"]],
-                            [probe["target_true"]] if probe.get("target_true") else []))
+                out.append(("portability", context_prompt(context, tok, cloze=text, question=text),
+                            [probe["target_new"], *probe.get("target_new_aliases", [])],
+                            [probe["target_true"], *probe.get("target_true_aliases", [])] if probe.get("target_true") else []))
     return out
 
 
