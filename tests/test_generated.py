@@ -83,12 +83,22 @@ def test_readings_follow_the_matching_rules_on_the_generated_answers():
     cases = [_case(i) for i in range(1, 7)]
     cfg, _ = metric_section("answers", {"contexts": ["cloze", "qa_inst"], "sample": 3, "neighbors": 2, "max_new_tokens": 6})
     df = compute(_Checkpoint(6, cases, model, tok, base), cfg)
-    assert set(df["context"]) == {"cloze", "qa_inst"}
+    assert set(df["context"]) == {"cloze", "qa_inst", "teacher_forced"}
     cloze = df.filter(df["context"] == "cloze")
     assert set(cloze["metric"]) == {"efficacy_em", "efficacy_f1", "efficacy_old_em", "paraphrase_em", "paraphrase_f1",
                                     "neighborhood_kept", "neighborhood_old_em"}
     assert set(df.filter(df["context"] == "qa_inst")["metric"]) == {"efficacy_em", "efficacy_f1", "efficacy_old_em"}
     assert 6 in set(df["edit_index"]) and df["item"].n_unique() <= 4  # the sample of 3 plus the current edit
+    # the teacher-forced readings of the same cases, neighbourhood prompts cut as generated
+    from editscale.evaluate.edit_scores import case_metrics
+
+    picked = sorted(set(df["item"]), key=lambda c: int(c[1:]))
+    tf_cases = [{**cases[int(c[1:]) - 1], "neighborhood_prompts": cases[int(c[1:]) - 1]["neighborhood_prompts"][:2]} for c in picked]
+    expected = case_metrics(model, tok, tf_cases, ("efficacy", "paraphrase", "neighborhood"), 32)
+    tf = df.filter(df["context"] == "teacher_forced")
+    for c, m in zip(picked, expected):
+        got = dict(zip(*tf.filter(tf["item"] == c).select("metric", "value").to_dict(as_series=False).values()))
+        assert got == pytest.approx({n: m[n] for n in ("es", "ps", "ns", "efficacy_em", "paraphrase_em", "neighborhood_em")}, abs=1e-6)
     # the efficacy readings are the matching rules applied to the model's own answer
     row = cloze.filter((cloze["item"] == "c6") & (cloze["metric"] == "efficacy_f1"))
     _, (answer,) = generate_answers(model, tok, ["Town6 is a city in"], 6)
@@ -116,6 +126,7 @@ def test_portability_probes_are_answered_in_every_context_that_can_ask_them():
     df = compute(_Checkpoint(2, cases, model, tok), cfg)
     assert set(df["item"]) == {"c2"}  # the case without probes has nothing to answer
     cloze, qa = (df.filter(df["context"] == c) for c in ("cloze", "qa_inst"))
+    assert set(df.filter(df["context"] == "teacher_forced")["metric"]) == {"port_s", "portability_em"}
     _, answers = generate_answers(model, tok, [p["prompt"] for p in probes], 5)
     got = dict(zip(cloze["metric"], cloze["value"]))
     assert got["portability_em"] == (exact_match(answers[0], ["Paris"]) + exact_match(answers[1], ["Euro"])) / 2
@@ -151,8 +162,13 @@ def test_adding_the_answers_metric_to_a_finished_study_runs_only_it(tiny_study, 
     assert changed() == set()  # every other metric's file is kept
     for k in (0, 6):
         table = pl.read_parquet(workdir / f"results/rome-tiny/metrics/answers/{k:06d}.parquet")
-        assert set(table["context"]) == {"cloze", "question"} and table["value"].is_between(0, 1).all()
+        assert set(table["context"]) == {"cloze", "question", "teacher_forced"} and table["value"].is_between(0, 1).all()
     assert 6 in set(pl.read_parquet(workdir / "results/rome-tiny/metrics/answers/000006.parquet")["edit_index"])
     summary = pl.read_parquet(workdir / "results/tables/summary.parquet")
     assert "gen_es_at_end" in summary.columns
+    assert (workdir / "results/plots/readings.svg").exists()  # teacher-forced beside generated
+    from editscale.report import results
+
+    compared = results.load(workdir / "results").compare(at=["end"])
+    assert {"es_at_end", "gen_es_at_end", "gen_ps_at_end"} <= set(compared.columns)  # `editscale compare` carries them
     assert planned_jobs(snakemake(workdir, "-n")) == {}

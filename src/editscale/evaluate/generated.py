@@ -26,7 +26,11 @@ before it was edited). In each context of `contexts`:
                  contexts; portability_em / portability_f1 against the probe's target_new,
                  portability_old_em against its target_true where it has one
 
-Values are means over a case's prompts of a part. The question of a case is its `question` field
+Beside them, the same cases and prompts read teacher-forced (context "teacher_forced", the
+readings of edit_scores: es / ps / ns / port_s compare P(target_new) with P(target_true),
+efficacy_em / paraphrase_em / neighborhood_em / portability_em the argmax match of the target
+given its own tokens): the two readings on identical items, the gap the report draws (figure
+`readings`). Values are means over a case's prompts of a part. The question of a case is its `question` field
 where the dataset has one ("{}" for the subject), else its relation's template in QUESTIONS (by
 Wikidata relation id, geofacts' and CounterFact's); a question context on a case that has neither
 is an error naming the relation. Rows: k, item (case_id), edit_index, context, metric, value,
@@ -173,11 +177,11 @@ def cost(run, section, corpus, f, k):
 
 
 @metric("answers", "generated answers (greedy, natural stop) scored by exact match and token F1, beside the teacher-forced scores",
-        order=25, schema=SCHEMA, cost=cost,
-        curves=(CurveSpec("generated_efficacy", "efficacy_em", label="generated answers: efficacy (exact match)", summary="gen_es"),
-                CurveSpec("generated_paraphrase", "paraphrase_em", phases=False, summary="gen_ps"),
+        order=25, schema=SCHEMA, cost=cost, figures={"readings": "editscale.report.plots:readings_chart"},
+        curves=(CurveSpec("generated_efficacy", "efficacy_em", label="generated answers: efficacy (exact match)", summary="gen_es", compare=True),
+                CurveSpec("generated_paraphrase", "paraphrase_em", phases=False, summary="gen_ps", compare=True),
                 CurveSpec("generated_locality", "neighborhood_kept", phases=False, summary="gen_ns"),
-                CurveSpec("generated_portability", "portability_em", phases=False, summary="gen_port")))
+                CurveSpec("generated_portability", "portability_em", phases=False, summary="gen_port", compare=True)))
 def compute(checkpoint, cfg):
     import polars as pl
 
@@ -213,5 +217,16 @@ def compute(checkpoint, cfg):
                 rows[col].append(v)
         shown = [(jobs[j][2][-60:], texts[j]) for j in range(len(jobs)) if jobs[j][1] == "efficacy"][:3]
         log.info("answers at k=%d, %s: %s", k, context, "; ".join(f"{p!r} -> {a!r}" for p, a in shown))
+    # the same cases and prompts, teacher-forced (module doc); neighbourhood prompts cut as generated
+    from .edit_scores import PARTS, case_metrics
+
+    tf_cases = [{**case, "neighborhood_prompts": (case.get("neighborhood_prompts") or [])[: int(cfg.neighbors)]} for case, _, _ in picked]
+    tf = case_metrics(model, tok, tf_cases, [q for q in PARTS if q in cfg.parts], int(cfg.batch_size))
+    keep = ("es", "ps", "ns", "port_s", "efficacy_em", "paraphrase_em", "neighborhood_em", "portability_em")
+    for (case, lo, hi), readings in zip(picked, tf):
+        for name in keep:
+            if name in readings and readings[name] == readings[name]:  # NaN: the case has no such prompt
+                for col, v in zip(rows, (k, case["case_id"], int(case["edit_index"]), "teacher_forced", name, readings[name], lo, hi)):
+                    rows[col].append(v)
     return pl.DataFrame(rows, schema={"k": pl.Int64, "item": pl.Utf8, "edit_index": pl.Int64, "context": pl.Utf8, "metric": pl.Utf8,
                                       "value": pl.Float64, "stratum_lo": pl.Int64, "stratum_hi": pl.Int64})

@@ -58,6 +58,7 @@ class CurveSpec:
     joint: str = ""  # joint-drop role of the disabling-edit criterion; curves sharing a role are alternatives (first present wins)
     summary: str = ""  # summary column stem ({summary}_at_{count}); "" = not in the summary
     indicator: bool = False  # a collapse indicator: the summary names the one whose onset came first and its lead
+    compare: bool = False  # `editscale compare` / results.compare show its summary columns beside ES / PS / NS
 
 
 @dataclass(frozen=True)

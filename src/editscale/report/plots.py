@@ -271,6 +271,41 @@ def downstream_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = F
     return line_band(frame, x="edit", x_title="edits", y_title="score", facet="task", facet_title="task", row="reading", band=band, title=title)
 
 
+# (quantity, reading label, context, metric) of the readings figure: teacher-forced beside generated
+READINGS = (
+    ("efficacy", "teacher-forced: P(new) > P(old)", "teacher_forced", "es"),
+    ("efficacy", "teacher-forced: argmax match", "teacher_forced", "efficacy_em"),
+    ("paraphrase", "teacher-forced: P(new) > P(old)", "teacher_forced", "ps"),
+    ("paraphrase", "teacher-forced: argmax match", "teacher_forced", "paraphrase_em"),
+    ("portability", "teacher-forced: P(new) > P(old)", "teacher_forced", "port_s"),
+    ("portability", "teacher-forced: argmax match", "teacher_forced", "portability_em"),
+)
+GENERATED = (("efficacy", "efficacy_em"), ("paraphrase", "paraphrase_em"), ("portability", "portability_em"))
+
+
+def readings_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = FigureOptions()) -> alt.TopLevelMixin:
+    """Teacher-forced against generated success (metric `answers`, the same edits and prompts in
+    both readings) per quantity (columns) and reading (rows) against edits: the mean over the
+    checkpoint's sample of each run, then over a series' runs."""
+    answers, band = tables.get("answers"), opts.band
+    title = "Teacher-forced vs generated answers"
+    if answers is None or answers.height == 0 or "context" not in answers.columns:
+        return no_data(title)
+    spec = [*READINGS, *((q, f"generated ({c}): exact match", c, m) for c in sorted(set(answers["context"]) - {"teacher_forced"})
+                         for q, m in GENERATED)]
+    parts = []
+    for quantity, label, context, metric in spec:
+        sel = answers.filter((pl.col("context") == context) & (pl.col("metric") == metric))
+        if sel.height:
+            per_run = sel.group_by([c for c in META if c in sel.columns] + ["edit"]).agg(pl.col("value").mean())
+            parts.append(per_run.with_columns(pl.lit(quantity).alias("quantity"), pl.lit(label).alias("reading")))
+    if not parts:
+        return no_data(title)
+    frame = aggregate_samples(pl.concat(parts, how="diagonal_relaxed"), "edit", "value", by=["reading", "quantity"], band=band)
+    return line_band(frame, x="edit", x_title="edits", y_title="success", facet="quantity", facet_title=None, row="reading",
+                     facet_sort=["efficacy", "paraphrase", "portability"], band=band, title=title)
+
+
 def weights_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = FigureOptions(), *, metric: str = "fro") -> alt.TopLevelMixin:
     """Distance of each edited module from the base weights (metric `metric`) against edits."""
     weights, band = tables.get("weights"), opts.band

@@ -126,8 +126,13 @@ def compare_table(res: Results, runs: Sequence[str] | None = None, at: Sequence[
     """One row per chosen run (default: all): method, model, n_edits, the combined onset with its
     interval, the leading collapse indicator and its lead, ES / PS / NS at each count of `at`
     (the summary's window means, report.window; a count must be one of the summary's, i.e.
-    report.counts up to n_edits, or "end"), retention of earlier edits at the end, and the
-    perplexity ratio (last checkpoint / unedited)."""
+    report.counts up to n_edits, or "end"), beside them the summary columns of every curve marked
+    `compare` in the metric registry that the study has (e.g. metric answers' generated gen_es /
+    gen_ps / gen_port), retention of earlier edits at the end, and the perplexity ratio (last
+    checkpoint / unedited)."""
+    from ..evaluate.registry import curve_specs
+
+    extra = [spec.summary for _, spec in curve_specs() if spec.compare and spec.summary]
     summary = res.tables["summary"]
     known = summary["run"].to_list()
     runs = list(runs) if runs else known
@@ -152,6 +157,9 @@ def compare_table(res: Results, runs: Sequence[str] | None = None, at: Sequence[
                     have = sorted(s_ for s_ in stems if s_ == "end" or s_.isdigit())
                     raise EditscaleError(f"no {col!r} in the summary: counts there are {have} (report.counts up to n_edits, and 'end')")
                 row[col] = s.get(col)
+            for stem in extra:
+                if f"{stem}_at_{label}" in summary.columns:
+                    row[f"{stem}_at_{label}"] = s.get(f"{stem}_at_{label}")
         row["retention_at_end"] = s.get("retention_at_end")
         row["perplexity_ratio"] = _perplexity_ratio(res, run)
         rows.append(row)
