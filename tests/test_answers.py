@@ -99,16 +99,13 @@ def test_a_row_ends_at_the_first_token_whose_text_ends_with_a_stop_string():
 
 
 @pytest.mark.slow
-def test_generate_answers_equal_the_references_generate_call_on_smollm2(tmp_path_factory):
+def test_generate_answers_equal_the_references_generate_call_on_smollm2(smollm2_dir):
     """The reference's call, one prompt at a time: generate(max_new_tokens=50, stop_strings=[".",
     "\\n", eos], do_sample=False); editscale's batched, left-padded decoder gives the same tokens
     and, after the clean-up, the same answers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from editscale.models.fetch import prepare_model
-
-    out = tmp_path_factory.mktemp("embedded") / "smollm2-135m"
-    prepare_model("embedded:smollm2-135m-instruct", out)
+    out, _ = smollm2_dir
     tok = AutoTokenizer.from_pretrained(str(out))
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     questions = ["What is the capital of France?", "Which country is Serekunda in?", "Which continent is Kenya on?",

