@@ -98,5 +98,10 @@ def test_the_plan_refuses_the_switch_on_cloze_datasets_and_base_models(repo_root
     (prepared / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512}))
     with pytest.raises(EditscaleError, match="model 'tiny-gpt2' .* has no chat template"):
         check_chat_template(config, tmp_path)
+    # answers' context `chat` (a section's contexts; no plugin needed to read the config dict) too
+    answers_only = {**config, "metrics": {"answers": {"contexts": ["cloze", "chat"]}}}
+    with pytest.raises(EditscaleError, match="metrics.answers asks through the chat template .*model 'tiny-gpt2' .* has no chat template"):
+        check_chat_template(answers_only, tmp_path)
     (prepared / "chat_template.jinja").write_text(TEMPLATE)
     check_chat_template(config, tmp_path)
+    check_chat_template(answers_only, tmp_path)

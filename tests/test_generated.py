@@ -8,7 +8,7 @@ import contextlib
 
 import pytest
 
-from benchmarks.snakemake_runs import add_metric_to_finished_study, checkpoint_jobs, planned_jobs, snakemake
+from benchmarks.snakemake_runs import add_metric_to_finished_study, checkpoint_jobs, copy_workflow, planned_jobs, set_config, snakemake
 from editscale.io import EditscaleError
 from editscale.models.fetch import build_tiny_model
 
@@ -144,6 +144,55 @@ def test_a_question_context_on_a_relation_without_a_question_is_one_clear_error(
     cfg, _ = metric_section("answers", {"contexts": ["question"], "sample": 2, "max_new_tokens": 2})
     with pytest.raises(EditscaleError, match="relation 'P0'"):
         compute(_Checkpoint(2, [_case(1, "P0"), _case(2, "P0")], model, tok), cfg)
+
+
+def test_the_plan_time_check_names_every_relation_without_a_question():
+    from editscale.evaluate.generated import check_cases
+
+    run = {"name": "r"}
+    cases = [_case(1, "P0"), _case(2), _case(3, "P0"), {**_case(4, "P5"), "question": "Where is {}?"}, _case(5, "P7")]
+    check_cases({"contexts": ["cloze"]}, run, cases)  # the cloze context asks no question
+    check_cases({"contexts": ["qa_inst"], "parts": ["paraphrase"]}, run, cases)  # nor paraphrase prompts
+    with pytest.raises(EditscaleError) as err:
+        check_cases({"contexts": ["cloze", "qa_inst"]}, run, cases)
+    assert "metrics.answers.contexts ['qa_inst']" in str(err.value) and "run r's" in str(err.value)
+    assert "'P0' (edits [1, 3])" in str(err.value) and "'P7' (edits [5])" in str(err.value) and "P5" not in str(err.value)
+
+
+@pytest.mark.workflow
+def test_a_question_context_without_questions_fails_at_the_dry_run(repo_root, tmp_path):
+    """The edits of a CounterFact file whose relation has no question template: `snakemake -n`
+    refuses the question context, naming the relation, before any job runs."""
+    import json
+
+    from editscale.data.readers import load_cases
+
+    shared = repo_root.parent / "shared" / "data" / "counterfact" / "counterfact-train.json"
+    records = [r for r in json.loads(shared.read_text())[:40] if r["prompt"].count(r["subject"]) == 1 and "{" not in r["prompt"]]
+    original = [{"case_id": i, "requested_rewrite": {"prompt": r["prompt"].replace(r["subject"], "{}", 1), "subject": r["subject"],
+                                                     "relation_id": "P0", "target_new": {"str": r["target_new"]},
+                                                     "target_true": {"str": r["ground_truth"]}},
+                 "paraphrase_prompts": [r["rephrase_prompt"]], "neighborhood_prompts": [r["locality_prompt"]],
+                 "attribute_prompts": [], "generation_prompts": []}
+                for i, r in enumerate(records)]
+    wd = copy_workflow(repo_root, tmp_path / "wf")
+    (wd / "data").mkdir(exist_ok=True)
+    (wd / "data" / "cf.json").write_text(json.dumps(original))
+    assert {c["relation_id"] for c in load_cases({"reader": "counterfact", "path": str(wd / "data" / "cf.json")})} == {"P0"}
+
+    def _answers_on_cf(cfg, contexts=("cloze", "question")):
+        _with_answers(cfg)
+        cfg["metrics"]["answers"]["contexts"] = list(contexts)
+        cfg["datasets"] = {"cf": {"reader": "counterfact", "path": "data/cf.json"}}
+        cfg["runs"][0]["dataset"] = "cf"
+
+    set_config(wd, _answers_on_cf)
+    res = snakemake(wd, "-n", check=False)
+    text = res.stdout + res.stderr
+    assert res.returncode != 0 and "metrics.answers.contexts ['question']" in text and "relation(s) 'P0'" in text, text[-2000:]
+    assert not (wd / "results").exists()  # nothing ran
+    set_config(wd, lambda cfg: cfg["metrics"]["answers"].update(contexts=["cloze"]))
+    assert planned_jobs(snakemake(wd, "-n"))["edit_segment"] == 2
 
 
 def _with_answers(cfg) -> None:

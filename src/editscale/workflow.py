@@ -261,38 +261,50 @@ def export_plugins(config: dict) -> None:
 
 
 def check_sequence_lengths(config: dict) -> None:
-    """Each run's n_edits fits its usable edit sequence, checked at plan time wherever it can be
-    known: from results/{run}/edits.jsonl once built (a raised n_edits), else from the built
-    dataset, else from a local dataset source read here."""
+    """Each run's n_edits fits its usable edit sequence, and each metric reads its cases (a
+    metric's `check_cases`: e.g. answers' question contexts need a question for every edit),
+    checked at plan time wherever the sequence can be known: from results/{run}/edits.jsonl once
+    built (a raised n_edits), else from the built dataset, else from a local dataset source read
+    here. A sequence that depends on a download not made yet is checked by its jobs."""
     from .data.readers import load_cases
     from .data.sequence import read_order, check_length, usable_cases
     from .io import read_jsonl
+    from .registry import resolve
 
+    registry = metrics_registry()
+    case_checks = [(name, resolve(registry[name].check_cases, f"metric {name}'s check_cases"))
+                   for name in config["metrics"] if name in registry and registry[name].check_cases]
     built: dict[str, list[dict]] = {}
     for run in config["runs"]:
         what = f"runs[{run['name']}]"
         seq = layout.run_dir(run["name"]) / "edits.jsonl"
         if seq.exists():
-            with open(seq) as fh:
-                n = sum(1 for line in fh if line.strip())
-            check_length(run["n_edits"], n, f"{seq} holds {n} edits", what)
-            continue
-        name = run["dataset"]
-        spec = config["datasets"][name]
-        if name not in built:
-            path = Path(f"data/datasets/{name}.jsonl")
-            if path.exists():
-                built[name] = read_jsonl(path)
-            elif not spec.get("url"):
-                built[name] = load_cases(dataset_spec(config, name))
-            else:
+            if not case_checks:  # counting the lines is enough
+                with open(seq) as fh:
+                    n = sum(1 for line in fh if line.strip())
+                check_length(run["n_edits"], n, f"{seq} holds {n} edits", what)
                 continue
-        order = order_file(config, run)
-        if order is not None and not Path(order).exists():
-            continue  # the sequence rule reports a missing order file
-        ids = read_order(order, str(run["sample"])) if order else None
-        usable, why = usable_cases(built[name], run["sample"], run["seed"], ids, f"dataset {name}")
-        check_length(run["n_edits"], len(usable), why, what)
+            chain = read_jsonl(seq)
+            check_length(run["n_edits"], len(chain), f"{seq} holds {len(chain)} edits", what)
+        else:
+            name = run["dataset"]
+            spec = config["datasets"][name]
+            if name not in built:
+                path = Path(f"data/datasets/{name}.jsonl")
+                if path.exists():
+                    built[name] = read_jsonl(path)
+                elif not spec.get("url"):
+                    built[name] = load_cases(dataset_spec(config, name))
+                else:
+                    continue
+            order = order_file(config, run)
+            if order is not None and not Path(order).exists():
+                continue  # the sequence rule reports a missing order file
+            ids = read_order(order, str(run["sample"])) if order else None
+            chain, why = usable_cases(built[name], run["sample"], run["seed"], ids, f"dataset {name}")
+            check_length(run["n_edits"], len(chain), why, what)
+        for name, check in case_checks:
+            check(config["metrics"][name], run, chain[: run["n_edits"]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,12 +607,13 @@ CHAT_CASE_METRICS = ("edit_scores", "history")  # the metrics that put an edit c
 def check_chat_template(config: dict, root: str | Path = ".") -> None:
     """`metrics.<edit_scores|history>.chat_template` frames a case's prompts as questions: every run
     must read a question-style dataset (its reader's `prompts`); and any metric's chat_template
-    needs each model's tokenizer to have a chat template, checked here once the model is prepared
+    (or answers' context `chat`) needs each model's tokenizer to have a chat template, checked here once the model is prepared
     (else when the job loads it)."""
     from .data.readers import READERS
 
     metrics = config.get("metrics") or {}
-    on = sorted(m for m, sec in metrics.items() if isinstance(sec, dict) and sec.get("chat_template"))
+    # chat_template: true, or a context of the chat template (answers' contexts: [chat])
+    on = sorted(m for m, sec in metrics.items() if isinstance(sec, dict) and (sec.get("chat_template") or "chat" in (sec.get("contexts") or [])))
     if not on:
         return
     for m in (m for m in on if m in CHAT_CASE_METRICS):
@@ -613,8 +626,8 @@ def check_chat_template(config: dict, root: str | Path = ".") -> None:
     for run in config["runs"]:
         prepared = Path(root) / "data" / "models" / run["model"]
         if (prepared / "tokenizer_config.json").exists() and not _has_chat_template(prepared):
-            raise EditscaleError(f"metrics.{on[0]}.chat_template is on, but model {run['model']!r} ({prepared}) has no chat "
-                                 "template (a base model): turn it off for this config")
+            raise EditscaleError(f"metrics.{on[0]} asks through the chat template (chat_template: true or context 'chat'), but model "
+                                 f"{run['model']!r} ({prepared}) has no chat template (a base model): turn it off for this config")
 
 
 def _has_chat_template(model_dir: Path) -> bool:

@@ -33,7 +33,7 @@ given its own tokens): the two readings on identical items, the gap the report d
 `readings`). Values are means over a case's prompts of a part. The question of a case is its `question` field
 where the dataset has one ("{}" for the subject), else its relation's template in QUESTIONS (by
 Wikidata relation id, geofacts' and CounterFact's); a question context on a case that has neither
-is an error naming the relation. Rows: k, item (case_id), edit_index, context, metric, value,
+is an error naming the relation, at `snakemake -n` wherever the edits are known (`check_cases`). Rows: k, item (case_id), edit_index, context, metric, value,
 stratum_lo, stratum_hi (the age stratum of the sample; [k, k] for the current edit when the sample
 did not draw it; [1, n] at k = 0).
 
@@ -122,6 +122,24 @@ def question(case: dict) -> str:
     return fill(template, case["subject"]) if "{}" in template else template
 
 
+def check_cases(section: dict, run: dict, cases: list[dict]) -> None:
+    """Plan time (editscale.workflow.check_sequence_lengths): a context other than cloze asks each
+    edit's question, so every case of the run needs one; one error naming every relation without."""
+    asking = [c for c in section.get("contexts", ["cloze"]) if c != "cloze"]
+    if not asking or "efficacy" not in section.get("parts", ["efficacy"]):
+        return
+    missing: dict[str, list[int]] = {}
+    for case in cases:
+        if not case.get("question") and str(case.get("relation_id")) not in QUESTIONS:
+            missing.setdefault(str(case.get("relation_id")), []).append(int(case.get("edit_index", 0)))
+    if missing:
+        shown = ", ".join(f"{rel!r} (edits {idx[:3]}{' ...' if len(idx) > 3 else ''})" for rel, idx in sorted(missing.items()))
+        raise EditscaleError(
+            f"metrics.answers.contexts {asking} ask each edit's question, but run {run['name']}'s edits of relation(s) {shown} have "
+            "no `question` field and no question template (editscale.evaluate.generated.QUESTIONS): use contexts: [cloze], "
+            "or a dataset whose cases carry questions")
+
+
 def references(case: dict, which: str) -> list[str]:
     """target_new or target_true, and its aliases where the dataset has them."""
     return [case[which], *(case.get(f"{which}_aliases") or [])]
@@ -177,7 +195,7 @@ def cost(run, section, corpus, f, k):
 
 
 @metric("answers", "generated answers (greedy, natural stop) scored by exact match and token F1, beside the teacher-forced scores",
-        order=25, schema=SCHEMA, cost=cost, figures={"readings": "editscale.report.plots:readings_chart"},
+        order=25, schema=SCHEMA, cost=cost, check_cases=check_cases, figures={"readings": "editscale.report.plots:readings_chart"},
         curves=(CurveSpec("generated_efficacy", "efficacy_em", label="generated answers: efficacy (exact match)", summary="gen_es", compare=True),
                 CurveSpec("generated_paraphrase", "paraphrase_em", phases=False, summary="gen_ps", compare=True),
                 CurveSpec("generated_locality", "neighborhood_kept", phases=False, summary="gen_ns"),

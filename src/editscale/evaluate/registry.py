@@ -26,7 +26,8 @@ What the report makes of a metric is declared here too: its `curves` (CurveSpec:
 curves the phase detector, the disabling-edit criterion, the summary's *_at_N columns and the
 overview figure read) and its `figures` (file stem -> "module:function", each function called as
 fn(tables, options) with options an editscale.report.plots.FigureOptions); doctor's estimate
-reads its `cost` (cost(run, section, corpus, flops_per_token, k) -> (model FLOPs, decode FLOPs)).
+reads its `cost` (cost(run, section, corpus, flops_per_token, k) -> (model FLOPs, decode FLOPs));
+`snakemake -n` calls its `check_cases` on each run's edit cases (editscale.workflow.check_sequence_lengths).
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ class Metric:
     figures: Mapping[str, str] = field(default_factory=dict)  # figure stem -> "module:function"
     schema: dict | None = None  # plugins: the JSON-schema of metrics.<name> (built-ins: schema.yaml)
     cost: str | Callable | None = None  # doctor's cost model (module doc); None = not estimated
+    # plan time: check_cases(section, run, cases) raises EditscaleError when the metric cannot read
+    # a run's edit cases (the first n_edits of its sequence), before any edit runs
+    check_cases: str | Callable | None = None
     rule: str = ""  # Snakemake rule name (default metric_<name>)
     verb: str = ""  # its `editscale` sub-command (default: the name, "_" -> "-")
     order: int = 100  # position among the metrics: report columns, the checkpoint job's order
@@ -88,7 +92,7 @@ class Metric:
 
     def refs(self) -> list[str]:
         """Its lazy `module:function` references (checked when a plugin loads)."""
-        return [r for r in (self.compute, self.cost, *self.figures.values()) if isinstance(r, str)]
+        return [r for r in (self.compute, self.cost, self.check_cases, *self.figures.values()) if isinstance(r, str)]
 
 
 # input kind -> the command-line flag that hands its files to the job (module docstring)
