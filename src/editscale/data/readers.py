@@ -22,7 +22,7 @@ from typing import Any, Callable
 from ..io import EditscaleError, write_jsonl_atomic
 from ..registry import Registry
 from .geofacts import build_geofacts
-from .schema import UNKNOWN_RELATION, fill, make_template, subsample, validate_case
+from .schema import UNKNOWN_RELATION, fill, is_template, make_template, subsample, validate_case
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def read_counterfact(path: str | os.PathLike) -> list[dict]:
         if not subject.strip():
             skips.add("empty subject", ident)
             continue
-        if prompt.count("{}") != 1 or prompt.count("{") != 1 or prompt.count("}") != 1:
+        if not is_template(prompt):
             skips.add("prompt does not hold exactly one '{}' and no other braces", ident)
             continue
         cases.append(
@@ -381,7 +381,7 @@ def read_mquake(path: str | os.PathLike) -> list[dict]:
             target_true = str(_get(rw, "target_true", dict, path, where).get("str") or "").strip()
             if not _targets_ok(target_true, target_new, skips, where):
                 continue
-            if not subject.strip() or prompt.count("{}") != 1 or prompt.count("{") != 1:
+            if not subject.strip() or not is_template(prompt):
                 skips.add("empty subject or a prompt without one '{}'", where)
                 continue
             question = str(rw.get("question") or "").strip()

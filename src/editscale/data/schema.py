@@ -63,6 +63,11 @@ PORTABILITY_ALIASES = ("target_new_aliases", "target_true_aliases")  # optional 
 UNKNOWN_RELATION = "unknown"
 
 
+def is_template(prompt: str) -> bool:
+    """A prompt template: exactly one "{}" (the subject) and no other braces, so that `fill` is exact."""
+    return prompt.count("{}") == 1 and prompt.count("{") == 1 and prompt.count("}") == 1
+
+
 def fill(template: str, subject: str) -> str:
     """The full prompt: the template with its single "{}" replaced by the subject.
 
@@ -111,7 +116,7 @@ def validate_case(d: Any, source: str | None = None) -> EditCase:
         raise EditscaleError(f"{case}: target_new equals target_true ({d['target_new']!r}); nothing to edit")
 
     prompt = d["prompt"]
-    if prompt.count("{}") != 1 or prompt.count("{") != 1 or prompt.count("}") != 1:
+    if not is_template(prompt):
         raise EditscaleError(f"{case}: field 'prompt' must contain exactly one '{{}}' and no other braces: {prompt!r}")
 
     for field in LIST_FIELDS:
