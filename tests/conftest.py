@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -12,6 +13,30 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see editscale.cli
+
+
+@contextlib.contextmanager
+def _plugin_metric(module: str, name: str):
+    """Importing a plugin metric's module registers the metric for the whole process: inside this
+    block only, so that no other test's in-process config plans a metric it never asked for (in a
+    real run only a config listing the plugin imports it)."""
+    import importlib
+    import sys
+
+    from editscale.evaluate.registry import METRICS
+
+    importlib.import_module(module)
+    try:
+        yield
+    finally:
+        METRICS._entries.pop(name, None)
+        sys.modules.pop(module, None)
+
+
+@pytest.fixture(scope="session")
+def plugin_metric():
+    """`with plugin_metric(module, name):` the plugin metric registered inside the block only."""
+    return _plugin_metric
 
 
 @pytest.fixture(scope="session")

@@ -14,17 +14,10 @@ from editscale.models.fetch import build_tiny_model
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _answers_registered_in_this_module_only():
-    """Importing the plugin registers `answers` for the whole process: taken out again after this
-    module (as tests/test_harness.py does for lm_eval)."""
-    import sys
-
-    import editscale.evaluate.generated  # noqa: F401
-    yield
-    from editscale.evaluate.registry import METRICS
-
-    METRICS._entries.pop("answers", None)
-    sys.modules.pop("editscale.evaluate.generated", None)
+def _answers_registered_in_this_module_only(plugin_metric):
+    """The plugin metric `answers` exists for this module's tests only (conftest's plugin_metric)."""
+    with plugin_metric("editscale.evaluate.generated", "answers"):
+        yield
 
 
 def _case(i: int, relation: str = "P17") -> dict:

@@ -18,19 +18,10 @@ DOWNSTREAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "downstre
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _lm_eval_registered_in_this_module_only():
-    """Importing editscale.evaluate.harness registers the plugin metric `lm_eval` for the whole
-    process: imported here rather than at collection, and taken out again after this module, so
-    that no other test's in-process config plans an lm_eval metric it never asked for (in a real
-    run only a config listing the plugin imports it)."""
-    import sys
-
-    import editscale.evaluate.harness  # noqa: F401
-    yield
-    from editscale.evaluate.registry import METRICS
-
-    METRICS._entries.pop("lm_eval", None)
-    sys.modules.pop("editscale.evaluate.harness", None)
+def _lm_eval_registered_in_this_module_only(plugin_metric):
+    """The plugin metric `lm_eval` exists for this module's tests only (conftest's plugin_metric)."""
+    with plugin_metric("editscale.evaluate.harness", "lm_eval"):
+        yield
 
 
 @pytest.mark.slow
