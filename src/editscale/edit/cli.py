@@ -56,6 +56,7 @@ def register(sub) -> None:
     q.add_argument("--out", default=None, help="output YAML (default: config/hparams/<method>/<file name>)")
     q.add_argument("--model-dir", default=None, help="a prepared model directory: also check the layers against its config.json")
     q.add_argument("--stdout", action="store_true", help="print the file instead of writing it")
+    q.add_argument("--force", action="store_true", help="replace an existing output file that differs (its diff is printed either way)")
     q.set_defaults(func=cmd_import_easyedit)
 
 
@@ -156,5 +157,17 @@ def cmd_import_easyedit(args) -> None:
         sys.stdout.write(conv.yaml())
         return
     out = Path(args.out) if args.out else Path("config/hparams") / conv.method / Path(args.file).with_suffix(".yaml").name
-    write_text_atomic(out, conv.yaml())
+    text = conv.yaml()
+    if out.exists():
+        import difflib
+
+        old = out.read_text(encoding="utf-8")
+        if old == text:
+            log.info("%s already holds this import; unchanged", out)
+            return
+        sys.stderr.write("".join(difflib.unified_diff(old.splitlines(True), text.splitlines(True), str(out), f"{out} (imported)")))
+        if not args.force:
+            raise EditscaleError(f"{out} exists and differs from the import (diff above); not overwritten: pass --out for another "
+                                 "file, or --force to replace it")
+    write_text_atomic(out, text)
     log.info("wrote %s (use it as a run's `hparams:` with method %s)", out, conv.method)

@@ -44,6 +44,8 @@ from .weights import Update, WeightState
 
 @dataclasses.dataclass(kw_only=True)
 class EmmetHparams(RRomeHparams):
+    # the reference hard-codes MEMIT's templates (emmet_main.py get_context_templates: [(10, 5)])
+    context_template_length_params: list[list[int]] = spec([[10, 5]], minimum=1, doc="[[length, count], ...] of sampled templates")
     mom2_update_weight: float = spec(minimum=0, doc="weight of C in (w C + update_norm_lambda I)^-1")
     emmet_lambda: float = spec(0.1, minimum=0, doc="ridge on the B x B constraint system (B > 1)")
     update_norm_lambda: float = spec(0.0, minimum=0, doc="ridge on the d x d system (update norm penalty)")

@@ -38,6 +38,10 @@ class MethodEntry:
     # of the same method ("" = none), and EasyEdit key -> editscale key where the names differ
     easyedit: str = ""
     easyedit_keys: tuple[tuple[str, str], ...] = ()
+    # EasyEdit keys editscale's method has no counterpart for because they change nothing it
+    # computes: key -> (the values that keep EasyEdit computing what editscale does, None = any; why).
+    # Another value is an import error naming the key.
+    easyedit_notes: tuple[tuple[str, tuple[tuple | None, str]], ...] = ()
     # planning: what `editscale doctor` estimates its jobs by, a `module:Class` reference to a
     # subclass of editscale.edit.cost.CostSpec ("" = CostSpec itself)
     cost: str = ""
@@ -50,8 +54,10 @@ def _method_from_entry_point(name: str, obj) -> MethodEntry | None:
     return _entry(obj, "") if isinstance(obj, type) else None
 
 
-def _entry(cls_or_ref, description: str, easyedit: str = "", easyedit_keys: dict | None = None, cost: str = "") -> MethodEntry:
-    interop = {"easyedit": easyedit, "easyedit_keys": tuple(sorted((easyedit_keys or {}).items())), "cost": cost}
+def _entry(cls_or_ref, description: str, easyedit: str = "", easyedit_keys: dict | None = None, cost: str = "",
+           easyedit_notes: dict | None = None) -> MethodEntry:
+    interop = {"easyedit": easyedit, "easyedit_keys": tuple(sorted((easyedit_keys or {}).items())), "cost": cost,
+               "easyedit_notes": tuple(sorted((easyedit_notes or {}).items()))}
     if isinstance(cls_or_ref, str):
         module, sep, attr = cls_or_ref.rpartition(":") if ":" in cls_or_ref else cls_or_ref.rpartition(".")  # a dotted path too
         return MethodEntry(f"{module}:{attr}" if sep else cls_or_ref, description, **interop)
@@ -67,26 +73,37 @@ METHODS: Registry[MethodEntry] = Registry("editing method", refs=lambda e: ([] i
 
 
 def register_method(name: str, cls_or_ref, description: str = "", easyedit: str = "", easyedit_keys: dict | None = None,
-                    cost: str = "") -> None:
+                    cost: str = "", easyedit_notes: dict | None = None) -> None:
     """Add a method to the registry (a plugin's module calls this at import): its class, or a
-    `module:Class` reference; (for `editscale hparams import-easyedit`) EasyEdit's alg_name of it
-    and the keys EasyEdit names differently; (for `editscale doctor`) its cost spec, a
+    `module:Class` reference; (for `editscale hparams import-easyedit`) EasyEdit's alg_name of it,
+    the keys EasyEdit names differently and the EasyEdit keys that change nothing editscale's
+    method computes (MethodEntry.easyedit_notes); (for `editscale doctor`) its cost spec, a
     `module:Class` reference to an editscale.edit.cost.CostSpec subclass. A name already taken is
     an error, so that a plugin cannot silently replace one."""
-    METHODS.add(name, _entry(cls_or_ref, description, easyedit, easyedit_keys, cost))
+    METHODS.add(name, _entry(cls_or_ref, description, easyedit, easyedit_keys, cost, easyedit_notes))
 
 
 # the built-in methods
 register_method("rome", "editscale.edit.rome:Rome", "ROME (Meng et al. 2022): rank-one update of one MLP output matrix, C^-1 k* direction, "
                 "key at the plain prompt", easyedit="ROME", cost="editscale.edit.rome:RomeCost")
 register_method("r-rome", "editscale.edit.rome:RRome", "r-ROME (Gupta et al. 2024): ROME with the template-averaged key k* used in both places "
-                "of the update", easyedit="R-ROME", cost="editscale.edit.rome:RomeCost")
+                "of the update", easyedit="R-ROME", cost="editscale.edit.rome:RomeCost",
+                # EasyEdit's r_rome/compute_u.py and compute_v.py: which keys the two places of the update read
+                easyedit_notes={
+                    "enable_random_prefix_keys": ((True,), "both keys averaged over the context templates, editscale's r-rome "
+                                                  "(false with original_implementation: true is the original ROME: --method rome)"),
+                    "enable_prompt_keys": ((False,), "true reads both keys at the plain prompt, which no editscale method does "
+                                           "(r-rome averages them over the context templates)"),
+                    "original_implementation": (None, "no effect once enable_random_prefix_keys is true (both keys averaged over the templates)"),
+                })
 register_method("memit", "editscale.edit.memit:Memit", "MEMIT (Meng et al. 2023): least-squares batch update spread over several MLP layers",
                 easyedit="MEMIT")
 register_method("emmet", "editscale.edit.emmet:Emmet", "EMMET (Gupta et al. 2024): equality-constrained batch edit of one layer (B=1 equals r-ROME)",
-                easyedit="EMMET")
+                easyedit="EMMET", easyedit_notes={"layer_selection": (None, "read nowhere by EasyEdit's EMMET (emmet_main.py edits its one layer)")})
 register_method("alphaedit", "editscale.edit.alphaedit:AlphaEdit", "AlphaEdit (Fang et al. 2025): MEMIT with the update projected on the null space "
-                "of preserved keys", easyedit="AlphaEdit", cost="editscale.edit.alphaedit:AlphaEditCost")
+                "of preserved keys", easyedit="AlphaEdit", cost="editscale.edit.alphaedit:AlphaEditCost",
+                easyedit_notes={k: (None, "read nowhere by EasyEdit's AlphaEdit (AlphaEdit_main.py solves with the projection and L2, "
+                                          "no second-moment term; so does editscale's)") for k in ("mom2_adjustment", "mom2_update_weight")})
 register_method("encore", "editscale.edit.encore:Encore", "ENCORE (Gupta et al. 2025): MEMIT + norm penalty + earlier edits' keys, with "
                 "most-probable early stopping", cost="editscale.edit.encore:EncoreCost")
 register_method("nas", "editscale.edit.nas:Nas", "NAS (2026): AlphaEdit with each target value v* scaled to the unedited model's mean ||v*||, "
@@ -97,6 +114,8 @@ register_method("prune", "editscale.edit.prune:Prune", "PRUNE (Ma et al. 2025): 
 register_method("ultraedit", "editscale.edit.ultraedit:UltraEdit", "UltraEdit (Gu et al. 2025): one gradient pass per edit, lifelong-normalized "
                 "[key | gradient], closed-form ridge update", easyedit="UltraEdit",
                 easyedit_keys={"batch_size": "tuple_size"},  # EasyEdit's cases per forward / backward pass
+                easyedit_notes={"token": (None, "read nowhere by EasyEdit's UltraEdit; editscale takes the keys at the answer tokens, "
+                                                "the UltraEdit reference's `token: ans`")},
                 cost="editscale.edit.ultraedit:UltraEditCost")
 register_method("ft-c", "editscale.edit.ftc:FineTuneConstrained", "FT-C: constrained (L-inf bounded) fine-tuning of one MLP layer on the target",
                 cost="editscale.edit.ftc:FineTuneCost")
