@@ -145,6 +145,41 @@ def test_counterfact_easyedit_reader_skips_subject_not_in_prompt(tmp_path, caplo
     assert "skipped 1 records" in caplog.text and "subject does not occur in prompt" in caplog.text
 
 
+def test_easyedit_files_without_case_id_and_as_json_lines_read_as_easyedits_loader_does(shared_data, tmp_path):
+    """EasyEdit's CounterFactDataset needs no case_id: a record without one gets
+    "<file stem>-<index>"; JSON Lines (.jsonl, or JSON values one per line) reads as the JSON list."""
+    raw = load(shared_data / "counterfact" / "counterfact-val.json")[:20]
+    bare = [{k: v for k, v in rec.items() if k != "case_id"} for rec in raw]
+    listed = tmp_path / "counterfact-val.json"
+    listed.write_text(json.dumps(bare))
+    cases = read_counterfact_easyedit(listed)
+    assert [c["case_id"] for c in cases] == [f"counterfact-val-{i:06d}" for i in range(20)]
+    assert [c["target_new"] for c in cases] == [r["target_new"] for r in raw]
+    for name in ("counterfact-val.jsonl", "counterfact-val.txt"):  # by extension, and by content
+        lines = tmp_path / "lines" / name
+        lines.parent.mkdir(exist_ok=True)
+        lines.write_text("\n".join(json.dumps(r) for r in bare) + "\n")
+        assert [{**c, "case_id": None} for c in read_counterfact_easyedit(lines)] == [{**c, "case_id": None} for c in cases]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(bare[0]) + "\n{not json\n")
+    with pytest.raises(EditscaleError, match="broken.jsonl: line 2 is not valid JSON"):
+        read_counterfact_easyedit(broken)
+
+
+def test_a_knowedit_file_is_named_as_such_when_read_with_easyedits_counterfact_reader(tmp_path):
+    """A KnowEdit ZsRE record has EasyEdit CounterFact's keys too: the more specific format wins."""
+    from editscale.data.readers import detect_reader, load_cases
+
+    sample = json.loads((Path(__file__).parent / "data" / "knowedit" / "knowedit-sample.json").read_text())
+    zsre = [r for r in sample if "rephrase_prompt" in r]
+    path = tmp_path / "ZsRE-test-all.json"
+    path.write_text(json.dumps(zsre))
+    assert detect_reader(path) == "knowedit"
+    with pytest.raises(EditscaleError, match="the file is in the format of reader 'knowedit', not 'counterfact_easyedit'"):
+        load_cases({"reader": "counterfact_easyedit", "path": str(path)})
+    assert load_cases({"reader": "knowedit", "path": str(path)})[0]["target_new"] == zsre[0]["target_new"]
+
+
 def test_zsre_mend_reader(shared_data):
     path = shared_data / "zsre" / "zsre_mend_train-1k.json"
     raw = load(path)

@@ -65,17 +65,31 @@ class _Skips:
 
 
 def _load_json_list(path: str | os.PathLike) -> list:
+    """The records of a dataset file: a JSON list, or JSON Lines (one record per line; a .jsonl
+    file, or any file that is not one JSON value but whose every line is)."""
     path = Path(path)
     if not path.is_file():
         raise EditscaleError(f"dataset file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise EditscaleError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, list):
-        raise EditscaleError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return data
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    if path.suffix != ".jsonl":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if exc.msg != "Extra data":  # not several JSON values, one per line
+                raise EditscaleError(f"{path}: not valid JSON ({exc})") from exc
+        else:
+            if not isinstance(data, list):
+                raise EditscaleError(f"{path}: expected a JSON list of records (or JSON Lines), got {type(data).__name__}")
+            return data
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise EditscaleError(f"{path}: line {number} is not valid JSON ({exc}); JSON Lines holds one record per line") from exc
+    return records
 
 
 def _get(record: Any, key: str, kind: type | tuple, path: Path, ident: Any) -> Any:
@@ -154,10 +168,13 @@ def read_counterfact(path: str | os.PathLike) -> list[dict]:
 
 
 def read_counterfact_easyedit(paths: str | os.PathLike | list) -> list[dict]:
-    """EasyEdit/KnowEdit CounterFact json (counterfact-train.json, counterfact-val.json), one or more files.
+    """EasyEdit's CounterFact json (counterfact-train.json, counterfact-val.json; JSON or JSON
+    Lines), one or more files, read as EasyEdit's CounterFactDataset does.
 
-    Each record: case_id, prompt (subject filled in), subject, target_new, ground_truth,
-    rephrase_prompt, locality_prompt, locality_ground_truth. The prompt becomes a template by
+    Each record: prompt (subject filled in), subject, target_new, ground_truth, rephrase_prompt,
+    locality_prompt, locality_ground_truth, and case_id where the file has one (EasyEdit's loader
+    needs none); a record without case_id gets "<file name without extension>-<index in the file,
+    6 digits>" (e.g. counterfact-train-000042): stable for the same file. The prompt becomes a template by
     replacing the subject's first occurrence by "{}"; records whose prompt does not contain the
     subject are skipped and counted (none in the public train/val files). The format carries no
     relation id, attribute prompts or generation prompts: relation_id is "unknown",
@@ -172,7 +189,7 @@ def read_counterfact_easyedit(paths: str | os.PathLike | list) -> list[dict]:
         n_before = len(cases)
         for i, rec in enumerate(records):
             ident = rec.get("case_id", f"#{i}") if isinstance(rec, dict) else f"#{i}"
-            case_id = _get(rec, "case_id", (int, str), path, ident)
+            case_id = _get(rec, "case_id", (int, str), path, ident) if isinstance(rec, dict) and "case_id" in rec else f"{path.stem}-{i:06d}"
             subject = _get(rec, "subject", str, path, ident)
             prompt = _get(rec, "prompt", str, path, ident).strip()
             target_new = _get(rec, "target_new", str, path, ident).strip()
@@ -474,7 +491,10 @@ def detect_reader(path: str | os.PathLike) -> str | None:
         return None
     first = records[0] if records and isinstance(records[0], dict) else {}
     hits = [name for name, reader in READERS.items() if reader.format_keys and reader.format_keys <= set(first)]
-    return hits[0] if len(hits) == 1 else None
+    # the most specific format wins: a KnowEdit record also has EasyEdit CounterFact's keys
+    most = max((len(READERS[h].format_keys) for h in hits), default=0)
+    best = [h for h in hits if len(READERS[h].format_keys) == most]
+    return best[0] if len(best) == 1 else None
 
 
 # The config's dataset entry is passed whole: `url` belongs to the download rule and `order_file`
