@@ -150,7 +150,8 @@ def test_messages_name_the_real_problem(tmp_path, tiny_study):
         validate({"models": {}, "modles": {}}, str(cfg_path))
     msg = str(err.value)
     assert "line 2" in msg and "unknown key 'modles' (did you mean 'models'?)" in msg and "allowed keys: audit" in msg
-    assert len(msg.splitlines()) == 1
+    lines = msg.splitlines()  # every problem on its line (the missing sections too), the misspelt key first, no schema dump
+    assert lines[0].endswith("problems:") and "unknown key 'modles'" in lines[1] and all(len(line) < 400 for line in lines)
 
     zsre = [{"subject": "Paris", "src": "Where is Paris?", "answers": ["France"], "alt": "Peru", "rephrase": "r",
              "loc": "nq question: q", "loc_ans": "a", "pred": "", "cond": ""}]
@@ -176,3 +177,38 @@ def test_report_before_the_run_or_with_another_config_is_one_error(repo_root, tm
     dry = subprocess.run([str(bindir / "snakemake"), "-n", "--configfile=config/test-tiny.yaml", "results/tables/summary.csv"],
                          cwd=wd, capture_output=True, text=True, env=env)
     assert dry.returncode == 0 and "report_tables" in dry.stdout, dry.stderr[-2000:]
+
+
+def test_every_problem_of_a_config_is_reported_by_one_dry_run(repo_root, tmp_path):
+    """Three problems in the config: one `snakemake -n` names all three (a misspelt key, a wrong
+    type, a bad grid), not three runs of it; a misspelt key's 'required' twin is not repeated."""
+    wd = copy_workflow(repo_root, tmp_path / "wf")
+
+    def three(cfg):
+        run = cfg["runs"][0]
+        run["n_edit"] = run.pop("n_edits")
+        run["segment"] = "three"
+        cfg["metrics"]["history"]["eval_every"] = 0
+
+    set_config(wd, three)
+    res = snakemake(wd, "-n", check=False)
+    text = res.stdout + res.stderr
+    assert res.returncode != 0 and "3 problems:" in text, text[-3000:]
+    for part in ("runs.0: unknown key 'n_edit' (did you mean 'n_edits'?)", "runs.0.segment: 'three' is not of type 'integer'",
+                 "metrics.history.eval_every: 0 is none of the allowed forms"):
+        assert part in text
+    assert "'n_edits' is a required property" not in text
+
+
+def test_the_cross_checks_of_a_config_are_reported_together(repo_root):
+    from editscale.workflow import load_config, prepare
+
+    cfg = load_config(repo_root / "config/test-tiny.yaml")
+    cfg["runs"][0]["dataset"] = "nope"
+    cfg["runs"].append({**cfg["runs"][0], "name": "r2", "method": "romee", "dataset": "geofacts"})
+    cfg["report"]["decision_curves"] = ["xx"]
+    with pytest.raises(EditscaleError) as err:
+        prepare(cfg, "c.yaml")
+    msg = str(err.value)
+    assert msg.startswith("3 problems:") and "runs[rome-tiny].dataset = 'nope'" in msg
+    assert "runs[r2].method: unknown editing method 'romee' (did you mean 'rome'?)" in msg and "report.decision_curves: ['xx']" in msg

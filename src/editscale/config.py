@@ -14,12 +14,13 @@ import copy
 import dataclasses
 import difflib
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .io import EditscaleError
+from .io import EditscaleError, Problems
 
 SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
 
@@ -107,20 +108,31 @@ def validate(config: dict, source: str = "config") -> dict:
     _fill_defaults(config, schema())
     validator = jsonschema.Draft202012Validator(schema())
     # a misspelt key first: it usually explains the "required" error beside it
-    errors = sorted(validator.iter_errors(config), key=lambda e: (list(e.absolute_path), e.validator != "additionalProperties"))
-    if errors:
-        e = errors[0]
-        where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
+    errors = sorted(validator.iter_errors(config), key=lambda e: (list(map(str, e.absolute_path)), e.validator != "additionalProperties"))
+    problems = Problems()
+    explained = set()  # (path, key): a required key that a misspelt key beside it stands for
+    for e in errors:
         if e.validator == "additionalProperties" and isinstance(e.instance, dict):
-            allowed = sorted((e.schema.get("properties") or {}))
-            unknown = [k for k in e.instance if k not in allowed]
-            near = difflib.get_close_matches(str(unknown[0]), allowed, n=1) if unknown else []
-            line = _line_of(source, str(unknown[0])) if unknown else None
-            raise EditscaleError(
-                f"{source}{f', line {line}' if line else ''}: {where}: unknown key {unknown[0]!r}"
-                + (f" (did you mean {near[0]!r}?)" if near else "") + f"; allowed keys: {', '.join(allowed)}"
-            )
-        raise EditscaleError(f"{source}: {where}: {_message(e)}")
+            allowed = list(e.schema.get("properties") or {})
+            explained |= {(tuple(e.absolute_path), near) for k in e.instance if k not in allowed
+                          for near in difflib.get_close_matches(str(k), allowed, n=1)}
+    for e in errors:
+        missing = re.fullmatch(r"'(.+)' is a required property", e.message) if e.validator == "required" else None
+        if missing and (tuple(e.absolute_path), missing.group(1)) in explained:
+            continue
+        with problems.check():
+            where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
+            if e.validator == "additionalProperties" and isinstance(e.instance, dict):
+                allowed = sorted((e.schema.get("properties") or {}))
+                unknown = [k for k in e.instance if k not in allowed]
+                near = difflib.get_close_matches(str(unknown[0]), allowed, n=1) if unknown else []
+                line = _line_of(source, str(unknown[0])) if unknown else None
+                raise EditscaleError(
+                    f"{source}{f', line {line}' if line else ''}: {where}: unknown key {unknown[0]!r}"
+                    + (f" (did you mean {near[0]!r}?)" if near else "") + f"; allowed keys: {', '.join(allowed)}"
+                )
+            raise EditscaleError(f"{source}: {where}: {_message(e)}")
+    problems.raise_all()
     return config
 
 

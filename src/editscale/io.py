@@ -24,6 +24,35 @@ class EditscaleError(Exception):
     """A user-facing error: the message names the bad input (config key, file, module)."""
 
 
+class Problems:
+    """The errors of independent checks gathered into one, so that a file with three problems is
+    fixed in one go rather than in three runs:
+
+        problems = Problems()
+        for run in runs:
+            with problems.check():
+                check_run(run)
+        problems.raise_all()
+    """
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    @contextlib.contextmanager
+    def check(self) -> Iterator[None]:
+        try:
+            yield
+        except EditscaleError as exc:
+            self.messages.append(str(exc))
+
+    def raise_all(self) -> None:
+        """One EditscaleError: the problem itself when there is one, else the count and each on its line."""
+        if len(self.messages) == 1:
+            raise EditscaleError(self.messages[0])
+        if self.messages:
+            raise EditscaleError(f"{len(self.messages)} problems:\n" + "\n".join("  - " + m.replace("\n", "\n    ") for m in self.messages))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync and rename it onto `path`.

@@ -561,44 +561,49 @@ def run_by_name(config: dict, name: str) -> dict:
 
 
 def check_config(config: dict) -> None:
-    """Cross-references the JSON schema cannot express; one clear error per problem."""
+    """Cross-references the JSON schema cannot express: every problem in one error (io.Problems),
+    each naming its key."""
+    from .data.readers import READERS, check_reader_options
+    from .edit.methods import get_method
+    from .evaluate.registry import curve_specs
+    from .io import Problems
+
+    problems = Problems()
     names = [r["name"] for r in config["runs"]]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
-        raise EditscaleError(f"runs: duplicate run names {sorted(dup)}")
-    from .edit.methods import get_method
-
+        problems.messages.append(f"runs: duplicate run names {sorted(dup)}")
     for run in config["runs"]:
-        try:
-            get_method(run["method"])
-        except EditscaleError as exc:
-            raise EditscaleError(f"runs[{run['name']}].method: {exc}") from None
-        for key, section in (("model", "models"), ("dataset", "datasets"), ("corpus", "corpora")):
-            if run[key] not in config[section]:
-                raise EditscaleError(f"runs[{run['name']}].{key} = {run[key]!r} is not defined under `{section}:` ({sorted(config[section])})")
-        segment_ends(run)
-        edited_modules(config, run)
-        cls = get_method(run["method"], run_hparams(run))
-        if run["edits_per_step"] > 1 and not cls.batch_edits:
-            raise EditscaleError(f"runs[{run['name']}].edits_per_step = {run['edits_per_step']}: method {run['method']!r} edits one "
-                                 "case at a time (its update has no batch form); use edits_per_step: 1, or a method with "
-                                 "batches (editscale methods: 'batches: yes')")
-    from .data.readers import READERS
-
+        with problems.check():
+            try:
+                get_method(run["method"])
+            except EditscaleError as exc:
+                raise EditscaleError(f"runs[{run['name']}].method: {exc}") from None
+            missing = [f"runs[{run['name']}].{key} = {run[key]!r} is not defined under `{section}:` ({sorted(config[section])})"
+                       for key, section in (("model", "models"), ("dataset", "datasets"), ("corpus", "corpora")) if run[key] not in config[section]]
+            if missing:
+                raise EditscaleError("; ".join(missing))
+            segment_ends(run)
+            edited_modules(config, run)
+            cls = get_method(run["method"], run_hparams(run))
+            if run["edits_per_step"] > 1 and not cls.batch_edits:
+                raise EditscaleError(f"runs[{run['name']}].edits_per_step = {run['edits_per_step']}: method {run['method']!r} edits one "
+                                     "case at a time (its update has no batch form); use edits_per_step: 1, or a method with "
+                                     "batches (editscale methods: 'batches: yes')")
     for name, spec in config["datasets"].items():
-        if spec["reader"] not in READERS:
-            raise EditscaleError(f"datasets.{name}.reader = {spec['reader']!r} is not a known reader ({sorted(READERS)})")
-        from .data.readers import check_reader_options
-
-        check_reader_options(spec, f"datasets.{name}")
-    downloads(config)  # dataset urls and paths agree (one error naming the dataset)
-    check_chat_template(config)
-    from .evaluate.registry import curve_specs
-
+        with problems.check():
+            if spec["reader"] not in READERS:
+                raise EditscaleError(f"datasets.{name}.reader = {spec['reader']!r} is not a known reader ({sorted(READERS)})")
+            check_reader_options(spec, f"datasets.{name}")
+    with problems.check():
+        downloads(config)  # dataset urls and paths agree (one error naming the dataset)
+    with problems.check():
+        check_chat_template(config)
     phase_curves = sorted(spec.name for _, spec in curve_specs() if spec.phases)
     unknown = [c for c in config["report"]["decision_curves"] if c not in phase_curves]
     if unknown:
-        raise EditscaleError(f"report.decision_curves: {unknown} are not curves of the registered metrics (phase curves: {phase_curves})")
+        problems.messages.append(f"report.decision_curves: {unknown} are not curves of the registered metrics (phase curves: {phase_curves})")
+    problems.raise_all()
 
 
 CHAT_CASE_METRICS = ("edit_scores", "history")  # the metrics that put an edit case's prompts to the model
