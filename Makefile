@@ -1,15 +1,21 @@
-# One-command setup and test. torch==2.13.0 (CPU wheel) goes in first so that nothing pulls
-# CUDA wheels on a machine without a GPU.
+# One-command setup and test. torch goes in first, from the index of the build asked for, so that
+# no later requirement pulls another build: PyPI's Linux x86_64 wheel of torch is the CUDA build
+# (several GB), so TORCH=cpu (the default) takes PyTorch's CPU index; TORCH=cuda takes PyPI's
+# wheel; TORCH_INDEX_URL=<url> any other index (e.g. https://download.pytorch.org/whl/cu126).
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
+TORCH ?= cpu
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX_URL ?= $(if $(filter cpu,$(TORCH)),https://download.pytorch.org/whl/cpu,)
 
 .PHONY: setup lint test test-slow test-all test-slurm run benchmark
 
 setup:
-	$(PYTHON) -m venv $(VENV)
+	$(if $(filter-out cpu cuda,$(TORCH)),$(error TORCH must be cpu or cuda (or set TORCH_INDEX_URL), got '$(TORCH)'))
+	$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: on Debian / Ubuntu, apt-get install python3-venv" >&2; exit 1; }
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)$(if $(TORCH_INDEX_URL), --index-url $(TORCH_INDEX_URL))
 	$(BIN)/pip install --quiet -e '.[test]'
 
 # the quick tier, before every commit (< 10 min on the 2-core VM); the long end-to-end checks

@@ -28,3 +28,20 @@ def test_every_rule_runs_in_the_env(repo_root):
         rules = re.findall(r"^\s*rule(?:\s+\w+)?:", text, flags=re.M)
         assert rules, smk
         assert text.count("conda:") == len(rules), f"{smk.name}: every rule needs conda: ENV"
+
+
+def test_make_setup_installs_the_torch_build_asked_for(repo_root):
+    """PyPI's Linux torch wheel is the CUDA build: `make setup` takes the CPU index unless told
+    otherwise, and refuses a variant it does not know (make -n: the commands, nothing run)."""
+    import subprocess
+
+    def torch_line(*variables):
+        res = subprocess.run(["make", "-n", "setup", *variables], cwd=repo_root, capture_output=True, text=True)
+        return res.returncode, next((line for line in res.stdout.splitlines() if "pip install" in line and "torch==" in line), res.stderr)
+
+    assert torch_line() == (0, ".venv/bin/pip install --quiet torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
+    assert torch_line("TORCH=cuda") == (0, ".venv/bin/pip install --quiet torch==2.13.0")
+    url = "https://download.pytorch.org/whl/cu126"
+    assert torch_line("TORCH=cuda", f"TORCH_INDEX_URL={url}")[1].endswith(f"--index-url {url}")
+    rc, err = torch_line("TORCH=rocm")
+    assert rc != 0 and "TORCH must be cpu or cuda" in err
