@@ -35,6 +35,8 @@ if workflow.is_main_process:  # the plan, not every job that re-reads the Snakef
     try:
         # a run longer than its usable edit sequence fails here, not at the segment that runs out
         wf.check_sequence_lengths(config)
+        # every data file a metric names (downstream task files) exists: no rule makes them
+        wf.check_data_files(config)
         # every job's predicted peak memory against resources.mem_mb / gpu_mem_gb (when set)
         check_memory(config, memories=MEMORY.jobs)
     except EditscaleError as exc:

@@ -212,3 +212,41 @@ def test_the_cross_checks_of_a_config_are_reported_together(repo_root):
     msg = str(err.value)
     assert msg.startswith("3 problems:") and "runs[rome-tiny].dataset = 'nope'" in msg
     assert "runs[r2].method: unknown editing method 'romee' (did you mean 'rome'?)" in msg and "report.decision_curves: ['xx']" in msg
+
+
+@pytest.mark.slow
+def test_a_downstream_task_file_changed_in_place_re_runs_only_the_downstream_readings(tiny_study, tmp_path, repo_root):
+    """A task file is an input of the checkpoint jobs and part of downstream's evaluation key:
+    editing it in place plans the checkpoint jobs again, recomputes downstream alone (every other
+    metric file byte for byte), and the new readings are the new file's."""
+    import hashlib
+
+    from benchmarks.snakemake_runs import add_metric_to_finished_study, checkpoint_jobs
+
+    records = [json.loads(line) for line in (repo_root.parent / "shared/data/downstream/sst2.jsonl").read_text().splitlines()[:40]]
+
+    def with_task(cfg):
+        cfg["metrics"]["downstream"]["tasks"] = {"sst2": {"path": "data/sst2.jsonl", "n_eval": 12, "n_shots": 2}}
+
+    study, workdir = tmp_path / "study", tmp_path / "copy"
+    shutil.copytree(tiny_study, study, symlinks=True)
+    (study / "data" / "sst2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    jobs, _ = add_metric_to_finished_study(study, workdir, with_task)
+    assert checkpoint_jobs(jobs) >= 1
+    snakemake(workdir)
+    downstream = sorted((workdir / "results/rome-tiny/metrics/downstream").glob("*.parquet"))
+    others = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in workdir.glob("results/rome-tiny/metrics/*/*.parquet") if p not in downstream}
+    def task_sha(p):  # the task file's sha256 the table records it was computed from
+        return json.loads(read_parquet_metadata(p)["inputs"])["task:sst2"]
+
+    assert all(task_sha(p) == hashlib.sha256((workdir / "data" / "sst2.jsonl").read_bytes()).hexdigest() for p in downstream)
+
+    flipped = [{**r, "label": 1 - int(r["label"])} for r in records]  # the same sentences, every label flipped
+    (workdir / "data" / "sst2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flipped))
+    replanned = planned_jobs(snakemake(workdir, "-n"))
+    assert checkpoint_jobs(replanned) == checkpoint_jobs(jobs) and "edit_segment" not in replanned, replanned
+    snakemake(workdir)
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in others} == others  # nothing else recomputed
+    new_sha = hashlib.sha256((workdir / "data" / "sst2.jsonl").read_bytes()).hexdigest()
+    assert all(task_sha(p) == new_sha for p in downstream)  # recomputed from the new file
+    assert planned_jobs(snakemake(workdir, "-n")) == {}

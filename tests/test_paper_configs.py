@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -110,7 +111,25 @@ def test_order_file_is_the_studys_index():
 
 @pytest.fixture(scope="module")
 def workflow_copy(repo_root, tmp_path_factory):
-    return copy_workflow(repo_root, tmp_path_factory.mktemp("paper"))
+    """A user's checkout with the downstream files put in place as docs/scale.md says."""
+    work = copy_workflow(repo_root, tmp_path_factory.mktemp("paper"))
+    (work / "data" / "downstream").mkdir(parents=True)
+    for name in ("sst2", "mrpc", "cola", "rte"):
+        shutil.copy(SHARED / "downstream" / f"{name}.jsonl", work / "data" / "downstream" / f"{name}.jsonl")
+    return work
+
+
+@pytest.mark.workflow
+def test_a_paper_config_without_its_downstream_files_fails_at_the_dry_run(repo_root, tmp_path):
+    """No rule makes the GLUE task files: `snakemake -n` names each missing one, its config key and
+    where the docs say how to get it, instead of a job failing hours into the run."""
+    wd = copy_workflow(repo_root, tmp_path / "wf")
+    res = snakemake(wd, "-n", config="config/paper/rome-gpt2-xl.yaml", check=False)
+    text = res.stdout + res.stderr
+    assert res.returncode != 0 and "4 problems:" in text, text[-3000:]
+    for name in ("sst2", "mrpc", "cola", "rte"):
+        assert f"metrics.downstream.tasks.{name}.path = data/downstream/{name}.jsonl: no such file, and no rule makes it" in text
+    assert 'docs/scale.md, "Downstream files"' in text
 
 
 @pytest.mark.slow

@@ -542,7 +542,7 @@ def test_results_join_each_runs_resolved_config_and_compare_reads_the_tables(tin
     record = json.loads((tiny_study / "results" / "rome-tiny" / "run.json").read_text())
     history = res["history"]
     assert history.height == res.tables["history"].height  # the join adds columns, never rows
-    assert set(history["hp.v_lr"].unique().to_list()) == {str(record["hparams"]["v_lr"])}
+    assert set(history["hp.v_lr"].unique().to_list()) == {record["hparams"]["v_lr"]}
     assert set(history["config_hash"].unique().to_list()) == {record["config_hash"]}
     assert set(history["hparams_file"].unique().to_list()) == {record["hparams_file"]}
     assert res.table("history", join_config=False).columns == res.tables["history"].columns
@@ -556,8 +556,18 @@ def test_results_join_each_runs_resolved_config_and_compare_reads_the_tables(tin
     assert cmp["es_at_end"][0] == summary["es_at_end"] and cmp["onset"][0] == summary["onset"]
     with pytest.raises(EditscaleError, match=r"run\(s\) \['nope'\] not in .*runs: \['rome-tiny'\]"):
         res.compare(["nope"])
-    with pytest.raises(EditscaleError, match=r"no 'es_at_7' in the summary: counts there are \['end'\]"):
+    # any count the run has reached, computed as the summary computes its columns
+    at_end_again = res.compare(["rome-tiny"], at=[6], window=None)  # 6 = n_edits: the summary's "end" window
+    assert at_end_again["es_at_6"][0] == pytest.approx(summary["es_at_end"])
+    scores = res.tables["edit_scores"].filter(pl.col("run") == "rome-tiny").sort("edit")
+    at_3 = res.compare(["rome-tiny"], at=[3], window=2)
+    assert at_3["es_at_3"][0] == pytest.approx(scores.filter(pl.col("edit").is_in([2, 3]))["es"].mean())
+    with pytest.raises(EditscaleError, match=r"--at 7: run rome-tiny has reached 6 edits"):
         res.compare(at=[7])
+    # the runs' config typed: numbers as numbers, lists as JSON text
+    assert res.runs.schema["hp.v_lr"] == pl.Float64 and res.runs.schema["segment"] == pl.Int64 and res.runs.schema["seed"] == pl.Int64
+    assert res.runs.schema["hp.layers"] == pl.Utf8 and json.loads(res.runs["hp.layers"][0]) == record["hparams"]["layers"]
+    assert repr(res).startswith(f"Results({str(tiny_study / 'results')!r}: 1 run(s) [rome-tiny]; tables [")
     with pytest.raises(EditscaleError, match="no report table 'nope'"):
         res["nope"]
 
@@ -579,6 +589,10 @@ def test_compare_cli_prints_the_table_and_names_bad_input(tiny_study, tmp_path):
     assert row.startswith("rome-tiny")
     csv = pl.read_csv(compare("--format", "csv").stdout.encode())
     assert csv["run"].to_list() == ["rome-tiny"] and "perplexity_ratio" in csv.columns
+    md = compare("--format", "markdown", "--at", "3", "end").stdout.splitlines()
+    assert md[0].startswith("| run | method |") and "es_at_3" in md[0] and md[1].startswith("| --- | --- |") and md[2].startswith("| rome-tiny |")
+    tex = compare("--format", "latex").stdout
+    assert tex.startswith("\\begin{tabular}{") and "rome-tiny" in tex and "es\\_at\\_end" in tex and tex.rstrip().endswith("\\end{tabular}")
     bad = compare("--at", "ten")
     assert bad.returncode != 0 and "--at takes edit counts or 'end', got 'ten'" in bad.stderr
     missing = compare(cwd=tmp_path)

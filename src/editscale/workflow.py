@@ -518,8 +518,36 @@ def metric_inputs(config: dict, run: dict, metric: str, k: int) -> dict[str, lis
         "heldout": lambda: [f"data/corpora/{run['model']}/{run['corpus']}/heldout.npy"],
         "factors_upto": lambda: [factors_file(run["name"], e) for e in segment_ends(run) if e <= segment_end_for(k, run["segment"])],
         "segment_factors": lambda: ([delta_file(run["name"], k - run["segment"])] if k > run["segment"] else []) + [factors_file(run["name"], k)],
+        "data": lambda: [path for _, path, _ in metric_data_files(config, metric)],
     }
     return {kind: files[kind]() for kind in get_metric(metric).inputs}
+
+
+def metric_data_files(config: dict, metric: str) -> list[tuple[str, str, str]]:
+    """(config key, path, how to get it) of each data file metric's config section names (its
+    registry entry's `data_files`; input `data`)."""
+    from .evaluate.registry import get_metric
+    from .registry import resolve
+
+    entry = get_metric(metric)
+    if entry.data_files is None or metric not in config["metrics"]:
+        return []
+    return [(f"metrics.{metric}.{key}", path, how) for key, path, how in resolve(entry.data_files)(config["metrics"][metric])]
+
+
+def check_data_files(config: dict) -> None:
+    """Every data file a metric's config names exists (no rule makes them): one error listing each
+    missing file with its config key and how to get it, at `snakemake -n`, not inside a job."""
+    from .io import Problems
+
+    problems = Problems()
+    for metric in config["metrics"]:
+        if metric not in metrics_registry():
+            continue
+        for key, path, how in metric_data_files(config, metric):
+            if not Path(path).is_file():
+                problems.messages.append(f"{key} = {path}: no such file, and no rule makes it; {how}")
+    problems.raise_all()
 
 
 def metric_flags(run: dict, metric: str, inputs) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..io import EditscaleError
 from .job import Checkpoint, ModelCache, declared_files, metric_section, parse_params, run_metric
-from .registry import INPUT_KINDS, METRICS, MULTI_FILE_KINDS, get_metric
+from .registry import INPUT_KINDS, METRICS, MULTI_FILE_KINDS, OPTIONAL_KINDS, get_metric
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ INPUT_HELP = {
     "heldout": ".npy of int64 token ids [n_seq, seq_len]: the corpus's held-out sample",
     "factors_upto": "factors files of the segments up to k (the rule's inputs): the per-edit log",
     "segment_factors": "the segment ending at k: the delta it starts from (none for the first) and its factors",
+    "data": "the data files the metric's config names (e.g. downstream's task files): their content is part of the evaluation key",
 }
 
 
@@ -68,8 +69,9 @@ def register(sub) -> None:
         p.add_argument("--model-dir", required=True, help="prepared model directory (data/models/{model})")
         p.add_argument("--k", type=int, required=True, help="checkpoint: the model after k edits (0 = unedited)")
         for kind in entry.inputs:
-            p.add_argument(INPUT_KINDS[kind], nargs="+" if kind in MULTI_FILE_KINDS else None, required=kind != "factors_upto",
-                           default=[] if kind == "factors_upto" else None, help=INPUT_HELP[kind])
+            optional = kind in OPTIONAL_KINDS
+            p.add_argument(INPUT_KINDS[kind], nargs=("*" if optional else "+") if kind in MULTI_FILE_KINDS else None, required=not optional,
+                           default=[] if optional else None, help=INPUT_HELP[kind])
         p.add_argument("--out", required=True, help="output parquet")
         p.add_argument("--params-json", default="{}", help="the metric's config section as JSON (or @file.json)")
         p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the run's, else float32)")

@@ -21,6 +21,10 @@ Inputs a metric may declare (`inputs`), each a file set the rule hands the job:
   factors_upto     the factors of every segment up to k (edit log)        -> --factors PATHS
   segment_factors  the segment ending at k (grid "segments"): the delta it starts from and its
                    factors                                                -> --segment-files PATHS
+  data             the data files the metric's config section names (its `data_files`, e.g.
+                   downstream's task files): inputs of the job and part of its evaluation key,
+                   so that a changed file re-runs it and a missing one fails at `snakemake -n`
+                                                                          -> --data PATHS
 
 What the report makes of a metric is declared here too: its `curves` (CurveSpec: the per-run
 curves the phase detector, the disabling-edit criterion, the summary's *_at_N columns and the
@@ -78,6 +82,8 @@ class Metric:
     # plan time: check_cases(section, run, cases) raises EditscaleError when the metric cannot read
     # a run's edit cases (the first n_edits of its sequence), before any edit runs
     check_cases: str | Callable | None = None
+    # data_files(section) -> [(config key, path, how to get it)]: the files its config names (input `data`)
+    data_files: str | Callable | None = None
     rule: str = ""  # Snakemake rule name (default metric_<name>)
     verb: str = ""  # its `editscale` sub-command (default: the name, "_" -> "-")
     order: int = 100  # position among the metrics: report columns, the checkpoint job's order
@@ -92,18 +98,22 @@ class Metric:
 
     def refs(self) -> list[str]:
         """Its lazy `module:function` references (checked when a plugin loads)."""
-        return [r for r in (self.compute, self.cost, self.check_cases, *self.figures.values()) if isinstance(r, str)]
+        return [r for r in (self.compute, self.cost, self.check_cases, self.data_files, *self.figures.values()) if isinstance(r, str)]
 
 
 # input kind -> the command-line flag that hands its files to the job (module docstring)
-INPUT_KINDS = {"state": "--state", "edits": "--edits", "heldout": "--tokens", "factors_upto": "--factors", "segment_factors": "--segment-files"}
-MULTI_FILE_KINDS = ("state", "factors_upto", "segment_factors")  # the others are one file each
+INPUT_KINDS = {"state": "--state", "edits": "--edits", "heldout": "--tokens", "factors_upto": "--factors", "segment_factors": "--segment-files",
+               "data": "--data"}
+MULTI_FILE_KINDS = ("state", "factors_upto", "segment_factors", "data")  # the others are one file each
+OPTIONAL_KINDS = ("factors_upto", "data")  # may hand over no file
 
 
 def _checked(entry: Metric) -> Metric:
     bad = [k for k in entry.inputs if k not in INPUT_KINDS]
     if bad or entry.grid not in ("eval_every", "segments"):
         raise EditscaleError(f"metric {entry.name!r}: inputs {bad} / grid {entry.grid!r} unknown (inputs: {list(INPUT_KINDS)}; grid: eval_every | segments)")
+    if ("data" in entry.inputs) != (entry.data_files is not None):
+        raise EditscaleError(f"metric {entry.name!r}: input `data` and `data_files` go together (the files of input `data` are those data_files names)")
     if entry.schema is not None and "eval_every" not in (entry.schema.get("properties") or {}) and entry.grid == "eval_every":
         raise EditscaleError(f"metric {entry.name!r}: its schema must define eval_every (the checkpoint grid)")
     return entry

@@ -46,8 +46,9 @@ def register(sub) -> None:
     p = sub.add_parser("compare", help="terminal table of chosen runs' summaries: onset, ES/PS/NS at fixed edit counts, perplexity ratio")
     p.add_argument("runs", nargs="*", help="run names (default: every run of the summary)")
     p.add_argument("--results", default="results", help="the study's results directory (its tables/ and {run}/run.json)")
-    p.add_argument("--at", nargs="+", default=["end"], help="edit counts of the ES/PS/NS columns: counts of the summary (report.counts) or 'end'")
-    p.add_argument("--format", choices=["text", "csv"], default="text")
+    p.add_argument("--at", nargs="+", default=["end"], help="edit counts of the ES/PS/NS columns: 'end' or any count the runs have reached")
+    p.add_argument("--window", type=int, default=None, help="edits averaged ending at each count (default: the summary's, report.window)")
+    p.add_argument("--format", choices=["text", "csv", "markdown", "latex"], default="text")
     p.set_defaults(func=run_compare)
 
     p = sub.add_parser("phases", help="onset of catastrophic forgetting and disabling edits per run")
@@ -136,11 +137,12 @@ def run_phases(args) -> None:
 def run_compare(args) -> None:
     import sys
 
-    from .results import format_table, load
+    from .results import format_latex, format_markdown, format_table, load
 
     at = [a if a == "end" else _count(a) for a in args.at]
-    table = load(args.results, tables=["perplexity"]).compare(args.runs, at)
-    sys.stdout.write((table.write_csv() if args.format == "csv" else format_table(table)).rstrip("\n") + "\n")
+    table = load(args.results).compare(args.runs, at, args.window)
+    render = {"csv": lambda t: t.write_csv(), "markdown": format_markdown, "latex": format_latex, "text": format_table}[args.format]
+    sys.stdout.write(render(table).rstrip("\n") + "\n")
 
 
 def _count(text: str) -> int:

@@ -11,8 +11,9 @@
 files; the csv copies are not read) and, for every run in the summary table, its run record
 `results/{run}/run.json` (the resolved run config: method, hparams file and values, segment,
 seed, config hash). `runs` holds one row per run: the record's scalar keys as columns, and each
-hparam as `hp.<key>` (lists as JSON text). Indexing a table joins those columns on `run`
-(columns the table already has are not repeated).
+hparam as `hp.<key>`, typed (integers, floats, booleans; lists and keys whose type differs between
+runs as JSON text). Indexing a table joins those columns on `run` (columns the table already has
+are not repeated).
 """
 
 from __future__ import annotations
@@ -40,18 +41,32 @@ def _cell(value):
     return value
 
 
+def _column(values: list) -> pl.Series:
+    """A `runs` column typed by its values: Boolean, Int64, Float64 (integers and floats mixed),
+    else text (a value of another type, or types that differ between runs)."""
+    present = [v for v in values if v is not None]
+    kinds = {type(v) for v in present}
+    if kinds and kinds <= {bool}:
+        return pl.Series(values, dtype=pl.Boolean)
+    if kinds and kinds <= {int}:
+        return pl.Series(values, dtype=pl.Int64)
+    if kinds and kinds <= {int, float}:
+        return pl.Series([None if v is None else float(v) for v in values], dtype=pl.Float64)
+    return pl.Series([None if v is None else str(v) for v in values], dtype=pl.Utf8)
+
+
 def runs_frame(records: dict[str, dict]) -> pl.DataFrame:
-    """One row per run from the run records (see the module docstring); every value is text,
-    so that runs of different methods (different hparams, different types) stack."""
+    """One row per run from the run records (see the module docstring), each column typed by its
+    values (`_column`), so that runs of different methods (different hparams, different types) stack."""
     rows = []
     for run, rec in records.items():
         row = {"run": run}
         row.update({k: _cell(v) for k, v in rec.items() if k not in _RECORD_SKIP})
         row.update({f"hp.{k}": _cell(v) for k, v in (rec.get("hparams") or {}).items()})
         row["hparams_overrides"] = json.dumps(rec.get("hparams_overrides") or {}, sort_keys=True)
-        rows.append({k: (None if v is None else str(v)) for k, v in row.items()})
+        rows.append(row)
     cols = list(dict.fromkeys(c for r in rows for c in r))
-    return pl.DataFrame({c: [r.get(c) for r in rows] for c in cols}, schema={c: pl.Utf8 for c in cols})
+    return pl.DataFrame([_column([r.get(c) for r in rows]).alias(c) for c in cols]) if cols else pl.DataFrame({"run": []}, schema={"run": pl.Utf8})
 
 
 @dataclass
@@ -84,9 +99,14 @@ class Results:
             raise EditscaleError("the pandas view needs pandas and pyarrow: pip install 'editscale[pandas]'") from exc
         return self.table(name, join_config).to_pandas()
 
-    def compare(self, runs: Sequence[str] | None = None, at: Sequence[int | str] = ("end",)) -> pl.DataFrame:
+    def compare(self, runs: Sequence[str] | None = None, at: Sequence[int | str] = ("end",), window: int | None = None) -> pl.DataFrame:
         """The comparison table of `editscale compare`; see `compare_table`."""
-        return compare_table(self, runs, at)
+        return compare_table(self, runs, at, window)
+
+    def __repr__(self) -> str:
+        runs = self.tables["summary"]["run"].to_list() if "summary" in self.tables else []
+        shown = ", ".join(runs[:4]) + (f", ... {len(runs) - 4} more" if len(runs) > 4 else "")
+        return f"Results({str(self.root)!r}: {len(runs)} run(s) [{shown}]; tables {self.names}; runs' config: .runs, {self.runs.width} columns)"
 
 
 def load(root: str | os.PathLike = "results", tables: Iterable[str] | None = None) -> Results:
@@ -122,15 +142,18 @@ def _perplexity_ratio(res: Results, run: str) -> float | None:
     return last / base if base > 0 else None
 
 
-def compare_table(res: Results, runs: Sequence[str] | None = None, at: Sequence[int | str] = ("end",)) -> pl.DataFrame:
+def compare_table(res: Results, runs: Sequence[str] | None = None, at: Sequence[int | str] = ("end",),
+                  window: int | None = None) -> pl.DataFrame:
     """One row per chosen run (default: all): method, model, n_edits, the combined onset with its
     interval, the leading collapse indicator and its lead, ES / PS / NS at each count of `at`
-    (the summary's window means, report.window; a count must be one of the summary's, i.e.
-    report.counts up to n_edits, or "end"), beside them the summary columns of every curve marked
-    `compare` in the metric registry that the study has (e.g. metric answers' generated gen_es /
-    gen_ps / gen_port), retention of earlier edits at the end, and the perplexity ratio (last
-    checkpoint / unedited)."""
+    (the summary's window means; "end" or any edit count the run has reached: a count that is not
+    a summary column is computed from the tables as the summary computes its columns, over the last
+    `window` edits, report.window's default unless given), beside them the summary columns of every
+    curve marked `compare` in the metric registry that the study has (e.g. metric answers'
+    generated gen_es / gen_ps / gen_port), retention of earlier edits at the end, and the
+    perplexity ratio (last checkpoint / unedited)."""
     from ..evaluate.registry import curve_specs
+    from .tables import _REPORT, _curves_at
 
     extra = [spec.summary for _, spec in curve_specs() if spec.compare and spec.summary]
     summary = res.tables["summary"]
@@ -150,32 +173,55 @@ def compare_table(res: Results, runs: Sequence[str] | None = None, at: Sequence[
         row["leading_indicator"] = s.get("leading_indicator") or ""
         row["indicator_lead"] = s.get("indicator_lead")
         for label in labels:
-            for q in PROFICIENCY:
-                col = f"{q}_at_{label}"
-                if col not in summary.columns:
-                    stems = (c[len(f"{q}_at_"):] for c in summary.columns if c.startswith(f"{q}_at_"))
-                    have = sorted(s_ for s_ in stems if s_ == "end" or s_.isdigit())
-                    raise EditscaleError(f"no {col!r} in the summary: counts there are {have} (report.counts up to n_edits, and 'end')")
-                row[col] = s.get(col)
-            for stem in extra:
-                if f"{stem}_at_{label}" in summary.columns:
-                    row[f"{stem}_at_{label}"] = s.get(f"{stem}_at_{label}")
+            if window is None and f"es_at_{label}" in summary.columns:
+                values = s
+            else:  # a count the summary has no column for, or another window: from the tables, as the summary computes it
+                done = s.get("edits_done")
+                count = done if label == "end" else int(label)
+                if done is None or count > int(done):
+                    raise EditscaleError(f"--at {label}: run {run} has reached {done} edits; counts: any edit count up to that, or 'end'")
+                values = _curves_at(res.tables, run, [(label, int(count))], window or _REPORT["window"])
+            for col in [f"{q}_at_{label}" for q in PROFICIENCY] + [f"{stem}_at_{label}" for stem in extra]:
+                if col in values or col.split("_at_")[0] in PROFICIENCY:
+                    row[col] = values.get(col)
         row["retention_at_end"] = s.get("retention_at_end")
         row["perplexity_ratio"] = _perplexity_ratio(res, run)
         rows.append(row)
     return pl.DataFrame(rows, infer_schema_length=None)
 
 
+def _fmt(v, digits: int) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def format_markdown(df: pl.DataFrame, digits: int = 3) -> str:
+    """A GitHub-flavoured Markdown table, numbers right-aligned."""
+    align = ["---:" if dt.is_numeric() else "---" for dt in df.dtypes]
+    rows = [[_fmt(v, digits).replace("|", "\\|") for v in r] for r in df.iter_rows()]
+    return "\n".join("| " + " | ".join(r) + " |" for r in [df.columns, align, *rows])
+
+
+def format_latex(df: pl.DataFrame, digits: int = 3) -> str:
+    """A LaTeX tabular (booktabs rules), special characters escaped, numbers right-aligned."""
+    def esc(text: str) -> str:
+        for char, repl in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"), ("_", r"\_"),
+                           ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\textasciicircum{}")):
+            text = text.replace(char, repl)
+        return text
+
+    spec = "".join("r" if dt.is_numeric() else "l" for dt in df.dtypes)
+    lines = [rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(esc(c) for c in df.columns) + r" \\", r"\midrule"]
+    lines += [" & ".join(esc(_fmt(v, digits)) for v in r) + r" \\" for r in df.iter_rows()]
+    return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"])
+
+
 def format_table(df: pl.DataFrame, digits: int = 3) -> str:
     """Aligned plain text: a header, a rule, one line per row; numbers right-aligned."""
-    def fmt(v) -> str:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.{digits}f}"
-        return str(v)
-
-    cells = [[fmt(v) for v in r] for r in df.iter_rows()]
+    cells = [[_fmt(v, digits) for v in r] for r in df.iter_rows()]
     numeric = [dt.is_numeric() for dt in df.dtypes]
     width = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(df.columns)]
     def line(vals):

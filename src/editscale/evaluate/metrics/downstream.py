@@ -34,6 +34,13 @@ def task_tokens(spec: dict) -> tuple[int, float, str]:
     return items, DEFAULT_TOKENS_PER_ITEM * (shots + 1) / 5, "assumed"
 
 
+def data_files(section: dict) -> list[tuple[str, str, str]]:
+    """The task files of the section (`tasks.<name>.path`): inputs of the jobs (registry input `data`)."""
+    return [(f"tasks.{name}.path", str(spec["path"]), "a task file is a JSONL of your own, or one of the forgetting study's GLUE "
+             "subsets (docs/scale.md, \"Downstream files\": copy or convert them first)")
+            for name, spec in (section.get("tasks") or {}).items() if isinstance(spec, dict) and spec.get("path")]
+
+
 def cost(run, section, corpus, f, k):
     per_ckpt = 0.0
     for spec in (section.get("tasks") or {}).values():
@@ -51,7 +58,8 @@ def cost(run, section, corpus, f, k):
 @metric("downstream", "few-shot downstream tasks and offline probes", order=30,
         curves=(CurveSpec("downstream_f1", "f1", label="downstream F1 (mean over tasks)", joint="downstream", summary="downstream_f1"),
                 CurveSpec("downstream_ll", "accuracy_ll", label="downstream accuracy (log-likelihood)", joint="downstream", summary="downstream_accuracy_ll")),
-        figures={"downstream": "editscale.report.plots:downstream_chart"}, cost=cost)
+        figures={"downstream": "editscale.report.plots:downstream_chart"}, cost=cost,
+        inputs=("state", "edits", "data"), data_files=data_files)
 def compute(checkpoint, cfg):
     import polars as pl
 
