@@ -44,7 +44,9 @@ if workflow.is_main_process:  # the plan, not every job that re-reads the Snakef
 METRIC_REGISTRY = wf.metrics_registry()
 
 RUNS = {run["name"]: run for run in config["runs"]}
-ENV = "../envs/editscale.yaml"  # relative to rules/*.smk, where it is used
+# every rule's conda environment: envs/editscale.yaml with editscale installed from this workflow's
+# directory and the extras of the config's metrics (editscale.workflow.conda_env)
+ENV = str(wf.write_conda_env(config, workflow.basedir))
 
 
 wildcard_constraints:

@@ -45,3 +45,30 @@ def test_make_setup_installs_the_torch_build_asked_for(repo_root):
     assert torch_line("TORCH=cuda", f"TORCH_INDEX_URL={url}")[1].endswith(f"--index-url {url}")
     rc, err = torch_line("TORCH=rocm")
     assert rc != 0 and "TORCH must be cpu or cuda" in err
+
+
+def test_the_rules_environment_installs_editscale_from_the_workflow_with_the_configs_extras(repo_root, tmp_path, plugin_metric):
+    """Snakemake copies a rule's env file under .snakemake/conda/, where the template's `-e ../`
+    names the wrong directory: the Snakefile renders it with the workflow's absolute path and the
+    extras of the config's metrics, and pip installs editscale from that line."""
+    import subprocess
+    import sys
+
+    from benchmarks.snakemake_runs import copy_workflow, snakemake
+    from editscale.workflow import conda_env, load_config
+
+    wd = copy_workflow(repo_root, tmp_path / "wf")
+    snakemake(wd, "-n")
+    rendered = yaml.safe_load((wd / ".snakemake/editscale/conda-env.yaml").read_text())
+    pip = next(d["pip"] for d in rendered["dependencies"] if isinstance(d, dict) and "pip" in d)
+    assert [p for p in pip if p.startswith("-e ")] == [f"-e {wd.resolve()}"]
+    template = yaml.safe_load((repo_root / "envs/editscale.yaml").read_text())
+    assert [d for d in rendered["dependencies"] if not isinstance(d, dict)] == [d for d in template["dependencies"] if not isinstance(d, dict)]
+    with plugin_metric("editscale.evaluate.harness", "lm_eval"):
+        config = load_config(repo_root / "config/test-tiny.yaml")
+        config["metrics"]["lm_eval"] = {"tasks": {"editscale_sst2": {"limit": 4}}}
+        line = next(line.strip() for line in conda_env(config, repo_root).splitlines() if line.strip().startswith("- -e "))
+    assert line == f"- -e {repo_root.resolve()}[lm-eval]"  # the plugin metric's extra
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-build-isolation", *line[2:].split(" ", 1)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "Would install editscale" in res.stdout, res.stderr[-2000:]

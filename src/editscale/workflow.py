@@ -260,6 +260,39 @@ def export_plugins(config: dict) -> None:
                       EDITSCALE_REQUIRED_EDITS=canonical_json({r["name"]: r["n_edits"] for r in config["runs"]}))
 
 
+CONDA_TEMPLATE = "envs/editscale.yaml"  # `conda env create -f` it from a checkout as it is (`-e ../`: the checkout)
+
+
+def conda_env(config: dict, workflow_dir: str | Path) -> str:
+    """envs/editscale.yaml for `snakemake --use-conda`: editscale installed from the workflow's own
+    directory (an absolute path: Snakemake copies the file under .snakemake/conda/, where the
+    template's `-e ../` would name the wrong directory), with the pip extras the config's metrics
+    need (their registry entry's `extra`, e.g. lm-eval for plugin editscale.evaluate.harness)."""
+    workflow_dir = Path(workflow_dir).resolve()
+    registry = metrics_registry()
+    extras = sorted({registry[m].extra for m in config["metrics"] if m in registry and registry[m].extra})
+    target = f"- -e {workflow_dir}" + (f"[{','.join(extras)}]" if extras else "")
+    lines = (workflow_dir / CONDA_TEMPLATE).read_text(encoding="utf-8").splitlines()
+    editable = [i for i, line in enumerate(lines) if line.strip().startswith("- -e ")]
+    if len(editable) != 1:
+        raise EditscaleError(f"{workflow_dir / CONDA_TEMPLATE}: expected one `- -e ../` line (editscale itself), found {len(editable)}")
+    i = editable[0]
+    lines[i] = lines[i][: len(lines[i]) - len(lines[i].lstrip())] + target
+    return "\n".join(["# Rendered from envs/editscale.yaml by the Snakefile (editscale.workflow.conda_env); do not edit.", *lines]) + "\n"
+
+
+def write_conda_env(config: dict, workflow_dir: str | Path, out: str | Path = ".snakemake/editscale/conda-env.yaml") -> Path:
+    """The rendered environment file (`conda_env`), rewritten only when its text changes (Snakemake
+    keys an environment by the file's content); its absolute path, the rules' `conda:`."""
+    from .io import write_text_atomic
+
+    out = Path(out).resolve()
+    text = conda_env(config, workflow_dir)
+    if not out.is_file() or out.read_text(encoding="utf-8") != text:
+        write_text_atomic(out, text)
+    return out
+
+
 def check_sequence_lengths(config: dict) -> None:
     """Each run's n_edits fits its usable edit sequence, and each metric reads its cases (a
     metric's `check_cases`: e.g. answers' question contexts need a question for every edit),

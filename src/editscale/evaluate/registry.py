@@ -84,6 +84,7 @@ class Metric:
     check_cases: str | Callable | None = None
     # data_files(section) -> [(config key, path, how to get it)]: the files its config names (input `data`)
     data_files: str | Callable | None = None
+    extra: str = ""  # the editscale pip extra its imports need: `--use-conda` environments install it
     rule: str = ""  # Snakemake rule name (default metric_<name>)
     verb: str = ""  # its `editscale` sub-command (default: the name, "_" -> "-")
     order: int = 100  # position among the metrics: report columns, the checkpoint job's order
