@@ -32,13 +32,20 @@ wf.export_plugins(config)  # every job imports the same plugins
 # each rule's mem_mb: the predicted peak RSS of its jobs (editscale.memory), computed on first use
 MEMORY = MemoryPlan(config)
 if workflow.is_main_process:  # the plan, not every job that re-reads the Snakefile (cluster jobs)
-    try:
+    from editscale.io import Problems
+
+    plan_problems = Problems()  # every plan-time problem in one error
+    with plan_problems.check():
         # a run longer than its usable edit sequence fails here, not at the segment that runs out
         wf.check_sequence_lengths(config)
+    with plan_problems.check():
         # every data file a metric names (downstream task files) exists: no rule makes them
         wf.check_data_files(config)
+    with plan_problems.check():
         # every job's predicted peak memory against resources.mem_mb / gpu_mem_gb (when set)
         check_memory(config, memories=MEMORY.jobs)
+    try:
+        plan_problems.raise_all()
     except EditscaleError as exc:
         raise ValueError(f"config error: {exc}") from None
 METRIC_REGISTRY = wf.metrics_registry()

@@ -27,6 +27,15 @@ def copy_workflow(repo: Path, dest: Path) -> Path:
     return dest
 
 
+def put_downstream_files(workdir: Path, names=("sst2", "mrpc", "cola", "rte")) -> None:
+    """The forgetting study's GLUE subsets put where the paper configs read them, as a user does
+    (docs/scale.md, "Downstream files": a copy of ../shared/data/downstream)."""
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "downstream"
+    (workdir / "data" / "downstream").mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(shared / f"{name}.jsonl", workdir / "data" / "downstream" / f"{name}.jsonl")
+
+
 def snakemake(workdir: Path, *args: str, config: str = "config/test-tiny.yaml", check: bool = True, timeout: int = 1200,
               env: dict | None = None):
     """Run snakemake (this interpreter's) in `workdir` with a clean environment plus `env`."""

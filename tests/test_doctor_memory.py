@@ -38,10 +38,11 @@ def test_a_run_that_cannot_fit_the_gpu_is_refused_at_plan_time(repo_root, tmp_pa
     """resources.gpu_mem_gb below the predicted peak of an edit job: `snakemake -n` fails naming the
     run, the rule and the figure (the Llama-3-8B study in bfloat16 on a 24 GiB card: AlphaEdit needs
     ~38.6 GiB); with 80 GiB it plans."""
-    from benchmarks.snakemake_runs import copy_workflow, set_config, snakemake
+    from benchmarks.snakemake_runs import copy_workflow, put_downstream_files, set_config, snakemake
 
     study = "config/paper/llama3-8b/methods-counterfact.yaml"
     workdir = copy_workflow(repo_root, tmp_path / "wf")
+    put_downstream_files(workdir)
     set_config(workdir, lambda c: c["resources"].update(gpu_mem_gb=24), name=study)
     res = snakemake(workdir, "-n", config=study, check=False)
     text = res.stdout + res.stderr

@@ -99,12 +99,14 @@ def test_llama3_hparams_name_llama3_modules(repo_root):
 def test_llama3_study_plans_offline(repo_root, tmp_path):
     import yaml
 
-    from benchmarks.snakemake_runs import copy_workflow, planned_jobs, snakemake
+    from benchmarks.snakemake_runs import copy_workflow, planned_jobs, put_downstream_files, snakemake
 
     cfg = yaml.safe_load((repo_root / LLAMA3_STUDY).read_text())
     (model,) = cfg["models"].values()
     assert model["source"] == LLAMA3 and model["dtype"] == "bfloat16"
-    res = snakemake(copy_workflow(repo_root, tmp_path / "wf"), "-n", config=LLAMA3_STUDY)
+    workdir = copy_workflow(repo_root, tmp_path / "wf")
+    put_downstream_files(workdir)
+    res = snakemake(workdir, "-n", config=LLAMA3_STUDY)
     jobs = planned_jobs(res)
     assert jobs["edit_segment"] == sum(r["n_edits"] // r["segment"] for r in cfg["runs"]) == 160
     assert jobs["stats"] == 5 and jobs["nullspace"] == 5  # down_proj of layers 4-8; AlphaEdit and NAS share P

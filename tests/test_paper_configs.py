@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from editscale.models.load import model_sha
 from editscale.stats.convert import convert_rome_stats, module_from_filename, read_rome_npz, rome_stats_url
 from editscale.stats.mom2 import read_stats
 from editscale.workflow import edited_modules, stats_modules
-from benchmarks.snakemake_runs import copy_workflow, planned_jobs, planned_metric_files, snakemake
+from benchmarks.snakemake_runs import copy_workflow, planned_jobs, planned_metric_files, put_downstream_files, snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = sorted((REPO / "config" / "paper").glob("*.yaml"))
@@ -113,9 +112,7 @@ def test_order_file_is_the_studys_index():
 def workflow_copy(repo_root, tmp_path_factory):
     """A user's checkout with the downstream files put in place as docs/scale.md says."""
     work = copy_workflow(repo_root, tmp_path_factory.mktemp("paper"))
-    (work / "data" / "downstream").mkdir(parents=True)
-    for name in ("sst2", "mrpc", "cola", "rte"):
-        shutil.copy(SHARED / "downstream" / f"{name}.jsonl", work / "data" / "downstream" / f"{name}.jsonl")
+    put_downstream_files(work)
     return work
 
 

@@ -43,14 +43,16 @@ class Problems:
         try:
             yield
         except EditscaleError as exc:
-            self.messages.append(str(exc))
+            self.messages += getattr(exc, "problems", None) or [str(exc)]  # another Problems' error: its problems, flat
 
     def raise_all(self) -> None:
         """One EditscaleError: the problem itself when there is one, else the count and each on its line."""
         if len(self.messages) == 1:
             raise EditscaleError(self.messages[0])
         if self.messages:
-            raise EditscaleError(f"{len(self.messages)} problems:\n" + "\n".join("  - " + m.replace("\n", "\n    ") for m in self.messages))
+            exc = EditscaleError(f"{len(self.messages)} problems:\n" + "\n".join("  - " + m.replace("\n", "\n    ") for m in self.messages))
+            exc.problems = list(self.messages)
+            raise exc
 
 
 @contextlib.contextmanager
