@@ -97,6 +97,11 @@ def run_job(words: list[str], workdir: Path, bindir: Path, log_path: Path) -> di
     text = log_path.read_text(errors="replace")
     if res.returncode != 0:
         raise SystemExit(f"{shlex.join(words)} failed ({res.returncode}):\n{text[-3000:]}")
+    return {"wall_s": wall, **parse_job_log(text)}
+
+
+def parse_job_log(text: str) -> dict:
+    """A checkpoint job's log -> its model load-and-replay seconds and each metric's own seconds."""
     metrics, load, pending = {}, 0.0, 0.0
     for line in text.splitlines():
         if m := LOADED.search(line):
@@ -105,7 +110,7 @@ def run_job(words: list[str], workdir: Path, bindir: Path, log_path: Path) -> di
         elif m := DONE.search(line):
             metrics[m.group(2)] = float(m.group(3)) - pending
             pending = 0.0
-    return {"wall_s": wall, "load_replay_s": load, "metrics": metrics}
+    return {"load_replay_s": load, "metrics": metrics}
 
 
 def measure(workdir: Path, configfile: str, run: str, ks: list[int], repeats: int, bindir: Path) -> dict:
