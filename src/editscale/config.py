@@ -96,6 +96,7 @@ def section_defaults(path: str) -> dict:
 def validate(config: dict, source: str = "config") -> dict:
     """Validate against the schema and fill in its defaults, in place; one error naming the key.
     The config's `plugins:` are imported first: a plugin metric adds its section to the schema."""
+    import jsonschema
 
     from .plugins import load_plugins
 
@@ -105,7 +106,7 @@ def validate(config: dict, source: str = "config") -> dict:
     load_plugins(plugins)
 
     _fill_defaults(config, schema())
-    validator = _validator(schema())
+    validator = jsonschema.Draft202012Validator(schema())
     # a misspelt key first: it usually explains the "required" error beside it
     errors = sorted(validator.iter_errors(config), key=lambda e: (list(map(str, e.absolute_path)), e.validator != "additionalProperties"))
     problems = Problems()
@@ -133,16 +134,6 @@ def validate(config: dict, source: str = "config") -> dict:
             raise EditscaleError(f"{source}: {where}: {_message(e)}")
     problems.raise_all()
     return config
-
-
-def _validator(node: dict):
-    """A JSON-schema validator whose "integer" is an int: JSON Schema counts 3.0 as an integer, which
-    would pass `segment: 3.0` on to range() (one error naming the key instead)."""
-    import jsonschema
-
-    checker = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
-        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))
-    return jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=checker)(node)
 
 
 def _message(error) -> str:
@@ -215,6 +206,7 @@ def _section_type(path: str) -> type:
 def section(path: str, params: dict | None = None) -> Any:
     """One config section as a frozen dataclass: the schema's defaults updated with `params`
     (validated against the section's schema); an unknown key is one error with the nearest name."""
+    import jsonschema
 
     params = dict(params or {})
     node = _node(path)
@@ -224,7 +216,7 @@ def section(path: str, params: dict | None = None) -> Any:
         near = difflib.get_close_matches(unknown[0], list(props), n=1)
         raise EditscaleError(f"{path}: unknown key {unknown[0]!r}" + (f" (did you mean {near[0]!r}?)" if near else "") + f"; known: {sorted(props)}")
     values = {**section_defaults(path), **params}
-    errors = list(_validator(node).iter_errors(values))
+    errors = list(jsonschema.Draft202012Validator(node).iter_errors(values))
     if errors:
         e = errors[0]
         raise EditscaleError(f"{path}.{'.'.join(str(p) for p in e.absolute_path)}: {_message(e)}")
