@@ -250,3 +250,25 @@ def test_a_downstream_task_file_changed_in_place_re_runs_only_the_downstream_rea
     new_sha = hashlib.sha256((workdir / "data" / "sst2.jsonl").read_bytes()).hexdigest()
     assert all(task_sha(p) == new_sha for p in downstream)  # recomputed from the new file
     assert planned_jobs(snakemake(workdir, "-n")) == {}
+
+
+def test_an_integral_float_for_an_integer_key_means_that_integer(repo_root):
+    """JSON Schema counts 3.0 as an integer and passed the float on to range() (issue 32 item 6):
+    every integer key, in runs, metric sections, grids and lists, now holds an int after validation,
+    so a plan, a range() and a hash see one spelling; a non-integral float stays an error."""
+    import yaml
+
+    from editscale.config import section, validate
+
+    cfg = yaml.safe_load((repo_root / "config/test-tiny.yaml").read_text())
+    cfg["runs"][0].update(segment=3.0, n_edits=6.0)
+    cfg["metrics"]["history"] = {"eval_every": {"per_decade": 3.0, "start": 10.0}, "sample": 100.0}
+    cfg["metrics"]["perplexity"] = {"eval_every": [0, 2.0]}
+    validate(cfg, "c.yaml")
+    values = [cfg["runs"][0]["segment"], cfg["runs"][0]["n_edits"], *cfg["metrics"]["history"]["eval_every"].values(),
+              cfg["metrics"]["history"]["sample"], *cfg["metrics"]["perplexity"]["eval_every"]]
+    assert values == [3, 6, 3, 10, 100, 0, 2] and all(type(v) is int for v in values)
+    assert type(section("metrics.history", {"sample": 100.0}).sample) is int
+    cfg["runs"][0]["segment"] = 2.5
+    with pytest.raises(EditscaleError, match=r"runs\.0\.segment: 2\.5 is not of type 'integer'"):
+        validate(cfg, "c.yaml")

@@ -106,6 +106,7 @@ def validate(config: dict, source: str = "config") -> dict:
     load_plugins(plugins)
 
     _fill_defaults(config, schema())
+    _integral_floats_to_int(config, schema())
     validator = jsonschema.Draft202012Validator(schema())
     # a misspelt key first: it usually explains the "required" error beside it
     errors = sorted(validator.iter_errors(config), key=lambda e: (list(map(str, e.absolute_path)), e.validator != "additionalProperties"))
@@ -174,6 +175,45 @@ def _fill_defaults(obj, node: dict) -> None:
             _fill_defaults(item, node["items"])
 
 
+def _integral_floats_to_int(obj, node: dict):
+    """`segment: 3.0` means 3: an integral float where the schema wants an integer (and no form takes
+    a float) becomes that int, in place, so that range() and every hash see one spelling of the
+    number (JSON Schema accepts 3.0 as an integer and would pass the float on)."""
+    node = _resolved(node)
+    forms = [_resolved(f) for f in (node.get("oneOf") or node.get("anyOf") or [node])]
+    if isinstance(obj, float) and obj.is_integer():
+        kinds = [k for f in forms for k in _kinds(f)]
+        return int(obj) if "integer" in kinds and "number" not in kinds else obj
+    shape = "object" if isinstance(obj, dict) else "array" if isinstance(obj, list) else None
+    form = next((f for f in forms if shape in _kinds(f)), None) if shape else None
+    if shape == "object" and form is not None:
+        props = form.get("properties") or {}
+        extra = form.get("additionalProperties")
+        for key in obj:
+            sub = props.get(key, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                obj[key] = _integral_floats_to_int(obj[key], sub)
+    elif shape == "array" and form is not None and isinstance(form.get("items"), dict):
+        obj[:] = [_integral_floats_to_int(item, form["items"]) for item in obj]
+    return obj
+
+
+def _resolved(node: dict) -> dict:
+    """A schema node with its local `$ref` (#/$defs/...) followed."""
+    ref = node.get("$ref") if isinstance(node, dict) else None
+    if not ref:
+        return node
+    target = _file_schema()
+    for part in ref.removeprefix("#/").split("/"):
+        target = target[part]
+    return {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+
+
+def _kinds(node: dict) -> list[str]:
+    kinds = node.get("type") or []
+    return kinds if isinstance(kinds, list) else [kinds]
+
+
 _JSON_TYPES = {"integer": int, "number": float, "boolean": bool, "string": str, "array": list, "object": dict, "null": type(None)}
 
 
@@ -216,6 +256,7 @@ def section(path: str, params: dict | None = None) -> Any:
         near = difflib.get_close_matches(unknown[0], list(props), n=1)
         raise EditscaleError(f"{path}: unknown key {unknown[0]!r}" + (f" (did you mean {near[0]!r}?)" if near else "") + f"; known: {sorted(props)}")
     values = {**section_defaults(path), **params}
+    _integral_floats_to_int(values, node)
     errors = list(jsonschema.Draft202012Validator(node).iter_errors(values))
     if errors:
         e = errors[0]
