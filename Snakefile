@@ -28,7 +28,7 @@ try:
     wf.prepare(config, CONFIGFILES)
 except EditscaleError as exc:
     raise ValueError(f"config error: {exc}") from None
-wf.export_plugins(config)  # every job imports the same plugins
+wf.export_job_environment(config)  # every job: the same plugins, n_edits, device
 # each rule's mem_mb: the predicted peak RSS of its jobs (editscale.memory), computed on first use
 MEMORY = MemoryPlan(config)
 if workflow.is_main_process:  # the plan, not every job that re-reads the Snakefile (cluster jobs)

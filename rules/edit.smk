@@ -65,7 +65,6 @@ rule edit_segment:
         model_dir=lambda w: f"data/models/{RUNS[w.run]['model']}",
         precomputed=lambda w: wf.precomputed_flags(config, RUNS[w.run]),
         k=lambda w: int(w.k),
-        device=config["resources"]["device"],
     log:
         "results/logs/{run}/edit_segment_{k}.log",
     benchmark:
@@ -81,4 +80,4 @@ rule edit_segment:
         "editscale --threads {threads} edit-segment --model-dir {params.model_dir} --run-json {input.run}"
         " --edits {input.edits} --previous {input.previous} --k {params.k} --templates {input.templates}"
         " --precomputed {params.precomputed}"
-        " --out-delta {output.delta} --out-factors {output.factors} --device {params.device} 2> {log}"
+        " --out-delta {output.delta} --out-factors {output.factors} 2> {log}"

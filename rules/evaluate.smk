@@ -29,7 +29,6 @@ for _metric in METRIC_REGISTRY.values():
             verb=_metric.command,
             # every declared input, handed to the command by name (--state, --edits, --tokens, ...)
             flags=lambda w, input, m=_metric.name: wf.metric_flags(RUNS[w.run], m, input),
-            device=f"--device {config['resources']['device']}" if _metric.device else "",
         log:
             f"results/logs/{{run}}/{_metric.name}_{{k}}.log",
         benchmark:
@@ -43,7 +42,7 @@ for _metric in METRIC_REGISTRY.values():
             ENV
         shell:
             "editscale --threads {threads} {params.verb} --model-dir {params.model_dir}"
-            " --k {params.k} {params.flags} --params-json {params.cfg:q} --out {output} {params.device} 2> {log}"
+            " --k {params.k} {params.flags} --params-json {params.cfg:q} --out {output} 2> {log}"
 
 
 localrules:
@@ -85,7 +84,6 @@ for _run in config["runs"]:
                 k=lambda w: int(w.k),
                 outs=lambda w, output, ms=_metrics: " ".join(f"{m}={f}" for m, f in zip(ms, output)),
                 flags=lambda w, input: wf.eval_group_flags(input),
-                device=f"--device {config['resources']['device']}",
             log:
                 f"results/logs/{_run['name']}/evaluate_{{k}}.log",
             benchmark:
@@ -98,4 +96,4 @@ for _run in config["runs"]:
                 ENV
             shell:
                 "editscale --threads {threads} evaluate --model-dir {params.model_dir} --k {params.k}"
-                " --metric {params.outs} --configs {input.configs} {params.flags} {params.device} 2> {log}"
+                " --metric {params.outs} --configs {input.configs} {params.flags} 2> {log}"

@@ -14,7 +14,6 @@ rule corpus_tokens:
         meta="data/corpora/{model}/{corpus}/corpus.json",
     params:
         spec=lambda w: wf.canonical_json(config["corpora"][w.corpus]),
-        device=config["resources"]["device"],
         dtype=lambda w: config["models"][w.model]["dtype"],
     log:
         "results/logs/corpus/{model}/{corpus}.log",
@@ -28,7 +27,7 @@ rule corpus_tokens:
         ENV
     shell:
         "editscale --threads {threads} corpus --model-dir data/models/{wildcards.model} --corpus-json {params.spec:q}"
-        " --out-dir data/corpora/{wildcards.model}/{wildcards.corpus} --device {params.device}"
+        " --out-dir data/corpora/{wildcards.model}/{wildcards.corpus}"
         " --dtype {params.dtype} 2> {log}"
 
 
@@ -42,7 +41,6 @@ rule stats:
         "results/stats/{model}/{corpus}/{module}.h5",
     params:
         spec=lambda w: wf.canonical_json(config["corpora"][w.corpus]),
-        device=config["resources"]["device"],
         dtype=lambda w: config["models"][w.model]["dtype"],
     log:
         "results/logs/stats/{model}/{corpus}/{module}.log",
@@ -57,7 +55,7 @@ rule stats:
     shell:
         "editscale --threads {threads} stats --model-dir data/models/{wildcards.model} --tokens {input.tokens}"
         " --corpus-json {params.spec:q} --corpus-id {wildcards.corpus} --modules {wildcards.module}"
-        " --out-dir results/stats/{wildcards.model}/{wildcards.corpus} --device {params.device}"
+        " --out-dir results/stats/{wildcards.model}/{wildcards.corpus}"
         " --dtype {params.dtype} 2> {log}"
 
 

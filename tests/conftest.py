@@ -206,7 +206,7 @@ def second_moment():
 
 @pytest.fixture(scope="session")
 def make_run(repo_root):
-    """make_run(tmp_path, model_dir, method=..., hparams=..., n=4, per_step=1, segment=2) ->
+    """make_run(tmp_path, model_dir, method=..., hparams=..., n=4, per_step=1, segment=2, seed=0) ->
     (run_dir, resolved run record, {module: stats file}): a run directory as the workflow's first
     jobs leave it (run.json, edits.jsonl of n geofacts cases, templates.json, second moments)."""
     from editscale.data.geofacts import build_geofacts
@@ -218,9 +218,9 @@ def make_run(repo_root):
     from editscale.stats.mom2 import compute_mom2, write_mom2
     from editscale.workflow import run_record
 
-    def make(tmp_path, model_dir, method="rome", hparams="config/hparams/rome/tiny.yaml", n=4, per_step=1, segment=2):
+    def make(tmp_path, model_dir, method="rome", hparams="config/hparams/rome/tiny.yaml", n=4, per_step=1, segment=2, seed=0):
         run = {"name": "r", "model": "m", "method": method, "hparams": str(repo_root / hparams), "segment": segment,
-               "edits_per_step": per_step, "seed": 0}
+               "edits_per_step": per_step, "seed": seed}
         resolved = resolve_run(run_record({"models": {"m": {"source": "tiny:gpt2", "dtype": "float32"}}}, run))
         run_dir = tmp_path / "run"
         write_json_atomic(run_dir / "run.json", resolved)

@@ -126,3 +126,78 @@ def test_stale_or_foreign_context_templates_are_refused(make_run, tmp_path, tiny
     with pytest.raises(EditscaleError, match=r"sampled with the 'memit' rule but this method follows the 'rome' rule"):
         run_segment(model_dir, SegmentFiles.in_run(run_dir, SEGMENT, SEGMENT), resolved, {"mom2": stats}, path)
     assert not (run_dir / "deltas").exists() or not any((run_dir / "deltas").iterdir())
+
+
+def test_a_recomputed_segment_has_the_content_hash_of_the_first(make_run, tmp_path, tiny_model_dirs):
+    """Issue 32 item 7: factors files hold per-edit wall time, so their bytes differ run to run; the
+    content hash (what later segments, evaluation keys and the audit compare) leaves timing and
+    provenance out and is the same for a bit-identical recomputation, and changes with a value."""
+    import h5py
+
+    from editscale.edit.chain import state_content_sha256
+    from editscale.io import sha256_file
+
+    model_dir = tiny_model_dirs("gpt2")
+    run_dir, resolved, stats = make_run(tmp_path, model_dir)
+    _run_all(model_dir, run_dir, resolved, stats, 2)
+    paths = [delta_path(run_dir, 2), factors_path(run_dir, 2)]
+    before = [(sha256_file(p), read_delta(p)[1]["content_sha256"] if "deltas" in str(p) else read_factors(p)[3]["content_sha256"]) for p in paths]
+    for p in paths:
+        p.unlink()
+    run_segment(model_dir, SegmentFiles.in_run(run_dir, 2, SEGMENT), resolved, {"mom2": stats}, run_dir / "templates.json")
+    after = [(sha256_file(p), read_delta(p)[1]["content_sha256"] if "deltas" in str(p) else read_factors(p)[3]["content_sha256"]) for p in paths]
+    assert [b[0] for b in before] != [a[0] for a in after]  # the bytes differ (seconds, created_at)
+    assert [b[1] for b in before] == [a[1] for a in after]  # the content does not
+    assert read_delta(paths[0])[1]["factors_content_sha256"] == after[1][1]
+    with h5py.File(paths[1], "r+") as f:  # a timing column is not content ...
+        f["log/seconds"][0] = 1e6
+        assert state_content_sha256(f) == after[1][1]
+        f["log/v_loss"][0] = f["log/v_loss"][0] + 1.0  # ... a logged value is
+        assert state_content_sha256(f) != after[1][1]
+
+
+def test_a_segment_refuses_a_foreign_or_corrupt_state_naming_the_file_and_the_repair(make_run, tmp_path, tiny_model_dirs):
+    """Issue 32 item 4: a delta copied from another run (or another checkpoint), factors that are not
+    the delta's, or a changed value in either: the next segment fails before editing, naming the
+    file and the command that rebuilds it (before: built upon, found only by the final audit)."""
+    import shutil
+
+    import h5py
+
+    model_dir = tiny_model_dirs("gpt2")
+    run_dir, resolved, stats = make_run(tmp_path, model_dir)
+    _run_all(model_dir, run_dir, resolved, stats, 4)
+    other_dir, other_resolved, other_stats = make_run(tmp_path / "other", model_dir, seed=1)
+    _run_all(model_dir, other_dir, other_resolved, other_stats, 2)
+    next_segment = SegmentFiles.in_run(run_dir, 4, SEGMENT)
+    repair = f"rm {delta_path(run_dir, 2)} {factors_path(run_dir, 2)} && snakemake --cores all"
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for p in (delta_path(run_dir, 2), factors_path(run_dir, 2)):
+        shutil.copy2(p, saved / p.parent.name)
+
+    def restore():
+        shutil.copy2(saved / "deltas", delta_path(run_dir, 2))
+        shutil.copy2(saved / "factors", factors_path(run_dir, 2))
+
+    def refused(match):
+        with pytest.raises(EditscaleError, match=match) as err:
+            run_segment(model_dir, next_segment, resolved, {"mom2": stats}, run_dir / "templates.json")
+        assert repair in str(err.value)
+        restore()
+
+    shutil.copy2(delta_path(other_dir, 2), delta_path(run_dir, 2))  # another run's delta
+    refused(rf"{delta_path(run_dir, 2)} was written by another run")
+    shutil.copy2(delta_path(other_dir, 2), delta_path(run_dir, 2))  # another run's state, both files
+    shutil.copy2(factors_path(other_dir, 2), factors_path(run_dir, 2))
+    refused(r"continues from is not this run's")
+    shutil.copy2(delta_path(run_dir, 4), delta_path(run_dir, 2))  # this run's later checkpoint
+    refused(rf"{delta_path(run_dir, 2)} holds the state after edit 4, not after edit 2")
+    with h5py.File(delta_path(run_dir, 2), "r+") as f:  # one value changed in place
+        name = next(iter(f.keys()))
+        f[name][0, 0] = f[name][0, 0] + 1.0
+    refused(rf"delta file {delta_path(run_dir, 2)} is corrupt")
+    # the untouched state is continued from, to the same delta as before
+    first = {m: tensor_sha256(t) for m, t in read_delta(delta_path(run_dir, 4))[0].items()}
+    run_segment(model_dir, next_segment, resolved, {"mom2": stats}, run_dir / "templates.json")
+    assert {m: tensor_sha256(t) for m, t in read_delta(delta_path(run_dir, 4))[0].items()} == first

@@ -272,3 +272,36 @@ def test_an_integral_float_for_an_integer_key_means_that_integer(repo_root):
     cfg["runs"][0]["segment"] = 2.5
     with pytest.raises(EditscaleError, match=r"runs\.0\.segment: 2\.5 is not of type 'integer'"):
         validate(cfg, "c.yaml")
+
+
+@pytest.mark.slow
+def test_keys_depend_on_content_not_on_timing_or_the_device_spelling(tiny_study, tmp_path):
+    """Issue 32 item 7. `resources.device: cpu` where `auto` meant cpu re-planned the whole study
+    (corpus, statistics, every edit): the device is no rule param now, it reaches the jobs in their
+    environment. A segment recomputed bit for bit kept new per-edit seconds in its factors file,
+    which changed the evaluation key of every later checkpoint: keys hash state files by content
+    now, so the checkpoint jobs keep every metric file byte for byte, and the audit passes."""
+    import hashlib
+
+    workdir = _copy(tiny_study, tmp_path)
+
+    def device_cpu(cfg):
+        cfg.setdefault("resources", {})["device"] = "cpu"
+
+    set_config(workdir, device_cpu)
+    assert planned_jobs(snakemake(workdir, "-n")) == {}
+    kept = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in workdir.glob("results/rome-tiny/metrics/*/*.parquet")
+            if p.parent.name != "edit_scores"}
+    first = workdir / "results/rome-tiny/factors/000003.h5"
+    first_bytes = first.read_bytes()
+    first.unlink()
+    (workdir / "results/rome-tiny/deltas/000003.h5").unlink()
+    jobs = planned_jobs(snakemake(workdir, "-n"))
+    assert jobs.get("edit_segment") == 2 and sum(n for r, n in jobs.items() if r.startswith("evaluate__")) >= 1, jobs
+    snakemake(workdir)
+    assert first.read_bytes() != first_bytes  # rewritten with new per-edit seconds ...
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in kept} == kept  # ... yet every evaluation kept
+    logs = "".join(p.read_text() for p in (workdir / "results/logs/rome-tiny").glob("evaluate_*.log"))
+    assert "up to date by its evaluation key" in logs
+    rc, audit = _audit(workdir)
+    assert rc == 0, audit["failures"]

@@ -160,6 +160,17 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+DEVICE_ENV = "EDITSCALE_DEVICE"
+
+
+def job_device() -> str:
+    """The device a workflow job runs on: config `resources.device`, handed to every job in the
+    environment (workflow.export_job_environment), not as a rule param: how a device is spelled
+    ("auto" or the "cpu" it resolves to) is not what a result is computed from, and a param would
+    re-plan the whole study (issue 32 item 7). "auto" outside a workflow."""
+    return os.environ.get(DEVICE_ENV) or "auto"
+
+
 def provenance(config_hash: str = "", inputs: dict[str, str] | None = None, device: str = "cpu") -> dict[str, str]:
     """Provenance record stored with every output (HDF5 attrs / parquet metadata).
 

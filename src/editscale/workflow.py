@@ -250,14 +250,20 @@ def gpu_resources(config: dict) -> dict:
     return {"slurm_extra": "'--gres=gpu:1'", "gpu": 1} if config["resources"]["gpu"] else {}
 
 
-def export_plugins(config: dict) -> None:
-    """Every job imports the config's plugins: editscale.cli reads EDITSCALE_PLUGINS, which jobs
-    inherit from the Snakemake process. The sequence job reads each run's n_edits from
-    EDITSCALE_REQUIRED_EDITS (not a param: raising n_edits must not rebuild the sequence)."""
+def export_job_environment(config: dict) -> None:
+    """What every job reads from the environment it inherits from the Snakemake process (which
+    parses the Snakefile, on a cluster node too), not from rule params, because a param re-plans
+    every job of its rule when it changes while these change no result: the config's plugins
+    (EDITSCALE_PLUGINS, imported by editscale.cli), each run's n_edits for the sequence job
+    (EDITSCALE_REQUIRED_EDITS: raising n_edits must not rebuild the sequence), and the device
+    (EDITSCALE_DEVICE, io.job_device: "auto" and the "cpu" it resolves to are one device)."""
     import os
 
+    from .io import DEVICE_ENV
+
     os.environ.update(EDITSCALE_PLUGINS=",".join(config["plugins"]),
-                      EDITSCALE_REQUIRED_EDITS=canonical_json({r["name"]: r["n_edits"] for r in config["runs"]}))
+                      EDITSCALE_REQUIRED_EDITS=canonical_json({r["name"]: r["n_edits"] for r in config["runs"]}),
+                      **{DEVICE_ENV: config["resources"]["device"]})
 
 
 CONDA_TEMPLATE = "envs/editscale.yaml"  # `conda env create -f` it from a checkout as it is (`-e ../`: the checkout)

@@ -7,8 +7,9 @@ Checks, each reported pass/fail with the file it concerns:
   stats       every stats / projection file was computed on the model its path names (attrs
               model_sha256) and its matrices still hash to the content_sha256 recorded at write time
   delta-model every delta was computed on that run's base model
-  factors     the sha256 of each segment's factors file equals the one its delta recorded
-  delta-chain each delta's recorded predecessor sha256 equals the predecessor file on disk
+  factors     each segment's factors file holds the content its delta recorded (content_sha256:
+              its datasets, not its timing or provenance; files from before content hashes: sha256)
+  delta-chain each delta's recorded predecessor content equals the predecessor file on disk
   inputs      every input a delta, factors or metric file recorded (edit sequence, templates,
               previous checkpoint, stats and projections, state files) exists and matches
   rederive    sampled checkpoints (always the last) re-derived from base + factors equal the
@@ -44,13 +45,17 @@ class Hashes:
         return self._files[key]
 
     def content(self, path: Path) -> str:
-        """editscale.stats.mom2.verify_content, remembered (its error too)."""
+        """The verified content hash of a stats / projection file (editscale.stats.mom2.verify_content)
+        or of a delta / factors file (editscale.edit.chain.verify_state_content), remembered (its
+        error too)."""
+        from ..edit.chain import verify_state_content
         from ..stats.mom2 import verify_content
 
         key = str(path)
         if key not in self._contents:
             try:
-                self._contents[key] = verify_content(path)
+                verify = verify_state_content if "state_kind" in _h5_attrs(path) else verify_content
+                self._contents[key] = verify(path)
             except EditscaleError as exc:
                 self._contents[key] = exc
         found = self._contents[key]
@@ -158,14 +163,20 @@ def audit_run(run_dir: Path, ks: list[int], model_shas: dict[str, str], rep: Rep
         rep.add("delta-model", path, attrs.get("model_sha256") == model_sha,
                 f"delta computed on {attrs.get('model_sha256')}, run's model is {model_sha}")
         fpath = factors_path(run_dir, k)
-        ok = fpath.exists() and rep.hashes.file(fpath) == attrs.get("factors_sha256")
-        rep.add("factors", fpath, ok, "" if ok else "factors file missing or its sha256 differs from the one recorded in its delta")
-        prev = attrs.get("prev_delta_sha256")
+        # content hashes (older files: the bytes' sha256): a bit-identical recomputation still pairs
+        if "factors_content_sha256" in attrs:
+            ok, why = _content_matches(rep, fpath, attrs["factors_content_sha256"])
+        else:
+            ok, why = fpath.exists() and rep.hashes.file(fpath) == attrs.get("factors_sha256"), ""
+        rep.add("factors", fpath, ok, "" if ok else why or "factors file missing or its content differs from the one recorded in its delta")
         k_prev = k - int(run["segment"])
         if k_prev > 0:
             ppath = delta_path(run_dir, k_prev)
-            ok = ppath.exists() and rep.hashes.file(ppath) == prev
-            rep.add("delta-chain", ppath, ok, "" if ok else f"sha256 differs from the one recorded by {path.name}")
+            if "prev_delta_content_sha256" in attrs:
+                ok, why = _content_matches(rep, ppath, attrs["prev_delta_content_sha256"])
+            else:
+                ok, why = ppath.exists() and rep.hashes.file(ppath) == attrs.get("prev_delta_sha256"), ""
+            rep.add("delta-chain", ppath, ok, "" if ok else why or f"its content differs from the one recorded by {path.name}")
         if audit_inputs(path, json.loads(attrs.get("inputs", "{}") or "{}"), rep):
             rep.add("inputs", path, True)
     # Re-derive sampled checkpoints from base + all factors (replayed segment by segment from zero).
@@ -182,6 +193,15 @@ def audit_run(run_dir: Path, ks: list[int], model_shas: dict[str, str], rep: Rep
             continue
         diff = [m for m in stored if m not in derived or tensor_sha256(stored[m]) != tensor_sha256(derived[m])]
         rep.add("rederive", path, not diff, "" if not diff else f"stored tensors differ from base + factors for {diff}")
+
+
+def _content_matches(rep: Report, path: Path, recorded: str) -> tuple[bool, str]:
+    if not path.exists():
+        return False, f"{path} is missing"
+    try:
+        return rep.hashes.content(path) == recorded, ""
+    except EditscaleError as exc:
+        return False, str(exc)
 
 
 def _rederive(run_dir: Path, k: int, segment: int) -> dict:

@@ -3,14 +3,22 @@
 Segment ending at edit k reads the cumulative delta after edit k - segment and writes:
 
   deltas/{k:06d}.h5   one fp32 dataset per edited module: D_k = W_k - W_0, (out, in) orientation;
-                      attrs: model_sha256, k, config_hash, factors_sha256, prev_delta_sha256, provenance
+                      attrs: model_sha256, k, config_hash, content_sha256, factors_content_sha256,
+                      prev_delta_content_sha256, provenance
   factors/{k:06d}.h5  updates/{i:06d}: u, v fp32 (kind lowrank), dense fp32 (dense), or u, v fp64
                       and mask_bits (masked: np.packbits of the out x in mask, RECT) of every
                       update in application order, attrs module, kind, step, edit_indices;
                       log/<column>: one row per edit (case_id, edit_index, v_loss, update_norm,
                       update_rel, seconds, factor_kind, then every other scalar the method
                       returned for the edit, e.g. ROME's key_dot_u);
-                      method_state/<name>: the method's state after the segment (AlphaEdit keys)
+                      method_state/<name>: the method's state after the segment (AlphaEdit keys);
+                      attrs: as the delta's, content_sha256
+
+A state file's content_sha256 (`state_content_sha256`) hashes what it holds for the model: every
+dataset and each update's attributes, not its provenance attributes nor the per-edit seconds, so a
+segment recomputed bit for bit has the same content hash and the evaluation keys built from it do
+not change (issue 32 item 7). Every read re-hashes and compares; a segment checks the state it
+continues from (`check_previous_state`) before it edits.
 
 Replaying the factors on D_{k-segment} with the same elementwise operations (weights.add_update)
 reproduces every intermediate state bit for bit: the weights after any edit j are recovered
@@ -19,6 +27,7 @@ without re-editing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -54,12 +63,78 @@ LOG_COLUMNS = (
 # HDF5 I/O
 
 
+def _is_timing(name: str) -> bool:
+    """A log column of how long an edit took (seconds, seconds_<phase>, a method's own *seconds*)."""
+    return name.startswith("log/") and "seconds" in name
+
+
+def state_content_sha256(f: h5py.File) -> str:
+    """sha256 of what a delta or factors file holds for the model (module doc): each dataset's name,
+    dtype, shape and values and each group's attributes, in name order; the root's attributes
+    (provenance: when, where, from which files) and the timing columns of the log are left out."""
+    names: list[str] = []
+    f.visit(names.append)
+    h = hashlib.sha256()
+    for name in sorted(names):
+        obj = f[name]
+        h.update(name.encode() + b"\0")
+        if isinstance(obj, h5py.Group):
+            h.update(json.dumps({k: str(v) for k, v in sorted(obj.attrs.items())}, sort_keys=True).encode())
+        elif not _is_timing(name):
+            data = obj[()]
+            h.update(f"{data.dtype.str if data.dtype.kind != 'O' else 'str'}{data.shape}".encode())
+            if data.dtype.kind == "O":
+                h.update("\0".join(v.decode() if isinstance(v, bytes) else str(v) for v in data.reshape(-1)).encode())
+            else:
+                h.update(np.ascontiguousarray(data).tobytes())
+    return h.hexdigest()
+
+
+def _seal(f: h5py.File, kind: str) -> str:
+    """Record a freshly written state file's kind and content hash."""
+    sha = state_content_sha256(f)
+    f.attrs.update(state_kind=kind, content_sha256=sha)
+    return sha
+
+
+def verify_state_content(path, f: h5py.File | None = None) -> str | None:
+    """Re-hash a delta or factors file against the content_sha256 it recorded (an EditscaleError
+    naming the file and the repair when they differ); its hash (None for a file written before
+    content hashes: not verified, a warning)."""
+    if f is None:
+        with h5py.File(path, "r") as fh:
+            return verify_state_content(path, fh)
+    recorded = f.attrs.get("content_sha256")
+    if recorded is None:
+        log.warning("%s records no content_sha256 (written by an older editscale): its content is not verified", path)
+        return None
+    if state_content_sha256(f) != recorded:
+        raise EditscaleError(
+            f"{f.attrs.get('state_kind', 'state')} file {path} is corrupt: its content no longer matches the content_sha256 "
+            f"recorded when it was written. {_repair(path)}")
+    return str(recorded)
+
+
+def _repair(path) -> str:
+    """How to rebuild a checkpoint's state: delete its delta and factors, and Snakemake re-runs its
+    segment (and every later one)."""
+    from ..layout import delta_path, factors_path
+
+    path = Path(path)
+    run_dir, k = path.parent.parent, int(path.stem) if path.stem.isdigit() else None
+    if k is None:
+        return f"Delete it and re-run the workflow: rm {path} && snakemake --cores all"
+    return (f"Delete this checkpoint's state and re-run the workflow, which recomputes its segment and every later one: "
+            f"rm {delta_path(run_dir, k)} {factors_path(run_dir, k)} && snakemake --cores all")
+
+
 def write_delta(path, delta: dict[str, torch.Tensor], attrs: dict) -> None:
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             for module, d in delta.items():
                 f.create_dataset(module, data=d.cpu().numpy().astype(np.float32))
             f.attrs.update({k: v for k, v in attrs.items() if v is not None})
+            _seal(f, "delta")
 
 
 def read_delta(path, expected_model_sha: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -72,6 +147,7 @@ def read_delta(path, expected_model_sha: str | None = None) -> tuple[dict[str, t
             raise EditscaleError(
                 f"{path} was computed on model {attrs.get('model_sha256')}, not on {expected_model_sha}"
             )
+        verify_state_content(path, f)
         return {name: torch.from_numpy(f[name][()]) for name in f.keys()}, attrs
 
 
@@ -107,6 +183,7 @@ def write_factors(path, updates: list[Update], steps: list[int], rows: list[dict
             for name, arr in method_state.items():
                 sg.create_dataset(name, data=np.asarray(arr))
             f.attrs.update({k: v for k, v in attrs.items() if v is not None})
+            _seal(f, "factors")
 
 
 def read_factors(path) -> tuple[list[tuple[int, Update]], list[dict], dict[str, np.ndarray], dict]:
@@ -115,6 +192,7 @@ def read_factors(path) -> tuple[list[tuple[int, Update]], list[dict], dict[str, 
     if not path.exists():
         raise EditscaleError(f"factors file {path} not found")
     with h5py.File(path, "r") as f:
+        verify_state_content(path, f)
         updates = []
         for name in sorted(f["updates"].keys()):
             ug = f["updates"][name]
@@ -180,15 +258,52 @@ def segment_inputs(model_sha256: str, files: SegmentFiles, templates_path, preco
     from ..stats.mom2 import PRECOMPUTED_KINDS, content_sha256
 
     inputs: dict = {"model": model_sha256}
-    for role, path in (("edits", files.edits), ("templates", templates_path), ("previous_delta", files.previous_delta),
-                       ("previous_factors", files.previous_factors)):
-        if path is not None:
-            inputs[role] = {"path": str(path), "sha256": sha256_file(path)}
+    for role, path in (("edits", files.edits), ("templates", templates_path)):
+        inputs[role] = {"path": str(path), "sha256": sha256_file(path)}
+    for role, path in (("previous_delta", files.previous_delta), ("previous_factors", files.previous_factors)):
+        if path is not None:  # by content: a bit-identical recomputation is the same input
+            inputs[role] = {"path": str(path), **content_record(path)}
     for kind, paths in precomputed.items():
         for module, path in sorted(paths.items()):
             if module in modules:
                 inputs[f"{PRECOMPUTED_KINDS[kind].role}:{module}"] = {"path": str(path), "content_sha256": content_sha256(path)}
     return inputs
+
+
+def content_record(path) -> dict:
+    """How a segment or a metric records a file it read: a delta or factors file by its verified
+    content_sha256 (the audit re-verifies it), any other file (or a state file from before content
+    hashes) by the sha256 of its bytes."""
+    sha = None
+    if Path(path).suffix == ".h5":
+        with h5py.File(path, "r") as f:
+            sha = verify_state_content(path, f) if "state_kind" in f.attrs else None
+    return {"content_sha256": sha} if sha is not None else {"sha256": sha256_file(path)}
+
+
+def _attrs(path) -> dict:
+    with h5py.File(path, "r") as f:
+        return dict(f.attrs)
+
+
+def check_previous_state(files: SegmentFiles, run: dict, delta_attrs: dict, factors_attrs: dict) -> None:
+    """The state a segment continues from must be this run's checkpoint k_start: both files written
+    by a run with this run's config_hash at k_start, and the factors the ones the delta recorded (a
+    delta copied from another run, or from another checkpoint, is refused before any edit: it
+    would otherwise be built upon and found only by the final audit). Contents were verified on read."""
+    problems = []
+    for path, attrs in ((files.previous_delta, delta_attrs), (files.previous_factors, factors_attrs)):
+        if int(attrs.get("k", -1)) != files.k_start:
+            problems.append(f"{path} holds the state after edit {attrs.get('k')}, not after edit {files.k_start}")
+        if run.get("config_hash") and attrs.get("config_hash") != run["config_hash"]:
+            problems.append(f"{path} was written by another run (config_hash {str(attrs.get('config_hash'))[:12]}..., "
+                            f"this run's is {run['config_hash'][:12]}...)")
+    recorded = delta_attrs.get("factors_content_sha256")
+    if recorded is not None and factors_attrs.get("content_sha256") != recorded:
+        problems.append(f"{files.previous_factors} is not the factors file {files.previous_delta} was written with")
+    if problems:
+        raise EditscaleError(f"the state this segment (edits {files.k_start + 1}..{files.k_end}) continues from is not this run's: "
+                             + "; ".join(problems) + ". " + _repair(files.previous_delta))
 
 
 def load_precomputed(precomputed: dict[str, dict[str, str]], modules: list[str], model_sha256: str, device) -> dict[str, dict[str, torch.Tensor]]:
@@ -260,7 +375,8 @@ def run_segment(model_dir: str | Path, files: SegmentFiles, run: dict, precomput
     prev_delta, prev_attrs, state = None, {}, None
     if k_start > 0:
         prev_delta, prev_attrs = read_delta(files.previous_delta, expected_model_sha=sha)
-        _, _, state, _ = read_factors(files.previous_factors)
+        _, _, state, prev_factors_attrs = read_factors(files.previous_factors)
+        check_previous_state(files, run, prev_attrs, prev_factors_attrs)
     weights = WeightState(model, modules, delta=prev_delta)
     editor = method_cls(model, tok, hparams, context_templates=templates, state=state or None, **inputs_by_argument)
     if k_start == 0:
@@ -314,8 +430,9 @@ def run_segment(model_dir: str | Path, files: SegmentFiles, run: dict, precomput
         "hparams": json.dumps(hparams, sort_keys=True), **provenance(run.get("config_hash", ""), inputs, str(dev)),
     }
     write_factors(files.factors, updates, steps, rows, editor.state_dict(), attrs)
-    prev_sha = inputs["previous_delta"]["sha256"] if files.previous_delta is not None else None
-    write_delta(files.delta, weights.delta, {**attrs, "factors_sha256": sha256_file(files.factors), "prev_delta_sha256": prev_sha})
+    prev_sha = prev_attrs.get("content_sha256") if files.previous_delta is not None else None
+    write_delta(files.delta, weights.delta, {**attrs, "factors_content_sha256": _attrs(files.factors)["content_sha256"],
+                                             "prev_delta_content_sha256": prev_sha})
     med = float(np.median([r["seconds"] for r in rows]))
     log.info("wrote %s and %s (median %.2f s per edit)", files.factors, files.delta, med)
 

@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from ..io import EditscaleError, sha256_json, write_json_atomic
+from ..io import EditscaleError, job_device, sha256_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--templates", required=True)
     p.add_argument("--precomputed", nargs="*", default=[], metavar="KIND:MODULE=PATH",
                    help="what the stats stage computed for the method (EditMethod.precomputed), e.g. mom2:MODULE=PATH, nullspace:MODULE=PATH")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default=job_device(), help="auto | cpu | cuda | cuda:N (default: $EDITSCALE_DEVICE, else auto)")
     p.set_defaults(func=cmd_edit_segment)
 
     p = sub.add_parser("replay", help="rebuild the edited weights after any edit j from base weights + factors")

@@ -25,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-from ..io import EditscaleError
+from ..io import EditscaleError, job_device
 from .job import Checkpoint, ModelCache, declared_files, metric_section, parse_params, run_metric
 from .registry import INPUT_KINDS, METRICS, MULTI_FILE_KINDS, OPTIONAL_KINDS, get_metric
 
@@ -53,7 +53,7 @@ def register(sub) -> None:
     p.add_argument("--k", type=int, required=True, help="checkpoint: the model after k edits (0 = unedited)")
     p.add_argument("--metric", nargs="+", required=True, metavar="NAME=OUT", help="each metric to evaluate and the parquet file it writes")
     p.add_argument("--configs", nargs="+", required=True, help="each metric's config section, results/config/metrics/{name}.json (`metric-config`)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default=job_device(), help="auto | cpu | cuda | cuda:N (default: $EDITSCALE_DEVICE, else auto)")
     for kind, flag in INPUT_KINDS.items():
         p.add_argument(flag, nargs="*", default=[], help=f"the checkpoint's `{kind}` input files (editscale.evaluate.registry); each metric gets those it declares")
     p.set_defaults(func=cmd_evaluate)
@@ -75,7 +75,7 @@ def register(sub) -> None:
         p.add_argument("--out", required=True, help="output parquet")
         p.add_argument("--params-json", default="{}", help="the metric's config section as JSON (or @file.json)")
         p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the run's, else float32)")
-        p.add_argument("--device", default="auto")
+        p.add_argument("--device", default=job_device(), help="auto | cpu | cuda | cuda:N (default: $EDITSCALE_DEVICE, else auto)")
         p.set_defaults(func=cmd_metric, metric=entry.name)
 
 

@@ -27,18 +27,25 @@ from .registry import INPUT_KINDS, MULTI_FILE_KINDS, Metric
 log = logging.getLogger(__name__)
 
 
-def sha256_file(path) -> str:
-    """io.sha256_file, once per file content in this process: a checkpoint job's metrics all
-    hash the same delta and factors files (staleness check, evaluation key, provenance)."""
+def content_record(path) -> dict:
+    """editscale.edit.chain.content_record ({"content_sha256"} of a delta / factors file, verified,
+    else {"sha256"} of the bytes), once per file content in this process: a checkpoint job's
+    metrics all hash the same delta and factors files (staleness check, evaluation key, provenance).
+    By content, so a segment recomputed bit for bit keeps every later evaluation key."""
     st = Path(path).stat()
-    return _sha256_cached(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+    return dict(_content_record_cached(str(Path(path).resolve()), st.st_mtime_ns, st.st_size))
+
+
+def content_identity(path) -> str:
+    """The identity of a file's content (`content_record`'s hash)."""
+    return next(iter(content_record(path).values()))
 
 
 @functools.lru_cache(maxsize=256)
-def _sha256_cached(path: str, mtime_ns: int, size: int) -> str:
-    from ..io import sha256_file as hash_file
+def _content_record_cached(path: str, mtime_ns: int, size: int) -> tuple:
+    from ..edit.chain import content_record as record
 
-    return hash_file(path)
+    return tuple(record(path).items())
 
 
 def parse_params(text: str | None) -> dict:
@@ -195,11 +202,11 @@ class Checkpoint:
 
     def uses(self, role: str, path) -> None:
         """Record a data file the table was computed from (its sha256 goes into the provenance)."""
-        self._extra_inputs[role] = sha256_file(path)
+        self._extra_inputs[role] = content_identity(path)
 
     def provenance_inputs(self) -> dict:
-        """The model's sha256, {path, sha256} of each declared file the table was computed from (the
-        audit re-hashes those paths), then the data files recorded with `uses`."""
+        """The model's sha256, {path, sha256 or content_sha256} of each declared file the table was
+        computed from (the audit re-hashes those paths), then the data files recorded with `uses`."""
         from ..models.load import model_sha
 
         out: dict = {"model": model_sha(self.model_dir)}
@@ -209,14 +216,14 @@ class Checkpoint:
             files["segment_start"], files["segment_factors"] = self.segment_files
         for role, path in files.items():
             if path is not None and Path(path).exists():
-                out[role] = {"path": str(path), "sha256": sha256_file(path)}
+                out[role] = {"path": str(path), **content_record(path)}
         out.update(self._extra_inputs)
         return out
 
     def evaluation_key(self, params: dict) -> str:
         """The evaluation key (module doc) for the section `params` as handed over."""
         paths = sorted({str(p) for paths in self.files.values() for p in paths})
-        return sha256_json({"params": params, "files": {p: sha256_file(p) for p in paths if Path(p).is_file()},
+        return sha256_json({"params": params, "files": {p: content_identity(p) for p in paths if Path(p).is_file()},
                             "k": self.k, "model": self.model_dir})
 
 

@@ -19,14 +19,16 @@ import json
 import logging
 from pathlib import Path
 
+from ..io import job_device
+
 log = logging.getLogger(__name__)
 
 
-def _model_args(p, device_default="auto") -> None:
+def _model_args(p) -> None:
     p.add_argument("--model-dir", required=True, help="prepared model directory, e.g. data/models/smollm2-135m")
     p.add_argument("--corpus-json", required=True,
                    help='corpus spec as JSON (or a path to a .json file), e.g. \'{"kind": "self_sample"}\'')
-    p.add_argument("--device", default=device_default, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default=job_device(), help="auto | cpu | cuda | cuda:N (default: $EDITSCALE_DEVICE, else auto)")
     p.add_argument("--dtype", default="float32", help="model dtype: float32 | float16 | bfloat16")
     # CPU threads come from the global `editscale --threads N` (a sub-command flag of the same name
     # would overwrite it with its default and drop the rule's thread budget)
