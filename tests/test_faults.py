@@ -29,8 +29,12 @@ def _copy(tiny_study, tmp_path) -> Path:
 
 
 def _audit(workdir: Path) -> tuple[int, dict]:
-    res = subprocess.run([str(Path(sys.executable).parent / "editscale"), "audit", "results"], cwd=workdir, capture_output=True, text=True)
-    return res.returncode, json.loads((workdir / "results/audit.json").read_text())
+    """The audit by hand over the tiny config's declared files: (exit code, its report)."""
+    res = subprocess.run([str(Path(sys.executable).parent / "editscale"), "audit", "--configfile", "config/test-tiny.yaml"],
+                         cwd=workdir, capture_output=True, text=True)
+    report = workdir / ("results/audit.json" if res.returncode == 0 else "results/audit.failed.json")
+    assert report.exists() and (res.returncode == 0) != (workdir / "results/audit.failed.json").exists(), res.stderr
+    return res.returncode, json.loads(report.read_text())
 
 
 def _failed(audit: dict) -> set[str]:
@@ -90,6 +94,30 @@ def test_changed_metric_value_fails_the_audit_and_reruns_it(tiny_study, tmp_path
     rc, audit = _audit(workdir)
     assert rc != 0 and rel in _failed(audit), audit["failures"]
     assert audit["started"] and rel in audit["files"]
+    # issue 32 item 1: the failed hand audit left no results/audit.json, so the workflow re-runs its
+    # own audit and fails, naming the file (before: rc 0, and the report carried the tampered value)
+    res = snakemake(workdir, check=False)
+    assert res.returncode != 0
+    assert rel in (workdir / "results/logs/audit.log").read_text()
+    assert not (workdir / "results/audit.json").exists()
+
+
+@pytest.mark.slow
+def test_the_hand_audit_checks_the_configs_declared_files(tiny_study, tmp_path):
+    """Issue 32 item 1: `editscale audit` by hand globbed results/, so it missed a deleted metric
+    file and audited runs no longer in the config; it now checks the config's declared files."""
+    workdir = _copy(tiny_study, tmp_path)
+    assert _audit(workdir)[0] == 0
+    dropped = workdir / "results/dropped-run"  # a run the config no longer has, in a broken state
+    shutil.copytree(workdir / "results/rome-tiny", dropped)
+    (dropped / "factors/000003.h5").unlink()
+    rc, audit = _audit(workdir)
+    assert rc == 0 and not any("dropped-run" in f for f in audit["files"]), audit["failures"]
+    rel = "results/rome-tiny/metrics/perplexity/000006.parquet"
+    (workdir / rel).unlink()
+    rc, audit = _audit(workdir)
+    assert rc != 0 and _failed(audit) == {rel}, audit["failures"]
+    assert "missing" in audit["failures"][0]["detail"]
 
 
 def test_run_longer_than_its_sequence_fails_at_plan_time_with_the_numbers(repo_root, tmp_path):

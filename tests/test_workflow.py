@@ -243,9 +243,9 @@ def test_audit_fails_on_tampered_delta_naming_it(tiny_study, tmp_path):
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
     bindir = Path(sys.executable).parent
-    res = subprocess.run([str(bindir / "editscale"), "audit", "results"], cwd=workdir, capture_output=True, text=True)
+    res = subprocess.run([str(bindir / "editscale"), "audit", "--configfile", "config/test-tiny.yaml"], cwd=workdir, capture_output=True, text=True)
     assert res.returncode != 0
-    audit = json.loads((workdir / "results/audit.json").read_text())
+    audit = json.loads((workdir / "results/audit.failed.json").read_text())
     failed_files = {f["file"] for f in audit["failures"]}
     assert failed_files == {"results/rome-tiny/deltas/000003.h5"}, audit["failures"]
 

@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from .io import EditscaleError
 
 # Each stage module exposes register(subparsers) adding its verbs; a verb sets func=callable(args).
-STAGES = ["models", "data", "stats", "edit", "evaluate", "report", "audit"]
+STAGES = ["models", "data", "stats", "edit", "evaluate", "report"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import doctor  # machine check + the planning module's estimates (beside workflow, not a stage)
 
     doctor.register(sub)
-    from . import merge  # run records and the study built from them (above the stages and the plan)
+    from . import merge  # run records, the study built from them, its audit (above the stages and the plan)
 
     merge.register(sub)
     return parser

@@ -5,6 +5,7 @@
     results/{run}/deltas/{k:06d}.h5            cumulative dense delta after k edits (a segment end)
     results/{run}/factors/{k:06d}.h5           the low-rank updates of the segment ending at k
     results/{run}/metrics/{metric}/{k:06d}.parquet
+    results/audit.json                         the audit's report (a failed one: audit.failed.json)
 
 The workflow plans these paths (editscale.workflow, for the rules); the commands are handed them
 as their rule's inputs and resolve a checkpoint's files with `StateFiles`.
@@ -19,6 +20,7 @@ from typing import Iterable
 from .io import EditscaleError
 
 RESULTS = Path("results")
+AUDIT_REPORT = RESULTS / "audit.json"
 
 
 def run_dir(run: str) -> Path:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +343,16 @@ def register(sub) -> None:
     e.add_argument("--results-root", default=".", help="the workflow directory the run was made in (holds data/ and results/)")
     e.add_argument("--out", required=True, help="records go to OUT/{run}/")
     e.set_defaults(func=run_export)
+    a = sub.add_parser("audit", help="check provenance and hash chains, re-derive sampled checkpoints",
+                       description="Audits the files the workflow declares (editscale.audit.audit): given by the audit rule "
+                       "(--files), or by hand those of a config (--configfile, run in its workflow directory), so that a missing "
+                       "declared file fails and a run dropped from the config is not audited. A passed audit writes OUT; a failed "
+                       "one writes OUT's .failed.json beside it and removes OUT (the workflow then re-runs its own audit).")
+    a.add_argument("--configfile", default="config.yaml", help="by hand: the config whose declared files are audited (default config.yaml)")
+    a.add_argument("--files", nargs="+", default=None, help="the files to audit (the audit rule's declared inputs)")
+    a.add_argument("--params-json", default="{}", help='with --files: the audit section, e.g. {"sample_checkpoints": 2, "seed": 0}')
+    a.add_argument("--out", default=None, help="the report (default results/audit.json, the audit rule's output)")
+    a.set_defaults(func=run_audit)
     t = sub.add_parser("targets", help="the files that finish the given runs of a config (for `snakemake $(editscale targets ...)`)",
                        description="Prints the files that finish the runs (edit chain, every metric file, what the audit "
                        "checks), space-separated: `snakemake --cores all --configfile=C $(editscale targets --configfile C "
@@ -362,6 +373,34 @@ def register(sub) -> None:
     m.add_argument("--publish", default=None, help="also write the readers' results here (results.csv / .md, figures/*.png "
                    "under 300 kB, provenance.json: editscale.report.publish), e.g. docs/results/<study>")
     m.set_defaults(func=run_merge)
+
+
+def run_audit(args) -> None:
+    """`editscale audit`: the rule hands its declared files (--files); by hand, the same files of a
+    config (workflow.audit_files) and its `audit:` section."""
+    from .audit.audit import audit, write_report
+    from .config import section
+    from .layout import AUDIT_REPORT
+    from .workflow import audit_files, load_config
+
+    if args.files is not None:
+        try:
+            params = json.loads(args.params_json)
+        except json.JSONDecodeError as exc:
+            raise EditscaleError(f"--params-json is not valid JSON: {exc}") from exc
+        files = args.files
+    else:
+        config = load_config(args.configfile)
+        files, params = audit_files(config), config["audit"]
+    cfg = section("audit", params)
+    result = audit(files, cfg.sample_checkpoints, cfg.seed)
+    written = write_report(result, args.out or AUDIT_REPORT)
+    for f in result["failures"]:
+        print(f"FAIL {f['check']}: {f['file']}: {f['detail']}", file=sys.stderr)
+    print(f"audit {'PASSED' if result['passed'] else 'FAILED'}: {result['n_checks']} checks over {len(files)} files, "
+          f"{len(result['failures'])} failed -> {written}", file=sys.stderr)
+    if not result["passed"]:
+        sys.exit(1)
 
 
 def run_targets(args) -> None:

@@ -1,7 +1,10 @@
 """`editscale audit`: is every number traceable to its inputs?
 
-The audit runs over the files it is given (the audit rule declares every file it checks, so any
-change to one re-runs it; by hand, `editscale audit results` gathers them from the directories).
+The audit runs over the files it is given: the audit rule declares every file it checks, so any
+change to one re-runs it, and `editscale audit --configfile C` by hand checks the same declared
+files of C (a declared file that is missing fails; a run dropped from C is not audited). A passed
+audit writes its report to the rule's output; a failed one to `*.failed.json` beside it, removing
+the output, so a failed audit never leaves the file that would make the workflow skip its own.
 Checks, each reported pass/fail with the file it concerns:
   model       every weight file's sha256 equals data/models/{model}/manifest.json (the chain's root)
   stats       every stats / projection file was computed on the model its path names (attrs
@@ -258,14 +261,22 @@ def classify(files: list[Path]) -> dict:
     return out
 
 
-def gather(results: str | Path, models_dir: str | Path = "data/models") -> list[Path]:
-    """Every file an audit of a results directory covers (for `editscale audit results` by hand;
-    the workflow's rule passes its declared files instead)."""
-    results, models_dir = Path(results), Path(models_dir)
-    if not results.is_dir():
-        raise EditscaleError(f"results directory {results} not found")
-    patterns = ["stats/*/*/*.h5", "stats/*/*/nullspace/*.h5", "*/run.json", "*/deltas/*.h5", "*/factors/*.h5", "*/metrics/*/*.parquet"]
-    return sorted(models_dir.glob("*/manifest.json")) + sorted(p for pat in patterns for p in results.glob(pat))
+def failed_report_path(out: str | Path) -> Path:
+    """Where a failed audit's report goes: beside the rule's output, never at it."""
+    out = Path(out)
+    return out.with_name(out.stem + ".failed" + out.suffix)
+
+
+def write_report(result: dict, out: str | Path) -> Path:
+    """Write the audit's report: to `out` when it passed (a stale failed report is removed), else to
+    failed_report_path(out) with `out` removed, so that Snakemake re-runs the audit rule."""
+    from ..io import write_json_atomic
+
+    out, failed = Path(out), failed_report_path(out)
+    target, stale = (out, failed) if result["passed"] else (failed, out)
+    stale.unlink(missing_ok=True)
+    write_json_atomic(target, result)
+    return target
 
 
 def audit(files, n_sample: int = 2, seed: int = 0) -> dict:
