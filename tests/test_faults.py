@@ -333,3 +333,53 @@ def test_keys_depend_on_content_not_on_timing_or_the_device_spelling(tiny_study,
     assert "up to date by its evaluation key" in logs
     rc, audit = _audit(workdir)
     assert rc == 0, audit["failures"]
+
+
+def test_a_write_that_fails_for_space_is_one_message_and_leaves_nothing(tmp_path):
+    """Issue 32 item 5: a full disk inside the HDF5 library ended the job with a segmentation fault
+    (exit 139). HDF5 and parquet files are built in memory now and written by Python: the kernel's
+    refusal (here a file size limit, EFBIG, as a full disk gives ENOSPC) is one message naming the
+    file and the free space, the process exits 1, and no file or temporary is left."""
+    code = f"""
+import resource, signal
+import numpy as np, polars as pl
+from editscale.io import EditscaleError, atomic_h5, write_parquet_atomic
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of a signal
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    with atomic_h5({str(tmp_path / "x.h5")!r}) as f:
+        f.create_dataset("a", data=np.arange(10000.0))
+except EditscaleError as exc:
+    print("ERROR", exc)
+try:
+    write_parquet_atomic(pl.DataFrame({{"a": np.random.default_rng(0).random(10000)}}), {str(tmp_path / "x.parquet")!r})
+except EditscaleError as exc:
+    print("ERROR", exc)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in res.stdout.splitlines() if line.startswith("ERROR")]
+    assert len(lines) == 2, res.stdout + res.stderr
+    for name, line in zip(["x.h5", "x.parquet"], lines):
+        assert f"could not write {tmp_path / name}: File too large (errno 27)" in line and "free on the filesystem of" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_segment_checks_the_free_space_before_its_edits(make_run, tmp_path, tiny_model_dirs, monkeypatch):
+    """Issue 32 item 5: the segment estimates what it writes and refuses to start on a disk that
+    cannot hold it (not after hours of edits), naming both files, the bytes needed and free."""
+    import shutil as shutil_module
+
+    from editscale.edit import chain
+    from editscale.layout import SegmentFiles, delta_path, factors_path
+
+    model_dir = tiny_model_dirs("gpt2")
+    run_dir, resolved, stats = make_run(tmp_path, model_dir)
+    real = shutil_module.disk_usage
+    monkeypatch.setattr("editscale.io.shutil.disk_usage", lambda p: real(p)._replace(free=1000))
+    edited = []
+    monkeypatch.setattr(chain.WeightState, "apply", lambda *a, **k: edited.append(1))
+    with pytest.raises(EditscaleError, match=r"not enough free space to write the segment's delta and factors .*needs [\d.]+ kB, 1\.0 kB are free") as err:
+        chain.run_segment(model_dir, SegmentFiles.in_run(run_dir, 2, 2), resolved, {"mom2": stats}, run_dir / "templates.json")
+    assert str(delta_path(run_dir, 2)) in str(err.value) and str(factors_path(run_dir, 2)) in str(err.value)
+    assert not edited and not delta_path(run_dir, 2).exists() and not factors_path(run_dir, 2).exists()

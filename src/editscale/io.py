@@ -8,10 +8,12 @@ existence).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -55,14 +57,49 @@ class Problems:
             raise exc
 
 
+# errors of writing itself (a full disk or quota, a file size limit, a failing or read-only device):
+# one message naming the file, not a traceback from deep inside a writer
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e3:,.1f} kB" if n < 1e6 else f"{n / 1e6:,.1f} MB" if n < 1e9 else f"{n / 1e9:,.2f} GB"
+
+
+def check_free_space(path: str | os.PathLike, need_bytes: int, what: str = "") -> None:
+    """One error before writing when the filesystem of `path` has less than `need_bytes` free."""
+    directory = Path(path).parent
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if free < need_bytes:
+        raise EditscaleError(
+            f"not enough free space to write {what or path}: it needs {_size(need_bytes)}, {_size(free)} are free on the "
+            f"filesystem of {directory}. Free {_size(need_bytes - free)} or more (or put results/ on a larger disk), then "
+            f"run snakemake again: finished outputs are kept, nothing was half written")
+
+
+def write_failed(path: Path, exc: OSError, need_bytes: int | None = None) -> EditscaleError:
+    """The one message of a write that failed with an I/O error (WRITE_ERRNOS)."""
+    free = shutil.disk_usage(path.parent).free if path.parent.exists() else None
+    need = f"; it needs {_size(need_bytes)}" if need_bytes else ""
+    return EditscaleError(
+        f"could not write {path}: {exc.strerror or exc} (errno {exc.errno}){need}; {_size(free) if free is not None else 'unknown'} "
+        f"free on the filesystem of {path.parent}. Nothing was half written: free space (or fix the device), then run "
+        f"snakemake again")
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str | None = None, need_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync and rename it onto `path`.
 
-    On any exception the temporary file is removed and `path` is left untouched.
+    On any exception the temporary file is removed and `path` is left untouched; an I/O error of
+    the write itself (full disk, quota, size limit: WRITE_ERRNOS) becomes one EditscaleError naming
+    the file and the free space. `need_bytes`, when the size is known, is checked first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if need_bytes is not None:
+        check_free_space(path, need_bytes)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix + ".tmp")
     os.close(fd)
     tmp = Path(tmp)
@@ -79,9 +116,36 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    except OSError as exc:
+        if exc.errno in WRITE_ERRNOS:
+            raise write_failed(path, exc, need_bytes) from exc
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_bytes_atomic(path: str | os.PathLike, data) -> None:
+    """Bytes (a buffer) to `path` atomically, the free space checked first."""
+    with atomic_path(path, need_bytes=len(data)) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+
+@contextlib.contextmanager
+def atomic_h5(path: str | os.PathLike):
+    """An HDF5 file, built in memory and written to `path` atomically when the block ends. The
+    HDF5 library never writes to the disk itself: on a full disk it ended the process with a
+    segmentation fault (issue 32 item 5); here a full disk is one message from Python's write,
+    naming the file and the space it needs, checked before any byte is written."""
+    import io as _io
+
+    import h5py
+
+    buf = _io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        yield f
+    write_bytes_atomic(path, buf.getbuffer())
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -192,8 +256,11 @@ def write_parquet_atomic(df, path: str | os.PathLike, metadata: dict[str, str] |
     and the table_sha256 of its values (the audit re-hashes them)."""
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     meta["table_sha256"] = table_sha256(df)
-    with atomic_path(path) as tmp:
-        df.write_parquet(tmp, metadata=meta)
+    import io as _io
+
+    buf = _io.BytesIO()  # serialized first: the size is checked against the free space, and the
+    df.write_parquet(buf, metadata=meta)  # only writer that touches the disk is Python's (one error)
+    write_bytes_atomic(path, buf.getbuffer())
 
 
 def read_parquet_metadata(path: str | os.PathLike) -> dict[str, str]:

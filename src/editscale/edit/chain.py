@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..io import EditscaleError, atomic_path, provenance, read_jsonl, sha256_file
+from ..io import EditscaleError, atomic_h5, check_free_space, provenance, read_jsonl, sha256_file
 from ..layout import SegmentFiles, StateFiles
 from ..models.load import load_model, model_sha, pick_device
 from .weights import Update, WeightState, add_update
@@ -129,12 +129,11 @@ def _repair(path) -> str:
 
 
 def write_delta(path, delta: dict[str, torch.Tensor], attrs: dict) -> None:
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            for module, d in delta.items():
-                f.create_dataset(module, data=d.cpu().numpy().astype(np.float32))
-            f.attrs.update({k: v for k, v in attrs.items() if v is not None})
-            _seal(f, "delta")
+    with atomic_h5(path) as f:
+        for module, d in delta.items():
+            f.create_dataset(module, data=d.cpu().numpy().astype(np.float32))
+        f.attrs.update({k: v for k, v in attrs.items() if v is not None})
+        _seal(f, "delta")
 
 
 def read_delta(path, expected_model_sha: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -152,38 +151,37 @@ def read_delta(path, expected_model_sha: str | None = None) -> tuple[dict[str, t
 
 
 def write_factors(path, updates: list[Update], steps: list[int], rows: list[dict], method_state: dict, attrs: dict) -> None:
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            g = f.create_group("updates")
-            for i, (upd, step) in enumerate(zip(updates, steps)):
-                ug = g.create_group(f"{i:06d}")
-                ug.attrs.update({"module": upd.module, "kind": upd.kind, "step": step, "meta": json.dumps(upd.meta, default=str)})
-                if upd.kind == "dense":
-                    ug.create_dataset("dense", data=upd.dense.cpu().numpy().astype(np.float32))
-                elif upd.kind == "masked":  # float64 factors and the mask, 1 bit per entry
-                    ug.create_dataset("u", data=upd.u.cpu().numpy().astype(np.float64))
-                    ug.create_dataset("v", data=upd.v.cpu().numpy().astype(np.float64))
-                    ug.create_dataset("mask_bits", data=np.packbits(upd.mask.cpu().numpy().astype(bool).reshape(-1)))
-                else:
-                    ug.create_dataset("u", data=upd.u.cpu().numpy().astype(np.float32))
-                    ug.create_dataset("v", data=upd.v.cpu().numpy().astype(np.float32))
-            lg = f.create_group("log")
-            # the chain's columns, then every other scalar a method logged (in first-seen order)
-            extra = list(dict.fromkeys(c for r in rows for c in r if c not in LOG_COLUMNS))
-            for col in (*LOG_COLUMNS, *extra):
-                values = [r.get(col) for r in rows]
-                text = col in ("case_id", "factor_kind") or any(isinstance(v, str) for v in values)
-                if text:
-                    lg.create_dataset(col, data=np.array(["" if v is None else str(v) for v in values], dtype=h5py.string_dtype()))
-                elif col in ("edit_index", "step"):
-                    lg.create_dataset(col, data=np.array(values, dtype=np.int64))
-                else:
-                    lg.create_dataset(col, data=np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64))
-            sg = f.create_group("method_state")
-            for name, arr in method_state.items():
-                sg.create_dataset(name, data=np.asarray(arr))
-            f.attrs.update({k: v for k, v in attrs.items() if v is not None})
-            _seal(f, "factors")
+    with atomic_h5(path) as f:
+        g = f.create_group("updates")
+        for i, (upd, step) in enumerate(zip(updates, steps)):
+            ug = g.create_group(f"{i:06d}")
+            ug.attrs.update({"module": upd.module, "kind": upd.kind, "step": step, "meta": json.dumps(upd.meta, default=str)})
+            if upd.kind == "dense":
+                ug.create_dataset("dense", data=upd.dense.cpu().numpy().astype(np.float32))
+            elif upd.kind == "masked":  # float64 factors and the mask, 1 bit per entry
+                ug.create_dataset("u", data=upd.u.cpu().numpy().astype(np.float64))
+                ug.create_dataset("v", data=upd.v.cpu().numpy().astype(np.float64))
+                ug.create_dataset("mask_bits", data=np.packbits(upd.mask.cpu().numpy().astype(bool).reshape(-1)))
+            else:
+                ug.create_dataset("u", data=upd.u.cpu().numpy().astype(np.float32))
+                ug.create_dataset("v", data=upd.v.cpu().numpy().astype(np.float32))
+        lg = f.create_group("log")
+        # the chain's columns, then every other scalar a method logged (in first-seen order)
+        extra = list(dict.fromkeys(c for r in rows for c in r if c not in LOG_COLUMNS))
+        for col in (*LOG_COLUMNS, *extra):
+            values = [r.get(col) for r in rows]
+            text = col in ("case_id", "factor_kind") or any(isinstance(v, str) for v in values)
+            if text:
+                lg.create_dataset(col, data=np.array(["" if v is None else str(v) for v in values], dtype=h5py.string_dtype()))
+            elif col in ("edit_index", "step"):
+                lg.create_dataset(col, data=np.array(values, dtype=np.int64))
+            else:
+                lg.create_dataset(col, data=np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64))
+        sg = f.create_group("method_state")
+        for name, arr in method_state.items():
+            sg.create_dataset(name, data=np.asarray(arr))
+        f.attrs.update({k: v for k, v in attrs.items() if v is not None})
+        _seal(f, "factors")
 
 
 def read_factors(path) -> tuple[list[tuple[int, Update]], list[dict], dict[str, np.ndarray], dict]:
@@ -286,6 +284,16 @@ def _attrs(path) -> dict:
         return dict(f.attrs)
 
 
+def _segment_bytes(model, modules: list[str], files: SegmentFiles) -> int:
+    """What a segment writes, estimated before its edits (a full disk found after hours of edits is
+    a lost segment): a float32 delta of every edited weight, and a factors file as large as the
+    previous segment's (the first segment: as large as the delta)."""
+    delta = sum(model.get_submodule(m).weight.numel() * 4 for m in modules)
+    previous = files.previous_factors
+    factors = Path(previous).stat().st_size if previous is not None and Path(previous).exists() else delta
+    return delta + factors
+
+
 def check_previous_state(files: SegmentFiles, run: dict, delta_attrs: dict, factors_attrs: dict) -> None:
     """The state a segment continues from must be this run's checkpoint k_start: both files written
     by a run with this run's config_hash at k_start, and the factors the ones the delta recorded (a
@@ -378,6 +386,8 @@ def run_segment(model_dir: str | Path, files: SegmentFiles, run: dict, precomput
         _, _, state, prev_factors_attrs = read_factors(files.previous_factors)
         check_previous_state(files, run, prev_attrs, prev_factors_attrs)
     weights = WeightState(model, modules, delta=prev_delta)
+    check_free_space(files.delta, _segment_bytes(model, modules, files),
+                     f"the segment's delta and factors ({files.delta}, {files.factors}), estimated")
     editor = method_cls(model, tok, hparams, context_templates=templates, state=state or None, **inputs_by_argument)
     if k_start == 0:
         editor.begin(sorted(read_jsonl(files.edits), key=lambda c: c["edit_index"]))

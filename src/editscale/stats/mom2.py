@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..io import EditscaleError, array_sha256, atomic_path, provenance
+from ..io import EditscaleError, array_sha256, atomic_h5, provenance
 from ..models.nethook import Trace
 from .corpus import texts_to_batches
 
@@ -215,14 +215,13 @@ def write_mom2(
         "editscale_version": __version__,
         "content_sha256": array_sha256(mom2, np.int64(count)),  # checked by every read
     }
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("mom2", data=mom2)
-            f.create_dataset("count", data=np.int64(count))
-            if convergence:
-                f.create_dataset("convergence", data=np.asarray(convergence, dtype=np.float64).reshape(-1, 2))
-            for key, value in attrs.items():
-                f.attrs[key] = _attr(value)
+    with atomic_h5(path) as f:
+        f.create_dataset("mom2", data=mom2)
+        f.create_dataset("count", data=np.int64(count))
+        if convergence:
+            f.create_dataset("convergence", data=np.asarray(convergence, dtype=np.float64).reshape(-1, 2))
+        for key, value in attrs.items():
+            f.attrs[key] = _attr(value)
 
 
 def _open(path: str | Path, what: str) -> h5py.File:
@@ -412,13 +411,12 @@ def write_projection(
         "editscale_version": __version__,
         "content_sha256": array_sha256(P),  # checked by every read
     }
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("P", data=P)
-            if eigenvalues is not None:
-                f.create_dataset("eigenvalues", data=np.asarray(eigenvalues, dtype=np.float64))
-            for key, value in attrs.items():
-                f.attrs[key] = _attr(value)
+    with atomic_h5(path) as f:
+        f.create_dataset("P", data=P)
+        if eigenvalues is not None:
+            f.create_dataset("eigenvalues", data=np.asarray(eigenvalues, dtype=np.float64))
+        for key, value in attrs.items():
+            f.attrs[key] = _attr(value)
 
 
 def read_projection_attrs(path: str | Path) -> dict[str, Any]:
