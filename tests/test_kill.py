@@ -152,3 +152,42 @@ def test_kill_mid_segment_then_resume_gives_identical_hashes(repo_root, tiny_stu
     assert diffs == [] and counts["metric_tables"] > 5 and counts["state_files"] == 4 and counts["report_tables"] > 5, diffs
     # the continued run is complete and its hash chain checks out
     assert json.loads((dir_c / "results/audit.json").read_text())["passed"]
+
+
+def test_an_edit_job_dies_with_its_wrapper_shell(repo_root, tmp_path):
+    """Issue 32 item 8: kill -9 of the shell Snakemake runs a job in left the edit job orphaned; it
+    went on and wrote its outputs after Snakemake had reported the failure, racing the next run.
+    Now the job gets SIGTERM when its wrapper dies, exits, and leaves no output of its segment."""
+    workdir = copy_workflow(repo_root, tmp_path / "wf")
+    bindir = Path(sys.executable).parent
+    cmd = [str(bindir / "snakemake"), "--cores", "1", "--configfile", "config/test-tiny.yaml"]
+    with open(tmp_path / "out", "w") as out:
+        proc = subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    try:
+        log = workdir / LOG
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "out").read_text()[-3000:]
+            if log.exists() and STARTED_EDITING in log.read_text(errors="replace"):
+                os.killpg(proc.pid, signal.SIGSTOP)  # everything frozen inside the segment
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the edit job of the second segment did not start within 15 minutes")
+        job = next(p for p in _job_pids(proc) if "edit-segment" in " ".join(p.cmdline()) and "--k 6" in " ".join(p.cmdline())
+                   and "bash" not in p.name())  # the editscale process, not the shell whose command line names it
+        wrapper = job.parent()
+        assert wrapper.pid != proc.pid and "bash" in wrapper.name(), wrapper.cmdline()
+        wrapper.kill()  # kill -9 of the job's shell only
+        os.killpg(proc.pid, signal.SIGCONT)
+        gone, alive = psutil.wait_procs([job], timeout=20)
+        assert not alive, "the edit job outlived its wrapper"
+        proc.wait(timeout=300)
+        assert proc.returncode != 0  # snakemake reports the job failed ...
+        time.sleep(2)
+        assert _finished_looking(workdir, 6) == []  # ... and nothing wrote its outputs after that
+        assert not [p.name for p in (workdir / RUN).rglob(".000006.h5.*")]  # nor left a temporary
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -42,8 +42,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+JOB_ENV = "EDITSCALE_WORKFLOW_JOB"  # set for every job by workflow.export_job_environment
+
+
+def die_with_wrapper() -> None:
+    """A workflow job ends with the shell Snakemake started it in. Killed with kill -9 (an OOM
+    killer, a lost node's cleanup), that shell would leave editscale orphaned, still writing its
+    outputs after Snakemake had reported the job failed, racing the run started next (issue 32
+    item 8). Linux's PR_SET_PDEATHSIG sends SIGTERM when the parent dies; SIGTERM raises SystemExit
+    so that atomic writes remove their temporaries. Only for workflow jobs: a command run by hand
+    with nohup must outlive its terminal."""
+    import signal
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the wrapper died before the request took effect
+        raise SystemExit(128 + signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .plugins import load_plugins
+
+    if os.environ.get(JOB_ENV):
+        die_with_wrapper()
 
     try:
         load_plugins()  # EDITSCALE_PLUGINS (set by the Snakefile from the config)

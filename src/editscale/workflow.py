@@ -256,12 +256,13 @@ def export_job_environment(config: dict) -> None:
     every job of its rule when it changes while these change no result: the config's plugins
     (EDITSCALE_PLUGINS, imported by editscale.cli), each run's n_edits for the sequence job
     (EDITSCALE_REQUIRED_EDITS: raising n_edits must not rebuild the sequence), and the device
-    (EDITSCALE_DEVICE, io.job_device: "auto" and the "cpu" it resolves to are one device)."""
+    (EDITSCALE_DEVICE, io.job_device: "auto" and the "cpu" it resolves to are one device); and
+    EDITSCALE_WORKFLOW_JOB, which makes a job die with the shell it runs in (cli.die_with_wrapper)."""
     import os
 
     from .io import DEVICE_ENV
 
-    os.environ.update(EDITSCALE_PLUGINS=",".join(config["plugins"]),
+    os.environ.update(EDITSCALE_PLUGINS=",".join(config["plugins"]), EDITSCALE_WORKFLOW_JOB="1",
                       EDITSCALE_REQUIRED_EDITS=canonical_json({r["name"]: r["n_edits"] for r in config["runs"]}),
                       **{DEVICE_ENV: config["resources"]["device"]})
 
