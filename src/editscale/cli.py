@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from .io import EditscaleError
+from .io import JOB_ENV, EditscaleError
 
 # Each stage module exposes register(subparsers) adding its verbs; a verb sets func=callable(args).
 STAGES = ["models", "data", "stats", "edit", "evaluate", "report"]
@@ -41,8 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     merge.register(sub)
     return parser
 
-
-JOB_ENV = "EDITSCALE_WORKFLOW_JOB"  # set for every job by workflow.export_job_environment
 
 
 def die_with_wrapper() -> None:

@@ -225,6 +225,7 @@ def package_versions() -> dict[str, str]:
 
 
 DEVICE_ENV = "EDITSCALE_DEVICE"
+JOB_ENV = "EDITSCALE_WORKFLOW_JOB"  # set for workflow jobs: they die with their wrapper (cli.die_with_wrapper)
 
 
 def job_device() -> str:

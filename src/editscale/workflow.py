@@ -260,9 +260,9 @@ def export_job_environment(config: dict) -> None:
     EDITSCALE_WORKFLOW_JOB, which makes a job die with the shell it runs in (cli.die_with_wrapper)."""
     import os
 
-    from .io import DEVICE_ENV
+    from .io import DEVICE_ENV, JOB_ENV
 
-    os.environ.update(EDITSCALE_PLUGINS=",".join(config["plugins"]), EDITSCALE_WORKFLOW_JOB="1",
+    os.environ.update(EDITSCALE_PLUGINS=",".join(config["plugins"]), **{JOB_ENV: "1"},
                       EDITSCALE_REQUIRED_EDITS=canonical_json({r["name"]: r["n_edits"] for r in config["runs"]}),
                       **{DEVICE_ENV: config["resources"]["device"]})
 
