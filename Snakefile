@@ -76,9 +76,9 @@ include: "rules/audit.smk"
 
 rule all:
     input:
-        "results/tables/summary.csv",
-        "results/plots/edit_scores.html",
-        "results/audit.json",
+        rules.report_tables.output.summary,
+        rules.report_plots.output.html,
+        rules.audit.output,
         # every audited file is a target too: Snakemake does not rebuild a deleted intermediate file
         # whose consumers are up to date, and a deleted delta, factors or stats file must be repaired
         wf.audit_files(config),

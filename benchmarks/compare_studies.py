@@ -13,7 +13,7 @@ config/NAME.yaml` in BEFORE/NAME and AFTER/NAME). Compared:
   evaluation_key and the sha256 of delta / factors inputs (those files record the code version);
 - every results/*/deltas/* and factors/*: every dataset and attribute equal, except the code
   version, the hashes of files that record it and the edit log's per-step seconds;
-- every results/tables/*.parquet (the report): equal values, without the rows and columns that
+- every results/studies/*/tables/*.parquet (the report): equal values, without the rows and columns that
   measure time (downstream's `seconds` rows, the edit log's and summary's *seconds* columns).
 
 `compare_dirs(A, B)` is the same check of two workflow directories (tests/test_kill.py compares a
@@ -79,7 +79,7 @@ def _without_timing(df: pl.DataFrame) -> pl.DataFrame:
 
 def compare_dirs(b: Path, a: Path, label: str = "") -> tuple[list[str], dict[str, int]]:
     """The differences between two finished workflow directories (module doc), plus the report
-    tables (results/tables/*.parquet, timing left out); and counts of what was compared."""
+    tables (results/studies/*/tables/*.parquet, timing left out); and counts of what was compared."""
     diffs: list[str] = []
     counts = {"metric_tables": 0, "state_files": 0, "report_tables": 0}
     files = sorted(p.relative_to(b) for p in (b / "results").glob("*/metrics/**/*.parquet"))
@@ -104,7 +104,7 @@ def compare_dirs(b: Path, a: Path, label: str = "") -> tuple[list[str], dict[str
             diffs.append(f"STATE FILE DIFFERS {label} {p.relative_to(b)}")
         else:
             counts["state_files"] += 1
-    for p in sorted((b / "results" / "tables").glob("*.parquet")):
+    for p in sorted((b / "results").glob("studies/*/tables/*.parquet")):
         q = a / p.relative_to(b)
         counts["report_tables"] += 1
         if not q.exists() or not _without_timing(pl.read_parquet(p)).equals(_without_timing(pl.read_parquet(q))):

@@ -6,13 +6,13 @@ rule audit:
         # every file it checks: a deleted or changed one re-runs the audit (or its repair first)
         wf.audit_files(config),
     output:
-        "results/audit.json",
+        wf.study_path(config, "audit.json"),
     params:
         cfg=wf.canonical_json(config["audit"]),
     log:
-        "results/logs/audit.log",
+        wf.study_path(config, "logs", "audit.log"),
     benchmark:
-        "results/benchmarks/audit.tsv"
+        wf.study_path(config, "benchmarks", "audit.tsv")
     resources:
         mem_mb=lambda w: MEMORY.mem_mb("audit"),
         runtime=60,

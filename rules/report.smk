@@ -6,6 +6,9 @@ FAMILIES = list(METRIC_REGISTRY)  # one report table per registered metric
 FIGURES = wf.report_figures()  # each registered metric's figures, then the overview
 TABLES = FAMILIES + ["forgetting", "edit_log", "phases", "disabling_edits", "indicators", "summary"]  # report.tables.build_tables
 PER_RUN_FIGURES = [f"overview_{safe_name(run)}" for run in RUNS]  # report.plots.make_plots per_run
+# this config's own tables and figures (results/studies/<study>/): two configs never overwrite each
+# other's; their runs (results/<run>/) are shared
+TABLES_DIR, PLOTS_DIR = wf.study_path(config, "tables"), wf.study_path(config, "plots")
 
 
 rule report_tables:
@@ -15,20 +18,21 @@ rule report_tables:
         deltas=wf.all_segment_files(config, "deltas"),
     output:
         summary=report(
-            "results/tables/summary.csv",
+            f"{TABLES_DIR}/summary.csv",
             caption="../report/summary.rst",
             category="Tables",
         ),
-        tables=expand("results/tables/{table}.parquet", table=TABLES),
-        csv=expand("results/tables/{table}.csv", table=[t for t in TABLES if t != "summary"]),
+        tables=expand(f"{TABLES_DIR}/{{table}}.parquet", table=TABLES),
+        csv=expand(f"{TABLES_DIR}/{{table}}.csv", table=[t for t in TABLES if t != "summary"]),
     params:
         runs=wf.runs_meta(config),
+        out_dir=TABLES_DIR,
         # the table and phase settings only: plot smoothing must not re-run the phase bootstrap
         report=wf.canonical_json({k: v for k, v in config["report"].items() if k != "smooth"}),
     log:
-        "results/logs/report_tables.log",
+        wf.study_path(config, "logs", "report_tables.log"),
     benchmark:
-        "results/benchmarks/report_tables.tsv"
+        wf.study_path(config, "benchmarks", "report_tables.tsv")
     resources:
         mem_mb=lambda w: MEMORY.mem_mb("report_tables"),
         runtime=30,
@@ -36,7 +40,7 @@ rule report_tables:
         ENV
     shell:
         "editscale --threads {threads} report-tables --runs-json {params.runs:q} --metrics {input.metrics} --factors {input.factors}"
-        " --deltas {input.deltas} --out-dir results/tables"
+        " --deltas {input.deltas} --out-dir {params.out_dir}"
         " --params-json {params.report:q} 2> {log}"
 
 
@@ -45,28 +49,29 @@ rule report_plots:
         rules.report_tables.output.tables,
     output:
         html=report(
-            expand("results/plots/{figure}.html", figure=FIGURES),
+            expand(f"{PLOTS_DIR}/{{figure}}.html", figure=FIGURES),
             caption="../report/figures.rst",
             category="Figures (interactive)",
         ),
         png=report(
-            expand("results/plots/{figure}.png", figure=FIGURES),
+            expand(f"{PLOTS_DIR}/{{figure}}.png", figure=FIGURES),
             caption="../report/figures.rst",
             category="Figures",
         ),
-        svg=expand("results/plots/{figure}.svg", figure=FIGURES),
-        per_run=expand("results/plots/{figure}.{ext}", figure=PER_RUN_FIGURES, ext=["html", "png", "svg"]),
+        svg=expand(f"{PLOTS_DIR}/{{figure}}.svg", figure=FIGURES),
+        per_run=expand(f"{PLOTS_DIR}/{{figure}}.{{ext}}", figure=PER_RUN_FIGURES, ext=["html", "png", "svg"]),
     params:
         # the figure settings only (editscale.report.plots.FigureOptions)
         report=wf.canonical_json({k: config["report"][k] for k in ("smooth", "norm_z")}),
+        out_dir=PLOTS_DIR,
     log:
-        "results/logs/report_plots.log",
+        wf.study_path(config, "logs", "report_plots.log"),
     benchmark:
-        "results/benchmarks/report_plots.tsv"
+        wf.study_path(config, "benchmarks", "report_plots.tsv")
     resources:
         mem_mb=lambda w: MEMORY.mem_mb("report_plots"),
         runtime=30,
     conda:
         ENV
     shell:
-        "editscale --threads {threads} report-plots --tables {input:q} --out-dir results/plots --params-json {params.report:q} 2> {log}"
+        "editscale --threads {threads} report-plots --tables {input:q} --out-dir {params.out_dir} --params-json {params.report:q} 2> {log}"

@@ -32,8 +32,8 @@ def _audit(workdir: Path) -> tuple[int, dict]:
     """The audit by hand over the tiny config's declared files: (exit code, its report)."""
     res = subprocess.run([str(Path(sys.executable).parent / "editscale"), "audit", "--configfile", "config/test-tiny.yaml"],
                          cwd=workdir, capture_output=True, text=True)
-    report = workdir / ("results/audit.json" if res.returncode == 0 else "results/audit.failed.json")
-    assert report.exists() and (res.returncode == 0) != (workdir / "results/audit.failed.json").exists(), res.stderr
+    report = workdir / ("results/studies/test-tiny/audit.json" if res.returncode == 0 else "results/studies/test-tiny/audit.failed.json")
+    assert report.exists() and (res.returncode == 0) != (workdir / "results/studies/test-tiny/audit.failed.json").exists(), res.stderr
     return res.returncode, json.loads(report.read_text())
 
 
@@ -94,12 +94,12 @@ def test_changed_metric_value_fails_the_audit_and_reruns_it(tiny_study, tmp_path
     rc, audit = _audit(workdir)
     assert rc != 0 and rel in _failed(audit), audit["failures"]
     assert audit["started"] and rel in audit["files"]
-    # issue 32 item 1: the failed hand audit left no results/audit.json, so the workflow re-runs its
+    # issue 32 item 1: the failed hand audit left no results/studies/test-tiny/audit.json, so the workflow re-runs its
     # own audit and fails, naming the file (before: rc 0, and the report carried the tampered value)
     res = snakemake(workdir, check=False)
     assert res.returncode != 0
-    assert rel in (workdir / "results/logs/audit.log").read_text()
-    assert not (workdir / "results/audit.json").exists()
+    assert rel in (workdir / "results/studies/test-tiny/logs/audit.log").read_text()
+    assert not (workdir / "results/studies/test-tiny/audit.json").exists()
 
 
 @pytest.mark.slow
@@ -195,14 +195,14 @@ def test_report_before_the_run_or_with_another_config_is_one_error(repo_root, tm
     one warning per missing file and a mixed report; `--configfile=X` (with `=`) keeps the words
     after it targets."""
     wd = copy_workflow(repo_root, tmp_path / "wf")
-    res = snakemake(wd, "--report", "results/report.html", config="config/test-methods-tiny.yaml", check=False)
+    res = snakemake(wd, "--report", "results/studies/test-methods-tiny/report.html", config="config/test-methods-tiny.yaml", check=False)
     err = res.stdout + res.stderr
-    assert res.returncode != 0 and "report error" in err and "results/tables/" in err, err[-2000:]
+    assert res.returncode != 0 and "report error" in err and "results/studies/test-methods-tiny/tables/" in err, err[-2000:]
     assert "--configfile=" in err and "config/test-methods-tiny.yaml" in err
-    assert not (wd / "results" / "report.html").exists()
+    assert not (wd / "results/studies/test-methods-tiny/report.html").exists()
     bindir = Path(sys.executable).parent
     env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(Path.home())}
-    dry = subprocess.run([str(bindir / "snakemake"), "-n", "--configfile=config/test-tiny.yaml", "results/tables/summary.csv"],
+    dry = subprocess.run([str(bindir / "snakemake"), "-n", "--configfile=config/test-tiny.yaml", "results/studies/test-tiny/tables/summary.csv"],
                          cwd=wd, capture_output=True, text=True, env=env)
     assert dry.returncode == 0 and "report_tables" in dry.stdout, dry.stderr[-2000:]
 

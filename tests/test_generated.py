@@ -206,9 +206,9 @@ def test_adding_the_answers_metric_to_a_finished_study_runs_only_it(tiny_study, 
         table = pl.read_parquet(workdir / f"results/rome-tiny/metrics/answers/{k:06d}.parquet")
         assert set(table["context"]) == {"cloze", "question", "teacher_forced"} and table["value"].is_between(0, 1).all()
     assert 6 in set(pl.read_parquet(workdir / "results/rome-tiny/metrics/answers/000006.parquet")["edit_index"])
-    summary = pl.read_parquet(workdir / "results/tables/summary.parquet")
+    summary = pl.read_parquet(workdir / "results/studies/test-tiny/tables/summary.parquet")
     assert "gen_es_at_end" in summary.columns
-    assert (workdir / "results/plots/readings.svg").exists()  # teacher-forced beside generated
+    assert (workdir / "results/studies/test-tiny/plots/readings.svg").exists()  # teacher-forced beside generated
     from editscale.report import results
 
     compared = results.load(workdir / "results").compare(at=["end"])

@@ -82,9 +82,9 @@ def test_the_lm_eval_metric_plans_only_its_jobs_and_reruns_only_itself(tiny_stud
     assert changed() == set()  # the other metrics' files are kept
     import polars as pl
 
-    table = pl.read_parquet(workdir / "results/tables/lm_eval.parquet")
+    table = pl.read_parquet(workdir / "results/studies/test-tiny/tables/lm_eval.parquet")
     assert set(table["item"]) == {"editscale_sst2"} and "acc,none" in set(table["metric"])
-    summary = pl.read_parquet(workdir / "results/tables/summary.parquet")
+    summary = pl.read_parquet(workdir / "results/studies/test-tiny/tables/summary.parquet")
     assert "lm_eval_acc_at_end" in summary.columns
     set_config(workdir, lambda c: _with_lm_eval(c, 6))
     jobs = planned_jobs(snakemake(workdir, "-n"))

@@ -151,7 +151,7 @@ def test_kill_mid_segment_then_resume_gives_identical_hashes(repo_root, tiny_stu
     diffs, counts = compare_dirs(dir_a, dir_c)
     assert diffs == [] and counts["metric_tables"] > 5 and counts["state_files"] == 4 and counts["report_tables"] > 5, diffs
     # the continued run is complete and its hash chain checks out
-    assert json.loads((dir_c / "results/audit.json").read_text())["passed"]
+    assert json.loads((dir_c / "results/studies/test-tiny/audit.json").read_text())["passed"]
 
 
 def test_an_edit_job_dies_with_its_wrapper_shell(repo_root, tmp_path):

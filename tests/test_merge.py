@@ -134,13 +134,13 @@ def test_published_results_are_regenerated_byte_for_byte_from_the_records(tiny_s
     merge(config, [record.parent], tmp_path / "out", publish_to=pub)
     res = pl.read_csv(pub / "results.csv")
     assert res["run"].to_list() == [RUN] and res["n_edits"][0] == 6
-    scores = pl.read_parquet(tiny_study / "results/tables/edit_scores.parquet")
+    scores = pl.read_parquet(tiny_study / "results/studies/test-tiny/tables/edit_scores.parquet")
     assert res["es_after_edit"][0] == pytest.approx(scores["es"].mean())
-    ppl = pl.read_parquet(tiny_study / "results/tables/perplexity.parquet").filter(pl.col("metric") == "perplexity")
+    ppl = pl.read_parquet(tiny_study / "results/studies/test-tiny/tables/perplexity.parquet").filter(pl.col("metric") == "perplexity")
     assert res["perplexity_0"][0] == pytest.approx(ppl.filter(pl.col("edit") == 0)["value"][0])
     assert res["perplexity_end"][0] == pytest.approx(ppl.filter(pl.col("edit") == 6)["value"][0])
     # s/edit: the median of the edit log's seconds (robust to a paused or shared machine)
-    seconds = pl.read_parquet(tiny_study / "results/tables/edit_log.parquet")["seconds"]
+    seconds = pl.read_parquet(tiny_study / "results/studies/test-tiny/tables/edit_log.parquet")["seconds"]
     assert res["s_per_edit"][0] == pytest.approx(seconds.median()) and seconds.median() != seconds.mean()
     assert "| method | s/edit | steps/edit | ES |" in (pub / "results.md").read_text()
     pngs = sorted((pub / "figures").glob("*.png"))

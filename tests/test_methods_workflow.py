@@ -71,8 +71,8 @@ def test_every_run_completes_its_chain(study, runs):
         assert [r["edit_index"] for r in rows] == [1, 2, 3, 4], name
         assert all(r["update_norm"] > 0 and r["seconds"] > 0 for r in rows), name
         assert {u.module for _, u in updates} == set(delta), name
-    assert (study / "results/audit.json").exists()
-    assert json.loads((study / "results/audit.json").read_text())["passed"]
+    assert (study / "results/studies/test-methods-tiny/audit.json").exists()
+    assert json.loads((study / "results/studies/test-methods-tiny/audit.json").read_text())["passed"]
     assert planned_jobs(snakemake(study, "-n", config=CONFIG)) == {}
 
 
@@ -133,23 +133,23 @@ def test_batched_run_has_two_edits_per_step(study):
 
 
 def test_tables_have_every_run(study, runs):
-    scores = pl.read_parquet(study / "results/tables/edit_scores.parquet")
+    scores = pl.read_parquet(study / "results/studies/test-methods-tiny/tables/edit_scores.parquet")
     assert sorted(scores["run"].unique().to_list()) == sorted(runs)
     for name, run in runs.items():
         sub = scores.filter(pl.col("run") == name)
         assert sorted(sub["edit"].to_list()) == [1, 2, 3, 4], name
         assert sub["method"].unique().to_list() == [run["method"]]
         assert sub["es"].is_between(0, 1).all(), name
-    summary = pl.read_csv(study / "results/tables/summary.csv")
+    summary = pl.read_csv(study / "results/studies/test-methods-tiny/tables/summary.csv")
     assert sorted(summary["run"].to_list()) == sorted(runs)
     for metric in ("history", "downstream", "generation", "perplexity", "weights"):
-        table = pl.read_parquet(study / f"results/tables/{metric}.parquet")
+        table = pl.read_parquet(study / f"results/studies/test-methods-tiny/tables/{metric}.parquet")
         assert sorted(table["run"].unique().to_list()) == sorted(runs), metric
         # eval_every 1000: the metrics are evaluated at edit 0 and at n_edits only (history has
         # no rows at 0: no earlier edit to re-score)
         edits = set(table["edit"].unique().to_list())
         assert N_EDITS in edits and edits <= {0, N_EDITS}, (metric, edits)
-    log = pl.read_parquet(study / "results/tables/edit_log.parquet")
+    log = pl.read_parquet(study / "results/studies/test-methods-tiny/tables/edit_log.parquet")
     kinds = {r["run"]: r["factor_kind"] for r in log.select("run", "factor_kind").unique().to_dicts()}
     assert len(log) == N_EDITS * len(runs)
     assert kinds == {name: {"ft-c": "dense", "rect": "masked"}.get(run["method"], "lowrank") for name, run in runs.items()}

@@ -596,4 +596,4 @@ def test_compare_cli_prints_the_table_and_names_bad_input(tiny_study, tmp_path):
     bad = compare("--at", "ten")
     assert bad.returncode != 0 and "--at takes edit counts or 'end', got 'ten'" in bad.stderr
     missing = compare(cwd=tmp_path)
-    assert missing.returncode != 0 and "results/tables/summary.parquet not found" in missing.stderr
+    assert missing.returncode != 0 and "results/studies/default/tables/summary.parquet not found" in missing.stderr

@@ -51,56 +51,56 @@ def _text(caption_html: str) -> str:
 
 
 def test_report_html_is_self_contained_with_every_figure(tiny_run):
-    res = snakemake(tiny_run, "--report", "results/report.html")
+    res = snakemake(tiny_run, "--report", "results/studies/test-tiny/report.html")
     assert res.returncode == 0 and "Report created" in res.stdout + res.stderr
-    page = (tiny_run / "results/report.html").read_text(encoding="utf-8")
+    page = (tiny_run / "results/studies/test-tiny/report.html").read_text(encoding="utf-8")
     assert page.lstrip().lower().startswith("<!doctype html>") and page.rstrip().endswith("</html>")
     # Self-contained: no script, stylesheet or image is fetched from elsewhere.
     assert not re.search(r'<(script|link|img)\b[^>]*\b(src|href)="(https?:)?//', page, re.I)
 
     results = _script_json(page, "results")
-    expected = {"results/tables/summary.csv"} | {f"results/plots/{f}.{ext}" for f in FIGURES for ext in ("html", "png")}
+    expected = {"results/studies/test-tiny/tables/summary.csv"} | {f"results/studies/test-tiny/plots/{f}.{ext}" for f in FIGURES for ext in ("html", "png")}
     assert set(results) == expected
     for path, entry in results.items():
         # every file is embedded byte for byte
         assert _decode(entry["data_uri"]) == (tiny_run / path).read_bytes(), path
         assert entry["mime_type"] == {"csv": "text/csv", "html": "text/html", "png": "image/png"}[path.rsplit(".", 1)[1]]
-    assert _decode(results["results/plots/edit_scores.png"]["data_uri"])[:8] == b"\x89PNG\r\n\x1a\n"
-    figure_html = _decode(results["results/plots/edit_scores.html"]["data_uri"]).decode()
+    assert _decode(results["results/studies/test-tiny/plots/edit_scores.png"]["data_uri"])[:8] == b"\x89PNG\r\n\x1a\n"
+    figure_html = _decode(results["results/studies/test-tiny/plots/edit_scores.html"]["data_uri"]).decode()
     assert "vegaEmbed" in figure_html and "Editing proficiency" in figure_html
 
     categories = _script_json(page, "categories")
     assert {"Figures", "Figures (interactive)", "Tables"} <= set(categories)
     in_figures = json.dumps(categories["Figures"])
-    assert all(f"results/plots/{f}.png" in in_figures for f in FIGURES)
+    assert all(f"results/studies/test-tiny/plots/{f}.png" in in_figures for f in FIGURES)
 
 
 def test_report_captions_name_the_run(tiny_run):
-    if not (tiny_run / "results/report.html").exists():
-        snakemake(tiny_run, "--report", "results/report.html")
-    results = _script_json((tiny_run / "results/report.html").read_text(encoding="utf-8"), "results")
-    summary = _text(results["results/tables/summary.csv"]["caption"])
+    if not (tiny_run / "results/studies/test-tiny/report.html").exists():
+        snakemake(tiny_run, "--report", "results/studies/test-tiny/report.html")
+    results = _script_json((tiny_run / "results/studies/test-tiny/report.html").read_text(encoding="utf-8"), "results")
+    summary = _text(results["results/studies/test-tiny/tables/summary.csv"]["caption"])
     assert ("Runs: rome-tiny (rome on tiny-gpt2, hparams config/hparams/rome/tiny.yaml, dataset geofacts, sample 0, "
             "6 sequential edits, segment 3, 1 edit(s) per step).") in summary, summary
     assert "onset of catastrophic forgetting" in summary
     for f in FIGURES:
         for ext in ("html", "png"):
-            caption = _text(results[f"results/plots/{f}.{ext}"]["caption"])
+            caption = _text(results[f"results/studies/test-tiny/plots/{f}.{ext}"]["caption"])
             assert "{{" not in caption and "{%" not in caption  # the Jinja templates were rendered
             assert "smoothed over 10 edits" in caption  # config report.smooth (default 10)
             assert "rome-tiny (rome on tiny-gpt2, hparams config/hparams/rome/tiny.yaml, dataset geofacts" in caption, caption
     # The embedded table is the run's summary.
-    csv = _decode(results["results/tables/summary.csv"]["data_uri"]).decode()
+    csv = _decode(results["results/studies/test-tiny/tables/summary.csv"]["data_uri"]).decode()
     assert csv.splitlines()[0].startswith("run,") and any(line.startswith("rome-tiny,") for line in csv.splitlines()[1:])
 
 
 def test_report_zip_holds_raw_files_and_page(tiny_run):
-    snakemake(tiny_run, "--report", "results/report.zip")
-    with zipfile.ZipFile(tiny_run / "results/report.zip") as zf:
+    snakemake(tiny_run, "--report", "results/studies/test-tiny/report.zip")
+    with zipfile.ZipFile(tiny_run / "results/studies/test-tiny/report.zip") as zf:
         names = zf.namelist()
         assert "report/report.html" in names
         raw = {n.rsplit("/", 1)[1]: n for n in names if n.startswith("report/data/raw/")}
         assert set(raw) == {"summary.csv"} | {f"{f}.{ext}" for f in FIGURES for ext in ("html", "png")}
-        assert zf.read(raw["edit_scores.png"]) == (tiny_run / "results/plots/edit_scores.png").read_bytes()
-        assert zf.read(raw["summary.csv"]) == (tiny_run / "results/tables/summary.csv").read_bytes()
+        assert zf.read(raw["edit_scores.png"]) == (tiny_run / "results/studies/test-tiny/plots/edit_scores.png").read_bytes()
+        assert zf.read(raw["summary.csv"]) == (tiny_run / "results/studies/test-tiny/tables/summary.csv").read_bytes()
         assert b"rome-tiny" in zf.read("report/report.html")

@@ -98,8 +98,8 @@ def test_decision_curves_must_be_curves_of_the_registered_metrics(repo_root, tmp
 
 
 def test_full_run_outputs_and_nothing_left_to_do(tiny_study):
-    assert (tiny_study / "results/tables/summary.csv").exists()
-    assert (tiny_study / "results/plots/edit_scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tiny_study / "results/studies/test-tiny/tables/summary.csv").exists()
+    assert (tiny_study / "results/studies/test-tiny/plots/edit_scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # every edit and evaluation job leaves Snakemake's time / memory record (benchmarks/ reads it)
     from benchmarks.workflow_cache import job_seconds, peak_rss
 
@@ -107,7 +107,7 @@ def test_full_run_outputs_and_nothing_left_to_do(tiny_study):
     assert {"edit_segment", "edit_scores", "evaluate"} <= set(rss)
     assert all(v > 0 for v in rss.values())
     assert job_seconds(tiny_study) > 0
-    audit = json.loads((tiny_study / "results/audit.json").read_text())
+    audit = json.loads((tiny_study / "results/studies/test-tiny/audit.json").read_text())
     assert audit["passed"] and audit["n_checks"] > 5
     assert planned_jobs(snakemake(tiny_study, "-n")) == {}
 
@@ -213,7 +213,7 @@ def test_a_bounded_history_sample_reruns_only_history_and_is_stratified(tiny_stu
     res = snakemake(workdir, "-n")
     assert planned_metric_files(res, "history") == {f"results/rome-tiny/metrics/history/{k:06d}.parquet" for k in (0, 3, 6)}
     assert planned_jobs(res)["metric_config"] == 1 and checkpoint_jobs(planned_jobs(res)) == 3
-    snakemake(workdir, "results/tables/forgetting.parquet")
+    snakemake(workdir, "results/studies/test-tiny/tables/forgetting.parquet")
     import polars as pl
 
     at6 = pl.read_parquet(workdir / "results/rome-tiny/metrics/history/000006.parquet")
@@ -221,7 +221,7 @@ def test_a_bounded_history_sample_reruns_only_history_and_is_stratified(tiny_stu
     picked = at6.select("item", "edit_index", "stratum_lo", "stratum_hi").unique().sort("edit_index")
     assert picked["stratum_lo"].to_list() == [1, 4] and picked["stratum_hi"].to_list() == [3, 6]
     assert picked["edit_index"][0] <= 3 < picked["edit_index"][1]
-    forgetting = pl.read_parquet(workdir / "results/tables/forgetting.parquet").filter(pl.col("edit") == 6).row(0, named=True)
+    forgetting = pl.read_parquet(workdir / "results/studies/test-tiny/tables/forgetting.parquet").filter(pl.col("edit") == 6).row(0, named=True)
     assert forgetting["n_scored"] == 2 and forgetting["retention_lo"] <= forgetting["retention"] <= forgetting["retention_hi"]
 
 
@@ -245,7 +245,7 @@ def test_audit_fails_on_tampered_delta_naming_it(tiny_study, tmp_path):
     bindir = Path(sys.executable).parent
     res = subprocess.run([str(bindir / "editscale"), "audit", "--configfile", "config/test-tiny.yaml"], cwd=workdir, capture_output=True, text=True)
     assert res.returncode != 0
-    audit = json.loads((workdir / "results/audit.failed.json").read_text())
+    audit = json.loads((workdir / "results/studies/test-tiny/audit.failed.json").read_text())
     failed_files = {f["file"] for f in audit["failures"]}
     assert failed_files == {"results/rome-tiny/deltas/000003.h5"}, audit["failures"]
 
@@ -325,7 +325,7 @@ def test_metric_and_report_commands_are_handed_only_declared_files(repo_root, tm
             continue
         argv = shlex.split(command.split(" 2> ")[0])
         assert "--run-dir" not in argv, command
-        named = [a for a in argv if a.startswith("results/") and not a.rstrip("/").endswith(("results/tables", "results/plots"))]
+        named = [a for a in argv if a.startswith("results/") and not a.rstrip("/").endswith(("/tables", "/plots"))]
         assert named, command
         undeclared = [a for a in named if a not in files]
         assert not undeclared, (rule, undeclared)
@@ -432,10 +432,10 @@ def test_lowered_n_edits_leaves_stale_checkpoints_out_of_the_report(tiny_study, 
     assert (workdir / "results/rome-tiny/metrics/history/000006.parquet").exists()  # stale, still on disk
     assert (workdir / "results/rome-tiny/factors/000006.h5").exists()
     for family in ("history", "weights", "downstream", "perplexity"):
-        edits = pl.read_parquet(workdir / f"results/tables/{family}.parquet")["edit"].unique().to_list()
+        edits = pl.read_parquet(workdir / f"results/studies/test-tiny/tables/{family}.parquet")["edit"].unique().to_list()
         assert max(edits) == 3, (family, edits)
-    assert pl.read_parquet(workdir / "results/tables/edit_log.parquet")["edit_index"].max() == 3
-    assert pl.read_parquet(workdir / "results/tables/edit_scores.parquet")["edit"].max() == 3
+    assert pl.read_parquet(workdir / "results/studies/test-tiny/tables/edit_log.parquet")["edit_index"].max() == 3
+    assert pl.read_parquet(workdir / "results/studies/test-tiny/tables/edit_scores.parquet")["edit"].max() == 3
     weights = pl.read_parquet(workdir / "results/rome-tiny/metrics/weights/000003.parquet")
     assert weights.filter(pl.col("edit_index").is_not_null())["edit_index"].max() == 3
 
@@ -500,21 +500,21 @@ def test_plugin_method_and_metric_run_through_the_workflow(repo_root, tmp_path):
     res = snakemake(workdir, env={"PYTHONPATH": str(plugins)})
     assert "toy_norm" in res.stdout + res.stderr and "evaluate__toy_tiny__" in res.stdout + res.stderr  # run by the checkpoint jobs
     # the method ran (its scalar key_norm reaches the edit log) and the metric saw its updates
-    log = pl.read_parquet(workdir / "results/tables/edit_log.parquet")
+    log = pl.read_parquet(workdir / "results/studies/test-tiny/tables/edit_log.parquet")
     assert log["run"].unique().to_list() == ["toy-tiny"] and (log["key_norm"] > 0).all()
-    toy = pl.read_parquet(workdir / "results/tables/toy_norm.parquet")
+    toy = pl.read_parquet(workdir / "results/studies/test-tiny/tables/toy_norm.parquet")
     assert sorted(toy["edit"].unique().to_list()) == [0, 3, 6]
     fro = {k: toy.filter((pl.col("edit") == k) & (pl.col("item") == "layer1"))["value"].item() for k in (0, 6)}
     assert fro[6] != fro[0]  # the toy edits changed layer 1
     unchanged = toy.filter(pl.col("item") == "layer0")["value"].unique()
     assert unchanged.len() == 1  # and nothing else
     # the report reads the metric's declared curve and figure: phases row, summary columns, figure file
-    phases = pl.read_parquet(workdir / "results/tables/phases.parquet")
+    phases = pl.read_parquet(workdir / "results/studies/test-tiny/tables/phases.parquet")
     assert "toy_fro" in phases["curve"].to_list()
-    summary = pl.read_parquet(workdir / "results/tables/summary.parquet").row(0, named=True)
+    summary = pl.read_parquet(workdir / "results/studies/test-tiny/tables/summary.parquet").row(0, named=True)
     mean6 = toy.filter(pl.col("edit") == 6)["value"].mean()
     assert summary["toy_fro_at_end"] == pytest.approx(mean6)
-    assert (workdir / "results/plots/toy_norm.html").is_file() and (workdir / "results/plots/toy_norm.png").is_file()
+    assert (workdir / "results/studies/test-tiny/plots/toy_norm.html").is_file() and (workdir / "results/studies/test-tiny/plots/toy_norm.png").is_file()
     # a typo in the plugin metric's section is caught by its own schema fragment
     set_config(workdir, lambda c: c["metrics"]["toy_norm"].update({"scal": 1.0}))
     bad = snakemake(workdir, "-n", check=False, env={"PYTHONPATH": str(plugins)})
@@ -556,3 +556,45 @@ def test_a_plugin_module_that_registers_nothing_is_an_error_and_plugins_load_onc
         from editscale.registry import REGISTRIES
 
         REGISTRIES.pop("test-only thing")
+
+
+def test_a_configs_study_name_defaults_to_its_file_name(repo_root):
+    """Issue 31 item 5: the study (where a config's tables, figures, audit and report go) is the
+    config file's name unless `study:` names it; config.yaml's is `default`; a name that is no
+    directory name is refused naming the key."""
+    import yaml
+
+    from editscale.io import EditscaleError
+    from editscale.workflow import prepare, study_path
+
+    def cfg():
+        return yaml.safe_load((repo_root / "config/test-tiny.yaml").read_text())
+
+    assert prepare(cfg(), "config/test-tiny.yaml")["study"] == "test-tiny"
+    assert prepare(cfg(), "config.yaml")["study"] == "default"
+    named = prepare({**cfg(), "study": "ablation-2"}, "config/test-tiny.yaml")
+    assert study_path(named, "tables", "summary.csv") == "results/studies/ablation-2/tables/summary.csv"
+    with pytest.raises(EditscaleError, match=r"study: '\.\./x' does not match"):
+        prepare({**cfg(), "study": "../x"}, "config/test-tiny.yaml")
+
+
+@pytest.mark.slow
+def test_two_configs_in_one_folder_keep_their_own_tables_and_share_runs(tiny_study, tmp_path):
+    """Issue 31 item 5: a second config in the same folder re-planned report_tables for itself and
+    replaced the first study's results/tables and results/plots. Each study has its own now; the
+    runs they share are not recomputed."""
+    import hashlib
+
+    workdir = _copy_study(tiny_study, tmp_path)
+    other = yaml.safe_load((workdir / "config/test-tiny.yaml").read_text())
+    other.setdefault("report", {})["counts"] = [3]  # a different table of the same runs
+    (workdir / "config/other.yaml").write_text(yaml.safe_dump(other, sort_keys=False))
+    first = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (workdir / "results/studies/test-tiny").rglob("*")
+             if p.is_file() and "logs" not in p.parts and "benchmarks" not in p.parts}
+    jobs = planned_jobs(snakemake(workdir, "-n", config="config/other.yaml"))
+    assert set(jobs) <= {"report_tables", "report_plots", "audit", "all"}, jobs  # the runs are shared
+    snakemake(workdir, config="config/other.yaml")
+    assert (workdir / "results/studies/other/tables/summary.csv").is_file()
+    assert (workdir / "results/studies/other/audit.json").is_file()
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in first} == first  # the first study's, untouched
+    assert planned_jobs(snakemake(workdir, "-n")) == {}

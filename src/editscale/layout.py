@@ -5,7 +5,9 @@
     results/{run}/deltas/{k:06d}.h5            cumulative dense delta after k edits (a segment end)
     results/{run}/factors/{k:06d}.h5           the low-rank updates of the segment ending at k
     results/{run}/metrics/{metric}/{k:06d}.parquet
-    results/audit.json                         the audit's report (a failed one: audit.failed.json)
+    results/studies/{study}/tables/            a study's (a config's) report tables ...
+    results/studies/{study}/plots/             ... its figures
+    results/studies/{study}/audit.json         ... its audit's report (a failed one: audit.failed.json)
 
 The workflow plans these paths (editscale.workflow, for the rules); the commands are handed them
 as their rule's inputs and resolve a checkpoint's files with `StateFiles`.
@@ -20,7 +22,18 @@ from typing import Iterable
 from .io import EditscaleError
 
 RESULTS = Path("results")
-AUDIT_REPORT = RESULTS / "audit.json"
+DEFAULT_STUDY = "default"  # the study of config.yaml
+
+
+def study_dir(study: str) -> Path:
+    """Where a study's report tables, figures, audit and report go (runs stay in results/{run})."""
+    return RESULTS / "studies" / study
+
+
+def study_name(config_file: str | Path) -> str:
+    """A config's default study name: its file name without the suffix (config.yaml: default)."""
+    stem = Path(config_file).stem
+    return DEFAULT_STUDY if stem == "config" else stem
 
 
 def run_dir(run: str) -> Path:

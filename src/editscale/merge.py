@@ -351,7 +351,7 @@ def register(sub) -> None:
     a.add_argument("--configfile", default="config.yaml", help="by hand: the config whose declared files are audited (default config.yaml)")
     a.add_argument("--files", nargs="+", default=None, help="the files to audit (the audit rule's declared inputs)")
     a.add_argument("--params-json", default="{}", help='with --files: the audit section, e.g. {"sample_checkpoints": 2, "seed": 0}')
-    a.add_argument("--out", default=None, help="the report (default results/audit.json, the audit rule's output)")
+    a.add_argument("--out", default=None, help="the report (default: the config's results/studies/<study>/audit.json, the audit rule's output)")
     a.set_defaults(func=run_audit)
     t = sub.add_parser("targets", help="the files that finish the given runs of a config (for `snakemake $(editscale targets ...)`)",
                        description="Prints the files that finish the runs (edit chain, every metric file, what the audit "
@@ -380,21 +380,22 @@ def run_audit(args) -> None:
     config (workflow.audit_files) and its `audit:` section."""
     from .audit.audit import audit, write_report
     from .config import section
-    from .layout import AUDIT_REPORT
-    from .workflow import audit_files, load_config
+    from .workflow import audit_files, load_config, study_path
 
     if args.files is not None:
+        if args.out is None:
+            raise EditscaleError("audit --files needs --out (the audit rule's output)")
         try:
             params = json.loads(args.params_json)
         except json.JSONDecodeError as exc:
             raise EditscaleError(f"--params-json is not valid JSON: {exc}") from exc
-        files = args.files
+        files, out = args.files, args.out
     else:
         config = load_config(args.configfile)
-        files, params = audit_files(config), config["audit"]
+        files, params, out = audit_files(config), config["audit"], args.out or study_path(config, "audit.json")
     cfg = section("audit", params)
     result = audit(files, cfg.sample_checkpoints, cfg.seed)
-    written = write_report(result, args.out or AUDIT_REPORT)
+    written = write_report(result, out)
     for f in result["failures"]:
         print(f"FAIL {f['check']}: {f['file']}: {f['detail']}", file=sys.stderr)
     print(f"audit {'PASSED' if result['passed'] else 'FAILED'}: {result['n_checks']} checks over {len(files)} files, "

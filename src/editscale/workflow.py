@@ -597,6 +597,11 @@ def metric_flags(run: dict, metric: str, inputs) -> str:
     return input_flags(get_metric(metric).inputs, inputs)
 
 
+def study_path(config: dict, *parts: str) -> str:
+    """A file of the config's study (layout.study_dir): its tables, plots, audit, report."""
+    return str(layout.study_dir(config["study"]).joinpath(*parts))
+
+
 def audit_files(config: dict) -> list[str]:
     """Every file the audit checks (its rule's inputs, so that a change to any re-runs it): the
     runs' model manifests, stats and projections, and per run its record, edit sequence,
@@ -718,6 +723,8 @@ def prepare(config: dict, source: str = "config", root: Path | None = None) -> d
     from .evaluate.registry import METRICS  # noqa: F401 - the registry whose plugin and entry-point metrics add schema sections
 
     validate(config, source)
+    if not config.get("study"):
+        config["study"] = layout.study_name(source.split(", ")[0])
     if root is not None:
         for run in config["runs"]:
             hp = Path(run["hparams"])
@@ -755,5 +762,5 @@ def check_report_ready(outputs: list[str], configfiles: str) -> None:
         raise EditscaleError(
             f"the report of {configfiles} needs its finished run, but {shown} do not exist. Run it first "
             f"(`snakemake --cores all --configfile={configfiles}`), and if the run used --configfile, pass the "
-            f"same one to the report: `snakemake --report results/report.html --configfile=FILE` (with `=`, so "
+            f"same one to the report: `snakemake --report results/studies/<study>/report.html --configfile=FILE` (with `=`, so "
             f"that the words after it are not read as config files)")

@@ -4,16 +4,16 @@
 #
 #   tests/report/screenshot_report.sh [-o OUT_DIR] [WORKDIR]
 #
-# WORKDIR: a directory with a finished run (results/plots/edit_scores.html). Its
-#   results/report.html is made with `snakemake --report` (config: $CONFIG, default config.yaml)
+# WORKDIR: a directory with a finished run (results/studies/<study>/plots/edit_scores.html). Its
+#   results/studies/<study>/report.html is made with `snakemake --report` (config: $CONFIG, default config.yaml)
 #   when missing. Without WORKDIR, the workflow files of this checkout are copied into a temporary
 #   directory and the tiny study (config/test-tiny.yaml, a few minutes on CPU) is run there first
 #   (the directory is removed at the end unless KEEP_WORKDIR=1).
 # OUT_DIR (default: ./report-screenshots) receives
-#   report-home.png         results/report.html as it opens (workflow graph, result categories)
+#   report-home.png         the study's report.html as it opens (workflow graph, result categories)
 #   report-edit_scores.png  the same report showing "Figures (interactive)" > edit_scores.html in
 #                           its viewer (a copy of report.html with a script that opens that view)
-#   edit_scores.png         results/plots/edit_scores.html on its own
+#   edit_scores.png         the study's plots/edit_scores.html on its own
 #   chromium.log            Chromium's stderr (dbus warnings are harmless in a container)
 # Checks: each PNG decodes, is not tiny, not blank (distinct colours, non-background share), the
 # two chart screenshots contain the chart line colour (#4c78a8, vega's first series colour); the
@@ -66,24 +66,25 @@ if [ -z "$WORKDIR" ]; then
     || { tail -50 "$OUT/snakemake.log"; exit 1; }
 fi
 WORKDIR="$(cd "$WORKDIR" && pwd)"
-REPORT="$WORKDIR/results/report.html"
-FIGURE="$WORKDIR/results/plots/edit_scores.html"
+# the config's study (editscale.layout.study_name: the config file's name, config.yaml: default)
+STUDY="$(basename "${CONFIG:-config.yaml}" .yaml)"; [ "$STUDY" = config ] && STUDY=default
+REPORT="$WORKDIR/results/studies/$STUDY/report.html"
+FIGURE="$WORKDIR/results/studies/$STUDY/plots/edit_scores.html"
 [ -f "$FIGURE" ] || { echo "error: $FIGURE not found: run the workflow first" >&2; exit 1; }
 if [ ! -f "$REPORT" ]; then
   command -v snakemake >/dev/null || export PATH="$REPO/.venv/bin:$PATH"
-  echo "== snakemake --report results/report.html (${CONFIG:-config.yaml})"
-  (cd "$WORKDIR" && snakemake --cores 1 --report results/report.html --configfile "${CONFIG:-config.yaml}" >"$OUT/report.log" 2>&1) \
+  echo "== snakemake --report results/studies/$STUDY/report.html (${CONFIG:-config.yaml})"
+  (cd "$WORKDIR" && snakemake --cores 1 --report "results/studies/$STUDY/report.html" --configfile "${CONFIG:-config.yaml}" >"$OUT/report.log" 2>&1) \
     || { tail -30 "$OUT/report.log"; exit 1; }
 fi
 
 # A copy of the report that opens the interactive edit-scores figure in the report's own viewer
 # (the report is a React app that keeps its root component in the global `app`).
 VIEW="$OUT/report-edit_scores.view.html"
-"$PY" - "$REPORT" "$VIEW" <<'EOF'
+"$PY" - "$REPORT" "$VIEW" "results/studies/$STUDY/plots/edit_scores.html" <<'EOF'
 import sys
-src, dst = sys.argv[1:]
+src, dst, path = sys.argv[1:]
 html = open(src, encoding="utf-8").read()
-path = "results/plots/edit_scores.html"
 if f'"{path}"' not in html:
     sys.exit(f"{src} does not contain {path}")
 script = """<script>

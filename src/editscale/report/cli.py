@@ -23,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--metrics", nargs="*", default=[], help="the metric files ({run}/metrics/{family}/{k}.parquet) the rule declared")
     p.add_argument("--factors", nargs="*", default=[], help="the factors files ({run}/factors/{k}.h5): the per-edit log")
     p.add_argument("--deltas", nargs="*", default=[], help="the delta files ({run}/deltas/{k}.h5): with --factors, the storage per run")
-    p.add_argument("--out-dir", default="results/tables")
+    p.add_argument("--out-dir", required=True, help="e.g. results/studies/<study>/tables")
     p.add_argument("--edit-log", default=None, help="per-edit log table (parquet/csv): run, edit_index, case_id, seconds, update_norm, update_rel, v_loss")
     p.add_argument("--storage-json", default=None, help="JSON {run: bytes}; default: size of the --deltas and --factors files")
     p.add_argument("--params-json", default=None, help=PARAMS_HELP + ", ".join(TABLE_PARAMS + PHASE_PARAMS))
@@ -32,8 +32,9 @@ def register(sub) -> None:
     p.set_defaults(func=run_tables)
 
     p = sub.add_parser("report-plots", help="altair figures (html, png, svg) from the report tables")
-    p.add_argument("--tables", nargs="+", default=["results/tables"], help="the report's table files (parquet), or one directory holding them")
-    p.add_argument("--out-dir", default="results/plots")
+    p.add_argument("--tables", nargs="+", required=True, help="the report's table files (parquet), or one directory holding them "
+                   "(results/studies/<study>/tables)")
+    p.add_argument("--out-dir", required=True, help="e.g. results/studies/<study>/plots")
     p.add_argument("--params-json", default=None, help=PARAMS_HELP + "smooth, norm_z")
     p.add_argument("--smooth", type=int, default=None, help="rolling mean over W edits for per-edit curves (1: raw); overrides report.smooth")
     p.add_argument("--norm-z", type=float, default=None, help="robust z above which an update norm is an outlier; overrides report.norm_z")
@@ -45,15 +46,18 @@ def register(sub) -> None:
 
     p = sub.add_parser("compare", help="terminal table of chosen runs' summaries: onset, ES/PS/NS at fixed edit counts, perplexity ratio")
     p.add_argument("runs", nargs="*", help="run names (default: every run of the summary)")
-    p.add_argument("--results", default="results", help="the study's results directory (its tables/ and {run}/run.json)")
+    p.add_argument("--results", default="results", help="the results directory (studies/<study>/tables/ and {run}/run.json), or a "
+                   "directory holding tables/ (an `editscale merge` output)")
+    p.add_argument("--study", default=None, help="the study (config) whose tables to read (default: the only one, else 'default')")
     p.add_argument("--at", nargs="+", default=["end"], help="edit counts of the ES/PS/NS columns: 'end' or any count the runs have reached")
     p.add_argument("--window", type=int, default=None, help="edits averaged ending at each count (default: the summary's, report.window)")
     p.add_argument("--format", choices=["text", "csv", "markdown", "latex"], default="text")
     p.set_defaults(func=run_compare)
 
     p = sub.add_parser("phases", help="onset of catastrophic forgetting and disabling edits per run")
-    p.add_argument("--tables", nargs="+", default=["results/tables"], help="the report's table files (parquet), or one directory holding them")
-    p.add_argument("--out", default="results/tables/phases.parquet")
+    p.add_argument("--tables", nargs="+", required=True, help="the report's table files (parquet), or one directory holding them "
+                   "(results/studies/<study>/tables)")
+    p.add_argument("--out", required=True, help="e.g. results/studies/<study>/tables/phases.parquet")
     p.add_argument("--disabling-out", default=None, help="default: disabling_edits.parquet beside --out")
     p.add_argument("--params-json", default=None, help=PARAMS_HELP + ", ".join(PHASE_PARAMS))
     for flag, kind in PHASE_FLAGS:
@@ -140,7 +144,7 @@ def run_compare(args) -> None:
     from .results import format_latex, format_markdown, format_table, load
 
     at = [a if a == "end" else _count(a) for a in args.at]
-    table = load(args.results).compare(args.runs, at, args.window)
+    table = load(args.results, study=args.study).compare(args.runs, at, args.window)
     render = {"csv": lambda t: t.write_csv(), "markdown": format_markdown, "latex": format_latex, "text": format_table}[args.format]
     sys.stdout.write(render(table).rstrip("\n") + "\n")
 

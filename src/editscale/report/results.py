@@ -1,13 +1,14 @@
 """The results API: a finished study's tables, for notebooks and for `editscale compare`.
 
     from editscale import results
-    res = results.load("results")          # results/tables/*.parquet + results/{run}/run.json
+    res = results.load("results")          # results/studies/<study>/tables/*.parquet + results/{run}/run.json
+                                           # (study="methods" picks one of several)
     res.names                              # ['disabling_edits', 'downstream', ..., 'summary']
     res["history"]                         # a tidy polars table, each run's resolved config joined
     res.pandas("summary")                  # the same as a pandas DataFrame (pip install editscale[pandas])
     res.compare(["rome-smollm2-geofacts-s0"], at=[100, "end"])
 
-`load` reads what the report stage wrote: the tables of `results/tables` (the report's parquet
+`load` reads what the report stage wrote: the tables of `results/studies/<study>/tables` (parquet
 files; the csv copies are not read) and, for every run in the summary table, its run record
 `results/{run}/run.json` (the resolved run config: method, hparams file and values, segment,
 seed, config hash). `runs` holds one row per run: the record's scalar keys as columns, and each
@@ -109,10 +110,26 @@ class Results:
         return f"Results({str(self.root)!r}: {len(runs)} run(s) [{shown}]; tables {self.names}; runs' config: .runs, {self.runs.width} columns)"
 
 
-def load(root: str | os.PathLike = "results", tables: Iterable[str] | None = None) -> Results:
-    """The tables of a study's results directory and its runs' resolved configs (module docstring)."""
+def tables_dir(root: Path, study: str | None) -> Path:
+    """Where `load` reads a study's tables: root/studies/<study>/tables; without a study, a merge
+    output's root/tables, else the only study's, else the default study's."""
+    from ..layout import DEFAULT_STUDY
+
+    if study is None and (root / "tables").is_dir():
+        return root / "tables"
+    studies = sorted(p.name for p in (root / "studies").iterdir() if (p / "tables").is_dir()) if (root / "studies").is_dir() else []
+    if study is None:
+        study = studies[0] if len(studies) == 1 else DEFAULT_STUDY
+        if len(studies) > 1 and DEFAULT_STUDY not in studies:
+            raise EditscaleError(f"{root} holds the tables of several studies ({', '.join(studies)}): name one (study=..., --study)")
+    return root / "studies" / study / "tables"
+
+
+def load(root: str | os.PathLike = "results", tables: Iterable[str] | None = None, study: str | None = None) -> Results:
+    """The tables of a study (a config: results/studies/<study>/tables) and its runs' resolved
+    configs (module docstring)."""
     root = Path(root)
-    tdir = root / "tables"
+    tdir = tables_dir(root, study)
     if not (tdir / "summary.parquet").is_file():
         raise EditscaleError(f"{tdir / 'summary.parquet'} not found: run the study's report first (snakemake --cores all)")
     got = read_tables(tdir, None if tables is None else set(tables) | {"summary"})

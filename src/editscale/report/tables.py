@@ -4,7 +4,7 @@ Input convention (written by the evaluate stage): `results/{run}/metrics/{family
 a long table with columns k (Int64, model state after k edits), item (Utf8), metric (Utf8),
 value (Float64) and optional extra columns (edit_index, ...).
 
-Output (`results/tables/`, each as .parquet with provenance metadata and as .csv, written
+Output (`results/studies/<study>/tables/`, each as .parquet with provenance metadata and as .csv, written
 atomically):
 
 - `{family}.parquet` for history, downstream, generation, perplexity, weights: tidy long tables
