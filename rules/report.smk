@@ -1,5 +1,7 @@
 # Stage 6 — report: tidy tables (polars), phase detection, altair figures, `snakemake --report`.
 
+import os
+
 from editscale.io import safe_name
 
 FAMILIES = list(METRIC_REGISTRY)  # one report table per registered metric
@@ -26,7 +28,7 @@ rule report_tables:
         csv=expand(f"{TABLES_DIR}/{{table}}.csv", table=[t for t in TABLES if t != "summary"]),
     params:
         runs=wf.runs_meta(config),
-        out_dir=TABLES_DIR,
+        out_dir=lambda w, output: os.path.dirname(output.summary),
         # the table and phase settings only: plot smoothing must not re-run the phase bootstrap
         report=wf.canonical_json({k: v for k, v in config["report"].items() if k != "smooth"}),
     log:
@@ -63,7 +65,7 @@ rule report_plots:
     params:
         # the figure settings only (editscale.report.plots.FigureOptions)
         report=wf.canonical_json({k: config["report"][k] for k in ("smooth", "norm_z")}),
-        out_dir=PLOTS_DIR,
+        out_dir=lambda w, output: os.path.dirname(output.svg[0]),
     log:
         wf.study_path(config, "logs", "report_plots.log"),
     benchmark:
