@@ -12,7 +12,7 @@ rule audit:
     log:
         wf.study_path(config, "logs", "audit.log"),
     benchmark:
-        wf.study_path(config, "benchmarks", "audit.tsv")
+        wf.study_benchmark(config, "audit")
     resources:
         mem_mb=lambda w: MEMORY.mem_mb("audit"),
         runtime=60,

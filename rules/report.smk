@@ -34,7 +34,7 @@ rule report_tables:
     log:
         wf.study_path(config, "logs", "report_tables.log"),
     benchmark:
-        wf.study_path(config, "benchmarks", "report_tables.tsv")
+        wf.study_benchmark(config, "report_tables")
     resources:
         mem_mb=lambda w: MEMORY.mem_mb("report_tables"),
         runtime=30,
@@ -69,7 +69,7 @@ rule report_plots:
     log:
         wf.study_path(config, "logs", "report_plots.log"),
     benchmark:
-        wf.study_path(config, "benchmarks", "report_plots.tsv")
+        wf.study_benchmark(config, "report_plots")
     resources:
         mem_mb=lambda w: MEMORY.mem_mb("report_plots"),
         runtime=30,

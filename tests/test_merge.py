@@ -57,7 +57,7 @@ def test_merged_tables_are_byte_identical_to_the_workflows(tiny_study, record, t
     res = subprocess.run([exe, "merge", "--configfile", "config/test-tiny.yaml", "--out", str(tmp_path / "merged"),
                           str(record.parent)], cwd=tiny_study, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    ours, theirs = tmp_path / "merged" / "tables", tiny_study / "results" / "tables"
+    ours, theirs = tmp_path / "merged" / "tables", tiny_study / "results/studies/test-tiny/tables"
     names = sorted(p.name for p in theirs.iterdir())
     assert names == sorted(p.name for p in ours.iterdir())
     for name in names:

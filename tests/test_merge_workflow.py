@@ -63,7 +63,7 @@ def test_a_study_split_over_two_directories_merges_into_the_same_tables(repo_roo
 
     # both records from ONE: the report_tables rule's own bytes
     _editscale("merge", "--configfile", "config/test-tiny.yaml", "--out", str(tmp_path / "m1"), "--no-plots", str(records_one), cwd=one)
-    theirs = one / "results" / "tables"
+    theirs = one / "results/studies/test-tiny/tables"
     for p in sorted(theirs.iterdir()):
         assert (tmp_path / "m1" / "tables" / p.name).read_bytes() == p.read_bytes(), p.name
 

@@ -457,7 +457,7 @@ def test_cli_tables_phases_plots(results, tmp_path):
     assert main(["report-plots", "--tables", str(out), "--out-dir", str(plots_dir), "--smooth", "2", "--formats", "html,svg", "--cdn-html"]) == 0
     assert (plots_dir / "overview.svg").exists() and (plots_dir / "overview_rome-s0.svg").exists()
     assert not (plots_dir / "edit_scores.png").exists()
-    assert main(["report-tables", "--runs-json", str(tmp_path / "missing.json"), "--metrics", *map(str, _metrics(results))]) == 2
+    assert main(["report-tables", "--runs-json", str(tmp_path / "missing.json"), "--metrics", *map(str, _metrics(results)), "--out-dir", str(tmp_path / "t3")]) == 2
     assert main(["report-plots", "--tables", str(out), "--out-dir", str(plots_dir), "--formats", "pdf"]) == 2
 
 

@@ -331,8 +331,10 @@ def shared_jobs(config: dict, root: str | Path = ".") -> list[Job]:
                 seen.add(job.record)
                 jobs.append(dataclasses.replace(job, dtype=dtype))
     biggest = max((_model_bytes(config, m, root)[1] for m in {r["model"] for r in config["runs"]}), default=0)
-    jobs += [Job("report_tables", str(bench / "report_tables.tsv")), Job("report_plots", str(bench / "report_plots.tsv")),
-             Job("audit", str(bench / "audit.tsv"), model_bytes=biggest)]
+    from .workflow import study_benchmark
+
+    jobs += [Job("report_tables", study_benchmark(config, "report_tables")), Job("report_plots", study_benchmark(config, "report_plots")),
+             Job("audit", study_benchmark(config, "audit"), model_bytes=biggest)]
     return jobs
 
 

@@ -602,6 +602,12 @@ def study_path(config: dict, *parts: str) -> str:
     return str(layout.study_dir(config["study"]).joinpath(*parts))
 
 
+def study_benchmark(config: dict, job: str) -> str:
+    """Snakemake's record of a study job (report, audit), beside every other job's record under
+    results/benchmarks/ (editscale.calibration reads them there)."""
+    return str(layout.RESULTS / "benchmarks" / "studies" / config["study"] / f"{job}.tsv")
+
+
 def audit_files(config: dict) -> list[str]:
     """Every file the audit checks (its rule's inputs, so that a change to any re-runs it): the
     runs' model manifests, stats and projections, and per run its record, edit sequence,
