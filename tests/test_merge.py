@@ -152,3 +152,26 @@ def test_published_results_are_regenerated_byte_for_byte_from_the_records(tiny_s
     before = {p.name: p.read_bytes() for p in (pub / "results.csv", pub / "results.md")}
     merge(config, [record.parent], tmp_path / "out2", publish_to=pub)
     assert {p.name: p.read_bytes() for p in (pub / "results.csv", pub / "results.md")} == before
+
+
+def test_a_chain_stopped_where_its_budget_ended_is_merged_at_its_last_segment(tiny_study, tmp_path):
+    """Issue 29 item 3: a chain that cannot run to its n_edits is exported as stopped (--until K
+    --reason) and merged at K, with the reason in merge.json: planned 9 edits, stopped at 6, the
+    tables are the workflow's own for 6, byte for byte. A K that is no segment end, or that a
+    metric does not evaluate, or no reason, is refused."""
+    config = load_config(tiny_study / "config/test-tiny.yaml")
+    config["runs"][0]["n_edits"] = 9  # the plan; the tiny study's run reached 6
+    with pytest.raises(EditscaleError, match=r"--until 4: must be a segment end \(a multiple of 3\) below the run's n_edits 9"):
+        export_run(config, RUN, tmp_path / "bad", tiny_study, until=4, reason="budget")
+    with pytest.raises(EditscaleError, match=r"say why the run rome-tiny stops there \(--reason\)"):
+        export_run(config, RUN, tmp_path / "bad", tiny_study, until=6)
+    with pytest.raises(EditscaleError, match=r"--until 3: run rome-tiny lacks \d+ file\(s\) due up to edit 3 .*downstream/000003.parquet"):
+        export_run(config, RUN, tmp_path / "bad", tiny_study, until=3, reason="budget")
+    rec_dir = export_run(config, RUN, tmp_path / "records", tiny_study, until=6, reason="the session's budget ended")
+    rec = json.loads((rec_dir / RECORD_FILE).read_text())
+    assert rec["n_edits"] == 6 and rec["stopped"] == {"reached": 6, "planned": 9, "reason": "the session's budget ended"}
+    summary = merge(config, [tmp_path / "records"], tmp_path / "merged", plots=False)
+    assert summary["stopped"] == {RUN: rec["stopped"]} and summary["missing"] == []
+    theirs = tiny_study / "results/studies/test-tiny/tables"
+    for p in sorted(theirs.glob("*.parquet")):
+        assert (tmp_path / "merged/tables" / p.name).read_bytes() == p.read_bytes(), p.name

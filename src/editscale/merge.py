@@ -21,9 +21,14 @@ Merging checks that the records share what must be shared, and refuses with one 
 difference: each run's record was made with this config's run (its run.json: method, resolved
 hparams, dtype, dataset, sample, seed) and metric settings; runs of one model share the model's
 sha256, runs of one dataset its sha256, runs reading one statistics file its sha256, and every
-record has the same editscale version. A run of the config with no record, or whose record stops
-short of the config's n_edits, is an error unless `--allow-missing` (then the tables hold the runs
-that are there, and merge.json names the missing ones).
+record has the same editscale version. A run of the config with no record, or whose record lacks
+files of the config, is an error unless `--allow-missing` (then the tables hold the runs that are
+there, and merge.json names the missing ones).
+
+A chain stopped where its budget ended is exported as such: `export-run --until K --reason TEXT`
+records the run as if its n_edits were K (K a segment end; every file due up to K present) with
+the reason. Merging takes such a record at its K, says so in merge.json and the published
+provenance (`stopped`: reached, planned, reason), and the tables hold the run to edit K.
 """
 
 from __future__ import annotations
@@ -123,9 +128,10 @@ def job_seconds(config: dict, run: dict, root: Path) -> dict[str, float]:
     return out
 
 
-def export_run(config: dict, run_name: str, out: str | Path, root: str | Path = ".") -> Path:
+def export_run(config: dict, run_name: str, out: str | Path, root: str | Path = ".", until: int | None = None,
+               reason: str | None = None) -> Path:
     """Write the run's record to out/{run}/ (module doc); refuses an unfinished run, naming the
-    first missing file."""
+    first missing file. `until`: the run stopped at that many edits, for `reason` (module doc)."""
     from .doctor import machine_fingerprint, machine_info
     from .io import git_commit
     from .report.tables import edit_log_from_factors, normalize_edit_log
@@ -134,10 +140,23 @@ def export_run(config: dict, run_name: str, out: str | Path, root: str | Path = 
 
     root = Path(root)
     run = run_by_name(config, run_name)
+    stopped = None
+    if until is not None:
+        if not reason:
+            raise EditscaleError(f"export-run --until {until}: say why the run {run_name} stops there (--reason)")
+        if not 0 < until < run["n_edits"] or until % run["segment"]:
+            raise EditscaleError(f"export-run --until {until}: must be a segment end (a multiple of {run['segment']}) below the "
+                                 f"run's n_edits {run['n_edits']}")
+        stopped = {"reached": until, "planned": run["n_edits"], "reason": reason}
+        run = {**run, "n_edits": until}
     files = run_inputs(config, run, root)
     needed = [p for ps in files["metrics"].values() for p in ps] + files["factors"] + files["deltas"] + [
         files["run_json"], files["edits"], files["model_manifest"], files["dataset"], *files["stats"].values()]
     missing = [p for p in needed if not Path(p).is_file()]
+    if missing and until is not None:
+        raise EditscaleError(f"export-run --until {until}: run {run_name} lacks {len(missing)} file(s) due up to edit {until} in {root}, "
+                             f"e.g. {missing[0]}: stop it at a segment end that every metric's grid evaluates (its last "
+                             "checkpoint), after its jobs up to there finished")
     if missing:
         raise EditscaleError(f"run {run_name} is not finished in {root}: {len(missing)} of its files are missing, e.g. {missing[0]} "
                              "(continue it with snakemake, then export)")
@@ -171,6 +190,8 @@ def export_run(config: dict, run_name: str, out: str | Path, root: str | Path = 
         "exported_by": git_commit(),
         "machine": machine_fingerprint(machine_info(root)),
         "job_seconds": job_seconds(config, run, root),
+        "n_edits": run["n_edits"],
+        "stopped": stopped,
         "files": copied,
     }
     write_json_atomic(tmp / RECORD_FILE, record)
@@ -211,6 +232,7 @@ def check_records(config: dict, records: dict[str, dict], allow_missing: bool) -
         if rec is None:
             missing.append(name)
             continue
+        run = recorded_run(run, rec)
         want = json.loads(canonical_json(wf.run_record(config, run)))
         got = {k: v for k, v in rec["run_record"].items() if k in want}  # run.json adds its provenance (config_hash)
         if got != want:
@@ -240,6 +262,13 @@ def check_records(config: dict, records: dict[str, dict], allow_missing: bool) -
     return missing
 
 
+def recorded_run(run: dict, record: dict) -> dict:
+    """The config's run as its record has it: to the record's n_edits when it was exported as
+    stopped (`export-run --until`)."""
+    stopped = record.get("stopped")
+    return {**run, "n_edits": int(stopped["reached"])} if stopped else run
+
+
 def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missing: bool = False, plots: bool = True,
           publish_to: str | Path | None = None) -> dict:
     """The study's tables, figures, audit and merge.json from the records in `sources`; with
@@ -261,7 +290,8 @@ def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missin
     dirs = {run: ds[0] for run, ds in found.items() if run in wanted}
     records = {run: json.loads((d / RECORD_FILE).read_text(encoding="utf-8")) for run, d in dirs.items()}
     missing = check_records(config, records, allow_missing)
-    present = [r for r in config["runs"] if r["name"] in records and r["name"] not in missing]
+    present = [recorded_run(r, records[r["name"]]) for r in config["runs"] if r["name"] in records and r["name"] not in missing]
+    stopped = {r["name"]: records[r["name"]]["stopped"] for r in present if records[r["name"]].get("stopped")}
     if not present:
         raise EditscaleError("merge: none of the config's runs has a complete record")
     out = Path(out)
@@ -294,6 +324,7 @@ def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missin
                              "machine": records[r["name"]]["machine"], "job_seconds": records[r["name"]]["job_seconds"]}
                  for r in present},
         "missing": missing,
+        "stopped": stopped,
         "shared": {k: v for rec in records.values() for k, v in rec["shared"].items()},
         "metric_files": {str(p): hashed[str(p)] for p in metric_paths},  # hashed once, by the check above
         "tables": {str(p.relative_to(out)): sha256_file(p) for p in written if p.suffix in (".parquet", ".csv")},
@@ -312,6 +343,7 @@ def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missin
                                  "edits_sha256": records[r["name"]]["edits_sha256"]}
                      for r in present},
             "missing_runs": missing,
+            "stopped_runs": stopped,
             "shared": summary["shared"],
             "record_files": {_relative(Path(p), where): sha for p, sha in summary["metric_files"].items()},
             "regenerate": "editscale merge --configfile <config> --out <dir> --publish <this directory> <the records>",
@@ -342,6 +374,9 @@ def register(sub) -> None:
     e.add_argument("--run", nargs="+", required=True, help="run name(s) of the config")
     e.add_argument("--results-root", default=".", help="the workflow directory the run was made in (holds data/ and results/)")
     e.add_argument("--out", required=True, help="records go to OUT/{run}/")
+    e.add_argument("--until", type=int, default=None, help="a chain stopped where its budget ended: the run to K edits (a segment "
+                   "end), merged and published as stopped at K")
+    e.add_argument("--reason", default=None, help="with --until: why the run stops there (recorded, published)")
     e.set_defaults(func=run_export)
     a = sub.add_parser("audit", help="check provenance and hash chains, re-derive sampled checkpoints",
                        description="Audits the files the workflow declares (editscale.audit.audit): given by the audit rule "
@@ -416,7 +451,7 @@ def run_export(args) -> None:
 
     config = load_config(args.configfile)
     for name in args.run:
-        export_run(config, name, args.out, args.results_root)
+        export_run(config, name, args.out, args.results_root, until=args.until, reason=args.reason)
 
 
 def run_merge(args) -> None:
