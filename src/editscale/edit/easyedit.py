@@ -228,8 +228,7 @@ def convert(path: str | Path, method: str | None = None, n_layers: int | None = 
         try:
             check({**cls.default_hparams, **out})
         except EditscaleError as exc:
-            # hparams_spec.check's lines "hparams: <problem> (N problems)" / "  hparams: <problem>"
-            problems += [re.sub(r" \(\d+ problems\)$", "", line.strip().removeprefix("hparams: ")) for line in str(exc).splitlines()]
+            problems += [p.removeprefix("hparams: ") for p in getattr(exc, "problems", None) or [str(exc)]]
     if problems:
         raise EditscaleError(f"{path}: cannot import it as editscale's {method} ({len(problems)} problem{'s' * (len(problems) > 1)}):\n"
                              + "\n".join(f"  - {p}" for p in problems))

@@ -142,7 +142,9 @@ def check(hparams_type, data: dict, source: str, method: str, partial: bool = Fa
             problems.append(f"{key!r} = {value!r} must be >= {minimum}")
     if problems:
         more = "".join(f"\n  {source}: {p}" for p in problems[1:])
-        raise EditscaleError(f"{source}: {problems[0]}" + (f" ({len(problems)} problems){more}" if more else ""))
+        err = EditscaleError(f"{source}: {problems[0]}" + (f" ({len(problems)} problems){more}" if more else ""))
+        err.problems = [f"{source}: {p}" for p in problems]  # each on its own (io.Problems, import-easyedit)
+        raise err
 
 
 def build(hparams_type, data):
