@@ -113,8 +113,10 @@ def parse_job_log(text: str) -> dict:
     return {"load_replay_s": load, "metrics": metrics}
 
 
-def measure(workdir: Path, configfile: str, run: str, ks: list[int], repeats: int, bindir: Path) -> dict:
-    """Every job at each count, the counts alternating A B B A ...: {kind: {k: [result per repeat]}}."""
+def measure(workdir: Path, configfile: str, run: str, ks: list[int], repeats: int, bindir: Path, on_result=None) -> dict:
+    """Every job at each count, the counts alternating A B B A ...: {kind: {k: [result per repeat]}}.
+    `on_result(results)` after each job: the harness saves what it measured so far, so that a
+    timeout or a kill loses at most the job in flight."""
     from editscale.workflow import checkpoint_metrics, eval_groups, load_config, run_by_name, segment_end_for
 
     config = load_config(workdir / configfile)
@@ -144,6 +146,8 @@ def measure(workdir: Path, configfile: str, run: str, ks: list[int], repeats: in
                     if kind == "edit_scores":
                         res["metrics"] = {"edit_scores": res["wall_s"]}
                     results[kind][k].append(res)
+                    if on_result is not None:
+                        on_result(results)
     return {"run": run, "ks": ks, "segment": int(spec["segment"]), "segments": segments, "repeats": repeats,
             "commands": {kind: {k: shlex.join(c) for k, c in cmds.items()} for kind, cmds in commands.items()},
             "results": results}
@@ -197,7 +201,8 @@ def markdown(rows: list[dict], ks: list[int]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
+def main(argv=None, saved: list | None = None) -> None:
+    """`saved` (tests): a copy of the results is appended to it each time they are saved."""
     from editscale.doctor import machine_fingerprint, machine_info
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -215,11 +220,19 @@ def main(argv=None) -> None:
     info = machine_info(args.workdir)
     t0 = time.perf_counter()
     start_load = os.getloadavg()
-    res = measure(args.workdir.resolve(), args.configfile, args.run, args.ks, args.repeats, args.bin)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.out.with_suffix(".partial.json")  # every job's result as it comes; removed when done
+
+    def save(results):
+        if saved is not None:
+            saved.append(json.loads(json.dumps(results, default=str)))
+        partial.write_text(json.dumps({"run": args.run, "ks": args.ks, "results": results}, indent=2, default=str) + "\n")
+
+    res = measure(args.workdir.resolve(), args.configfile, args.run, args.ks, args.repeats, args.bin, on_result=save)
     res.update(rows=summarize(res), machine=machine_fingerprint(info), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                load_avg_start=start_load, load_avg_end=os.getloadavg(), harness_wall_s=time.perf_counter() - t0)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    partial.unlink(missing_ok=True)
     table = markdown(res["rows"], args.ks)
     args.out.with_suffix(".md").write_text(
         f"Run {args.run} in {args.workdir.name}/ ({args.configfile}), {args.repeats} repeats alternating, medians; "

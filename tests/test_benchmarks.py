@@ -119,9 +119,12 @@ def test_eval_cost_reruns_the_checkpoint_jobs_side_by_side_and_leaves_the_study_
     before = snapshot()
     out = tmp_path / "cost.json"
     main(["--workdir", str(tiny_study), "--configfile", "config/test-tiny.yaml", "--run", "rome-tiny", "--ks", "3", "6",
-          "--repeats", "1", "--out", str(out)])
+          "--repeats", "1", "--out", str(out)], _saved := [])
     assert snapshot() == before
     res = json.loads(out.read_text())
+    # each job's result was saved as it came (a killed harness keeps them), the partial file removed at the end
+    assert [sum(len(v) for kind in r.values() for v in kind.values()) for r in _saved] == [1, 2, 3, 4]
+    assert not out.with_suffix(".partial.json").exists()
     assert all(len(res["results"][kind][k]) == 1 for kind in ("checkpoint", "edit_scores") for k in ("3", "6"))
     rows = {r["metric"]: r for r in res["rows"]}
     assert {"history", "weights", "(model load and replay to k)", "(checkpoint job, wall)"} <= set(rows)
