@@ -123,9 +123,9 @@ def test_tiny_workflow_runs_in_bfloat16(repo_root, tmp_path):
     with h5py.File(results / "rome-tiny/deltas/000003.h5") as f:
         matrices = [f[name] for name in f if isinstance(f[name], h5py.Dataset)]
         assert matrices and all(m.dtype == np.float32 for m in matrices)
-    audit = json.loads((results / "audit.json").read_text())
+    audit = json.loads((results / "studies/test-tiny/audit.json").read_text())
     assert audit["passed"]
-    assert (results / "tables/summary.csv").exists()
+    assert (results / "studies/test-tiny/tables/summary.csv").exists()
     assert planned_jobs(snakemake(workdir, "-n")) == {}
 
 
