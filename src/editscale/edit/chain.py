@@ -150,7 +150,8 @@ def read_delta(path, expected_model_sha: str | None = None) -> tuple[dict[str, t
         return {name: torch.from_numpy(f[name][()]) for name in f.keys()}, attrs
 
 
-def write_factors(path, updates: list[Update], steps: list[int], rows: list[dict], method_state: dict, attrs: dict) -> None:
+def write_factors(path, updates: list[Update], steps: list[int], rows: list[dict], method_state: dict, attrs: dict) -> str:
+    """Write a segment's factors file; returns its content_sha256."""
     with atomic_h5(path) as f:
         g = f.create_group("updates")
         for i, (upd, step) in enumerate(zip(updates, steps)):
@@ -181,7 +182,7 @@ def write_factors(path, updates: list[Update], steps: list[int], rows: list[dict
         for name, arr in method_state.items():
             sg.create_dataset(name, data=np.asarray(arr))
         f.attrs.update({k: v for k, v in attrs.items() if v is not None})
-        _seal(f, "factors")
+        return _seal(f, "factors")
 
 
 def read_factors(path) -> tuple[list[tuple[int, Update]], list[dict], dict[str, np.ndarray], dict]:
@@ -248,11 +249,13 @@ def _cases_between(edits_path, k_start: int, k_end: int) -> list[dict]:
     return sorted(cases, key=lambda c: c["edit_index"])
 
 
-def segment_inputs(model_sha256: str, files: SegmentFiles, templates_path, precomputed: dict[str, dict[str, str]], modules: list[str]) -> dict:
+def segment_inputs(model_sha256: str, files: SegmentFiles, templates_path, precomputed: dict[str, dict[str, str]], modules: list[str],
+                   verified: dict[str, str | None] | None = None) -> dict:
     """What a segment was computed from, recorded in its delta and factors (the audit checks each
     still exists and matches): the model, the edit sequence, the templates, the previous
     checkpoint, and the content_sha256 of each precomputed file it read (second moments,
-    projections: `{role}:{module}`)."""
+    projections: `{role}:{module}`). `verified`: the content_sha256 of the previous delta / factors
+    as their read already verified it (not hashed again)."""
     from ..stats.mom2 import PRECOMPUTED_KINDS, content_sha256
 
     inputs: dict = {"model": model_sha256}
@@ -260,7 +263,8 @@ def segment_inputs(model_sha256: str, files: SegmentFiles, templates_path, preco
         inputs[role] = {"path": str(path), "sha256": sha256_file(path)}
     for role, path in (("previous_delta", files.previous_delta), ("previous_factors", files.previous_factors)):
         if path is not None:  # by content: a bit-identical recomputation is the same input
-            inputs[role] = {"path": str(path), **content_record(path)}
+            sha = (verified or {}).get(role)
+            inputs[role] = {"path": str(path), **({"content_sha256": sha} if sha else content_record(path))}
     for kind, paths in precomputed.items():
         for module, path in sorted(paths.items()):
             if module in modules:
@@ -277,11 +281,6 @@ def content_record(path) -> dict:
         with h5py.File(path, "r") as f:
             sha = verify_state_content(path, f) if "state_kind" in f.attrs else None
     return {"content_sha256": sha} if sha is not None else {"sha256": sha256_file(path)}
-
-
-def _attrs(path) -> dict:
-    with h5py.File(path, "r") as f:
-        return dict(f.attrs)
 
 
 def _segment_bytes(model, modules: list[str], files: SegmentFiles) -> int:
@@ -380,7 +379,7 @@ def run_segment(model_dir: str | Path, files: SegmentFiles, run: dict, precomput
     inputs_by_argument = {"stats": {}, **load_precomputed(precomputed, modules, sha, dev)}
     templates = read_templates(templates_path, method_cls.template_rule)
 
-    prev_delta, prev_attrs, state = None, {}, None
+    prev_delta, prev_attrs, prev_factors_attrs, state = None, {}, {}, None
     if k_start > 0:
         prev_delta, prev_attrs = read_delta(files.previous_delta, expected_model_sha=sha)
         _, _, state, prev_factors_attrs = read_factors(files.previous_factors)
@@ -434,14 +433,16 @@ def run_segment(model_dir: str | Path, files: SegmentFiles, run: dict, precomput
         steps.extend([rows[-1]["step"]] * len(applied))
         bar.set_postfix(loss=f"{rows[-1]['v_loss'] or 0:.3f}", norm=f"{norm:.3g}")
 
-    inputs = segment_inputs(sha, files, templates_path, precomputed, modules)
+    inputs = segment_inputs(sha, files, templates_path, precomputed, modules,
+                            verified={"previous_delta": prev_attrs.get("content_sha256"),
+                                      "previous_factors": prev_factors_attrs.get("content_sha256")})
     attrs = {
         "model_sha256": sha, "k": k_end, "k_start": k_start, "segment": segment, "method": method,
         "hparams": json.dumps(hparams, sort_keys=True), **provenance(run.get("config_hash", ""), inputs, str(dev)),
     }
-    write_factors(files.factors, updates, steps, rows, editor.state_dict(), attrs)
+    factors_sha = write_factors(files.factors, updates, steps, rows, editor.state_dict(), attrs)
     prev_sha = prev_attrs.get("content_sha256") if files.previous_delta is not None else None
-    write_delta(files.delta, weights.delta, {**attrs, "factors_content_sha256": _attrs(files.factors)["content_sha256"],
+    write_delta(files.delta, weights.delta, {**attrs, "factors_content_sha256": factors_sha,
                                              "prev_delta_content_sha256": prev_sha})
     med = float(np.median([r["seconds"] for r in rows]))
     log.info("wrote %s and %s (median %.2f s per edit)", files.factors, files.delta, med)
