@@ -166,19 +166,12 @@ def audit_run(run_dir: Path, ks: list[int], model_shas: dict[str, str], rep: Rep
         rep.add("delta-model", path, attrs.get("model_sha256") == model_sha,
                 f"delta computed on {attrs.get('model_sha256')}, run's model is {model_sha}")
         fpath = factors_path(run_dir, k)
-        # content hashes (older files: the bytes' sha256): a bit-identical recomputation still pairs
-        if "factors_content_sha256" in attrs:
-            ok, why = _content_matches(rep, fpath, attrs["factors_content_sha256"])
-        else:
-            ok, why = fpath.exists() and rep.hashes.file(fpath) == attrs.get("factors_sha256"), ""
+        ok, why = _recorded_state_matches(rep, fpath, attrs, "factors")
         rep.add("factors", fpath, ok, "" if ok else why or "factors file missing or its content differs from the one recorded in its delta")
         k_prev = k - int(run["segment"])
         if k_prev > 0:
             ppath = delta_path(run_dir, k_prev)
-            if "prev_delta_content_sha256" in attrs:
-                ok, why = _content_matches(rep, ppath, attrs["prev_delta_content_sha256"])
-            else:
-                ok, why = ppath.exists() and rep.hashes.file(ppath) == attrs.get("prev_delta_sha256"), ""
+            ok, why = _recorded_state_matches(rep, ppath, attrs, "prev_delta")
             rep.add("delta-chain", ppath, ok, "" if ok else why or f"its content differs from the one recorded by {path.name}")
         if audit_inputs(path, json.loads(attrs.get("inputs", "{}") or "{}"), rep):
             rep.add("inputs", path, True)
@@ -198,11 +191,15 @@ def audit_run(run_dir: Path, ks: list[int], model_shas: dict[str, str], rep: Rep
         rep.add("rederive", path, not diff, "" if not diff else f"stored tensors differ from base + factors for {diff}")
 
 
-def _content_matches(rep: Report, path: Path, recorded: str) -> tuple[bool, str]:
+def _recorded_state_matches(rep: Report, path: Path, attrs: dict, role: str) -> tuple[bool, str]:
+    """Does the state file `path` hold what a delta recorded of it (attrs `{role}_content_sha256`;
+    a delta from before content hashes: `{role}_sha256`, the file's bytes)? (ok, why not)"""
     if not path.exists():
         return False, f"{path} is missing"
+    if f"{role}_content_sha256" not in attrs:
+        return rep.hashes.file(path) == attrs.get(f"{role}_sha256"), ""
     try:
-        return rep.hashes.content(path) == recorded, ""
+        return rep.hashes.content(path) == attrs[f"{role}_content_sha256"], ""
     except EditscaleError as exc:
         return False, str(exc)
 
