@@ -77,7 +77,7 @@ include: "rules/audit.smk"
 rule all:
     input:
         rules.report_tables.output.summary,
-        rules.report_plots.output.html,
+        rules.report_plots.output,
         rules.audit.output,
         # every audited file is a target too: Snakemake does not rebuild a deleted intermediate file
         # whose consumers are up to date, and a deleted delta, factors or stats file must be repaired

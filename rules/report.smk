@@ -3,6 +3,7 @@
 import os
 
 from editscale.io import safe_name
+from editscale.layout import FIGURES_PAGE, VEGA_BUNDLE
 
 FAMILIES = list(METRIC_REGISTRY)  # one report table per registered metric
 FIGURES = wf.report_figures()  # each registered metric's figures, then the overview
@@ -50,18 +51,22 @@ rule report_plots:
     input:
         rules.report_tables.output.tables,
     output:
-        html=report(
-            expand(f"{PLOTS_DIR}/{{figure}}.html", figure=FIGURES),
-            caption="../report/figures.rst",
-            category="Figures (interactive)",
-        ),
+        # every figure on one page, vega's scripts once: the report's interactive figures
+        page=report(f"{PLOTS_DIR}/{FIGURES_PAGE}", caption="../report/figures.rst", category="Figures (interactive)"),
         png=report(
             expand(f"{PLOTS_DIR}/{{figure}}.png", figure=FIGURES),
             caption="../report/figures.rst",
             category="Figures",
         ),
-        svg=expand(f"{PLOTS_DIR}/{{figure}}.svg", figure=FIGURES),
-        per_run=expand(f"{PLOTS_DIR}/{{figure}}.{{ext}}", figure=PER_RUN_FIGURES, ext=["html", "png", "svg"]),
+        phases=report(
+            expand(f"{PLOTS_DIR}/{{figure}}.png", figure=PER_RUN_FIGURES),
+            caption="../report/phases.rst",
+            category="Phases",
+        ),
+        # each figure's own page loads the folder's one vega bundle
+        html=expand(f"{PLOTS_DIR}/{{figure}}.html", figure=FIGURES + PER_RUN_FIGURES),
+        bundle=f"{PLOTS_DIR}/{VEGA_BUNDLE}",
+        svg=expand(f"{PLOTS_DIR}/{{figure}}.svg", figure=FIGURES + PER_RUN_FIGURES),
     params:
         # the figure settings only (editscale.report.plots.FigureOptions)
         report=wf.canonical_json({k: config["report"][k] for k in ("smooth", "norm_z")}),

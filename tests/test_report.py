@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -384,12 +384,13 @@ def test_aggregate_samples_mean_and_band():
 def test_every_figure_written_from_tiny_data(results, tmp_path):
     t = tables.build_tables(_metrics(results), RUNS, edit_log=_edit_log())
     out = tmp_path / "plots"
-    written = plots.make_plots(t, out, plots.FigureOptions(smooth=3), inline_html=False)
+    written = plots.make_plots(t, out, plots.FigureOptions(smooth=3))
     stems = {"edit_scores", "forgetting", "downstream", "weight_distance", "update_norms", "overview", "overview_rome-s0", "overview_rome-s1", "overview_memit-s0"}
-    assert {p.name for p in written} == {f"{s}.{f}" for s in stems for f in ("html", "png", "svg")}
+    assert {p.name for p in written} == {f"{s}.{f}" for s in stems for f in ("html", "png", "svg")} | {"figures.html", "vega-embed.js"}
     for s in stems:
         html, png, svg = (out / f"{s}.{f}" for f in ("html", "png", "svg"))
-        assert html.stat().st_size > 0 and "vega" in html.read_text().lower()
+        # each figure's page loads the folder's one bundle of vega's scripts
+        assert '<script src="vega-embed.js">' in html.read_text() and "vegaEmbed('#vis'" in html.read_text()
         assert _is_png(png)
         assert "<svg" in svg.read_text()[:2000]
     assert not list(out.glob(".*"))
@@ -399,28 +400,174 @@ def test_every_figure_written_from_tiny_data(results, tmp_path):
     rome = [d for d in data if d["series"] == "ROME (2 samples)"]
     assert rome and all(d["n_runs"] == 2 for d in rome)
     assert any(layer["mark"]["type"] == "area" for layer in spec["spec"]["layer"])
-    assert "samples" in spec["title"]["subtitle"]
+    assert any("samples" in line for line in spec["title"]["subtitle"])
     assert all("tooltip" in layer["encoding"] for layer in spec["spec"]["layer"])
 
 
-def test_overview_shades_phase_and_empty_inputs(tmp_path):
+def _figures_page_specs(page: str) -> list[dict]:
+    return [json.loads(m) for m in re.findall(r"vegaEmbed\('#vis-\d+', (.*?), \{\"mode\": \"vega-lite\"\}\)", page)]
+
+
+def test_the_figures_page_holds_every_figure_with_vegas_scripts_once(results, tmp_path):
+    t = tables.build_tables(_metrics(results), RUNS, edit_log=_edit_log())
+    plots.make_plots(t, tmp_path, plots.FigureOptions(smooth=3), formats=("html",))
+    page = (tmp_path / "figures.html").read_text()
+    bundle = (tmp_path / "vega-embed.js").read_text()
+    # vega's scripts once on the page, whatever the number of figures; every figure's spec after them
+    assert page.count(bundle) == 1 and len(bundle) > 100_000
+    specs = _figures_page_specs(page)
+    stems = [p.stem for p in sorted(tmp_path.glob("*.html")) if p.name != "figures.html"]
+    assert len(specs) == len(stems) == 9
+    # it opens on the phases of every run
+    assert specs[0]["title"]["text"] == "Phases of every run"
+    assert len(page) < len(bundle) + sum(len((tmp_path / f"{s}.html").read_text()) for s in stems)
+
+
+def _axes(spec, found=None):
+    """Every (encoding channel, definition) with an axis or a legend, anywhere in a spec."""
+    found = [] if found is None else found
+    if isinstance(spec, dict):
+        for ch, enc in (spec.get("encoding") or {}).items():
+            if isinstance(enc, dict):
+                found.append((ch, enc))
+        for v in spec.values():
+            _axes(v, found)
+    elif isinstance(spec, list):
+        for v in spec:
+            _axes(v, found)
+    return found
+
+
+def test_edit_axes_have_integer_ticks_and_legends_are_not_truncated(results):
+    t = tables.build_tables(_metrics(results), RUNS, edit_log=_edit_log())
+    charts = {name: fn(t, plots.FigureOptions(smooth=3)) for name, fn in (
+        ("edit_scores", plots.proficiency_chart), ("forgetting", plots.forgetting_chart), ("downstream", plots.downstream_chart),
+        ("weight_distance", plots.weights_chart), ("update_norms", plots.update_norm_chart))}
+    charts["overview"] = plots.overview_chart(t, "rome-s0", phase={"onset_k": 10.0, "ci_low": 8.0, "ci_high": 12.0, "collapse_k": 15.0}, disabling=[11])
+    for name, chart in charts.items():
+        encs = _axes(chart.to_dict())
+        edit_axes = [e for ch, e in encs if ch == "x" and e.get("field") in ("edit", "edit_index", "start")]
+        assert edit_axes, name
+        for e in edit_axes:  # no 2.5 edits
+            assert e["axis"]["format"] == ",d" and e["axis"]["tickMinStep"] == 1, (name, e)
+        for ch, e in encs:
+            if ch in ("color", "strokeDash") and e.get("legend") is not None:
+                assert e["legend"]["labelLimit"] == 0, (name, ch)
+
+
+def test_a_method_keeps_its_colour_in_every_figure(results):
+    from editscale.edit.methods import METHODS
+
+    runs = [{**r, "method": m} for r, m in zip(RUNS, ("memit", "memit", "rome"))]
+    t = tables.build_tables(_metrics(results), runs, edit_log=_edit_log())
+    colors = plots.method_colors(list(METHODS))
+    assert len(set(colors.values())) == len(colors)  # one colour per registered method
+
+    def scale(chart):
+        color = next(e for ch, e in _axes(chart.to_dict()) if ch == "color" and e.get("field") == "series")
+        return dict(zip(color["scale"]["domain"], color["scale"]["range"]))
+
+    both = [scale(fn(t, plots.FigureOptions())) for fn in (plots.proficiency_chart, plots.forgetting_chart, plots.downstream_chart, plots.weights_chart)]
+    assert all(s == {"memit (2 samples)": colors["memit"], "rome": colors["rome"]} for s in both)
+    # the same method keeps its colour in a figure without the other method
+    only_rome = tables.build_tables(_metrics(results), runs, edit_log=_edit_log())
+    only_rome = {k: v.filter(pl.col("run") == "memit-s0") if "run" in v.columns else v for k, v in only_rome.items()}
+    assert scale(plots.proficiency_chart(only_rome)) == {"rome": colors["rome"]}
+    overview = plots.overview_chart(t, "memit-s0").to_dict()
+    lines = [layer["mark"] for panel in overview["concat"] for layer in panel["layer"] if layer["mark"]["type"] == "line"]
+    assert lines and all(m["color"] == colors["rome"] for m in lines)
+
+
+def test_the_smoothing_is_named_only_when_a_run_has_more_edits_than_the_window(results):
+    t = tables.build_tables(_metrics(results), RUNS, edit_log=_edit_log())  # 20 edits per run
+    assert plots.proficiency_chart(t, plots.FigureOptions(smooth=10)).to_dict()["title"]["text"] == "Editing proficiency (rolling mean over 10 edits)"
+    assert plots.proficiency_chart(t, plots.FigureOptions(smooth=20)).to_dict()["title"]["text"] == "Editing proficiency"
+    assert plots.proficiency_chart(t, plots.FigureOptions(smooth=1)).to_dict()["title"]["text"] == "Editing proficiency"
+    panels = plots.overview_chart(t, "rome-s0", smooth=30).to_dict()["concat"]
+    assert not any("rolling mean" in json.dumps(p["title"]) for p in panels)
+    panels = plots.overview_chart(t, "rome-s0", smooth=5).to_dict()["concat"]
+    assert [p["title"]["subtitle"] for p in panels if "ES of the new edit" in p["title"]["text"]] == ["rolling mean over 5 edits"]
+
+
+def test_forgetting_figure_states_its_definition_and_a_sampled_history_band(tmp_path):
     res = tmp_path / "results"
-    runs = [{"name": "long", "model": "tiny", "method": "ROME", "dataset": "cf", "sample": 0, "n_edits": 300}]
+    runs = [{"name": "one", "model": "tiny", "method": "rome", "dataset": "cf", "sample": 0, "n_edits": 20}]
+    write_run(res, "one", n_edits=20, seed=1)
+    # a sampled history: every other earlier edit, in one stratum of all earlier edits
+    for f in sorted((res / "one/metrics/history").glob("*.parquet")):
+        h = pl.read_parquet(f)
+        h.filter(pl.col("edit_index") % 2 == 0).with_columns(pl.lit(1).alias("stratum_lo"), pl.col("k").alias("stratum_hi")).write_parquet(f)
+    t = tables.build_tables(_metrics(res), runs)
+    spec = plots.forgetting_chart(t).to_dict()
+    subtitle = " ".join(spec["title"]["subtitle"])
+    assert "the % that fail now" in subtitle and "once forgotten, always forgotten" in subtitle and "mean ES of all earlier edits" in subtitle
+    assert "95 % interval of the re-scored sample" in subtitle
+    data = next(iter(spec["datasets"].values()))
+    assert any(d["hi"] > d["lo"] for d in data)  # the band drawn (area layer filters hi > lo)
+
+
+def test_downstream_panels_wrap_to_a_page_width_without_empty_panels(results):
+    t = tables.build_tables(_metrics(results), RUNS, edit_log=_edit_log())
+    down = t["downstream"].filter(~((pl.col("item") == "mrpc") & (pl.col("metric") == "f1")))  # mrpc has no generated F1
+    spec = plots.downstream_chart({**t, "downstream": down}).to_dict()
+    assert spec["columns"] == 4 and set(spec["facet"]) == {"field", "type", "sort", "title", "header"}  # wrapped, no row x column grid
+    panels = spec["facet"]["sort"]
+    assert panels == ["mrpc: F1 (log-likelihood)", "mrpc: accuracy (log-likelihood)",
+                      "sst2: generated F1", "sst2: F1 (log-likelihood)", "sst2: accuracy (log-likelihood)"]
+    assert {d["panel"] for d in next(iter(spec["datasets"].values()))} == set(panels)
+
+
+def test_overview_panels_show_each_curve_in_its_units_with_the_phases_shaded(tmp_path):
+    from editscale.report.phases import curve_values
+
+    res = tmp_path / "results"
+    runs = [{"name": "long", "model": "tiny", "method": "rome", "dataset": "cf", "sample": 0, "n_edits": 300}]
     write_run(res, "long", n_edits=300, every=10, collapse_at=180, outlier_edit=175, seed=4)
     t = tables.build_tables(_metrics(res), runs)
     phase = {"onset_k": 180.0, "ci_low": 170.0, "ci_high": 190.0, "collapse_k": 200.0}
-    chart = plots.overview_chart(t, "long", phase=phase, disabling=[175])
-    spec = chart.to_dict()
-    marks = [layer["mark"]["type"] if isinstance(layer["mark"], dict) else layer["mark"] for layer in spec["layer"]]
-    assert marks.count("rect") == 1 and "rule" in marks and "line" in marks
-    assert "180" in spec["title"]
+    spec = plots.overview_chart(t, "long", phase=phase, disabling=[175]).to_dict()
+    assert spec["title"]["text"] == "long: onset of catastrophic forgetting at 180 edits (95 % CI 170-190), collapse at 200"
+    values = curve_values(t, "long")
+    panels = spec["concat"]
+    assert len(panels) == sum(1 for sp, *_ in values.values() if sp.phases) and spec["columns"] == 4
+    datasets = spec["datasets"]
+    for panel in panels:
+        layers = {layer["mark"]["type"]: layer for layer in panel["layer"]}
+        assert set(layers) == {"rect", "rule", "line"}
+        shade = datasets[layers["rect"]["data"]["name"]]
+        assert [(d["mark"], d["start"], d["end"]) for d in shade] == [("onset 95 % interval", 170.0, 190.0), ("onset to collapse", 180.0, 200.0)]
+        assert [d["start"] for d in datasets[layers["rule"]["data"]["name"]]] == [175.0]
+    # real units: perplexity's panel holds the perplexities (log scale), not a min-max normalization
+    ppl = next(p for p in panels if p["title"]["text"] == "perplexity")
+    line = next(layer for layer in ppl["layer"] if layer["mark"]["type"] == "line")
+    assert line["encoding"]["y"]["scale"]["type"] == "log"
+    spec_ppl, k, y = values["perplexity"]
+    assert [d["value"] for d in datasets[line["data"]["name"]]] == pytest.approx(list(y))
     led = plots.overview_chart(t, "long", phase=phase, indicator={"leading_indicator": "weight_norm", "indicator_lead": 30.0}).to_dict()
-    assert led["title"].endswith("(onset of catastrophic forgetting at 180 edits); first indicator to move: weight_norm, 30 edits ahead")
-    paths = plots.save_chart(chart, tmp_path / "ov", formats=("png", "svg"))
+    assert led["title"]["text"].endswith("collapse at 200; first indicator to move: weight_norm, 30 edits ahead")
+    assert plots.overview_chart(t, "long").to_dict()["title"]["text"] == "long: no onset of catastrophic forgetting detected"
+    paths = plots.save_chart(plots.overview_chart(t, "long", phase=phase), tmp_path / "ov", formats=("png", "svg"))
     assert _is_png(paths[0]) and paths[1].stat().st_size > 0
-    # nothing at all: every figure is a "no data" figure, still written
-    written = plots.make_plots({}, tmp_path / "empty", formats=("html", "png"), inline_html=False)
-    assert len(written) == 12 and all(p.stat().st_size > 0 for p in written)
+
+
+def test_the_study_overview_shows_every_run_on_shared_ranges(results):
+    t = tables.build_tables(_metrics(results), RUNS, edit_log=_edit_log())
+    spec = plots.study_overview_chart(t, [r["name"] for r in RUNS], phases={}, disabling={}).to_dict()
+    assert spec["title"]["text"] == "Phases of every run" and len(spec["vconcat"]) == 3
+    glance = [sp.label.removeprefix("log ") for _, sp in __import__("editscale.evaluate.registry", fromlist=["x"]).curve_specs() if sp.glance]
+    for row in spec["vconcat"]:
+        titles = [p["title"]["text"] for p in row["concat"]]
+        assert titles == [g for g in glance if g in titles] and len(titles) >= 4
+    # one y range per curve across the rows, so rows compare
+    def domain(row, title):
+        panel = next(p for p in row["concat"] if p["title"]["text"] == title)
+        return next(layer for layer in panel["layer"] if layer["mark"]["type"] == "line")["encoding"]["y"]["scale"]["domain"]
+    assert domain(spec["vconcat"][0], "perplexity") == domain(spec["vconcat"][2], "perplexity")
+
+
+def test_empty_inputs_give_no_data_figures(tmp_path):
+    written = plots.make_plots({}, tmp_path / "empty", formats=("html", "png"), html="cdn")
+    assert len(written) == 13 and all(p.stat().st_size > 0 for p in written)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,7 +601,7 @@ def test_cli_tables_phases_plots(results, tmp_path):
     assert main(["report-tables", "--runs-json", str(runs_json), "--metrics", *map(str, _metrics(results)), "--out-dir", str(tmp_path / "t2")]) == 0
     assert pl.read_parquet(tmp_path / "t2" / "edit_log.parquet").height == 0  # no factors files
     plots_dir = tmp_path / "plots"
-    assert main(["report-plots", "--tables", str(out), "--out-dir", str(plots_dir), "--smooth", "2", "--formats", "html,svg", "--cdn-html"]) == 0
+    assert main(["report-plots", "--tables", str(out), "--out-dir", str(plots_dir), "--smooth", "2", "--formats", "html,svg", "--html", "cdn"]) == 0
     assert (plots_dir / "overview.svg").exists() and (plots_dir / "overview_rome-s0.svg").exists()
     assert not (plots_dir / "edit_scores.png").exists()
     assert main(["report-tables", "--runs-json", str(tmp_path / "missing.json"), "--metrics", *map(str, _metrics(results)), "--out-dir", str(tmp_path / "t3")]) == 2

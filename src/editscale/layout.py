@@ -6,7 +6,8 @@
     results/{run}/factors/{k:06d}.h5           the low-rank updates of the segment ending at k
     results/{run}/metrics/{metric}/{k:06d}.parquet
     results/studies/{study}/tables/            a study's (a config's) report tables ...
-    results/studies/{study}/plots/             ... its figures
+    results/studies/{study}/plots/             ... its figures ({figure}.png / .svg / .html; FIGURES_PAGE:
+                                               every figure on one page; VEGA_BUNDLE: the pages' script)
     results/studies/{study}/audit.json         ... its audit's report (a failed one: audit.failed.json)
 
 The workflow plans these paths (editscale.workflow, for the rules); the commands are handed them
@@ -23,6 +24,8 @@ from .io import EditscaleError
 
 RESULTS = Path("results")
 DEFAULT_STUDY = "default"  # the study of config.yaml
+FIGURES_PAGE = "figures.html"  # in a plots folder: every figure on one page (editscale.report.plots.make_plots)
+VEGA_BUNDLE = "vega-embed.js"  # in a plots folder: vega, vega-lite and vega-embed, loaded by each figure's page
 
 
 def study_dir(study: str) -> Path:

@@ -10,16 +10,19 @@
 #   directory and the tiny study (config/test-tiny.yaml, a few minutes on CPU) is run there first
 #   (the directory is removed at the end unless KEEP_WORKDIR=1).
 # OUT_DIR (default: ./report-screenshots) receives
-#   report-home.png         the study's report.html as it opens (workflow graph, result categories)
-#   report-edit_scores.png  the same report showing "Figures (interactive)" > edit_scores.html in
-#                           its viewer (a copy of report.html with a script that opens that view)
-#   edit_scores.png         the study's plots/edit_scores.html on its own
+#   report-home.png         the study's report.html as it opens: the phases of every run at a glance
+#                           (the study overview's SVG in the description), the workflow graph
+#   report-figures.png      the same report showing "Figures (interactive)" > figures.html in its viewer
+#                           (a copy of report.html with a script that opens that view)
+#   figures.png             the study's plots/figures.html (every figure on one page) on its own
+#   edit_scores.png         the study's plots/edit_scores.html on its own (vega from the folder's bundle)
 #   chromium.log            Chromium's stderr (dbus warnings are harmless in a container)
-# Checks: each PNG decodes, is not tiny, not blank (distinct colours, non-background share), the
-# two chart screenshots contain the chart line colour (#4c78a8, vega's first series colour); the
-# DOM Chromium rendered (--dump-dom; kept as *.dom.html with KEEP_DOM=1) has the report's menu
-# (Workflow, Statistics, Figures, Figures (interactive), Tables) and the figure's vega SVG with
-# its title "Editing proficiency".
+# Checks: each screenshot decodes, is not tiny, not blank (distinct colours, non-background share)
+# and shows ROME's line colour (#4c78a8); every plots/*.png decodes, shows a chart and stays under
+# 1 MB; the DOM Chromium rendered (--dump-dom; kept as *.dom.html with KEEP_DOM=1) has the report's
+# menu (Workflow, Statistics, Phases, Figures, Figures (interactive), Tables), the study overview
+# on the landing page, every figure of figures.html rendered by vega (one <svg class="marks"> per
+# figure, the phases first) and edit_scores.html's chart with its title "Editing proficiency".
 #
 # Needs chromium (installed with apt-get when missing and run as root) and python3 (stdlib
 # only: the PNGs are decoded with zlib). Exit status 0 when every check passed.
@@ -31,7 +34,7 @@ OUT="$PWD/report-screenshots"
 while getopts "o:h" opt; do
   case "$opt" in
     o) OUT="$OPTARG" ;;
-    h) sed -n '2,26p' "$0"; exit 0 ;;
+    h) sed -n '2,30p' "$0"; exit 0 ;;
     *) exit 2 ;;
   esac
 done
@@ -70,6 +73,7 @@ WORKDIR="$(cd "$WORKDIR" && pwd)"
 STUDY="$(basename "${CONFIG:-config.yaml}" .yaml)"; [ "$STUDY" = config ] && STUDY=default
 REPORT="$WORKDIR/results/studies/$STUDY/report.html"
 FIGURE="$WORKDIR/results/studies/$STUDY/plots/edit_scores.html"
+PAGE="$WORKDIR/results/studies/$STUDY/plots/figures.html"
 [ -f "$FIGURE" ] || { echo "error: $FIGURE not found: run the workflow first" >&2; exit 1; }
 if [ ! -f "$REPORT" ]; then
   command -v snakemake >/dev/null || export PATH="$REPO/.venv/bin:$PATH"
@@ -78,10 +82,10 @@ if [ ! -f "$REPORT" ]; then
     || { tail -30 "$OUT/report.log"; exit 1; }
 fi
 
-# A copy of the report that opens the interactive edit-scores figure in the report's own viewer
+# A copy of the report that opens the interactive figures page in the report's own viewer
 # (the report is a React app that keeps its root component in the global `app`).
-VIEW="$OUT/report-edit_scores.view.html"
-"$PY" - "$REPORT" "$VIEW" "results/studies/$STUDY/plots/edit_scores.html" <<'EOF'
+VIEW="$OUT/report-figures.view.html"
+"$PY" - "$REPORT" "$VIEW" "results/studies/$STUDY/plots/figures.html" <<'EOF'
 import sys
 src, dst, path = sys.argv[1:]
 html = open(src, encoding="utf-8").read()
@@ -115,11 +119,12 @@ shot() {  # shot NAME FILE: NAME.png (screenshot) and NAME.dom.html (the rendere
 }
 echo "== screenshots into $OUT"
 shot report-home "$REPORT"
-shot report-edit_scores "$VIEW"
+shot report-figures "$VIEW"
+shot figures "$PAGE"
 shot edit_scores "$FIGURE"
 
 echo "== checks"
-"$PY" - "$OUT" <<'EOF'
+"$PY" - "$OUT" "$WORKDIR/results/studies/$STUDY/plots" <<'EOF'
 """Decode the PNGs (stdlib zlib) and check they show a rendered chart."""
 import re
 import struct
@@ -127,7 +132,7 @@ import sys
 import zlib
 from pathlib import Path
 
-out = Path(sys.argv[1])
+out, plots = Path(sys.argv[1]), Path(sys.argv[2])
 
 
 def decode_png(path):
@@ -175,26 +180,38 @@ def near(px, ref, tol=12):
     return all(abs(p - q) <= tol for p, q in zip(px, ref))
 
 
-VEGA_BLUE = (76, 120, 168)  # #4c78a8: the first colour of vega's default scheme (ROME's line)
+VEGA_BLUE = (76, 120, 168)  # #4c78a8: ROME's colour in every figure (editscale.report.plots.method_colors)
 failures = []
-for name, x0, min_kb in (("report-home", 0, 20), ("report-edit_scores", 280, 20), ("edit_scores", 0, 10)):
-    png = out / f"{name}.png"
+
+
+def look(png, x0=0):
+    """(width, height, kB, distinct colours, non-background share, #4c78a8 pixels) from x0 on."""
     kb = png.stat().st_size / 1024
     w, h, px = decode_png(png)
     region = [p for row in px for p in row[x0:]]
-    colours = len(set(region))
     bg = max(set(region[::97]), key=region[::97].count)
-    ink = sum(p != bg for p in region) / len(region)
-    blue = sum(near(p, VEGA_BLUE) for p in region)
+    return w, h, kb, len(set(region)), sum(p != bg for p in region) / len(region), sum(near(p, VEGA_BLUE) for p in region)
+
+
+# the screenshots: the report's landing page shows the phases of every run (the study overview
+# image in its description), the report's interactive figures, the figures page alone (it opens on
+# the study overview), one figure's own page (vega from the folder's bundle)
+for name, x0, min_kb, min_line in (("report-home", 0, 20, 30), ("report-figures", 280, 20, 100), ("figures", 0, 20, 100), ("edit_scores", 0, 10, 100)):
+    w, h, kb, colours, ink, blue = look(out / f"{name}.png", x0)
     print(f"   {name}.png: {w}x{h}, {kb:.0f} kB, {colours} distinct colours from x={x0}, "
           f"{100 * ink:.1f}% non-background, {blue} chart-line (#4c78a8) pixels")
     if kb < min_kb:
         failures.append(f"{name}.png is only {kb:.1f} kB")
     if colours < 50 or ink < 0.005:
         failures.append(f"{name}.png looks blank ({colours} colours, {100 * ink:.2f}% non-background)")
-    if name != "report-home" and blue < 100:
+    if blue < min_line:
         failures.append(f"{name}.png shows no chart line (only {blue} pixels of #4c78a8)")
-
+# every figure's PNG as a reader gets it: decodes, shows a chart, stays under 1 MB
+for png in sorted(plots.glob("*.png")):
+    w, h, kb, colours, ink, blue = look(png)
+    print(f"   plots/{png.name}: {w}x{h}, {kb:.0f} kB, {colours} colours, {100 * ink:.1f}% non-background")
+    if colours < 20 or ink < 0.01 or kb > 1024:
+        failures.append(f"plots/{png.name}: {colours} colours, {100 * ink:.2f}% non-background, {kb:.0f} kB")
 
 
 def rendered(name):
@@ -204,9 +221,23 @@ def rendered(name):
 
 
 home = rendered("report-home")
-for label in ("Workflow", "Statistics", "Figures", "Figures (interactive)", "Tables"):
+for label in ("Workflow", "Statistics", "Phases", "Figures", "Figures (interactive)", "Tables"):
     if f">{label}<" not in home:
         failures.append(f"report-home: the rendered menu lacks {label!r} (did the report's JavaScript run?)")
+glance = home[home.find('class="editscale-glance"'):]
+if "Phases of every run at a glance" not in home or "<svg" not in glance[:500] or "Phases of every run" not in glance:
+    failures.append("report-home: the landing page does not show the phases of every run (the study overview's SVG)")
+page = rendered("figures")
+n_figures = len(re.findall(r'<h2 id="fig-', page))
+n_charts = len(re.findall(r'<svg[^>]*class="marks"', page))
+print(f"   figures.html: {n_figures} figures, {n_charts} rendered vega charts")
+if n_figures < 6 or n_charts != n_figures:
+    failures.append(f"figures.html: {n_charts} of {n_figures} figures rendered")
+for title in ("Phases of every run", "Editing proficiency", "Forgetting of earlier edits", "Downstream ability"):
+    if title not in page:
+        failures.append(f"figures.html: no rendered chart title {title!r}")
+if page.find("Phases of every run") > page.find("Editing proficiency"):
+    failures.append("figures.html does not open on the phases of every run")
 fig = rendered("edit_scores")
 if 'class="marks"' not in fig and "<canvas" not in fig:
     failures.append('edit_scores.html: vega rendered no <svg class="marks"> or <canvas>')
@@ -219,4 +250,4 @@ print("   all checks passed")
 EOF
 # the DOM dumps and the report copy are large (the report inlines every figure): keep the PNGs
 [ -n "${KEEP_DOM:-}" ] || rm -f "$OUT"/*.dom.html "$VIEW"
-echo "== screenshots: $OUT/report-home.png $OUT/report-edit_scores.png $OUT/edit_scores.png"
+echo "== screenshots: $OUT/report-home.png $OUT/report-figures.png $OUT/figures.png $OUT/edit_scores.png"

@@ -64,6 +64,7 @@ class CurveSpec:
     summary: str = ""  # summary column stem ({summary}_at_{count}); "" = not in the summary
     indicator: bool = False  # a collapse indicator: the summary names the one whose onset came first and its lead
     compare: bool = False  # `editscale compare` / results.compare show its summary columns beside ES / PS / NS
+    glance: bool = False  # a panel of the study overview (every run at a glance, the report's first figure)
 
 
 @dataclass(frozen=True)

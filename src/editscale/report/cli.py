@@ -40,7 +40,10 @@ def register(sub) -> None:
     p.add_argument("--norm-z", type=float, default=None, help="robust z above which an update norm is an outlier; overrides report.norm_z")
     p.add_argument("--band", choices=["minmax", "sd"], default="minmax", help="band across samples of one configuration")
     p.add_argument("--formats", default="html,png,svg", help="comma-separated subset of html,png,svg")
-    p.add_argument("--cdn-html", action="store_true", help="load vega from a CDN instead of embedding it (smaller HTML, needs network to view)")
+    p.add_argument("--html", choices=("bundle", "inline", "cdn"), default="bundle",
+                   help="how each figure's HTML page gets vega: 'bundle' (default) loads vega-embed.js, written once into --out-dir; "
+                        "'inline' embeds it in every page (~0.9 MB each); 'cdn' loads it from jsDelivr (needs the network to view). "
+                        "figures.html, every figure on one page, always embeds it once")
     p.add_argument("--no-per-run", action="store_true", help="skip the per-run copies overview_{run} of the overview figure")
     p.set_defaults(func=run_plots)
 
@@ -107,7 +110,7 @@ def run_plots(args) -> None:
         raise EditscaleError(f"--formats: unknown {bad}; choose from {list(FORMATS)}")
     cfg = _report_section(args, {"smooth": args.smooth, "norm_z": args.norm_z})
     options = FigureOptions(smooth=cfg.smooth, band=args.band, norm_z=cfg.norm_z)
-    written = make_plots(read_tables(args.tables), args.out_dir, options, formats=formats, inline_html=not args.cdn_html, per_run=not args.no_per_run)
+    written = make_plots(read_tables(args.tables), args.out_dir, options, formats=formats, html=args.html, per_run=not args.no_per_run)
     log.info("report-plots: %d files written to %s", len(written), args.out_dir)
 
 

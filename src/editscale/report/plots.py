@@ -1,32 +1,38 @@
 """Report figures (altair): the study's figures plus editscale's own.
 
-Every figure is saved as HTML (tooltips; self-contained by default, so it opens offline), PNG and
-SVG (rendered by vl-convert), each written to a temporary file with the right suffix and renamed.
+Every figure is saved as PNG, SVG (rendered by vl-convert) and HTML (tooltips; by default the page
+loads vega from the folder's one VEGA_BUNDLE), each written to a temporary file with the right
+suffix and renamed; FIGURES_PAGE holds every figure on one page with vega's scripts once (the
+report's interactive figures: its size grows with the figures' data, not their number).
 
 Figures (file stems in the output directory; each metric names its figures and their functions in
 editscale.evaluate.registry, every function called as fn(tables, FigureOptions)):
 
 - `edit_scores`: editing proficiency, ES / PS / NS of each edit right after it was made, smoothed
-  by a rolling mean over the last W edits (the study's smoothing; W = 1 shows raw scores), one
-  panel per metric.
+  by a rolling mean over the last W edits (the study's smoothing, named in the title when a run
+  has more than W edits; W = 1 shows raw scores), one panel per metric.
 - `forgetting`: % of earlier (successful) edits forgotten (now, and ever) and % retention (mean ES
-  of all earlier edits) against the number of edits; one run's band is the 95 % interval of
-  history's sample.
-- `downstream`: downstream score per task against edits, one row per reading (generation F1 and
-  the log-likelihood reading f1_ll / accuracy_ll).
-- `weight_distance`: Frobenius distance of each edited module (and of all together, "all") from
-  the base weights against edits.
+  of all earlier edits) against the number of edits, defined in the subtitle; one run's band is
+  the 95 % interval of history's sample.
+- `downstream`: one panel per task and reading (generation F1 and the log-likelihood readings
+  f1_ll / accuracy_ll) that has values, wrapped four to a row.
+- `weight_distance`: Frobenius distance of each edited module from the base weights against edits.
 - `update_norms`: per-edit update norm (log scale) with outliers highlighted: the detrended robust
   z of editscale.report.disabling above the threshold (the disabling-edit criterion) and/or the
   weights metric's own flag; one panel per run.
-- `overview`: one panel per run (also written alone as `overview_{run}`): the run's curves
-  min-max normalized to [0, 1], with the detected phase shaded: the onset confidence interval
-  (grey), gradual-phase end (onset) to collapse (orange), and disabling edits (red rules).
+- `overview`: every run at a glance, one row per run of the CurveSpec.glance curves on one y range
+  per curve; `overview_{run}`: one run's every phase curve as small multiples in their own units.
+  Each panel is shaded with the detected phases: the onset's 95 % interval (grey), onset to
+  collapse (orange), disabling edits (dashed rules); the title names the onset, its interval, the
+  collapse and the first collapse indicator to move.
 
-Several runs on one figure are coloured by method (the label adds model / dataset when they vary).
-Runs that share model, method and dataset are samples of one configuration: the figure shows their
-mean as the line and a band across samples (min-max, or mean +- 1 sd with band="sd").
-Every figure renders from a handful of points, and an empty input gives a "no data" figure.
+Several runs on one figure are coloured by method, each method in the same colour in every figure
+(method_colors: its place in the method registry; the label adds model / dataset when they vary,
+and a dash tells such series of one method apart). Runs that share model, method and dataset are
+samples of one configuration: the figure shows their mean as the line and a band across samples
+(min-max, or mean +- 1 sd with band="sd"). Edit axes have integer ticks, legends are never
+truncated. Every figure renders from a handful of points, and an empty input gives a "no data"
+figure.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import polars as pl
 from .. import robust
 from ..config import section_defaults
 from ..io import atomic_path, safe_name
+from ..layout import FIGURES_PAGE, VEGA_BUNDLE
 from . import phases as ph
 from .disabling import norm_outlier_z
 
@@ -51,6 +58,15 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("html", "png", "svg")
 WIDTH, HEIGHT = 260, 180
+PANEL_WIDTH, PANEL_HEIGHT = 190, 120  # a small multiple (downstream, overview)
+GLANCE_WIDTH, GLANCE_HEIGHT = 110, 70  # a panel of the study overview: a row of them fits the report's landing page
+# One colour per method, the same in every figure: the method's place in the method registry
+# (editscale.edit.methods.METHODS, registration order; unregistered names after, sorted) picks it.
+PALETTE = (
+    "#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#c9a100", "#b279a2", "#ff9da6", "#9d755d", "#17becf",
+    "#1f3d7a", "#8c564b", "#bcbd22", "#9467bd", "#2ca02c", "#e377c2", "#a0522d", "#7f7f7f", "#d62728", "#393b79",
+)
+LEGEND = {"labelLimit": 0, "titleLimit": 0}  # vega truncates legend labels at 160 px by default
 META = ("run", "model", "method", "dataset", "sample")
 MODULE_METRICS = ("fro", "fro_per_numel", "spectral")
 
@@ -71,28 +87,124 @@ class FigureOptions:
 # saving
 
 
+HTML_MODES = ("bundle", "inline", "cdn")
+
+
+def _vega_bundle() -> str:
+    import vl_convert as vlc
+
+    return vlc.javascript_bundle()
+
+
+def _script_json(spec: Mapping) -> str:
+    import json
+
+    # "</" inside a spec (a title, a tooltip) must not close the <script> element
+    return json.dumps(spec, sort_keys=True).replace("</", "<\\/")
+
+
+def _page(title: str, scripts: str, body: str) -> str:
+    import html
+
+    return ("<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"UTF-8\">\n"
+            f"<title>{html.escape(title)}</title>\n"
+            "<style>body { font-family: sans-serif; margin: 16px; } .vega-embed { display: block; margin-bottom: 32px; }</style>\n"
+            f"{scripts}\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+
+
+def _embed(div: str, chart: alt.TopLevelMixin) -> str:
+    with alt.data_transformers.disable_max_rows():
+        spec = chart.to_dict()
+    return f"<div id=\"{div}\"></div>\n<script>vegaEmbed('#{div}', {_script_json(spec)}, {{\"mode\": \"vega-lite\"}}).catch(console.error);</script>"
+
+
 def save_chart(
     chart: alt.TopLevelMixin,
     stem: str | os.PathLike,
     formats: Sequence[str] = FORMATS,
     *,
-    inline_html: bool = True,
+    html: str = "inline",
     scale_factor: float = 1.0,
 ) -> list[Path]:
-    """Save `chart` as {stem}.{fmt} for each format, atomically; returns the paths written."""
+    """Save `chart` as {stem}.{fmt} for each format, atomically; returns the paths written.
+
+    html: "inline" (vega's scripts in the page: opens anywhere, offline, ~0.9 MB), "bundle" (the
+    page loads VEGA_BUNDLE from its own folder; write_vega_bundle writes it once per folder) or
+    "cdn" (loads vega from jsDelivr: needs the network to view).
+    """
+    if html not in HTML_MODES:
+        raise ValueError(f"html must be one of {HTML_MODES}, not {html!r}")
     written = []
     for fmt in formats:
         path = Path(f"{stem}.{fmt}")
         with atomic_path(path, suffix=f".tmp.{fmt}") as tmp:
-            kwargs = {"inline": inline_html} if fmt == "html" else {"scale_factor": scale_factor} if fmt == "png" else {}
-            with alt.data_transformers.disable_max_rows():
-                chart.save(str(tmp), format=fmt, **kwargs)
+            if fmt == "html" and html == "bundle":
+                Path(tmp).write_text(_page(path.stem, f'<script src="{VEGA_BUNDLE}"></script>', _embed("vis", chart)), encoding="utf-8")
+            else:
+                kwargs = {"inline": html == "inline"} if fmt == "html" else {"scale_factor": scale_factor} if fmt == "png" else {}
+                with alt.data_transformers.disable_max_rows():
+                    chart.save(str(tmp), format=fmt, **kwargs)
         written.append(path)
     return written
 
 
+def write_vega_bundle(out_dir: str | os.PathLike) -> Path:
+    """VEGA_BUNDLE in `out_dir`: the script every "bundle" page of the folder loads."""
+    path = Path(out_dir) / VEGA_BUNDLE
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(_vega_bundle(), encoding="utf-8")
+    return path
+
+
+def write_figures_page(charts: Mapping[str, alt.TopLevelMixin], path: str | os.PathLike, title: str = "editscale figures") -> Path:
+    """Every chart on one self-contained page, vega's scripts inlined once (the report's
+    interactive figures: its size grows with the figures' data, not with their number)."""
+    import html
+
+    body = [f"<h1>{html.escape(title)}</h1>", "<ul>" + "".join(f'<li><a href="#fig-{i}">{html.escape(name)}</a></li>' for i, name in enumerate(charts)) + "</ul>"]
+    for i, (name, chart) in enumerate(charts.items()):
+        body.append(f'<h2 id="fig-{i}">{html.escape(name)}</h2>\n{_embed(f"vis-{i}", chart)}')
+    path = Path(path)
+    with atomic_path(path, suffix=".tmp.html") as tmp:
+        Path(tmp).write_text(_page(title, f"<script>\n{_vega_bundle()}\n</script>", "\n".join(body)), encoding="utf-8")
+    return path
+
+
 # ----------------------------------------------------------------------------------------------
 # helpers
+
+
+def method_colors(methods: Sequence[str]) -> dict[str, str]:
+    """method -> colour: the method's place in the method registry, the same in every figure."""
+    from ..edit.methods import METHODS
+
+    order = list(METHODS)
+    order += sorted(set(methods) - set(order))
+    return {m: PALETTE[order.index(m) % len(PALETTE)] for m in methods}
+
+
+def edits_x(field: str = "edit", title: str = "edits", **kwargs) -> alt.X:
+    """An edit-count axis: integer ticks (no 2.5 edits), thousands separated."""
+    return alt.X(f"{field}:Q", title=title, axis=alt.Axis(format=",d", tickMinStep=1), **kwargs)
+
+
+def series_encodings(frame: pl.DataFrame) -> dict:
+    """Colour by the series' method (method_colors); when one method has several series (other
+    models or datasets), the series also differ by dash."""
+    pairs = frame.select("series", "method").unique().sort("series") if frame.height else pl.DataFrame({"series": [], "method": []})
+    colors = method_colors(sorted(set(pairs["method"].to_list())))
+    domain = pairs["series"].to_list()
+    legend = alt.Legend(symbolType="stroke", symbolStrokeWidth=3, symbolOpacity=1, **LEGEND)
+    enc = {"color": alt.Color("series:N", title="method", scale=alt.Scale(domain=domain, range=[colors[m] for m in pairs["method"]]), legend=legend)}
+    if pairs.height and pairs["method"].n_unique() < pairs.height:
+        enc["strokeDash"] = alt.StrokeDash("series:N", title="series", legend=alt.Legend(**LEGEND))
+    return enc
+
+
+def smoothing_note(smooth: int, n_edits: int) -> str:
+    """" (rolling mean over W edits)" when the curves are smoothed, i.e. W > 1 and a run has more
+    than W edits; "" otherwise."""
+    return f" (rolling mean over {smooth} edits)" if smooth > 1 and n_edits > smooth else ""
 
 
 def no_data(title: str) -> alt.Chart:
@@ -111,19 +223,20 @@ def add_series(df: pl.DataFrame) -> pl.DataFrame:
     parts.append(pl.col("method").fill_null(pl.col("run")))
     if df["dataset"].n_unique() > 1:
         parts.append(pl.col("dataset").fill_null("?"))
-    return df.with_columns(pl.concat_str(parts, separator=" / ").alias("series"))
+    return df.with_columns(pl.concat_str(parts, separator=" / ").alias("series"), pl.col("method").fill_null(pl.col("run")).alias("method"))
 
 
 def aggregate_samples(df: pl.DataFrame, x: str, y: str, by: Sequence[str] = (), band: str = "minmax") -> pl.DataFrame:
     """Mean over runs of one series at each x (and `by`), with a band: min-max or mean +- 1 sd.
 
-    Columns: series (label; "... (n samples)" when several), *by, x, mean, lo, hi, sd, n_runs
-    (runs in the series), runs (their names).
+    Columns: series (label; "... (n samples)" when several), method, *by, x, mean, lo, hi, sd,
+    n_runs (runs in the series), runs (their names).
     """
     if band not in ("minmax", "sd"):
         raise ValueError(f"band must be 'minmax' or 'sd', not {band!r}")
     df = add_series(df).filter(pl.col(y).is_not_null() & pl.col(y).is_not_nan())
-    n_runs = df.group_by("series").agg(pl.col("run").n_unique().alias("n_runs"), pl.col("run").unique().sort().str.join(", ").alias("runs"))
+    n_runs = df.group_by("series").agg(pl.col("run").n_unique().alias("n_runs"), pl.col("run").unique().sort().str.join(", ").alias("runs"),
+                                       pl.col("method").first())
     agg = df.group_by(["series", *by, x]).agg(
         pl.col(y).mean().alias("mean"),
         pl.col(y).min().alias("min"),
@@ -147,16 +260,19 @@ def line_band(
     y_title: str,
     facet: str | None = None,
     facet_title: str | None = None,
-    row: str | None = None,
     columns: int = 3,
     log_y: bool = False,
     facet_sort: Sequence[str] | None = None,
     band: str = "minmax",
     title: str = "",
+    subtitle: Sequence[str] = (),
+    width: int = WIDTH,
+    height: int = HEIGHT,
 ) -> alt.TopLevelMixin:
-    """Mean line per series (coloured), with a band where a series has several samples."""
+    """Mean line per series (coloured by method), with a band where a series has several samples
+    (or one run has an interval); facets wrapped `columns` to a row, each with its own y scale."""
     points = frame.height <= 300
-    xenc = alt.X(f"{x}:Q", title=x_title)
+    xenc = edits_x(x, x_title) if x == "edit" else alt.X(f"{x}:Q", title=x_title)
     yscale = alt.Scale(type="log") if log_y else alt.Scale(zero=True)
     tooltip = [
         alt.Tooltip("series:N", title="series"),
@@ -166,33 +282,28 @@ def line_band(
         alt.Tooltip("hi:Q", format=".4g"),
         alt.Tooltip("n_runs:Q", title="samples"),
         alt.Tooltip("runs:N"),
-    ]
-    extra = [alt.Tooltip(f"{c}:N") for c in (facet, row) if c]
-    color = alt.Color("series:N", title="method", legend=alt.Legend(symbolType="stroke", symbolStrokeWidth=3, symbolOpacity=1))
+    ] + ([alt.Tooltip(f"{facet}:N")] if facet else [])
+    enc = series_encodings(frame)
     base = alt.Chart()
-    line = base.mark_line(point=points).encode(x=xenc, y=alt.Y("mean:Q", title=y_title, scale=yscale), color=color, tooltip=tooltip + extra)
+    line = base.mark_line(point=points).encode(x=xenc, y=alt.Y("mean:Q", title=y_title, scale=yscale), tooltip=tooltip, **enc)
     area = (
         base.mark_area(opacity=0.2)
-        .encode(
-            x=xenc,
-            y=alt.Y("lo:Q", title=y_title, scale=yscale),
-            y2="hi:Q",
-            color=color,
-            tooltip=tooltip + extra,
-        )
+        .encode(x=xenc, y=alt.Y("lo:Q", title=y_title, scale=yscale), y2="hi:Q", color=enc["color"], tooltip=tooltip)
         .transform_filter("datum.hi > datum.lo")  # several samples, or one run's interval
     )
-    layer = alt.layer(area, line, data=frame).properties(width=WIDTH, height=HEIGHT)
-    sort = list(facet_sort) if facet_sort else "ascending"
-    if row and facet:
-        chart = layer.facet(row=alt.Row(f"{row}:N", title=None), column=alt.Column(f"{facet}:N", title=facet_title, sort=sort)).resolve_scale(y="independent")
-    elif facet:
-        chart = layer.facet(facet=alt.Facet(f"{facet}:N", title=facet_title, sort=sort), columns=columns).resolve_scale(y="independent")
+    layer = alt.layer(area, line, data=frame).properties(width=width, height=height)
+    if facet:
+        sort = list(facet_sort) if facet_sort else "ascending"
+        chart = layer.facet(facet=alt.Facet(f"{facet}:N", title=facet_title, sort=sort, header=alt.Header(labelLimit=0)), columns=columns)
+        chart = chart.resolve_scale(y="independent")
     else:
         chart = layer
-    if title and frame.height and frame["n_runs"].max() > 1:
-        title = alt.TitleParams(title, subtitle=f"line: mean over samples; band: {'min-max' if band == 'minmax' else 'mean +- 1 sd'} across samples")
-    return chart.properties(title=title) if title else chart
+    lines = list(subtitle)
+    if frame.height and frame["n_runs"].max() > 1:
+        lines.append(f"line: mean over samples; band: {'min-max' if band == 'minmax' else 'mean +- 1 sd'} across samples")
+    if title:
+        chart = chart.properties(title=alt.TitleParams(title, subtitle=lines, anchor="start") if lines else alt.TitleParams(title, anchor="start"))
+    return chart
 
 
 def _rolling(df: pl.DataFrame, cols: Sequence[str], window: int) -> pl.DataFrame:
@@ -209,17 +320,19 @@ def _rolling(df: pl.DataFrame, cols: Sequence[str], window: int) -> pl.DataFrame
 
 
 def proficiency_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = FigureOptions(), *, metrics: Sequence[str] = ("es", "ps", "ns"), max_points: int = 2000) -> alt.TopLevelMixin:
-    """ES / PS / NS of each edit right after it was made, rolling mean over `opts.smooth` edits.
+    """ES / PS / NS of each edit right after it was made, rolling mean over `opts.smooth` edits
+    (said in the title only when a run has more edits than that).
 
     Longer chains are drawn at every ceil(n / max_points)-th edit (after smoothing).
     """
     edit_scores, smooth, band = tables.get("edit_scores"), opts.smooth, opts.band
-    title = "Editing proficiency" + (f" (rolling mean over {smooth} edits)" if smooth > 1 else "")
+    title = "Editing proficiency"
     if edit_scores is None or edit_scores.height == 0:
         return no_data(title)
     present = [m for m in metrics if m in edit_scores.columns]
     if not present:
         return no_data(title)
+    title += smoothing_note(smooth, int(edit_scores["edit"].max()))
     df = edit_scores.group_by([*META, "edit"]).agg([pl.col(m).mean() for m in present])
     df = _rolling(df, present, smooth)
     if df.height and df["edit"].max() > max_points:  # thin the smoothed curves for the figure
@@ -227,13 +340,21 @@ def proficiency_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = 
         df = df.filter((pl.col("edit") % stride == 0) | (pl.col("edit") == pl.col("edit").max().over("run")))
     long = df.unpivot(index=[*META, "edit"], on=present, variable_name="metric", value_name="value")
     frame = aggregate_samples(long, "edit", "value", by=["metric"], band=band)
-    return line_band(frame, x="edit", x_title="edits", y_title="score", facet="metric", facet_title="metric", facet_sort=present, band=band, title=title)
+    return line_band(frame, x="edit", x_title="edits", y_title="score", facet="metric", facet_title=None, facet_sort=present, band=band, title=title,
+                     subtitle=["es: P(new) > P(old) on the edit prompt; ps: on its paraphrases; ns: P(old) > P(new) on neighbourhood prompts; each edit scored right after it was made"])
+
+
+FORGETTING_DEFINITION = [
+    "forgotten: of the earlier edits that held right after they were made (ES >= 0.5), the % that fail now (ES < 0.5)",
+    "ever forgotten: the % that failed at this or any earlier checkpoint (once forgotten, always forgotten)",
+    "retention: mean ES of all earlier edits, re-scored now",
+]
 
 
 def forgetting_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = FigureOptions()) -> alt.TopLevelMixin:
     """% of earlier successful edits forgotten (now, and ever: once forgotten, always forgotten),
-    and % retention, against edits; a series of one run shows the 95 % interval of history's
-    sample as its band (zero width when every earlier edit is re-scored)."""
+    and % retention, against edits, with their definitions; a series of one run shows the 95 %
+    interval of history's sample as its band (zero width when every earlier edit is re-scored)."""
     forgetting, band = tables.get("forgetting"), opts.band
     title = "Forgetting of earlier edits"
     if forgetting is None or forgetting.height == 0:
@@ -255,20 +376,30 @@ def forgetting_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = F
         pl.when(one_run).then(pl.col("ci_lo").fill_null(pl.col("lo"))).otherwise(pl.col("lo")).alias("lo"),
         pl.when(one_run).then(pl.col("ci_hi").fill_null(pl.col("hi"))).otherwise(pl.col("hi")).alias("hi"),
     ).drop("ci_lo", "ci_hi")
-    return line_band(frame, x="edit", x_title="edits", y_title="%", facet="quantity", facet_title=None, band=band, title=title)
+    subtitle = [*FORGETTING_DEFINITION]
+    if frame.filter(one_run & (pl.col("hi") > pl.col("lo"))).height:
+        subtitle.append("band of a single run: 95 % interval of the re-scored sample of earlier edits")
+    return line_band(frame, x="edit", x_title="edits", y_title="%", facet="quantity", facet_title=None, facet_sort=list(quantities), band=band,
+                     title=title, subtitle=subtitle)
 
 
-def downstream_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = FigureOptions(), *, readings: Sequence[str] = ("f1", "f1_ll", "accuracy_ll")) -> alt.TopLevelMixin:
-    """Downstream score per task (columns) and reading (rows) against edits."""
+def downstream_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = FigureOptions(), *, readings: Sequence[str] = ("f1", "f1_ll", "accuracy_ll"),
+                     columns: int = 4) -> alt.TopLevelMixin:
+    """Downstream score per task and reading against edits: one small panel per (task, reading)
+    that has values, wrapped `columns` to a row (a page width)."""
     downstream, band = tables.get("downstream"), opts.band
     title = "Downstream ability"
     if downstream is None or downstream.height == 0:
         return no_data(title)
-    df = downstream.filter(pl.col("metric").is_in(list(readings)))
+    df = downstream.filter(pl.col("metric").is_in(list(readings)) & pl.col("value").is_not_null() & pl.col("value").is_not_nan())
     if df.height == 0:
         return no_data(title)
-    frame = aggregate_samples(df.rename({"item": "task", "metric": "reading"}), "edit", "value", by=["reading", "task"], band=band)
-    return line_band(frame, x="edit", x_title="edits", y_title="score", facet="task", facet_title="task", row="reading", band=band, title=title)
+    names = {"f1": "generated F1", "f1_ll": "F1 (log-likelihood)", "accuracy_ll": "accuracy (log-likelihood)"}
+    df = df.with_columns(pl.format("{}: {}", "item", pl.col("metric").replace_strict(names, default=pl.col("metric"))).alias("panel"))
+    order = [p for task in sorted(set(df["item"])) for r in readings if (p := f"{task}: {names.get(r, r)}") in set(df["panel"])]
+    frame = aggregate_samples(df, "edit", "value", by=["panel"], band=band)
+    return line_band(frame, x="edit", x_title="edits", y_title="score", facet="panel", facet_title=None, facet_sort=order, columns=columns,
+                     band=band, title=title, width=PANEL_WIDTH, height=PANEL_HEIGHT)
 
 
 # (quantity, reading label, context, metric) of the readings figure: teacher-forced beside generated
@@ -301,9 +432,11 @@ def readings_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = Fig
             parts.append(per_run.with_columns(pl.lit(quantity).alias("quantity"), pl.lit(label).alias("reading")))
     if not parts:
         return no_data(title)
-    frame = aggregate_samples(pl.concat(parts, how="diagonal_relaxed"), "edit", "value", by=["reading", "quantity"], band=band)
-    return line_band(frame, x="edit", x_title="edits", y_title="success", facet="quantity", facet_title=None, row="reading",
-                     facet_sort=["efficacy", "paraphrase", "portability"], band=band, title=title)
+    long = pl.concat(parts, how="diagonal_relaxed").with_columns(pl.format("{}: {}", "quantity", "reading").alias("panel"))
+    order = [f"{q}: {label}" for q in ("efficacy", "paraphrase", "portability") for _, label, _, _ in spec if f"{q}: {label}" in set(long["panel"])]
+    frame = aggregate_samples(long, "edit", "value", by=["panel"], band=band)
+    return line_band(frame, x="edit", x_title="edits", y_title="success", facet="panel", facet_title=None, facet_sort=list(dict.fromkeys(order)),
+                     columns=3, band=band, title=title, width=PANEL_WIDTH, height=PANEL_HEIGHT)
 
 
 def weights_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = FigureOptions(), *, metric: str = "fro") -> alt.TopLevelMixin:
@@ -316,7 +449,8 @@ def weights_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = Figu
     if df.height == 0:
         return no_data(title)
     frame = aggregate_samples(df.rename({"item": "module"}), "edit", "value", by=["module"], band=band)
-    return line_band(frame, x="edit", x_title="edits", y_title=metric, facet="module", facet_title="module", band=band, title=title)
+    return line_band(frame, x="edit", x_title="edits", y_title=metric, facet="module", facet_title=None, columns=4, band=band, title=title,
+                     width=PANEL_WIDTH, height=PANEL_HEIGHT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,22 +510,73 @@ def update_norm_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = 
     tooltip = ["run:N", "edit_index:Q", "case_id:N", alt.Tooltip("update_norm:Q", format=".4g"), alt.Tooltip("z:Q", title="detrended z", format=".2f"), "outlier:N"]
     base = alt.Chart()
     line = base.mark_line(color="#9e9e9e", strokeWidth=0.8).encode(
-        x=alt.X("edit_index:Q", title="edit"), y=alt.Y("update_norm:Q", title="update norm", scale=alt.Scale(type="log"))
+        x=edits_x("edit_index", "edit"), y=alt.Y("update_norm:Q", title="update norm", scale=alt.Scale(type="log"))
     )
     pts = base.mark_point(filled=True).encode(
-        x="edit_index:Q",
+        x=edits_x("edit_index", "edit"),
         y=alt.Y("update_norm:Q", scale=alt.Scale(type="log")),
-        color=alt.Color("outlier:N", scale=alt.Scale(domain=NORM_CLASSES, range=["#4c78a8", "#f58518", "#e45756", "#b00020"]), title=None),
+        color=alt.Color("outlier:N", scale=alt.Scale(domain=NORM_CLASSES, range=["#4c78a8", "#f58518", "#e45756", "#b00020"]), title=None,
+                        legend=alt.Legend(**LEGEND)),
         size=alt.Size("outlier:N", scale=alt.Scale(domain=NORM_CLASSES, range=[12, 60, 90, 120]), legend=None),
         tooltip=tooltip,
     )
     layer = alt.layer(line, pts, data=df).properties(width=2 * WIDTH, height=HEIGHT)
-    return layer.facet(row=alt.Row("run:N", title=None)).properties(title=alt.TitleParams(title, subtitle=subtitle))
+    return layer.facet(row=alt.Row("run:N", title=None, header=alt.Header(labelLimit=0))).properties(title=alt.TitleParams(title, subtitle=subtitle, anchor="start"))
 
 
-def _normalize(y: np.ndarray) -> np.ndarray:
-    lo, hi = np.nanmin(y), np.nanmax(y)
-    return np.full_like(y, 0.5) if not hi > lo else (y - lo) / (hi - lo)
+# the phase marks of the overview panels (grey and orange regions, black dashed rules: no method's colour)
+PHASE_MARKS = {"onset 95 % interval": "#9e9e9e", "onset to collapse": "#f58518", "disabling edit": "#222222"}
+
+
+def _finite(v) -> bool:
+    return v is not None and not (isinstance(v, float) and np.isnan(v))
+
+
+def phase_title(run: str, phase: Mapping | None, indicator: Mapping | None = None) -> str:
+    """"run: onset of catastrophic forgetting at K edits (95 % CI a-b), collapse at C; first
+    indicator to move: name, L edits ahead" (or "no onset ... detected")."""
+    onset = (phase or {}).get("onset_k")
+    if _finite(onset):
+        text = f"{run}: onset of catastrophic forgetting at {onset:,.0f} edits"
+        lo, hi = phase.get("ci_low"), phase.get("ci_high")
+        if _finite(lo) and _finite(hi):
+            text += f" (95 % CI {lo:,.0f}-{hi:,.0f})"
+        if _finite(phase.get("collapse_k")):
+            text += f", collapse at {phase['collapse_k']:,.0f}"
+    else:
+        text = f"{run}: no onset of catastrophic forgetting detected"
+    lead = (indicator or {}).get("leading_indicator")
+    if lead:
+        by = (indicator or {}).get("indicator_lead")
+        text += f"; first indicator to move: {lead}" + (f", {by:,.0f} edits ahead" if _finite(by) else "")
+    return text
+
+
+def _run_method(tables: Mapping[str, pl.DataFrame], run: str) -> str:
+    for df in tables.values():
+        if df is not None and df.height and {"run", "method"} <= set(df.columns):
+            m = df.filter(pl.col("run") == run)["method"].drop_nulls()
+            if m.len():
+                return str(m[0])
+    return run
+
+
+def overview_curves(tables: Mapping[str, pl.DataFrame], run: str, *, smooth: int = 1, glance: bool = False) -> list[tuple[str, str, str, bool, pl.DataFrame]]:
+    """(curve name, label, note, log scale, frame of edit / value) of each curve of `run` the
+    onset detector reads (only CurveSpec.glance ones with `glance`), in real units; per-edit
+    curves of more than `smooth` edits are smoothed (the note says so)."""
+    out = []
+    for name, (spec, k, y) in ph.curve_values(tables, run).items():
+        ok = np.isfinite(y) & ((y > 0) if spec.log else True)
+        k, y = k[ok], y[ok]
+        if not len(k) or not spec.phases or (glance and not spec.glance):
+            continue
+        note = ""
+        if spec.per_edit and smooth > 1 and len(k) > smooth:
+            y = pl.Series(y).rolling_mean(window_size=int(smooth), min_samples=1).to_numpy()
+            note = f"rolling mean over {smooth} edits"
+        out.append((name, (spec.label or name).removeprefix("log "), note, spec.log, pl.DataFrame({"edit": k, "value": y})))
+    return out
 
 
 def overview_chart(
@@ -402,75 +587,79 @@ def overview_chart(
     disabling: Sequence[int] = (),
     smooth: int = 1,
     indicator: Mapping | None = None,
+    glance: bool = False,
+    columns: int = 4,
+    y_domains: Mapping[str, tuple[float, float]] | None = None,
 ) -> alt.TopLevelMixin:
-    """Normalized curves of one run with the detected phases shaded.
+    """One run's curves as small multiples in their own units (log scale where the curve's spec
+    reads log values), each panel shaded with the detected phases: the onset's 95 % interval,
+    onset to collapse, and the disabling edits (rules).
 
-    `phase` holds onset_k, ci_low, ci_high, collapse_k (a row of the phases table, curve =
-    "combined"); `disabling` the flagged edit indices; `indicator` the summary's
-    leading_indicator / indicator_lead, named in the title.
+    Curves: every curve the onset detector reads (CurveSpec.phases), or with `glance` only the
+    CurveSpec.glance ones, in one row (a run's row of the study overview). `phase` holds onset_k,
+    ci_low, ci_high, collapse_k (a row of the phases table, curve = "combined"); `disabling` the
+    flagged edit indices; `indicator` the summary's leading_indicator / indicator_lead. The
+    title names the onset, its interval, the collapse and the first indicator to move.
+    `y_domains` (curve name -> (lo, hi)) fixes a panel's y range (the study overview: one per
+    curve across runs, so rows compare).
     """
-    from ..evaluate.registry import curve_specs
-
-    title = f"{run}: overview"
-    curves = ph.run_curves(tables, run)
-    specs = {spec.name: spec for _, spec in curve_specs()}
-    frames = []
-    for name, c in curves.items():
-        y = np.asarray(c.y, float)
-        k = np.asarray(c.k, float)
-        spec = specs[name]
-        if spec.per_edit and smooth > 1:
-            order = np.argsort(k)
-            k, y = k[order], pl.Series(y[order]).rolling_mean(window_size=int(smooth), min_samples=1).to_numpy()
-        frames.append(pl.DataFrame({"curve": spec.label or name, "edit": k, "raw": y, "normalized": _normalize(y)}))
-    if not frames:
+    title = phase_title(run, phase, indicator)
+    panels_data = overview_curves(tables, run, smooth=smooth, glance=glance)
+    n_edits = max((int(df["edit"].max()) for *_, df in panels_data), default=0)
+    if not panels_data:
         return no_data(title)
-    df = pl.concat(frames)
-    x = alt.X("edit:Q", title="edits")
-    layers = []
-    onset = phase.get("onset_k") if phase else None
-    if onset is not None and not (isinstance(onset, float) and np.isnan(onset)):
-        lo = phase.get("ci_low") if phase.get("ci_low") is not None else onset
-        hi = phase.get("ci_high") if phase.get("ci_high") is not None else onset
-        end = phase.get("collapse_k") if phase.get("collapse_k") is not None else df["edit"].max()
-        shade = pl.DataFrame(
-            {
-                "start": [float(lo), float(onset)],
-                "end": [float(hi), float(max(end, onset))],
-                "region": ["onset 95% interval", "gradual-phase end to collapse"],
-            }
-        )
-        layers.append(
-            alt.Chart(shade)
-            .mark_rect(opacity=0.25)
-            .encode(
-                x=alt.X("start:Q", title="edits"),
-                x2="end:Q",
-                color=alt.Color("region:N", scale=alt.Scale(domain=["onset 95% interval", "gradual-phase end to collapse"], range=["#9e9e9e", "#f58518"]), title="phase"),
-                tooltip=["region:N", alt.Tooltip("start:Q", format=".0f"), alt.Tooltip("end:Q", format=".0f")],
-            )
-        )
-        title += f" (onset of catastrophic forgetting at {onset:.0f} edits)"
-    else:
-        title += " (no onset of catastrophic forgetting detected)"
-    lead = (indicator or {}).get("leading_indicator")
-    if lead:
-        by = (indicator or {}).get("indicator_lead")
-        title += f"; first indicator to move: {lead}" + (f", {by:.0f} edits ahead" if by is not None and not np.isnan(by) else "")
-    if len(disabling):
-        dis = pl.DataFrame({"edit": [int(j) for j in disabling], "what": "disabling edit"})
-        layers.append(alt.Chart(dis).mark_rule(color="#e45756", strokeDash=[4, 3]).encode(x="edit:Q", tooltip=["what:N", "edit:Q"]))
-    layers.append(
-        alt.Chart(df)
-        .mark_line(point=df.height <= 300)
-        .encode(
-            x=x,
-            y=alt.Y("normalized:Q", title="normalized (min-max per curve)"),
-            stroke=alt.Stroke("curve:N", title="curve"),
-            tooltip=["curve:N", alt.Tooltip("edit:Q"), alt.Tooltip("raw:Q", format=".4g"), alt.Tooltip("normalized:Q", format=".3f")],
-        )
-    )
-    return alt.layer(*layers).resolve_scale(color="independent").properties(width=3 * WIDTH, height=2 * HEIGHT, title=title)
+    color = method_colors([method := _run_method(tables, run)])[method]
+    onset = (phase or {}).get("onset_k")
+    marks = []
+    if _finite(onset):
+        lo = phase.get("ci_low") if _finite(phase.get("ci_low")) else onset
+        hi = phase.get("ci_high") if _finite(phase.get("ci_high")) else onset
+        end = phase.get("collapse_k") if _finite(phase.get("collapse_k")) else n_edits
+        marks.append(("onset 95 % interval", float(lo), float(hi)))
+        marks.append(("onset to collapse", float(onset), float(max(end, onset))))
+    marks += [("disabling edit", float(j), float(j)) for j in disabling]
+    shade = pl.DataFrame({"mark": [m[0] for m in marks], "start": [m[1] for m in marks], "end": [m[2] for m in marks]},
+                         schema={"mark": pl.Utf8, "start": pl.Float64, "end": pl.Float64})
+    x_scale = alt.Scale(domain=[0, max(n_edits, 1)], nice=False)
+    legend = alt.Color("mark:N", title="phase", scale=alt.Scale(domain=list(PHASE_MARKS), range=list(PHASE_MARKS.values())),
+                       legend=alt.Legend(orient="bottom", direction="horizontal", **LEGEND) if glance else alt.Legend(**LEGEND))
+    width, height, font = (GLANCE_WIDTH, GLANCE_HEIGHT, 10) if glance else (PANEL_WIDTH, PANEL_HEIGHT, 11)
+    mark_tip = ["mark:N", alt.Tooltip("start:Q", format=",.0f"), alt.Tooltip("end:Q", format=",.0f")]
+    panels = []
+    for name, label, note, log_y, df in panels_data:
+        layers = []
+        if shade.height:
+            regions, rules = shade.filter(pl.col("mark") != "disabling edit"), shade.filter(pl.col("mark") == "disabling edit")
+            if regions.height:
+                layers.append(alt.Chart(regions).mark_rect(opacity=0.25).encode(x=edits_x("start", "edits", scale=x_scale), x2="end:Q", color=legend, tooltip=mark_tip))
+            if rules.height:
+                layers.append(alt.Chart(rules).mark_rule(strokeDash=[4, 3]).encode(x=edits_x("start", "edits", scale=x_scale), color=legend, tooltip=mark_tip))
+        domain = {"domain": list(y_domains[name])} if name in (y_domains or {}) else {}
+        y = alt.Y("value:Q", title=None, scale=alt.Scale(type="log", nice=False, **domain) if log_y else alt.Scale(zero=False, **domain))
+        layers.append(alt.Chart(df).mark_line(color=color, point=alt.OverlayMarkDef(color=color, size=12) if df.height <= 60 else False).encode(
+            x=edits_x("edit", "edits", scale=x_scale), y=y, tooltip=[alt.Tooltip("edit:Q", format=",d"), alt.Tooltip("value:Q", title=label, format=".4g")]))
+        notes = [n for n in (note, "log scale" if log_y else "") if n]
+        panel_title = alt.TitleParams(label, fontSize=font, limit=0, subtitle="; ".join(notes) if notes else "", subtitleFontSize=font - 1)
+        panels.append(alt.layer(*layers).properties(width=width, height=height, title=panel_title))
+    cols = len(panels) if glance else columns
+    head = alt.TitleParams(title, anchor="start", limit=0, subtitle=[f"method: {method}"], fontSize=font + 2 if glance else 13)
+    return alt.concat(*panels, columns=cols, spacing=12 if glance else 20).properties(title=head)
+
+
+def study_overview_chart(tables: Mapping[str, pl.DataFrame], runs: Sequence[str], *, phases: Mapping[str, Mapping], disabling: Mapping[str, Sequence[int]],
+                         smooth: int = 1, indicators: Mapping[str, Mapping] | None = None) -> alt.TopLevelMixin:
+    """Every run at a glance: one row per run of its CurveSpec.glance curves, phases shaded, each
+    curve on the same y range in every row."""
+    ranges: dict[str, list[float]] = {}
+    for run in runs:
+        for name, *_, df in overview_curves(tables, run, smooth=smooth, glance=True):
+            ranges.setdefault(name, []).extend([float(df["value"].min()), float(df["value"].max())])
+    domains = {name: (min(v), max(v)) for name, v in ranges.items() if max(v) > min(v)}
+    rows = [overview_chart(tables, run, phase=phases.get(run), disabling=disabling.get(run, ()), smooth=smooth,
+                           indicator=(indicators or {}).get(run), glance=True, y_domains=domains) for run in runs]
+    if not rows:
+        return no_data("Phases of every run")
+    return alt.vconcat(*rows, spacing=30).properties(title=alt.TitleParams("Phases of every run", anchor="start", fontSize=16))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,11 +696,15 @@ def make_plots(
     options: FigureOptions = FigureOptions(),
     *,
     formats: Sequence[str] = FORMATS,
-    inline_html: bool = True,
+    html: str = "bundle",
     per_run: bool = True,
 ) -> list[Path]:
     """Write every figure of the metric registry, then the overview, to `out_dir`; returns the
-    files written. `per_run` also writes each run's overview alone as overview_{run}."""
+    files written. `per_run` also writes each run's overview alone as overview_{run}.
+
+    With "html" in `formats`, also FIGURES_PAGE (every figure on one self-contained page: the
+    report's interactive figures) and, for html="bundle" pages, VEGA_BUNDLE (save_chart).
+    """
     from ..evaluate.registry import METRICS
     from ..registry import resolve
 
@@ -525,13 +718,21 @@ def make_plots(
     leads = {r["run"]: r for r in summary.iter_rows(named=True)} if summary is not None and "leading_indicator" in summary.columns else {}
     overviews = {run: overview_chart(tables, run, phase=phase.get(run), disabling=dis.get(run, []), smooth=options.smooth,
                                      indicator=leads.get(run)) for run in runs}
-    charts["overview"] = alt.vconcat(*overviews.values()) if overviews else no_data("overview")
+    charts["overview"] = study_overview_chart(tables, runs, phases=phase, disabling=dis, smooth=options.smooth, indicators=leads)
     if per_run:
         for run, chart in overviews.items():
             charts[f"overview_{safe_name(run)}"] = chart
     written = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if "html" in formats and html == "bundle":
+        written.append(write_vega_bundle(out_dir))
     for name, chart in charts.items():
-        paths = save_chart(chart, out_dir / name, formats, inline_html=inline_html)
+        paths = save_chart(chart, out_dir / name, formats, html=html)
         log.info("wrote %s", ", ".join(str(p) for p in paths))
         written += paths
+    if "html" in formats:
+        # the study overview first: the report's interactive figures open on the phases of every run
+        order = ["overview", *(n for n in charts if n != "overview")]
+        written.append(write_figures_page({n: charts[n] for n in order}, out_dir / FIGURES_PAGE, "editscale study: every figure"))
+        log.info("wrote %s", written[-1])
     return written

@@ -14,7 +14,7 @@ def cost(run, section, corpus, f, k):
 
 @metric("edit_scores", "efficacy / paraphrase / neighborhood of each edit right after it", verb="score-edits",
         grid="segments", inputs=("state", "segment_factors", "edits"), table="wide", rule="edit_scores", order=10,
-        curves=(CurveSpec("proficiency", "es", label="ES of the new edit", per_edit=True, summary="es"),
+        curves=(CurveSpec("proficiency", "es", label="ES of the new edit", per_edit=True, summary="es", glance=True),
                 *(CurveSpec(q, q, per_edit=True, phases=False, summary=q) for q in ("ps", "ns", "score"))),
         figures={"edit_scores": "editscale.report.plots:proficiency_chart"}, cost=cost)
 def compute(checkpoint, cfg):

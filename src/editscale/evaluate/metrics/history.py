@@ -18,7 +18,7 @@ def cost(run, section, corpus, f, k):
 
 
 @metric("history", "re-scores every earlier edit at checkpoint k (forgetting)", order=20,
-        curves=(CurveSpec("efficacy", "retention", label="retention of earlier edits (ES)", table="forgetting", joint="efficacy", summary="retention"),
+        curves=(CurveSpec("efficacy", "retention", label="retention of earlier edits (ES)", table="forgetting", joint="efficacy", summary="retention", glance=True),
                 CurveSpec("forgotten_pct", "forgotten_pct", higher_is_better=False, table="forgetting", phases=False, summary="forgotten_pct")),
         figures={"forgetting": "editscale.report.plots:forgetting_chart"}, cost=cost)
 def compute(checkpoint, cfg):

@@ -77,7 +77,7 @@ def cost(run, section, corpus, f, k):
 
 
 @metric("perplexity", "perplexity on the held-out token sample", inputs=("state", "heldout"), order=40,
-        curves=(CurveSpec("perplexity", "perplexity", higher_is_better=False, label="log perplexity", log=True, summary="perplexity", indicator=True),),
+        curves=(CurveSpec("perplexity", "perplexity", higher_is_better=False, label="log perplexity", log=True, summary="perplexity", indicator=True, glance=True),),
         cost=cost)
 def compute(checkpoint, cfg) -> pl.DataFrame:
     path = checkpoint.input("heldout")
