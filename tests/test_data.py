@@ -102,6 +102,18 @@ def test_validate_case_names_case_and_field(bad, words):
         assert word in str(exc.value)
 
 
+def test_a_case_without_target_true_is_a_knowledge_insertion():
+    from editscale.data.schema import is_insertion
+
+    insertion = good_case()
+    del insertion["target_true"]
+    assert validate_case(insertion) == insertion and is_insertion(insertion) and not is_insertion(good_case())
+    for bad, words in (({"target_true": ""}, "non-empty string when present"), ({"target_true": 3}, "non-empty string when present"),
+                       ({"target_true": " France"}, "whitespace")):
+        with pytest.raises(EditscaleError, match=words):
+            validate_case(good_case(**bad))
+
+
 def test_validate_case_missing_field():
     case = good_case()
     del case["target_new"]
@@ -557,19 +569,25 @@ def test_geofacts_portability_probes_follow_the_new_country(geo):
 def test_knowedit_reader_on_the_public_examples():
     """KnowEdit's own example records (tests/data/knowedit: WikiData_recent, Wiki counterfact,
     ZsRE from EasyEdit's examples/KnowEdit.md): the recent one has no ground_truth (inserted
-    knowledge) and is skipped; portability entries become probes with their first answer, a
-    question prompt also as the probe's question; the first locality prompt is the neighbourhood."""
+    knowledge) and is a case without target_true; portability entries become probes with their
+    first answer, a question prompt also as the probe's question; the first locality prompt is the
+    neighbourhood."""
     from editscale.data.readers import detect_reader, read_knowedit
-    from editscale.data.schema import validate_case
+    from editscale.data.schema import is_insertion, validate_case
 
     path = Path(__file__).parent / "data" / "knowedit" / "knowedit-sample.json"
     raw = load(path)
     assert detect_reader(path) == "knowedit"
     cases = read_knowedit(path)
-    assert [c["case_id"] for c in cases] == ["knowedit-000001", "knowedit-000002"]
+    assert [c["case_id"] for c in cases] == ["knowedit-000000", "knowedit-000001", "knowedit-000002"]
     for c in cases:
         validate_case(c)
-    piesch, zsre = cases
+    arons, piesch, zsre = cases
+    # WikiData_recent: a knowledge insertion, the model knew no place of death before the edit
+    assert is_insertion(arons) and "target_true" not in arons and arons["target_new"] == "Berlin"
+    assert arons["neighborhood_prompts"] == ["The name of the father of Leo Arons is"] and arons["neighborhood_target"] == "Albert Arons"
+    assert [p["hop"] for p in arons["portability"]] == ["Logical_Generalization", "Reasoning", "Reasoning", "Subject_Aliasing"]
+    assert not is_insertion(piesch)
     assert fill(piesch["prompt"], piesch["subject"]) == raw[1]["prompt"]
     assert (piesch["target_true"], piesch["target_new"]) == ("mayor of Vienna", "Archbishop of León, Mexico")
     assert piesch["portability"] == [{"hop": "Subject_Aliasing", "prompt": "The name of the position held by Frederic of Pieschen is",

@@ -241,6 +241,26 @@ def test_case_metrics_definitions(gpt2):
     assert m2["nm"] == pytest.approx(math.exp(-gb[1]) - math.exp(-gb[0]), abs=1e-6)
 
 
+def test_a_knowledge_insertion_is_scored_on_its_new_answer_alone(gpt2):
+    """No old answer: es / em / ps / pm / nll_true / score undefined (NaN); rewrite_acc,
+    rephrase_acc, efficacy_em, paraphrase_em read the new answer as for any case; the
+    neighbourhood is scored against neighborhood_target, and left out without one."""
+    model, tok = gpt2
+    edit = case(1)
+    insertion = {k: v for k, v in case(1, case_id="i1", neighborhood_target="Berlin").items() if k != "target_true"}
+    bare = {k: v for k, v in case(1, case_id="i2").items() if k != "target_true"}
+    m_edit, m_ins, m_bare = case_metrics(model, tok, [edit, insertion, bare])
+    for name in ("es", "em", "ps", "pm", "nll_true", "score"):
+        assert math.isnan(m_ins[name]) and not math.isnan(m_edit[name]), name
+    for name in ("rewrite_acc", "rephrase_acc", "efficacy_em", "paraphrase_em", "nll_new"):
+        assert m_ins[name] == pytest.approx(m_edit[name], abs=1e-5), name
+    neigh = insertion["neighborhood_prompts"]
+    nn = target_nll(model, tok, neigh, ["Rome"] * 3).tolist()
+    nb = target_nll(model, tok, neigh, ["Berlin"] * 3).tolist()
+    assert m_ins["ns"] == pytest.approx(np.mean([b < a for a, b in zip(nn, nb)]))
+    assert math.isnan(m_bare["ns"]) and math.isnan(m_bare["nm"])
+
+
 def test_score_cases_rows(gpt2):
     model, tok = gpt2
     df = score_cases(model, tok, [case(1), case(2, case_id="c2")], k=[1, 2], base="self")

@@ -213,6 +213,29 @@ def test_edit_scores_wide_one_row_per_edit(results):
     assert wide.filter(pl.col("run") == "memit-s0")["edit"].to_list() == list(range(1, 21))
 
 
+def test_an_insertion_only_run_reads_efficacy_as_rewrite_accuracy(results):
+    """Every edit of run memit-s0 a knowledge insertion (es / ps NaN in its edit scores and
+    history): its edit scores, forgetting, phases and summary read rewrite_acc / rephrase_acc,
+    and the summary says so; the other runs keep es."""
+    for f in sorted((results / "memit-s0" / "metrics").glob("*/*.parquet")):
+        df = pl.read_parquet(f)
+        if f.parent.name in ("edit_scores", "history"):
+            acc = df.filter(pl.col("metric").is_in(["es", "ps"])).with_columns(
+                pl.col("metric").replace({"es": "rewrite_acc", "ps": "rephrase_acc"}), (0.5 * pl.col("value") + 0.25).alias("value"))
+            df = pl.concat([df.with_columns(pl.when(pl.col("metric").is_in(["es", "ps", "score"])).then(float("nan")).otherwise(pl.col("value")).alias("value")), acc])
+            df.write_parquet(f)
+    t = tables.build_tables(_metrics(results), RUNS, edit_log=_edit_log())
+    scores = t["edit_scores"]
+    mine = scores.filter(pl.col("run") == "memit-s0")
+    assert mine["es"].to_list() == mine["rewrite_acc"].to_list() and mine["ps"].to_list() == mine["rephrase_acc"].to_list()
+    assert set(mine["efficacy_reading"]) == {"rewrite_acc"} and set(scores.filter(pl.col("run") != "memit-s0")["efficacy_reading"]) == {"es"}
+    forgetting = t["forgetting"].filter(pl.col("run") == "memit-s0")
+    assert forgetting["retention"].is_not_null().all() and forgetting.height > 0
+    summary = {r["run"]: r for r in t["summary"].iter_rows(named=True)}
+    assert summary["memit-s0"]["efficacy_reading"] == "rewrite_acc" and summary["rome-s0"]["efficacy_reading"] == "es"
+    assert summary["memit-s0"]["es_at_end"] is not None and not math.isnan(summary["memit-s0"]["es_at_end"])
+
+
 def test_forgetting_table_counts():
     hist = pl.DataFrame(
         {

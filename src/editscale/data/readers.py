@@ -308,8 +308,10 @@ def read_knowedit(path: str | os.PathLike) -> list[dict]:
     neighborhood_target; every portability entry becomes a probe {hop: its category, prompt,
     target_new: its first answer (aliases are not kept), question: the prompt when it is a
     question}; the answer before the edit of a probe is not in the format (no target_true).
-    Skipped: records without ground_truth (WikiData_recent inserts new knowledge: nothing to
-    compare against), WikiBio's text records (no subject / target_new), subjects not in the prompt.
+    Records without ground_truth (WikiData_recent inserts new knowledge) are knowledge insertions:
+    cases without target_true (editscale.data.schema.is_insertion), scored by rewrite_acc /
+    rephrase_acc where es / ps need the old answer. Skipped: WikiBio's text records (no subject /
+    target_new), subjects not in the prompt.
     case_id = "knowedit-<index in file>"."""
     path = Path(path)
     records = _load_json_list(path)
@@ -323,11 +325,8 @@ def read_knowedit(path: str | os.PathLike) -> list[dict]:
         subject = _get(rec, "subject", str, path, ident)
         prompt = _get(rec, "prompt", str, path, ident).strip()
         target_new = _get(rec, "target_new", str, path, ident).strip()
-        target_true = _first_answer(rec.get("ground_truth"))
-        if target_true is None:
-            skips.add("no ground_truth (knowledge insertion: nothing to compare against)", ident)
-            continue
-        if not _targets_ok(target_true, target_new, skips, ident):
+        target_true = _first_answer(rec.get("ground_truth"))  # None: a knowledge insertion
+        if target_true is not None and not _targets_ok(target_true, target_new, skips, ident):
             continue
         template = make_template(prompt, subject) if subject.strip() else None
         if template is None:
@@ -349,7 +348,7 @@ def read_knowedit(path: str | os.PathLike) -> list[dict]:
             "subject": subject,
             "relation_id": UNKNOWN_RELATION,
             "prompt": template,
-            "target_true": target_true,
+            **({"target_true": target_true} if target_true is not None else {}),
             "target_new": target_new,
             "paraphrase_prompts": [rephrase] if rephrase else [],
             "neighborhood_prompts": [near_prompt] if near_prompt and near_answer else [],

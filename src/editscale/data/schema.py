@@ -6,11 +6,13 @@ One case is one JSON object (one line of data/datasets/{dataset}.jsonl):
     subject               str   the entity being edited
     relation_id           str   e.g. "P36" (Wikidata id) or "unknown" when the source has none
     prompt                str   template with exactly one "{}" where the subject goes
-    target_true           str   the true object, without leading space (the scorer adds " ")
+    target_true           str   the true object, without leading space (the scorer adds " ");
+                                absent for a knowledge insertion (KnowEdit WikiData_recent: the
+                                model knew no answer before the edit)
     target_new            str   the counterfactual object, same convention, != target_true
     paraphrase_prompts    list[str]  full strings (subject filled in) asking for the same fact
     neighborhood_prompts  list[str]  full strings about OTHER subjects; their true answer is
-                                     target_true, or neighborhood_target when that is present
+                                     neighborhood_target when that is present, else target_true
     attribute_prompts     list[str]  full strings about subjects whose true answer is target_new
     generation_prompts    list[str]  open-ended prompts mentioning the subject
 
@@ -41,7 +43,7 @@ class EditCase(TypedDict):
     subject: str
     relation_id: str
     prompt: str
-    target_true: str
+    target_true: NotRequired[str]  # absent: a knowledge insertion
     target_new: str
     paraphrase_prompts: list[str]
     neighborhood_prompts: list[str]
@@ -53,14 +55,20 @@ class EditCase(TypedDict):
 
 
 # what validate_case checks: EditCase's fields (tests/test_data.py holds the two equal)
-STRING_FIELDS = ("case_id", "subject", "relation_id", "prompt", "target_true", "target_new")
+STRING_FIELDS = ("case_id", "subject", "relation_id", "prompt", "target_new")
 LIST_FIELDS = ("paraphrase_prompts", "neighborhood_prompts", "attribute_prompts", "generation_prompts")
 REQUIRED_FIELDS = STRING_FIELDS + LIST_FIELDS
-OPTIONAL_FIELDS = {"neighborhood_target": str, "edit_index": int, "portability": list}
+OPTIONAL_FIELDS = {"target_true": str, "neighborhood_target": str, "edit_index": int, "portability": list}
 PORTABILITY_FIELDS = {"hop": True, "prompt": True, "target_new": True, "question": False, "target_true": False}  # field -> required
 PORTABILITY_ALIASES = ("target_new_aliases", "target_true_aliases")  # optional lists of strings
 
 UNKNOWN_RELATION = "unknown"
+
+
+def is_insertion(case: dict) -> bool:
+    """A knowledge insertion: no answer before the edit (no target_true), so nothing to compare
+    the new answer against (es / ps undefined; rewrite_acc / rephrase_acc read it)."""
+    return not case.get("target_true")
 
 
 def is_template(prompt: str) -> bool:
@@ -108,11 +116,13 @@ def validate_case(d: Any, source: str | None = None) -> EditCase:
             raise EditscaleError(f"{case}: field '{field}' must be a string, got {type(value).__name__}")
         if field != "relation_id" and not value.strip():
             raise EditscaleError(f"{case}: field '{field}' is empty")
+    if "target_true" in d and (not isinstance(d["target_true"], str) or not d["target_true"].strip()):
+        raise EditscaleError(f"{case}: field 'target_true' must be a non-empty string when present (leave it out for a knowledge insertion)")
     for field in ("target_true", "target_new"):
         # The scorer prepends " " itself; a stored leading space would double it.
-        if d[field] != d[field].strip():
+        if field in d and d[field] != d[field].strip():
             raise EditscaleError(f"{case}: field '{field}' has leading/trailing whitespace: {d[field]!r}")
-    if d["target_true"] == d["target_new"]:
+    if d.get("target_true") == d["target_new"]:
         raise EditscaleError(f"{case}: target_new equals target_true ({d['target_new']!r}); nothing to edit")
 
     prompt = d["prompt"]
@@ -128,7 +138,7 @@ def validate_case(d: Any, source: str | None = None) -> EditCase:
                 raise EditscaleError(f"{case}: field '{field}'[{i}] must be a string, got {type(item).__name__}")
 
     for field, kind in OPTIONAL_FIELDS.items():
-        if field in d and (not isinstance(d[field], kind) or isinstance(d[field], bool)):
+        if field in d and field != "target_true" and (not isinstance(d[field], kind) or isinstance(d[field], bool)):
             raise EditscaleError(f"{case}: field '{field}' must be {kind.__name__}, got {type(d[field]).__name__}")
     for i, probe in enumerate(d.get("portability") or []):
         if not isinstance(probe, dict):

@@ -13,7 +13,13 @@ For a case with new object o* and true object o (nll = mean token NLL of " " + o
        likely than o*: P(o_n) > P(o*), o_n = neighborhood_target if the case has one else o
   nm   neighborhood magnitude: mean of exp(-nll(o_n)) - exp(-nll(o*))
   score  harmonic mean of es, ps, ns (ROME/MEMIT "S"); components that are undefined because
-       the case has no such prompts (NaN) are left out; 0 if any component is 0
+       the case has no such prompts (NaN) are left out; 0 if any component is 0; undefined (NaN)
+       when es is
+
+A knowledge insertion (no target_true, editscale.data.schema.is_insertion) has no old answer to
+compare against: es, em, ps, pm and nll_true are NaN, while efficacy_em, paraphrase_em,
+rewrite_acc and rephrase_acc (the new answer alone) are defined; its neighbourhood prompts are
+scored against neighborhood_target, and left out (NaN) when it has none.
   efficacy_em     1.0 if every token of o* is the argmax on the edit prompt (teacher forcing)
   paraphrase_em   fraction of paraphrase prompts on which o* is the argmax continuation
   neighborhood_em fraction of neighborhood prompts on which o_n is the argmax continuation
@@ -44,7 +50,7 @@ from typing import Sequence
 
 import polars as pl
 
-from ..data.schema import fill
+from ..data.schema import fill, is_insertion
 from .scoring import Batching, chat_prompt, run_prompts
 
 PARTS = ("efficacy", "paraphrase", "neighborhood", "portability")  # portability: cases that have probes
@@ -86,11 +92,13 @@ def case_metrics(
     targets: list[str] = []
     slots: list[tuple[int, str, int]] = []  # (case, part, prompt number) for each pair of rows
     for ci, case in enumerate(cases):
+        # an insertion (no old answer) scores its new answer twice; the comparisons are left out below
+        old = case.get("target_true") or case["target_new"]
+        near = case.get("neighborhood_target") or case.get("target_true")
         groups = {  # part -> [(prompt, the edit's answer, the correct answer)]
-            "efficacy": [(fill(case["prompt"], case["subject"]), case["target_new"], case["target_true"])],
-            "paraphrase": [(p, case["target_new"], case["target_true"]) for p in case.get("paraphrase_prompts") or []],
-            "neighborhood": [(p, case["target_new"], case.get("neighborhood_target") or case["target_true"])
-                             for p in case.get("neighborhood_prompts") or []],
+            "efficacy": [(fill(case["prompt"], case["subject"]), case["target_new"], old)],
+            "paraphrase": [(p, case["target_new"], old) for p in case.get("paraphrase_prompts") or []],
+            "neighborhood": [(p, case["target_new"], near) for p in case.get("neighborhood_prompts") or []] if near else [],
             # a probe without a known answer before the edit is scored against its own target twice (port_s leaves it out)
             "portability": [(q["prompt"], q["target_new"], q.get("target_true") or q["target_new"]) for q in case.get("portability") or []],
         }
@@ -142,18 +150,19 @@ def case_metrics(
     out = []
     for ci in range(len(cases)):
         m: dict[str, float] = {}
+        compare = not is_insertion(cases[ci])  # P(new) against P(old) needs an old answer
         if "efficacy" in parts:
             d = per[ci]["efficacy"]
-            m["es"] = _mean([float(a < b) for a, b in zip(d["new"], d["old"])])
-            m["em"] = _mean([math.exp(-a) - math.exp(-b) for a, b in zip(d["new"], d["old"])])
+            m["es"] = _mean([float(a < b) for a, b in zip(d["new"], d["old"])]) if compare else math.nan
+            m["em"] = _mean([math.exp(-a) - math.exp(-b) for a, b in zip(d["new"], d["old"])]) if compare else math.nan
             m["efficacy_em"] = _mean(d["hit_new"])
             m["nll_new"] = _mean(d["new"])
-            m["nll_true"] = _mean(d["old"])
+            m["nll_true"] = _mean(d["old"]) if compare else math.nan
             m["rewrite_acc"] = _mean(d["acc_new"])
         if "paraphrase" in parts:
             d = per[ci]["paraphrase"]
-            m["ps"] = _mean([float(a < b) for a, b in zip(d["new"], d["old"])])
-            m["pm"] = _mean([math.exp(-a) - math.exp(-b) for a, b in zip(d["new"], d["old"])])
+            m["ps"] = _mean([float(a < b) for a, b in zip(d["new"], d["old"])]) if compare else math.nan
+            m["pm"] = _mean([math.exp(-a) - math.exp(-b) for a, b in zip(d["new"], d["old"])]) if compare else math.nan
             m["paraphrase_em"] = _mean(d["hit_new"])
             m["rephrase_acc"] = _mean(d["acc_new"])
         if "neighborhood" in parts:
@@ -169,7 +178,7 @@ def case_metrics(
             m["portability_em"] = _mean(d["hit_new"])
             m["portability_acc"] = _mean(d["acc_new"])
         if all(p in parts for p in SCORE_PARTS):
-            m["score"] = harmonic_mean([m["es"], m["ps"], m["ns"]])
+            m["score"] = harmonic_mean([m["es"], m["ps"], m["ns"]]) if not math.isnan(m["es"]) else math.nan
         out.append(m)
     return out
 

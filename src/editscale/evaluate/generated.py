@@ -141,8 +141,9 @@ def check_cases(section: dict, run: dict, cases: list[dict]) -> None:
 
 
 def references(case: dict, which: str) -> list[str]:
-    """target_new or target_true, and its aliases where the dataset has them."""
-    return [case[which], *(case.get(f"{which}_aliases") or [])]
+    """target_new or target_true, and its aliases where the dataset has them ([] for the
+    target_true of a knowledge insertion: no answer before the edit)."""
+    return [case[which], *(case.get(f"{which}_aliases") or [])] if case.get(which) else []
 
 
 def answer_sample(cases: list[dict], k: int, size: int | None, strata: int, seed: int) -> list[tuple[dict, int, int]]:
@@ -169,9 +170,9 @@ def _prompts(case: dict, context: str, parts, neighbors: int, tok) -> list[tuple
     if context == "cloze":
         if "paraphrase" in parts:
             out += [("paraphrase", p, new, old) for p in case.get("paraphrase_prompts") or []]
-        if "neighborhood" in parts:
-            near = [case.get("neighborhood_target") or case["target_true"]]
-            out += [("neighborhood", p, new, near) for p in (case.get("neighborhood_prompts") or [])[:neighbors]]
+        near = case.get("neighborhood_target") or case.get("target_true")
+        if "neighborhood" in parts and near:  # an insertion without a neighbourhood answer has no neighbourhood reading
+            out += [("neighborhood", p, new, [near]) for p in (case.get("neighborhood_prompts") or [])[:neighbors]]
     if "portability" in parts:
         for probe in case.get("portability") or []:
             text = probe["prompt"] if context == "cloze" else probe.get("question")

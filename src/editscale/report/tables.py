@@ -216,6 +216,38 @@ def edit_scores_wide(long: pl.DataFrame) -> pl.DataFrame:
     return wide.with_columns([pl.col(m).cast(pl.Float64) for m in ordered]).sort(["run", "edit"])
 
 
+# the reading of an insertion-only run (editscale.data.schema.is_insertion): no old answer, so the
+# token accuracy of the new answer (EasyEdit's reading) stands where P(new) > P(old) is undefined
+INSERTION_READINGS = {"es": "rewrite_acc", "ps": "rephrase_acc"}
+
+
+def insertion_fallback(edit_scores: pl.DataFrame, history: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Runs whose every edit is a knowledge insertion (es undefined for every edit, rewrite_acc
+    scored) read es as rewrite_acc and ps as rephrase_acc, in the edit scores and in history's
+    re-scores, so that proficiency, forgetting, phases and the summary have a reading; the edit
+    scores' column `efficacy_reading` names which ("es" or "rewrite_acc") for every run. Runs that
+    mix insertions and edits keep es (its mean leaves the insertions out)."""
+    if edit_scores.height == 0 or "es" not in edit_scores.columns:
+        return edit_scores, history
+    fallback = []
+    if "rewrite_acc" in edit_scores.columns:
+        by_run = edit_scores.group_by("run").agg(pl.col("es").fill_nan(None).is_not_null().any().alias("has_es"),
+                                                 pl.col("rewrite_acc").fill_nan(None).is_not_null().any().alias("has_acc"))
+        fallback = sorted(by_run.filter(~pl.col("has_es") & pl.col("has_acc"))["run"].to_list())
+    mine = pl.col("run").is_in(fallback)
+    scores = edit_scores.with_columns(pl.when(mine).then(pl.lit("rewrite_acc")).otherwise(pl.lit("es")).alias("efficacy_reading"))
+    if not fallback:
+        return scores, history
+    log.warning("run(s) %s: every edit is a knowledge insertion (no old answer): es / ps read rewrite_acc / rephrase_acc", fallback)
+    scores = scores.with_columns([pl.when(mine).then(pl.col(src)).otherwise(pl.col(dst)).alias(dst)
+                                  for dst, src in INSERTION_READINGS.items() if src in scores.columns])
+    if history.height and "metric" in history.columns:
+        reread = history.filter(mine & pl.col("metric").is_in(list(INSERTION_READINGS.values())))
+        reread = reread.with_columns(pl.col("metric").replace({v: k for k, v in INSERTION_READINGS.items()}))
+        history = pl.concat([history.filter(~(mine & pl.col("metric").is_in(list(INSERTION_READINGS)))), reread])
+    return scores, history
+
+
 Z95 = 1.959963984540054  # the normal quantile of the 95 % intervals
 
 
@@ -377,7 +409,8 @@ def summary_table(
     the two efficacy readings toolkits disagree on (EasyEdit issue #518), side by side (`readings`):
     {es,ps}_after_each_edit (mean over every edit, each scored right after its own edit or
     batch: edit_scores) and {es,ps}_at_last_checkpoint (mean over the same edits re-scored once
-    on the model after the last checkpoint, last_checkpoint: history).
+    on the model after the last checkpoint, last_checkpoint: history); efficacy_reading: es, or
+    rewrite_acc where every edit of the run is a knowledge insertion (insertion_fallback).
     `run_phases` maps run -> editscale.report.phases.RunPhases; computed when not given.
     """
     from ..evaluate.registry import curve_specs
@@ -404,6 +437,10 @@ def summary_table(
         row.update(disabling_edits=",".join(str(j) for j in dis), n_disabling_edits=len(dis))
         row.update(_cost_columns(edit_log, storage_bytes, run))
         row.update(readings(tables, run))
+        scores = tables.get("edit_scores")
+        if scores is not None and "efficacy_reading" in scores.columns:
+            reading = scores.filter(pl.col("run") == run)["efficacy_reading"]
+            row["efficacy_reading"] = reading[0] if reading.len() else None
         rows.append(row)
     schema: dict[str, pl.DataType] = {**{c: pl.Utf8 for c in META_COLS}, "n_edits": pl.Int64, "edits_done": pl.Int64}
     schema.update({f"{q}_at_{label}": pl.Float64 for label in all_labels for q in stems})
@@ -432,6 +469,7 @@ def _summary_tail_schema() -> dict[str, pl.DataType]:
         "storage_bytes": pl.Int64,
         **{c: pl.Float64 for c in READING_COLUMNS},
         "last_checkpoint": pl.Int64,
+        "efficacy_reading": pl.Utf8,  # es, or rewrite_acc for an insertion-only run (insertion_fallback)
     }
 
 
@@ -625,6 +663,7 @@ def build_tables(
         long = collect_metric(family, metric_paths, meta or None)
         tables[family] = edit_scores_wide(long) if get_metric(family).table == "wide" else long
         log.info("collected %s: %d rows", family, tables[family].height)
+    tables["edit_scores"], tables["history"] = insertion_fallback(tables["edit_scores"], tables["history"])
     tables["forgetting"] = forgetting_table(tables["history"], tables["edit_scores"])
     if edit_log is None:
         log_df = edit_log_from_factors(factors, list(meta) or None)
