@@ -1,6 +1,6 @@
 """Every editing method through the real workflow: config/test-methods-tiny.yaml with snakemake.
 
-One sequential run per method (rome, r-rome, memit, emmet, alphaedit, encore, nas, rect, prune, ultraedit, ft-c: 4 edits in segments
+One sequential run per method (rome, r-rome, memit, emmet, alphaedit, encore, nas, rect, prune, ultraedit, ft-c, sphere: 4 edits in segments
 of 2) and one batched MEMIT run (2 edits per step) on a tiny random GPT-2, run to completion once
 (module-scoped); the tests then read what each run wrote.
 """
@@ -22,7 +22,7 @@ from benchmarks.snakemake_runs import copy_workflow, planned_jobs, snakemake
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 CONFIG = "config/test-methods-tiny.yaml"
-METHODS = ["rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "nas", "rect", "prune", "ultraedit", "ft-c"]
+METHODS = ["rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "nas", "rect", "prune", "ultraedit", "ft-c", "sphere"]
 N_EDITS, SEGMENT = 4, 2
 
 
@@ -91,14 +91,14 @@ def test_update_kinds_per_method(study, runs):
             # one rank-one update of layer 1 per edit
             assert modules == ["transformer.h.1.mlp.c_proj"] and len(updates) == N_EDITS, name
             assert all(u.u.shape[1] == 1 and u.v.shape[1] == 1 for _, u in updates), name
-        elif run["method"] in ("memit", "alphaedit", "encore", "nas", "rect", "prune"):
+        elif run["method"] in ("memit", "alphaedit", "encore", "nas", "rect", "prune", "sphere"):
             assert modules == ["transformer.h.1.mlp.c_proj", "transformer.h.2.mlp.c_proj"], name
         elif run["method"] == "ft-c":
             assert modules == ["transformer.h.0.mlp.c_proj"], name
         elif run["method"] == "ultraedit":  # the MLP input matrices, one update per edit each
             assert modules == ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_fc"] and len(updates) == 2 * N_EDITS, name
             assert {k.split("/")[0] for k in state} == {"normalizer"}, sorted(state)
-        if run["method"] in ("alphaedit", "encore", "nas"):
+        if run["method"] in ("alphaedit", "encore", "nas", "sphere"):
             # the keys of earlier edits are carried from segment to segment (and NAS's anchor)
             keys = {k: v for k, v in state.items() if k.endswith("/keys")}
             assert set(k.rsplit("/", 1)[0] for k in keys) == set(modules)
@@ -156,7 +156,7 @@ def test_tables_have_every_run(study, runs):
     # what each method measures per edit reaches the edit_log table (not only the chain's columns)
     measured = {"rome": "key_dot_u", "r-rome": "residual_norm", "memit": "z_error_after", "emmet": "constraint_rel_residual",
                 "ft-c": "loss_before", "alphaedit": "n_keys_stored", "encore": "n_keys_stored",
-                "rect": "rect_kept_fraction", "prune": "prune_restrained", "nas": "nas_vstar_norm",
+                "rect": "rect_kept_fraction", "prune": "prune_restrained", "nas": "nas_vstar_norm", "sphere": "sphere_rank_min",
                 "ultraedit": "normalizer_n"}
     for name, run in runs.items():
         col = measured[run["method"]]

@@ -43,10 +43,11 @@ def read_file(path) -> dict:
     return data
 
 
-def spec(default: Any = dataclasses.MISSING, *, choices: tuple = (), minimum: float | None = None, doc: str = ""):
+def spec(default: Any = dataclasses.MISSING, *, choices: tuple = (), minimum: float | None = None, maximum: float | None = None,
+         doc: str = ""):
     """A hyper-parameter field: default (a list default is copied per use), allowed values,
-    inclusive lower bound, description."""
-    meta = {"choices": tuple(choices), "minimum": minimum, "doc": doc}
+    inclusive lower and upper bounds, description."""
+    meta = {"choices": tuple(choices), "minimum": minimum, "maximum": maximum, "doc": doc}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: _copy(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -140,6 +141,9 @@ def check(hparams_type, data: dict, source: str, method: str, partial: bool = Fa
             problems.append(f"{key!r} = {value!r} is not allowed for method {method!r}; allowed: {list(choices)}")
         if minimum is not None and any(x < minimum for x in _numbers(value)):
             problems.append(f"{key!r} = {value!r} must be >= {minimum}")
+        maximum = f.metadata.get("maximum")
+        if maximum is not None and any(x > maximum for x in _numbers(value)):
+            problems.append(f"{key!r} = {value!r} must be <= {maximum}")
     if problems:
         more = "".join(f"\n  {source}: {p}" for p in problems[1:])
         err = EditscaleError(f"{source}: {problems[0]}" + (f" ({len(problems)} problems){more}" if more else ""))

@@ -119,6 +119,11 @@ register_method("ultraedit", "editscale.edit.ultraedit:UltraEdit", "UltraEdit (G
                 cost="editscale.edit.ultraedit:UltraEditCost")
 register_method("ft-c", "editscale.edit.ftc:FineTuneConstrained", "FT-C: constrained (L-inf bounded) fine-tuning of one MLP layer on the target",
                 cost="editscale.edit.ftc:FineTuneCost")
+# (new methods go last: a method's colour in the figures is its place here, editscale.report.plots.method_colors)
+register_method("sphere", "editscale.edit.sphere:Sphere", "SPHERE (Liu et al. 2026): AlphaEdit with each update projected away from the "
+                "principal hyperspherical directions of the weight (I - alpha U U^T)", easyedit="SPHERE", cost="editscale.edit.alphaedit:AlphaEditCost",
+                easyedit_notes={k: (None, "read nowhere by EasyEdit's SPHERE (SPHERE_main.py solves AlphaEdit's system: projection and L2, "
+                                          "no second-moment term; so does editscale's)") for k in ("mom2_adjustment", "mom2_update_weight")})
 
 
 class EditMethod:
