@@ -86,7 +86,7 @@ def test_llama3_hparams_name_llama3_modules(repo_root):
 
     cfg = known_config(LLAMA3)
     files = sorted(repo_root.glob("config/hparams/*/llama3-8b.yaml"))
-    assert {f.parent.name for f in files} == {"rome", "memit", "alphaedit", "encore", "nas", "rect", "prune", "ultraedit"}
+    assert {f.parent.name for f in files} == {"rome", "memit", "alphaedit", "encore", "nas", "rect", "prune", "ultraedit", "sphere"}
     for f in files:
         hp = load_hparams(f)
         mods = get_method(f.parent.name, hp).modules(meta_model(cfg), hp)
