@@ -108,6 +108,6 @@ def test_llama3_study_plans_offline(repo_root, tmp_path):
     put_downstream_files(workdir)
     res = snakemake(workdir, "-n", config=LLAMA3_STUDY)
     jobs = planned_jobs(res)
-    assert jobs["edit_segment"] == sum(r["n_edits"] // r["segment"] for r in cfg["runs"]) == 160
-    assert jobs["stats"] == 5 and jobs["nullspace"] == 5  # down_proj of layers 4-8; AlphaEdit and NAS share P
+    assert jobs["edit_segment"] == sum(r["n_edits"] // r["segment"] for r in cfg["runs"]) == 180
+    assert jobs["stats"] == 5 and jobs["nullspace"] == 5  # down_proj of layers 4-8; AlphaEdit, NAS and SPHERE share P
     assert jobs["model"] == 1 and jobs["audit"] == 1
