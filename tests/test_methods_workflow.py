@@ -1,6 +1,6 @@
 """Every editing method through the real workflow: config/test-methods-tiny.yaml with snakemake.
 
-One sequential run per method (rome, r-rome, memit, emmet, alphaedit, encore, nas, rect, prune, ultraedit, ft-c, sphere: 4 edits in segments
+One sequential run per method (rome, r-rome, memit, emmet, alphaedit, encore, nas, rect, prune, ultraedit, ft-c, sphere, grace: 4 edits in segments
 of 2) and one batched MEMIT run (2 edits per step) on a tiny random GPT-2, run to completion once
 (module-scoped); the tests then read what each run wrote.
 """
@@ -16,13 +16,13 @@ import polars as pl
 import pytest
 import yaml
 
-from editscale.edit.chain import read_delta, read_factors, tensor_sha256
+from editscale.edit.chain import read_delta, read_factors, read_memory, tensor_sha256
 from benchmarks.snakemake_runs import copy_workflow, planned_jobs, snakemake
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 CONFIG = "config/test-methods-tiny.yaml"
-METHODS = ["rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "nas", "rect", "prune", "ultraedit", "ft-c", "sphere"]
+METHODS = ["rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "nas", "rect", "prune", "ultraedit", "ft-c", "sphere", "grace"]
 N_EDITS, SEGMENT = 4, 2
 
 
@@ -82,6 +82,12 @@ def test_update_kinds_per_method(study, runs):
         kinds = {r["factor_kind"] for r in rows}
         if run["method"] == "ft-c":
             assert kinds == {"dense"} and all(u.kind == "dense" and u.dense is not None for _, u in updates), name
+        elif run["method"] == "grace":  # no weight update: the codebook grows, in the delta files, its ops in the factors
+            assert kinds == {"memory"} and not updates, name
+            memory = read_memory(study / "results" / name / "deltas" / f"{N_EDITS:06d}.h5")
+            assert sorted(memory) == [f"transformer.h.2.mlp.c_proj/{f}" for f in ("keys", "labels", "radii", "values")]
+            assert memory["transformer.h.2.mlp.c_proj/keys"].shape == (N_EDITS, 256), {k: v.shape for k, v in memory.items()}
+            continue
         elif run["method"] == "rect":
             assert kinds == {"masked"} and all(u.kind == "masked" and u.mask is not None for _, u in updates), name
         else:
@@ -152,11 +158,11 @@ def test_tables_have_every_run(study, runs):
     log = pl.read_parquet(study / "results/studies/test-methods-tiny/tables/edit_log.parquet")
     kinds = {r["run"]: r["factor_kind"] for r in log.select("run", "factor_kind").unique().to_dicts()}
     assert len(log) == N_EDITS * len(runs)
-    assert kinds == {name: {"ft-c": "dense", "rect": "masked"}.get(run["method"], "lowrank") for name, run in runs.items()}
+    assert kinds == {name: {"ft-c": "dense", "rect": "masked", "grace": "memory"}.get(run["method"], "lowrank") for name, run in runs.items()}
     # what each method measures per edit reaches the edit_log table (not only the chain's columns)
     measured = {"rome": "key_dot_u", "r-rome": "residual_norm", "memit": "z_error_after", "emmet": "constraint_rel_residual",
                 "ft-c": "loss_before", "alphaedit": "n_keys_stored", "encore": "n_keys_stored",
-                "rect": "rect_kept_fraction", "prune": "prune_restrained", "nas": "nas_vstar_norm", "sphere": "sphere_rank_min",
+                "rect": "rect_kept_fraction", "prune": "prune_restrained", "nas": "nas_vstar_norm", "sphere": "sphere_rank_min", "grace": "grace_keys",
                 "ultraedit": "normalizer_n"}
     for name, run in runs.items():
         col = measured[run["method"]]

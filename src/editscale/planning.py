@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .models.registry import arch_spec, model_config, module_shapes, n_params
-from .workflow import edited_modules, run_hparams, stats_modules
+from .workflow import edited_modules, memory_modules, run_hparams, stats_modules
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 STUDY_SAVE_EVERY = 20
@@ -75,6 +75,7 @@ UPDATE_BYTES = {
     "lowrank": lambda o, i: 4 * (o + i),                    # u, v fp32
     "masked": lambda o, i: 8 * (o + i) + -(-o * i // 8),    # u, v fp64 + one mask bit per entry
     "dense": lambda o, i: 4 * o * i,                        # the matrix, fp32
+    "memory": lambda o, i: 4 * (i + o) + 4 + 8,             # a codebook row: key, value (fp32), radius, label
 }
 
 
@@ -87,6 +88,10 @@ def storage_estimate(run: dict, shapes: dict[str, tuple[int, int]], params: int 
     per_edit = int(round(rank * sum(UPDATE_BYTES[update_kind](o, i) for o, i in shapes.values())))
     factors_ckpt = seg * per_edit
     delta_ckpt = sum(4 * o * i for o, i in shapes.values())
+    deltas_total = n_ckpt * delta_ckpt
+    if update_kind == "memory":  # a checkpoint holds the memory so far (at most one row per edit), not a dense delta
+        delta_ckpt = n_ckpt * factors_ckpt
+        deltas_total = factors_ckpt * n_ckpt * (n_ckpt + 1) // 2
     study_save = None if params is None else params * DTYPE_BYTES[dtype]
     n_saves = n // STUDY_SAVE_EVERY
     stats = sum(8 * shapes[m][1] ** 2 for m in (stats_modules if stats_modules is not None else shapes))
@@ -100,8 +105,8 @@ def storage_estimate(run: dict, shapes: dict[str, tuple[int, int]], params: int 
         "study_saves": n_saves,
         "study_per_save": study_save,
         "factors_total": n_ckpt * factors_ckpt,
-        "deltas_total": n_ckpt * delta_ckpt,
-        "editscale_total": n_ckpt * (factors_ckpt + delta_ckpt),
+        "deltas_total": deltas_total,
+        "editscale_total": n_ckpt * factors_ckpt + deltas_total,
         "study_total": None if study_save is None else n_saves * study_save,
         "stats_bytes": stats,
     }
@@ -130,6 +135,13 @@ def edit_flops(method: str, hp: dict, params: int, shapes: dict[str, tuple[int, 
         steps = int(hp.get("num_steps", 1))
         return {"model": steps * 6 * params * 2 * PROMPT_TOKENS, "solve": 0.0, "tokens": 2 * PROMPT_TOKENS, "steps": steps,
                 "flops_per_token_step": 6 * params, "template_tokens": 0.0}
+    if cost.solve == "memory":  # n_iter forward + activation backward passes to the memory's layer (GRACE)
+        lowest = int(hp.get("layer", 0))
+        frac = 1.0 if not n_layers else max(n_layers - lowest, 1) / n_layers
+        steps = int(hp.get("n_iter", 1))
+        per_tok = (2 + 2 * frac) * params
+        return {"model": float(steps * per_tok * PROMPT_TOKENS), "solve": 0.0, "tokens": float(PROMPT_TOKENS), "steps": steps,
+                "flops_per_token_step": per_tok, "template_tokens": 0.0}
     if cost.solve == "gradient":  # one forward + activation backward to the lowest edited layer
         lowest = min(int(x) for k in ("mlp_in_layers", "mlp_up_layers", "layers") for x in hp.get(k) or [0])
         frac = 1.0 if not n_layers else max(n_layers - lowest, 1) / n_layers
@@ -254,7 +266,7 @@ def run_jobs(config: dict, run: dict, root: str | Path = ".") -> list[Job]:
     params, model_bytes, cfg = _model_bytes(config, run["model"], root)
     if cfg is None:
         return []
-    shapes = module_shapes(cfg, edited_modules(config, run))
+    shapes = module_shapes(cfg, edited_modules(config, run) or memory_modules(config, run))
     hp = run_hparams(run)
     fl = edit_flops(run["method"], hp, params, shapes, run["segment"], getattr(cfg, "num_hidden_layers", None))
     bench = RESULTS / "benchmarks" / run["name"]
@@ -479,7 +491,7 @@ def run_estimate(config: dict, run: dict, root: str | Path = ".") -> dict[str, A
     cfg, where = model_config(config, run["model"], root)
     est: dict[str, Any] = {"run": run["name"], "model": run["model"], "method": run["method"], "n_edits": run["n_edits"],
                            "segment": run["segment"], "shapes_from": where, "dtype": dtype}
-    modules = edited_modules(config, run)
+    modules = edited_modules(config, run) or memory_modules(config, run)
     if cfg is None:
         params = int(spec.get("params_m", 150) * 1e6)
         est.update(params=params, params_from="params_m", storage=None, edit=None, eval=None)

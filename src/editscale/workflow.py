@@ -129,6 +129,15 @@ def edited_modules(config: dict, run: dict) -> list[str]:
     return get_method(run["method"], hp).modules(model_arch(config, run["model"]), hp)
 
 
+def memory_modules(config: dict, run: dict) -> list[str]:
+    """The modules the run's method hooks a memory into ([] for a method that keeps none)."""
+    from .edit.methods import get_method
+
+    hp = run_hparams(run, model_layers(config, run["model"]))
+    cls = get_method(run["method"], hp)
+    return cls.memory_modules(model_arch(config, run["model"]), hp) if cls.memory_type is not None else []
+
+
 def run_record(config: dict, run: dict) -> dict:
     """What results/{run}/run.json holds (the run_config rule's param, canonical): the run entry
     without n_edits (raising it must not re-run finished segments), the model dtype, the hparams

@@ -151,7 +151,9 @@ def audit_inputs(owner: Path, inputs: dict, rep: Report) -> bool:
 
 def audit_run(run_dir: Path, ks: list[int], model_shas: dict[str, str], rep: Report, n_sample: int, rng: random.Random) -> None:
     """The chain of one run over its checkpoints `ks` (the segment ends the audit was given)."""
-    from ..edit.chain import read_delta, read_run, tensor_sha256
+    import numpy as np
+
+    from ..edit.chain import read_delta, read_memory, read_run, tensor_sha256
     from ..layout import delta_path, factors_path
 
     run = read_run(run_dir / "run.json")
@@ -189,6 +191,12 @@ def audit_run(run_dir: Path, ks: list[int], model_shas: dict[str, str], rep: Rep
             continue
         diff = [m for m in stored if m not in derived or tensor_sha256(stored[m]) != tensor_sha256(derived[m])]
         rep.add("rederive", path, not diff, "" if not diff else f"stored tensors differ from base + factors for {diff}")
+        # a method's memory (editscale.edit.memory): its stored tables equal the ops of every segment replayed from empty
+        stored_memory = read_memory(path)
+        if stored_memory:
+            replayed = _rederive_memory(run_dir, k, int(run["segment"]), stored_memory)
+            diff = [key for key in stored_memory if key not in replayed or not np.array_equal(stored_memory[key], replayed[key])]
+            rep.add("rederive-memory", path, not diff, "" if not diff else f"stored memory differs from the replayed memory ops for {diff}")
 
 
 def _recorded_state_matches(rep: Report, path: Path, attrs: dict, role: str) -> tuple[bool, str]:
@@ -202,6 +210,23 @@ def _recorded_state_matches(rep: Report, path: Path, attrs: dict, role: str) -> 
         return rep.hashes.content(path) == attrs[f"{role}_content_sha256"], ""
     except EditscaleError as exc:
         return False, str(exc)
+
+
+def _rederive_memory(run_dir: Path, k: int, segment: int, like: dict) -> dict:
+    """The memory after k edits from the factors files' memory ops alone, in the tables' shapes
+    and dtypes of `like` (a stored memory)."""
+    import numpy as np
+
+    from ..edit.chain import read_memory_ops
+    from ..edit.memory import set_rows
+    from ..layout import factors_path
+
+    tables = {key: np.zeros((0, *arr.shape[1:]), dtype=arr.dtype) for key, arr in like.items()}
+    for end in range(segment, k + 1, segment):
+        for _, op in read_memory_ops(factors_path(run_dir, end)):
+            key = f"{op.module}/{op.field}"
+            tables[key] = set_rows(tables[key], op.rows, op.values)
+    return tables
 
 
 def _rederive(run_dir: Path, k: int, segment: int) -> dict:

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from ..io import EditscaleError, atomic_h5, check_free_space, provenance, read_jsonl, sha256_file
 from ..layout import SegmentFiles, StateFiles
 from ..models.load import load_model, model_sha, pick_device
+from .memory import MemoryOp
 from .weights import Update, WeightState, add_update
 from .timing import PHASE_SECONDS
 
@@ -128,10 +129,16 @@ def _repair(path) -> str:
             f"rm {delta_path(run_dir, k)} {factors_path(run_dir, k)} && snakemake --cores all")
 
 
-def write_delta(path, delta: dict[str, torch.Tensor], attrs: dict) -> None:
+def write_delta(path, delta: dict[str, torch.Tensor], attrs: dict, memory: dict[str, np.ndarray] | None = None) -> None:
+    """The cumulative weight delta of a checkpoint, and the method's memory after it (group
+    "memory", `module/field` datasets; editscale.edit.memory) when it keeps one."""
     with atomic_h5(path) as f:
         for module, d in delta.items():
             f.create_dataset(module, data=d.cpu().numpy().astype(np.float32))
+        if memory:
+            g = f.create_group("memory")
+            for key, arr in memory.items():
+                g.create_dataset(key, data=np.asarray(arr))
         f.attrs.update({k: v for k, v in attrs.items() if v is not None})
         _seal(f, "delta")
 
@@ -147,12 +154,56 @@ def read_delta(path, expected_model_sha: str | None = None) -> tuple[dict[str, t
                 f"{path} was computed on model {attrs.get('model_sha256')}, not on {expected_model_sha}"
             )
         verify_state_content(path, f)
-        return {name: torch.from_numpy(f[name][()]) for name in f.keys()}, attrs
+        return {name: torch.from_numpy(f[name][()]) for name in f.keys() if isinstance(f[name], h5py.Dataset)}, attrs
 
 
-def write_factors(path, updates: list[Update], steps: list[int], rows: list[dict], method_state: dict, attrs: dict) -> str:
-    """Write a segment's factors file; returns its content_sha256."""
+def read_memory(path) -> dict[str, np.ndarray]:
+    """The memory a delta file holds ({} when the method keeps none)."""
+    out: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as f:
+        if "memory" in f:
+            f["memory"].visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def read_memory_ops(path) -> list[tuple[int, MemoryOp]]:
+    """Each edit step's memory changes a factors file holds ([] when none), by step; within a step
+    each table's ops in the order they were made (tables are independent of each other)."""
+    ops: list[tuple[int, int, MemoryOp]] = []
+    with h5py.File(path, "r") as f:
+        if "memory_ops" not in f:
+            return []
+        tables: list[str] = []
+        f["memory_ops"].visititems(lambda name, obj: tables.append(name) if isinstance(obj, h5py.Group) and "step" in obj else None)
+        for key in tables:
+            g = f["memory_ops"][key]
+            module, _, field = key.rpartition("/")
+            steps, counts, rows, values = g["step"][()], g["count"][()], g["rows"][()], g["values"][()]
+            start = 0
+            for i, (step, n) in enumerate(zip(steps, counts)):
+                ops.append((int(step), i, MemoryOp(module, field, rows[start:start + n], values[start:start + n])))
+                start += int(n)
+    return [(step, op) for step, _, op in sorted(ops, key=lambda t: (t[0], t[1]))]
+
+
+def write_factors(path, updates: list[Update], steps: list[int], rows: list[dict], method_state: dict, attrs: dict,
+                  memory_ops: list[tuple[int, MemoryOp]] = ()) -> str:
+    """Write a segment's factors file (with each step's memory changes, for a method that keeps a
+    memory); returns its content_sha256."""
     with atomic_h5(path) as f:
+        if memory_ops:
+            # per memory table, its ops in order as flat arrays (step and row count per op): a
+            # group per op would cost ~2 kB of HDF5 headers each
+            by_table: dict[str, list[tuple[int, MemoryOp]]] = {}
+            for step, op in memory_ops:
+                by_table.setdefault(f"{op.module}/{op.field}", []).append((step, op))
+            mg = f.create_group("memory_ops")
+            for key, ops in by_table.items():
+                g = mg.create_group(key)
+                g.create_dataset("step", data=np.array([st for st, _ in ops], dtype=np.int64))
+                g.create_dataset("count", data=np.array([len(op.rows) for _, op in ops], dtype=np.int64))
+                g.create_dataset("rows", data=np.concatenate([np.asarray(op.rows, dtype=np.int64) for _, op in ops]))
+                g.create_dataset("values", data=np.concatenate([np.asarray(op.values) for _, op in ops]))
         g = f.create_group("updates")
         for i, (upd, step) in enumerate(zip(updates, steps)):
             ug = g.create_group(f"{i:06d}")
@@ -385,6 +436,10 @@ def run_segment(model_dir: str | Path, files: SegmentFiles, run: dict, precomput
         _, _, state, prev_factors_attrs = read_factors(files.previous_factors)
         check_previous_state(files, run, prev_attrs, prev_factors_attrs)
     weights = WeightState(model, modules, delta=prev_delta)
+    memory = new_memory(method_cls, model, hparams, read_memory(files.previous_delta) if k_start > 0 else None)
+    if memory is not None:
+        inputs_by_argument["memory"] = memory
+    memory_ops: list[tuple[int, MemoryOp]] = []
     check_free_space(files.delta, _segment_bytes(model, modules, files),
                      f"the segment's delta and factors ({files.delta}, {files.factors}), estimated")
     editor = method_cls(model, tok, hparams, context_templates=templates, state=state or None, **inputs_by_argument)
@@ -411,7 +466,7 @@ def run_segment(model_dir: str | Path, files: SegmentFiles, run: dict, precomput
         norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in step_dw.values()))) if step_dw else 0.0
         rel = norm / float(np.sqrt(sum(before[m] ** 2 for m in step_dw))) if step_dw else 0.0
         kinds = {u.kind for u in applied}
-        kind = "dense" if "dense" in kinds else "masked" if "masked" in kinds else "lowrank"
+        kind = "dense" if "dense" in kinds else "masked" if "masked" in kinds else "lowrank" if applied or memory is None else "memory"
         by_case = {str(r.get("case_id")): r for r in logs}
         for case in batch:
             r = by_case.get(str(case["case_id"]), {})
@@ -431,6 +486,8 @@ def run_segment(model_dir: str | Path, files: SegmentFiles, run: dict, precomput
             rows.append(row)
         updates.extend(applied)
         steps.extend([rows[-1]["step"]] * len(applied))
+        if memory is not None:
+            memory_ops += [(rows[-1]["step"], op) for op in memory.take_ops()]
         bar.set_postfix(loss=f"{rows[-1]['v_loss'] or 0:.3f}", norm=f"{norm:.3g}")
 
     inputs = segment_inputs(sha, files, templates_path, precomputed, modules,
@@ -440,10 +497,11 @@ def run_segment(model_dir: str | Path, files: SegmentFiles, run: dict, precomput
         "model_sha256": sha, "k": k_end, "k_start": k_start, "segment": segment, "method": method,
         "hparams": json.dumps(hparams, sort_keys=True), **provenance(run.get("config_hash", ""), inputs, str(dev)),
     }
-    factors_sha = write_factors(files.factors, updates, steps, rows, editor.state_dict(), attrs)
+    factors_sha = write_factors(files.factors, updates, steps, rows, editor.state_dict(), attrs, memory_ops)
     prev_sha = prev_attrs.get("content_sha256") if files.previous_delta is not None else None
     write_delta(files.delta, weights.delta, {**attrs, "factors_content_sha256": factors_sha,
-                                             "prev_delta_content_sha256": prev_sha})
+                                             "prev_delta_content_sha256": prev_sha},
+                memory=memory.state_dict() if memory is not None else None)
     med = float(np.median([r["seconds"] for r in rows]))
     log.info("wrote %s and %s (median %.2f s per edit)", files.factors, files.delta, med)
 
@@ -463,6 +521,47 @@ def replay(state: StateFiles, model_sha256: str | None = None) -> dict[str, torc
             raise EditscaleError(f"{state.factors} holds no edit {state.k}")
         accumulate(delta, [upd for step, upd in updates if step <= last_step_j])
     return delta
+
+
+def new_memory(method_cls, model, hparams: dict, state: dict | None):
+    """The method's memory (editscale.edit.memory) on `model`, from `state`; None for a method
+    that keeps none."""
+    memory_type = getattr(method_cls, "memory_type", None)
+    if memory_type is None:
+        return None
+    return memory_type(method_cls.memory_modules(model, hparams), method_cls.memory_widths(model, hparams), state=state or None)
+
+
+def _stored_method(state: StateFiles) -> tuple[str, dict] | None:
+    """(method, hparams) recorded in the state's files; None at k = 0."""
+    for path in (state.delta, state.factors):
+        if path is not None:
+            with h5py.File(path, "r") as f:
+                return str(f.attrs["method"]), json.loads(f.attrs["hparams"])
+    return None
+
+
+def attach_memory(model, state: StateFiles):
+    """Attach the run's memory after edit state.k to `model` (the checkpoint's memory plus the
+    memory changes of k's segment up to edit k); returns it, or None when the method keeps none."""
+    from .methods import get_method
+
+    stored = _stored_method(state)
+    if stored is None:
+        return None
+    method, hparams = stored
+    memory = new_memory(get_method(method, hparams), model, hparams, read_memory(state.delta) if state.delta is not None else None)
+    if memory is None:
+        return None
+    if state.factors is not None:
+        _, rows, _, _ = read_factors(state.factors)
+        last_step_j = next(r["step"] for r in rows if r["edit_index"] == state.k)
+        for step, op in read_memory_ops(state.factors):
+            if step <= last_step_j:
+                memory.apply(op)
+        memory.take_ops()
+    memory.attach(model)
+    return memory
 
 
 def replay_delta(run_dir: str | Path, j: int, segment: int, model_sha256: str | None = None) -> dict[str, torch.Tensor]:
@@ -490,6 +589,7 @@ def model_at(model_dir, state: StateFiles, dtype: str = "float32", device: str =
     model, tok = load_model(model_dir, dtype=dtype, device=device)
     if state.k > 0:
         apply_delta(model, replay(state, model_sha(model_dir)))
+        attach_memory(model, state)
     return model, tok
 
 
@@ -500,17 +600,28 @@ def states_in_segment(model_dir, start_delta: Path | None, factors: Path, dtype:
     sha = model_sha(model_dir)
     model, tok = load_model(model_dir, dtype=dtype, device=device)
     delta = read_delta(start_delta, sha)[0] if start_delta is not None else {}
-    updates, rows, _, _ = read_factors(factors)
+    updates, rows, _, attrs = read_factors(factors)
     modules = sorted({u.module for _, u in updates} | set(delta))
     ws = WeightState(model, modules, delta=delta)
+    from .methods import get_method
+
+    hparams = json.loads(attrs["hparams"])
+    memory = new_memory(get_method(str(attrs["method"]), hparams), model, hparams,
+                        read_memory(start_delta) if start_delta is not None else None)
+    ops = read_memory_ops(factors) if memory is not None else []
+    if memory is not None:
+        memory.attach(model)
     by_step: dict[int, list[int]] = {}
     for r in rows:
         by_step.setdefault(r["step"], []).append(r["edit_index"])
-    i = 0
+    i = o = 0
     for step in sorted(by_step):
         while i < len(updates) and updates[i][0] == step:
             ws.apply(updates[i][1])
             i += 1
+        while o < len(ops) and ops[o][0] == step:
+            memory.apply(ops[o][1])
+            o += 1
         for j in sorted(by_step[step]):
             yield j, model, tok
 

@@ -104,6 +104,9 @@ register_method("alphaedit", "editscale.edit.alphaedit:AlphaEdit", "AlphaEdit (F
                 "of preserved keys", easyedit="AlphaEdit", cost="editscale.edit.alphaedit:AlphaEditCost",
                 easyedit_notes={k: (None, "read nowhere by EasyEdit's AlphaEdit (AlphaEdit_main.py solves with the projection and L2, "
                                           "no second-moment term; so does editscale's)") for k in ("mom2_adjustment", "mom2_update_weight")})
+register_method("grace", "editscale.edit.grace:Grace", "GRACE (Hartvigsen et al. 2023): a codebook of keys, values and deferral radii at one "
+                "MLP output module; inputs within a key's radius get its value, the weights stay",
+                cost="editscale.edit.grace:GraceCost")
 register_method("encore", "editscale.edit.encore:Encore", "ENCORE (Gupta et al. 2025): MEMIT + norm penalty + earlier edits' keys, with "
                 "most-probable early stopping", cost="editscale.edit.encore:EncoreCost")
 register_method("nas", "editscale.edit.nas:Nas", "NAS (2026): AlphaEdit with each target value v* scaled to the unedited model's mean ||v*||, "
@@ -135,8 +138,12 @@ class EditMethod:
             key a file may hold, its type, default, allowed values; `required_hparams` and
             `default_hparams` are derived from it.
         forced_hparams: values the method sets whatever the file says (keys not in hparams_type).
-        update_kind: "lowrank" (factors u v^T), "dense" (a full matrix per update) or "masked"
-            (float64 factors and a mask: RECT).
+        update_kind: "lowrank" (factors u v^T), "dense" (a full matrix per update), "masked"
+            (float64 factors and a mask: RECT) or "memory" (no weight update: the edit changes the
+            method's memory, editscale.edit.memory; GRACE).
+        memory_type: for a method that keeps a memory, its class (editscale.edit.memory.Memory),
+            with the class methods `memory_modules(model, hparams)` (the modules it hooks) and
+            `memory_widths(model, hparams)` (each field's row shape); None otherwise.
         batch_edits: whether `apply` computes one joint update for a batch of cases (MEMIT
             family, FT-C, UltraEdit); False (ROME family) makes edits_per_step > 1 an error.
         wraps: for a wrapper (PRUNE), the hparams key naming the method it wraps (`variant`
@@ -168,6 +175,7 @@ class EditMethod:
     template_rule: str = "memit"
     value_loss_layer: str = "max"
     update_kind: str = "lowrank"
+    memory_type: type | None = None
     batch_edits: bool = True
     wraps: str = ""
 
