@@ -120,6 +120,17 @@ def method_editor(method: str, hp: dict, model, tok, stats: dict, templates):
     return cls(model, tok, hp, mine, templates, state=None, **extra), weights, modules
 
 
+def edited_state(editor, weights, modules) -> dict[str, torch.Tensor]:
+    """What an editor changed, as tensors to compare across sides: the delta of each edited
+    module, and each table of a memory-keeping method's memory (GRACE's codebook: keys, values,
+    radii) as `memory:<module>/<field>`; float32, on the CPU."""
+    out = {m: weights.delta[m].detach().float().cpu() for m in modules}
+    memory = getattr(editor, "memory", None)
+    if memory is not None and hasattr(memory, "state_dict"):
+        out.update({f"memory:{k}": torch.from_numpy(v).float() for k, v in memory.state_dict().items() if not k.endswith("/labels")})
+    return out
+
+
 def masked_agreement(cpu, dev, base: dict, keep_percent: float, tol: float) -> dict:
     """Compare the first edit's masked updates (RECT) of the two sides: the unmasked products
     u v^T must agree to `tol` relative; the masks may differ only at near-ties of the cutoff
@@ -195,7 +206,7 @@ def equality(device: torch.device, tol: float, n_edits: int) -> list[dict]:
                     editor.apply([case], weights)
                     if i == 0:
                         first[side] = weights.take_applied()
-                deltas[side] = {m: weights.delta[m].cpu() for m in modules}
+                deltas[side] = edited_state(editor, weights, modules)
                 del model, editor, weights
             rel = max(float((deltas["device"][m] - deltas["cpu"][m]).norm() / deltas["cpu"][m].norm().clamp_min(1e-30)) for m in deltas["cpu"])
             norm = max(float(d.norm()) for d in deltas["cpu"].values())

@@ -36,7 +36,7 @@ def per_method(bench: Bench, n_edits: int, warmup: int = 1, methods=METHOD_NAMES
     for method in methods:
         editor, weights = bench.editor(method)
         times = {"total": [], "keys": [], "optimize": [], "update": []}
-        losses, updates = [], []
+        losses, updates, memory_ops = [], [], []
         t_method = time.perf_counter()
         editor.begin(bench.cases[: warmup + n_edits])  # as the chain does at k = 0 (NAS: its anchor)
         s_begin = time.perf_counter() - t_method
@@ -46,6 +46,9 @@ def per_method(bench: Bench, n_edits: int, warmup: int = 1, methods=METHOD_NAMES
             out = editor.apply([case], weights)
             total = time.perf_counter() - t0
             updates += weights.take_applied()
+            memory = getattr(editor, "memory", None)
+            if memory is not None and hasattr(memory, "take_ops"):  # GRACE: the codebook rows it wrote
+                memory_ops += [(i + 1, op) for op in memory.take_ops()]
             if i < warmup:
                 continue
             keys, opt = timing.PHASE_SECONDS["keys"], timing.PHASE_SECONDS["optimize"]
@@ -55,7 +58,8 @@ def per_method(bench: Bench, n_edits: int, warmup: int = 1, methods=METHOD_NAMES
                 losses.append(float(out[0]["v_loss"]))
         row = {"method": method, "edits": n_edits, **{f"s_{k}": _median(v) for k, v in times.items()},
                "v_loss_median": _median(losses), "wall_s": time.perf_counter() - t_method, "s_begin": s_begin,
-               **storage(bench, method, updates, weights, warmup + n_edits)}
+               **storage(bench, method, updates, weights, warmup + n_edits, memory_ops=memory_ops,
+                         memory=getattr(editor, "memory", None))}
         log.info("%s: median %.2f s/edit (keys %.2f, optimize %.2f, update %.3f) over %d edits", method,
                  row["s_total"], row["s_keys"], row["s_optimize"], row["s_update"], n_edits)
         rows.append(row)
@@ -64,7 +68,7 @@ def per_method(bench: Bench, n_edits: int, warmup: int = 1, methods=METHOD_NAMES
 
 # rough cost order from the registry (a d x d solve per edit first, fine-tuning last): the
 # longest jobs first keep the worker pool busy
-_SOLVE_ORDER = ("per_edit", "per_segment", "gradient", "none")
+_SOLVE_ORDER = ("per_edit", "per_segment", "memory", "gradient", "none")
 
 
 def _cost_rank(method: str) -> int:
@@ -162,18 +166,18 @@ def keys_batched(bench: Bench, n_cases: int) -> dict:
             "templates": len(templates), "max_rel_diff": max_diff}
 
 
-def storage(bench: Bench, method: str, updates, weights, n_edits: int, every: int = 20) -> dict:
+def storage(bench: Bench, method: str, updates, weights, n_edits: int, every: int = 20, memory_ops=(), memory=None) -> dict:
     """Bytes per edit of the checkpoint formats, from files written the way the chain writes them:
-    the factors of every update (editscale), the dense cumulative delta of the edited matrices
-    written every `every` edits, and the whole model written every `every` edits (the study's
-    code saved full checkpoints)."""
+    the factors of every update (editscale; with a memory-keeping method's memory ops), the dense
+    cumulative delta of the edited matrices (with the memory) written every `every` edits, and the
+    whole model written every `every` edits (the study's code saved full checkpoints)."""
     from editscale.edit.chain import write_delta, write_factors
 
     out_dir = bench.work / "storage" / method
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [{"case_id": str(i), "edit_index": i + 1, "step": i + 1} for i in range(n_edits)]
-    write_factors(out_dir / "factors.h5", updates, list(range(1, len(updates) + 1)), rows, {}, {"k": n_edits})
-    write_delta(out_dir / "delta.h5", weights.delta, {"k": n_edits})
+    write_factors(out_dir / "factors.h5", updates, list(range(1, len(updates) + 1)), rows, {}, {"k": n_edits}, list(memory_ops))
+    write_delta(out_dir / "delta.h5", weights.delta, {"k": n_edits}, memory=memory.state_dict() if memory is not None else None)
     factors = (out_dir / "factors.h5").stat().st_size / n_edits
     dense = (out_dir / "delta.h5").stat().st_size / every
     model = sum(f.stat().st_size for f in bench.model_dir.glob("*.safetensors")) / every

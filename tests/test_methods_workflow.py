@@ -65,12 +65,17 @@ def test_every_run_completes_its_chain(study, runs):
         assert resolved["method"] == run["method"]
         delta, attrs = read_delta(study / "results" / name / "deltas" / f"{N_EDITS:06d}.h5")
         assert attrs["k"] == N_EDITS and attrs["method"] == run["method"], name
-        assert delta and all(t.abs().sum() > 0 for t in delta.values()), name  # the weights really moved
         updates, rows, _ = _factors(study, name)
         assert len(rows) == N_EDITS, (name, rows)
         assert [r["edit_index"] for r in rows] == [1, 2, 3, 4], name
-        assert all(r["update_norm"] > 0 and r["seconds"] > 0 for r in rows), name
         assert {u.module for _, u in updates} == set(delta), name
+        if run["method"] == "grace":  # no weight moves: the codebook holds one row per new prompt
+            memory = read_memory(study / "results" / name / "deltas" / f"{N_EDITS:06d}.h5")
+            assert not delta and len(memory["transformer.h.2.mlp.c_proj/keys"]) == N_EDITS, name
+            assert all(r["seconds"] > 0 and r["grace_keys"] >= 1 for r in rows), name
+            continue
+        assert delta and all(t.abs().sum() > 0 for t in delta.values()), name  # the weights really moved
+        assert all(r["update_norm"] > 0 and r["seconds"] > 0 for r in rows), name
     assert (study / "results/studies/test-methods-tiny/audit.json").exists()
     assert json.loads((study / "results/studies/test-methods-tiny/audit.json").read_text())["passed"]
     assert planned_jobs(snakemake(study, "-n", config=CONFIG)) == {}
@@ -179,7 +184,7 @@ def test_cli_lists_every_method():
     assert all(len(desc) > 20 for _, desc in lines)
     meta = [line.strip() for line in res.stdout.splitlines() if line.startswith(" ")]
     assert len(meta) == len(METHODS) and all(m.startswith("updates: ") and "required hparams: " in m for m in meta)
-    assert sum("required hparams: layers" in m for m in meta) == len(METHODS) - 2  # prune, ultraedit
+    assert sum("required hparams: layers" in m for m in meta) == len(METHODS) - 3  # prune, ultraedit; grace: one `layer`
     assert sum("required hparams: base, then those of the method named by base" in m for m in meta) == 1  # prune
     assert sum("updates: dense" in m for m in meta) == 1  # ft-c
     assert sum("updates: masked" in m for m in meta) == 1  # rect

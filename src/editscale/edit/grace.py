@@ -40,7 +40,7 @@ import torch
 from ..data.schema import fill
 from ..models.nethook import Trace
 from ..models.registry import get_module, mlp_out_name
-from . import encoding
+from . import encoding, timing
 from .hparams import spec
 from .cost import CostSpec
 from .memory import Codebook, MemoryOp
@@ -120,7 +120,7 @@ class Grace(EditMethod):
         pos = len(p_ids) - 1  # the last prompt token: the query, and the output that is replaced
         labels = torch.full_like(ids, -100)
         labels[0, len(p_ids):] = ids[0, len(p_ids):]
-        with encoding.frozen_eval(self.model), torch.no_grad(), Trace(self.model, [self.module]) as tr:
+        with timing.phase("keys"), encoding.frozen_eval(self.model), torch.no_grad(), Trace(self.model, [self.module]) as tr:
             self.model(input_ids=ids)
         query = tr.inputs[self.module][0, pos].float().cpu().numpy()
         here = tr.outputs[self.module][0, pos].float().cpu().numpy()
@@ -137,7 +137,7 @@ class Grace(EditMethod):
             return out
 
         losses = []
-        with encoding.frozen_eval(self.model):
+        with timing.phase("optimize"), encoding.frozen_eval(self.model):
             for _ in range(int(self.hp.n_iter)):
                 with Trace(self.model, [self.module], edit_output=replace, keep_inputs=False, keep_outputs=False):
                     logits = self.model(input_ids=ids).logits
