@@ -74,6 +74,16 @@ def run_setting(study: str, run_name: str, key: str, value, n_edits: int, thread
     editor = cls(model, tok, hp, stats, templates, **extra)
     editor.begin(sequence)  # as the chain does at k = 0 (NAS: its anchor)
     weights = WeightState(model, modules)
+    memory = getattr(editor, "memory", None)
+
+    def scored(some):  # the model as the metrics evaluate it: with the method's memory attached (GRACE)
+        handles = memory.attach(model) if memory is not None else []
+        try:
+            return case_metrics(model, tok, some)
+        finally:
+            for h in handles:
+                h.remove()
+
     now, steps, edit_s = [], [], 0.0
     t0 = time.perf_counter()
     for case in tqdm(cases, desc=f"{run['method']} {key}={value}", unit="edit"):
@@ -81,9 +91,9 @@ def run_setting(study: str, run_name: str, key: str, value, n_edits: int, thread
         rows = editor.apply([case], weights)
         edit_s += time.perf_counter() - t_edit
         steps.append(rows[0].get("steps") if rows else None)
-        now.append(case_metrics(model, tok, [case])[0])
+        now.append(scored([case])[0])
     seconds = (time.perf_counter() - t0) / len(cases)
-    after = case_metrics(model, tok, cases)
+    after = scored(cases)
     norms = {m: float((weights.current(m) - weights.base[m]).norm()) for m in modules}
     return {
         "method": run["method"], "key": key, "value": value, "n_edits": len(cases),
