@@ -104,9 +104,6 @@ register_method("alphaedit", "editscale.edit.alphaedit:AlphaEdit", "AlphaEdit (F
                 "of preserved keys", easyedit="AlphaEdit", cost="editscale.edit.alphaedit:AlphaEditCost",
                 easyedit_notes={k: (None, "read nowhere by EasyEdit's AlphaEdit (AlphaEdit_main.py solves with the projection and L2, "
                                           "no second-moment term; so does editscale's)") for k in ("mom2_adjustment", "mom2_update_weight")})
-register_method("grace", "editscale.edit.grace:Grace", "GRACE (Hartvigsen et al. 2023): a codebook of keys, values and deferral radii at one "
-                "MLP output module; inputs within a key's radius get its value, the weights stay",
-                cost="editscale.edit.grace:GraceCost")
 register_method("encore", "editscale.edit.encore:Encore", "ENCORE (Gupta et al. 2025): MEMIT + norm penalty + earlier edits' keys, with "
                 "most-probable early stopping", cost="editscale.edit.encore:EncoreCost")
 register_method("nas", "editscale.edit.nas:Nas", "NAS (2026): AlphaEdit with each target value v* scaled to the unedited model's mean ||v*||, "
@@ -127,6 +124,9 @@ register_method("sphere", "editscale.edit.sphere:Sphere", "SPHERE (Liu et al. 20
                 "principal hyperspherical directions of the weight (I - alpha U U^T)", easyedit="SPHERE", cost="editscale.edit.alphaedit:AlphaEditCost",
                 easyedit_notes={k: (None, "read nowhere by EasyEdit's SPHERE (SPHERE_main.py solves AlphaEdit's system: projection and L2, "
                                           "no second-moment term; so does editscale's)") for k in ("mom2_adjustment", "mom2_update_weight")})
+register_method("grace", "editscale.edit.grace:Grace", "GRACE (Hartvigsen et al. 2023): a codebook of keys, values and deferral radii at one "
+                "MLP output module; inputs within a key's radius get its value, the weights stay",
+                cost="editscale.edit.grace:GraceCost")
 
 
 class EditMethod:
