@@ -120,3 +120,31 @@ def test_the_memory_replays_exactly_from_its_ops(tiny_lm, tmp_path):
             upto2.apply(op)
     assert upto2.size(grace.module) == 2
     assert np.array_equal(upto2.tables[grace.module]["keys"], stored[f"{grace.module}/keys"][:2])
+
+
+def test_the_audit_rederives_a_chains_memory_from_its_segments_ops(tiny_lm, tmp_path):
+    """Two segments of two edits in the layout's files: the audit's re-derivation from the ops
+    alone equals the memory stored at each checkpoint, and an op changed in a factors file shows."""
+    import h5py
+
+    from editscale.audit.audit import _rederive_memory
+    from editscale.layout import delta_path, factors_path
+
+    grace, model, _ = _grace(tiny_lm, "gpt2")
+    ws = WeightState(model, [])
+    cases = CASES + [{**CASES[0], "case_id": 4, "edit_index": 4, "subject": "Rome"}]
+    for end in (2, 4):
+        ops = []
+        for step in (end - 1, end):
+            grace.apply([cases[step - 1]], ws)
+            ops += [(step, op) for op in grace.memory.take_ops()]
+        write_factors(factors_path(tmp_path, end), [], [], [{"edit_index": end, "step": end}], {}, {}, ops)
+        write_delta(delta_path(tmp_path, end), {}, {}, memory=grace.memory.state_dict())
+    for k in (2, 4):
+        stored = read_memory(delta_path(tmp_path, k))
+        derived = _rederive_memory(tmp_path, k, 2, stored)
+        assert len(stored[f"{grace.module}/keys"]) == k and all(np.array_equal(derived[key], stored[key]) for key in stored)
+    with h5py.File(factors_path(tmp_path, 4), "r+") as f:  # edit 4's trained value changed
+        f[f"memory_ops/{grace.module}/values/values"][-1, 0] += 1.0
+    derived = _rederive_memory(tmp_path, 4, 2, read_memory(delta_path(tmp_path, 4)))
+    assert not np.array_equal(derived[f"{grace.module}/values"], read_memory(delta_path(tmp_path, 4))[f"{grace.module}/values"])

@@ -215,18 +215,11 @@ def _recorded_state_matches(rep: Report, path: Path, attrs: dict, role: str) -> 
 def _rederive_memory(run_dir: Path, k: int, segment: int, like: dict) -> dict:
     """The memory after k edits from the factors files' memory ops alone, in the tables' shapes
     and dtypes of `like` (a stored memory)."""
-    import numpy as np
-
     from ..edit.chain import read_memory_ops
-    from ..edit.memory import set_rows
+    from ..edit.memory import tables_from_ops
     from ..layout import factors_path
 
-    tables = {key: np.zeros((0, *arr.shape[1:]), dtype=arr.dtype) for key, arr in like.items()}
-    for end in range(segment, k + 1, segment):
-        for _, op in read_memory_ops(factors_path(run_dir, end)):
-            key = f"{op.module}/{op.field}"
-            tables[key] = set_rows(tables[key], op.rows, op.values)
-    return tables
+    return tables_from_ops((op for end in range(segment, k + 1, segment) for _, op in read_memory_ops(factors_path(run_dir, end))), like)
 
 
 def _rederive(run_dir: Path, k: int, segment: int) -> dict:

@@ -553,9 +553,9 @@ def attach_memory(model, state: StateFiles):
     memory = new_memory(get_method(method, hparams), model, hparams, read_memory(state.delta) if state.delta is not None else None)
     if memory is None:
         return None
-    if state.factors is not None:
-        _, rows, _, _ = read_factors(state.factors)
-        last_step_j = next(r["step"] for r in rows if r["edit_index"] == state.k)
+    if state.factors is not None:  # (replay, called first, verified the file; its log alone names the step)
+        log_cols = read_log_columns(state.factors)
+        last_step_j = next(int(st) for j, st in zip(log_cols["edit_index"], log_cols["step"]) if int(j) == state.k)
         for step, op in read_memory_ops(state.factors):
             if step <= last_step_j:
                 memory.apply(op)

@@ -39,7 +39,7 @@ import torch
 
 from ..data.schema import fill
 from ..models.nethook import Trace
-from ..models.registry import get_module, mlp_out_name
+from ..models.registry import edited_weight, mlp_out_name, to_math
 from . import encoding, timing
 from .hparams import spec
 from .cost import CostSpec
@@ -92,9 +92,7 @@ class Grace(EditMethod):
     def memory_widths(cls, model, hparams) -> dict[str, dict[str, tuple[int, ...]]]:
         out = {}
         for m in cls.memory_modules(model, hparams):
-            lin = get_module(model, m)
-            w = lin.weight
-            d_out, d_in = (w.shape[1], w.shape[0]) if type(lin).__name__ == "Conv1D" else tuple(w.shape)
+            d_out, d_in = to_math(model, edited_weight(model, m)).shape  # (out, in) in every architecture
             out[m] = {"keys": (d_in,), "values": (d_out,), "radii": (), "labels": ()}
         return out
 

@@ -9,7 +9,7 @@ updates are (`weights.Update`). The chain keeps
 - each edit's ops in its segment's factors file (group "memory_ops"),
 
 so the model after any edit k is the delta's weights plus the memory of the checkpoint before k
-with the ops up to k applied (`chain.replay_memory`). Every metric evaluates the model with its
+with the ops up to k applied (`chain.attach_memory`). Every metric evaluates the model with its
 memory attached (`chain.model_at`, `chain.states_in_segment`): a forward hook on the module the
 method names (the architecture registry's module names), never a fork of the model code.
 
@@ -39,17 +39,32 @@ class MemoryOp:
 
 
 def set_rows(table: np.ndarray, rows, values) -> np.ndarray:
-    """`table` with `rows` set to `values` (an index equal to its length appends): the one way a
-    memory changes, in the chain, in replay and in the audit."""
+    """`table` with `rows` set to `values`, in place (an index at or past its length grows it into a
+    new array, returned): the one way a memory changes, in the chain, in replay and in the audit."""
     rows = np.asarray(rows, dtype=np.int64)
     values = np.asarray(values, dtype=table.dtype).reshape(len(rows), *table.shape[1:])
     grow = int(rows.max()) + 1 - len(table) if len(rows) else 0
     if grow > 0:
         table = np.concatenate([table, np.zeros((grow, *table.shape[1:]), dtype=table.dtype)])
-    else:
-        table = table.copy()
     table[rows] = values
     return table
+
+
+def tables_from_ops(ops, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The `module/field` tables that `ops` (MemoryOps, in order) build from empty, in the row
+    shapes and dtypes of `like`: each sized once to its final length, so n appends cost O(n) rather
+    than a growing copy each (the audit's re-derivation of a whole chain)."""
+    ops = list(ops)
+    size: dict[str, int] = {}
+    for op in ops:
+        if len(op.rows):
+            key = f"{op.module}/{op.field}"
+            size[key] = max(size.get(key, 0), int(np.max(op.rows)) + 1)
+    tables = {key: np.zeros((size.get(key, 0), *arr.shape[1:]), dtype=arr.dtype) for key, arr in like.items()}
+    for op in ops:
+        key = f"{op.module}/{op.field}"
+        tables[key] = set_rows(tables[key], op.rows, op.values)
+    return tables
 
 
 class Memory:
