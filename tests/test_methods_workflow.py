@@ -1,6 +1,7 @@
 """Every editing method through the real workflow: config/test-methods-tiny.yaml with snakemake.
 
-One sequential run per method (rome, r-rome, memit, emmet, alphaedit, encore, nas, rect, prune, ultraedit, ft-c, sphere, grace: 4 edits in segments
+One sequential run per method (rome, r-rome, memit, emmet, alphaedit, encore, nas, rect, prune, ultraedit, ft-c, sphere, grace,
+wise, lyaplock: 4 edits in segments
 of 2) and one batched MEMIT run (2 edits per step) on a tiny random GPT-2, run to completion once
 (module-scoped); the tests then read what each run wrote.
 """
@@ -22,7 +23,7 @@ from benchmarks.snakemake_runs import copy_workflow, planned_jobs, snakemake
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 CONFIG = "config/test-methods-tiny.yaml"
-METHODS = ["rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "nas", "rect", "prune", "ultraedit", "ft-c", "sphere", "grace"]
+METHODS = ["rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "nas", "rect", "prune", "ultraedit", "ft-c", "sphere", "grace", "wise", "lyaplock"]
 N_EDITS, SEGMENT = 4, 2
 
 
@@ -74,6 +75,11 @@ def test_every_run_completes_its_chain(study, runs):
             assert not delta and len(memory["transformer.h.2.mlp.c_proj/keys"]) == N_EDITS, name
             assert all(r["seconds"] > 0 and r["grace_keys"] >= 1 for r in rows), name
             continue
+        if run["method"] == "wise":  # no weight moves: the side weight and, every 2 edits, a shard (merged every 4)
+            memory = read_memory(study / "results" / name / "deltas" / f"{N_EDITS:06d}.h5")
+            assert not delta and memory["transformer.h.2.mlp.c_proj/active"].tolist() == [1, 1, 0], name
+            assert [r["wise_shards"] for r in rows] == [0, 1, 1, 1] and all(r["seconds"] > 0 for r in rows), name
+            continue
         assert delta and all(t.abs().sum() > 0 for t in delta.values()), name  # the weights really moved
         assert all(r["update_norm"] > 0 and r["seconds"] > 0 for r in rows), name
     assert (study / "results/studies/test-methods-tiny/audit.json").exists()
@@ -85,13 +91,18 @@ def test_update_kinds_per_method(study, runs):
     for name, run in runs.items():
         updates, rows, state = _factors(study, name)
         kinds = {r["factor_kind"] for r in rows}
-        if run["method"] == "ft-c":
+        if run["method"] in ("ft-c", "lyaplock"):
             assert kinds == {"dense"} and all(u.kind == "dense" and u.dense is not None for _, u in updates), name
         elif run["method"] == "grace":  # no weight update: the codebook grows, in the delta files, its ops in the factors
             assert kinds == {"memory"} and not updates, name
             memory = read_memory(study / "results" / name / "deltas" / f"{N_EDITS:06d}.h5")
             assert sorted(memory) == [f"transformer.h.2.mlp.c_proj/{f}" for f in ("keys", "labels", "radii", "values")]
             assert memory["transformer.h.2.mlp.c_proj/keys"].shape == (N_EDITS, 256), {k: v.shape for k, v in memory.items()}
+            continue
+        elif run["method"] == "wise":  # the side weight (Conv1D's (in, out)) after each edit, in the factors
+            assert kinds == {"memory"} and not updates, name
+            memory = read_memory(study / "results" / name / "deltas" / f"{N_EDITS:06d}.h5")
+            assert memory["transformer.h.2.mlp.c_proj/weights"].shape == (3, 256, 64), {k: v.shape for k, v in memory.items()}
             continue
         elif run["method"] == "rect":
             assert kinds == {"masked"} and all(u.kind == "masked" and u.mask is not None for _, u in updates), name
@@ -102,13 +113,15 @@ def test_update_kinds_per_method(study, runs):
             # one rank-one update of layer 1 per edit
             assert modules == ["transformer.h.1.mlp.c_proj"] and len(updates) == N_EDITS, name
             assert all(u.u.shape[1] == 1 and u.v.shape[1] == 1 for _, u in updates), name
-        elif run["method"] in ("memit", "alphaedit", "encore", "nas", "rect", "prune", "sphere"):
+        elif run["method"] in ("memit", "alphaedit", "encore", "nas", "rect", "prune", "sphere", "lyaplock"):
             assert modules == ["transformer.h.1.mlp.c_proj", "transformer.h.2.mlp.c_proj"], name
         elif run["method"] == "ft-c":
             assert modules == ["transformer.h.0.mlp.c_proj"], name
         elif run["method"] == "ultraedit":  # the MLP input matrices, one update per edit each
             assert modules == ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_fc"] and len(updates) == 2 * N_EDITS, name
             assert {k.split("/")[0] for k in state} == {"normalizer"}, sorted(state)
+        if run["method"] == "lyaplock":  # the earlier edits' sums and the virtual queue, per layer
+            assert {k.rsplit("/", 1)[1] for k in state if "/" in k} == {"S_kk", "S_vk", "Z", "a", "D_base"}, sorted(state)
         if run["method"] in ("alphaedit", "encore", "nas", "sphere"):
             # the keys of earlier edits are carried from segment to segment (and NAS's anchor)
             keys = {k: v for k, v in state.items() if k.endswith("/keys")}
@@ -163,11 +176,11 @@ def test_tables_have_every_run(study, runs):
     log = pl.read_parquet(study / "results/studies/test-methods-tiny/tables/edit_log.parquet")
     kinds = {r["run"]: r["factor_kind"] for r in log.select("run", "factor_kind").unique().to_dicts()}
     assert len(log) == N_EDITS * len(runs)
-    assert kinds == {name: {"ft-c": "dense", "rect": "masked", "grace": "memory"}.get(run["method"], "lowrank") for name, run in runs.items()}
+    assert kinds == {name: {"ft-c": "dense", "lyaplock": "dense", "rect": "masked", "grace": "memory", "wise": "memory"}.get(run["method"], "lowrank") for name, run in runs.items()}
     # what each method measures per edit reaches the edit_log table (not only the chain's columns)
     measured = {"rome": "key_dot_u", "r-rome": "residual_norm", "memit": "z_error_after", "emmet": "constraint_rel_residual",
                 "ft-c": "loss_before", "alphaedit": "n_keys_stored", "encore": "n_keys_stored",
-                "rect": "rect_kept_fraction", "prune": "prune_restrained", "nas": "nas_vstar_norm", "sphere": "sphere_rank_min", "grace": "grace_keys",
+                "rect": "rect_kept_fraction", "prune": "prune_restrained", "nas": "nas_vstar_norm", "sphere": "sphere_rank_min", "grace": "grace_keys", "wise": "wise_activation", "lyaplock": "lyaplock_queue",
                 "ultraedit": "normalizer_n"}
     for name, run in runs.items():
         col = measured[run["method"]]
@@ -184,7 +197,7 @@ def test_cli_lists_every_method():
     assert all(len(desc) > 20 for _, desc in lines)
     meta = [line.strip() for line in res.stdout.splitlines() if line.startswith(" ")]
     assert len(meta) == len(METHODS) and all(m.startswith("updates: ") and "required hparams: " in m for m in meta)
-    assert sum("required hparams: layers" in m for m in meta) == len(METHODS) - 3  # prune, ultraedit; grace: one `layer`
+    assert sum("required hparams: layers" in m for m in meta) == len(METHODS) - 4  # prune, ultraedit; grace, wise: one `layer`
     assert sum("required hparams: base, then those of the method named by base" in m for m in meta) == 1  # prune
-    assert sum("updates: dense" in m for m in meta) == 1  # ft-c
+    assert sum("updates: dense" in m for m in meta) == 2  # ft-c, lyaplock
     assert sum("updates: masked" in m for m in meta) == 1  # rect

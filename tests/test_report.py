@@ -486,8 +486,8 @@ def test_a_method_keeps_its_colour_in_every_figure(results):
     colors = plots.method_colors(list(METHODS))
     assert len(set(colors.values())) == len(colors)  # one colour per registered method
     # a method registered later goes last, so the methods before it keep their colours across versions
-    assert list(METHODS)[:13] == ["rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "nas", "rect", "prune", "ultraedit",
-                                  "ft-c", "sphere", "grace"]
+    assert list(METHODS)[:15] == ["rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "nas", "rect", "prune", "ultraedit",
+                                  "ft-c", "sphere", "grace", "wise", "lyaplock"]
 
     def scale(chart):
         color = next(e for ch, e in _axes(chart.to_dict()) if ch == "color" and e.get("field") == "series")

@@ -75,23 +75,27 @@ UPDATE_BYTES = {
     "lowrank": lambda o, i: 4 * (o + i),                    # u, v fp32
     "masked": lambda o, i: 8 * (o + i) + -(-o * i // 8),    # u, v fp64 + one mask bit per entry
     "dense": lambda o, i: 4 * o * i,                        # the matrix, fp32
-    "memory": lambda o, i: 4 * (i + o) + 4 + 8,             # a codebook row: key, value (fp32), radius, label
 }
 
 
 def storage_estimate(run: dict, shapes: dict[str, tuple[int, int]], params: int | None, dtype: str = "float32",
-                     stats_modules: list[str] | None = None, update_kind: str = "lowrank", rank: float = 1.0) -> dict[str, Any]:
+                     stats_modules: list[str] | None = None, update_kind: str = "lowrank", rank: float = 1.0,
+                     cost=None) -> dict[str, Any]:
     """Bytes of the run's checkpoints (see module doc); exact for the tensors, HDF5 overhead aside;
-    `rank`: the stored factors' rank per edit and module (editscale.edit.cost.CostSpec.factor_rank)."""
+    `rank`: the stored factors' rank per edit and module (editscale.edit.cost.CostSpec.factor_rank);
+    a memory method's bytes from its cost spec (`cost.memory_op_bytes`, `cost.memory_bytes`)."""
     n, seg = run["n_edits"], run["segment"]
     n_ckpt = n // seg
-    per_edit = int(round(rank * sum(UPDATE_BYTES[update_kind](o, i) for o, i in shapes.values())))
-    factors_ckpt = seg * per_edit
-    delta_ckpt = sum(4 * o * i for o, i in shapes.values())
-    deltas_total = n_ckpt * delta_ckpt
-    if update_kind == "memory":  # a checkpoint holds the memory so far (at most one row per edit), not a dense delta
-        delta_ckpt = n_ckpt * factors_ckpt
-        deltas_total = factors_ckpt * n_ckpt * (n_ckpt + 1) // 2
+    if update_kind == "memory":  # each edit's memory ops; a checkpoint holds the memory so far, no dense delta
+        per_edit = int(round(sum(cost.memory_op_bytes(o, i) for o, i in shapes.values())))
+        held = [sum(cost.memory_bytes(c * seg, o, i) for o, i in shapes.values()) for c in range(1, n_ckpt + 1)]
+        delta_ckpt, deltas_total = int(round(held[-1])) if held else 0, int(round(sum(held)))
+        factors_ckpt = seg * per_edit
+    else:
+        per_edit = int(round(rank * sum(UPDATE_BYTES[update_kind](o, i) for o, i in shapes.values())))
+        factors_ckpt = seg * per_edit
+        delta_ckpt = sum(4 * o * i for o, i in shapes.values())
+        deltas_total = n_ckpt * delta_ckpt
     study_save = None if params is None else params * DTYPE_BYTES[dtype]
     n_saves = n // STUDY_SAVE_EVERY
     stats = sum(8 * shapes[m][1] ** 2 for m in (stats_modules if stats_modules is not None else shapes))
@@ -135,12 +139,13 @@ def edit_flops(method: str, hp: dict, params: int, shapes: dict[str, tuple[int, 
         steps = int(hp.get("num_steps", 1))
         return {"model": steps * 6 * params * 2 * PROMPT_TOKENS, "solve": 0.0, "tokens": 2 * PROMPT_TOKENS, "steps": steps,
                 "flops_per_token_step": 6 * params, "template_tokens": 0.0}
-    if cost.solve == "memory":  # n_iter forward + activation backward passes to the memory's layer (GRACE)
+    if cost.solve == "memory":  # n_iter forward + activation backward passes to the memory's layer (GRACE, WISE)
         lowest = int(hp.get("layer", 0))
         frac = 1.0 if not n_layers else max(n_layers - lowest, 1) / n_layers
         steps = int(hp.get("n_iter", 1))
         per_tok = (2 + 2 * frac) * params
-        return {"model": float(steps * per_tok * PROMPT_TOKENS), "solve": 0.0, "tokens": float(PROMPT_TOKENS), "steps": steps,
+        prompts, tokens = cost.value_prompts()
+        return {"model": float(steps * per_tok * prompts * tokens), "solve": 0.0, "tokens": float(prompts * tokens), "steps": steps,
                 "flops_per_token_step": per_tok, "template_tokens": 0.0}
     if cost.solve == "gradient":  # one forward + activation backward to the lowest edited layer
         lowest = min(int(x) for k in ("mlp_in_layers", "mlp_up_layers", "layers") for x in hp.get(k) or [0])
@@ -504,7 +509,7 @@ def run_estimate(config: dict, run: dict, root: str | Path = ".") -> dict[str, A
     from .edit.methods import get_method
 
     cls, cost = get_method(run["method"], hp), method_cost(run["method"], hp)
-    est["storage"] = storage_estimate(run, shapes, params, dtype, stats_modules(config, run), cls.update_kind, cost.factor_rank(TARGET_TOKENS))
+    est["storage"] = storage_estimate(run, shapes, params, dtype, stats_modules(config, run), cls.update_kind, cost.factor_rank(TARGET_TOKENS), cost)
     fl = edit_flops(run["method"], hp, params, shapes, run["segment"], getattr(cfg, "num_hidden_layers", None))
     est["edit"] = {"flops_model": fl["model"], "flops_solve_fp64": fl["solve"], "tokens_per_step": fl["tokens"],
                    "steps": fl["steps"]}

@@ -529,7 +529,9 @@ def new_memory(method_cls, model, hparams: dict, state: dict | None):
     memory_type = getattr(method_cls, "memory_type", None)
     if memory_type is None:
         return None
-    return memory_type(method_cls.memory_modules(model, hparams), method_cls.memory_widths(model, hparams), state=state or None)
+    memory = memory_type(method_cls.memory_modules(model, hparams), method_cls.memory_widths(model, hparams), state=state or None)
+    memory.configure(model, hparams)
+    return memory
 
 
 def _stored_method(state: StateFiles) -> tuple[str, dict] | None:

@@ -51,6 +51,15 @@ class CostSpec:
         transient = {"per_edit": 3.0, "gradient": 2.0}.get(self.solve, 0.0)  # the system, its factor, a sum
         return resident, transient
 
+    def memory_op_bytes(self, d_out: int, d_in: int) -> float:
+        """For a method that keeps a memory (update_kind "memory"): bytes one edit's memory ops
+        store per memory module of shape (d_out, d_in) (the factors files)."""
+        raise NotImplementedError(f"{type(self).__name__}: a memory method's cost spec says what its memory ops store")
+
+    def memory_bytes(self, k: int, d_out: int, d_in: int) -> float:
+        """For a method that keeps a memory: bytes of its memory after k edits (a checkpoint's delta file)."""
+        raise NotImplementedError(f"{type(self).__name__}: a memory method's cost spec says how its memory grows")
+
     def value_prompts(self) -> tuple[int, float]:
         """(prompts, tokens per prompt) of one edit's optimization pass, whose activations are kept
         for the backward pass (the memory estimate): the rewriting prompts of the context templates

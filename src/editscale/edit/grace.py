@@ -145,7 +145,7 @@ class Grace(EditMethod):
                 opt.step()
                 losses.append(float(loss.detach()))
         self.memory.apply(MemoryOp(self.module, "values", np.array([chosen]), value.detach().float().cpu().numpy()[None]))
-        return {"case_id": case.get("case_id"), "v_loss": losses[-1], "loss_before": losses[0], "grace_action": action,
+        return {"case_id": case.get("case_id"), "v_loss": losses[-1], "loss_before": losses[0], "steps": len(losses), "grace_action": action,
                 "grace_keys": self.memory.size(self.module), "grace_chosen": chosen}
 
     def _place(self, query: np.ndarray, label: int, here: np.ndarray, seed: int) -> tuple[int, str]:
@@ -194,3 +194,9 @@ class GraceCost(CostSpec):
 
     def value_prompts(self) -> tuple[int, float]:
         return 1, 12.0
+
+    def memory_op_bytes(self, d_out: int, d_in: int) -> float:
+        return 4.0 * (d_in + d_out) + 4 + 8  # a codebook row: key, value (fp32), radius, label
+
+    def memory_bytes(self, k: int, d_out: int, d_in: int) -> float:
+        return k * self.memory_op_bytes(d_out, d_in)  # at most one row per edit

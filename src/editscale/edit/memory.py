@@ -101,6 +101,10 @@ class Memory:
     def state_dict(self) -> dict[str, np.ndarray]:
         return {f"{m}/{f}": t.copy() for m, fs in self.tables.items() for f, t in fs.items()}
 
+    def configure(self, model, hparams: dict) -> None:
+        """Settings the hook reads from the model and the method's hparams (chain.new_memory calls
+        it); nothing by default."""
+
     # -- the hook ----------------------------------------------------------------------------
 
     def rewrite(self, module: str, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -144,3 +148,103 @@ class Codebook(Memory):
         out = output.reshape(-1, output.shape[-1]).clone()
         out[hit] = values[nearest[hit]]
         return out.reshape(output.shape)
+
+
+def mlp_activation(model):
+    """The model's MLP activation function (config.hidden_act; GPT-2, GPT-J: activation_function)."""
+    from transformers.activations import ACT2FN
+
+    name = getattr(model.config, "hidden_act", None) or getattr(model.config, "activation_function", None)
+    if name not in ACT2FN:
+        raise EditscaleError(f"the model's MLP activation {name!r} is not one of transformers' ACT2FN")
+    return ACT2FN[name]
+
+
+def side_output(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`module`'s output on x with `weight` (the module's stored orientation) in place of its own,
+    its bias kept: GPT-2's Conv1D as transformers computes it (addmm with the (in, out) weight),
+    a Linear as F.linear."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return torch.addmm(module.bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[-1])
+    return torch.nn.functional.linear(x, weight, getattr(module, "bias", None))
+
+
+class SideMemory(Memory):
+    """WISE's side memory at one module (editscale.edit.wise): row 0 the side weight being
+    trained, rows 1.. the knowledge shards in order (`active` 0: a row freed by a merge), each
+    with its routing threshold's base (the smallest in-scope activation of its edits).
+
+    Routing, per sequence of a batch: d(W) = the mean over its real positions (their maximum past
+    100 positions) of ||act(x W^T) - act(main output)||; the side weight's output when d >=
+    act_ratio x its min_act, else the main output; then each shard whose d is larger than the best
+    so far and than its own threshold."""
+
+    fields = {"weights": (np.dtype(np.float32), "side weight (the module's stored orientation)"),
+              "min_act": (np.dtype(np.float64), "smallest in-scope activation"),
+              "active": (np.dtype(np.int8), "1: in use")}
+    LONG_SEQUENCE = 100  # the reference's `euc(..., infer=True)`: past 100 positions, the largest distance
+
+    def __init__(self, modules, widths, state=None):
+        super().__init__(modules, widths, state)
+        self.act = None
+        self.act_ratio = None
+        self._modules: dict[str, torch.nn.Module] = {}
+        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._mask: torch.Tensor | None = None
+
+    def configure(self, model, hparams: dict) -> None:
+        self.act, self.act_ratio = mlp_activation(model), float(hparams["act_ratio"])
+
+    def apply(self, op: MemoryOp) -> None:
+        super().apply(op)
+        if op.field == "weights":
+            self._cache = {k: v for k, v in self._cache.items() if not (k[0] == op.module and k[1] in set(op.rows.tolist()))}
+
+    def attach(self, model) -> list:
+        if self.act is None:
+            raise EditscaleError("SideMemory.configure(model, hparams) must be called before attach (new_memory does)")
+        self._modules = {m: get_module(model, m) for m in self.modules}
+
+        def keep_mask(module, args, kwargs):
+            self._mask = kwargs.get("attention_mask")
+
+        return [model.register_forward_pre_hook(keep_mask, with_kwargs=True), *super().attach(model)]
+
+    def _weight(self, module: str, row: int, like: torch.Tensor) -> torch.Tensor:
+        key = (module, row)
+        if key not in self._cache or self._cache[key].device != like.device or self._cache[key].dtype != like.dtype:
+            self._cache[key] = torch.from_numpy(self.tables[module]["weights"][row]).to(device=like.device, dtype=like.dtype)
+        return self._cache[key]
+
+    def _distance(self, main: torch.Tensor, side: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """float64 [batch]: each sequence's distance over its real positions."""
+        norms = torch.norm(self.act(side) - self.act(main), dim=-1)  # [batch, positions]
+        out = []
+        for b in range(norms.shape[0]):
+            row = norms[b] if bool(real[b].all()) else norms[b][real[b]]
+            out.append(row.max() if row.numel() > self.LONG_SEQUENCE else row.mean())
+        return torch.stack(out).double()
+
+    def rewrite(self, module: str, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        t = self.tables[module]
+        if len(t["weights"]) == 0:
+            return output
+        mod = self._modules[module]
+        n = output.shape[1]
+        real = (self._mask[:, -n:] != 0) if self._mask is not None and self._mask.dim() == 2 else torch.ones(output.shape[:2], dtype=torch.bool)
+        real = real.to(output.device)
+        side = side_output(mod, inputs, self._weight(module, 0, output))
+        best = self._distance(output, side, real)
+        pick = best >= float(t["min_act"][0]) * self.act_ratio
+        result = torch.where(pick[:, None, None], side, output)
+        for r in range(1, len(t["weights"])):
+            if not t["active"][r]:
+                continue
+            shard = side_output(mod, inputs, self._weight(module, r, output))
+            d = self._distance(output, shard, real)
+            pick = (d > best) & (d > float(t["min_act"][r]) * self.act_ratio)
+            result = torch.where(pick[:, None, None], shard, result)
+            best = torch.where(pick, d, best)
+        return result

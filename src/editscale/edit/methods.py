@@ -127,6 +127,10 @@ register_method("sphere", "editscale.edit.sphere:Sphere", "SPHERE (Liu et al. 20
 register_method("grace", "editscale.edit.grace:Grace", "GRACE (Hartvigsen et al. 2023): a codebook of keys, values and deferral radii at one "
                 "MLP output module; inputs within a key's radius get its value, the weights stay",
                 cost="editscale.edit.grace:GraceCost")
+register_method("wise", "editscale.edit.wise:Wise", "WISE (Wang et al. 2024): a side copy of one MLP output matrix trained in random-masked "
+                "shards merged by TIES, a router choosing main or side memory by activation", cost="editscale.edit.wise:WiseCost")
+register_method("lyaplock", "editscale.edit.lyaplock:LyapLock", "LyapLock (Wang et al. 2025): MEMIT with a Lyapunov virtual queue weighting "
+                "the preservation loss and the earlier edits' keys and values (dense updates)", cost="editscale.edit.lyaplock:LyapLockCost")
 
 
 class EditMethod:

@@ -15,7 +15,10 @@ from .encoding import frozen_eval, model_device, next_token_logits
 OPENERS = ["The", "Therefore", "Because", "I", "You"]
 
 
-TEMPLATE_RULES = ("rome", "memit")
+TEMPLATE_RULES = ("rome", "memit", "wise")
+WISE_OPENERS = ["I", "You", "Because", "Yes", "Q: "]
+# WISE's out-of-scope prompts: texts sampled from the document start, this many tokens, this many
+OUT_OF_SCOPE_TOKENS, OUT_OF_SCOPE_TEXTS = 16, 20
 # Bumped whenever the sampling of context templates changes (the context_templates rule takes it as
 # a param, so Snakemake re-samples, and re-runs every segment after it, instead of re-using old ones).
 TEMPLATE_FORMAT = 2
@@ -82,6 +85,14 @@ def sample_context_templates(model, tok, length_params: list[list[int]], seed: i
     with "{" and "}" replaced by spaces, + ". {}". editscale extension: when count is not a multiple
     of 5, the remainder goes one each to the first openers (the reference would drop it).
 
+    rule "wise" (WISE; wise/utils.py `get_context_templates`): two groups. The first is ["{}"] +
+    for each [length, count], count // 5 continuations of `length` new tokens after each of the
+    openers "I", "You", "Because", "Yes", "Q: " by beam search (count 5: greedy), each as
+    text + " {}". The second holds OUT_OF_SCOPE_TEXTS texts of OUT_OF_SCOPE_TOKENS tokens sampled
+    (top-k, as MEMIT's) after MEMIT's five openers: the out-of-scope prompts WISE trains its router against
+    (the reference reads the dataset's unrelated question there; editscale keeps every dataset
+    prompt for the evaluation).
+
     "{" / "}" in ROME-rule texts are replaced by spaces too: the reference keeps them, which makes
     the template unusable (str.format fails); deliberate deviation, see docs/fidelity.md.
     """
@@ -90,6 +101,8 @@ def sample_context_templates(model, tok, length_params: list[list[int]], seed: i
     gen = torch.Generator().manual_seed(int(seed))
     pairs = _length_pairs(length_params)
     with frozen_eval(model):
+        if rule == "wise":
+            return _wise_groups(model, tok, pairs, gen)
         if rule == "rome":
             start = _document_start_ids(tok)
             group = ["{}"]
@@ -109,6 +122,27 @@ def sample_context_templates(model, tok, length_params: list[list[int]], seed: i
             if group:
                 groups.append(group)
         return groups
+
+
+def _wise_groups(model, tok, pairs, gen: torch.Generator) -> list[list[str]]:
+    device = model_device(model)
+    group = ["{}"]
+    for length, count in pairs:
+        if count % len(WISE_OPENERS):
+            raise EditscaleError(f"WISE's context templates are count // 5 beams after each of {len(WISE_OPENERS)} openers; "
+                                 f"context_template_length_params count {count} is not a multiple of 5")
+        beams = count // len(WISE_OPENERS)
+        for opener in WISE_OPENERS:
+            ids = torch.tensor([tok(opener)["input_ids"]], device=device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(length), num_beams=beams,
+                                 num_return_sequences=beams, do_sample=False, pad_token_id=tok.eos_token_id)
+            group += [_no_braces(t) + " {}" for t in tok.batch_decode(out, skip_special_tokens=True)]
+    per = OUT_OF_SCOPE_TEXTS // len(OPENERS)
+    texts = [t.strip() for opener in OPENERS
+             for t in _sample_continuations(model, tok, tok(opener)["input_ids"], per, OUT_OF_SCOPE_TOKENS, gen) if t.strip()]
+    if not texts:
+        raise EditscaleError("WISE's out-of-scope texts sampled from the model are all empty")
+    return [group, texts]
 
 
 def _no_braces(text: str) -> str:
