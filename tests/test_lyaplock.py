@@ -12,6 +12,8 @@ state saved and restored) is bit-identical to the uninterrupted one."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -29,7 +31,7 @@ CASES = [
     {"case_id": 3, "subject": "Tokyo", "prompt": "The city of {} is in", "target_new": "Europe"},
     {"case_id": 4, "subject": "Rome", "prompt": "{} is a city in", "target_new": "Japan"},
 ]
-TINY = yaml.safe_load(open("config/hparams/lyaplock/tiny.yaml"))
+TINY = yaml.safe_load((Path(__file__).resolve().parents[1] / "config/hparams/lyaplock/tiny.yaml").read_text())
 TEMPLATES = [["{}"], ["The cat. {}", "I think. {}"]]
 
 

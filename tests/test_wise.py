@@ -11,6 +11,8 @@ exactly from the stored ops."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -33,7 +35,7 @@ CASES = [
     {"case_id": 3, "edit_index": 3, "subject": "Tokyo", "prompt": "The city of {} is in", "target_new": "Europe"},
     {"case_id": 4, "edit_index": 4, "subject": "Rome", "prompt": "{} is a city in", "target_new": "Japan"},
 ]
-TINY = yaml.safe_load(open("config/hparams/wise/tiny.yaml"))
+TINY = yaml.safe_load((Path(__file__).resolve().parents[1] / "config/hparams/wise/tiny.yaml").read_text())
 
 
 def _wise(tiny_lm, arch, **hp):
