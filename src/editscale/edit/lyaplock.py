@@ -144,9 +144,6 @@ class LyapLock(Memit):
         self._update_queue(weights, module, self.last_keys.get(module))
         return float(upd.norm())
 
-    def finish_layers(self, weights: WeightState, per_layer: dict) -> None:
-        pass
-
     def _update_queue(self, weights: WeightState, module: str, K: torch.Tensor | None) -> None:
         """After layer `module`'s update: D_base (first step), the queue Z, and the earlier edits'
         sums S_kk, S_vk with the weight as it is now (the reference's Pre_Cache)."""

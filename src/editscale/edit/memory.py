@@ -160,6 +160,12 @@ def mlp_activation(model):
     return ACT2FN[name]
 
 
+def activation_distances(act, main: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+    """||act(side) - act(main)|| per position ([rows, positions]): WISE's distance (the reference's
+    `euc` before its mean over positions), read by the router and by the training loss."""
+    return torch.norm(act(side) - act(main), dim=-1)
+
+
 def side_output(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`module`'s output on x with `weight` (the module's stored orientation) in place of its own,
     its bias kept: GPT-2's Conv1D as transformers computes it (addmm with the (in, out) weight),
@@ -220,7 +226,7 @@ class SideMemory(Memory):
 
     def _distance(self, main: torch.Tensor, side: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """float64 [batch]: each sequence's distance over its real positions."""
-        norms = torch.norm(self.act(side) - self.act(main), dim=-1)  # [batch, positions]
+        norms = activation_distances(self.act, main, side)  # [batch, positions]
         out = []
         for b in range(norms.shape[0]):
             row = norms[b] if bool(real[b].all()) else norms[b][real[b]]

@@ -17,7 +17,7 @@ OPENERS = ["The", "Therefore", "Because", "I", "You"]
 
 TEMPLATE_RULES = ("rome", "memit", "wise")
 WISE_OPENERS = ["I", "You", "Because", "Yes", "Q: "]
-# WISE's out-of-scope prompts: texts sampled from the document start, this many tokens, this many
+# WISE's out-of-scope prompts: texts sampled after MEMIT's openers, this many tokens, this many
 OUT_OF_SCOPE_TOKENS, OUT_OF_SCOPE_TEXTS = 16, 20
 # Bumped whenever the sampling of context templates changes (the context_templates rule takes it as
 # a param, so Snakemake re-samples, and re-runs every segment after it, instead of re-using old ones).

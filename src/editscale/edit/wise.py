@@ -52,7 +52,7 @@ from ..models.registry import edited_weight, get_module, mlp_out_name
 from . import encoding, timing
 from .cost import CostSpec
 from .hparams import spec
-from .memory import MemoryOp, SideMemory, mlp_activation, side_output
+from .memory import MemoryOp, SideMemory, activation_distances, mlp_activation, side_output
 from .methods import EditMethod
 from .weights import WeightState
 
@@ -80,12 +80,6 @@ class WiseHparams:
     objective_optimization: str = spec("only_label", choices=("only_label",), doc="the NLL over the target tokens only")
     context_template_length_params: list[list[int]] = spec([[5, 5], [10, 5]], minimum=1,
                                                            doc="[[new tokens, count], ...] of the greedy context templates (WISE: [[5, 5], [10, 5]])")
-
-
-def distances(act, main: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-    """||act(side) - act(main)|| per position ([rows, positions]): the reference's `euc` before
-    its mean over positions."""
-    return torch.norm(act(side) - act(main), dim=-1)
 
 
 def positive_mean(x: torch.Tensor) -> torch.Tensor:
@@ -169,6 +163,7 @@ class Wise(EditMethod):
     def __init__(self, model, tok, hparams: dict, stats, context_templates, state=None, memory: SideMemory | None = None):
         super().__init__(model, tok, hparams, stats, context_templates, state)
         self.module = self.memory_modules(model, self.hparams)[0]
+        self.module_obj = get_module(model, self.module)
         if memory is None:
             memory = SideMemory([self.module], self.memory_widths(model, self.hparams))
             memory.configure(model, self.hparams)
@@ -221,7 +216,7 @@ class Wise(EditMethod):
     def losses(self, tokens: dict, labels: torch.Tensor, side: torch.nn.Parameter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(NLL loss, activation loss, d per template row) with the side weight in place of the
         module's (the reference's `_cal_ft_loss` and `_cal_activation_loss`, one case)."""
-        module = get_module(self.model, self.module)
+        module = self.module_obj
         seen = {}
 
         def swap(name, out):
@@ -240,7 +235,7 @@ class Wise(EditMethod):
         for i, col in enumerate(last_prompt[:-1].tolist()):
             counted[i, col - 1:] = True
         ft = ((nll * counted).sum(1) / counted.sum(1)).mean()
-        d = distances(self.act, seen["main"], seen["side"]).mean(dim=-1)  # [rows]
+        d = activation_distances(self.act, seen["main"], seen["side"]).mean(dim=-1)  # [rows]
         d_in, d_out = d[:-1], d[-1:]
         alpha, beta, gamma = (float(v) for v in self.hp.act_margin)
         act_loss = positive_mean(d_out.view(-1, 1) - d_in + gamma) + positive_mean(d_out - alpha) + positive_mean(beta - d_in)
