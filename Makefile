@@ -21,10 +21,10 @@ setup:
 # the quick tier, before every commit (< 10 min on the 2-core VM); the long end-to-end checks
 # (pytest mark `slow`) run in `make test-slow`; CI runs both (.ci/run)
 test: lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=20
 
 test-slow:
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow --durations=20
 
 test-all: lint
 	$(BIN)/python -m pytest -q

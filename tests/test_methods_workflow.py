@@ -137,6 +137,20 @@ def test_update_kinds_per_method(study, runs):
     assert h["rome-tiny"] != h["r-rome-tiny"]
 
 
+def test_doctor_counts_every_methods_state_byte_for_byte(study):
+    """The method state each factors file carries (AlphaEdit's keys, LyapLock's sums and queue,
+    UltraEdit's normalizer, ...) is what `editscale doctor`'s storage estimate counts for it."""
+    from editscale.doctor import doctor
+
+    report = doctor(study / CONFIG, bench=False, storage_only=True, root=study)
+    counted = {est["run"]: est["storage"]["state_per_checkpoint"] for est in report["runs"]}
+    stored = {name: sum(v.nbytes for v in _factors(study, name)[2].values()) for name in counted}
+    # PRUNE's correction has as many directions as singular values above sigma_max(W0): a bound, min(k, d)
+    assert 0 < stored.pop("prune-tiny") <= counted.pop("prune-tiny") == 4 * N_EDITS * (64 + 256) * 2
+    assert counted == stored
+    assert stored["lyaplock-tiny"] > stored["alphaedit-tiny"] > stored["rome-tiny"] == 0, stored
+
+
 def test_batched_run_has_two_edits_per_step(study):
     updates, rows, _ = _factors(study, "memit-batch2-tiny")
     by_step: dict[int, list[int]] = {}

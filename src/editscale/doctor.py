@@ -309,7 +309,9 @@ def render(report: dict) -> str:
             what = names[0] if len(names) == 1 else f"{len(names)} modules {names[0]} .. {names[-1]}"
             lines.append(f"  edited: {what}, (d_out x d_in) {', '.join(shapes)}")
             lines.append(f"  storage per checkpoint: factors {fmt_bytes(st['factors_per_checkpoint'])} "
-                         f"({fmt_bytes(st['factor_bytes_per_edit'])}/edit), dense delta {fmt_bytes(st['delta_per_checkpoint'])}; "
+                         f"({fmt_bytes(st['factor_bytes_per_edit'])}/edit"
+                         + (f" + method state {fmt_bytes(st['state_per_checkpoint'])}" if st.get("state_per_checkpoint") else "")
+                         + f"), dense delta {fmt_bytes(st['delta_per_checkpoint'])}; "
                          f"study's full-model save every {st['study_save_every']} edits: {fmt_bytes(st['study_per_save'])}")
             lines.append(f"  storage for the run: {st['checkpoints']} checkpoints = factors {fmt_bytes(st['factors_total'])} + "
                          f"deltas {fmt_bytes(st['deltas_total'])} = {fmt_bytes(st['editscale_total'])} "

@@ -83,7 +83,9 @@ def storage_estimate(run: dict, shapes: dict[str, tuple[int, int]], params: int 
                      cost=None) -> dict[str, Any]:
     """Bytes of the run's checkpoints (see module doc); exact for the tensors, HDF5 overhead aside;
     `rank`: the stored factors' rank per edit and module (editscale.edit.cost.CostSpec.factor_rank);
-    a memory method's bytes from its cost spec (`cost.memory_op_bytes`, `cost.memory_bytes`)."""
+    a memory method's bytes from its cost spec (`cost.memory_op_bytes`, `cost.memory_bytes`), and
+    the method state every factors file also holds (`cost.state_bytes`; factors_per_checkpoint
+    counts the last checkpoint's, the largest)."""
     n, seg = run["n_edits"], run["segment"]
     n_ckpt = n // seg
     if update_kind == "memory":  # each edit's memory ops; a checkpoint holds the memory so far, no dense delta
@@ -96,6 +98,11 @@ def storage_estimate(run: dict, shapes: dict[str, tuple[int, int]], params: int 
         factors_ckpt = seg * per_edit
         delta_ckpt = sum(4 * o * i for o, i in shapes.values())
         deltas_total = n_ckpt * delta_ckpt
+    # the method state each factors file carries (editscale.edit.cost.CostSpec.state_bytes)
+    states = [cost.state_bytes(c * seg, shapes) if cost is not None else 0.0 for c in range(1, n_ckpt + 1)]
+    state_ckpt, state_total = (int(round(states[-1])) if states else 0), int(round(sum(states)))
+    factors_total = n_ckpt * factors_ckpt + state_total
+    factors_ckpt += state_ckpt
     study_save = None if params is None else params * DTYPE_BYTES[dtype]
     n_saves = n // STUDY_SAVE_EVERY
     stats = sum(8 * shapes[m][1] ** 2 for m in (stats_modules if stats_modules is not None else shapes))
@@ -108,9 +115,10 @@ def storage_estimate(run: dict, shapes: dict[str, tuple[int, int]], params: int 
         "study_save_every": STUDY_SAVE_EVERY,
         "study_saves": n_saves,
         "study_per_save": study_save,
-        "factors_total": n_ckpt * factors_ckpt,
+        "state_per_checkpoint": state_ckpt,
+        "factors_total": factors_total,
         "deltas_total": deltas_total,
-        "editscale_total": n_ckpt * factors_ckpt + deltas_total,
+        "editscale_total": factors_total + deltas_total,
         "study_total": None if study_save is None else n_saves * study_save,
         "stats_bytes": stats,
     }

@@ -46,6 +46,7 @@ from .memit import KeyMemory, Memit, MemitSolveHparams, solve_checked
 
 from ..stats.mom2 import PROJECTION_RULES, null_space_projection_by_rule
 from .cost import CostSpec
+from .weights import WeightState
 
 
 def null_space_projection(mom2, threshold: float, device="cpu", rule: str = "eigh64") -> torch.Tensor:
@@ -141,7 +142,7 @@ class AlphaEdit(Memit):
 
     # -- the update -----------------------------------------------------------------------------
 
-    def solve_layer(self, index: int, module: str, K: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve_layer(self, index: int, module: str, K: torch.Tensor, R: torch.Tensor, weights: WeightState) -> tuple[torch.Tensor, torch.Tensor]:
         dt = _DTYPES[self.hp.solve_dtype]
         P = self.P[module].to(device=K.device, dtype=dt)
         d = K.shape[0]
@@ -169,3 +170,6 @@ class AlphaEditCost(CostSpec):
     def device_matrices(self) -> tuple[float, float]:
         resident, _ = super().device_matrices()
         return resident + 1, 4.0  # + Kp Kp^T (KeyMemory); the solve: A, P A, M and its factor
+
+    def state_bytes(self, k: int, shapes: dict[str, tuple[int, int]]) -> float:
+        return sum(4.0 * k * d_in for _, d_in in shapes.values())  # KeyMemory: every earlier key, float32

@@ -60,6 +60,11 @@ class CostSpec:
         """For a method that keeps a memory: bytes of its memory after k edits (a checkpoint's delta file)."""
         raise NotImplementedError(f"{type(self).__name__}: a memory method's cost spec says how its memory grows")
 
+    def state_bytes(self, k: int, shapes: dict[str, tuple[int, int]]) -> float:
+        """Bytes of the method state (`EditMethod.state_dict`) a segment's factors file holds after
+        edit k, over the edited modules {name: (d_out, d_in)}: 0 for a stateless method."""
+        return 0.0
+
     def value_prompts(self) -> tuple[int, float]:
         """(prompts, tokens per prompt) of one edit's optimization pass, whose activations are kept
         for the backward pass (the memory estimate): the rewriting prompts of the context templates

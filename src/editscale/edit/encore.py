@@ -41,6 +41,7 @@ from . import value_optimization
 from .hparams import spec
 from .memit import KeyMemory, Memit, MemitSolveHparams, solve_checked
 from .cost import CostSpec
+from .weights import WeightState
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -74,7 +75,7 @@ class Encore(Memit):
     def state_dict(self) -> dict:
         return self.memory.state_dict()
 
-    def solve_layer(self, index: int, module: str, K: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve_layer(self, index: int, module: str, K: torch.Tensor, R: torch.Tensor, weights: WeightState) -> tuple[torch.Tensor, torch.Tensor]:
         C = self.stats[module].to(device=K.device, dtype=torch.float64)
         d = K.shape[0]
         if C.shape != (d, d):
@@ -95,3 +96,6 @@ class EncoreCost(CostSpec):
     def device_matrices(self) -> tuple[float, float]:
         resident, transient = super().device_matrices()
         return resident + float(self.hparams.get("add_prev_edits", True)), transient  # + Kp Kp^T (KeyMemory)
+
+    def state_bytes(self, k: int, shapes: dict[str, tuple[int, int]]) -> float:
+        return sum(4.0 * k * d_in for _, d_in in shapes.values())  # KeyMemory: every earlier key, float32

@@ -107,13 +107,11 @@ class LyapLock(Memit):
         return self._out_stats[module]
 
     def apply(self, cases: list[dict], weights: WeightState) -> list[dict]:
-        self._weights = weights
         rows = super().apply(cases, weights)
         self.steps_done += 1
         return rows
 
-    def solve_layer(self, index: int, module: str, K: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = self._weights
+    def solve_layer(self, index: int, module: str, K: torch.Tensor, R: torch.Tensor, weights: WeightState) -> tuple[torch.Tensor, torch.Tensor]:
         C = self.stats[module].to(device=K.device, dtype=torch.float64)
         d = K.shape[0]
         if C.shape != (d, d):
@@ -179,3 +177,7 @@ class LyapLockCost(CostSpec):
     def device_matrices(self) -> tuple[float, float]:
         resident, transient = super().device_matrices()
         return resident + 2.0, transient + 1.0  # S_kk and S_vk kept per layer; the identity solved against
+
+    def state_bytes(self, k: int, shapes: dict[str, tuple[int, int]]) -> float:
+        # per layer S_kk [d_in x d_in] and S_vk [d_out x d_in] in float64, Z, a, D_base (once the first step is done)
+        return 0.0 if k == 0 else 8.0 + sum(8.0 * (d_in * d_in + d_out * d_in + 3) for d_out, d_in in shapes.values())

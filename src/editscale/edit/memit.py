@@ -194,8 +194,9 @@ class Memit(EditMethod):
         """Template-averaged keys at the input of `module` [d_in x B]."""
         return subject_keys.compute_keys(self.model, self.tok, module, cases, self.context_templates).detach().T
 
-    def solve_layer(self, index: int, module: str, K: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(u, v) with dW = u v^T; K [d_in x B], R [d_out x B], both float64."""
+    def solve_layer(self, index: int, module: str, K: torch.Tensor, R: torch.Tensor, weights: WeightState) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u, v) with dW = u v^T; K [d_in x B], R [d_out x B], both float64; `weights`: the chain's
+        weights as the earlier layers' updates of this step left them."""
         lam = float(self.hp.mom2_update_weight)
         if self._needs_cov():
             C = self.stats[module].to(device=K.device, dtype=torch.float64)
@@ -245,7 +246,7 @@ class Memit(EditMethod):
             if z_err_first is None:
                 z_err_first = err.norm(dim=0)
             R = err / (n - i)
-            u, v = self.solve_layer(i, module, K, R)
+            u, v = self.solve_layer(i, module, K, R, weights)
             self.last_keys[module] = K
             self.last_resid[module] = R
             meta = {"method": self.name, "layer_index": i, "case_ids": [c.get("case_id") for c in cases]}

@@ -202,6 +202,9 @@ class Nas(AlphaEdit):
 
 
 class NasCost(AlphaEditCost):
+    def state_bytes(self, k: int, shapes: dict[str, tuple[int, int]]) -> float:
+        return super().state_bytes(k, shapes) + 8.0  # + the anchor norm, float64
+
     def begin_flops(self, flops_per_prompt_step: float) -> float:
         """The anchor (module doc): nas_restart bare-prompt optimizations of up to
         v_num_grad_steps steps over the prompt and its KL prompt."""

@@ -183,3 +183,10 @@ class PruneCost(CostSpec):
 
     def value_prompts(self) -> tuple[int, float]:
         return self.base.value_prompts()
+
+    def state_bytes(self, k: int, shapes: dict[str, tuple[int, int]]) -> float:
+        """The wrapped method's state plus the current correction's factors, float32 [d_out, r] and
+        [d_in, r] per module. r, the number of singular values above sigma_max(W0), depends on the
+        spectrum: this counts its bound min(k, d_out, d_in) (the delta of k edits has at most rank k)."""
+        own = sum(4.0 * min(k, o, i) * (o + i) for o, i in shapes.values())
+        return self.base.state_bytes(k, shapes) + own

@@ -247,6 +247,10 @@ def _state_prefix(shape: tuple[int, int]) -> str:
 class UltraEditCost(CostSpec):
     solve = "gradient"
 
+    def state_bytes(self, k: int, shapes: dict[str, tuple[int, int]]) -> float:
+        # one RunningMeanStd per distinct module shape: n, and mean / var / std over d_out + d_in, float32
+        return sum(4.0 * (1 + 3 * (d_out + d_in)) for d_out, d_in in set(shapes.values()))
+
     def value_prompts(self) -> tuple[int, float]:
         return int(self.hparams.get("tuple_size", 10)), 16.0  # one forward / backward pass per tuple of cases
 

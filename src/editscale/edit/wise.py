@@ -334,12 +334,14 @@ class WiseCost(CostSpec):
         return 0.0, 0.0
 
     def value_prompts(self) -> tuple[int, float]:
-        params = self.hparams.get("context_template_length_params", [[5, 5], [10, 5]])
-        n = 1 + sum(int(c) for _, c in params)
-        return n + 1, sum(int(length) * int(c) for length, c in params) / n + 12
+        prompts, tokens = super().value_prompts()
+        return prompts + 1, tokens  # + the out-of-scope text each edit trains against
 
     def memory_op_bytes(self, d_out: int, d_in: int) -> float:
         return 4.0 * d_out * d_in + 8  # the side weight after the edit, its threshold
+
+    def state_bytes(self, k: int, shapes: dict[str, tuple[int, int]]) -> float:
+        return 8.0  # edits_done (int64), which places the shard saves and merges
 
     def memory_bytes(self, k: int, d_out: int, d_in: int) -> float:
         """The side weight plus the shard rows allocated after k edits (a merge frees rows, which
