@@ -6,12 +6,18 @@ sittings, machines or cluster nodes).
         records/R/record.json                what must be shared and what the run was made from
         records/R/metrics/{metric}/{k}.parquet   the run's metric files, byte for byte
         records/R/edit_log.parquet           the per-edit log its factors files hold
+    editscale export-run ... --pack          the same record as one file, records/R.record.tar.xz
+                                             (deterministic: one run's bytes do not change on re-export;
+                                             ~40 % of the directory's bytes: what docs/results commits)
     editscale merge --configfile C --out DIR records/ other-results/records/ ...
         DIR/tables/*.parquet, *.csv          the report tables (editscale.report.tables), as the
                                              workflow's report_tables rule builds them
         DIR/plots/                           the figures (editscale.report.plots)
         DIR/merge.json                       which record each run came from, every file's sha256
         DIR/audit.json                       every record file re-hashed against its record
+
+`merge` takes records in either form: a packed one is unpacked into OUT/records/R/ and named by
+its archive in merge.json and the published provenance (a file inside it as R.record.tar.xz/metrics/...).
 
 A record holds no deltas or factors (megabytes per checkpoint): what the report reads of them is
 the edit log and the bytes they take, both in the record. The files a record copies are the ones
@@ -48,6 +54,7 @@ log = logging.getLogger(__name__)
 RECORD_FORMAT = 1
 RECORD_FILE = "record.json"
 EDIT_LOG_FILE = "edit_log.parquet"
+PACKED_SUFFIX = ".record.tar.xz"
 
 
 def run_inputs(config: dict, run: dict, root: Path) -> dict[str, Any]:
@@ -129,9 +136,10 @@ def job_seconds(config: dict, run: dict, root: Path) -> dict[str, float]:
 
 
 def export_run(config: dict, run_name: str, out: str | Path, root: str | Path = ".", until: int | None = None,
-               reason: str | None = None) -> Path:
-    """Write the run's record to out/{run}/ (module doc); refuses an unfinished run, naming the
-    first missing file. `until`: the run stopped at that many edits, for `reason` (module doc)."""
+               reason: str | None = None, pack: bool = False) -> Path:
+    """Write the run's record to out/{run}/, or with `pack` to out/{run}.record.tar.xz (module doc);
+    refuses an unfinished run, naming the first missing file. `until`: the run stopped at that many
+    edits, for `reason` (module doc)."""
     from .doctor import machine_fingerprint, machine_info
     from .io import git_commit
     from .report.tables import edit_log_from_factors, normalize_edit_log
@@ -195,6 +203,11 @@ def export_run(config: dict, run_name: str, out: str | Path, root: str | Path = 
         "files": copied,
     }
     write_json_atomic(tmp / RECORD_FILE, record)
+    if pack:
+        packed = pack_record(tmp, Path(out) / (run_name + PACKED_SUFFIX), run_name)
+        shutil.rmtree(tmp)
+        log.info("record of run %s: %d files -> %s", run_name, len(copied) + 1, packed)
+        return packed
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
@@ -202,19 +215,78 @@ def export_run(config: dict, run_name: str, out: str | Path, root: str | Path = 
     return dest
 
 
-def find_records(sources: list[str | Path]) -> dict[str, list[Path]]:
-    """run -> the record directories found among `sources` (each a record directory, or a
-    directory of records)."""
-    found: dict[str, list[Path]] = {}
+def pack_record(record_dir: str | Path, dest: str | Path, run: str | None = None) -> Path:
+    """The record directory as one xz-compressed tar at `dest`, its members under {run}/ (default:
+    the directory's name), in sorted order with times, owners and modes fixed: the same record
+    always packs to the same bytes."""
+    import io
+    import lzma
+    import tarfile
+
+    from .io import atomic_path
+
+    record_dir, dest = Path(record_dir), Path(dest)
+    run = run or record_dir.name
+    if not (record_dir / RECORD_FILE).is_file():
+        raise EditscaleError(f"pack: {record_dir} holds no run record ({RECORD_FILE})")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(p for p in record_dir.rglob("*") if p.is_file()):
+            info = tarfile.TarInfo(f"{run}/{path.relative_to(record_dir).as_posix()}")
+            data = path.read_bytes()
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    with atomic_path(dest) as tmp:
+        Path(tmp).write_bytes(lzma.compress(buf.getvalue(), preset=9))
+    return dest
+
+
+def unpack_record(archive: str | Path, into: str | Path) -> Path:
+    """A packed record's directory, unpacked to into/{run}/ (replacing one there); refuses an
+    archive that is not one record (members outside {run}/, links, no record.json)."""
+    import tarfile
+
+    archive, into = Path(archive), Path(into)
+    try:
+        with tarfile.open(archive, mode="r:xz") as tar:
+            members = tar.getmembers()
+            runs = {m.name.split("/", 1)[0] for m in members}
+            if len(runs) != 1 or not all(m.isfile() and "/" in m.name for m in members):
+                raise EditscaleError(f"merge: {archive} is not one packed run record (members {sorted(m.name for m in members)[:3]} ...)")
+            run = runs.pop()
+            dest = into / run
+            if dest.exists():
+                shutil.rmtree(dest)
+            into.mkdir(parents=True, exist_ok=True)
+            tar.extractall(into, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise EditscaleError(f"merge: {archive} cannot be read as a packed run record: {e}") from e
+    if not (dest / RECORD_FILE).is_file():
+        raise EditscaleError(f"merge: {archive} holds no {run}/{RECORD_FILE}")
+    return dest
+
+
+def _is_packed(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(PACKED_SUFFIX)
+
+
+def find_records(sources: list[str | Path], unpack_into: str | Path) -> dict[str, list[tuple[Path, Path]]]:
+    """run -> [(origin, record directory)] found among `sources`: each a record directory, a packed
+    record (unpacked into `unpack_into`; the origin is the archive), or a directory holding either."""
+    found: dict[str, list[tuple[Path, Path]]] = {}
     for src in map(Path, sources):
-        if not src.is_dir():
-            raise EditscaleError(f"merge: {src} is not a directory (give record directories, or directories holding them)")
-        dirs = [src] if (src / RECORD_FILE).is_file() else sorted(d for d in src.iterdir() if (d / RECORD_FILE).is_file())
-        if not dirs:
-            raise EditscaleError(f"merge: {src} holds no run record ({RECORD_FILE}); make them with `editscale export-run`")
-        for d in dirs:
+        if _is_packed(src) or (src / RECORD_FILE).is_file():
+            origins = [src]
+        elif src.is_dir():
+            origins = sorted(d for d in src.iterdir() if (d / RECORD_FILE).is_file() or _is_packed(d))
+        else:
+            raise EditscaleError(f"merge: {src} is neither a directory nor a packed record (*{PACKED_SUFFIX})")
+        if not origins:
+            raise EditscaleError(f"merge: {src} holds no run record ({RECORD_FILE} or *{PACKED_SUFFIX}); make them with `editscale export-run`")
+        for origin in origins:
+            d = unpack_record(origin, Path(unpack_into) / origin.name[: -len(PACKED_SUFFIX)]) if _is_packed(origin) else origin
             rec = json.loads((d / RECORD_FILE).read_text(encoding="utf-8"))
-            found.setdefault(rec["run"], []).append(d)
+            found.setdefault(rec["run"], []).append((origin, d))
     return found
 
 
@@ -282,19 +354,20 @@ def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missin
     from .report.phases import PhaseConfig
     from .report.tables import report_tables
 
-    found = find_records(sources)
+    out = Path(out)
+    found = find_records(sources, out / "records")
     wanted = [r["name"] for r in config["runs"]]
-    dup = {run: dirs for run, dirs in found.items() if run in wanted and len(dirs) > 1}
+    dup = {run: ds for run, ds in found.items() if run in wanted and len(ds) > 1}
     if dup:
-        raise EditscaleError("merge: run(s) with more than one record: " + "; ".join(f"{r}: {[str(d) for d in ds]}" for r, ds in dup.items()))
-    dirs = {run: ds[0] for run, ds in found.items() if run in wanted}
+        raise EditscaleError("merge: run(s) with more than one record: " + "; ".join(f"{r}: {[str(o) for o, _ in ds]}" for r, ds in dup.items()))
+    dirs = {run: ds[0][1] for run, ds in found.items() if run in wanted}
+    origins = {run: ds[0][0] for run, ds in found.items() if run in wanted}
     records = {run: json.loads((d / RECORD_FILE).read_text(encoding="utf-8")) for run, d in dirs.items()}
     missing = check_records(config, records, allow_missing)
     present = [recorded_run(r, records[r["name"]]) for r in config["runs"] if r["name"] in records and r["name"] not in missing]
     stopped = {r["name"]: records[r["name"]]["stopped"] for r in present if records[r["name"]].get("stopped")}
     if not present:
         raise EditscaleError("merge: none of the config's runs has a complete record")
-    out = Path(out)
     audit = [{"file": str(dirs[r["name"]] / f), "expected": sha, "actual": sha256_file(dirs[r["name"]] / f)}
              for r in present for f, sha in sorted(records[r["name"]]["files"].items())]
     hashed = {a["file"]: a["actual"] for a in audit}
@@ -320,7 +393,7 @@ def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missin
 
         written += make_plots(read_tables(out / "tables"), out / "plots", FigureOptions(smooth=cfg.smooth, norm_z=cfg.norm_z))
     summary = {
-        "runs": {r["name"]: {"record": str(dirs[r["name"]]), "git_commit": records[r["name"]]["git_commit"],
+        "runs": {r["name"]: {"record": str(origins[r["name"]]), "git_commit": records[r["name"]]["git_commit"],
                              "machine": records[r["name"]]["machine"], "job_seconds": records[r["name"]]["job_seconds"]}
                  for r in present},
         "missing": missing,
@@ -338,14 +411,15 @@ def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missin
         where = Path(publish_to).resolve()
         prov = {
             "config_sha256": sha256_json(config_for_hash(config)),
-            "runs": {r["name"]: {"record": _relative(dirs[r["name"]], where), "made_by_commit": records[r["name"]]["git_commit"],
+            "runs": {r["name"]: {"record": _relative(origins[r["name"]], where), "made_by_commit": records[r["name"]]["git_commit"],
                                  "machine": records[r["name"]]["machine"], "job_seconds": records[r["name"]]["job_seconds"],
                                  "edits_sha256": records[r["name"]]["edits_sha256"]}
                      for r in present},
             "missing_runs": missing,
             "stopped_runs": stopped,
             "shared": summary["shared"],
-            "record_files": {_relative(Path(p), where): sha for p, sha in summary["metric_files"].items()},
+            "record_files": {_relative(origins[r["name"]] / Path(p).relative_to(dirs[r["name"]]), where): summary["metric_files"][str(p)]
+                             for r in present for p in metric_paths if Path(p).is_relative_to(dirs[r["name"]])},
             "regenerate": "editscale merge --configfile <config> --out <dir> --publish <this directory> <the records>",
         }
         publish(read_tables(out / "tables"), out / "plots", publish_to, prov)
@@ -373,10 +447,12 @@ def register(sub) -> None:
     e.add_argument("--configfile", required=True)
     e.add_argument("--run", nargs="+", required=True, help="run name(s) of the config")
     e.add_argument("--results-root", default=".", help="the workflow directory the run was made in (holds data/ and results/)")
-    e.add_argument("--out", required=True, help="records go to OUT/{run}/")
+    e.add_argument("--out", required=True, help="records go to OUT/{run}/ (with --pack: OUT/{run}.record.tar.xz)")
     e.add_argument("--until", type=int, default=None, help="a chain stopped where its budget ended: the run to K edits (a segment "
                    "end), merged and published as stopped at K")
     e.add_argument("--reason", default=None, help="with --until: why the run stops there (recorded, published)")
+    e.add_argument("--pack", action="store_true", help="write the record as one file, OUT/{run}.record.tar.xz (deterministic, "
+                   "~40 %% of the directory's bytes: the form to commit)")
     e.set_defaults(func=run_export)
     a = sub.add_parser("audit", help="check provenance and hash chains, re-derive sampled checkpoints",
                        description="Audits the files the workflow declares (editscale.audit.audit): given by the audit rule "
@@ -400,7 +476,7 @@ def register(sub) -> None:
                        description="Checks that the records agree with the config and with each other (model, dataset, "
                        "statistics, editscale version), then builds the report tables (as the report_tables rule does), the "
                        "figures, merge.json and audit.json in OUT (editscale.merge).")
-    m.add_argument("sources", nargs="+", help="record directories, or directories holding them")
+    m.add_argument("sources", nargs="+", help="record directories, packed records (*.record.tar.xz), or directories holding either")
     m.add_argument("--configfile", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--allow-missing", action="store_true", help="tables of the runs that have a complete record; the others listed")
@@ -451,7 +527,7 @@ def run_export(args) -> None:
 
     config = load_config(args.configfile)
     for name in args.run:
-        export_run(config, name, args.out, args.results_root, until=args.until, reason=args.reason)
+        export_run(config, name, args.out, args.results_root, until=args.until, reason=args.reason, pack=args.pack)
 
 
 def run_merge(args) -> None:

@@ -31,7 +31,10 @@ import polars as pl
 from ..io import EditscaleError, atomic_path, write_json_atomic
 
 MAX_PNG_BYTES = 300_000
-PNG_SCALES = (1.0, 0.8, 0.65, 0.5, 0.4)  # the first that keeps a figure under MAX_PNG_BYTES
+# a run's overview, one per run, under less: 15 runs' overviews at MAX_PNG_BYTES would take 4.5 MB of
+# the 10 MB docs/results holds; at this bound (scale ~0.5 for SmolLM2's 200-edit overviews) 2 MB
+MAX_OVERVIEW_PNG_BYTES = 130_000
+PNG_SCALES = (1.0, 0.8, 0.65, 0.5, 0.4)  # the first that keeps a figure under its bound
 # the study's figures (every run in one chart), then each run's overview: the study's overview stacks
 # one panel per run and outgrows MAX_PNG_BYTES at a few runs, a run's own stays readable
 FIGURES = ("edit_scores", "forgetting", "downstream", "weight_distance", "update_norms")
@@ -108,19 +111,19 @@ def markdown(df: pl.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def small_png(svg_path: Path, out: Path) -> float:
+def small_png(svg_path: Path, out: Path, max_bytes: int = MAX_PNG_BYTES) -> float:
     """The figure's SVG rendered as PNG at the largest of PNG_SCALES that stays under
-    MAX_PNG_BYTES; returns the scale."""
+    `max_bytes`; returns the scale."""
     import vl_convert as vlc
 
     svg = svg_path.read_text(encoding="utf-8")
     for scale in PNG_SCALES:
         png = vlc.svg_to_png(svg, scale=scale)
-        if len(png) < MAX_PNG_BYTES:
+        if len(png) < max_bytes:
             with atomic_path(out) as tmp:
                 Path(tmp).write_bytes(png)
             return scale
-    raise EditscaleError(f"{svg_path}: no PNG under {MAX_PNG_BYTES} bytes even at scale {PNG_SCALES[-1]}")
+    raise EditscaleError(f"{svg_path}: no PNG under {max_bytes} bytes even at scale {PNG_SCALES[-1]}")
 
 
 def publish(tables: Mapping[str, pl.DataFrame], plots_dir: str | Path, out: str | Path, provenance: dict) -> list[Path]:
@@ -138,7 +141,8 @@ def publish(tables: Mapping[str, pl.DataFrame], plots_dir: str | Path, out: str 
         svg = Path(plots_dir) / f"{name}.svg"
         if svg.exists():
             (out / "figures").mkdir(exist_ok=True)
-            scales[name] = small_png(svg, out / "figures" / f"{name}.png")
+            bound = MAX_OVERVIEW_PNG_BYTES if name.startswith("overview_") else MAX_PNG_BYTES
+            scales[name] = small_png(svg, out / "figures" / f"{name}.png", bound)
             written.append(out / "figures" / f"{name}.png")
     write_json_atomic(out / "provenance.json", {**provenance, "figure_scales": scales})
     written.append(out / "provenance.json")
