@@ -127,7 +127,7 @@ def test_published_results_are_regenerated_byte_for_byte_from_the_records(tiny_s
     writes the same bytes."""
     import polars as pl
 
-    from editscale.report.publish import MAX_OVERVIEW_PNG_BYTES, MAX_PNG_BYTES
+    from editscale.report.publish import MAX_PNG_BYTES, overview_png_bytes
 
     config = load_config(tiny_study / "config/test-tiny.yaml")
     pub = tmp_path / "pub"
@@ -145,7 +145,8 @@ def test_published_results_are_regenerated_byte_for_byte_from_the_records(tiny_s
     assert "| method | s/edit | steps/edit | ES |" in (pub / "results.md").read_text()
     pngs = sorted((pub / "figures").glob("*.png"))
     assert {p.stem for p in pngs} >= {"edit_scores", "forgetting", f"overview_{RUN}"}
-    assert all(p.stat().st_size < (MAX_OVERVIEW_PNG_BYTES if p.stem.startswith("overview_") else MAX_PNG_BYTES) for p in pngs)
+    assert all(p.stat().st_size < MAX_PNG_BYTES for p in pngs)
+    assert overview_png_bytes(1) == MAX_PNG_BYTES and overview_png_bytes(15) == 133_333  # 15 runs' overviews share 2 MB
     prov = json.loads((pub / "provenance.json").read_text())
     assert set(prov["runs"]) == {RUN} and prov["runs"][RUN]["made_by_commit"]
     assert len(prov["record_files"]) == len([f for f in json.loads((record / RECORD_FILE).read_text())["files"] if f.startswith("metrics/")])

@@ -31,9 +31,9 @@ import polars as pl
 from ..io import EditscaleError, atomic_path, write_json_atomic
 
 MAX_PNG_BYTES = 300_000
-# a run's overview, one per run, under less: 15 runs' overviews at MAX_PNG_BYTES would take 4.5 MB of
-# the 10 MB docs/results holds; at this bound (scale ~0.5 for SmolLM2's 200-edit overviews) 2 MB
-MAX_OVERVIEW_PNG_BYTES = 130_000
+# the runs' overviews, one per run, together under this: 15 runs' overviews at MAX_PNG_BYTES would take
+# 4.5 MB of the 10 MB docs/results holds; each gets its share (scale ~0.5 for 15 SmolLM2 200-edit runs)
+OVERVIEWS_PNG_BYTES = 2_000_000
 PNG_SCALES = (1.0, 0.8, 0.65, 0.5, 0.4)  # the first that keeps a figure under its bound
 # the study's figures (every run in one chart), then each run's overview: the study's overview stacks
 # one panel per run and outgrows MAX_PNG_BYTES at a few runs, a run's own stays readable
@@ -111,6 +111,11 @@ def markdown(df: pl.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def overview_png_bytes(n_runs: int) -> int:
+    """The bound on one run's overview PNG in a study of `n_runs` runs (OVERVIEWS_PNG_BYTES)."""
+    return min(MAX_PNG_BYTES, OVERVIEWS_PNG_BYTES // max(n_runs, 1))
+
+
 def small_png(svg_path: Path, out: Path, max_bytes: int = MAX_PNG_BYTES) -> float:
     """The figure's SVG rendered as PNG at the largest of PNG_SCALES that stays under
     `max_bytes`; returns the scale."""
@@ -141,7 +146,7 @@ def publish(tables: Mapping[str, pl.DataFrame], plots_dir: str | Path, out: str 
         svg = Path(plots_dir) / f"{name}.svg"
         if svg.exists():
             (out / "figures").mkdir(exist_ok=True)
-            bound = MAX_OVERVIEW_PNG_BYTES if name.startswith("overview_") else MAX_PNG_BYTES
+            bound = overview_png_bytes(df.height) if name.startswith("overview_") else MAX_PNG_BYTES
             scales[name] = small_png(svg, out / "figures" / f"{name}.png", bound)
             written.append(out / "figures" / f"{name}.png")
     write_json_atomic(out / "provenance.json", {**provenance, "figure_scales": scales})
