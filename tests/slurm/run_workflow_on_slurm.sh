@@ -9,6 +9,8 @@
 #   --timeout SECONDS    hard limit for snakemake (SIGKILL)   [$EDITSCALE_SLURM_TIMEOUT or 1800]
 #   --keep-workdir       keep the temporary work directory even on PASS
 #   --keep-cluster       leave the cluster running afterwards (also: KEEP_CLUSTER=1)
+#   EDITSCALE_SLURM_WORKDIR=DIR  run in DIR (created; must not exist) and keep it: CI hands the
+#                        finished tiny study to the report check, which then need not run it again
 #
 # Run as root on Debian 12 with the project venv active (or .venv present in the repo). It calls
 # tests/slurm/setup_cluster.sh (see there for SLURM_TEST_DIR, EDITSCALE_SLURM_ACCOUNTING, ...),
@@ -116,7 +118,12 @@ STATUS_ARGS=()
 ((ACCOUNTING)) || STATUS_ARGS=(--slurm-status-command squeue)
 
 # ---------------------------------------------------------------- work dir --------------------
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/editscale-slurm-run.XXXXXX")
+if [[ -n ${EDITSCALE_SLURM_WORKDIR:-} ]]; then
+    [[ -e $EDITSCALE_SLURM_WORKDIR ]] && { log "FAIL: EDITSCALE_SLURM_WORKDIR=$EDITSCALE_SLURM_WORKDIR exists"; exit 1; }
+    mkdir -p "$EDITSCALE_SLURM_WORKDIR" && WORK=$(cd "$EDITSCALE_SLURM_WORKDIR" && pwd) && KEEP_WORKDIR=1
+else
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/editscale-slurm-run.XXXXXX")
+fi
 if ((SMOKE)); then
     cp "$REPO/tests/slurm/smoke/Snakefile" "$WORK/Snakefile"
     mkdir -p "$WORK/profiles"
