@@ -195,11 +195,11 @@ def test_report_before_the_run_or_with_another_config_is_one_error(repo_root, tm
     one warning per missing file and a mixed report; `--configfile=X` (with `=`) keeps the words
     after it targets."""
     wd = copy_workflow(repo_root, tmp_path / "wf")
-    res = snakemake(wd, "--report", "results/studies/test-methods-tiny/report.html", config="config/test-methods-tiny.yaml", check=False)
+    res = snakemake(wd, "--report", "results/studies/test-tiny/report.html", config="config/test-tiny.yaml", check=False)
     err = res.stdout + res.stderr
-    assert res.returncode != 0 and "report error" in err and "results/studies/test-methods-tiny/tables/" in err, err[-2000:]
-    assert "--configfile=" in err and "config/test-methods-tiny.yaml" in err
-    assert not (wd / "results/studies/test-methods-tiny/report.html").exists()
+    assert res.returncode != 0 and "report error" in err and "results/studies/test-tiny/tables/" in err, err[-2000:]
+    assert "--configfile=" in err and "config/test-tiny.yaml" in err
+    assert not (wd / "results/studies/test-tiny/report.html").exists()
     bindir = Path(sys.executable).parent
     env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(Path.home())}
     dry = subprocess.run([str(bindir / "snakemake"), "-n", "--configfile=config/test-tiny.yaml", "results/studies/test-tiny/tables/summary.csv"],
