@@ -375,8 +375,9 @@ def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missin
     if bad:
         raise EditscaleError(f"merge: {len(bad)} record file(s) changed since export, e.g. {bad[0]['file']} "
                              f"(sha256 {bad[0]['actual'][:16]}, recorded {bad[0]['expected'][:16]}); export the run again")
-    metric_paths = [dirs[r["name"]] / "metrics" / m / Path(p).name for r in present for m in wf.metrics_registry()
-                    for p in wf.metric_files(config, r, m)]
+    metric_in = {r["name"]: [Path("metrics") / m / Path(p).name for m in wf.metrics_registry() for p in wf.metric_files(config, r, m)]
+                 for r in present}  # each run's metric files, relative to its record
+    metric_paths = [dirs[run] / rel for run, rels in metric_in.items() for rel in rels]
     # a record directory is named after its run: the report reads the run from the path ({run}/metrics/{m}/{k})
     for r in present:
         if dirs[r["name"]].name != r["name"]:
@@ -418,8 +419,8 @@ def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missin
             "missing_runs": missing,
             "stopped_runs": stopped,
             "shared": summary["shared"],
-            "record_files": {_relative(origins[r["name"]] / Path(p).relative_to(dirs[r["name"]]), where): summary["metric_files"][str(p)]
-                             for r in present for p in metric_paths if Path(p).is_relative_to(dirs[r["name"]])},
+            "record_files": {_relative(origins[run] / rel, where): summary["metric_files"][str(dirs[run] / rel)]
+                             for run, rels in metric_in.items() for rel in rels},
             "regenerate": "editscale merge --configfile <config> --out <dir> --publish <this directory> <the records>",
         }
         publish(read_tables(out / "tables"), out / "plots", publish_to, prov)
