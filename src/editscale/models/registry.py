@@ -11,12 +11,13 @@ import dataclasses
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..io import EditscaleError
 from ..registry import Registry
+
+if TYPE_CHECKING:  # annotations only: the planner and every command's parser import this module
+    import torch
 
 
 @dataclass(frozen=True)
@@ -212,9 +213,9 @@ def model_config(config: dict, name: str, root: str | Path = ".") -> tuple[Any |
     if kind == "local" and (Path(ref).expanduser() / "config.json").exists():
         return AutoConfig.from_pretrained(str(Path(ref).expanduser())), ref
     if kind == "tiny":
-        from .fetch import build_tiny_model
+        from .fetch import tiny_config
 
-        return build_tiny_model(ref)[0].config, "tiny model"
+        return tiny_config(ref), "tiny model"
     if kind == "hf":
         try:
             return AutoConfig.from_pretrained(ref, revision=spec.get("revision"), local_files_only=True), "Hugging Face cache"
@@ -230,6 +231,7 @@ _META: dict[str, torch.nn.Module] = {}
 
 def meta_model(cfg):
     """The model of `cfg` on the meta device (shapes only, no memory); cached per config."""
+    import torch  # here: the planner and every command's parser import this module, most never a model
     from transformers import AutoModelForCausalLM
 
     key = cfg.to_json_string(use_diff=False)

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 
 from ...io import EditscaleError
 from ..registry import CurveSpec, metric
-from ..scoring import model_device
 
 
 def load_tokens(path: str | Path) -> np.ndarray:
@@ -39,6 +37,10 @@ def perplexity(model, tokens, batch_size: int | None = None, ignore_id: int | No
 
     `batch_size` defaults to as many sequences as fit 2048 tokens (the logits are B x L x V).
     """
+    import torch  # here, not at the top: every command's parser imports the metric modules
+
+    from ..scoring import model_device
+
     toks = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
     if toks.dim() == 1:
         toks = toks[None]
