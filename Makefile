@@ -18,10 +18,14 @@ setup:
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)$(if $(TORCH_INDEX_URL), --index-url $(TORCH_INDEX_URL))
 	$(BIN)/pip install --quiet -e '.[test]'
 
-# the quick tier, before every commit (< 10 min on the 2-core VM); the long end-to-end checks
-# (pytest mark `slow`) run in `make test-slow`; CI runs both (.ci/run)
+# the quick tier, before every commit (< 10 min on the 2-core VM), one pytest-xdist worker per core
+# (TEST_WORKERS=0: one process): alone in one process it kept 1.1 of 2 cores busy; each test
+# file stays on one worker (--dist loadfile: its module fixtures are built once) and the workers
+# share one finished tiny study (tests/conftest.py). The long end-to-end checks (pytest mark
+# `slow`) run in `make test-slow`, in one process: CI runs its side checks beside it (.ci/run)
+TEST_WORKERS ?= auto
 test: lint
-	$(BIN)/python -m pytest -q -m "not slow" --durations=20
+	$(BIN)/python -m pytest -q -m "not slow" --durations=20 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 test-slow:
 	$(BIN)/python -m pytest -q -m slow --durations=20

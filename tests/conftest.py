@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,11 +48,24 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_study(repo_root, tmp_path_factory):
     """The tiny workflow (config/test-tiny.yaml) run to the end once per session; tests that
-    change it work on a copy."""
+    change it work on a copy. Under pytest-xdist (`make test`: one worker per core) the workers
+    share one run: the first to need it runs it in the session's common temporary folder while
+    the others wait on a file lock (filelock: a torch dependency)."""
+    from filelock import FileLock
+
     from benchmarks.snakemake_runs import copy_workflow, snakemake
 
-    workdir = copy_workflow(repo_root, tmp_path_factory.mktemp("study"))
-    snakemake(workdir)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        workdir = copy_workflow(repo_root, tmp_path_factory.mktemp("study"))
+        snakemake(workdir)
+        return workdir
+    shared = tmp_path_factory.getbasetemp().parent  # pytest-N/, this session's, above each worker's popen-gwI/
+    workdir, done = shared / "tiny-study", shared / "tiny-study.done"
+    with FileLock(str(shared / "tiny-study.lock")):
+        if not done.exists():
+            shutil.rmtree(workdir, ignore_errors=True)  # a worker that failed half-way left it
+            snakemake(copy_workflow(repo_root, workdir))
+            done.touch()
     return workdir
 
 

@@ -64,10 +64,16 @@ def _registering_module() -> str:
     while frame is not None and frame.f_globals.get("__name__") == __name__:  # the decorator's own frames
         frame = frame.f_back
     caller = frame.f_globals.get("__name__", "") if frame is not None else ""
-    while frame is not None and frame.f_code.co_name != "<module>":
+    # the nearest module body that an import is running (importlib marks its spec while it runs);
+    # the outermost body of the process (`__main__`, a pytest-xdist worker's `__channelexec__`) is none
+    while frame is not None and not (frame.f_code.co_name == "<module>" and _being_imported(frame.f_globals.get("__name__", ""))):
         frame = frame.f_back
-    module = frame.f_globals.get("__name__", "") if frame is not None else ""
-    return caller if module in ("", "__main__") else module
+    return frame.f_globals["__name__"] if frame is not None else caller
+
+
+def _being_imported(name: str) -> bool:
+    spec = getattr(sys.modules.get(name), "__spec__", None)
+    return bool(getattr(spec, "_initializing", False))
 
 
 @contextlib.contextmanager
