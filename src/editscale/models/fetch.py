@@ -187,15 +187,16 @@ def _tiny_vocab() -> tuple[int, int]:
     return len(tok), tok.eos_token_id
 
 
-def tiny_config(arch: str):
-    """The transformers config of a tiny random model (no weights, no tokenizer object): what the
-    planner reads for a `tiny:` source that is not prepared yet (a dry run of a fresh workflow)."""
+def tiny_config(arch: str, vocab: tuple[int, int] | None = None):
+    """The transformers config of a tiny random model (no weights): what the planner reads for a
+    `tiny:` source that is not prepared yet (a dry run of a fresh workflow). `vocab` is (size, eos
+    id) of the tokenizer at hand; by default `tiny_tokenizer`'s, trained once per process."""
     import transformers
     from transformers import GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
 
     if arch not in TINY_FAMILIES:
         raise EditscaleError(f"tiny architecture {arch!r} unknown; choose one of {TINY_FAMILIES}")
-    v, eos = _tiny_vocab()
+    v, eos = vocab or _tiny_vocab()
     ids = dict(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     configs = {
         "gpt2": lambda: GPT2Config(vocab_size=v, n_positions=512, n_embd=64, n_layer=TINY_LAYERS, n_head=4, **ids),
@@ -224,8 +225,8 @@ def build_tiny_model(arch: str, seed: int = 0):
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(arch)
     tok = tiny_tokenizer()
+    config = tiny_config(arch, (len(tok), tok.eos_token_id))  # the tokenizer just trained: not a second one
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init gives near-uniform outputs; a larger init scale makes the tiny model opinionated,
