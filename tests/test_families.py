@@ -86,11 +86,11 @@ def test_llama3_hparams_name_llama3_modules(repo_root):
 
     cfg = known_config(LLAMA3)
     files = sorted(repo_root.glob("config/hparams/*/llama3-8b.yaml"))
-    assert {f.parent.name for f in files} == {"rome", "memit", "alphaedit", "encore", "nas", "rect", "prune", "ultraedit", "sphere", "grace", "wise", "lyaplock"}
+    assert {f.parent.name for f in files} == {"rome", "memit", "alphaedit", "encore", "nas", "rect", "prune", "ultraedit", "sphere", "grace", "wise", "lyaplock", "memoir"}
     for f in files:
         hp = load_hparams(f)
         cls = get_method(f.parent.name, hp)
-        mods = cls.modules(meta_model(cfg), hp) or cls.memory_modules(meta_model(cfg), hp)  # GRACE, WISE: their memory's module
+        mods = cls.modules(meta_model(cfg), hp) or cls.memory_modules(meta_model(cfg), hp)  # GRACE, WISE, MEMOIR: their memory's module
         shapes = set(module_shapes(cfg, mods).values())
         expected = {(4096, 14336)} if f.parent.name != "ultraedit" else {(14336, 4096)}  # UltraEdit: gate_proj / up_proj
         assert shapes == expected, (f, shapes)

@@ -1,7 +1,7 @@
 """Every editing method through the real workflow: config/test-methods-tiny.yaml with snakemake.
 
 One sequential run per method (rome, r-rome, memit, emmet, alphaedit, encore, nas, rect, prune, ultraedit, ft-c, sphere, grace,
-wise, lyaplock: 4 edits, in segments
+wise, lyaplock, memoir: 4 edits, in segments
 of 2 for the methods whose state carries over) and one batched MEMIT run (2 edits per step) on a tiny random GPT-2, run to completion once
 (module-scoped); the tests then read what each run wrote.
 """
@@ -23,10 +23,10 @@ from benchmarks.snakemake_runs import copy_workflow, planned_jobs, snakemake
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 CONFIG = "config/test-methods-tiny.yaml"
-METHODS = ["rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "nas", "rect", "prune", "ultraedit", "ft-c", "sphere", "grace", "wise", "lyaplock"]
+METHODS = ["rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "nas", "rect", "prune", "ultraedit", "ft-c", "sphere", "grace", "wise", "lyaplock", "memoir"]
 N_EDITS, SEGMENT = 4, 2
 # the methods with state carried from segment to segment run in two segments; the others in one
-SEGMENTED = {"alphaedit", "encore", "nas", "sphere", "lyaplock", "ultraedit", "prune", "grace", "wise"}
+SEGMENTED = {"alphaedit", "encore", "nas", "sphere", "lyaplock", "ultraedit", "prune", "grace", "wise", "memoir"}
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,11 @@ def test_every_run_completes_its_chain(study, runs):
             assert not delta and memory["transformer.h.2.mlp.c_proj/active"].tolist() == [1, 1, 0], name
             assert [r["wise_shards"] for r in rows] == [0, 1, 1, 1] and all(r["seconds"] > 0 for r in rows), name
             continue
+        if run["method"] == "memoir":  # no weight moves: W_r, one mask per edit (distinct prompts), the constants
+            memory = read_memory(study / "results" / name / "deltas" / f"{N_EDITS:06d}.h5")
+            assert not delta and len(memory["transformer.h.2.mlp.c_proj/masks"]) == [r["memoir_masks"] for r in rows][-1] >= 2, name
+            assert all(r["seconds"] > 0 for r in rows), name
+            continue
         assert delta and all(t.abs().sum() > 0 for t in delta.values()), name  # the weights really moved
         assert all(r["update_norm"] > 0 and r["seconds"] > 0 for r in rows), name
     assert (study / "results/studies/test-methods-tiny/audit.json").exists()
@@ -106,6 +111,12 @@ def test_update_kinds_per_method(study, runs):
             assert kinds == {"memory"} and not updates, name
             memory = read_memory(study / "results" / name / "deltas" / f"{N_EDITS:06d}.h5")
             assert memory["transformer.h.2.mlp.c_proj/weights"].shape == (3, 256, 64), {k: v.shape for k, v in memory.items()}
+            continue
+        elif run["method"] == "memoir":  # W_r in the math orientation (out, in), a mask per input feature
+            assert kinds == {"memory"} and not updates, name
+            memory = read_memory(study / "results" / name / "deltas" / f"{N_EDITS:06d}.h5")
+            assert memory["transformer.h.2.mlp.c_proj/weights"].shape == (1, 64, 256), {k: v.shape for k, v in memory.items()}
+            assert memory["transformer.h.2.mlp.c_proj/masks"].sum(axis=1).tolist() == [32] * len(memory["transformer.h.2.mlp.c_proj/masks"])
             continue
         elif run["method"] == "rect":
             assert kinds == {"masked"} and all(u.kind == "masked" and u.mask is not None for _, u in updates), name
@@ -193,11 +204,11 @@ def test_tables_have_every_run(study, runs):
     log = pl.read_parquet(study / "results/studies/test-methods-tiny/tables/edit_log.parquet")
     kinds = {r["run"]: r["factor_kind"] for r in log.select("run", "factor_kind").unique().to_dicts()}
     assert len(log) == N_EDITS * len(runs)
-    assert kinds == {name: {"ft-c": "dense", "lyaplock": "dense", "rect": "masked", "grace": "memory", "wise": "memory"}.get(run["method"], "lowrank") for name, run in runs.items()}
+    assert kinds == {name: {"ft-c": "dense", "lyaplock": "dense", "rect": "masked", "grace": "memory", "wise": "memory", "memoir": "memory"}.get(run["method"], "lowrank") for name, run in runs.items()}
     # what each method measures per edit reaches the edit_log table (not only the chain's columns)
     measured = {"rome": "key_dot_u", "r-rome": "residual_norm", "memit": "z_error_after", "emmet": "constraint_rel_residual",
                 "ft-c": "loss_before", "alphaedit": "n_keys_stored", "encore": "n_keys_stored",
-                "rect": "rect_kept_fraction", "prune": "prune_restrained", "nas": "nas_vstar_norm", "sphere": "sphere_rank_min", "grace": "grace_keys", "wise": "wise_activation", "lyaplock": "lyaplock_queue",
+                "rect": "rect_kept_fraction", "prune": "prune_restrained", "nas": "nas_vstar_norm", "sphere": "sphere_rank_min", "grace": "grace_keys", "wise": "wise_activation", "lyaplock": "lyaplock_queue", "memoir": "memoir_masks",
                 "ultraedit": "normalizer_n"}
     for name, run in runs.items():
         col = measured[run["method"]]
@@ -214,7 +225,7 @@ def test_cli_lists_every_method():
     assert all(len(desc) > 20 for _, desc in lines)
     meta = [line.strip() for line in res.stdout.splitlines() if line.startswith(" ")]
     assert len(meta) == len(METHODS) and all(m.startswith("updates: ") and "required hparams: " in m for m in meta)
-    assert sum("required hparams: layers" in m for m in meta) == len(METHODS) - 4  # prune, ultraedit; grace, wise: one `layer`
+    assert sum("required hparams: layers" in m for m in meta) == len(METHODS) - 5  # prune, ultraedit; grace, wise, memoir: one `layer`
     assert sum("required hparams: base, then those of the method named by base" in m for m in meta) == 1  # prune
     assert sum("updates: dense" in m for m in meta) == 2  # ft-c, lyaplock
     assert sum("updates: masked" in m for m in meta) == 1  # rect

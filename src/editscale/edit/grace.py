@@ -39,12 +39,12 @@ import torch
 
 from ..data.schema import fill
 from ..models.nethook import Trace
-from ..models.registry import edited_weight, mlp_out_name, to_math
+from ..models.registry import edited_weight, to_math
 from . import encoding, timing
 from .hparams import spec
 from .cost import CostSpec
 from .memory import Codebook, MemoryOp
-from .methods import EditMethod
+from .methods import LayerMemoryMethod
 from .weights import WeightState
 
 SPLIT_MARGIN = 1e-5  # the reference's `smallest_distance / 2 - 1e-5` for the nearest key's radius
@@ -65,28 +65,12 @@ def label_of(target: str) -> int:
     return int.from_bytes(hashlib.blake2b(target.encode(), digest_size=8).digest(), "big") >> 1
 
 
-class Grace(EditMethod):
+class Grace(LayerMemoryMethod):
     """A discrete key-value adaptor at one MLP output module; the weights stay as they are."""
 
     name = "grace"
     hparams_type = GraceHparams
-    batch_edits = False
     memory_type = Codebook
-    update_kind = "memory"  # no weight update: each edit's record is its codebook rows
-
-    @staticmethod
-    def modules(model, hparams) -> list[str]:
-        return []  # no weight is edited
-
-    @classmethod
-    def check_for_model(cls, hp: dict, layers_in_model: int, source: str = "hparams") -> None:
-        from .hparams import check_layers
-
-        check_layers(hp, layers_in_model, source, keys=("layer",))
-
-    @staticmethod
-    def memory_modules(model, hparams) -> list[str]:
-        return [mlp_out_name(model, int(hparams["layer"]))]
 
     @classmethod
     def memory_widths(cls, model, hparams) -> dict[str, dict[str, tuple[int, ...]]]:

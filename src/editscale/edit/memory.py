@@ -68,7 +68,8 @@ def tables_from_ops(ops, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 class Memory:
-    """Row tables per module: fields -> np.ndarray [n, ...] (all fields of a module have n rows)."""
+    """Row tables per module: fields -> np.ndarray [n, ...] (GRACE's and WISE's fields have n rows
+    each; MEMOIR's masks grow by the edit while its other fields keep one row)."""
 
     fields: dict[str, tuple[np.dtype, str]] = {}  # field -> (dtype, what a row is)
 

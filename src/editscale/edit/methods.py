@@ -131,6 +131,9 @@ register_method("wise", "editscale.edit.wise:Wise", "WISE (Wang et al. 2024): a 
                 "shards merged by TIES, a router choosing main or side memory by activation", cost="editscale.edit.wise:WiseCost")
 register_method("lyaplock", "editscale.edit.lyaplock:LyapLock", "LyapLock (Wang et al. 2025): MEMIT with a Lyapunov virtual queue weighting "
                 "the preservation loss and the earlier edits' keys and values (dense updates)", cost="editscale.edit.lyaplock:LyapLockCost")
+register_method("memoir", "editscale.edit.memoir:Memoir", "MEMOIR (Wang et al. 2025): a zero-initialized residual memory beside one MLP "
+                "output matrix, written and read through sparse TopHash masks of the prompt's activations; the weights stay",
+                cost="editscale.edit.memoir:MemoirCost")
 
 
 class EditMethod:
@@ -311,3 +314,24 @@ def load_hparams(path, method: str | None = None, required: Iterable[str] | None
     if cls is not None and hasattr(cls, "validate_hparams"):
         cls.validate_hparams(hp, source=str(path))
     return hp
+
+
+class LayerMemoryMethod(EditMethod):
+    """A method whose edits change a memory at one layer's MLP output module (hparams `layer`)
+    and no weight (GRACE, WISE, MEMOIR): it names that module, and checks the layer against the
+    model; the subclass sets `memory_type` and `memory_widths`."""
+
+    update_kind = "memory"
+    batch_edits = False
+
+    @staticmethod
+    def modules(model, hparams) -> list[str]:
+        return []  # no weight is edited
+
+    @classmethod
+    def check_for_model(cls, hp: dict, layers_in_model: int, source: str = "hparams") -> None:
+        hparams_spec.check_layers(hp, layers_in_model, source, keys=("layer",))
+
+    @staticmethod
+    def memory_modules(model, hparams) -> list[str]:
+        return [mlp_out_name(model, int(hparams["layer"]))]

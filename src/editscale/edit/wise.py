@@ -48,12 +48,12 @@ import torch
 from ..data.schema import fill
 from ..io import EditscaleError
 from ..models.nethook import Trace
-from ..models.registry import edited_weight, get_module, mlp_out_name
+from ..models.registry import edited_weight, get_module
 from . import encoding, timing
 from .cost import CostSpec
 from .hparams import spec
 from .memory import MemoryOp, SideMemory, activation_distances, mlp_activation, side_output
-from .methods import EditMethod
+from .methods import LayerMemoryMethod
 from .weights import WeightState
 
 FRESH_MIN_ACT = 1e9  # the reference's EditingMeanAct() start: no threshold before the first edit
@@ -80,6 +80,51 @@ class WiseHparams:
     objective_optimization: str = spec("only_label", choices=("only_label",), doc="the NLL over the target tokens only")
     context_template_length_params: list[list[int]] = spec([[5, 5], [10, 5]], minimum=1,
                                                            doc="[[new tokens, count], ...] of the greedy context templates (WISE: [[5, 5], [10, 5]])")
+
+
+def easyedit_rows(model, tok, templates: list[str], case: dict, loc: str, positions: bool = False) -> tuple[dict, torch.Tensor]:
+    """The rows EasyEdit's lifelong editors (WISE, MEMOIR) train one edit on (their utils.py
+    `tokenize`): the prompt + target in every context template, then one out-of-scope text `loc`,
+    left-padded (EasyEdit pads these batches on the left); labels -100 up to the templated prompts'
+    padded length, which with left padding is where the targets start, and on padding.
+    With `positions`, position ids that start at each row's first real token (EasyEdit passes
+    none: the same up to rounding on rotary-position models; on learned positions, GPT-2's, a
+    padded row's prompt would sit at shifted positions). Returns (input_ids, attention_mask and
+    position_ids on the model's device, labels)."""
+    prompt = fill(case["prompt"], case["subject"])
+    target = encoding.target_str(case)
+    full = [t.format(prompt + " " + target) for t in templates] + [loc]
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        prompt_ids = tok([t.format(prompt) for t in templates], return_tensors="pt", padding=True)["input_ids"]
+        tokens = tok(full, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    labels = tokens["input_ids"].clone()
+    for i in range(len(templates)):
+        labels[i, : prompt_ids.shape[1]] = -100
+    labels[tokens["input_ids"] == encoding.pad_id(tok)] = -100
+    device = encoding.model_device(model)
+    out = {"input_ids": tokens["input_ids"].to(device), "attention_mask": tokens["attention_mask"].to(device)}
+    if positions:
+        out["position_ids"] = (out["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return out, labels.to(device)
+
+
+def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The reference's `_cal_ft_loss` (WISE, MEMOIR) on `easyedit_rows`: per template row the mean
+    token NLL from the position before its last prompt token on (a masked mean whose prompt
+    positions count in the denominator with NLL 0), averaged over the rows; the last row (the
+    out-of-scope text) is not in it."""
+    last_prompt = (labels == -100).sum(dim=-1) - 1
+    shift_logits, shift_labels = logits[:-1, :-1], labels[:-1, 1:]
+    nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                            reduction="none").view(shift_labels.shape)
+    counted = torch.zeros_like(nll, dtype=torch.bool)
+    for i, col in enumerate(last_prompt[:-1].tolist()):
+        counted[i, col - 1:] = True
+    return ((nll * counted).sum(1) / counted.sum(1)).mean()
 
 
 def positive_mean(x: torch.Tensor) -> torch.Tensor:
@@ -116,29 +161,17 @@ def ties_merge(base: torch.Tensor, shards: list[torch.Tensor], density: float, t
     return (base + mixed / divisor).to(base.dtype)
 
 
-class Wise(EditMethod):
+class Wise(LayerMemoryMethod):
     """A side copy of one MLP output matrix with routing; the weights stay as they are."""
 
     name = "wise"
     hparams_type = WiseHparams
-    batch_edits = False
     memory_type = SideMemory
-    update_kind = "memory"
     template_rule = "wise"
-
-    @staticmethod
-    def modules(model, hparams) -> list[str]:
-        return []  # no weight is edited
 
     @classmethod
     def precomputed(cls, hparams: dict) -> dict[str, dict]:
         return {}  # no statistics
-
-    @classmethod
-    def check_for_model(cls, hp: dict, layers_in_model: int, source: str = "hparams") -> None:
-        from .hparams import check_layers
-
-        check_layers(hp, layers_in_model, source, keys=("layer",))
 
     @classmethod
     def validate_hparams(cls, hp: dict, source: str = "hparams") -> None:
@@ -148,10 +181,6 @@ class Wise(EditMethod):
         if int(hp["merge_freq"]) % int(hp["save_freq"]):
             raise EditscaleError(f"{source}: merge_freq ({hp['merge_freq']}) must be a multiple of save_freq ({hp['save_freq']}): "
                                  "a merge takes the last merge_freq / save_freq shards")
-
-    @staticmethod
-    def memory_modules(model, hparams) -> list[str]:
-        return [mlp_out_name(model, int(hparams["layer"]))]
 
     @classmethod
     def memory_widths(cls, model, hparams) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -191,27 +220,8 @@ class Wise(EditMethod):
     # -- one edit ---------------------------------------------------------------------------------
 
     def rows(self, case: dict) -> tuple[dict, torch.Tensor]:
-        """The reference's `tokenize`: the prompt + target in every template, then the
-        out-of-scope prompt (by the edit's index), left-padded (EasyEdit pads WISE's batches on
-        the left); labels -100 up to the templated prompts' padded length, which with left
-        padding is where the targets start, and on padding."""
-        prompt = fill(case["prompt"], case["subject"])
-        target = encoding.target_str(case)
         loc = self.out_of_scope[int(case.get("edit_index", 0)) % len(self.out_of_scope)]
-        full = [t.format(prompt + " " + target) for t in self.templates] + [loc]
-        side = self.tok.padding_side
-        self.tok.padding_side = "left"
-        try:
-            prompt_ids = self.tok([t.format(prompt) for t in self.templates], return_tensors="pt", padding=True)["input_ids"]
-            tokens = self.tok(full, return_tensors="pt", padding=True)
-        finally:
-            self.tok.padding_side = side
-        labels = tokens["input_ids"].clone()
-        for i in range(len(self.templates)):
-            labels[i, : prompt_ids.shape[1]] = -100
-        labels[tokens["input_ids"] == encoding.pad_id(self.tok)] = -100
-        device = encoding.model_device(self.model)
-        return {"input_ids": tokens["input_ids"].to(device), "attention_mask": tokens["attention_mask"].to(device)}, labels.to(device)
+        return easyedit_rows(self.model, self.tok, self.templates, case, loc)
 
     def losses(self, tokens: dict, labels: torch.Tensor, side: torch.nn.Parameter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(NLL loss, activation loss, d per template row) with the side weight in place of the
@@ -227,14 +237,7 @@ class Wise(EditMethod):
 
         with Trace(self.model, [self.module], edit_output=swap, keep_outputs=False) as tr:
             logits = self.model(**tokens).logits
-        last_prompt = (labels == -100).sum(dim=-1) - 1
-        shift_logits, shift_labels = logits[:-1, :-1], labels[:-1, 1:]
-        nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                                reduction="none").view(shift_labels.shape)
-        counted = torch.zeros_like(nll, dtype=torch.bool)
-        for i, col in enumerate(last_prompt[:-1].tolist()):
-            counted[i, col - 1:] = True
-        ft = ((nll * counted).sum(1) / counted.sum(1)).mean()
+        ft = target_nll(logits, labels)
         d = activation_distances(self.act, seen["main"], seen["side"]).mean(dim=-1)  # [rows]
         d_in, d_out = d[:-1], d[-1:]
         alpha, beta, gamma = (float(v) for v in self.hp.act_margin)

@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..io import EditscaleError
+from ..models.prompts import prompt_lengths
 
 DEFAULT_MAX_BATCH_TOKENS = 16384
 
@@ -153,7 +154,8 @@ def score_token_pairs(
             ids, mask, pos = left_pad([seqs[i] for i in idx], pad, device)
             t_lens = [len(target_ids[i]) for i in idx]
             t_max = max(t_lens)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=t_max + 1, use_cache=False)
+            with prompt_lengths([len(seqs[i]) - len(target_ids[i]) for i in idx]):  # for a memory that routes on the prompt
+                out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=t_max + 1, use_cache=False)
             logits = out.logits[:, -(t_max + 1):-1, :].float()  # kept[:, j] predicts position L - t_max + j
             logp = torch.log_softmax(logits, dim=-1)
             # target token t of row r sits at column L - T_r + t, i.e. kept column t_max - T_r + t
