@@ -103,6 +103,39 @@ def test_records_that_disagree_are_refused_with_every_problem(tiny_study, record
     assert "model:tiny-gpt2: run rome-tiny-b's record has 0000000000000000" in text
 
 
+def test_records_whose_metrics_read_different_data_are_refused(tiny_study, record, tmp_path):
+    """Two runs whose perplexities were taken on different corpora (a self-sample made on another
+    CPU, say) are not comparable: merge names the data file, although each record is intact."""
+    import polars as pl
+
+    from editscale.io import read_parquet_metadata, sha256_file, write_parquet_atomic
+
+    config = load_config(tiny_study / "config/test-tiny.yaml")
+    config["runs"].append(dict(config["runs"][0], name="rome-tiny-b"))
+
+    def rename(rec):
+        rec["run"] = rec["meta"]["name"] = rec["run_record"]["name"] = "rome-tiny-b"
+
+    recs = tmp_path / "recs"
+    _copy_record(record, recs / RUN)
+    twin = _copy_record(record, recs / "rome-tiny-b", rename)
+    rec = json.loads((twin / RECORD_FILE).read_text())
+    changed = sorted((twin / "metrics" / "perplexity").glob("*.parquet"))
+    assert changed
+    for f in changed:  # the twin's metric files as an export from another corpus would hold them
+        meta = read_parquet_metadata(f)
+        inputs = json.loads(meta["inputs"])
+        assert isinstance(inputs["tokens"], str)
+        meta["inputs"] = json.dumps({**inputs, "tokens": "f" * 64})
+        write_parquet_atomic(pl.read_parquet(f), f, {k: v for k, v in meta.items() if k != "table_sha256"})
+        rec["files"][str(f.relative_to(twin))] = sha256_file(f)
+    (twin / RECORD_FILE).write_text(json.dumps(rec))
+    with pytest.raises(EditscaleError, match=r"1 problem\(s\):\n  data:tokens: run rome-tiny-b's record has ffffffffffffffff, run rome-tiny's"):
+        merge(config, [recs], tmp_path / "out", plots=False)
+    summary = merge(config, [recs / RUN], tmp_path / "out1", allow_missing=True, plots=False)
+    assert summary["shared"]["data:tokens"] == json.loads(read_parquet_metadata(sorted((record / "metrics/perplexity").glob("*"))[0])["inputs"])["tokens"]
+
+
 def test_a_missing_run_is_an_error_unless_allowed(tiny_study, record, tmp_path):
     config = load_config(tiny_study / "config/test-tiny.yaml")
     config["runs"].append(dict(config["runs"][0], name="rome-tiny-b"))

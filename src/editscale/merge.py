@@ -116,6 +116,30 @@ def shared_identity(run: dict, files: dict[str, Any], versions: list[str]) -> di
     }
 
 
+def data_identity(record_dir: Path, metric_files: list[Path]) -> dict[str, str]:
+    """`data:{role}` -> sha256 of each data file the run's metrics read (`EvaluationJob.uses`: the
+    perplexity corpus's tokens, downstream tasks' files), from the metric files' provenance
+    (`inputs`; a string there is a shared file's hash, a {path, ...} the run's own file). Read at
+    merge, so records exported before it was checked are checked too: a corpus sampled on another
+    CPU (editscale.data.corpus: float32 rounding) differs, and its perplexities are not comparable."""
+    from .io import read_parquet_metadata
+
+    seen: dict[str, tuple[str, Path]] = {}
+    for rel in metric_files:
+        try:
+            inputs = json.loads(read_parquet_metadata(record_dir / rel).get("inputs", "{}"))
+        except Exception:  # noqa: BLE001 - a file changed since export: merge's audit names it
+            continue
+        for role, value in inputs.items():
+            if role == "model" or not isinstance(value, str):
+                continue  # the model is checked as model:{name}; a dict is the run's own file
+            if role in seen and seen[role][0] != value:
+                raise EditscaleError(f"merge: the record in {record_dir} read two different {role} files: {seen[role][1]} has "
+                                     f"{seen[role][0][:16]}, {rel} {value[:16]} (its metrics were made from different data)")
+            seen.setdefault(role, (value, rel))
+    return {f"data:{role}": value for role, (value, _) in sorted(seen.items())}
+
+
 def job_seconds(config: dict, run: dict, root: Path) -> dict[str, float]:
     """Wall seconds of the run's jobs from their Snakemake benchmark records: edit chain,
     evaluation, and their sum (a record missing: left out, counted in `jobs_missing`)."""
@@ -363,6 +387,11 @@ def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missin
     dirs = {run: ds[0][1] for run, ds in found.items() if run in wanted}
     origins = {run: ds[0][0] for run, ds in found.items() if run in wanted}
     records = {run: json.loads((d / RECORD_FILE).read_text(encoding="utf-8")) for run, d in dirs.items()}
+    run_by_name = {r["name"]: r for r in config["runs"]}
+    for run, rec in records.items():  # the data the metrics read must be shared too (data_identity)
+        rels = [Path("metrics") / m / Path(p).name for m in wf.metrics_registry()
+                for p in wf.metric_files(config, recorded_run(run_by_name[run], rec), m)]
+        rec["shared"] = {**rec["shared"], **data_identity(dirs[run], [rel for rel in rels if (dirs[run] / rel).exists()])}
     missing = check_records(config, records, allow_missing)
     present = [recorded_run(r, records[r["name"]]) for r in config["runs"] if r["name"] in records and r["name"] not in missing]
     stopped = {r["name"]: records[r["name"]]["stopped"] for r in present if records[r["name"]].get("stopped")}
