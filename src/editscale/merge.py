@@ -26,8 +26,11 @@ the config declares for the run (editscale.workflow), read from `--results-root`
 Merging checks that the records share what must be shared, and refuses with one error naming every
 difference: each run's record was made with this config's run (its run.json: method, resolved
 hparams, dtype, dataset, sample, seed) and metric settings; runs of one model share the model's
-sha256, runs of one dataset its sha256, runs reading one statistics file its sha256, and every
-record has the same editscale version. A run of the config with no record, or whose record lacks
+sha256, runs of one dataset its sha256, runs reading one statistics file its sha256, runs whose
+metrics read one data file (the perplexity corpus's tokens, a downstream task's file; from the
+metric files' provenance, `data_identity`) its sha256, and every record has the same editscale
+version. Statistics and a self-sampled corpus are float32 computations whose rounding differs
+between CPU kinds (benchmarks/RESULTS.md 13): runs made on two kinds merge only where they read none. A run of the config with no record, or whose record lacks
 files of the config, is an error unless `--allow-missing` (then the tables hold the runs that are
 there, and merge.json names the missing ones).
 
