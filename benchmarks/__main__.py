@@ -91,6 +91,10 @@ def print_table(res: dict) -> None:
         print("peak RSS (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(w["peak_rss_mb"].items())))
 
 
+LIFELONG_PREFIX = ("grace", "wise", "memoir")
+OPTIMS = ("prefix_reuse", "cov_factor_once", "keys_one_batch", *(f"prefix_{m}" for m in LIFELONG_PREFIX))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"], help="SmolLM2-135M (default) or a tiny random GPT-2 (quick)")
@@ -98,6 +102,8 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--methods", nargs="*", default=METHOD_NAMES)
     ap.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS)
+    ap.add_argument("--optims", nargs="*", default=list(OPTIMS), choices=OPTIMS,
+                    help="section optim: the optimizations timed before / after (prefix_<method>: GRACE, WISE, MEMOIR's edits)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--edit-jobs", type=int, default=os.cpu_count() or 1,
                     help="methods timed at once, one process each with threads // edit-jobs threads (as the workflow runs chains)")
@@ -121,11 +127,13 @@ def main(argv=None) -> None:
         res["edit_jobs"], res["edit_threads_per_job"] = jobs, max(1, args.threads // jobs)
         res["edits"] = edit_speed.per_method_parallel(bench, args.edits, args.warmup, args.methods, jobs, res["edit_threads_per_job"])
     if "optim" in args.sections:
-        res["optim"] = {
-            "prefix_reuse": edit_speed.prefix_reuse(bench, 3),
-            "cov_factor_once": edit_speed.cov_factor_cache(bench, 20),
-            "keys_one_batch": edit_speed.keys_batched(bench, 5),
+        timed = {
+            "prefix_reuse": lambda: edit_speed.prefix_reuse(bench, 3),
+            "cov_factor_once": lambda: edit_speed.cov_factor_cache(bench, 20),
+            "keys_one_batch": lambda: edit_speed.keys_batched(bench, 5),
+            **{f"prefix_{m}": (lambda m=m: edit_speed.memory_prefix_reuse(bench, m, 2)) for m in LIFELONG_PREFIX},
         }
+        res["optim"] = {name: timed[name]() for name in args.optims}
     if "eval" in args.sections:
         res["eval"] = {"scorer": eval_speed.scorer(bench, 40), "stats": eval_speed.stats_throughput(bench, 2048)}
     if "floor" in args.sections:

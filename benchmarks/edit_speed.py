@@ -14,6 +14,7 @@ import logging
 import statistics
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -124,6 +125,31 @@ def prefix_reuse(bench: Bench, n_cases: int) -> dict:
         value_optimization.REUSE_PREFIX = saved
     return {"before_s": _median(off), "after_s": _median(on), "speedup": _median(off) / _median(on),
             "bit_identical": identical, "cases": n_cases, "layer": hp["layers"][0]}
+
+
+def memory_prefix_reuse(bench: Bench, method: str, n_cases: int) -> dict:
+    """A lifelong editor's edits (GRACE, WISE, MEMOIR: SGD on a memory at one layer's MLP output)
+    with and without re-using the blocks below that layer across the steps
+    (`value_optimization.reused_prefix`): n_cases sequential edits each way on a fresh model,
+    without first; checks that the memories are bit-identical."""
+    saved = value_optimization.REUSE_PREFIX
+    times: dict[bool, list[float]] = {False: [], True: []}
+    memories = {}
+    try:
+        for flag in (False, True):
+            value_optimization.REUSE_PREFIX = flag
+            editor, weights = bench.editor(method)
+            editor.begin(bench.cases[:n_cases])
+            for case in bench.cases[:n_cases]:
+                t0 = time.perf_counter()
+                editor.apply([case], weights)
+                times[flag].append(time.perf_counter() - t0)
+            memories[flag] = {m: {f: a.copy() for f, a in t.items()} for m, t in editor.memory.tables.items()}
+    finally:
+        value_optimization.REUSE_PREFIX = saved
+    identical = all(np.array_equal(a, memories[True][m][f]) for m, t in memories[False].items() for f, a in t.items())
+    return {"before_s": _median(times[False]), "after_s": _median(times[True]), "speedup": _median(times[False]) / _median(times[True]),
+            "bit_identical": identical, "cases": n_cases, "layer": bench.hparams(method)["layer"]}
 
 
 def cov_factor_cache(bench: Bench, n_cases: int) -> dict:

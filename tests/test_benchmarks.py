@@ -34,6 +34,7 @@ def test_harness_tiny(repo_root, tmp_path):
     lowrank = {r["method"]: r["bytes_per_edit_factors"] for r in fig["edits"]}
     assert lowrank["rome"] < lowrank["ft-c"]  # rank-one factors vs FT-C's dense update
     assert fig["optim"]["prefix_reuse"]["bit_identical"] is True
+    assert all(fig["optim"][f"prefix_{m}"]["bit_identical"] is True for m in ("grace", "wise", "memoir"))
     assert fig["optim"]["keys_one_batch"]["max_rel_diff"] < 1e-4
     assert fig["eval"]["stats"]["same_result"] is True
     assert fig["eval"]["scorer"]["max_abs_nll_diff"] < 1e-4

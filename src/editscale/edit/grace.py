@@ -46,6 +46,7 @@ from .cost import CostSpec
 from .memory import Codebook, MemoryOp
 from .methods import LayerMemoryMethod
 from .weights import WeightState
+from .value_optimization import reused_prefix
 
 SPLIT_MARGIN = 1e-5  # the reference's `smallest_distance / 2 - 1e-5` for the nearest key's radius
 
@@ -119,7 +120,7 @@ class Grace(LayerMemoryMethod):
             return out
 
         losses = []
-        with timing.phase("optimize"), encoding.frozen_eval(self.model):
+        with timing.phase("optimize"), encoding.frozen_eval(self.model), reused_prefix(self.model, int(self.hp.layer)):
             for _ in range(int(self.hp.n_iter)):
                 with Trace(self.model, [self.module], edit_output=replace, keep_inputs=False, keep_outputs=False):
                     logits = self.model(input_ids=ids).logits

@@ -61,6 +61,7 @@ from .memory import Memory, MemoryOp
 from .methods import LayerMemoryMethod
 from .weights import WeightState
 from .wise import EARLY_STOP, WEIGHT_DECAY, WiseCost, easyedit_rows, target_nll
+from .value_optimization import reused_prefix
 
 CLIP_NORM = 1.0  # the reference's clip_grad_norm_(new_weight, max_norm=1.0)
 BACKGROUND_TEXTS = 100  # the reference's mean over the first 100 saved background feature vectors
@@ -292,7 +293,7 @@ class Memoir(LayerMemoryMethod):
 
         previous, current = 0.0, 1e9
         losses, steps = [], 0
-        with timing.phase("optimize"), encoding.frozen_eval(self.model):
+        with timing.phase("optimize"), encoding.frozen_eval(self.model), reused_prefix(self.model, int(hp.layer)):
             for _ in range(int(hp.n_iter)):
                 with Trace(self.model, [m], edit_output=residual, keep_outputs=False) as tr:
                     logits = self.model(**tokens).logits

@@ -85,6 +85,13 @@ class PrefixCache:
             del block.forward
 
 
+def reused_prefix(model, layer: int) -> PrefixCache:
+    """The blocks below `layer` computed once for the passes of one optimization whose inputs are
+    fixed and whose trained tensor acts at `layer` or above (v*; GRACE's value, WISE's side
+    weight, MEMOIR's W_r at their layer's MLP output); off when REUSE_PREFIX is (benchmarks/)."""
+    return PrefixCache(model, layer, enabled=REUSE_PREFIX)
+
+
 def _detached(out):
     if isinstance(out, torch.Tensor):
         return out.detach()
@@ -145,7 +152,7 @@ def optimize_value(model, tok, case: dict, templates, inject_module: str, hp, lo
     log: dict = {}
     steps_taken, n_steps = 0, int(hp.v_num_grad_steps)
     stopping = EarlyStopping(hp.early_stop, int(hp.mpes_steps), batch.rows >= 1)  # mpes: rewriting prompts 1.. (ENCORE: log_probs[1:])
-    prefix = PrefixCache(model, layer_of(model, inject_module), enabled=REUSE_PREFIX)
+    prefix = reused_prefix(model, layer_of(model, inject_module))
     with frozen_eval(model), torch.enable_grad(), prefix:
         for it in range(max(n_steps, 1)):
             injection.zero_grad()

@@ -55,6 +55,7 @@ from .hparams import spec
 from .memory import MemoryOp, SideMemory, activation_distances, mlp_activation, side_output
 from .methods import LayerMemoryMethod
 from .weights import WeightState
+from .value_optimization import reused_prefix
 
 FRESH_MIN_ACT = 1e9  # the reference's EditingMeanAct() start: no threshold before the first edit
 WEIGHT_DECAY = 1e-5  # the reference's SGD(..., weight_decay=1e-5)
@@ -261,7 +262,7 @@ class Wise(LayerMemoryMethod):
         min_act = float(table["min_act"][0])
         previous, current = 0.0, 1e9
         losses, steps, d_edit = [], 0, None
-        with timing.phase("optimize"), encoding.frozen_eval(self.model):
+        with timing.phase("optimize"), encoding.frozen_eval(self.model), reused_prefix(self.model, int(hp.layer)):
             for i in range(int(hp.n_iter)):
                 ft, act_loss, d_in = self.losses(tokens, labels, side)
                 loss = ft + act_loss
