@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from . import edit_speed, eval_speed, flops, workflow_cache  # noqa: E402
 from .prepare import METHOD_NAMES, REPO, prepare  # noqa: E402
+from editscale.edit.methods import LayerMemoryMethod, get_method  # noqa: E402
 
 SECTIONS = ("edits", "optim", "eval", "floor", "workflow")
 
@@ -91,7 +92,8 @@ def print_table(res: dict) -> None:
         print("peak RSS (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(w["peak_rss_mb"].items())))
 
 
-LIFELONG_PREFIX = ("grace", "wise", "memoir")
+# the methods whose edits are SGD on a memory at one layer (GRACE, WISE, MEMOIR), from the registry
+LIFELONG_PREFIX = tuple(m for m in METHOD_NAMES if issubclass(get_method(m), LayerMemoryMethod))
 OPTIMS = ("prefix_reuse", "cov_factor_once", "keys_one_batch", *(f"prefix_{m}" for m in LIFELONG_PREFIX))
 
 

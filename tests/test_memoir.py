@@ -25,8 +25,8 @@ from editscale.edit.templating import sample_context_templates
 from editscale.edit.weights import WeightState
 from editscale.evaluate.scoring import score_pairs
 from editscale.io import EditscaleError
-from editscale.models.nethook import Trace
 from editscale.models.prompts import prompt_lengths
+from memory_probe import module_output_and_logits
 
 ARCHS = ["gpt2", "gptj", "gpt_neox", "llama"]
 CASES = [
@@ -41,19 +41,6 @@ def _memoir(tiny_lm, arch, **hp):
     model, tok = tiny_lm(arch)
     groups = sample_context_templates(model, tok, TINY["context_template_length_params"], 0, rule="wise")
     return Memoir(model, tok, {**TINY, **hp}, {}, groups), model, tok, groups
-
-
-def _run(model, tok, module, text, memory=None):
-    """(the module's output, the logits) of one unpadded text, with `memory` attached."""
-    ids = tok(text, return_tensors="pt")["input_ids"]
-    handles = memory.attach(model) if memory is not None else []
-    try:
-        with torch.no_grad(), Trace(model, [module]) as tr:
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-    finally:
-        for h in handles:
-            h.remove()
-    return tr.outputs[module], logits
 
 
 def test_a_tophash_mask_keeps_the_permuted_top_k_features():
@@ -71,7 +58,7 @@ def test_an_edit_writes_only_its_masks_columns_and_reads_them_back(tiny_lm, arch
     ws = WeightState(model, [])
     m = memoir.module
     prompt = fill(CASES[0]["prompt"], CASES[0]["subject"])
-    before, before_logits = _run(model, tok, m, prompt + " " + CASES[0]["target_new"])
+    before, before_logits = module_output_and_logits(model, tok, m, prompt + " " + CASES[0]["target_new"])
     # the first row's left padding, from the attention mask: the reference counts the positions
     # whose input equals the first one's, the same (position ids start at each row's first token)
     tokens, _ = memoir.rows(CASES[0])
@@ -88,7 +75,7 @@ def test_an_edit_writes_only_its_masks_columns_and_reads_them_back(tiny_lm, arch
     assert np.abs(w[:, ~mask]).max() == 0 and np.abs(w[:, mask]).max() > 0  # only the masked input columns
     # the edited prompt reads the memory (its own mask, overlap 1) and the target gets likelier
     with prompt_lengths([len(tok(prompt)["input_ids"])]):
-        after, after_logits = _run(model, tok, m, prompt + " " + CASES[0]["target_new"], memoir.memory)
+        after, after_logits = module_output_and_logits(model, tok, m, prompt + " " + CASES[0]["target_new"], memoir.memory)
     assert not torch.equal(after, before)
     nll = {}
     for name, mem in (("before", None), ("after", memoir.memory)):
@@ -101,8 +88,8 @@ def test_an_edit_writes_only_its_masks_columns_and_reads_them_back(tiny_lm, arch
     assert nll["after"] < nll["before"]
     # an unrelated text does not: the module's output and the logits bit for bit
     text = groups[1][0]
-    plain, plain_logits = _run(model, tok, m, text)
-    routed, routed_logits = _run(model, tok, m, text, memoir.memory)
+    plain, plain_logits = module_output_and_logits(model, tok, m, text)
+    routed, routed_logits = module_output_and_logits(model, tok, m, text, memoir.memory)
     assert torch.equal(routed, plain) and torch.equal(routed_logits, plain_logits)
 
 
@@ -181,7 +168,8 @@ def test_the_residual_memory_replays_exactly_from_its_ops(tiny_lm, tmp_path):
     rebuilt = ResidualMemory([memoir.module], memoir.memory_widths(model, memoir.hparams), state=stored)
     rebuilt.configure(model, memoir.hparams)
     text = fill(CASES[2]["prompt"], CASES[2]["subject"]) + " " + CASES[2]["target_new"]
-    assert torch.equal(_run(model, tok, memoir.module, text, rebuilt)[1], _run(model, tok, memoir.module, text, memoir.memory)[1])
+    assert torch.equal(module_output_and_logits(model, tok, memoir.module, text, rebuilt)[1],
+                       module_output_and_logits(model, tok, memoir.module, text, memoir.memory)[1])
     cost = MemoirCost(Memoir, TINY)
     assert cost.memory_bytes(3, 64, 128) == 4 * 64 * 128 + 3 * 128 + 12 * 128
 

@@ -27,6 +27,7 @@ from editscale.edit.wise import FRESH_MIN_ACT, Wise, WiseCost, ties_merge
 from editscale.io import EditscaleError
 from editscale.models.nethook import Trace
 from editscale.models.registry import edited_weight, get_module
+from memory_probe import module_output_and_logits
 
 ARCHS = ["gpt2", "gptj", "gpt_neox", "llama"]
 CASES = [
@@ -52,18 +53,6 @@ def _distance(wise, model, tok, text, row=0):
     x, main = tr.inputs[wise.module], tr.outputs[wise.module]
     side = side_output(get_module(model, wise.module), x, torch.from_numpy(wise.memory.tables[wise.module]["weights"][row]))
     return float(torch.norm(wise.act(side) - wise.act(main), dim=-1).mean())
-
-
-def _memory_module_output(model, module, tok, text, attach=None):
-    ids = tok(text, return_tensors="pt")["input_ids"]
-    handles = attach.attach(model) if attach is not None else []
-    try:
-        with torch.no_grad(), Trace(model, [module]) as tr:
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-    finally:
-        for h in handles:
-            h.remove()
-    return tr.outputs[module], logits
 
 
 def test_the_router_picks_the_memory_by_distance_per_sequence_and_ignores_padding():
@@ -114,7 +103,7 @@ def test_edits_route_to_the_side_memory_and_the_out_of_scope_text_to_the_main_ff
     wise, model, tok, groups = _wise(tiny_lm, arch, save_freq=100, merge_freq=100)
     ws = WeightState(model, [])
     texts = [fill(c["prompt"], c["subject"]) + " " + c["target_new"] for c in CASES[:2]]
-    before = {t: _memory_module_output(model, wise.module, tok, t) for t in texts}
+    before = {t: module_output_and_logits(model, tok, wise.module, t) for t in texts}
     rows = [wise.apply([c], ws)[0] for c in CASES[:2]]
     assert not ws.take_applied()  # no weight update
     assert all(r["v_loss"] < r["loss_before"] for r in rows)
@@ -124,11 +113,11 @@ def test_edits_route_to_the_side_memory_and_the_out_of_scope_text_to_the_main_ff
     out_of_scope = groups[1][CASES[1]["edit_index"] % len(groups[1])]  # the text edit 2 trained against
     for text in texts:
         assert _distance(wise, model, tok, text) >= threshold
-        out, _ = _memory_module_output(model, wise.module, tok, text, attach=wise.memory)
+        out, _ = module_output_and_logits(model, tok, wise.module, text, wise.memory)
         assert not torch.equal(out, before[text][0])
     assert _distance(wise, model, tok, out_of_scope) < threshold
-    plain, plain_logits = _memory_module_output(model, wise.module, tok, out_of_scope)
-    routed, routed_logits = _memory_module_output(model, wise.module, tok, out_of_scope, attach=wise.memory)
+    plain, plain_logits = module_output_and_logits(model, tok, wise.module, out_of_scope)
+    routed, routed_logits = module_output_and_logits(model, tok, wise.module, out_of_scope, wise.memory)
     assert torch.equal(routed, plain) and torch.equal(routed_logits, plain_logits)
 
 
@@ -185,8 +174,8 @@ def test_the_side_memory_replays_exactly_from_its_ops(tiny_lm, tmp_path):
     rebuilt = SideMemory([wise.module], wise.memory_widths(model, wise.hparams), state=stored)
     rebuilt.configure(model, wise.hparams)
     text = fill(CASES[2]["prompt"], CASES[2]["subject"])
-    assert torch.equal(_memory_module_output(model, wise.module, tok, text, attach=rebuilt)[1],
-                       _memory_module_output(model, wise.module, tok, text, attach=wise.memory)[1])
+    assert torch.equal(module_output_and_logits(model, tok, wise.module, text, rebuilt)[1],
+                       module_output_and_logits(model, tok, wise.module, text, wise.memory)[1])
 
 
 def test_wise_hparams_are_checked_when_read():

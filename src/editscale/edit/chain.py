@@ -42,7 +42,7 @@ from tqdm import tqdm
 from ..io import EditscaleError, atomic_h5, check_free_space, provenance, read_jsonl, sha256_file
 from ..layout import SegmentFiles, StateFiles
 from ..models.load import load_model, model_sha, pick_device
-from .memory import MemoryOp
+from .memory import MemoryOp, new_memory
 from .weights import Update, WeightState, add_update
 from .timing import PHASE_SECONDS
 
@@ -521,17 +521,6 @@ def replay(state: StateFiles, model_sha256: str | None = None) -> dict[str, torc
             raise EditscaleError(f"{state.factors} holds no edit {state.k}")
         accumulate(delta, [upd for step, upd in updates if step <= last_step_j])
     return delta
-
-
-def new_memory(method_cls, model, hparams: dict, state: dict | None):
-    """The method's memory (editscale.edit.memory) on `model`, from `state`; None for a method
-    that keeps none."""
-    memory_type = getattr(method_cls, "memory_type", None)
-    if memory_type is None:
-        return None
-    memory = memory_type(method_cls.memory_modules(model, hparams), method_cls.memory_widths(model, hparams), state=state or None)
-    memory.configure(model, hparams)
-    return memory
 
 
 def _stored_method(state: StateFiles) -> tuple[str, dict] | None:

@@ -81,11 +81,6 @@ class Grace(LayerMemoryMethod):
             out[m] = {"keys": (d_in,), "values": (d_out,), "radii": (), "labels": ()}
         return out
 
-    def __init__(self, model, tok, hparams: dict, stats, context_templates, state=None, memory: Codebook | None = None):
-        super().__init__(model, tok, hparams, stats, context_templates, state)
-        self.module = self.memory_modules(model, self.hparams)[0]
-        self.memory = memory if memory is not None else Codebook([self.module], self.memory_widths(model, self.hparams))
-
     def state_dict(self) -> dict:
         return {}  # the codebook is the memory, stored by the chain
 

@@ -54,13 +54,13 @@ import torch
 from ..io import EditscaleError
 from ..models.nethook import Trace
 from ..models.prompts import current_prompt_lengths
-from ..models.registry import edited_weight, get_module, to_math
+from ..models.registry import edited_weight, to_math
 from . import encoding, timing
 from .hparams import spec
 from .memory import Memory, MemoryOp
 from .methods import LayerMemoryMethod
 from .weights import WeightState
-from .wise import EARLY_STOP, WEIGHT_DECAY, WiseCost, easyedit_rows, target_nll
+from .wise import EARLY_STOP, WEIGHT_DECAY, WiseCost, easyedit_rows, target_nll, wise_template_groups
 from .value_optimization import reused_prefix
 
 CLIP_NORM = 1.0  # the reference's clip_grad_norm_(new_weight, max_norm=1.0)
@@ -207,20 +207,11 @@ class Memoir(LayerMemoryMethod):
         return out
 
     def __init__(self, model, tok, hparams: dict, stats, context_templates, state=None, memory: ResidualMemory | None = None):
-        super().__init__(model, tok, hparams, stats, context_templates, state)
-        self.module = self.memory_modules(model, self.hparams)[0]
-        self.module_obj = get_module(model, self.module)
+        super().__init__(model, tok, hparams, stats, context_templates, state, memory)
         self.d_out, self.d_in = self.memory_widths(model, self.hparams)[self.module]["weights"]
         if int(self.hp.top_k) > self.d_in:
             raise EditscaleError(f"memoir hparams: top_k {self.hp.top_k} exceeds the {self.d_in} input features of {self.module}")
-        if memory is None:
-            memory = ResidualMemory([self.module], self.memory_widths(model, self.hparams))
-            memory.configure(model, self.hparams)
-        self.memory = memory
-        if len(self.context_templates) != 2:
-            raise EditscaleError("MEMOIR reads two template groups (the rule 'wise': context templates, out-of-scope texts); "
-                                 f"got {len(self.context_templates)}")
-        self.templates, self.out_of_scope = self.context_templates
+        self.templates, self.out_of_scope = wise_template_groups("MEMOIR", self.context_templates)
 
     def apply(self, cases: list[dict], weights: WeightState) -> list[dict]:
         return [self._edit(case) for case in cases]

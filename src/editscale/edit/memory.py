@@ -67,6 +67,17 @@ def tables_from_ops(ops, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return tables
 
 
+def new_memory(method_cls, model, hparams: dict, state: dict | None = None) -> "Memory | None":
+    """The method's memory on `model`, from `state` (empty without), configured; None for a method
+    that keeps none (no `memory_type`)."""
+    memory_type = getattr(method_cls, "memory_type", None)
+    if memory_type is None:
+        return None
+    memory = memory_type(method_cls.memory_modules(model, hparams), method_cls.memory_widths(model, hparams), state=state or None)
+    memory.configure(model, hparams)
+    return memory
+
+
 class Memory:
     """Row tables per module: fields -> np.ndarray [n, ...] (GRACE's and WISE's fields have n rows
     each; MEMOIR's masks grow by the edit while its other fields keep one row)."""
@@ -103,7 +114,7 @@ class Memory:
         return {f"{m}/{f}": t.copy() for m, fs in self.tables.items() for f, t in fs.items()}
 
     def configure(self, model, hparams: dict) -> None:
-        """Settings the hook reads from the model and the method's hparams (chain.new_memory calls
+        """Settings the hook reads from the model and the method's hparams (new_memory calls
         it); nothing by default."""
 
     # -- the hook ----------------------------------------------------------------------------

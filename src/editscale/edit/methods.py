@@ -22,8 +22,9 @@ import torch
 
 from ..io import EditscaleError
 from ..registry import Registry, resolve
-from ..models.registry import mlp_out_name, n_layers
+from ..models.registry import get_module, mlp_out_name, n_layers
 from . import hparams as hparams_spec
+from .memory import new_memory
 from .weights import WeightState
 
 @dataclasses.dataclass(frozen=True)
@@ -319,10 +320,17 @@ def load_hparams(path, method: str | None = None, required: Iterable[str] | None
 class LayerMemoryMethod(EditMethod):
     """A method whose edits change a memory at one layer's MLP output module (hparams `layer`)
     and no weight (GRACE, WISE, MEMOIR): it names that module, and checks the layer against the
-    model; the subclass sets `memory_type` and `memory_widths`."""
+    model; the subclass sets `memory_type` and `memory_widths`. An instance edits `module`
+    (`module_obj`) and changes `memory`: the chain's (the run's memory so far), else a new one."""
 
     update_kind = "memory"
     batch_edits = False
+
+    def __init__(self, model, tok, hparams: dict, stats, context_templates, state=None, memory=None):
+        super().__init__(model, tok, hparams, stats, context_templates, state)
+        self.module = self.memory_modules(model, self.hparams)[0]
+        self.module_obj = get_module(model, self.module)
+        self.memory = memory if memory is not None else new_memory(type(self), model, self.hparams)
 
     @staticmethod
     def modules(model, hparams) -> list[str]:

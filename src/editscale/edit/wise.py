@@ -48,7 +48,7 @@ import torch
 from ..data.schema import fill
 from ..io import EditscaleError
 from ..models.nethook import Trace
-from ..models.registry import edited_weight, get_module
+from ..models.registry import edited_weight
 from . import encoding, timing
 from .cost import CostSpec
 from .hparams import spec
@@ -128,6 +128,15 @@ def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ((nll * counted).sum(1) / counted.sum(1)).mean()
 
 
+def wise_template_groups(method: str, groups) -> tuple[list[str], list[str]]:
+    """(context templates, out-of-scope texts): the two groups of the template rule 'wise' that
+    EasyEdit's lifelong editors (WISE, MEMOIR) read."""
+    if len(groups) != 2:
+        raise EditscaleError(f"{method} reads two template groups (the rule 'wise': context templates, out-of-scope texts); "
+                             f"got {len(groups)}")
+    return groups[0], groups[1]
+
+
 def positive_mean(x: torch.Tensor) -> torch.Tensor:
     """The mean of the positive entries, 0 when there are none (the reference's hinge means)."""
     pos = x[x > 0]
@@ -191,17 +200,8 @@ class Wise(LayerMemoryMethod):
                 for m in cls.memory_modules(model, hparams)}
 
     def __init__(self, model, tok, hparams: dict, stats, context_templates, state=None, memory: SideMemory | None = None):
-        super().__init__(model, tok, hparams, stats, context_templates, state)
-        self.module = self.memory_modules(model, self.hparams)[0]
-        self.module_obj = get_module(model, self.module)
-        if memory is None:
-            memory = SideMemory([self.module], self.memory_widths(model, self.hparams))
-            memory.configure(model, self.hparams)
-        self.memory = memory
-        if len(self.context_templates) != 2:
-            raise EditscaleError("WISE reads two template groups (the rule 'wise': context templates, out-of-scope texts); "
-                                 f"got {len(self.context_templates)}")
-        self.templates, self.out_of_scope = self.context_templates
+        super().__init__(model, tok, hparams, stats, context_templates, state, memory)
+        self.templates, self.out_of_scope = wise_template_groups("WISE", self.context_templates)
         self.edits_done = int(np.asarray(state["edits_done"])) if state else 0
         self.act = mlp_activation(model)
 
