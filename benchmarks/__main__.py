@@ -94,7 +94,7 @@ def print_table(res: dict) -> None:
 
 # the methods whose edits are SGD on a memory at one layer (GRACE, WISE, MEMOIR), from the registry
 LIFELONG_PREFIX = tuple(m for m in METHOD_NAMES if issubclass(get_method(m), LayerMemoryMethod))
-OPTIMS = ("prefix_reuse", "cov_factor_once", "keys_one_batch", *(f"prefix_{m}" for m in LIFELONG_PREFIX))
+OPTIMS = ("prefix_reuse", "cov_factor_once", "keys_one_batch", *(f"prefix_{m}" for m in LIFELONG_PREFIX), "base_memo")
 
 
 def main(argv=None) -> None:
@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", nargs="*", default=METHOD_NAMES)
     ap.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS)
     ap.add_argument("--optims", nargs="*", default=list(OPTIMS), choices=OPTIMS,
-                    help="section optim: the optimizations timed before / after (prefix_<method>: GRACE, WISE, MEMOIR's edits)")
+                    help="section optim: the optimizations timed before / after (prefix_<method>: GRACE, WISE, MEMOIR's edits; base_memo: the edit-score job's unedited-model readings)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--edit-jobs", type=int, default=os.cpu_count() or 1,
                     help="methods timed at once, one process each with threads // edit-jobs threads (as the workflow runs chains)")
@@ -134,6 +134,7 @@ def main(argv=None) -> None:
             "cov_factor_once": lambda: edit_speed.cov_factor_cache(bench, 20),
             "keys_one_batch": lambda: edit_speed.keys_batched(bench, 5),
             **{f"prefix_{m}": (lambda m=m: edit_speed.memory_prefix_reuse(bench, m, 2)) for m in LIFELONG_PREFIX},
+            "base_memo": lambda: eval_speed.base_memo(bench, 100),
         }
         res["optim"] = {name: timed[name]() for name in args.optims}
     if "eval" in args.sections:

@@ -3,7 +3,9 @@
 - the batched scorer (length-sorted, left-padded batches under torch.inference_mode) against
   one forward pass per prompt, on the prompts the current-edit metric scores;
 - second-moment collection stopped right after the edited layer against running the whole
-  model, LM head included, on the same tokens.
+  model, LM head included, on the same tokens;
+- an edit-score job's readings of the unedited model (EasyEdit's locality) run once per distinct
+  neighbourhood list (`base_memo`) against once per edit.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 
 import torch
 
+from editscale.evaluate.edit_scores import score_cases
 from editscale.evaluate.scoring import score_pairs
 from editscale.models.registry import mlp_out_name
 from editscale.stats.mom2 import compute_mom2
@@ -44,6 +47,25 @@ def scorer(bench: Bench, n_cases: int) -> dict:
     diff = float((batched.nll - torch.stack([torch.as_tensor(x) for x in single])).abs().max())
     return {"pairs": len(prompts), "batched_pairs_per_s": len(prompts) / t_batch, "loop_pairs_per_s": len(prompts) / t_loop,
             "speedup": t_loop / t_batch, "max_abs_nll_diff": diff}
+
+
+def base_memo(bench: Bench, n_cases: int) -> dict:
+    """Seconds per edit of the edit-score job's scoring (one case at a time, with the unedited
+    model for EasyEdit's locality) without and with `base_memo`, kept across the cases as the job
+    keeps it; the two alternate in order from case to case. Checks every row is bit-identical."""
+    bench.fresh_model()
+    base, memo = (bench.model, bench.tok), {}
+    spent = {False: 0.0, True: 0.0}
+    identical = True
+    for i, case in enumerate(bench.cases[:n_cases]):
+        rows = {}
+        for use in ((False, True) if i % 2 == 0 else (True, False)):
+            t0 = time.perf_counter()
+            rows[use] = score_cases(bench.model, bench.tok, [case], k=i + 1, base=base, base_memo=memo if use else None)
+            spent[use] += time.perf_counter() - t0
+        identical &= rows[False].equals(rows[True])
+    return {"before_s": spent[False] / n_cases, "after_s": spent[True] / n_cases, "speedup": spent[False] / spent[True],
+            "bit_identical": identical, "cases": n_cases, "distinct_neighbourhood_lists": len(memo)}
 
 
 def stats_throughput(bench: Bench, n_tokens: int) -> dict:

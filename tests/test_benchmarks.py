@@ -36,6 +36,8 @@ def test_harness_tiny(repo_root, tmp_path):
     assert fig["optim"]["prefix_reuse"]["bit_identical"] is True
     assert all(fig["optim"][f"prefix_{m}"]["bit_identical"] is True for m in ("grace", "wise", "memoir"))
     assert fig["optim"]["keys_one_batch"]["max_rel_diff"] < 1e-4
+    memo = fig["optim"]["base_memo"]
+    assert memo["bit_identical"] is True and 0 < memo["distinct_neighbourhood_lists"] < memo["cases"]
     assert fig["eval"]["stats"]["same_result"] is True
     assert fig["eval"]["scorer"]["max_abs_nll_diff"] < 1e-4
     assert fig["floor"]["gflop_per_edit"] > 0 and 0 < fig["floor"]["fraction_of_peak"]

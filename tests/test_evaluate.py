@@ -700,3 +700,41 @@ def test_easyedit_metrics_are_easyedits_token_accuracy_and_argmax_agreement():
     assert case_metrics(model, tok, [c], base=(model, tok))[0]["locality"] == 1.0
     mine = case_metrics(model, tok, [{**c, "target_new": targets[0]}], base="self")[0]
     assert mine["rewrite_acc"] > 0  # not vacuous: the model's own continuation scores
+
+
+def test_base_memo_runs_the_unedited_model_once_per_neighbourhood_list_with_the_same_readings():
+    """An edit-score job scores its edits one at a time against one unedited view: with
+    `base_memo`, the unedited model runs once per distinct neighbourhood list (cases that share a
+    relation and a true object share it), and every reading is the un-memoized one, bit for bit."""
+    import copy
+
+    model, tok = build_tiny_model("llama")
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in edited.parameters():
+            p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(1)))
+    entered = []
+
+    class CountingView:  # the unedited view, counting how often the job enters it
+        def __enter__(self):
+            entered.append(1)
+            return model, tok
+
+        def __exit__(self, *exc):
+            return False
+
+    other = ["The capital of Japan is", "Egypt's capital is"]
+    cases = [case(i, target_new=t, neighborhood_prompts=other if i % 3 == 0 else case(0)["neighborhood_prompts"])
+             for i, t in zip(range(1, 8), ["Rome", "Oslo", "Lima", "Rome", "Kyiv", "Bern", "Rome"])]
+    plain = [score_cases(edited, tok, [c], k=c["edit_index"], base=CountingView()) for c in cases]
+    assert len(entered) == len(cases)
+    entered.clear()
+    memo: dict = {}
+    memoized = [score_cases(edited, tok, [c], k=c["edit_index"], base=CountingView(), base_memo=memo) for c in cases]
+    assert len(entered) == 2 == len(memo)  # two distinct neighbourhood lists
+    for a, b in zip(plain, memoized):
+        assert a.equals(b)
+    assert set(pl.concat(memoized).filter(pl.col("metric") == "locality")["value"].to_list()) - {1.0}  # not vacuous: the edit moves argmaxes
+    # another answer to the same prompts is another list
+    score_cases(edited, tok, [case(9, neighborhood_target="Madrid")], k=9, base=CountingView(), base_memo=memo)
+    assert len(entered) == 3

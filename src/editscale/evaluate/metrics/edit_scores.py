@@ -25,11 +25,13 @@ def compute(checkpoint, cfg):
     by_index = {int(c["edit_index"]): c for c in checkpoint.edits()}
     locality = cfg.easyedit_locality  # EasyEdit's locality: argmax agreement with the unedited model
     base = None
+    base_memo: dict = {}  # the unedited model's neighbourhood argmax, per exact prompt list (case_metrics)
     frames = []
     for j, model, tok in checkpoint.states_in_segment():
         if j not in by_index:
             raise EditscaleError(f"edit {j} of the chain is not in {checkpoint.input('edits')}")
         if locality and base is None:  # one view of the replayed model (updated in place), reused
             base = checkpoint.unedited(model, tok)
-        frames.append(score_cases(model, tok, [by_index[j]], k=j, batch_size=cfg.batch_size, base=base, chat=bool(cfg.chat_template)))
+        frames.append(score_cases(model, tok, [by_index[j]], k=j, batch_size=cfg.batch_size, base=base, chat=bool(cfg.chat_template),
+                                  base_memo=base_memo))
     return pl.concat(frames) if frames else score_cases(None, None, [], k=checkpoint.k)
