@@ -606,6 +606,9 @@ def states_in_segment(model_dir, start_delta: Path | None, factors: Path, dtype:
     for r in rows:
         by_step.setdefault(r["step"], []).append(r["edit_index"])
     i = o = 0
+    edits = sorted(r["edit_index"] for r in rows)
+    # the bar counts the caller's work on each state too (a segment's edit scores: ~1 s per edit)
+    bar = tqdm(total=len(edits), desc=f"edits {edits[0]}-{edits[-1]} of {Path(factors).name}" if edits else str(factors), unit="edit")
     for step in sorted(by_step):
         while i < len(updates) and updates[i][0] == step:
             ws.apply(updates[i][1])
@@ -615,6 +618,8 @@ def states_in_segment(model_dir, start_delta: Path | None, factors: Path, dtype:
             o += 1
         for j in sorted(by_step[step]):
             yield j, model, tok
+            bar.update(1)
+    bar.close()
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
