@@ -82,3 +82,25 @@ rule report_plots:
         ENV
     shell:
         "editscale --threads {threads} report-plots --tables {input:q} --out-dir {params.out_dir} --params-json {params.report:q} 2> {log}"
+
+
+# Not part of `all`: `snakemake results/records/<run>.record.tar.xz` finishes one run and writes its
+# small mergeable record (editscale.merge), so that a run that ends while nobody watches (the last
+# minutes of a sitting, a cluster node) leaves the file to commit or carry to `editscale merge`.
+rule run_record:
+    input:
+        lambda w: wf.run_targets(config, RUNS[w.run]),
+    output:
+        wf.record_file("{run}"),
+    params:
+        configfile=lambda w: wf.single_configfile(workflow.overwrite_configfiles or ["config.yaml"]),
+        out_dir=lambda w, output: os.path.dirname(output[0]),
+    log:
+        "results/logs/{run}/run_record.log",
+    resources:
+        mem_mb=lambda w: MEMORY.mem_mb("run_record"),
+        runtime=10,
+    conda:
+        ENV
+    shell:
+        "editscale export-run --configfile {params.configfile:q} --run {wildcards.run} --out {params.out_dir} --pack 2> {log}"

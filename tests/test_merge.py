@@ -240,3 +240,29 @@ def test_a_packed_record_is_deterministic_smaller_and_merges_to_the_same_tables(
     bad.write_bytes(packed.read_bytes()[: len(packed.read_bytes()) // 2])
     with pytest.raises(EditscaleError, match=f"merge: {bad} cannot be read as a packed run record"):
         merge(config, [bad], tmp_path / "out-bad", plots=False)
+
+
+@pytest.mark.slow  # three snakemake calls on the tiny study (~150 s)
+def test_the_run_record_rule_writes_the_record_export_run_packs(tiny_study, tmp_path):
+    """`snakemake results/records/<run>.record.tar.xz` finishes the run (here: already finished, so
+    only the export runs) and writes the same bytes as `editscale export-run --pack` by hand; the
+    default target makes no record."""
+    from benchmarks.snakemake_runs import planned_jobs, snakemake
+
+    workdir = tmp_path / "study"
+    shutil.copytree(tiny_study, workdir, symlinks=True)
+    target = f"results/records/{RUN}.record.tar.xz"
+    assert planned_jobs(snakemake(workdir, "-n", target)) == {"run_record": 1}
+    snakemake(workdir, target)
+    by_hand = tmp_path / "by-hand"
+    export_run(load_config(workdir / "config/test-tiny.yaml"), RUN, by_hand, workdir, pack=True)
+    assert (workdir / target).read_bytes() == (by_hand / f"{RUN}.record.tar.xz").read_bytes()
+    assert planned_jobs(snakemake(workdir, "-n")) == {}
+
+
+def test_the_run_record_rule_needs_one_config_file():
+    from editscale.workflow import single_configfile
+
+    assert single_configfile(["config/methods.yaml"]) == "config/methods.yaml"
+    with pytest.raises(EditscaleError, match=r"one config file, not 2 \(a.yaml, b.yaml\).*export-run` by hand"):
+        single_configfile(["a.yaml", "b.yaml"])

@@ -9,6 +9,8 @@
     results/studies/{study}/plots/             ... its figures ({figure}.png / .svg / .html; FIGURES_PAGE:
                                                every figure on one page; VEGA_BUNDLE: the pages' script)
     results/studies/{study}/audit.json         ... its audit's report (a failed one: audit.failed.json)
+    results/records/{run}.record.tar.xz        a finished run's packed record (editscale.merge; the
+                                               run_record rule, a target outside `all`)
 
 The workflow plans these paths (editscale.workflow, for the rules); the commands are handed them
 as their rule's inputs and resolve a checkpoint's files with `StateFiles`.
@@ -41,6 +43,14 @@ def study_name(config_file: str | Path) -> str:
 
 def run_dir(run: str) -> Path:
     return RESULTS / run
+
+
+RECORD_SUFFIX = ".record.tar.xz"  # a packed run record (editscale.merge.pack_record)
+
+
+def record_path(run: str) -> Path:
+    """Where the workflow writes a finished run's packed record (`editscale export-run --pack`)."""
+    return RESULTS / "records" / f"{run}{RECORD_SUFFIX}"
 
 
 def delta_path(run_dir: str | Path, k: int) -> Path:

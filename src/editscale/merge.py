@@ -49,6 +49,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import layout
 from .io import EditscaleError, sha256_file, sha256_json, write_json_atomic, write_parquet_atomic
 from .workflow import canonical_json
 
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 RECORD_FORMAT = 1
 RECORD_FILE = "record.json"
 EDIT_LOG_FILE = "edit_log.parquet"
-PACKED_SUFFIX = ".record.tar.xz"
+PACKED_SUFFIX = layout.RECORD_SUFFIX
 
 
 def run_inputs(config: dict, run: dict, root: Path) -> dict[str, Any]:

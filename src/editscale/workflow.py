@@ -641,6 +641,21 @@ def run_targets(config: dict, run: dict) -> list[str]:
     return audit_files(one)
 
 
+def record_file(run: str) -> str:
+    """The run_record rule's output: the run's packed record (layout.record_path)."""
+    return str(layout.record_path(run))
+
+
+def single_configfile(configfiles: list) -> str:
+    """The one config file `editscale export-run` reads in the run_record rule; it re-reads the
+    config from that file, so a study given as several files (or with --config) cannot be recorded
+    by the rule: export by hand."""
+    if len(configfiles) != 1:
+        raise EditscaleError(f"the run_record rule reads the study from one config file, not {len(configfiles)} "
+                             f"({', '.join(map(str, configfiles))}): run `editscale export-run` by hand")
+    return str(configfiles[0])
+
+
 def run_by_name(config: dict, name: str) -> dict:
     for run in config["runs"]:
         if run["name"] == name:
