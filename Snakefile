@@ -24,7 +24,8 @@ if not workflow.overwrite_configfiles:
 try:
     # config/schema.yaml (editscale/schema.yaml) + the sections of the config's plugins; fills in
     # the defaults and cross-checks (the same as every verb's editscale.workflow.load_config)
-    CONFIGFILES = ", ".join(map(str, workflow.overwrite_configfiles or ["config.yaml"]))
+    CONFIG_PATHS = list(workflow.overwrite_configfiles or ["config.yaml"])
+    CONFIGFILES = ", ".join(map(str, CONFIG_PATHS))
     wf.prepare(config, CONFIGFILES)
 except EditscaleError as exc:
     raise ValueError(f"config error: {exc}") from None

@@ -93,7 +93,7 @@ rule run_record:
     output:
         wf.record_file("{run}"),
     params:
-        configfile=lambda w: wf.single_configfile(workflow.overwrite_configfiles or ["config.yaml"]),
+        configfile=lambda w: wf.single_configfile(CONFIG_PATHS),
         out_dir=lambda w, output: os.path.dirname(output[0]),
     log:
         "results/logs/{run}/run_record.log",

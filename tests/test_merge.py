@@ -215,12 +215,12 @@ def test_a_packed_record_is_deterministic_smaller_and_merges_to_the_same_tables(
     """`export-run --pack`: one .record.tar.xz that re-exports to the same bytes, smaller than the
     directory, and merges to the directory record's tables byte for byte; merge.json and the
     published provenance name the archive."""
-    from editscale.merge import PACKED_SUFFIX
+    from editscale.layout import RECORD_SUFFIX
 
     config = load_config(tiny_study / "config/test-tiny.yaml")
     packed = export_run(config, RUN, tmp_path / "a", tiny_study, pack=True)
     again = export_run(config, RUN, tmp_path / "b", tiny_study, pack=True)
-    assert packed.name == RUN + PACKED_SUFFIX and packed.read_bytes() == again.read_bytes()
+    assert packed.name == RUN + RECORD_SUFFIX and packed.read_bytes() == again.read_bytes()
     assert not (tmp_path / "a" / RUN).exists() and not list((tmp_path / "a").glob("*.partial"))
     dir_bytes = sum(p.stat().st_size for p in record.rglob("*") if p.is_file())
     assert packed.stat().st_size < 0.7 * dir_bytes, (packed.stat().st_size, dir_bytes)

@@ -58,12 +58,10 @@ log = logging.getLogger(__name__)
 RECORD_FORMAT = 1
 RECORD_FILE = "record.json"
 EDIT_LOG_FILE = "edit_log.parquet"
-PACKED_SUFFIX = layout.RECORD_SUFFIX
 
 
 def run_inputs(config: dict, run: dict, root: Path) -> dict[str, Any]:
     """The files a run's record is made from (the config's declared paths under `root`)."""
-    from . import layout
     from . import workflow as wf
 
     metrics = {m: [root / f for f in wf.metric_files(config, run, m)] for m in wf.metrics_registry()}
@@ -232,7 +230,7 @@ def export_run(config: dict, run_name: str, out: str | Path, root: str | Path = 
     }
     write_json_atomic(tmp / RECORD_FILE, record)
     if pack:
-        packed = pack_record(tmp, Path(out) / (run_name + PACKED_SUFFIX), run_name)
+        packed = pack_record(tmp, Path(out) / (run_name + layout.RECORD_SUFFIX), run_name)
         shutil.rmtree(tmp)
         log.info("record of run %s: %d files -> %s", run_name, len(copied) + 1, packed)
         return packed
@@ -295,7 +293,7 @@ def unpack_record(archive: str | Path, into: str | Path) -> Path:
 
 
 def _is_packed(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(PACKED_SUFFIX)
+    return path.is_file() and path.name.endswith(layout.RECORD_SUFFIX)
 
 
 def find_records(sources: list[str | Path], unpack_into: str | Path) -> dict[str, list[tuple[Path, Path]]]:
@@ -308,11 +306,11 @@ def find_records(sources: list[str | Path], unpack_into: str | Path) -> dict[str
         elif src.is_dir():
             origins = sorted(d for d in src.iterdir() if (d / RECORD_FILE).is_file() or _is_packed(d))
         else:
-            raise EditscaleError(f"merge: {src} is neither a directory nor a packed record (*{PACKED_SUFFIX})")
+            raise EditscaleError(f"merge: {src} is neither a directory nor a packed record (*{layout.RECORD_SUFFIX})")
         if not origins:
-            raise EditscaleError(f"merge: {src} holds no run record ({RECORD_FILE} or *{PACKED_SUFFIX}); make them with `editscale export-run`")
+            raise EditscaleError(f"merge: {src} holds no run record ({RECORD_FILE} or *{layout.RECORD_SUFFIX}); make them with `editscale export-run`")
         for origin in origins:
-            d = unpack_record(origin, Path(unpack_into) / origin.name[: -len(PACKED_SUFFIX)]) if _is_packed(origin) else origin
+            d = unpack_record(origin, Path(unpack_into) / origin.name[: -len(layout.RECORD_SUFFIX)]) if _is_packed(origin) else origin
             rec = json.loads((d / RECORD_FILE).read_text(encoding="utf-8"))
             found.setdefault(rec["run"], []).append((origin, d))
     return found
