@@ -100,7 +100,7 @@ def planned_outputs(res) -> set[str]:
 def planned_metric_files(res, metric: str) -> set[str]:
     """The planned files of one metric (results/{run}/metrics/{metric}/{k}.parquet), whichever rule
     makes them (the checkpoint jobs make several metrics' files)."""
-    return {f for f in planned_outputs(res) if f"/metrics/{metric}/" in f}
+    return {f for f in planned_outputs(res) if f"/metrics/{metric}/" in f and f.endswith(".parquet")}
 
 
 def checkpoint_jobs(jobs: dict[str, int]) -> int:

@@ -51,15 +51,19 @@ localrules:
 
 rule metric_config:
     # one metric's section as a file: the input of the checkpoint jobs that evaluate it, so that a
-    # changed section re-plans exactly those (a rule's params would re-plan every job of its rule)
+    # changed section re-plans exactly those (a rule's params would re-plan every job of its rule).
+    # The file is named by its content (layout.metric_config_path): another config in the same
+    # results directory with another section has its own file; the command refuses a name that
+    # is not its section's digest.
     output:
-        "results/config/metrics/{metric}.json",
+        "results/config/metrics/{metric}/{digest}.json",
     wildcard_constraints:
         metric="|".join(CHECKPOINT_METRICS),
+        digest="[0-9a-f]{16}",
     params:
         cfg=lambda w: wf.metric_params_json(config, w.metric),
     log:
-        "results/logs/metric_config_{metric}.log",
+        "results/logs/metric_config_{metric}_{digest}.log",
     conda:
         ENV
     shell:
@@ -74,7 +78,7 @@ for _run in config["runs"]:
                 wf.eval_group_rule(_run, _metrics)
             input:
                 unpack(lambda w, r=_run, ms=_metrics: wf.eval_group_inputs(config, r, ms, int(w.k))),
-                configs=[f"results/config/metrics/{m}.json" for m in _metrics],
+                configs=[wf.metric_config_file(config, m) for m in _metrics],
             output:
                 [update(f"results/{_run['name']}/metrics/{m}/{{k}}.parquet") for m in _metrics],
             wildcard_constraints:

@@ -29,7 +29,9 @@ def _editscale_in_fresh_process(*argv: str, tmp_path) -> dict:
 
 
 def test_a_verb_without_tensors_imports_no_torch(tmp_path):
-    out = tmp_path / "perplexity.json"
+    from editscale.layout import metric_config_path
+
+    out = tmp_path / metric_config_path("perplexity", {"batch_size": 8, "ignore_id": None}).name
     seen = _editscale_in_fresh_process("--threads", "1", "metric-config", "--metric", "perplexity",
                                        "--params-json", '{"batch_size": 8, "ignore_id": null}', "--out", str(out), tmp_path=tmp_path)
     assert seen == {"rc": 0, "torch": False, "transformers": False}

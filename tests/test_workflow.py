@@ -8,6 +8,7 @@ each test then asks snakemake what it *would* do (dry runs) or checks the output
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -147,6 +148,48 @@ def test_changing_one_metric_reruns_only_that_metric(tiny_study, tmp_path):
     log = (workdir / "results/logs/rome-tiny/evaluate_000006.log").read_text()
     assert "evaluating ['generation'] in one process (up to date, kept: ['history', 'downstream', 'perplexity', 'weights'])" in log
     assert planned_jobs(snakemake(workdir, "-n", "results/rome-tiny/metrics/generation/000006.parquet")) == {}
+
+
+def test_a_second_config_with_another_metric_section_leaves_the_first_configs_plan_alone(tiny_study, tmp_path):
+    """Defect: the section files were results/config/metrics/{metric}.json, one per metric for every
+    config of a results directory. A second config with another history section (long.yaml samples
+    500 edits, methods.yaml all) rewrote it, and the first config then re-planned every checkpoint
+    job of its runs. Each section now has its own file, named by its content."""
+    import yaml
+
+    workdir = _copy_study(tiny_study, tmp_path)
+    cfg = yaml.safe_load((workdir / "config/test-tiny.yaml").read_text())
+    cfg["runs"][0]["name"] = "rome-tiny-other"
+    cfg["metrics"]["history"]["sample"] = 2
+    (workdir / "config/other.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    res = snakemake(workdir, "-n", config="config/other.yaml")
+    assert "rome-tiny/" not in res.stdout.replace("rome-tiny-other/", "")  # the first config's run is not touched
+    ours = sorted((workdir / "results/config/metrics/history").glob("*.json"))
+    [other] = {m.group(0) for m in re.finditer(r"results/config/metrics/history/[0-9a-f]{16}\.json", res.stdout)}
+    assert [p.name for p in ours] != [Path(other).name] and len(ours) == 1
+    snakemake(workdir, other, config="config/other.yaml")
+    assert json.loads((workdir / other).read_text())["sample"] == 2
+    assert json.loads(ours[0].read_text()).get("sample") != 2
+    assert planned_jobs(snakemake(workdir, "-n")) == {}
+
+
+def test_a_section_file_whose_content_is_not_its_name_is_refused(tmp_path):
+    """metric-config writes a section only under its own digest, and a checkpoint job refuses a
+    section file edited by hand rather than evaluate with values its name does not say."""
+    from editscale.evaluate.cli import _read_config
+    from editscale.layout import metric_config_path
+
+    params = {"batch_size": 8, "ignore_id": None}
+    good = tmp_path / metric_config_path("perplexity", params)
+    bindir = Path(sys.executable).parent
+    run = lambda out: subprocess.run([str(bindir / "editscale"), "metric-config", "--metric", "perplexity", "--params-json",  # noqa: E731
+                                      json.dumps(params), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    res = run(good.with_name("0123456789abcdef.json"))
+    assert res.returncode != 0 and f"is named {good.name}" in res.stderr
+    assert run(good).returncode == 0 and _read_config("perplexity", good) == params
+    good.write_text(json.dumps({**params, "batch_size": 4}))
+    with pytest.raises(EditscaleError, match="edited by hand"):
+        _read_config("perplexity", good)
 
 
 def test_a_forced_checkpoint_job_recomputes_only_changed_files_unless_told(tiny_study, tmp_path):

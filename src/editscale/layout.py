@@ -11,6 +11,8 @@
     results/studies/{study}/audit.json         ... its audit's report (a failed one: audit.failed.json)
     results/records/{run}.record.tar.xz        a finished run's packed record (editscale.merge; the
                                                run_record rule, a target outside `all`)
+    results/config/metrics/{metric}/{digest}.json  a checkpoint metric's config section, named by
+                                               its content (metric_config_path)
 
 The workflow plans these paths (editscale.workflow, for the rules); the commands are handed them
 as their rule's inputs and resolve a checkpoint's files with `StateFiles`.
@@ -18,6 +20,8 @@ as their rule's inputs and resolve a checkpoint's files with `StateFiles`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -51,6 +55,22 @@ RECORD_SUFFIX = ".record.tar.xz"  # a packed run record (editscale.merge.pack_re
 def record_path(run: str) -> Path:
     """Where the workflow writes a finished run's packed record (`editscale export-run --pack`)."""
     return RESULTS / "records" / f"{run}{RECORD_SUFFIX}"
+
+
+def metric_section_text(params: dict) -> str:
+    """A checkpoint metric's config section as its file holds it (rule metric_config)."""
+    return json.dumps(params, sort_keys=True, separators=(",", ":"))
+
+
+def metric_config_path(metric: str, params: dict) -> Path:
+    """The file of a metric's config section, the input of the checkpoint jobs that evaluate it.
+
+    Named by its content, not by the metric alone: configs that share a results directory but set
+    a metric differently (methods.yaml's history samples every edit, long.yaml 500) each have their
+    own file. One file per metric made each config's run re-plan the other's checkpoint jobs, and
+    two configs evaluated at once could read each other's section."""
+    digest = hashlib.sha256(metric_section_text(params).encode()).hexdigest()[:16]
+    return RESULTS / "config" / "metrics" / metric / f"{digest}.json"
 
 
 def delta_path(run_dir: str | Path, k: int) -> Path:

@@ -531,6 +531,11 @@ def metric_params_json(config: dict, metric: str) -> str:
     return canonical_json({k: v for k, v in config["metrics"][metric].items() if k != "eval_every"})
 
 
+def metric_config_file(config: dict, metric: str) -> str:
+    """The checkpoint jobs' input that holds the metric's section (layout.metric_config_path)."""
+    return str(layout.metric_config_path(metric, json.loads(metric_params_json(config, metric))))
+
+
 def metric_files(config: dict, run: dict, metric: str) -> list[str]:
     return [metric_file(run["name"], metric, k) for k in metric_grid(config, run, metric)]
 

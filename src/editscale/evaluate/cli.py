@@ -19,13 +19,13 @@ rule): it keeps every file and says so; EDITSCALE_RECOMPUTE=1 in the environment
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from pathlib import Path
 
 from ..io import EditscaleError, job_device
+from ..layout import metric_config_path, metric_section_text
 from .job import Checkpoint, ModelCache, declared_files, metric_section, parse_params, run_metric
 from .registry import INPUT_KINDS, METRICS, MULTI_FILE_KINDS, OPTIONAL_KINDS, get_metric
 
@@ -52,7 +52,7 @@ def register(sub) -> None:
     p.add_argument("--model-dir", required=True, help="prepared model directory (data/models/{model})")
     p.add_argument("--k", type=int, required=True, help="checkpoint: the model after k edits (0 = unedited)")
     p.add_argument("--metric", nargs="+", required=True, metavar="NAME=OUT", help="each metric to evaluate and the parquet file it writes")
-    p.add_argument("--configs", nargs="+", required=True, help="each metric's config section, results/config/metrics/{name}.json (`metric-config`)")
+    p.add_argument("--configs", nargs="+", required=True, help="each metric's config section, results/config/metrics/NAME/DIGEST.json (`metric-config`)")
     p.add_argument("--device", default=job_device(), help="auto | cpu | cuda | cuda:N (default: $EDITSCALE_DEVICE, else auto)")
     for kind, flag in INPUT_KINDS.items():
         p.add_argument(flag, nargs="*", default=[], help=f"the checkpoint's `{kind}` input files (editscale.evaluate.registry); each metric gets those it declares")
@@ -112,18 +112,18 @@ def cmd_evaluate(args) -> None:
     from ..io import read_parquet_metadata, table_sha256
 
     t0 = time.time()
-    configs = {Path(c).stem: c for c in args.configs}
+    configs = {Path(c).parent.name: c for c in args.configs}
     outs = _outputs(args.metric)
     unknown = sorted(set(outs) - set(configs))
     if unknown:
-        raise EditscaleError(f"--configs has no config file for {unknown} (results/config/metrics/NAME.json)")
+        raise EditscaleError(f"--configs has no config file for {unknown} (results/config/metrics/NAME/DIGEST.json)")
     files = _files(args, INPUT_KINDS)
     cache = ModelCache()  # the job's: its metrics share one load and replay of the checkpoint
     jobs = {}
     for name in outs:
         entry = get_metric(name)
         checkpoint = Checkpoint(args.model_dir, args.k, declared_files(entry, files), device=args.device, cache=cache)
-        jobs[name] = (entry, checkpoint, parse_params(_read_config(configs[name])))
+        jobs[name] = (entry, checkpoint, _read_config(name, configs[name]))
 
     def stale(name) -> bool:
         path = Path(outs[name])
@@ -152,11 +152,18 @@ def cmd_evaluate(args) -> None:
     log.info("k=%d: %d metrics in %.1f s", args.k, len(todo), time.time() - t0)
 
 
-def _read_config(path) -> str:
+def _read_config(metric: str, path) -> dict:
+    """A metric's section from its file, which must be the file its content names
+    (layout.metric_config_path): a section edited by hand is refused, not evaluated."""
     path = Path(path)
     if not path.is_file():
         raise EditscaleError(f"{path} not found: the metric's config section (rule metric_config)")
-    return path.read_text().strip()
+    params = parse_params(path.read_text())
+    expected = metric_config_path(metric, params)
+    if path.name != expected.name:
+        raise EditscaleError(f"{path}: its content is metrics.{metric} section {expected.name}, not the one its name says "
+                             f"(edited by hand?); delete it and run snakemake again")
+    return params
 
 
 def cmd_metric_config(args) -> None:
@@ -165,6 +172,10 @@ def cmd_metric_config(args) -> None:
     params = parse_params(args.params_json)
     get_metric(args.metric)
     metric_section(args.metric, params)  # one clear error for a bad section
+    expected = metric_config_path(args.metric, params)
+    if Path(args.out).name != expected.name:
+        raise EditscaleError(f"--out {args.out}: the metrics.{args.metric} section given is named {expected.name} "
+                             f"(its content's digest, layout.metric_config_path); a file with another name would be another section's")
     with atomic_path(args.out) as tmp:
-        Path(tmp).write_text(json.dumps(params, sort_keys=True, separators=(",", ":")) + "\n")
+        Path(tmp).write_text(metric_section_text(params) + "\n")
     log.info("wrote %s", args.out)
