@@ -770,3 +770,30 @@ def test_compare_cli_prints_the_table_and_names_bad_input(tiny_study, tmp_path):
     assert bad.returncode != 0 and "--at takes edit counts or 'end', got 'ten'" in bad.stderr
     missing = compare(cwd=tmp_path)
     assert missing.returncode != 0 and "results/studies/default/tables/summary.parquet not found" in missing.stderr
+
+
+def test_a_runs_published_means_do_not_depend_on_the_other_runs_in_the_table():
+    """Defect: publish took each run's mean with one polars group_by over every run's rows, which
+    sums in partitions; when WISE joined the methods table, ROME's NS, NAS's PS and PRUNE's PS moved
+    in their last bit. A run's row now depends on its rows only: an exactly rounded mean (fsum).
+    The shape is the methods table's: 14 runs of 200 scores in tenths (the old code moved 5 of them)."""
+    from editscale.report.publish import results_table
+
+    rng = np.random.default_rng(0)
+    runs = [f"run{i}" for i in range(14)]
+    values = {run: (rng.integers(0, 11, 200) / 10).tolist() for run in runs}
+    values["run1"][7] = math.nan  # a case without such prompts: left out
+
+    def tables(names):
+        scores = pl.DataFrame([{"run": r, "es": v, "ps": v, "ns": v} for r in names for v in values[r]])
+        ppl = pl.DataFrame([{"run": r, "edit": k, "metric": "perplexity", "value": v}
+                            for r in names for k in (0, 10) for v in values[r][10:50]])
+        summary = pl.DataFrame([{"run": r, "method": r, "n_edits": 10} for r in names])
+        return {"summary": summary, "edit_scores": scores, "perplexity": ppl, "downstream": ppl.clear()}
+
+    together = {row["run"]: row for row in results_table(tables(runs)).iter_rows(named=True)}
+    for run in runs:
+        assert results_table(tables([run])).row(0, named=True) == together[run], run
+    kept = [v for v in values["run1"] if not math.isnan(v)]
+    assert together["run1"]["ns_after_edit"] == math.fsum(kept) / len(kept)
+    assert together["run1"]["perplexity_end"] == math.fsum(values["run1"][10:50]) / 40

@@ -48,11 +48,20 @@ COLUMNS = {  # column -> what the Markdown header says
 }
 
 
-def _per_run(df: pl.DataFrame, value: str, how: str = "mean") -> dict[str, float]:
+def _exact_mean(values) -> float | None:
+    """The mean of the non-missing values, its sum exactly rounded (math.fsum), so independent of
+    the rows' order: polars' group_by sums in partitions, and a run's mean moved in its last bit
+    when another run joined the study's table."""
+    kept = [float(v) for v in values if v is not None and not math.isnan(v)]
+    return math.fsum(kept) / len(kept) if kept else None
+
+
+def _per_run(df: pl.DataFrame, value: str) -> dict[str, float]:
+    """Per run, the mean of `value` (a case without such prompts: NaN, left out)."""
     if df.is_empty() or value not in df.columns:
         return {}
-    agg = getattr(pl.col(value).cast(pl.Float64).fill_nan(None), how)()  # a case without such prompts: NaN, left out
-    return dict(df.group_by("run", maintain_order=True).agg(agg).iter_rows())
+    return {run: _exact_mean(part[value].cast(pl.Float64).to_list())
+            for (run,), part in df.group_by("run", maintain_order=True)}
 
 
 def _at(df: pl.DataFrame, metric: str, first: bool) -> dict[str, float]:
@@ -60,11 +69,11 @@ def _at(df: pl.DataFrame, metric: str, first: bool) -> dict[str, float]:
     if df.is_empty():
         return {}
     sel = df.filter(pl.col("metric") == metric)
-    if sel.is_empty():
-        return {}
-    edge = sel.group_by("run").agg((pl.col("edit").min() if first else pl.col("edit").max()).alias("at"))
-    sel = sel.join(edge, on="run").filter(pl.col("edit") == pl.col("at"))
-    return dict(sel.group_by("run").agg(pl.col("value").mean()).iter_rows())
+    out = {}
+    for (run,), part in sel.group_by("run", maintain_order=True):
+        at = part["edit"].min() if first else part["edit"].max()
+        out[run] = _exact_mean(part.filter(pl.col("edit") == at)["value"].to_list())
+    return out
 
 
 def results_table(tables: Mapping[str, pl.DataFrame]) -> pl.DataFrame:
