@@ -155,8 +155,6 @@ def test_a_second_config_with_another_metric_section_leaves_the_first_configs_pl
     config of a results directory. A second config with another history section (long.yaml samples
     500 edits, methods.yaml all) rewrote it, and the first config then re-planned every checkpoint
     job of its runs. Each section now has its own file, named by its content."""
-    import yaml
-
     workdir = _copy_study(tiny_study, tmp_path)
     cfg = yaml.safe_load((workdir / "config/test-tiny.yaml").read_text())
     cfg["runs"][0]["name"] = "rome-tiny-other"
@@ -605,9 +603,6 @@ def test_a_configs_study_name_defaults_to_its_file_name(repo_root):
     """Issue 31 item 5: the study (where a config's tables, figures, audit and report go) is the
     config file's name unless `study:` names it; config.yaml's is `default`; a name that is no
     directory name is refused naming the key."""
-    import yaml
-
-    from editscale.io import EditscaleError
     from editscale.workflow import prepare, study_path
 
     def cfg():
