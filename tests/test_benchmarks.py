@@ -143,3 +143,28 @@ def test_eval_cost_reruns_the_checkpoint_jobs_side_by_side_and_leaves_the_study_
     with pytest.raises(SystemExit, match="no checkpoint job of rome-tiny at k=4"):
         main(["--workdir", str(tiny_study), "--configfile", "config/test-tiny.yaml", "--run", "rome-tiny", "--ks", "4", "6",
               "--out", str(tmp_path / "x.json")])
+
+
+def test_machine_kinds_counts_differences_flips_and_one_sided_rows(tmp_path):
+    """Two machines' metric files: a rounded score, a flipped ES, a NaN on one side only and on
+    both, a row on one side only, and the wall-time rows left out."""
+    import polars as pl
+
+    from benchmarks.machine_kinds import compare
+
+    def write(root, rows):
+        (root / "history").mkdir(parents=True)
+        pl.DataFrame(rows, schema={"k": pl.Int64, "item": pl.Utf8, "metric": pl.Utf8, "value": pl.Float64},
+                     orient="row").write_parquet(root / "history" / "000025.parquet")
+
+    write(tmp_path / "a", [(25, "e1", "es", 1.0), (25, "e2", "es", 1.0), (25, "e1", "score", 0.5), (25, "e2", "score", 0.25),
+                           (25, "e1", "ns", float("nan")), (25, "e2", "ns", float("nan")), (25, "e3", "es", 0.0),
+                           (25, "all", "seconds", 3.0)])
+    write(tmp_path / "b", [(25, "e1", "es", 1.0), (25, "e2", "es", 0.0), (25, "e1", "score", 0.5), (25, "e2", "score", 0.2),
+                           (25, "e1", "ns", float("nan")), (25, "e2", "ns", 0.5), (25, "all", "seconds", 9.0)])
+    rows = {r["metric"]: r for r in compare(tmp_path / "a", tmp_path / "b")}
+    assert set(rows) == {"es", "score", "ns"}  # seconds left out
+    assert rows["es"]["flips"] == 1 and rows["es"]["unmatched"] == 1 and rows["es"]["rows"] == 3
+    assert rows["score"]["flips"] is None and rows["score"]["max_abs"] == pytest.approx(0.05)
+    assert rows["score"]["max_rel"] == pytest.approx(0.05 / 0.25)
+    assert rows["ns"]["unmatched"] == 1 and rows["ns"]["max_abs"] == 0.0

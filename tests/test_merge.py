@@ -136,6 +136,52 @@ def test_records_whose_metrics_read_different_data_are_refused(tiny_study, recor
     assert summary["shared"]["data:tokens"] == json.loads(read_parquet_metadata(sorted((record / "metrics/perplexity").glob("*"))[0])["inputs"])["tokens"]
 
 
+def test_statistics_made_on_two_machines_merge_only_when_each_machines_runs_read_their_own(tiny_study, record, tmp_path):
+    """The statistics are float32 sums whose rounding differs between machines: a run made on
+    another machine with its own statistics is refused with the reason and the flag; with
+    --statistics-per-machine it merges, and merge.json and results.md say which runs read which
+    machine's; within one machine the statistics must still agree."""
+    from editscale.merge import shared_values
+    from editscale.report.publish import statistics_note
+
+    config = load_config(tiny_study / "config/test-tiny.yaml")
+    config["runs"].append(dict(config["runs"][0], name="rome-tiny-b"))
+    stats_key = next(k for k in json.loads((record / RECORD_FILE).read_text())["shared"] if k.startswith("precomputed:"))
+
+    def elsewhere(machine):
+        def edit(rec):
+            rec["run"] = rec["meta"]["name"] = rec["run_record"]["name"] = "rome-tiny-b"
+            rec["shared"][stats_key] = "e" * 64
+            rec["machine"] = machine
+        return edit
+
+    recs = tmp_path / "recs"
+    _copy_record(record, recs / RUN)
+    _copy_record(record, recs / "rome-tiny-b", elsewhere("Other CPU | 64 | cuda | NVIDIA H100 | 2.13.0"))
+    with pytest.raises(EditscaleError) as err:
+        merge(config, [recs], tmp_path / "out", plots=False)
+    text = str(err.value)
+    assert "1 problem(s)" in text and f"{stats_key}: run rome-tiny-b's record has eeeeeeeeeeeeeeee" in text
+    assert "made on two machines, 'Other CPU | 64 | cuda | NVIDIA H100 | 2.13.0' and" in text and "--statistics-per-machine" in text
+
+    summary = merge(config, [recs], tmp_path / "out", plots=False, statistics_per_machine=True)
+    mine = json.loads((record / RECORD_FILE).read_text())
+    assert stats_key not in summary["shared"] and summary["shared"]["model:tiny-gpt2"] == mine["shared"]["model:tiny-gpt2"]
+    assert summary["statistics_per_machine"] == sorted(
+        [{"machine": mine["machine"], "runs": [RUN], "statistics": {stats_key: mine["shared"][stats_key]}},
+         {"machine": "Other CPU | 64 | cuda | NVIDIA H100 | 2.13.0", "runs": ["rome-tiny-b"], "statistics": {stats_key: "e" * 64}}],
+        key=lambda m: m["runs"][0])
+    assert json.loads((tmp_path / "out" / "merge.json").read_text())["statistics_per_machine"] == summary["statistics_per_machine"]
+    note = statistics_note(summary["statistics_per_machine"])
+    assert f"- Other CPU | 64 | cuda | NVIDIA H100 | 2.13.0: rome-tiny-b ({Path(stats_key).stem} eeeeeeeeeeee)" in note
+
+    shutil.rmtree(recs / "rome-tiny-b")  # the same machine's runs must still share theirs
+    _copy_record(record, recs / "rome-tiny-b", elsewhere(mine["machine"]))
+    with pytest.raises(EditscaleError, match=f"{stats_key}: run rome-tiny-b's record has eeeeeeeeeeeeeeee.*must be the same"):
+        merge(config, [recs], tmp_path / "out2", plots=False, statistics_per_machine=True)
+    assert shared_values({RUN: mine})[1] == []  # one machine, one set: nothing per machine
+
+
 def test_a_missing_run_is_an_error_unless_allowed(tiny_study, record, tmp_path):
     config = load_config(tiny_study / "config/test-tiny.yaml")
     config["runs"].append(dict(config["runs"][0], name="rome-tiny-b"))

@@ -30,7 +30,12 @@ sha256, runs of one dataset its sha256, runs reading one statistics file its sha
 metrics read one data file (the perplexity corpus's tokens, a downstream task's file; from the
 metric files' provenance, `data_identity`) its sha256, and every record has the same editscale
 version. Statistics and a self-sampled corpus are float32 computations whose rounding differs
-between CPU kinds (benchmarks/RESULTS.md 13): runs made on two kinds merge only where they read none. A run of the config with no record, or whose record lacks
+between CPU kinds (benchmarks/RESULTS.md 13): runs made on two machines merge only where they read
+none, or carry one machine's statistics, unless `--statistics-per-machine` says that each machine's
+runs read their own: the statistics (`precomputed:` keys) must then agree among the runs of one
+machine (its fingerprint: CPU, cores, device, torch), everything else still across all, and
+merge.json, the published provenance and results.md name each machine's runs and statistics
+hashes. A run of the config with no record, or whose record lacks
 files of the config, is an error unless `--allow-missing` (then the tables hold the runs that are
 there, and merge.json names the missing ones).
 
@@ -56,6 +61,7 @@ from .workflow import canonical_json
 log = logging.getLogger(__name__)
 
 RECORD_FORMAT = 1
+PRECOMPUTED = "precomputed:"  # shared keys of statistics / projection files (shared_identity)
 RECORD_FILE = "record.json"
 EDIT_LOG_FILE = "edit_log.parquet"
 
@@ -113,7 +119,7 @@ def shared_identity(run: dict, files: dict[str, Any], versions: list[str]) -> di
         "editscale_version": ", ".join(versions),
         f"model:{run['model']}": model_sha(files["model_manifest"].parent),
         f"dataset:{run['dataset']}": sha256_file(files["dataset"]),
-        **{f"precomputed:{Path(p).relative_to(files['model_manifest'].parents[3])}": content_identity(Path(p))
+        **{f"{PRECOMPUTED}{Path(p).relative_to(files['model_manifest'].parents[3])}": content_identity(Path(p))
            for p in files["stats"].values()},
     }
 
@@ -316,9 +322,10 @@ def find_records(sources: list[str | Path], unpack_into: str | Path) -> dict[str
     return found
 
 
-def check_records(config: dict, records: dict[str, dict], allow_missing: bool) -> list[str]:
+def check_records(config: dict, records: dict[str, dict], allow_missing: bool, statistics_per_machine: bool = False) -> list[str]:
     """Every disagreement between the records and the config (module doc), in one error; returns
-    the config's runs that have no usable record (only with allow_missing)."""
+    the config's runs that have no usable record (only with allow_missing). With
+    statistics_per_machine, statistics must agree among one machine's runs only."""
     from . import workflow as wf
 
     problems, missing = [], []
@@ -340,10 +347,16 @@ def check_records(config: dict, records: dict[str, dict], allow_missing: bool) -
             if rec["metric_config"].get(m) != params:
                 problems.append(f"run {name}: metrics.{m} differs from this config's (record: {rec['metric_config'].get(m)}, config: {params})")
         for key, value in rec["shared"].items():
-            if key in shared and shared[key][0] != value:
-                problems.append(f"{key}: run {name}'s record has {str(value)[:16]}, run {shared[key][1]}'s {str(shared[key][0])[:16]}"
-                                " (they must be the same to be compared)")
-            shared.setdefault(key, (value, name))
+            slot = (key, rec["machine"] if statistics_per_machine and key.startswith(PRECOMPUTED) else "")
+            if slot in shared and shared[slot][0] != value:
+                other = shared[slot][1]
+                why = "they must be the same to be compared"
+                if key.startswith(PRECOMPUTED) and records[other]["machine"] != rec["machine"]:
+                    why = (f"made on two machines, {rec['machine']!r} and {records[other]['machine']!r}, whose float32 rounding "
+                           "differs (benchmarks/RESULTS.md 13): carry one machine's statistics to the other, or pass "
+                           "--statistics-per-machine to let each machine's runs read their own")
+                problems.append(f"{key}: run {name}'s record has {str(value)[:16]}, run {other}'s {str(shared[slot][0])[:16]} ({why})")
+            shared.setdefault(slot, (value, name))
         have = set(rec["files"])
         short = [f for m in metric_config for f in (str(Path("metrics") / m / Path(p).name) for p in wf.metric_files(config, run, m))
                  if f not in have]
@@ -360,6 +373,25 @@ def check_records(config: dict, records: dict[str, dict], allow_missing: bool) -
     return missing
 
 
+def shared_values(records: dict[str, dict]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """What the records share: the values all of them agree on, and (where statistics were let
+    differ between machines) per machine its runs that read statistics and their hashes."""
+    keys = sorted({k for rec in records.values() for k in rec["shared"]})
+    common: dict[str, Any] = {}
+    for key in keys:
+        values = {rec["shared"][key] for rec in records.values() if key in rec["shared"]}
+        if len(values) == 1:
+            common[key] = values.pop()
+    machines: dict[str, dict[str, Any]] = {}
+    for run, rec in sorted(records.items()):
+        own = {k: v for k, v in rec["shared"].items() if k not in common}
+        if own:
+            entry = machines.setdefault(rec["machine"], {"machine": rec["machine"], "runs": [], "statistics": {}})
+            entry["runs"].append(run)
+            entry["statistics"].update(own)
+    return common, sorted(machines.values(), key=lambda m: m["runs"][0])
+
+
 def recorded_run(run: dict, record: dict) -> dict:
     """The config's run as its record has it: to the record's n_edits when it was exported as
     stopped (`export-run --until`)."""
@@ -368,9 +400,10 @@ def recorded_run(run: dict, record: dict) -> dict:
 
 
 def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missing: bool = False, plots: bool = True,
-          publish_to: str | Path | None = None) -> dict:
+          publish_to: str | Path | None = None, statistics_per_machine: bool = False) -> dict:
     """The study's tables, figures, audit and merge.json from the records in `sources`; with
-    `publish_to`, the readers' results there too (editscale.report.publish)."""
+    `publish_to`, the readers' results there too (editscale.report.publish); with
+    `statistics_per_machine`, each machine's runs may read their own statistics (module doc)."""
     if publish_to and not plots:
         raise EditscaleError("merge: --publish needs the figures (drop --no-plots)")
     import polars as pl
@@ -394,7 +427,7 @@ def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missin
         rels = [Path("metrics") / m / Path(p).name for m in wf.metrics_registry()
                 for p in wf.metric_files(config, recorded_run(run_by_name[run], rec), m)]
         rec["shared"] = {**rec["shared"], **data_identity(dirs[run], [rel for rel in rels if (dirs[run] / rel).exists()])}
-    missing = check_records(config, records, allow_missing)
+    missing = check_records(config, records, allow_missing, statistics_per_machine)
     present = [recorded_run(r, records[r["name"]]) for r in config["runs"] if r["name"] in records and r["name"] not in missing]
     stopped = {r["name"]: records[r["name"]]["stopped"] for r in present if records[r["name"]].get("stopped")}
     if not present:
@@ -424,13 +457,15 @@ def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missin
         from .report.tables import read_tables
 
         written += make_plots(read_tables(out / "tables"), out / "plots", FigureOptions(smooth=cfg.smooth, norm_z=cfg.norm_z))
+    common, per_machine = shared_values({r["name"]: records[r["name"]] for r in present})
     summary = {
         "runs": {r["name"]: {"record": str(origins[r["name"]]), "git_commit": records[r["name"]]["git_commit"],
                              "machine": records[r["name"]]["machine"], "job_seconds": records[r["name"]]["job_seconds"]}
                  for r in present},
         "missing": missing,
         "stopped": stopped,
-        "shared": {k: v for rec in records.values() for k, v in rec["shared"].items()},
+        "shared": common,
+        **({"statistics_per_machine": per_machine} if per_machine else {}),
         "metric_files": {str(p): hashed[str(p)] for p in metric_paths},  # hashed once, by the check above
         "tables": {str(p.relative_to(out)): sha256_file(p) for p in written if p.suffix in (".parquet", ".csv")},
     }
@@ -450,6 +485,7 @@ def merge(config: dict, sources: list[str | Path], out: str | Path, allow_missin
             "missing_runs": missing,
             "stopped_runs": stopped,
             "shared": summary["shared"],
+            **({"statistics_per_machine": per_machine} if per_machine else {}),
             "record_files": {_relative(origins[run] / rel, where): summary["metric_files"][str(dirs[run] / rel)]
                              for run, rels in metric_in.items() for rel in rels},
             "regenerate": "editscale merge --configfile <config> --out <dir> --publish <this directory> <the records>",
@@ -512,6 +548,9 @@ def register(sub) -> None:
     m.add_argument("--configfile", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--allow-missing", action="store_true", help="tables of the runs that have a complete record; the others listed")
+    m.add_argument("--statistics-per-machine", action="store_true", help="runs made on different machines may read "
+                   "statistics that differ (float32 rounding of each machine): they must agree among one machine's runs; "
+                   "each machine's runs and hashes are named in merge.json, the provenance and results.md")
     m.add_argument("--no-plots", action="store_true")
     m.add_argument("--publish", default=None, help="also write the readers' results here (results.csv / .md, figures/*.png "
                    "under 300 kB, provenance.json: editscale.report.publish), e.g. docs/results/<study>")
@@ -566,5 +605,5 @@ def run_merge(args) -> None:
     from .workflow import load_config
 
     summary = merge(load_config(args.configfile), args.sources, args.out, allow_missing=args.allow_missing, plots=not args.no_plots,
-                    publish_to=args.publish)
+                    publish_to=args.publish, statistics_per_machine=args.statistics_per_machine)
     print(f"merged {len(summary['runs'])} run(s) into {args.out}" + (f"; missing: {summary['missing']}" if summary["missing"] else ""))

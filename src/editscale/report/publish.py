@@ -18,6 +18,10 @@ results.csv / results.md, one row per run, in the config's order:
                                interval ("none" when no curve shows one)
   leading_indicator, lead      the weight statistic that moved first, and by how many edits
   disabling_edits              how many single edits the detector flags
+
+results.md ends with each machine's runs and statistics hashes when the merge let each machine's
+runs read their own statistics (`editscale merge --statistics-per-machine`, provenance
+`statistics_per_machine`).
 """
 
 from __future__ import annotations
@@ -120,6 +124,18 @@ def markdown(df: pl.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def statistics_note(per_machine: list[dict]) -> str:
+    """The Markdown lines under the table that say which runs read which machine's statistics."""
+    if not per_machine:
+        return ""
+    lines = ["", "Statistics per machine (`editscale merge --statistics-per-machine`): second moments are float32 "
+             "computations whose rounding differs between machines; each machine's runs read that machine's own.", ""]
+    for m in per_machine:
+        hashes = ", ".join(f"{Path(k.split(':', 1)[1]).stem} {str(v)[:12]}" for k, v in sorted(m["statistics"].items()))
+        lines.append(f"- {m['machine']}: {', '.join(m['runs'])} ({hashes})")
+    return "\n".join(lines) + "\n"
+
+
 def overview_png_bytes(n_runs: int) -> int:
     """The bound on one run's overview PNG in a study of `n_runs` runs (OVERVIEWS_PNG_BYTES)."""
     return min(MAX_PNG_BYTES, OVERVIEWS_PNG_BYTES // max(n_runs, 1))
@@ -149,7 +165,7 @@ def publish(tables: Mapping[str, pl.DataFrame], plots_dir: str | Path, out: str 
     with atomic_path(written[0]) as tmp:
         df.write_csv(tmp)
     with atomic_path(written[1]) as tmp:
-        Path(tmp).write_text(markdown(df), encoding="utf-8")
+        Path(tmp).write_text(markdown(df) + statistics_note(provenance.get("statistics_per_machine", [])), encoding="utf-8")
     scales = {}
     for name in (*FIGURES, *(f"overview_{run}" for run in df["run"])):
         svg = Path(plots_dir) / f"{name}.svg"
