@@ -22,13 +22,15 @@ setup:
 # (TEST_WORKERS=0: one process): alone in one process it kept 1.1 of 2 cores busy; each test
 # file stays on one worker (--dist loadfile: its module fixtures are built once) and the workers
 # share one finished tiny study (tests/conftest.py). The long end-to-end checks (pytest mark
-# `slow`) run in `make test-slow`, in one process: CI runs its side checks beside it (.ci/run)
+# `slow`) run in `make test-slow`, on the same workers: in one process it kept 1.1 of 2 cores busy
+# and CI's side checks beside it did not fill the rest (.ci/run)
 TEST_WORKERS ?= auto
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: lint
-	$(BIN)/python -m pytest -q -m "not slow" --durations=20 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+	$(BIN)/python -m pytest -q -m "not slow" --durations=20 $(XDIST)
 
 test-slow:
-	$(BIN)/python -m pytest -q -m slow --durations=20
+	$(BIN)/python -m pytest -q -m slow --durations=20 $(XDIST)
 
 test-all: lint
 	$(BIN)/python -m pytest -q
