@@ -4,7 +4,7 @@
 # safetensors, accelerate, pandas, pyarrow, tqdm, pyyaml) plus the wheels of
 # benchmarks/device_wheels.txt, editscale from the source tree (PYTHONPATH=src, not installed).
 #
-#   bash benchmarks/device_rehearsal.sh [WORK]          # rehearsal (CI): --device cpu --shapes tiny
+#   bash benchmarks/device_rehearsal.sh [WORK]          # rehearsal (CI): --device cpu --shapes tiny --archs gpt2 llama
 #   bash benchmarks/device_rehearsal.sh --wheels DIR    # only fetch the carried wheels into DIR (.whl)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,5 +35,7 @@ python3 -m venv "$WORK/venv"
 "$WORK/venv/bin/pip" install -q torch==2.13.0 transformers numpy h5py safetensors accelerate pandas pyarrow tqdm pyyaml 2>&1 | grep -v "is ignored" || true
 fetch_wheels "$WORK/wheels"
 "$WORK/venv/bin/pip" install -q --no-index --no-deps "$WORK"/wheels/*.whl
-echo "== benchmarks/device_check.py --device cpu --shapes tiny =="
-PYTHONPATH=src "$WORK/venv/bin/python" benchmarks/device_check.py --device cpu --shapes tiny --out "$WORK/out"
+echo "== benchmarks/device_check.py --device cpu --shapes tiny --archs gpt2 llama =="
+# (a) on two of the four tiny architectures: what is rehearsed is the package set (each method's code
+# path in it); the quick tier edits every architecture with every method (tests/test_half_precision.py)
+PYTHONPATH=src "$WORK/venv/bin/python" benchmarks/device_check.py --device cpu --shapes tiny --archs gpt2 llama --out "$WORK/out"
