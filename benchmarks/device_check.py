@@ -198,7 +198,9 @@ def equality(device: torch.device, tol: float, n_edits: int, archs=TINY_ARCHS) -
             templates = templates_record(base, tok, method, hp, seed=0)["groups"]
             deltas, first = {}, {}
             base_w = {m: WeightState(base, [m]).base[m] for m in get_method(method, hp).modules(base, hp)}
-            sides = (("cpu", torch.device("cpu")),) + ((("device", device),) if device.type != "cpu" else ())
+            sides = [("cpu", torch.device("cpu"))]
+            if device.type != "cpu":  # the rehearsal computes the CPU side once (below)
+                sides.append(("device", device))
             for side, dev in sides:
                 torch.use_deterministic_algorithms(True, warn_only=True)
                 model = copy.deepcopy(base).to(dev)
