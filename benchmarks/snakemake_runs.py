@@ -3,6 +3,7 @@ editscale package: users run snakemake themselves)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
+
+from editscale.forkserver import FORKSERVER_ENV
 
 WORKFLOW_FILES = ["Snakefile", "config.yaml", "config", "rules", "envs", "profiles", "report"]
 
@@ -36,14 +39,23 @@ def put_downstream_files(workdir: Path, names=("sst2", "mrpc", "cola", "rte")) -
         shutil.copy(shared / f"{name}.jsonl", workdir / "data" / "downstream" / f"{name}.jsonl")
 
 
+def clean_env(forkserver: bool = True) -> dict:
+    """The environment of a snakemake run here: this interpreter's bin/ on PATH, HOME, and the
+    fork server of the test session when there is one (tests/conftest.py; `forkserver=False`:
+    every job in its own interpreter, as a user's study runs)."""
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(Path.home()), "TOKENIZERS_PARALLELISM": "false"}
+    if forkserver and os.environ.get(FORKSERVER_ENV):
+        env[FORKSERVER_ENV] = os.environ[FORKSERVER_ENV]
+    return env
+
+
 def snakemake(workdir: Path, *args: str, config: str = "config/test-tiny.yaml", check: bool = True, timeout: int = 1200,
               env: dict | None = None):
     """Run snakemake (this interpreter's) in `workdir` with a clean environment plus `env`."""
     bindir = Path(sys.executable).parent
     # targets before --configfile, which takes every following word as a config file
     cmd = [str(bindir / "snakemake"), "--cores", "2", *args, "--configfile", config]
-    env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(Path.home()), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    res = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    res = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env={**clean_env(), **(env or {})}, check=False)
     if check and res.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
     return res

@@ -45,6 +45,51 @@ def repo_root() -> Path:
     return REPO
 
 
+@pytest.fixture(scope="session", autouse=True)
+def forkserver():
+    """One `editscale forkserver` per test process (each pytest-xdist worker), its socket in
+    EDITSCALE_FORKSERVER for every command this session runs: a job of a tiny model spends most
+    of its CPU importing torch and transformers (editscale.forkserver). It is started with the
+    environment benchmarks.snakemake_runs gives snakemake runs, so their jobs are served;
+    tests/test_kill.py kills jobs that run in their own interpreters (clean_env(forkserver=False)),
+    and tests/test_forkserver.py checks what a served command keeps. EDITSCALE_TEST_FORKSERVER=0:
+    none."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from benchmarks.snakemake_runs import clean_env
+    from editscale.forkserver import FORKSERVER_ENV
+
+    if os.environ.get("EDITSCALE_TEST_FORKSERVER") == "0":
+        yield None
+        return
+    folder = Path(tempfile.mkdtemp(prefix="editscale-fs-"))  # a short path: a socket's is limited to 107 bytes
+    socket_path, log = folder / "socket", folder / "server.log"
+    env = clean_env(forkserver=False)
+    with open(log, "w") as out:
+        server = subprocess.Popen([str(Path(sys.executable).parent / "editscale"), "forkserver", "--socket", str(socket_path)],
+                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not socket_path.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"editscale forkserver did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    os.environ[FORKSERVER_ENV] = str(socket_path)
+    try:
+        yield socket_path
+    finally:
+        os.environ.pop(FORKSERVER_ENV, None)
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_study(repo_root, tmp_path_factory):
     """The tiny workflow (config/test-tiny.yaml) run to the end once per session; tests that

@@ -31,18 +31,13 @@ import pytest
 
 from editscale.edit.chain import read_delta, read_factors, tensor_sha256
 from benchmarks.compare_studies import compare_dirs
-from benchmarks.snakemake_runs import copy_workflow, incomplete_jobs, planned_jobs, snakemake
+from benchmarks.snakemake_runs import clean_env, copy_workflow, incomplete_jobs, planned_jobs, snakemake
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 RUN = "results/rome-tiny"
 LOG = "results/logs/rome-tiny/edit_segment_000006.log"
 STARTED_EDITING = "rome edits 4-6"  # tqdm's description, printed once the model is loaded
-
-
-def _env() -> dict:
-    bindir = Path(sys.executable).parent
-    return {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(Path.home()), "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _delta_hashes(workdir: Path, k: int) -> dict[str, str]:
@@ -79,7 +74,7 @@ def test_kill_mid_segment_then_resume_gives_identical_hashes(repo_root, tiny_stu
 
     # B: the full workflow, in its own session so that killpg reaches snakemake and its jobs only.
     with open(tmp_path / "B.out", "w") as out:
-        proc = subprocess.Popen([*cmd, *config], cwd=dir_b, stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+        proc = subprocess.Popen([*cmd, *config], cwd=dir_b, stdout=out, stderr=subprocess.STDOUT, env=clean_env(forkserver=False), start_new_session=True)
     try:
         log = dir_b / LOG
         deadline = time.monotonic() + 900
@@ -162,7 +157,7 @@ def test_an_edit_job_dies_with_its_wrapper_shell(repo_root, tmp_path):
     bindir = Path(sys.executable).parent
     cmd = [str(bindir / "snakemake"), "--cores", "1", "--configfile", "config/test-tiny.yaml"]
     with open(tmp_path / "out", "w") as out:
-        proc = subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=clean_env(forkserver=False), start_new_session=True)
     try:
         log = workdir / LOG
         deadline = time.monotonic() + 900

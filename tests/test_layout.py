@@ -65,7 +65,7 @@ def test_methods_are_named_only_in_their_modules_and_the_registry():
 # (imports inside functions count). The registry and plugin loading sit at the bottom, so that a
 # stage never reaches up to load plugins or to find another stage's registry.
 LAYERS = ["io", "robust", "registry", "plugins", "config", "layout", "models", "data", "stats", "edit", "evaluate", "report",
-          "audit", "results", "workflow", "planning", "memory", "calibration", "doctor", "merge", "cli"]
+          "audit", "results", "workflow", "planning", "memory", "calibration", "doctor", "merge", "forkserver", "cli"]
 
 
 def _layer(module: str) -> int:

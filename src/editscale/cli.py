@@ -13,7 +13,8 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from .io import JOB_ENV, EditscaleError
+from . import forkserver
+from .io import JOB_ENV, EditscaleError, signal_on_parent_death
 
 # Each stage module exposes register(subparsers) adding its verbs; a verb sets func=callable(args).
 STAGES = ["models", "data", "stats", "edit", "evaluate", "report"]
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import merge  # run records, the study built from them, its audit (above the stages and the plan)
 
     merge.register(sub)
+    forkserver.register(sub, build_parser)
     return parser
 
 
@@ -56,19 +58,17 @@ def die_with_wrapper() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, terminate)
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    parent = os.getppid()
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != parent:  # the wrapper died before the request took effect
+    if not signal_on_parent_death(signal.SIGTERM):  # the wrapper died before the request took effect
         raise SystemExit(128 + signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
     from .plugins import load_plugins
+
+    if argv is None and os.environ.get(forkserver.FORKSERVER_ENV):
+        code = forkserver.run_served(os.environ[forkserver.FORKSERVER_ENV], sys.argv[1:])
+        if code is not None:  # else the server could not take it (it said why): run it here
+            return code
 
     if os.environ.get(JOB_ENV):
         die_with_wrapper()
@@ -78,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     except EditscaleError as exc:
         print(f"editscale: error: {exc}", file=sys.stderr)
         return 2
-    return run(build_parser().parse_args(argv))
+    try:
+        return run(build_parser().parse_args(argv))
+    except forkserver.ServedCommand as served:  # `editscale forkserver`, in a served command's process
+        command = served.argv
+    forkserver.run_to_exit(lambda: main(command))  # outside the except: its errors are not "during handling"
 
 
 def run(args: argparse.Namespace) -> int:

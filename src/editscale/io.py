@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -226,6 +227,19 @@ def package_versions() -> dict[str, str]:
 
 DEVICE_ENV = "EDITSCALE_DEVICE"
 JOB_ENV = "EDITSCALE_WORKFLOW_JOB"  # set for workflow jobs: they die with their wrapper (cli.die_with_wrapper)
+
+
+def signal_on_parent_death(signum: int) -> bool:
+    """Linux's PR_SET_PDEATHSIG: `signum` is sent to this process when its parent dies. False when
+    the parent died before the request took effect (not Linux: nothing is arranged, True)."""
+    if not sys.platform.startswith("linux"):
+        return True
+    import ctypes
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum)
+    return os.getppid() == parent
 
 
 def job_device() -> str:
