@@ -50,12 +50,13 @@ def clean_env(forkserver: bool = True) -> dict:
 
 
 def snakemake(workdir: Path, *args: str, config: str = "config/test-tiny.yaml", check: bool = True, timeout: int = 1200,
-              env: dict | None = None):
-    """Run snakemake (this interpreter's) in `workdir` with a clean environment plus `env`."""
+              env: dict | None = None, forkserver: bool = True):
+    """Run snakemake (this interpreter's) in `workdir` with a clean environment plus `env`
+    (clean_env: `forkserver=False` runs every job in its own interpreter)."""
     bindir = Path(sys.executable).parent
     # targets before --configfile, which takes every following word as a config file
     cmd = [str(bindir / "snakemake"), "--cores", "2", *args, "--configfile", config]
-    res = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env={**clean_env(), **(env or {})}, check=False)
+    res = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env={**clean_env(forkserver), **(env or {})}, check=False)
     if check and res.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
     return res

@@ -92,8 +92,9 @@ def forkserver():
 
 @pytest.fixture(scope="session")
 def tiny_study(repo_root, tmp_path_factory):
-    """The tiny workflow (config/test-tiny.yaml) run to the end once per session; tests that
-    change it work on a copy. Under pytest-xdist (`make test`: one worker per core) the workers
+    """The tiny workflow (config/test-tiny.yaml) run to the end once per session, every job in its
+    own interpreter, as a user's study runs (its benchmark records measure the jobs: doctor
+    calibrates from them); tests that change it work on a copy. Under pytest-xdist (`make test`: one worker per core) the workers
     share one run: the first to need it runs it in the session's common temporary folder while
     the others wait on a file lock (filelock: a torch dependency)."""
     from filelock import FileLock
@@ -102,14 +103,14 @@ def tiny_study(repo_root, tmp_path_factory):
 
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         workdir = copy_workflow(repo_root, tmp_path_factory.mktemp("study"))
-        snakemake(workdir)
+        snakemake(workdir, forkserver=False)
         return workdir
     shared = tmp_path_factory.getbasetemp().parent  # pytest-N/, this session's, above each worker's popen-gwI/
     workdir, done = shared / "tiny-study", shared / "tiny-study.done"
     with FileLock(str(shared / "tiny-study.lock")):
         if not done.exists():
             shutil.rmtree(workdir, ignore_errors=True)  # a worker that failed half-way left it
-            snakemake(copy_workflow(repo_root, workdir))
+            snakemake(copy_workflow(repo_root, workdir), forkserver=False)
             done.touch()
     return workdir
 

@@ -21,6 +21,7 @@ import pytest
 from benchmarks.compare_studies import compare_dirs
 from benchmarks.snakemake_runs import clean_env, planned_jobs, snakemake
 from editscale.forkserver import FORKSERVER_ENV, ServerState
+from editscale.io import SERVED_MARKER, EditscaleError
 
 EDITSCALE = str(Path(sys.executable).parent / "editscale")
 
@@ -53,16 +54,17 @@ def test_a_served_command_keeps_its_directory_environment_streams_and_status(for
     own = _editscale(args, tmp_path, clean_env(forkserver=False))
     served = _editscale(args, tmp_path, clean_env())
     assert own.returncode == served.returncode == 2, (own, served)
-    assert (own.stdout, own.stderr) == (served.stdout, served.stderr)
+    marker, *rest = served.stderr.splitlines(keepends=True)
+    assert marker.startswith(SERVED_MARKER) and SERVED_MARKER not in own.stderr
+    assert (own.stdout, own.stderr) == (served.stdout, "".join(rest))
     assert "config/study.yaml" in served.stderr
-    assert "fork server" not in served.stderr  # not refused
     assert f"editscale {' '.join(args)}" in _served_log(forkserver)
 
     env = {**clean_env(), "EDITSCALE_PLUGINS": "no_such_plugin_module"}
     served = _editscale(["methods"], tmp_path, env)
     own = _editscale(["methods"], tmp_path, {**env, FORKSERVER_ENV: ""})
     assert served.returncode == own.returncode == 2 and "no_such_plugin_module" in served.stderr
-    assert served.stderr == own.stderr
+    assert served.stderr.split("\n", 1)[1] == own.stderr
 
 
 def test_what_a_fork_cannot_give_is_refused_and_runs_in_its_own_process(forkserver, tmp_path):
@@ -78,7 +80,7 @@ def test_what_a_fork_cannot_give_is_refused_and_runs_in_its_own_process(forkserv
     assert res.returncode == 0 and "rome" in res.stdout and "unreachable" in res.stderr
 
     res = _editscale(["methods"], tmp_path, {**clean_env(), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
-    assert res.returncode == 0 and "fork server" not in res.stderr
+    assert res.returncode == 0 and res.stderr.startswith(SERVED_MARKER) and "refused" not in res.stderr
 
     state = ServerState(dict(os.environ))
     request = {"python": sys.executable, "env": dict(os.environ)}
@@ -120,6 +122,28 @@ def test_signals_reach_the_served_command_and_it_dies_with_its_caller(forkserver
     assert f"forkserver --socket {tmp_path / 'a'} -> exit 0" in log and f"forkserver --socket {tmp_path / 'b'} -> signal {int(signal.SIGHUP)}" in log
 
 
+def test_doctor_will_not_calibrate_from_served_jobs(repo_root, tmp_path):
+    """A served job's benchmark record measures the process that forwarded it: doctor's fit
+    refuses records whose job log says the job was served, naming the record and the way out."""
+    from editscale import calibration as cb
+    from editscale.doctor import load_config
+    from editscale.planning import config_jobs
+
+    jobs = config_jobs(load_config(repo_root / "config/test-tiny.yaml"), tmp_path)
+    bench = tmp_path / "results" / "benchmarks"
+    for job in jobs:
+        record = bench / Path(job.record).relative_to("results/benchmarks")
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text("s\th:m:s\tmax_rss\n1.0\t0:00:01\t600.0\n")
+    assert len(cb.measured(jobs, bench)) == len(jobs)
+    served = next(j for j in jobs if j.kind == "metric:evaluate")
+    log = tmp_path / "results" / "logs" / Path(served.record).relative_to("results/benchmarks").with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(f"{SERVED_MARKER} at /tmp/s (pid 1): ...\nINFO evaluating\n")
+    with pytest.raises(EditscaleError, match=r"1 job\(s\) were served by `editscale forkserver` .*evaluate.*without EDITSCALE_FORKSERVER"):
+        cb.measured(jobs, bench, read=cb.record_rss)
+
+
 @pytest.mark.workflow
 def test_a_served_study_equals_one_whose_jobs_ran_in_their_own_interpreters(forkserver, tiny_study, tmp_path):
     """The tiny study's last segment (edits 4-6), its scores, checkpoint evaluation and report made
@@ -133,7 +157,7 @@ def test_a_served_study_equals_one_whose_jobs_ran_in_their_own_interpreters(fork
             (work / "results/rome-tiny" / sub).unlink()
         copies[name] = work
     snakemake(copies["served"])
-    snakemake(copies["own"], env={FORKSERVER_ENV: ""})
+    snakemake(copies["own"], forkserver=False)
     assert planned_jobs(snakemake(copies["served"], "-n")) == {} == planned_jobs(snakemake(copies["own"], "-n"))
     refused = [str(f) for f in (copies["served"] / "results" / "logs").rglob("*.log") if "editscale: fork server" in f.read_text()]
     assert refused == [], refused  # every job served

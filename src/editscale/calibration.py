@@ -31,7 +31,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from .io import EditscaleError
+from .io import SERVED_MARKER, EditscaleError
 from .layout import RESULTS
 from .planning import DEFAULT_STARTUP_S, LOAD_BYTES_PER_S, Calibration, Job
 
@@ -68,12 +68,19 @@ def measured(jobs: list[Job], benchmarks: str | Path, read=record_seconds) -> di
     root = Path(benchmarks)
     if not root.is_dir():
         raise EditscaleError(f"--benchmarks {root}: no such directory (a finished run leaves results/benchmarks/)")
-    out = {}
+    out, served = {}, []
     for job in jobs:
         rel = Path(job.record).relative_to(RESULTS / "benchmarks")
         s = read(root / rel)
         if s is not None:
             out[job.record] = s
+            log = root.parent / "logs" / rel.with_suffix(".log")
+            if log.is_file() and SERVED_MARKER in log.read_text(encoding="utf-8", errors="replace"):
+                served.append(str(root / rel))
+    if served:
+        raise EditscaleError(f"--benchmarks {root}: {len(served)} job(s) were served by `editscale forkserver` ({served[0]}"
+                             f"{', ...' if len(served) > 1 else ''}): their records measure the process that forwarded them, not "
+                             "the job's time and memory; run the study without EDITSCALE_FORKSERVER to calibrate from it")
     if not out:
         raise EditscaleError(f"--benchmarks {root}: no record of any job of this config (is it the run of this config?)")
     return out

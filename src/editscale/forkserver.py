@@ -43,6 +43,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from .io import SERVED_MARKER
+
 FORKSERVER_ENV = "EDITSCALE_FORKSERVER"
 # variables that some library reads once, when it is imported (or the interpreter when it starts)
 SENSITIVE_PREFIXES = ("PYTHON", "LD_", "HF_", "HUGGINGFACE", "TRANSFORMERS_", "TORCH", "PYTORCH_", "CUDA", "NVIDIA_", "ROCM",
@@ -80,6 +82,8 @@ def run_served(path: str, argv: list[str]) -> int | None:
     if reply is None or "refused" in reply:
         _say(f"fork server {path} refused: {reply['refused'] if reply else 'it closed the connection'}; running in this process")
         return None
+    print(f"{SERVED_MARKER} at {path} (pid {reply['pid']}): a benchmark record of this job measures the process that forwarded it",
+          file=sys.stderr, flush=True)
 
     def forward(signum, frame):
         try:

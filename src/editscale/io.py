@@ -226,6 +226,9 @@ def package_versions() -> dict[str, str]:
 
 
 DEVICE_ENV = "EDITSCALE_DEVICE"
+# the line a command served by `editscale forkserver` starts its stderr with (a job's log): its
+# Snakemake benchmark record measures the process that forwarded it (calibration refuses it)
+SERVED_MARKER = "editscale: served by the fork server"
 JOB_ENV = "EDITSCALE_WORKFLOW_JOB"  # set for workflow jobs: they die with their wrapper (cli.die_with_wrapper)
 
 
