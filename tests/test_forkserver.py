@@ -82,6 +82,9 @@ def test_what_a_fork_cannot_give_is_refused_and_runs_in_its_own_process(forkserv
     res = _editscale(["methods"], tmp_path, {**clean_env(), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     assert res.returncode == 0 and res.stderr.startswith(SERVED_MARKER) and "refused" not in res.stderr
 
+    second = _editscale(["forkserver", "--socket", str(forkserver)], tmp_path, clean_env(forkserver=False))
+    assert second.returncode == 2 and f"--socket {forkserver}: a fork server is listening there already" in second.stderr
+
     state = ServerState(dict(os.environ))
     request = {"python": sys.executable, "env": dict(os.environ)}
     assert state.refusal(request) == ""

@@ -43,7 +43,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from .io import SERVED_MARKER
+from .io import JOB_ENV, SERVED_MARKER, EditscaleError, signal_on_parent_death
 
 FORKSERVER_ENV = "EDITSCALE_FORKSERVER"
 # variables that some library reads once, when it is imported (or the interpreter when it starts)
@@ -93,8 +93,6 @@ def run_served(path: str, argv: list[str]) -> int | None:
 
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, forward)
-    from .io import JOB_ENV, signal_on_parent_death
-
     if os.environ.get(JOB_ENV):
         signal_on_parent_death(signal.SIGTERM)  # forwarded: the served job dies with this job's shell
     status = _read_message(sock)
@@ -266,12 +264,19 @@ class ServerState:
 def serve(path: str, build_parser) -> None:
     """Listen on `path` until SIGTERM or SIGINT; each connection is one command (module doc).
     `build_parser`: cli's, imported with every stage's command line before the first fork."""
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # a server that was killed leaves its socket file
+        else:
+            probe.close()
+            raise EditscaleError(f"--socket {path}: a fork server is listening there already")
     env_before = dict(os.environ)
     failed = warm_imports(build_parser)
     state, server_pid = ServerState(env_before), os.getpid()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    if os.path.exists(path):
-        os.unlink(path)  # a server that was killed leaves its socket file
     sock.bind(path)
     sock.listen(64)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # each connection's handler is reaped by the kernel
