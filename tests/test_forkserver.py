@@ -148,6 +148,7 @@ def test_doctor_will_not_calibrate_from_served_jobs(repo_root, tmp_path):
 
 
 @pytest.mark.workflow
+@pytest.mark.slow
 def test_a_served_study_equals_one_whose_jobs_ran_in_their_own_interpreters(forkserver, tiny_study, tmp_path):
     """The tiny study's last segment (edits 4-6), its scores, checkpoint evaluation and report made
     again in two copies, once served and once with every job in its own interpreter: every file
