@@ -85,7 +85,7 @@ def test_what_a_fork_cannot_give_is_refused_and_runs_in_its_own_process(forkserv
     second = _editscale(["forkserver", "--socket", str(forkserver)], tmp_path, clean_env(forkserver=False))
     assert second.returncode == 2 and f"--socket {forkserver}: a fork server is listening there already" in second.stderr
 
-    state = ServerState(dict(os.environ))
+    state = ServerState(str(forkserver), dict(os.environ))
     request = {"python": sys.executable, "env": dict(os.environ)}
     assert state.refusal(request) == ""
     assert "another Python" in state.refusal({**request, "python": "/usr/bin/python3.9"})
@@ -169,3 +169,31 @@ def test_a_served_study_equals_one_whose_jobs_ran_in_their_own_interpreters(fork
     assert f"cd {copies['served']}" in log and f"cd {copies['own']}" not in log
     diffs, counts = compare_dirs(copies["served"], copies["own"])
     assert diffs == [] and counts["state_files"] >= 2 and counts["metric_tables"] > 0, (diffs, counts)
+
+
+def test_each_served_command_draws_its_own_random_numbers():
+    """A fork inherits the server's generators; each served command's process seeds them anew
+    from the OS, as a new process does (editscale seeds what must be reproducible itself)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from editscale.forkserver import _fresh_random_state
+
+    def draws():
+        return random.random(), float(np.random.random()), float(torch.rand(()))
+
+    def seeded():
+        random.seed(0)
+        np.random.seed(0)
+        torch.manual_seed(0)
+
+    seeded()
+    inherited = draws()
+    seeded()
+    assert draws() == inherited  # what every fork would draw without it
+    seeded()
+    _fresh_random_state()
+    fresh = draws()
+    assert all(a != b for a, b in zip(fresh, inherited))

@@ -82,8 +82,6 @@ def run_served(path: str, argv: list[str]) -> int | None:
     if reply is None or "refused" in reply:
         _say(f"fork server {path} refused: {reply['refused'] if reply else 'it closed the connection'}; running in this process")
         return None
-    print(f"{SERVED_MARKER} at {path} (pid {reply['pid']}): a benchmark record of this job measures the process that forwarded it",
-          file=sys.stderr, flush=True)
 
     def forward(signum, frame):
         try:
@@ -213,7 +211,8 @@ def openblas_thread_setters() -> list | None:
 class ServerState:
     """What the server compares a request with (refusal) and hands its command's process."""
 
-    def __init__(self, env_before: dict):
+    def __init__(self, path: str, env_before: dict):
+        self.path = path
         self.env_before = env_before
         # what the imports put in the environment (TORCHINDUCTOR_CACHE_DIR, ...): a command's own
         # process has it too, from the same imports
@@ -275,7 +274,7 @@ def serve(path: str, build_parser) -> None:
             raise EditscaleError(f"--socket {path}: a fork server is listening there already")
     env_before = dict(os.environ)
     failed = warm_imports(build_parser)
-    state, server_pid = ServerState(env_before), os.getpid()
+    state, server_pid = ServerState(path, env_before), os.getpid()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     sock.listen(64)
@@ -409,7 +408,23 @@ def _become_command(data: dict, fds: list[int], state: ServerState) -> None:
             pass
     sys.dont_write_bytecode = bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))
     state.apply_thread_counts()
+    _fresh_random_state()
+    # first on its stderr, before anything the command writes
+    print(f"{SERVED_MARKER} at {state.path} (pid {os.getpid()}): a benchmark record of this job measures the process that forwarded it",
+          file=sys.stderr, flush=True)
     raise ServedCommand(sys.argv[1:])
+
+
+def _fresh_random_state() -> None:
+    """The random generators as a new process has them, not as the server left them to every
+    fork: each seeded anew from the OS (torch too seeds its CPU generator so at start)."""
+    import random
+
+    random.seed()
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    if "torch" in sys.modules:
+        sys.modules["torch"].random.default_generator.seed()
 
 
 class ServedCommand(BaseException):
