@@ -1,5 +1,5 @@
 """A warm interpreter for many short `editscale` commands: `editscale forkserver --socket PATH`
-imports torch, transformers and every editscale module once, and each `editscale ...` command
+imports torch, transformers and editscale's commands once (warm_imports), and each `editscale ...` command
 run with EDITSCALE_FORKSERVER=PATH in its environment is carried out by a fork of that process.
 
 Why: a job on a tiny model spends most of its CPU importing torch and transformers (an evaluate
