@@ -65,7 +65,8 @@ def forkserver():
     if os.environ.get("EDITSCALE_TEST_FORKSERVER") == "0":
         yield None
         return
-    folder = Path(tempfile.mkdtemp(prefix="editscale-fs-"))  # a short path: a socket's is limited to 107 bytes
+    # a short path: a socket's is limited to 107 bytes, which a long TMPDIR could exceed
+    folder = Path(tempfile.mkdtemp(prefix="editscale-fs-", dir="/tmp" if os.path.isdir("/tmp") else None))
     socket_path, log = folder / "socket", folder / "server.log"
     env = clean_env(forkserver=False)
     with open(log, "w") as out:
