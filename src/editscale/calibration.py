@@ -62,6 +62,15 @@ def record_rss(path: Path) -> float | None:
     return max(values) * 2**20 if values else None
 
 
+def _served(log: Path) -> bool:
+    """Whether the job of this log was served by `editscale forkserver`: its process writes the
+    marker as the log's first line (the rest, often megabytes of progress bars, is not read)."""
+    if not log.is_file():
+        return False
+    with open(log, encoding="utf-8", errors="replace") as f:
+        return f.readline().startswith(SERVED_MARKER)
+
+
 def measured(jobs: list[Job], benchmarks: str | Path, read=record_seconds) -> dict[str, float]:
     """record -> seconds (or what `read` reads), for the jobs whose record is under `benchmarks`
     (a results/benchmarks dir)."""
@@ -74,8 +83,7 @@ def measured(jobs: list[Job], benchmarks: str | Path, read=record_seconds) -> di
         s = read(root / rel)
         if s is not None:
             out[job.record] = s
-            log = root.parent / "logs" / rel.with_suffix(".log")
-            if log.is_file() and SERVED_MARKER in log.read_text(encoding="utf-8", errors="replace"):
+            if _served(root.parent / "logs" / rel.with_suffix(".log")):
                 served.append(str(root / rel))
     if served:
         raise EditscaleError(f"--benchmarks {root}: {len(served)} job(s) were served by `editscale forkserver` ({served[0]}"
