@@ -563,6 +563,9 @@ def test_overview_panels_show_each_curve_in_its_units_with_the_phases_shaded(tmp
         shade = datasets[layers["rect"]["data"]["name"]]
         assert [(d["mark"], d["start"], d["end"]) for d in shade] == [("onset 95 % interval", 170.0, 190.0), ("onset to collapse", 180.0, 200.0)]
         assert [d["start"] for d in datasets[layers["rule"]["data"]["name"]]] == [175.0]
+        # the disabling edits are a rug along the panel's foot, not full-height rules over the curve
+        rug = layers["rule"]["encoding"]
+        assert (rug["y"]["value"], rug["y2"]["value"]) == (panel["height"] - plots.DISABLING_RUG_PX, panel["height"])
     # real units: perplexity's panel holds the perplexities (log scale), not a min-max normalization
     ppl = next(p for p in panels if p["title"]["text"] == "perplexity")
     line = next(layer for layer in ppl["layer"] if layer["mark"]["type"] == "line")
@@ -797,3 +800,34 @@ def test_a_runs_published_means_do_not_depend_on_the_other_runs_in_the_table():
     kept = [v for v in values["run1"] if not math.isnan(v)]
     assert together["run1"]["ns_after_edit"] == math.fsum(kept) / len(kept)
     assert together["run1"]["perplexity_end"] == math.fsum(values["run1"][10:50]) / 40
+
+
+def test_a_published_png_is_compacted_losslessly_and_broken_pngs_are_refused(tmp_path):
+    """publish.compact_png: the image data deflated again at zlib's highest level (vl-convert
+    deflates fast). Same filtered scanlines, so the same pixels; smaller; every chunk's CRC valid;
+    the other chunks kept in order. A file that is no PNG, or a chunk whose CRC fails, is one error."""
+    import zlib
+
+    from editscale.io import EditscaleError
+    from editscale.report.publish import compact_png, png_chunks
+
+    res = tmp_path / "results"
+    write_run(res, "long", n_edits=300, every=10, collapse_at=180, outlier_edit=175, seed=4)
+    t = tables.build_tables(_metrics(res), [{"name": "long", "model": "tiny", "method": "rome", "dataset": "cf", "sample": 0, "n_edits": 300}])
+    png = plots.save_chart(plots.overview_chart(t, "long"), tmp_path / "ov", formats=("png",))[0].read_bytes()
+    small = compact_png(png)
+
+    def pixels(b: bytes) -> bytes:
+        return zlib.decompress(b"".join(data for kind, data in png_chunks(b) if kind == b"IDAT"))
+
+    assert len(small) < 0.8 * len(png) and pixels(small) == pixels(png)
+    kinds = [kind for kind, _ in png_chunks(small)]  # png_chunks checks every CRC
+    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and kinds.count(b"IDAT") == 1
+    assert [k for k in kinds if k != b"IDAT"] == [k for k, _ in png_chunks(png) if k != b"IDAT"]
+    assert compact_png(small) == small  # deterministic, and a second pass changes nothing
+    with pytest.raises(EditscaleError, match="not a PNG"):
+        compact_png(b"GIF89a" + small[6:])
+    broken = bytearray(small)
+    broken[40] ^= 0xFF  # inside the first chunks' data
+    with pytest.raises(EditscaleError, match="fails its CRC"):
+        compact_png(bytes(broken))

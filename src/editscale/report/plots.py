@@ -23,7 +23,7 @@ editscale.evaluate.registry, every function called as fn(tables, FigureOptions))
 - `overview`: every run at a glance, one row per run of the CurveSpec.glance curves on one y range
   per curve; `overview_{run}`: one run's every phase curve as small multiples in their own units.
   Each panel is shaded with the detected phases: the onset's 95 % interval (grey), onset to
-  collapse (orange), disabling edits (dashed rules); the title names the onset, its interval, the
+  collapse (orange), disabling edits (ticks along the foot); the title names the onset, its interval, the
   collapse and the first collapse indicator to move.
 
 Several runs on one figure are coloured by method, each method in the same colour in every figure
@@ -524,8 +524,9 @@ def update_norm_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = 
     return layer.facet(row=alt.Row("run:N", title=None, header=alt.Header(labelLimit=0))).properties(title=alt.TitleParams(title, subtitle=subtitle, anchor="start"))
 
 
-# the phase marks of the overview panels (grey and orange regions, black dashed rules: no method's colour)
+# the phase marks of the overview panels (grey and orange regions, black ticks of the disabling edits: no method's colour)
 PHASE_MARKS = {"onset 95 % interval": "#9e9e9e", "onset to collapse": "#f58518", "disabling edit": "#222222"}
+DISABLING_RUG_PX = 8  # the disabling edits' ticks: this many pixels up from each panel's foot
 
 
 def _finite(v) -> bool:
@@ -593,7 +594,7 @@ def overview_chart(
 ) -> alt.TopLevelMixin:
     """One run's curves as small multiples in their own units (log scale where the curve's spec
     reads log values), each panel shaded with the detected phases: the onset's 95 % interval,
-    onset to collapse, and the disabling edits (rules).
+    onset to collapse, and the disabling edits (a rug of ticks along the panel's foot).
 
     Curves: every curve the onset detector reads (CurveSpec.phases), or with `glance` only the
     CurveSpec.glance ones, in one row (a run's row of the study overview). `phase` holds onset_k,
@@ -632,8 +633,10 @@ def overview_chart(
             regions, rules = shade.filter(pl.col("mark") != "disabling edit"), shade.filter(pl.col("mark") == "disabling edit")
             if regions.height:
                 layers.append(alt.Chart(regions).mark_rect(opacity=0.25).encode(x=edits_x("start", "edits", scale=x_scale), x2="end:Q", color=legend, tooltip=mark_tip))
-            if rules.height:
-                layers.append(alt.Chart(rules).mark_rule(strokeDash=[4, 3]).encode(x=edits_x("start", "edits", scale=x_scale), color=legend, tooltip=mark_tip))
+            if rules.height:  # a rug along the panel's foot: a long chain flags hundreds, which full-height rules would hide the curve under
+                layers.append(alt.Chart(rules).mark_rule(opacity=0.6).encode(
+                    x=edits_x("start", "edits", scale=x_scale), y=alt.value(height - DISABLING_RUG_PX), y2=alt.value(height),
+                    color=legend, tooltip=mark_tip))
         domain = {"domain": list(y_domains[name])} if name in (y_domains or {}) else {}
         y = alt.Y("value:Q", title=None, scale=alt.Scale(type="log", nice=False, **domain) if log_y else alt.Scale(zero=False, **domain))
         layers.append(alt.Chart(df).mark_line(color=color, point=alt.OverlayMarkDef(color=color, size=12) if df.height <= 60 else False).encode(

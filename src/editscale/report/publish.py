@@ -27,6 +27,8 @@ runs read their own statistics (`editscale merge --statistics-per-machine`, prov
 from __future__ import annotations
 
 import math
+import struct
+import zlib
 from pathlib import Path
 from typing import Mapping
 
@@ -35,6 +37,7 @@ import polars as pl
 from ..io import EditscaleError, atomic_path, write_json_atomic
 
 MAX_PNG_BYTES = 300_000
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # the runs' overviews, one per run, together under this: 15 runs' overviews at MAX_PNG_BYTES would take
 # 4.5 MB of the 10 MB docs/results holds; each gets its share (scale ~0.5 for 15 SmolLM2 200-edit runs)
 OVERVIEWS_PNG_BYTES = 2_000_000
@@ -141,14 +144,44 @@ def overview_png_bytes(n_runs: int) -> int:
     return min(MAX_PNG_BYTES, OVERVIEWS_PNG_BYTES // max(n_runs, 1))
 
 
+def png_chunks(png: bytes) -> list[tuple[bytes, bytes]]:
+    """A PNG's chunks as (type, data), in order; the signature and every CRC checked."""
+    if png[:8] != PNG_SIGNATURE:
+        raise EditscaleError("not a PNG: its first 8 bytes are not the PNG signature")
+    chunks, i = [], 8
+    while i < len(png):
+        (n,) = struct.unpack(">I", png[i:i + 4])
+        kind, data = png[i + 4:i + 8], png[i + 8:i + 8 + n]
+        if len(data) != n or struct.unpack(">I", png[i + 8 + n:i + 12 + n]) != (zlib.crc32(kind + data),):
+            raise EditscaleError(f"PNG chunk {kind!r} at byte {i} is truncated or fails its CRC")
+        chunks.append((kind, data))
+        i += 12 + n
+    return chunks
+
+
+def compact_png(png: bytes) -> bytes:
+    """The same PNG, its image data deflated again at zlib's highest level: the filtered scanlines
+    and so every pixel are unchanged (vl-convert's encoder deflates fast; this is ~3x smaller for
+    the study figures: benchmarks/RESULTS.md 14). Chunks other than IDAT are kept as they are."""
+    chunks = png_chunks(png)
+    first = next((i for i, (kind, _) in enumerate(chunks) if kind == b"IDAT"), None)
+    if first is None:
+        raise EditscaleError("PNG has no IDAT chunk (no image data)")
+    idat = zlib.compress(zlib.decompress(b"".join(data for kind, data in chunks if kind == b"IDAT")), 9)
+    kept = [c for c in chunks if c[0] != b"IDAT"]
+    kept.insert(first, (b"IDAT", idat))
+    return PNG_SIGNATURE + b"".join(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+                                    for kind, data in kept)
+
+
 def small_png(svg_path: Path, out: Path, max_bytes: int = MAX_PNG_BYTES) -> float:
     """The figure's SVG rendered as PNG at the largest of PNG_SCALES that stays under
-    `max_bytes`; returns the scale."""
+    `max_bytes` once compacted (compact_png); returns the scale."""
     import vl_convert as vlc
 
     svg = svg_path.read_text(encoding="utf-8")
     for scale in PNG_SCALES:
-        png = vlc.svg_to_png(svg, scale=scale)
+        png = compact_png(vlc.svg_to_png(svg, scale=scale))
         if len(png) < max_bytes:
             with atomic_path(out) as tmp:
                 Path(tmp).write_bytes(png)
