@@ -831,3 +831,5 @@ def test_a_published_png_is_compacted_losslessly_and_broken_pngs_are_refused(tmp
     broken[40] ^= 0xFF  # inside the first chunks' data
     with pytest.raises(EditscaleError, match="fails its CRC"):
         compact_png(bytes(broken))
+    with pytest.raises(EditscaleError, match="truncated"):
+        compact_png(small + b"\x00\x00")

@@ -150,6 +150,8 @@ def png_chunks(png: bytes) -> list[tuple[bytes, bytes]]:
         raise EditscaleError("not a PNG: its first 8 bytes are not the PNG signature")
     chunks, i = [], 8
     while i < len(png):
+        if i + 12 > len(png):
+            raise EditscaleError(f"PNG is truncated: {len(png) - i} bytes at byte {i} are too few for a chunk")
         (n,) = struct.unpack(">I", png[i:i + 4])
         kind, data = png[i + 4:i + 8], png[i + 8:i + 8 + n]
         if len(data) != n or struct.unpack(">I", png[i + 8 + n:i + 12 + n]) != (zlib.crc32(kind + data),):
