@@ -805,7 +805,8 @@ def test_a_runs_published_means_do_not_depend_on_the_other_runs_in_the_table():
 def test_a_published_png_is_compacted_losslessly_and_broken_pngs_are_refused(tmp_path):
     """publish.compact_png: the image data deflated again at zlib's highest level (vl-convert
     deflates fast). Same filtered scanlines, so the same pixels; smaller; every chunk's CRC valid;
-    the other chunks kept in order. A file that is no PNG, or a chunk whose CRC fails, is one error."""
+    the other chunks kept in order. A file that is no PNG, a chunk whose CRC fails, or a file cut
+    inside a chunk header is one error."""
     import zlib
 
     from editscale.io import EditscaleError

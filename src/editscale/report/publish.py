@@ -39,7 +39,8 @@ from ..io import EditscaleError, atomic_path, write_json_atomic
 MAX_PNG_BYTES = 300_000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # the runs' overviews, one per run, together under this: 15 runs' overviews at MAX_PNG_BYTES would take
-# 4.5 MB of the 10 MB docs/results holds; each gets its share (scale ~0.5 for 15 SmolLM2 200-edit runs)
+# 4.5 MB of the 10 MB docs/results holds; each gets its share (compacted, the 16 SmolLM2 200-edit runs'
+# overviews fit theirs at scale 1.0; before compact_png they needed ~0.5)
 OVERVIEWS_PNG_BYTES = 2_000_000
 PNG_SCALES = (1.0, 0.8, 0.65, 0.5, 0.4)  # the first that keeps a figure under its bound
 # the study's figures (every run in one chart), then each run's overview: the study's overview stacks
