@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from editscale.report.changepoint import Curve, OnsetConfig, Phase, combine_phases, detect_onset
+from editscale.report.changepoint import EARLY_FALL, Curve, OnsetConfig, Phase, combine_phases, detect_curve, detect_early_fall, detect_onset
 from editscale.report.disabling import DisablingConfig, detect_disabling_edits, joint_drops, norm_outlier_z
 
 K = np.arange(0, 1001, 10, dtype=float)
@@ -94,6 +94,79 @@ def test_onset_is_deterministic_and_checks_alpha():
     assert a == b
     with pytest.raises(ValueError):
         OnsetConfig(n_null=20, alpha=0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# early falls: the damage first and fast, then a slower phase
+
+
+def fast_then_flat(seed: int, end: float = 100.0, noise: float = 0.02) -> np.ndarray:
+    """0.9 falling to 0.4 by `end`, then declining by only 0.05 over the rest."""
+    rng = np.random.default_rng(seed)
+    y = np.where(K < end, 0.9 - 0.5 * K / end, 0.4 - 0.05 * (K - end) / (K[-1] - end))
+    return y + rng.normal(0, noise, len(K))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_early_fall_found_where_the_fast_fall_ends_and_no_onset_there(seed):
+    y = fast_then_flat(seed)
+    p = detect_early_fall(K, y, OnsetConfig(seed=seed), curve="downstream_f1")
+    assert p.accepted, p.reason
+    assert p.shape == EARLY_FALL and p.curve == "downstream_f1"
+    assert abs(p.onset_k - 100) <= 10 and p.ci_low <= 100 <= p.ci_high
+    assert p.delta_bic > 10 and p.p_value <= 0.01
+    assert p.slope_before < 0 and abs(p.slope_before) > 3 * abs(p.slope_after)
+    assert p.drop_share == pytest.approx(0.5 / 0.55, abs=0.05)  # the fall before 100 of the whole drop
+    # the paper's onset detector does not read this shape as a collapse
+    assert not detect_onset(K, y, OnsetConfig(seed=seed)).accepted
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_no_early_fall_on_the_papers_shape_gradual_then_collapse(seed):
+    y = flat_then_drop(seed)
+    assert detect_onset(K, y, OnsetConfig(seed=seed)).accepted
+    p = detect_early_fall(K, y, OnsetConfig(seed=seed))
+    assert not p.accepted and "first segment does not fall faster" in p.reason
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_no_early_fall_on_linear_decline_or_noise(seed):
+    rng = np.random.default_rng(300 + seed)
+    assert not detect_early_fall(K, 0.8 - 0.0003 * K + rng.normal(0, 0.02, len(K)), OnsetConfig(seed=seed)).accepted
+    assert not detect_early_fall(K, 0.5 + rng.normal(0, 0.05, len(K)), OnsetConfig(seed=seed)).accepted
+
+
+def test_early_fall_drop_share_is_exact_on_a_noiseless_hinge_and_oriented():
+    # 1.0 -> 0.4 by 200, then 0.4 -> 0.2 by 1,000: three quarters of the drop before the break
+    y = np.where(K <= 200, 1.0 - 0.6 * K / 200, 0.4 - 0.2 * (K - 200) / 800)
+    p = detect_early_fall(K, y, OnsetConfig(n_null=0, n_boot=0, min_delta_bic=0))
+    assert p.accepted and p.onset_k == pytest.approx(200, abs=1e-6)
+    assert p.drop_share == pytest.approx(0.75, abs=1e-9)
+    # perplexity-like: a fast early rise, read with higher-is-worse, is the same early fall
+    q = detect_curve(Curve("perplexity", K, 30 + 10 * (1.0 - y), higher_is_better=False), OnsetConfig(n_null=0, n_boot=0, min_delta_bic=0), EARLY_FALL)
+    assert q.accepted and q.onset_k == pytest.approx(200, abs=1e-6) and q.slope_before > 0
+
+
+def test_early_fall_on_a_log_spaced_grid():
+    # the long study's checkpoints: the geography probes' shape, gone within 50 edits, then a plateau
+    k = np.array([0, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000], dtype=float)
+    y = np.array([0.65, 0.50, 0.30, 0.04, 0.00, 0.01, 0.02, 0.00, 0.01, 0.00, 0.01])
+    p = detect_early_fall(k, y, OnsetConfig(seed=0))
+    assert p.accepted, p.reason
+    assert 20 <= p.onset_k <= 100 and p.ci_low <= 50 <= p.ci_high
+    assert p.drop_share > 0.9
+
+
+def test_combined_early_fall_names_its_shape():
+    falls = [
+        Phase(curve="downstream_f1", onset_k=150, ci_low=35, ci_high=350, k_min=0, k_max=10000, reason="accepted", shape=EARLY_FALL, drop_share=0.46),
+        Phase(curve="efficacy", k_min=0, k_max=10000, reason="delta BIC 8.2 < 10.0", shape=EARLY_FALL),
+    ]
+    c = combine_phases(falls)
+    assert c.onset_k == 150 and c.drop_share == 0.46 and c.curves_agreeing == ("downstream_f1",)
+    assert c.decision.startswith("earliest early fall (downstream_f1)")
+    none = combine_phases(falls[1:])
+    assert none.onset_k is None and none.decision.startswith("no curve shows an early fall")
 
 
 def _phase(curve, onset, lo, hi):
@@ -211,3 +284,32 @@ def test_joint_drop_on_different_checkpoint_grids():
     # a curve with fewer than 4 checkpoints: no joint criterion
     short = Curve("efficacy", np.array([0.0, 500, 1000]), np.array([0.9, 0.8, 0.1]))
     assert joint_drops([curves[0], short]) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# each task's own curve
+
+
+def test_a_task_that_falls_alone_is_read_on_its_own_curve_and_not_combined():
+    from editscale.report.phases import analyze_run, item_curves, phases_frame
+
+    rng = np.random.default_rng(9)
+    ks = np.arange(0, 301, 10)
+    rows = []
+    for task in ("capital", "copy", "count"):
+        for k in ks:
+            level = (0.9 - 0.8 * min(k, 40) / 40) if task == "capital" else 0.8
+            for metric in ("f1", "accuracy_ll"):
+                rows.append(dict(run="r", edit=int(k), item=task, metric=metric, value=float(level + rng.normal(0, 0.01))))
+    tables = {"downstream": pl.DataFrame(rows)}
+    curves = item_curves(tables, "r")
+    assert set(curves) == {f"{c}[{t}]" for c in ("downstream_f1", "downstream_ll") for t in ("capital", "copy", "count")}
+    assert curves["downstream_f1[capital]"].k.tolist() == ks.tolist()
+    rp = analyze_run(tables, "r")
+    fall = rp.early_falls["downstream_f1[capital]"]
+    assert fall.accepted and abs(fall.onset_k - 40) <= 10 and fall.drop_share == pytest.approx(1.0, abs=0.05)
+    assert not rp.early_falls["downstream_f1[copy]"].accepted and not rp.phases["downstream_f1[capital]"].accepted
+    # the tasks' curves are read, not decision curves: the combined decisions come from the means
+    assert all("[" not in c for c in rp.early_fall.curves_detected + rp.combined.curves_detected)
+    df = phases_frame([rp])
+    assert df.filter((pl.col("curve") == "downstream_ll[capital]") & (pl.col("shape") == "early_fall"))["accepted"].to_list() == [True]

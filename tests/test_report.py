@@ -48,14 +48,17 @@ def write_run(
     every: int = 5,
     collapse_at: int | None = None,
     outlier_edit: int | None = None,
+    early_fall_until: int | None = None,
     seed: int = 0,
 ) -> None:
-    """Every metric family of one run: gradual decline, optional collapse after `collapse_at`."""
+    """Every metric family of one run: gradual decline, optional collapse after `collapse_at`, or
+    with `early_fall_until` a fast fall of 0.4 until then first."""
     rng = np.random.default_rng(seed)
 
     def level(k: int) -> float:
         drop = 0.6 if collapse_at is not None and k >= collapse_at else 0.0
-        return 0.9 - 0.2 * k / n_edits - drop
+        early = 0.4 * min(k, early_fall_until) / early_fall_until if early_fall_until else 0.0
+        return 0.9 - 0.2 * k / n_edits - drop - early
 
     for k in range(0, n_edits + 1, every):
         lvl = level(k)
@@ -368,6 +371,34 @@ def test_summary_reports_onset_and_disabling_edit(tmp_path):
     assert set(t["summary"].columns) >= {"es_at_100", "es_at_200", "es_at_end", "retention_at_200"}
     # cases without a neighborhood prompt are left out of the NS mean, not allowed to blank it
     assert s["ns_at_100"] == pytest.approx(0.7) and s["ns_at_end"] == pytest.approx(0.7)
+    # the paper's shape is not an early fall
+    assert s["early_fall"] == "none" and s["early_fall_k"] is None
+
+
+def test_summary_and_published_table_report_an_early_fall(tmp_path):
+    from editscale.report.publish import results_table
+
+    res = tmp_path / "results"
+    runs = [{"name": "fast", "model": "tiny", "method": "UltraEdit", "dataset": "cf", "sample": 0, "n_edits": 300}]
+    write_run(res, "fast", n_edits=300, every=5, early_fall_until=40, seed=4)
+    t = tables.build_tables(_metrics(res), runs)
+    s = t["summary"].row(0, named=True)
+    assert s["onset"] == "none within 300 edits"  # damage first is not the paper's collapse
+    assert s["early_fall"] == str(int(round(s["early_fall_k"])))
+    assert abs(s["early_fall_k"] - 40) <= 10 and s["early_fall_ci_low"] <= 40 <= s["early_fall_ci_high"]
+    # 0.4 of the downstream curve's 0.6 drop comes by edit 40
+    assert s["early_fall_share"] == pytest.approx((0.4 + 0.2 * 40 / 300) / 0.6, abs=0.08)
+    assert "downstream_f1" in s["early_fall_curves"].split(",")
+    ph = t["phases"]
+    assert set(ph["shape"]) == {"onset", "early_fall"}
+    assert ph.filter((pl.col("curve") == "combined") & (pl.col("shape") == "early_fall"))["onset_k"][0] == s["early_fall_k"]
+    row = results_table(t).row(0, named=True)
+    assert row["early_fall_k"] == int(s["early_fall_k"]) and row["early_fall_pct"] == pytest.approx(100 * s["early_fall_share"])
+    assert row["early_fall_ci"] == f"{int(s['early_fall_ci_low'])}-{int(s['early_fall_ci_high'])}"
+    # the overview reads it from the phases table: shaded and named
+    phase, _ = plots._phase_rows(t, ["fast"])
+    assert phase["fast"]["early_fall_k"] == s["early_fall_k"] and phase["fast"]["early_fall_share"] == s["early_fall_share"]
+    assert "early fall until" in plots.phase_title("fast", phase["fast"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,6 +606,11 @@ def test_overview_panels_show_each_curve_in_its_units_with_the_phases_shaded(tmp
     led = plots.overview_chart(t, "long", phase=phase, indicator={"leading_indicator": "weight_norm", "indicator_lead": 30.0}).to_dict()
     assert led["title"]["text"].endswith("collapse at 200; first indicator to move: weight_norm, 30 edits ahead")
     assert plots.overview_chart(t, "long").to_dict()["title"]["text"] == "long: no onset of catastrophic forgetting detected"
+    # an early fall is shaded from the first edit to where it ends and named with its share of the drop
+    fell = plots.overview_chart(t, "long", phase={"early_fall_k": 40.0, "early_fall_share": 0.46}).to_dict()
+    assert fell["title"]["text"] == "long: no onset of catastrophic forgetting detected; early fall until 40 edits (46 % of the drop)"
+    rect = next(layer for layer in fell["concat"][0]["layer"] if layer["mark"]["type"] == "rect")
+    assert [(d["mark"], d["start"], d["end"]) for d in fell["datasets"][rect["data"]["name"]]] == [("early fall", 0.0, 40.0)]
     paths = plots.save_chart(plots.overview_chart(t, "long", phase=phase), tmp_path / "ov", formats=("png", "svg"))
     assert _is_png(paths[0]) and paths[1].stat().st_size > 0
 

@@ -126,7 +126,7 @@ _require_lm_eval()  # at import, i.e. when the config's plugins are loaded (snak
 
 
 @metric("lm_eval", "lm-evaluation-harness tasks (EleutherAI lm-eval 0.4.x) on the in-memory model",
-        curves=(CurveSpec("lm_eval_acc", "acc,none", label="lm-eval accuracy (mean over tasks)", summary="lm_eval_acc"),),
+        curves=(CurveSpec("lm_eval_acc", "acc,none", label="lm-eval accuracy (mean over tasks)", summary="lm_eval_acc", per_item=True),),
         schema=SCHEMA, extra="lm-eval")
 def compute(checkpoint, cfg):
     tasks = {name: dict(spec or {}) for name, spec in (cfg.tasks or {}).items()}

@@ -60,6 +60,7 @@ class CurveSpec:
     per_edit: bool = False  # x = edit index: the summary averages a window of edits, the overview smooths it
     log: bool = False  # the phase detector and the overview read log(value)
     phases: bool = True  # onset detection runs on this curve
+    per_item: bool = False  # the detector also reads each item's own curve (a task's), named {name}[{item}]
     joint: str = ""  # joint-drop role of the disabling-edit criterion; curves sharing a role are alternatives (first present wins)
     summary: str = ""  # summary column stem ({summary}_at_{count}); "" = not in the summary
     indicator: bool = False  # a collapse indicator: the summary names the one whose onset came first and its lead

@@ -56,7 +56,19 @@ higher is better (curves where higher is worse, e.g. perplexity, are negated fir
    drop from the fitted level at the onset to its minimum. The overview plot shades
    [onset_k, collapse_k].
 
-Combined decision (`combine_phases`): among the curves that found an onset (by default
+(b) Early fall -- `detect_early_fall`
+-------------------------------------
+The reverse shape, which the two-phase reading has no name for: the damage comes first and fast,
+then slows (a model's knowledge of the edited domain going within tens of edits, then a plateau).
+Same preparation, the plain hinge family (no floor models), the same significance tests (ii) and
+the same interval; the steepness criterion mirrored: the first slope points down and is much
+steeper than the second, -b1 >= slope_ratio * max(-b2, slope_floor). The break (Phase.onset_k) is
+where the fast fall ends; `drop_share` = (fitted level at the start - fitted level at the break)
+/ (fitted level at the start - fitted level at the end): the share of the whole drop that came
+before the break (above 1 when the curve recovers afterwards). A curve can show both shapes in
+turn (an early fall, a plateau, then a collapse); each detector reports its own break.
+
+Combined decision (`combine_phases`, for onsets and early falls alike): among the curves that found an onset (by default
 downstream F1, downstream log-likelihood accuracy and history efficacy), the combined onset is the
 earliest onset supported by at least `min_agree` curves, where a curve agrees with it when the two
 bootstrap intervals overlap or the onsets are within `tol` of the span. The result lists the curves
@@ -78,6 +90,7 @@ import numpy as np
 from ..config import section_defaults
 
 METHOD = "hinge-bic+supLR"
+ONSET, EARLY_FALL = "onset", "early_fall"  # Phase.shape: a faster fall after the break, or before it
 _REPORT = section_defaults("report")  # the config's defaults (schema.yaml) of the settings it exposes
 
 
@@ -125,7 +138,7 @@ class Phase:
     """
 
     curve: str
-    onset_k: float | None = None
+    onset_k: float | None = None  # the accepted break (shape "early_fall": where the fast fall ends)
     ci_low: float | None = None
     ci_high: float | None = None
     p_value: float | None = None
@@ -140,6 +153,8 @@ class Phase:
     k_min: float | None = None
     k_max: float | None = None
     reason: str = ""
+    shape: str = ONSET  # ONSET or EARLY_FALL: which detector
+    drop_share: float | None = None  # EARLY_FALL: share of the curve's fitted drop before the break
 
     @property
     def accepted(self) -> bool:
@@ -157,6 +172,7 @@ class CombinedPhase:
     curves_detected: tuple[str, ...]
     curves_agreeing: tuple[str, ...]
     decision: str
+    drop_share: float | None = None  # early falls: the anchor curve's Phase.drop_share
 
 
 
@@ -301,15 +317,48 @@ def _running_median3(y: np.ndarray) -> np.ndarray:
     return np.median(np.lib.stride_tricks.sliding_window_view(padded, 3), axis=1)
 
 
-def detect_onset(k, y, config: OnsetConfig = OnsetConfig(), *, curve: str = "curve", higher_is_better: bool = True) -> Phase:
-    """Onset of catastrophic forgetting on one curve by a two-segment hinge fit (module docstring)."""
+@dataclass(frozen=True)
+class _BreakFit:
+    """The best break model of one prepared curve (detect_onset / detect_early_fall)."""
+
+    k: np.ndarray  # the cleaned checkpoints, and yo the curve oriented higher-is-better
+    yo: np.ndarray
+    kb: np.ndarray  # checkpoints after binning; x = (kb - kb[0]) / span
+    span: float
+    scale: float  # y's standardization: (yo - center) / scale
+    center: float
+    sign: float
+    t_hat: float
+    t2_hat: float
+    coef: np.ndarray  # a, b1, c of the standardized curve
+    fitted: np.ndarray
+    delta_bic: float
+    p_value: float | None
+    ci: tuple[float, float]  # the break's interval, in x units
+
+    @property
+    def b1(self) -> float:
+        return float(self.coef[1])
+
+    @property
+    def b2(self) -> float:
+        return float(self.coef[1] + self.coef[2])
+
+    def to_k(self, v: float) -> float:
+        return round(float(self.kb[0] + v * self.span), 6)
+
+
+def _fit_break(k, y, config: OnsetConfig, higher_is_better: bool, floor: bool) -> tuple[dict, _BreakFit | str]:
+    """Steps 1, 2, the tests of step 3 (ii) and step 4 of the module docstring, for the hinge family
+    with (`floor`) or without the flat-floor models: (the Phase fields every outcome has, the fit or
+    why there is none)."""
     k, y = clean_curve(k, y)
-    base = dict(curve=curve, n_points=int(len(k)))
+    base = dict(n_points=int(len(k)))
     if len(k) == 0:
-        return Phase(reason="no data", **base)
+        return base, "no data"
     base.update(k_min=float(k[0]), k_max=float(k[-1]))
     if len(k) < config.min_points:
-        return Phase(reason=f"too few points ({len(k)} < {config.min_points})", **base)
+        return base, f"too few points ({len(k)} < {config.min_points})"
     sign = 1.0 if higher_is_better else -1.0
     yo = sign * y
     kb, yb = _bin(k, yo, config.max_points)
@@ -317,16 +366,16 @@ def detect_onset(k, y, config: OnsetConfig = OnsetConfig(), *, curve: str = "cur
     span = kb[-1] - kb[0]
     scale = float(np.std(yb))
     if span <= 0:
-        return Phase(reason="all points at one k", **base)
+        return base, "all points at one k"
     if not scale > 1e-12 * max(1.0, float(np.max(np.abs(yb)))):
-        return Phase(reason="flat curve (zero variance)", **base)
+        return base, "flat curve (zero variance)"
     x = (kb - kb[0]) / span
     center = float(np.median(yb))
     ys = (yb - center) / scale
     m = config.min_segment if config.min_segment is not None else max(3, math.ceil(0.05 * n))
-    tt, t2, npar = _models(x, m, config.grid, config.floor_grid)
+    tt, t2, npar = _models(x, m, config.grid, config.floor_grid if floor else 0)
     if len(tt) == 0:
-        return Phase(reason=f"too few points for two segments of {m}", **base)
+        return base, f"too few points for two segments of {m}"
 
     prof = _Profile(x, tt, t2, npar)
     i_best = int(prof.best(ys[:, None])[0][0])
@@ -339,11 +388,9 @@ def detect_onset(k, y, config: OnsetConfig = OnsetConfig(), *, curve: str = "cur
     design = np.column_stack([np.ones(n), np.minimum(x, t2_hat), np.clip(x - t_hat, 0.0, t2_hat - t_hat)])
     coef, *_ = np.linalg.lstsq(design, ys, rcond=None)
     fitted = design @ coef
-    b1, b2 = float(coef[1]), float(coef[1] + coef[2])
     sse1 = max(float(((ys - fitted) ** 2).sum()), 1e-300)
     line_fitted, bic0 = _line_fit(x, ys[:, None])
     delta_bic = float(bic0[0]) - (n * math.log(sse1 / n) + npar[i_best] * math.log(n))
-    ratio = -b2 / max(-b1, config.slope_floor)
 
     rng = np.random.default_rng(config.seed)
     p_value = None
@@ -370,56 +417,99 @@ def detect_onset(k, y, config: OnsetConfig = OnsetConfig(), *, curve: str = "cur
         t_boot = tt[prof.best(yboot)[0]]
         qlo, qhi = np.quantile(t_boot, [(1 - config.conf) / 2, (1 + config.conf) / 2])
         lo, hi = min(lo, float(qlo)), max(hi, float(qhi))
+    return base, _BreakFit(k, yo, kb, float(span), scale, center, sign, t_hat, t2_hat, coef, fitted, float(delta_bic), p_value, (lo, hi))
 
-    def to_k(v: float) -> float:
-        return round(float(kb[0] + v * span), 6)
 
-    per_edit = scale / span
-    info = dict(
-        candidate_k=to_k(t_hat),
-        slope_before=sign * b1 * per_edit,
-        slope_after=sign * b2 * per_edit,
+def _fit_info(fit: _BreakFit, ratio: float) -> dict:
+    per_edit = fit.scale / fit.span
+    return dict(
+        candidate_k=fit.to_k(fit.t_hat),
+        slope_before=fit.sign * fit.b1 * per_edit,
+        slope_after=fit.sign * fit.b2 * per_edit,
         slope_ratio=float(ratio),
-        delta_bic=float(delta_bic),
-        p_value=p_value,
+        delta_bic=fit.delta_bic,
+        p_value=fit.p_value,
     )
+
+
+def _significance(fit: _BreakFit, config: OnsetConfig) -> list[str]:
+    """Step 3 (ii): why the break is not significant (empty when it is)."""
+    reasons = []
+    if fit.delta_bic < config.min_delta_bic:
+        reasons.append(f"delta BIC {fit.delta_bic:.1f} < {config.min_delta_bic}")
+    if fit.p_value is not None and fit.p_value > config.alpha:
+        reasons.append(f"sup-LR p = {fit.p_value:.3f} > {config.alpha}")
+    return reasons
+
+
+def _interval(fit: _BreakFit) -> dict:
+    return dict(ci_low=max(fit.to_k(fit.ci[0]), float(fit.kb[0])), ci_high=min(fit.to_k(fit.ci[1]), float(fit.kb[-1])))
+
+
+def detect_onset(k, y, config: OnsetConfig = OnsetConfig(), *, curve: str = "curve", higher_is_better: bool = True) -> Phase:
+    """Onset of catastrophic forgetting on one curve by a two-segment hinge fit (module docstring)."""
+    base, fit = _fit_break(k, y, config, higher_is_better, floor=True)
+    if isinstance(fit, str):
+        return Phase(curve=curve, reason=fit, **base)
+    b1, b2 = fit.b1, fit.b2
+    ratio = -b2 / max(-b1, config.slope_floor)
+    info = _fit_info(fit, ratio)
     reasons = []
     if not (b2 < 0 and b2 < b1):
         reasons.append("second segment does not fall faster than the first")
     elif ratio < config.slope_ratio:
         reasons.append(f"slope ratio {ratio:.2f} < {config.slope_ratio}")
-    if delta_bic < config.min_delta_bic:
-        reasons.append(f"delta BIC {delta_bic:.1f} < {config.min_delta_bic}")
-    if p_value is not None and p_value > config.alpha:
-        reasons.append(f"sup-LR p = {p_value:.3f} > {config.alpha}")
+    reasons += _significance(fit, config)
     if reasons:
-        return Phase(reason="; ".join(reasons), **base, **info)
+        return Phase(curve=curve, reason="; ".join(reasons), **base, **info)
 
-    onset_k = to_k(t_hat)
-    if np.isfinite(t2_hat):
-        collapse_k = to_k(t2_hat)
+    onset_k = fit.to_k(fit.t_hat)
+    if np.isfinite(fit.t2_hat):
+        collapse_k = fit.to_k(fit.t2_hat)
     else:  # 90% of the drop from the fitted level at the onset to the minimum after it
+        k, yo = fit.k, fit.yo
         after = k >= onset_k
         collapse_k = float(k[-1])
         if after.any():
-            level0 = (coef[0] + b1 * t_hat) * scale + center
+            level0 = (fit.coef[0] + b1 * fit.t_hat) * fit.scale + fit.center
             smooth = _running_median3(yo[after])
             hit = np.nonzero(smooth <= level0 - 0.9 * (level0 - smooth.min()))[0]
             if len(hit):
                 collapse_k = float(k[after][hit[0]])
-    return Phase(
-        onset_k=onset_k,
-        ci_low=max(to_k(lo), float(kb[0])),
-        ci_high=min(to_k(hi), float(kb[-1])),
-        collapse_k=max(collapse_k, onset_k),
-        reason="accepted",
-        **base,
-        **info,
-    )
+    return Phase(curve=curve, onset_k=onset_k, collapse_k=max(collapse_k, onset_k), reason="accepted", **_interval(fit), **base, **info)
 
 
-def detect_curve(curve: Curve, config: OnsetConfig = OnsetConfig()) -> Phase:
-    return detect_onset(curve.k, curve.y, config, curve=curve.name, higher_is_better=curve.higher_is_better)
+def detect_early_fall(k, y, config: OnsetConfig = OnsetConfig(), *, curve: str = "curve", higher_is_better: bool = True) -> Phase:
+    """An early fall on one curve: a fast fall first, then a slower phase (module docstring, (b)).
+
+    The plain hinge family (no floor); accepted when the first segment falls and is at least
+    `slope_ratio` times steeper than the second, -b1 >= slope_ratio * max(-b2, slope_floor), and
+    the break passes the onset's significance tests. `onset_k` is where the fast fall ends and
+    `drop_share` the share of the fitted drop over the whole curve that lies before it."""
+    base, fit = _fit_break(k, y, config, higher_is_better, floor=False)
+    if isinstance(fit, str):
+        return Phase(curve=curve, shape=EARLY_FALL, reason=fit, **base)
+    b1, b2 = fit.b1, fit.b2
+    ratio = -b1 / max(-b2, config.slope_floor)
+    info = _fit_info(fit, ratio)
+    total = float(fit.fitted[0] - fit.fitted[-1])
+    before = float(-b1 * fit.t_hat)
+    share = before / total if total > 0 else None
+    reasons = []
+    if not (b1 < 0 and b1 < b2):
+        reasons.append("first segment does not fall faster than the second")
+    elif ratio < config.slope_ratio:
+        reasons.append(f"slope ratio {ratio:.2f} < {config.slope_ratio}")
+    reasons += _significance(fit, config)
+    if reasons:
+        return Phase(curve=curve, shape=EARLY_FALL, reason="; ".join(reasons), drop_share=share, **base, **info)
+    return Phase(curve=curve, shape=EARLY_FALL, onset_k=fit.to_k(fit.t_hat), reason="accepted", drop_share=share, **_interval(fit), **base, **info)
+
+
+def detect_curve(curve: Curve, config: OnsetConfig = OnsetConfig(), shape: str = ONSET) -> Phase:
+    """`detect_onset` or `detect_early_fall` (by `shape`) on one curve."""
+    detect = {ONSET: detect_onset, EARLY_FALL: detect_early_fall}[shape]
+    return detect(curve.k, curve.y, config, curve=curve.name, higher_is_better=curve.higher_is_better)
 
 
 def combine_phases(
@@ -429,13 +519,15 @@ def combine_phases(
     min_agree: int = 1,
     tol: float = 0.1,
 ) -> CombinedPhase:
-    """Earliest onset that at least `min_agree` of the accepted curves support (module docstring)."""
+    """Earliest break that at least `min_agree` of the accepted curves support (module docstring);
+    the phases are of one shape (onsets, or early falls)."""
     phases = [p for p in phases if curves is None or p.curve in curves]
+    what = "early fall" if any(p.shape == EARLY_FALL for p in phases) else "onset"
     detected = sorted((p for p in phases if p.accepted), key=lambda p: p.onset_k)
     names = tuple(p.curve for p in detected)
     if not detected:
         why = "; ".join(f"{p.curve}: {p.reason}" for p in phases)
-        return CombinedPhase(None, None, None, None, (), (), "no curve shows an onset" + (f" ({why})" if why else ""))
+        return CombinedPhase(None, None, None, None, (), (), f"no curve shows an {what}" + (f" ({why})" if why else ""))
     k_span = max((p.k_max or 0) - (p.k_min or 0) for p in phases) or 1.0
 
     def agrees(a: Phase, b: Phase) -> bool:
@@ -452,7 +544,7 @@ def combine_phases(
                 anchor.collapse_k,
                 names,
                 agreeing,
-                f"earliest onset ({anchor.curve}) supported by {len(agreeing)} curve(s)",
+                f"earliest {what} ({anchor.curve}) supported by {len(agreeing)} curve(s)",
+                anchor.drop_share,
             )
-    return CombinedPhase(None, None, None, None, names, (), f"no onset supported by {min_agree} curves")
-
+    return CombinedPhase(None, None, None, None, names, (), f"no {what} supported by {min_agree} curves")

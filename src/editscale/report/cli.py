@@ -138,7 +138,9 @@ def run_phases(args) -> None:
     for r in results:
         c = r.combined
         onset = f"{c.onset_k:.0f} (95% CI {c.ci_low:.0f}-{c.ci_high:.0f}; {', '.join(c.curves_agreeing)})" if c.onset_k is not None else f"none within {r.k_max} edits"
-        log.info("run %s: onset %s; %d disabling edit(s)", r.run, onset, len(r.disabling))
+        f = r.early_fall
+        fall = f"{f.onset_k:.0f} (95% CI {f.ci_low:.0f}-{f.ci_high:.0f}; {', '.join(f.curves_agreeing)})" if f is not None and f.onset_k is not None else "none"
+        log.info("run %s: onset %s; early fall %s; %d disabling edit(s)", r.run, onset, fall, len(r.disabling))
 
 
 def run_compare(args) -> None:

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from .changepoint import METHOD, CombinedPhase, Curve, OnsetConfig, Phase, combine_phases, detect_curve
+from .changepoint import EARLY_FALL, METHOD, ONSET, CombinedPhase, Curve, OnsetConfig, Phase, combine_phases, detect_curve
 from .disabling import DisablingConfig, DisablingEdit, detect_disabling_edits
 
 
@@ -49,10 +49,12 @@ class PhaseConfig:
 @dataclass(frozen=True)
 class RunPhases:
     run: str
-    phases: Mapping[str, Phase]
+    phases: Mapping[str, Phase]  # curve -> its onset
     combined: CombinedPhase
     disabling: tuple[DisablingEdit, ...]
     k_max: int | None
+    early_falls: Mapping[str, Phase] = None  # curve -> its early fall (changepoint.detect_early_fall)
+    early_fall: CombinedPhase | None = None  # the decision curves' combined early fall
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,6 +102,33 @@ def run_curves(tables: Mapping[str, pl.DataFrame], run: str) -> dict[str, Curve]
                 with np.errstate(divide="ignore", invalid="ignore"):
                     y = np.log(y)
             out[name] = Curve(name, k, y, spec.higher_is_better)
+    return out
+
+
+def item_curves(tables: Mapping[str, pl.DataFrame], run: str) -> dict[str, Curve]:
+    """Each item's own curve of the curves whose spec reads items one by one (CurveSpec.per_item:
+    a downstream task's), named {curve}[{item}], oriented and log-transformed as the mean curve.
+    A mean over tasks hides a task that falls early or alone (one probe lost within 50 edits while
+    the others hold reads as a gradual decline of the mean)."""
+    from ..evaluate.registry import curve_specs
+
+    out = {}
+    for metric, spec in curve_specs():
+        df = tables.get(spec.table or metric.name)
+        if not spec.per_item or not spec.phases or df is None or df.height == 0 or not {"run", "edit", "item", "metric"} <= set(df.columns):
+            continue
+        sub = df.filter((pl.col("run") == run) & (pl.col("metric") == spec.reading))
+        sub = sub.group_by("item", "edit").agg(pl.col("value").cast(pl.Float64).fill_nan(None).mean()).drop_nulls("value")
+        for (item,), part in sorted(sub.group_by("item"), key=lambda g: str(g[0][0])):
+            part = part.sort("edit")
+            k, y = part["edit"].to_numpy().astype(float), part["value"].to_numpy()
+            if spec.log:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    y = np.log(y)
+            ok = np.isfinite(y)
+            if ok.any():
+                name = f"{spec.name}[{item}]"
+                out[name] = Curve(name, k[ok], y[ok], spec.higher_is_better)
     return out
 
 
@@ -153,14 +182,18 @@ def run_norms(tables: Mapping[str, pl.DataFrame], run: str) -> pl.DataFrame | No
 
 
 def analyze_run(tables: Mapping[str, pl.DataFrame], run: str, config: PhaseConfig | None = None) -> RunPhases:
-    """Onset per curve, combined onset, and disabling edits of one run."""
+    """Onset and early fall per curve (the mean curves and each item's, `item_curves`), both
+    combined over the decision curves, and disabling edits of one run."""
     config = config or PhaseConfig.from_report()
     curves = run_curves(tables, run)
-    phases = {name: detect_curve(c, config.onset) for name, c in curves.items()}
+    read = {**curves, **item_curves(tables, run)}  # the items' curves are read, not combined: not decision curves
+    phases = {name: detect_curve(c, config.onset) for name, c in read.items()}
     combined = combine_phases(phases.values(), curves=config.decision_curves, min_agree=config.min_agree)
+    falls = {name: detect_curve(c, config.onset, EARLY_FALL) for name, c in read.items()}
+    early_fall = combine_phases(falls.values(), curves=config.decision_curves, min_agree=config.min_agree)
     disabling = detect_disabling_edits(joint_drop_curves(curves), run_norms(tables, run), config.disabling, onset_k=combined.onset_k)
     ks = [float(np.max(c.k)) for c in curves.values() if len(c.k)]
-    return RunPhases(run, phases, combined, tuple(disabling), int(max(ks)) if ks else None)
+    return RunPhases(run, phases, combined, tuple(disabling), int(max(ks)) if ks else None, falls, early_fall)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,6 +203,7 @@ def analyze_run(tables: Mapping[str, pl.DataFrame], run: str, config: PhaseConfi
 PHASES_SCHEMA = {
     "run": pl.Utf8,
     "curve": pl.Utf8,
+    "shape": pl.Utf8,  # onset, or early_fall (onset_k is then where the fast fall ends)
     "onset_k": pl.Float64,
     "ci_low": pl.Float64,
     "ci_high": pl.Float64,
@@ -186,6 +220,7 @@ PHASES_SCHEMA = {
     "accepted": pl.Boolean,
     "reason": pl.Utf8,
     "curves_agreeing": pl.Utf8,
+    "drop_share": pl.Float64,
 }
 
 DISABLING_SCHEMA = {
@@ -203,48 +238,55 @@ DISABLING_SCHEMA = {
 
 
 def phases_frame(results: Iterable[RunPhases]) -> pl.DataFrame:
-    """One row per run and curve, plus a row curve = "combined" with the decision."""
+    """One row per run, curve and shape (onset, early_fall), plus a row curve = "combined" per
+    shape with the decision."""
     rows = []
     for r in results:
-        for p in r.phases.values():
+        for shape, per_curve, c in ((ONSET, r.phases, r.combined), (EARLY_FALL, r.early_falls or {}, r.early_fall)):
+            for p in per_curve.values():
+                rows.append(
+                    dict(
+                        run=r.run,
+                        curve=p.curve,
+                        shape=shape,
+                        onset_k=p.onset_k,
+                        ci_low=p.ci_low,
+                        ci_high=p.ci_high,
+                        collapse_k=p.collapse_k,
+                        p_value=p.p_value,
+                        delta_bic=p.delta_bic,
+                        candidate_k=p.candidate_k,
+                        slope_before=p.slope_before,
+                        slope_after=p.slope_after,
+                        slope_ratio=p.slope_ratio,
+                        n_points=p.n_points,
+                        k_max=p.k_max,
+                        method=p.method,
+                        accepted=p.accepted,
+                        reason=p.reason,
+                        curves_agreeing=None,
+                        drop_share=p.drop_share,
+                    )
+                )
+            if c is None:
+                continue
             rows.append(
                 dict(
                     run=r.run,
-                    curve=p.curve,
-                    onset_k=p.onset_k,
-                    ci_low=p.ci_low,
-                    ci_high=p.ci_high,
-                    collapse_k=p.collapse_k,
-                    p_value=p.p_value,
-                    delta_bic=p.delta_bic,
-                    candidate_k=p.candidate_k,
-                    slope_before=p.slope_before,
-                    slope_after=p.slope_after,
-                    slope_ratio=p.slope_ratio,
-                    n_points=p.n_points,
-                    k_max=p.k_max,
-                    method=p.method,
-                    accepted=p.accepted,
-                    reason=p.reason,
-                    curves_agreeing=None,
+                    curve="combined",
+                    shape=shape,
+                    onset_k=c.onset_k,
+                    ci_low=c.ci_low,
+                    ci_high=c.ci_high,
+                    collapse_k=c.collapse_k,
+                    k_max=float(r.k_max) if r.k_max is not None else None,
+                    method=METHOD,
+                    accepted=c.onset_k is not None,
+                    reason=c.decision + (f"; detected by: {', '.join(c.curves_detected)}" if c.curves_detected else ""),
+                    curves_agreeing=",".join(c.curves_agreeing),
+                    drop_share=c.drop_share,
                 )
             )
-        c = r.combined
-        rows.append(
-            dict(
-                run=r.run,
-                curve="combined",
-                onset_k=c.onset_k,
-                ci_low=c.ci_low,
-                ci_high=c.ci_high,
-                collapse_k=c.collapse_k,
-                k_max=float(r.k_max) if r.k_max is not None else None,
-                method=METHOD,
-                accepted=c.onset_k is not None,
-                reason=c.decision + (f"; detected by: {', '.join(c.curves_detected)}" if c.curves_detected else ""),
-                curves_agreeing=",".join(c.curves_agreeing),
-            )
-        )
     return pl.DataFrame(rows, schema=PHASES_SCHEMA)
 
 

@@ -22,9 +22,10 @@ editscale.evaluate.registry, every function called as fn(tables, FigureOptions))
   weights metric's own flag; one panel per run.
 - `overview`: every run at a glance, one row per run of the CurveSpec.glance curves on one y range
   per curve; `overview_{run}`: one run's every phase curve as small multiples in their own units.
-  Each panel is shaded with the detected phases: the onset's 95 % interval (grey), onset to
-  collapse (orange), disabling edits (ticks along the foot); the title names the onset, its interval, the
-  collapse and the first collapse indicator to move.
+  Each panel is shaded with the detected phases: an early fall (blue, from the first edit to where
+  the fast fall ends), the onset's 95 % interval (grey), onset to collapse (orange), disabling edits
+  (ticks along the foot); the title names the onset, its interval, the collapse, the early fall and
+  the first collapse indicator to move.
 
 Several runs on one figure are coloured by method, each method in the same colour in every figure
 (method_colors: its place in the method registry; the label adds model / dataset when they vary,
@@ -525,7 +526,7 @@ def update_norm_chart(tables: Mapping[str, pl.DataFrame], opts: FigureOptions = 
 
 
 # the phase marks of the overview panels (grey and orange regions, black ticks of the disabling edits: no method's colour)
-PHASE_MARKS = {"onset 95 % interval": "#9e9e9e", "onset to collapse": "#f58518", "disabling edit": "#222222"}
+PHASE_MARKS = {"early fall": "#4c78a8", "onset 95 % interval": "#9e9e9e", "onset to collapse": "#f58518", "disabling edit": "#222222"}
 DISABLING_RUG_PX = 8  # the disabling edits' ticks: this many pixels up from each panel's foot
 
 
@@ -546,6 +547,10 @@ def phase_title(run: str, phase: Mapping | None, indicator: Mapping | None = Non
             text += f", collapse at {phase['collapse_k']:,.0f}"
     else:
         text = f"{run}: no onset of catastrophic forgetting detected"
+    fall = (phase or {}).get("early_fall_k")
+    if _finite(fall):
+        share = phase.get("early_fall_share")
+        text += f"; early fall until {fall:,.0f} edits" + (f" ({100 * share:.0f} % of the drop)" if _finite(share) else "")
     lead = (indicator or {}).get("leading_indicator")
     if lead:
         by = (indicator or {}).get("indicator_lead")
@@ -594,11 +599,13 @@ def overview_chart(
 ) -> alt.TopLevelMixin:
     """One run's curves as small multiples in their own units (log scale where the curve's spec
     reads log values), each panel shaded with the detected phases: the onset's 95 % interval,
-    onset to collapse, and the disabling edits (a rug of ticks along the panel's foot).
+    onset to collapse, an early fall (from the first edit to where it ends), and the disabling
+    edits (a rug of ticks along the panel's foot).
 
     Curves: every curve the onset detector reads (CurveSpec.phases), or with `glance` only the
     CurveSpec.glance ones, in one row (a run's row of the study overview). `phase` holds onset_k,
-    ci_low, ci_high, collapse_k (a row of the phases table, curve = "combined"); `disabling` the
+    ci_low, ci_high, collapse_k (a row of the phases table, curve = "combined") and, where one was
+    found, early_fall_k and early_fall_share (the combined early fall's row); `disabling` the
     flagged edit indices; `indicator` the summary's leading_indicator / indicator_lead. The
     title names the onset, its interval, the collapse and the first indicator to move.
     `y_domains` (curve name -> (lo, hi)) fixes a panel's y range (the study overview: one per
@@ -610,8 +617,10 @@ def overview_chart(
     if not panels_data:
         return no_data(title)
     color = method_colors([method := _run_method(tables, run)])[method]
-    onset = (phase or {}).get("onset_k")
+    onset, fall = (phase or {}).get("onset_k"), (phase or {}).get("early_fall_k")
     marks = []
+    if _finite(fall):  # the fast first fall: from the first edit to where it ends
+        marks.append(("early fall", 0.0, float(fall)))
     if _finite(onset):
         lo = phase.get("ci_low") if _finite(phase.get("ci_low")) else onset
         hi = phase.get("ci_high") if _finite(phase.get("ci_high")) else onset
@@ -685,7 +694,12 @@ def _phase_rows(tables: Mapping[str, pl.DataFrame], runs: Sequence[str]) -> tupl
     if phases_df is None:
         results = ph.analyze_runs(tables, list(runs))
         phases_df, dis_df = ph.phases_frame(results), ph.disabling_frame(results)
-    phase = {r["run"]: r for r in phases_df.filter(pl.col("curve") == "combined").iter_rows(named=True)}
+    combined = phases_df.filter(pl.col("curve") == "combined")
+    if "shape" not in combined.columns:  # (tables made before early falls hold onsets only)
+        combined = combined.with_columns(pl.lit(ph.ONSET).alias("shape"))
+    phase = {r["run"]: r for r in combined.filter(pl.col("shape") == ph.ONSET).iter_rows(named=True)}
+    for r in combined.filter((pl.col("shape") == ph.EARLY_FALL) & pl.col("accepted")).iter_rows(named=True):
+        phase.setdefault(r["run"], {}).update(early_fall_k=r["onset_k"], early_fall_share=r["drop_share"])
     dis: dict[str, list[int]] = {}
     if dis_df is not None and dis_df.height:
         for r in dis_df.iter_rows(named=True):

@@ -16,6 +16,9 @@ results.csv / results.md, one row per run, in the config's order:
   downstream_0, downstream_end the probes' / tasks' mean accuracy (log-likelihood reading)
   onset_k, onset_ci            the detected onset of catastrophic forgetting and its bootstrap
                                interval ("none" when no curve shows one)
+  early_fall_k, early_fall_ci  where a fast first fall of the decision curves ends (the reverse
+                               shape: damage first, then a slower phase) and its interval
+  early_fall_pct               the share of that curve's whole drop that came before it (%)
   leading_indicator, lead      the weight statistic that moved first, and by how many edits
   disabling_edits              how many single edits the detector flags
 
@@ -52,6 +55,7 @@ COLUMNS = {  # column -> what the Markdown header says
     "ps_after_edit": "PS", "ns_after_edit": "NS", "es_at_end": "ES at end", "ps_at_end": "PS at end",
     "forgotten_pct_at_end": "forgotten %", "perplexity_0": "ppl k=0", "perplexity_end": "ppl end",
     "downstream_0": "downstream k=0", "downstream_end": "downstream end", "onset_k": "onset", "onset_ci": "onset 95 % CI",
+    "early_fall_k": "early fall", "early_fall_ci": "early fall 95 % CI", "early_fall_pct": "drop by then %",
     "leading_indicator": "leading indicator", "lead": "lead (edits)", "disabling_edits": "disabling edits",
 }
 
@@ -96,6 +100,7 @@ def results_table(tables: Mapping[str, pl.DataFrame]) -> pl.DataFrame:
     for r in summary.iter_rows(named=True):
         run = r["run"]
         lo, hi = r.get("onset_ci_low"), r.get("onset_ci_high")
+        flo, fhi, share = r.get("early_fall_ci_low"), r.get("early_fall_ci_high"), r.get("early_fall_share")
         rows.append({
             "run": run, "method": r["method"], "n_edits": r["n_edits"],
             "s_per_edit": r.get("edit_seconds_median"), "steps_per_edit": steps.get(run),
@@ -105,11 +110,14 @@ def results_table(tables: Mapping[str, pl.DataFrame]) -> pl.DataFrame:
             "perplexity_0": ppl0.get(run), "perplexity_end": ppl1.get(run),
             "downstream_0": ds0.get(run), "downstream_end": ds1.get(run),
             "onset_k": r.get("onset_k"), "onset_ci": f"{int(lo)}-{int(hi)}" if lo is not None and hi is not None else None,
+            "early_fall_k": r.get("early_fall_k"),
+            "early_fall_ci": f"{int(flo)}-{int(fhi)}" if flo is not None and fhi is not None else None,
+            "early_fall_pct": 100 * share if share is not None else None,
             "leading_indicator": r.get("leading_indicator"), "lead": r.get("indicator_lead"),
             "disabling_edits": r.get("n_disabling_edits"),
         })
     schema = {"run": pl.Utf8, "method": pl.Utf8, "n_edits": pl.Int64, "onset_ci": pl.Utf8, "leading_indicator": pl.Utf8,
-              "onset_k": pl.Int64, "lead": pl.Int64, "disabling_edits": pl.Int64}
+              "onset_k": pl.Int64, "lead": pl.Int64, "disabling_edits": pl.Int64, "early_fall_k": pl.Int64, "early_fall_ci": pl.Utf8}
     return pl.DataFrame(rows, schema={c: schema.get(c, pl.Float64) for c in rows[0]} if rows else None)
 
 

@@ -162,7 +162,7 @@ def _perplexity_ratio(res: Results, run: str) -> float | None:
 def compare_table(res: Results, runs: Sequence[str] | None = None, at: Sequence[int | str] = ("end",),
                   window: int | None = None) -> pl.DataFrame:
     """One row per chosen run (default: all): method, model, n_edits, the combined onset with its
-    interval, the leading collapse indicator and its lead, ES / PS / NS at each count of `at`
+    interval, the early fall, the leading collapse indicator and its lead, ES / PS / NS at each count of `at`
     (the summary's window means; "end" or any edit count the run has reached: a count that is not
     a summary column is computed from the tables as the summary computes its columns, over the last
     `window` edits, report.window's default unless given), beside them the summary columns of every
@@ -187,6 +187,7 @@ def compare_table(res: Results, runs: Sequence[str] | None = None, at: Sequence[
         lo, hi = s.get("onset_ci_low"), s.get("onset_ci_high")
         row["onset"] = s.get("onset")
         row["onset_ci"] = f"{lo:.0f}-{hi:.0f}" if lo is not None and hi is not None and not math.isnan(lo) and not math.isnan(hi) else ""
+        row["early_fall"] = s.get("early_fall") or ""  # where a fast first fall ends (tables before it: empty)
         row["leading_indicator"] = s.get("leading_indicator") or ""
         row["indicator_lead"] = s.get("indicator_lead")
         for label in labels:

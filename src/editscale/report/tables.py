@@ -403,7 +403,9 @@ def summary_table(
     onset (text: the edit count of the combined onset, or "none within N edits", N = last
     checkpoint analysed), onset_k, onset_ci_low, onset_ci_high, collapse_k, onset_curves (curves
     that agree), onset_decision (how it was decided, or why each curve showed no onset, e.g. too
-    few checkpoints), disabling_edits (comma-separated edit indices), n_disabling_edits;
+    few checkpoints); early_fall (text: the edit count where a fast first fall ends, or "none"),
+    early_fall_k, early_fall_ci_low, early_fall_ci_high, early_fall_share (share of the curve's
+    whole drop before it), early_fall_curves; disabling_edits (comma-separated edit indices), n_disabling_edits;
     edit_seconds_total, edit_seconds_mean, edit_seconds_median (from `edit_log`; the median is what
     a paused or shared machine barely moves), storage_bytes;
     the two efficacy readings toolkits disagree on (EasyEdit issue #518), side by side (`readings`):
@@ -432,6 +434,7 @@ def summary_table(
         row = {**_meta_frame([run], meta).row(0, named=True), "n_edits": n_edits, "edits_done": edits_done}
         row.update(_curves_at(tables, run, points, window))
         row.update(_onset_columns(rp, edits_done, end))
+        row.update(_early_fall_columns(rp))
         row.update(leading_indicator(rp))
         dis = [d.edit_index for d in rp.disabling] if rp is not None else []
         row.update(disabling_edits=",".join(str(j) for j in dis), n_disabling_edits=len(dis))
@@ -458,6 +461,12 @@ def _summary_tail_schema() -> dict[str, pl.DataType]:
         "collapse_k": pl.Float64,
         "onset_curves": pl.Utf8,
         "onset_decision": pl.Utf8,
+        "early_fall": pl.Utf8,
+        "early_fall_k": pl.Float64,
+        "early_fall_ci_low": pl.Float64,
+        "early_fall_ci_high": pl.Float64,
+        "early_fall_share": pl.Float64,
+        "early_fall_curves": pl.Utf8,
         "leading_indicator": pl.Utf8,
         "leading_indicator_onset": pl.Float64,
         "indicator_lead": pl.Float64,
@@ -512,6 +521,18 @@ def _onset_columns(rp, edits_done: int | None, end: int | None) -> dict:
         "onset_curves": ",".join(comb.curves_agreeing) if comb else "",
         "onset_decision": comb.decision if comb else "phases not computed",
     }
+
+
+def _early_fall_columns(rp) -> dict:
+    """The combined early fall of the run's phase analysis (`summary_table`'s early_fall* columns):
+    where a fast first fall of the decision curves ends, its interval, the share of the curve's
+    whole drop that came before it, and the curves that agree; "none" where no curve shows one."""
+    fall = getattr(rp, "early_fall", None) if rp is not None else None
+    if fall is None or fall.onset_k is None:
+        return {"early_fall": "none" if fall is not None else "phases not computed", "early_fall_k": None, "early_fall_ci_low": None,
+                "early_fall_ci_high": None, "early_fall_share": None, "early_fall_curves": ""}
+    return {"early_fall": str(int(round(fall.onset_k))), "early_fall_k": fall.onset_k, "early_fall_ci_low": fall.ci_low,
+            "early_fall_ci_high": fall.ci_high, "early_fall_share": fall.drop_share, "early_fall_curves": ",".join(fall.curves_agreeing)}
 
 
 def _cost_columns(edit_log: pl.DataFrame | None, storage_bytes: Mapping[str, int] | None, run: str) -> dict:

@@ -56,8 +56,10 @@ def cost(run, section, corpus, f, k):
 
 
 @metric("downstream", "few-shot downstream tasks and offline probes", order=30,
-        curves=(CurveSpec("downstream_f1", "f1", label="downstream F1 (mean over tasks)", joint="downstream", summary="downstream_f1", glance=True),
-                CurveSpec("downstream_ll", "accuracy_ll", label="downstream accuracy (log-likelihood)", joint="downstream", summary="downstream_accuracy_ll", glance=True)),
+        curves=(CurveSpec("downstream_f1", "f1", label="downstream F1 (mean over tasks)", joint="downstream", summary="downstream_f1", glance=True,
+                          per_item=True),
+                CurveSpec("downstream_ll", "accuracy_ll", label="downstream accuracy (log-likelihood)", joint="downstream", summary="downstream_accuracy_ll", glance=True,
+                          per_item=True)),
         figures={"downstream": "editscale.report.plots:downstream_chart"}, cost=cost,
         inputs=("state", "edits", "data"), data_files=data_files)
 def compute(checkpoint, cfg):
