@@ -196,6 +196,51 @@ def test_calibration_fit_recovers_the_time_model(repo_root, tmp_path):
     assert fitted.factor("edit:memit") == mean_edit and mean_edit == pytest.approx(truth.factors["edit:rome"])
 
 
+def test_remaining_time_of_a_study_in_progress_counts_only_the_jobs_left_at_their_cpu_seconds(repo_root, tmp_path):
+    """--remaining: the finished jobs (a record each) count 0; the rest are timed by the model
+    refitted per kind to the finished jobs' CPU seconds per thread, not their wall seconds (a study
+    over sittings waits beside other work), and a kind not yet recorded keeps the calibration's."""
+    from editscale import calibration as cb
+    from editscale.cli import main
+    from editscale.doctor import calibrate
+    from editscale.planning import Calibration, config_jobs
+
+    config = load_config(repo_root / "config/test-tiny.yaml")
+    jobs = config_jobs(config, tmp_path)
+    rate = 2e10
+    kinds = sorted({j.kind for j in jobs})
+    truth = Calibration(startup_s=cb.DEFAULT_STARTUP_S, factors={k: 1.5 + 0.25 * i for i, k in enumerate(kinds)},
+                        fixed={"model": 12.0, "report_tables": 7.0, "report_plots": 9.0, "audit": 5.0})
+    run = config["runs"][0]["name"]
+    # in progress: the shared set-up, the first run's templates, first edit segment and first checkpoint
+    finished = [j for j in jobs if j.kind in ("model", "corpus", "stats", "nullspace") or (
+        j.run == run and (j.kind == "context_templates" or j.record.endswith(("edit_segment_000003.tsv", "evaluate_000000.tsv"))))]
+    assert any(j.kind.startswith("edit:") for j in finished) and len(finished) < len(jobs)
+    bench = tmp_path / "results" / "benchmarks"
+    for job in finished:
+        own = truth.seconds(job, rate, rate / 2)
+        path = bench / Path(job.record).relative_to("results/benchmarks")
+        path.parent.mkdir(parents=True, exist_ok=True)  # 3x the job's own time in wall seconds: it waited beside other work
+        path.write_text("s\th:m:s\tmax_rss\tcpu_time\n" f"{3 * own!r}\t0:00:00\t100.0\t{own * job.threads!r}\n")
+    # the calibration in use: off by 2x for the kinds the records hold, right for the others
+    recorded = {j.kind for j in finished}
+    used = Calibration(startup_s=truth.startup_s, factors={k: v * (2 if k in recorded else 1) for k, v in truth.factors.items()},
+                       fixed={k: v * (2 if k in recorded else 1) for k, v in truth.fixed.items()})
+    out = calibrate(config, bench, rate, rate / 2, used, 2, tmp_path, remaining=True)
+    left = out["time_remaining"]
+    done = {j.record for j in finished}
+    assert left["jobs_done"] == len(finished) and left["jobs_left"] == len(jobs) - len(finished) and left["jobs_total"] == len(jobs)
+    assert left["total_job_s"] == pytest.approx(sum(truth.seconds(j, rate, rate / 2) for j in jobs if j.record not in done))
+    assert left["measured_s"] == pytest.approx(3 * left["measured_cpu_s"])
+    edits = [j for j in jobs if j.run == run and j.kind.startswith("edit:")]
+    r = left["runs"][run]
+    assert r["edit_jobs_left"] == len(edits) - 1
+    assert r["edit_chain_s"] == pytest.approx(sum(truth.seconds(j, rate, rate / 2) for j in edits[1:]))
+    assert left["wall_s"] >= left["critical_path_s"] > 0 and "CPU seconds of the" in left["calibration"]
+    # the CLI asks for the records it needs
+    assert main(["doctor", "--configfile", str(repo_root / "config/test-tiny.yaml"), "--remaining", "--no-bench"]) == 2
+
+
 @pytest.mark.slow
 def test_doctor_calibrates_from_a_runs_benchmark_records(tiny_study, tmp_path):
     """`doctor --benchmarks` on the tiny workflow's own records: every recorded job kind is compared,
@@ -228,6 +273,10 @@ def test_doctor_calibrates_from_a_runs_benchmark_records(tiny_study, tmp_path):
     text = subprocess.run([*args, "--benchmarks", "results/benchmarks"], cwd=tiny_study, capture_output=True, text=True).stdout
     assert "| job kind | jobs | measured |" in text and "`snakemake --cores 2`" in text
     assert "measured max RSS (Snakemake records) against predicted" in text and "| edit:rome |" in text
+    # the finished study has nothing left
+    done = json.loads(subprocess.run([*args, "--benchmarks", "results/benchmarks", "--remaining", "--json"], cwd=tiny_study,
+                                     capture_output=True, text=True, check=True).stdout)["time_remaining"]
+    assert done["jobs_left"] == 0 and done["total_job_s"] == 0 and done["jobs_done"] == len(recorded)
     bad = subprocess.run([*args, "--benchmarks", str(tmp_path / "nowhere")], cwd=tiny_study, capture_output=True, text=True)
     assert bad.returncode != 0 and "nowhere: no such directory" in bad.stderr
 

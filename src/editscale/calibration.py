@@ -49,6 +49,19 @@ def record_seconds(path: Path) -> float | None:
     return sum(float(row[0]) for row in lines[1:]) / (len(lines) - 1)
 
 
+def record_cpu_seconds(path: Path) -> float | None:
+    """CPU seconds of one Snakemake benchmark record (its `cpu_time` column, the mean over its rows):
+    the job's own compute, without the time it waited for a core beside other work."""
+    if not path.is_file():
+        return None
+    lines = [ln.split("\t") for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if len(lines) < 2 or "cpu_time" not in lines[0]:
+        raise EditscaleError(f"{path} is not a Snakemake benchmark record (no `cpu_time` column)")
+    col = lines[0].index("cpu_time")
+    values = [float(row[col]) for row in lines[1:] if row[col] not in ("", "NA", "-")]
+    return sum(values) / len(values) if values else None
+
+
 def record_rss(path: Path) -> float | None:
     """Peak RSS of one Snakemake benchmark record, bytes (its `max_rss` column is in MiB; the
     largest over its rows)."""

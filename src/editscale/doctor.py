@@ -42,6 +42,10 @@ def register(sub) -> None:
                    help="the results/benchmarks directory of a finished run of this config: fit the time model to its "
                         "records and print measured against estimated time per job kind")
     d.add_argument("--save-calibration", default=None, help="with --benchmarks: write the fitted constants here (for --calibration)")
+    d.add_argument("--remaining", action="store_true",
+                   help="with --benchmarks of a study in progress: what is left of it, the jobs without a record estimated "
+                        "by the time model refitted to the finished jobs of each kind (a method's early stopping, this "
+                        "machine's load), and the wall time of the rest")
     d.set_defaults(func=run_doctor)
 
 
@@ -51,8 +55,10 @@ def run_doctor(args) -> None:
     configfile = args.configfile or ("config.yaml" if Path("config.yaml").exists() else None)
     if args.save_calibration and not args.benchmarks:
         raise EditscaleError("--save-calibration needs --benchmarks (the records to fit)")
+    if args.remaining and not args.benchmarks:
+        raise EditscaleError("--remaining needs --benchmarks: the study's results/benchmarks directory (its finished jobs' records)")
     report = doctor(configfile, bench=not args.no_bench, flops=args.flops, storage_only=args.storage_only,
-                    cores=args.cores, calibration=args.calibration, benchmarks=args.benchmarks)
+                    cores=args.cores, calibration=args.calibration, benchmarks=args.benchmarks, remaining=args.remaining)
     if args.save_calibration:
         from .io import write_text_atomic
 
@@ -160,7 +166,7 @@ def load_config(configfile: str | Path) -> dict:
 
 def doctor(configfile: str | Path | None, bench: bool = True, flops: float | None = None, storage_only: bool = False,
            root: str | Path = ".", cores: int | None = None, calibration: str | Path | None = None,
-           benchmarks: str | Path | None = None) -> dict[str, Any]:
+           benchmarks: str | Path | None = None, remaining: bool = False) -> dict[str, Any]:
     report: dict[str, Any] = {}
     rate32 = rate64 = None
     cal = None if storage_only else read_calibration(calibration)
@@ -195,7 +201,7 @@ def doctor(configfile: str | Path | None, bench: bool = True, flops: float | Non
             cores = cores or report["machine"]["cpu_usable"]
             report["time"] = time_estimate(config, rate32, rate64, cal, cores, root)
             if benchmarks:
-                report.update(calibrate(config, benchmarks, rate32, rate64, cal, cores, root, report["machine"]["fingerprint"]))
+                report.update(calibrate(config, benchmarks, rate32, rate64, cal, cores, root, report["machine"]["fingerprint"], remaining))
         elif benchmarks:
             raise EditscaleError("--benchmarks needs the matmul rate (drop --no-bench / --storage-only)")
     return report
@@ -227,17 +233,35 @@ def memory_report(config: dict, cal, root, benchmarks=None) -> dict[str, Any]:
 
 
 def calibrate(config: dict, benchmarks, rate32: float, rate64: float | None, used, cores: int, root,
-              machine: str = "") -> dict[str, Any]:
-    """Fit the time model to a run's records; the comparison per job kind, and the fitted estimate."""
+              machine: str = "", remaining: bool = False) -> dict[str, Any]:
+    """Fit the time model to a run's records; the comparison per job kind, and the fitted estimate.
+    With `remaining` (a study in progress), also what is left of it: the jobs without a record,
+    timed by `used` with each kind the records hold refitted to them (a kind not yet recorded
+    keeps `used`'s constant; the family means are the refit's)."""
+    import dataclasses
+
     from . import calibration as cb
     from .planning import config_jobs
 
     jobs = config_jobs(config, root)
     seconds = cb.measured(jobs, benchmarks)
     fitted = cb.fit(jobs, seconds, rate32, rate64, source=f"fitted to {len(seconds)} records in {benchmarks}", machine=machine)
-    return {"fitted_calibration": fitted.to_json(),
-            "calibration_check": cb.comparison(jobs, seconds, {"estimate_before": used, "estimate_fitted": fitted}, rate32, rate64),
-            "time_fitted": time_estimate(config, rate32, rate64, fitted, cores, root)}
+    out = {"fitted_calibration": fitted.to_json(),
+           "calibration_check": cb.comparison(jobs, seconds, {"estimate_before": used, "estimate_fitted": fitted}, rate32, rate64),
+           "time_fitted": time_estimate(config, rate32, rate64, fitted, cores, root)}
+    if remaining:
+        # the finished jobs' CPU seconds per thread: what each would take on the machine alone (a study run over
+        # sittings shares the machine with other work, whose waits its wall records hold)
+        threads = {j.record: max(j.threads, 1) for j in jobs}
+        cpu = {r: v / threads[r] for r, v in cb.measured(jobs, benchmarks, read=cb.record_cpu_seconds).items()}
+        refit = cb.fit(jobs, cpu, rate32, rate64, source="", machine=machine)
+        study = dataclasses.replace(used, startup_s=refit.startup_s, factors={**used.factors, **refit.factors},
+                                    fixed={**used.fixed, **refit.fixed},
+                                    source=f"{used.source}; refitted per job kind to the CPU seconds of the {len(cpu)} finished jobs in {benchmarks}")
+        left = time_estimate(config, rate32, rate64, study, cores, root, done=seconds)
+        out["time_remaining"] = {**left, "jobs_done": len(seconds), "jobs_total": len(jobs), "measured_s": sum(seconds.values()),
+                                 "measured_cpu_s": sum(cpu.values())}
+    return out
 
 
 
@@ -363,6 +387,18 @@ def time_lines(report: dict) -> list[str]:
     lines = ["", f"time for the config (calibration: {t['calibration']}): {fmt_seconds(t['total_job_s'])} of job time; "
              f"`snakemake --cores {t['cores']}` ~{fmt_seconds(t['wall_s'])} wall (longest chain of dependent jobs "
              f"{fmt_seconds(t['critical_path_s'])})"]
+    left = report.get("time_remaining")
+    if left:
+        lines += ["", f"what is left of the study (--remaining): {left['jobs_done']} of {left['jobs_total']} jobs done "
+                      f"({fmt_seconds(left['measured_s'])} of job time recorded, {fmt_seconds(left['measured_cpu_s'])} of it computing); "
+                      f"{left['jobs_left']} left, {fmt_seconds(left['total_job_s'])} of job time on the machine alone; `snakemake --cores {left['cores']}` ~{fmt_seconds(left['wall_s'])} wall "
+                      f"(longest chain left {fmt_seconds(left['critical_path_s'])}; a job in flight counts whole)",
+                  "| run | jobs left | edit segments left | edit chain left | per edit | evaluation left |", "|---|---|---|---|---|---|"]
+        for name, r in left["runs"].items():
+            per_edit = fmt_seconds(r["seconds_per_edit"]) if r["edit_jobs_left"] else "-"
+            lines.append(f"| {name} | {r['jobs_left']} | {r['edit_jobs_left']} | {fmt_seconds(r['edit_chain_s'])} | {per_edit} "
+                         f"| {fmt_seconds(r['eval_s'])} |")
+        lines.append(f"(time model: {left['calibration']})")
     check = report.get("calibration_check")
     if check:
         fitted = report["time_fitted"]

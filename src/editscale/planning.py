@@ -52,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from .models.registry import arch_spec, model_config, module_shapes, n_params
 from .workflow import edited_modules, memory_modules, run_hparams, stats_modules
@@ -368,13 +368,22 @@ def config_jobs(config: dict, root: str | Path = ".") -> list[Job]:
 
 
 def time_estimate(config: dict, rate32: float, rate64: float | None, calibration: Calibration, cores: int,
-                  root: str | Path = ".") -> dict[str, Any]:
+                  root: str | Path = ".", done: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Seconds of every job, per run (edit chain, evaluation) and for the whole config: the sum of job
     times, and the wall time of `snakemake --cores {cores}` = max(the longest chain of dependent jobs,
     the core-seconds / cores), a job holding min(its threads, cores) cores (the corpus and the
-    statistics run two threads: on 2 cores nothing runs beside them)."""
+    statistics run two threads: on 2 cores nothing runs beside them).
+
+    `done` (record -> measured seconds: the jobs of a study in progress that have finished) makes
+    it the estimate of what is left: those jobs count 0 and the chains start where they stopped
+    (a job in flight has no record yet and counts whole); jobs_left says how many are left."""
+    done = done or {}
+
+    def seconds(j: Job) -> float:
+        return 0.0 if j.record in done else calibration.seconds(j, rate32, rate64)
+
     shared = shared_jobs(config, root)
-    sec = {j.record: calibration.seconds(j, rate32, rate64) for j in shared}
+    sec = {j.record: seconds(j) for j in shared}
     core_s = sum(sec[j.record] * min(j.threads, max(cores, 1)) for j in shared)
     setup = {}
     for run in config["runs"]:  # model -> corpus -> the slowest stats file, before the run's first edit
@@ -385,15 +394,19 @@ def time_estimate(config: dict, rate32: float, rate64: float | None, calibration
     runs, total, critical = {}, sum(sec.values()), 0.0
     for run in config["runs"]:
         jobs = run_jobs(config, run, root)
-        s = {j.record: calibration.seconds(j, rate32, rate64) for j in jobs}
+        s = {j.record: seconds(j) for j in jobs}
         edit = sum(s[j.record] for j in jobs if j.kind.startswith("edit:"))
         evaluation = sum(s[j.record] for j in jobs if j.kind.startswith("metric:"))
         templates = sum(s[j.record] for j in jobs if j.kind == "context_templates")
         last = max([s[j.record] for j in jobs if j.kind.startswith("metric:") and j.record.endswith(f"_{run['n_edits']:06d}.tsv")],
                    default=0.0)
         n_edit_jobs = sum(j.kind.startswith("edit:") for j in jobs)
-        runs[run["name"]] = {"edit_chain_s": edit, "seconds_per_edit": (edit / run["n_edits"]) if jobs else None,
-                             "segment_s": edit / max(n_edit_jobs, 1), "eval_s": evaluation, "eval_jobs": len(jobs) - 1 - n_edit_jobs,
+        left = [j for j in jobs if j.record not in done]
+        edits_left = sum(j.kind.startswith("edit:") for j in left)
+        edits = min(edits_left * run["segment"], run["n_edits"]) if done else run["n_edits"]
+        runs[run["name"]] = {"edit_chain_s": edit, "seconds_per_edit": (edit / edits) if jobs and edits else None,
+                             "segment_s": edit / max(edits_left if done else n_edit_jobs, 1), "eval_s": evaluation,
+                             "eval_jobs": len(jobs) - 1 - n_edit_jobs, "jobs_left": len(left), "edit_jobs_left": edits_left,
                              "jobs": {j.record: s[j.record] for j in jobs}}
         total += sum(s.values())
         core_s += sum(s[j.record] * min(j.threads, max(cores, 1)) for j in jobs)
@@ -402,7 +415,7 @@ def time_estimate(config: dict, rate32: float, rate64: float | None, calibration
     critical += report_s
     return {"runs": runs, "shared_s": sum(sec.values()), "total_job_s": total, "critical_path_s": critical, "cores": cores,
             "wall_s": max(critical, core_s / max(cores, 1)), "calibration": calibration.source,
-            "shared_jobs": sec}
+            "shared_jobs": sec, "jobs_left": sum(j.record not in done for j in shared) + sum(r["jobs_left"] for r in runs.values())}
 
 
 # Activation bytes kept for the backward pass of one optimization step, per (token x hidden x layer
