@@ -870,3 +870,21 @@ def test_a_published_png_is_compacted_losslessly_and_broken_pngs_are_refused(tmp
         compact_png(bytes(broken))
     with pytest.raises(EditscaleError, match="truncated"):
         compact_png(small + b"\x00\x00")
+
+
+def test_log_spaced_checkpoints_get_a_log_edit_axis_and_linear_ones_keep_theirs():
+    """A long study's checkpoints (0, 10, 20, 50, ..., 10,000) on a linear axis crowd its first
+    thousand edits into the left edge: their axis is symmetric-log, ticked at powers of ten."""
+    long_grid = [0, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+    scale, ticks, note = plots.edit_scale(long_grid, 10000)
+    assert scale.to_dict() == {"type": "symlog", "domain": [0, 10000], "nice": False}
+    assert ticks == [0, 10, 100, 1000, 10000] and note == "edits on a log scale"
+    for linear in (list(range(0, 201, 25)), list(range(1, 301))):  # the methods study's grid; one point per edit
+        scale, ticks, note = plots.edit_scale(linear, max(linear))
+        assert "type" not in scale.to_dict() and ticks is None and note == ""
+    frame = pl.DataFrame({"edit": long_grid, "mean": [1.0 - 0.05 * i for i in range(11)], "series": "ultraedit", "method": "ultraedit"})
+    frame = frame.with_columns(lo=pl.col("mean"), hi=pl.col("mean"), n_runs=pl.lit(1), runs=pl.lit("u"))
+    spec = plots.line_band(frame, x="edit", x_title="edits", y_title="score", title="t").to_dict()
+    x = spec["layer"][1]["encoding"]["x"]
+    assert x["scale"]["type"] == "symlog" and x["axis"]["values"] == [0, 10, 100, 1000, 10000]
+    assert "edits on a log scale" in spec["title"]["subtitle"]

@@ -31,8 +31,9 @@ Several runs on one figure are coloured by method, each method in the same colou
 (method_colors: its place in the method registry; the label adds model / dataset when they vary,
 and a dash tells such series of one method apart). Runs that share model, method and dataset are
 samples of one configuration: the figure shows their mean as the line and a band across samples
-(min-max, or mean +- 1 sd with band="sd"). Edit axes have integer ticks, legends are never
-truncated. Every figure renders from a handful of points, and an empty input gives a "no data"
+(min-max, or mean +- 1 sd with band="sd"). Edit axes have integer ticks, and are symmetric-log
+where the checkpoints are log-spaced (a long study's 0, 10, 20, 50, ..., 10,000: `edit_scale`);
+legends are never truncated. Every figure renders from a handful of points, and an empty input gives a "no data"
 figure.
 """
 
@@ -184,9 +185,27 @@ def method_colors(methods: Sequence[str]) -> dict[str, str]:
     return {m: PALETTE[order.index(m) % len(PALETTE)] for m in methods}
 
 
-def edits_x(field: str = "edit", title: str = "edits", **kwargs) -> alt.X:
-    """An edit-count axis: integer ticks (no 2.5 edits), thousands separated."""
-    return alt.X(f"{field}:Q", title=title, axis=alt.Axis(format=",d", tickMinStep=1), **kwargs)
+def edits_x(field: str = "edit", title: str = "edits", ticks: Sequence[int] | None = None, **kwargs) -> alt.X:
+    """An edit-count axis: integer ticks (no 2.5 edits), thousands separated; `ticks` fixes them."""
+    axis = alt.Axis(format=",d", tickMinStep=1, **({"values": list(ticks)} if ticks else {}))
+    return alt.X(f"{field}:Q", title=title, axis=axis, **kwargs)
+
+
+LOG_GRID_RATIO = 20  # checkpoint gaps growing this much from first to last: a log-spaced grid
+
+
+def edit_scale(checkpoints: Sequence[float], n_edits: int) -> tuple[alt.Scale, list[int] | None, str]:
+    """The edit axis of a run: linear, or symmetric-log when its checkpoints are log-spaced (their
+    last gap at least LOG_GRID_RATIO times their first: 0, 10, 20, 50, ..., 10,000), where a linear
+    axis crowds the first thousand edits, and everything that happens in them, into its left edge.
+    (scale, tick values or None, a note for the title: "" or "edits on a log scale")."""
+    ks = sorted({float(k) for k in checkpoints})
+    gaps = [b - a for a, b in zip(ks, ks[1:]) if b > a]
+    top = max(n_edits, 1)
+    if len(gaps) >= 3 and gaps[-1] >= LOG_GRID_RATIO * gaps[0]:
+        ticks = [0] + [10**e for e in range(1, len(str(int(top)))) if 10**e <= top]
+        return alt.Scale(type="symlog", domain=[0, top], nice=False), ticks, "edits on a log scale"
+    return alt.Scale(domain=[0, top], nice=False), None, ""
 
 
 def series_encodings(frame: pl.DataFrame) -> dict:
@@ -274,6 +293,10 @@ def line_band(
     (or one run has an interval); facets wrapped `columns` to a row, each with its own y scale."""
     points = frame.height <= 300
     xenc = edits_x(x, x_title) if x == "edit" else alt.X(f"{x}:Q", title=x_title)
+    if x == "edit" and frame.height:  # log-spaced checkpoints: a log edit axis (edit_scale)
+        xscale, ticks, note = edit_scale(frame["edit"].to_list(), int(frame["edit"].max()))
+        if note:
+            xenc, subtitle = edits_x(x, x_title, ticks, scale=xscale), [*subtitle, note]
     yscale = alt.Scale(type="log") if log_y else alt.Scale(zero=True)
     tooltip = [
         alt.Tooltip("series:N", title="series"),
@@ -630,7 +653,8 @@ def overview_chart(
     marks += [("disabling edit", float(j), float(j)) for j in disabling]
     shade = pl.DataFrame({"mark": [m[0] for m in marks], "start": [m[1] for m in marks], "end": [m[2] for m in marks]},
                          schema={"mark": pl.Utf8, "start": pl.Float64, "end": pl.Float64})
-    x_scale = alt.Scale(domain=[0, max(n_edits, 1)], nice=False)
+    checkpoints = [k for spec, ks, _ in ph.curve_values(tables, run).values() if not spec.per_edit for k in ks]
+    x_scale, ticks, x_note = edit_scale(checkpoints, n_edits)
     legend = alt.Color("mark:N", title="phase", scale=alt.Scale(domain=list(PHASE_MARKS), range=list(PHASE_MARKS.values())),
                        legend=alt.Legend(orient="bottom", direction="horizontal", **LEGEND) if glance else alt.Legend(**LEGEND))
     width, height, font = (GLANCE_WIDTH, GLANCE_HEIGHT, 10) if glance else (PANEL_WIDTH, PANEL_HEIGHT, 11)
@@ -641,20 +665,21 @@ def overview_chart(
         if shade.height:
             regions, rules = shade.filter(pl.col("mark") != "disabling edit"), shade.filter(pl.col("mark") == "disabling edit")
             if regions.height:
-                layers.append(alt.Chart(regions).mark_rect(opacity=0.25).encode(x=edits_x("start", "edits", scale=x_scale), x2="end:Q", color=legend, tooltip=mark_tip))
+                layers.append(alt.Chart(regions).mark_rect(opacity=0.25).encode(x=edits_x("start", "edits", ticks, scale=x_scale), x2="end:Q", color=legend, tooltip=mark_tip))
             if rules.height:  # a rug along the panel's foot: a long chain flags hundreds, which full-height rules would hide the curve under
                 layers.append(alt.Chart(rules).mark_rule(opacity=0.6).encode(
-                    x=edits_x("start", "edits", scale=x_scale), y=alt.value(height - DISABLING_RUG_PX), y2=alt.value(height),
+                    x=edits_x("start", "edits", ticks, scale=x_scale), y=alt.value(height - DISABLING_RUG_PX), y2=alt.value(height),
                     color=legend, tooltip=mark_tip))
         domain = {"domain": list(y_domains[name])} if name in (y_domains or {}) else {}
         y = alt.Y("value:Q", title=None, scale=alt.Scale(type="log", nice=False, **domain) if log_y else alt.Scale(zero=False, **domain))
         layers.append(alt.Chart(df).mark_line(color=color, point=alt.OverlayMarkDef(color=color, size=12) if df.height <= 60 else False).encode(
-            x=edits_x("edit", "edits", scale=x_scale), y=y, tooltip=[alt.Tooltip("edit:Q", format=",d"), alt.Tooltip("value:Q", title=label, format=".4g")]))
+            x=edits_x("edit", "edits", ticks, scale=x_scale), y=y, tooltip=[alt.Tooltip("edit:Q", format=",d"), alt.Tooltip("value:Q", title=label, format=".4g")]))
         notes = [n for n in (note, "log scale" if log_y else "") if n]
         panel_title = alt.TitleParams(label, fontSize=font, limit=0, subtitle="; ".join(notes) if notes else "", subtitleFontSize=font - 1)
         panels.append(alt.layer(*layers).properties(width=width, height=height, title=panel_title))
     cols = len(panels) if glance else columns
-    head = alt.TitleParams(title, anchor="start", limit=0, subtitle=[f"method: {method}"], fontSize=font + 2 if glance else 13)
+    head = alt.TitleParams(title, anchor="start", limit=0, subtitle=[f"method: {method}" + (f"; {x_note}" if x_note else "")],
+                           fontSize=font + 2 if glance else 13)
     return alt.concat(*panels, columns=cols, spacing=12 if glance else 20).properties(title=head)
 
 
