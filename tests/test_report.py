@@ -879,6 +879,7 @@ def test_log_spaced_checkpoints_get_a_log_edit_axis_and_linear_ones_keep_theirs(
     scale, ticks, note = plots.edit_scale(long_grid, 10000)
     assert scale.to_dict() == {"type": "symlog", "domain": [0, 10000], "nice": False}
     assert ticks == [0, 10, 100, 1000, 10000] and note == "edits on a log scale"
+    assert plots.edit_scale(long_grid[:7], 500)[1] == [0, 10, 100, 500]  # a chain stopped at 500 ends on its tick
     for linear in (list(range(0, 201, 25)), list(range(1, 301))):  # the methods study's grid; one point per edit
         scale, ticks, note = plots.edit_scale(linear, max(linear))
         assert "type" not in scale.to_dict() and ticks is None and note == ""

@@ -204,6 +204,7 @@ def edit_scale(checkpoints: Sequence[float], n_edits: int) -> tuple[alt.Scale, l
     top = max(n_edits, 1)
     if len(gaps) >= 3 and gaps[-1] >= LOG_GRID_RATIO * gaps[0]:
         ticks = [0] + [10**e for e in range(1, len(str(int(top)))) if 10**e <= top]
+        ticks += [] if ticks[-1] == top else [int(top)]  # the run's end, where it is no power of ten
         return alt.Scale(type="symlog", domain=[0, top], nice=False), ticks, "edits on a log scale"
     return alt.Scale(domain=[0, top], nice=False), None, ""
 
