@@ -49,29 +49,29 @@ def record_seconds(path: Path) -> float | None:
     return sum(float(row[0]) for row in lines[1:]) / (len(lines) - 1)
 
 
-def record_cpu_seconds(path: Path) -> float | None:
-    """CPU seconds of one Snakemake benchmark record (its `cpu_time` column, the mean over its rows):
-    the job's own compute, without the time it waited for a core beside other work."""
+def _record_column(path: Path, column: str) -> list[float] | None:
+    """The values of one column of a Snakemake benchmark record, one per row (its missing values
+    left out); None when there is no record."""
     if not path.is_file():
         return None
     lines = [ln.split("\t") for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if len(lines) < 2 or "cpu_time" not in lines[0]:
-        raise EditscaleError(f"{path} is not a Snakemake benchmark record (no `cpu_time` column)")
-    col = lines[0].index("cpu_time")
-    values = [float(row[col]) for row in lines[1:] if row[col] not in ("", "NA", "-")]
+    if len(lines) < 2 or column not in lines[0]:
+        raise EditscaleError(f"{path} is not a Snakemake benchmark record (no `{column}` column)")
+    col = lines[0].index(column)
+    return [float(row[col]) for row in lines[1:] if row[col] not in ("", "NA", "-")]
+
+
+def record_cpu_seconds(path: Path) -> float | None:
+    """CPU seconds of one Snakemake benchmark record (its `cpu_time` column, the mean over its rows):
+    the job's own compute, without the time it waited for a core beside other work."""
+    values = _record_column(path, "cpu_time")
     return sum(values) / len(values) if values else None
 
 
 def record_rss(path: Path) -> float | None:
     """Peak RSS of one Snakemake benchmark record, bytes (its `max_rss` column is in MiB; the
     largest over its rows)."""
-    if not path.is_file():
-        return None
-    lines = [ln.split("\t") for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if len(lines) < 2 or "max_rss" not in lines[0]:
-        raise EditscaleError(f"{path} is not a Snakemake benchmark record (no `max_rss` column)")
-    col = lines[0].index("max_rss")
-    values = [float(row[col]) for row in lines[1:] if row[col] not in ("", "NA", "-")]
+    values = _record_column(path, "max_rss")
     return max(values) * 2**20 if values else None
 
 

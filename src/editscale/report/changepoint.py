@@ -432,14 +432,22 @@ def _fit_info(fit: _BreakFit, ratio: float) -> dict:
     )
 
 
-def _significance(fit: _BreakFit, config: OnsetConfig) -> list[str]:
-    """Step 3 (ii): why the break is not significant (empty when it is)."""
+def _rejections(fit: _BreakFit, fall: float, other: float, config: OnsetConfig, why: str) -> tuple[float, list[str]]:
+    """Step 3: the slope ratio -fall / max(-other, slope_floor), and why the break is rejected
+    (empty when it is accepted): (i) the segment `fall` (b2 for an onset, b1 for an early fall)
+    must point down and be slope_ratio times steeper than `other` (`why` says it is not); (ii) it
+    must be significant."""
+    ratio = -fall / max(-other, config.slope_floor)
     reasons = []
+    if not (fall < 0 and fall < other):
+        reasons.append(why)
+    elif ratio < config.slope_ratio:
+        reasons.append(f"slope ratio {ratio:.2f} < {config.slope_ratio}")
     if fit.delta_bic < config.min_delta_bic:
         reasons.append(f"delta BIC {fit.delta_bic:.1f} < {config.min_delta_bic}")
     if fit.p_value is not None and fit.p_value > config.alpha:
         reasons.append(f"sup-LR p = {fit.p_value:.3f} > {config.alpha}")
-    return reasons
+    return float(ratio), reasons
 
 
 def _interval(fit: _BreakFit) -> dict:
@@ -452,14 +460,8 @@ def detect_onset(k, y, config: OnsetConfig = OnsetConfig(), *, curve: str = "cur
     if isinstance(fit, str):
         return Phase(curve=curve, reason=fit, **base)
     b1, b2 = fit.b1, fit.b2
-    ratio = -b2 / max(-b1, config.slope_floor)
+    ratio, reasons = _rejections(fit, b2, b1, config, "second segment does not fall faster than the first")
     info = _fit_info(fit, ratio)
-    reasons = []
-    if not (b2 < 0 and b2 < b1):
-        reasons.append("second segment does not fall faster than the first")
-    elif ratio < config.slope_ratio:
-        reasons.append(f"slope ratio {ratio:.2f} < {config.slope_ratio}")
-    reasons += _significance(fit, config)
     if reasons:
         return Phase(curve=curve, reason="; ".join(reasons), **base, **info)
 
@@ -490,17 +492,10 @@ def detect_early_fall(k, y, config: OnsetConfig = OnsetConfig(), *, curve: str =
     if isinstance(fit, str):
         return Phase(curve=curve, shape=EARLY_FALL, reason=fit, **base)
     b1, b2 = fit.b1, fit.b2
-    ratio = -b1 / max(-b2, config.slope_floor)
+    ratio, reasons = _rejections(fit, b1, b2, config, "first segment does not fall faster than the second")
     info = _fit_info(fit, ratio)
     total = float(fit.fitted[0] - fit.fitted[-1])
-    before = float(-b1 * fit.t_hat)
-    share = before / total if total > 0 else None
-    reasons = []
-    if not (b1 < 0 and b1 < b2):
-        reasons.append("first segment does not fall faster than the second")
-    elif ratio < config.slope_ratio:
-        reasons.append(f"slope ratio {ratio:.2f} < {config.slope_ratio}")
-    reasons += _significance(fit, config)
+    share = float(-b1 * fit.t_hat) / total if total > 0 else None
     if reasons:
         return Phase(curve=curve, shape=EARLY_FALL, reason="; ".join(reasons), drop_share=share, **base, **info)
     return Phase(curve=curve, shape=EARLY_FALL, onset_k=fit.to_k(fit.t_hat), reason="accepted", drop_share=share, **_interval(fit), **base, **info)

@@ -591,8 +591,9 @@ def _run_method(tables: Mapping[str, pl.DataFrame], run: str) -> str:
     return run
 
 
-def overview_curves(tables: Mapping[str, pl.DataFrame], run: str, *, smooth: int = 1, glance: bool = False) -> list[tuple[str, str, str, bool, pl.DataFrame]]:
-    """(curve name, label, note, log scale, frame of edit / value) of each curve of `run` the
+def overview_curves(tables: Mapping[str, pl.DataFrame], run: str, *, smooth: int = 1,
+                    glance: bool = False) -> list[tuple[str, str, str, bool, bool, pl.DataFrame]]:
+    """(curve name, label, note, log scale, per edit, frame of edit / value) of each curve of `run` the
     onset detector reads (only CurveSpec.glance ones with `glance`), in real units; per-edit
     curves of more than `smooth` edits are smoothed (the note says so)."""
     out = []
@@ -605,7 +606,7 @@ def overview_curves(tables: Mapping[str, pl.DataFrame], run: str, *, smooth: int
         if spec.per_edit and smooth > 1 and len(k) > smooth:
             y = pl.Series(y).rolling_mean(window_size=int(smooth), min_samples=1).to_numpy()
             note = f"rolling mean over {smooth} edits"
-        out.append((name, (spec.label or name).removeprefix("log "), note, spec.log, pl.DataFrame({"edit": k, "value": y})))
+        out.append((name, (spec.label or name).removeprefix("log "), note, spec.log, spec.per_edit, pl.DataFrame({"edit": k, "value": y})))
     return out
 
 
@@ -654,14 +655,14 @@ def overview_chart(
     marks += [("disabling edit", float(j), float(j)) for j in disabling]
     shade = pl.DataFrame({"mark": [m[0] for m in marks], "start": [m[1] for m in marks], "end": [m[2] for m in marks]},
                          schema={"mark": pl.Utf8, "start": pl.Float64, "end": pl.Float64})
-    checkpoints = [k for spec, ks, _ in ph.curve_values(tables, run).values() if not spec.per_edit for k in ks]
+    checkpoints = [k for *_, per_edit, df in panels_data if not per_edit for k in df["edit"].to_list()]
     x_scale, ticks, x_note = edit_scale(checkpoints, n_edits)
     legend = alt.Color("mark:N", title="phase", scale=alt.Scale(domain=list(PHASE_MARKS), range=list(PHASE_MARKS.values())),
                        legend=alt.Legend(orient="bottom", direction="horizontal", **LEGEND) if glance else alt.Legend(**LEGEND))
     width, height, font = (GLANCE_WIDTH, GLANCE_HEIGHT, 10) if glance else (PANEL_WIDTH, PANEL_HEIGHT, 11)
     mark_tip = ["mark:N", alt.Tooltip("start:Q", format=",.0f"), alt.Tooltip("end:Q", format=",.0f")]
     panels = []
-    for name, label, note, log_y, df in panels_data:
+    for name, label, note, log_y, _, df in panels_data:
         layers = []
         if shade.height:
             regions, rules = shade.filter(pl.col("mark") != "disabling edit"), shade.filter(pl.col("mark") == "disabling edit")
