@@ -241,12 +241,18 @@ def test_a_chain_stopped_where_its_budget_ended_is_merged_at_its_last_segment(ti
     metric does not evaluate, or no reason, is refused."""
     config = load_config(tiny_study / "config/test-tiny.yaml")
     config["runs"][0]["n_edits"] = 9  # the plan; the tiny study's run reached 6
-    with pytest.raises(EditscaleError, match=r"--until 4: must be a segment end \(a multiple of 3\) below the run's n_edits 9"):
+    with pytest.raises(EditscaleError, match=r"--until 4: must be a segment end \(a multiple of 3\) below the run rome-tiny's n_edits 9"):
         export_run(config, RUN, tmp_path / "bad", tiny_study, until=4, reason="budget")
     with pytest.raises(EditscaleError, match=r"say why the run rome-tiny stops there \(--reason\)"):
         export_run(config, RUN, tmp_path / "bad", tiny_study, until=6)
-    with pytest.raises(EditscaleError, match=r"--until 3: run rome-tiny lacks \d+ file\(s\) due up to edit 3 .*downstream/000003.parquet"):
+    # 3 is a segment end, but downstream and others evaluate 0, 6, 9: a record at 3 would need a
+    # checkpoint no rule of the whole run makes
+    with pytest.raises(EditscaleError, match=r"--until 3: run rome-tiny evaluates no checkpoint there for downstream, .*"
+                       r"\(the downstream grid has 0, then 6\); stop where every metric evaluates$"):
         export_run(config, RUN, tmp_path / "bad", tiny_study, until=3, reason="budget")
+    with pytest.raises(EditscaleError, match=r"--until 6: run rome-tiny lacks \d+ file\(s\) due up to edit 6 in .*: run its jobs up "
+                       r"to there first, `snakemake \$\(editscale targets --configfile <config> --run rome-tiny --until 6\)`"):
+        export_run(config, RUN, tmp_path / "bad", tmp_path / "elsewhere", until=6, reason="budget")
     rec_dir = export_run(config, RUN, tmp_path / "records", tiny_study, until=6, reason="the session's budget ended")
     rec = json.loads((rec_dir / RECORD_FILE).read_text())
     assert rec["n_edits"] == 6 and rec["stopped"] == {"reached": 6, "planned": 9, "reason": "the session's budget ended"}
@@ -255,6 +261,32 @@ def test_a_chain_stopped_where_its_budget_ended_is_merged_at_its_last_segment(ti
     theirs = tiny_study / "results/studies/test-tiny/tables"
     for p in sorted(theirs.glob("*.parquet")):
         assert (tmp_path / "merged/tables" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_targets_until_lists_what_a_chain_stopped_there_needs(tiny_study, tmp_path):
+    """`editscale targets --until K`: the files of a run planned longer, up to K, are the files of
+    the same run planned to K (what `export-run --until K` records), and a K that some metric
+    does not evaluate is one error before any job runs."""
+    import yaml
+
+    exe = str(Path(sys.executable).parent / "editscale")
+    cfg = yaml.safe_load((tiny_study / "config/test-tiny.yaml").read_text())
+    cfg["runs"][0]["n_edits"] = 9
+    nine = tmp_path / "nine.yaml"
+    nine.write_text(yaml.safe_dump(cfg))
+
+    def targets(configfile, *extra):
+        return subprocess.run([exe, "targets", "--configfile", str(configfile), "--run", RUN, *extra], cwd=tiny_study,
+                              capture_output=True, text=True)
+
+    stopped, six = targets(nine, "--until", "6"), targets(tiny_study / "config/test-tiny.yaml")
+    assert stopped.returncode == 0 and six.returncode == 0, stopped.stderr + six.stderr
+    assert stopped.stdout.split() == six.stdout.split()
+    assert f"results/{RUN}/deltas/000006.h5" in stopped.stdout and "000009" not in stopped.stdout
+    assert "000009" in targets(nine).stdout
+    bad = targets(nine, "--until", "3")
+    assert bad.returncode == 2 and bad.stdout == ""  # the CLI's exit status for an EditscaleError
+    assert "--until 3: run rome-tiny evaluates no checkpoint there for downstream" in bad.stderr
 
 
 def test_a_packed_record_is_deterministic_smaller_and_merges_to_the_same_tables(tiny_study, record, tmp_path):

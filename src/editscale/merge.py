@@ -176,7 +176,7 @@ def export_run(config: dict, run_name: str, out: str | Path, root: str | Path = 
     from .io import git_commit
     from .report.tables import edit_log_from_factors, normalize_edit_log
 
-    from .workflow import run_by_name
+    from .workflow import run_by_name, stopped_run
 
     root = Path(root)
     run = run_by_name(config, run_name)
@@ -184,19 +184,16 @@ def export_run(config: dict, run_name: str, out: str | Path, root: str | Path = 
     if until is not None:
         if not reason:
             raise EditscaleError(f"export-run --until {until}: say why the run {run_name} stops there (--reason)")
-        if not 0 < until < run["n_edits"] or until % run["segment"]:
-            raise EditscaleError(f"export-run --until {until}: must be a segment end (a multiple of {run['segment']}) below the "
-                                 f"run's n_edits {run['n_edits']}")
         stopped = {"reached": until, "planned": run["n_edits"], "reason": reason}
-        run = {**run, "n_edits": until}
+        run = stopped_run(config, run, until)
     files = run_inputs(config, run, root)
     needed = [p for ps in files["metrics"].values() for p in ps] + files["factors"] + files["deltas"] + [
         files["run_json"], files["edits"], files["model_manifest"], files["dataset"], *files["stats"].values()]
     missing = [p for p in needed if not Path(p).is_file()]
     if missing and until is not None:
         raise EditscaleError(f"export-run --until {until}: run {run_name} lacks {len(missing)} file(s) due up to edit {until} in {root}, "
-                             f"e.g. {missing[0]}: stop it at a segment end that every metric's grid evaluates (its last "
-                             "checkpoint), after its jobs up to there finished")
+                             f"e.g. {missing[0]}: run its jobs up to there first, `snakemake $(editscale targets --configfile "
+                             f"<config> --run {run_name} --until {until})`")
     if missing:
         raise EditscaleError(f"run {run_name} is not finished in {root}: {len(missing)} of its files are missing, e.g. {missing[0]} "
                              "(continue it with snakemake, then export)")
@@ -539,6 +536,8 @@ def register(sub) -> None:
                        "writes each one's record for `editscale merge`.")
     t.add_argument("--configfile", required=True)
     t.add_argument("--run", nargs="+", required=True)
+    t.add_argument("--until", type=int, default=None, help="the files of the runs as chains stopped at edit K (a segment end "
+                   "every metric evaluates): their edits and checkpoints up to K, what `export-run --until K` records")
     t.set_defaults(func=run_targets)
     m = sub.add_parser("merge", help="one study's tables, figures and audit from run records made in several places",
                        description="Checks that the records agree with the config and with each other (model, dataset, "
@@ -587,10 +586,13 @@ def run_audit(args) -> None:
 
 
 def run_targets(args) -> None:
-    from .workflow import load_config, run_by_name, run_targets as targets
+    from .workflow import load_config, run_by_name, run_targets as targets, stopped_run
 
     config = load_config(args.configfile)
-    print(" ".join(f for name in args.run for f in targets(config, run_by_name(config, name))))
+    runs = [run_by_name(config, name) for name in args.run]
+    if args.until is not None:
+        runs = [stopped_run(config, run, args.until) for run in runs]
+    print(" ".join(f for run in runs for f in targets(config, run)))
 
 
 def run_export(args) -> None:

@@ -646,6 +646,26 @@ def run_targets(config: dict, run: dict) -> list[str]:
     return audit_files(one)
 
 
+def stopped_run(config: dict, run: dict, until: int) -> dict:
+    """The run as a chain stopped at edit `until` (`export-run --until`, `targets --until`): its
+    n_edits cut to `until`, which must be a segment end below n_edits that every metric of the run
+    evaluates. Then the stopped run's files are files of the whole run (a stopped grid adds its end
+    as a checkpoint, which the evaluate rules make only where the whole run's grid has it)."""
+    if isinstance(until, bool) or not isinstance(until, int) or not 0 < until < run["n_edits"] or until % run["segment"]:
+        raise EditscaleError(f"--until {until}: must be a segment end (a multiple of {run['segment']}) below the run "
+                             f"{run['name']}'s n_edits {run['n_edits']}")
+    grids = {metric: metric_grid(config, run, metric) for metric in metrics_registry()}
+    off = [metric for metric, grid in grids.items() if until not in grid]
+    if off:
+        everywhere = set.intersection(*map(set, grids.values())) - {0}
+        below = [k for k in sorted(everywhere) if k < until]
+        raise EditscaleError(f"--until {until}: run {run['name']} evaluates no checkpoint there for {', '.join(off)} (the "
+                             f"{off[0]} grid has {max(k for k in grids[off[0]] if k < until)}, then "
+                             f"{min(k for k in grids[off[0]] if k > until)}); stop where every metric evaluates"
+                             + (f", e.g. at {below[-1]}" if below else ""))
+    return {**run, "n_edits": until}
+
+
 def record_file(run: str) -> str:
     """The run_record rule's output: the run's packed record (layout.record_path)."""
     return str(layout.record_path(run))
