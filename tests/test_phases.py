@@ -313,3 +313,33 @@ def test_a_task_that_falls_alone_is_read_on_its_own_curve_and_not_combined():
     assert all("[" not in c for c in rp.early_fall.curves_detected + rp.combined.curves_detected)
     df = phases_frame([rp])
     assert df.filter((pl.col("curve") == "downstream_ll[capital]") & (pl.col("shape") == "early_fall"))["accepted"].to_list() == [True]
+    # the summary names it as the first task to fall
+    from editscale.report.tables import first_item_fall
+
+    first = first_item_fall(rp)
+    assert first["first_to_fall_curve"] in ("downstream_f1[capital]", "downstream_ll[capital]")
+    assert first["first_to_fall_shape"] == "early_fall" and abs(first["first_to_fall_k"] - 40) <= 10
+    assert first["first_to_fall"] == f"{first['first_to_fall_curve']}: early fall until {int(round(first['first_to_fall_k']))}"
+
+
+def test_the_first_task_to_fall_ranks_early_falls_before_onsets_then_by_edit():
+    """An early fall's task was falling from the first edit, so it fell before a task whose faster
+    fall only starts later (an onset), even at a later break; among one shape, the earlier break.
+    Mean curves (no [task]) are not tasks."""
+    from editscale.report.changepoint import EARLY_FALL, ONSET, CombinedPhase, Phase
+    from editscale.report.phases import RunPhases
+    from editscale.report.tables import first_item_fall
+
+    none = CombinedPhase(None, None, None, None, (), (), "none")
+
+    def run(onsets, falls):
+        return RunPhases("r", {c: Phase(c, onset_k=k, shape=ONSET) for c, k in onsets.items()}, none, (), 1000,
+                         {c: Phase(c, onset_k=k, shape=EARLY_FALL) for c, k in falls.items()}, none)
+
+    both = run({"downstream_f1[copy]": 100, "downstream_f1": 20}, {"downstream_f1[antonym]": 750, "downstream_f1[capital]": 150})
+    assert first_item_fall(both) == {"first_to_fall": "downstream_f1[capital]: early fall until 150", "first_to_fall_k": 150,
+                                     "first_to_fall_curve": "downstream_f1[capital]", "first_to_fall_shape": "early_fall"}
+    onsets = run({"downstream_ll[copy]": 1000, "downstream_ll[count]": 500, "perplexity": 10}, {"downstream_f1": 5})
+    assert first_item_fall(onsets)["first_to_fall"] == "downstream_ll[count]: onset at 500"
+    assert first_item_fall(run({"perplexity": 10}, {"downstream_f1": 5}))["first_to_fall"] == "none"
+    assert first_item_fall(None)["first_to_fall"] == "phases not computed"

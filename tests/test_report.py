@@ -395,6 +395,9 @@ def test_summary_and_published_table_report_an_early_fall(tmp_path):
     row = results_table(t).row(0, named=True)
     assert row["early_fall_k"] == int(s["early_fall_k"]) and row["early_fall_pct"] == pytest.approx(100 * s["early_fall_share"])
     assert row["early_fall_ci"] == f"{int(s['early_fall_ci_low'])}-{int(s['early_fall_ci_high'])}"
+    # every task falls as the mean does: the first of them is named, at the mean's break
+    assert s["first_to_fall_shape"] == "early_fall" and abs(s["first_to_fall_k"] - 40) <= 10
+    assert s["first_to_fall_curve"].split("[")[1].rstrip("]") in TASKS and row["first_to_fall"] == s["first_to_fall"]
     # the overview reads it from the phases table: shaded and named
     phase, _ = plots._phase_rows(t, ["fast"])
     assert phase["fast"]["early_fall_k"] == s["early_fall_k"] and phase["fast"]["early_fall_share"] == s["early_fall_share"]

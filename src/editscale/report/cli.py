@@ -117,7 +117,7 @@ def run_plots(args) -> None:
 def run_phases(args) -> None:
     from ..io import provenance, write_parquet_atomic
     from . import phases as ph
-    from .tables import read_tables, write_table
+    from .tables import first_item_fall, read_tables, write_table
 
     tables = read_tables(args.tables)
     tables.pop("phases", None)
@@ -140,7 +140,8 @@ def run_phases(args) -> None:
         onset = f"{c.onset_k:.0f} (95% CI {c.ci_low:.0f}-{c.ci_high:.0f}; {', '.join(c.curves_agreeing)})" if c.onset_k is not None else f"none within {r.k_max} edits"
         f = r.early_fall
         fall = f"{f.onset_k:.0f} (95% CI {f.ci_low:.0f}-{f.ci_high:.0f}; {', '.join(f.curves_agreeing)})" if f is not None and f.onset_k is not None else "none"
-        log.info("run %s: onset %s; early fall %s; %d disabling edit(s)", r.run, onset, fall, len(r.disabling))
+        log.info("run %s: onset %s; early fall %s; first task to fall %s; %d disabling edit(s)", r.run, onset, fall,
+                 first_item_fall(r)["first_to_fall"], len(r.disabling))
 
 
 def run_compare(args) -> None:

@@ -127,9 +127,18 @@ def item_curves(tables: Mapping[str, pl.DataFrame], run: str) -> dict[str, Curve
                     y = np.log(y)
             ok = np.isfinite(y)
             if ok.any():
-                name = f"{spec.name}[{item}]"
+                name = item_curve_name(spec.name, item)
                 out[name] = Curve(name, k[ok], y[ok], spec.higher_is_better)
     return out
+
+
+def item_curve_name(curve: str, item) -> str:
+    """The name of one item's own curve (item_curves): {curve}[{item}]."""
+    return f"{curve}[{item}]"
+
+
+def is_item_curve(name: str) -> bool:
+    return name.endswith("]") and "[" in name
 
 
 def joint_drop_curves(curves: Mapping[str, Curve]) -> list[Curve]:

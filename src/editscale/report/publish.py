@@ -19,6 +19,8 @@ results.csv / results.md, one row per run, in the config's order:
   early_fall_k, early_fall_ci  where a fast first fall of the decision curves ends (the reverse
                                shape: damage first, then a slower phase) and its interval
   early_fall_pct               the share of that curve's whole drop that came before it (%)
+  first_to_fall                the downstream task whose own curve broke first, and how (an early
+                               fall until k, or an onset at k; summary `first_to_fall`)
   leading_indicator, lead      the weight statistic that moved first, and by how many edits
   disabling_edits              how many single edits the detector flags
 
@@ -56,6 +58,7 @@ COLUMNS = {  # column -> what the Markdown header says
     "forgotten_pct_at_end": "forgotten %", "perplexity_0": "ppl k=0", "perplexity_end": "ppl end",
     "downstream_0": "downstream k=0", "downstream_end": "downstream end", "onset_k": "onset", "onset_ci": "onset 95 % CI",
     "early_fall_k": "early fall", "early_fall_ci": "early fall 95 % CI", "early_fall_pct": "drop by then %",
+    "first_to_fall": "first task to fall",
     "leading_indicator": "leading indicator", "lead": "lead (edits)", "disabling_edits": "disabling edits",
 }
 
@@ -113,11 +116,13 @@ def results_table(tables: Mapping[str, pl.DataFrame]) -> pl.DataFrame:
             "early_fall_k": r.get("early_fall_k"),
             "early_fall_ci": f"{int(flo)}-{int(fhi)}" if flo is not None and fhi is not None else None,
             "early_fall_pct": 100 * share if share is not None else None,
+            "first_to_fall": r.get("first_to_fall") if r.get("first_to_fall_k") is not None else None,
             "leading_indicator": r.get("leading_indicator"), "lead": r.get("indicator_lead"),
             "disabling_edits": r.get("n_disabling_edits"),
         })
     schema = {"run": pl.Utf8, "method": pl.Utf8, "n_edits": pl.Int64, "onset_ci": pl.Utf8, "leading_indicator": pl.Utf8,
-              "onset_k": pl.Int64, "lead": pl.Int64, "disabling_edits": pl.Int64, "early_fall_k": pl.Int64, "early_fall_ci": pl.Utf8}
+              "onset_k": pl.Int64, "lead": pl.Int64, "disabling_edits": pl.Int64, "early_fall_k": pl.Int64, "early_fall_ci": pl.Utf8,
+              "first_to_fall": pl.Utf8}
     return pl.DataFrame(rows, schema={c: schema.get(c, pl.Float64) for c in rows[0]} if rows else None)
 
 

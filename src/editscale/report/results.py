@@ -188,6 +188,7 @@ def compare_table(res: Results, runs: Sequence[str] | None = None, at: Sequence[
         row["onset"] = s.get("onset")
         row["onset_ci"] = f"{lo:.0f}-{hi:.0f}" if lo is not None and hi is not None and not math.isnan(lo) and not math.isnan(hi) else ""
         row["early_fall"] = s.get("early_fall") or ""  # where a fast first fall ends (tables before it: empty)
+        row["first_to_fall"] = s.get("first_to_fall") or ""  # the task whose own curve broke first
         row["leading_indicator"] = s.get("leading_indicator") or ""
         row["indicator_lead"] = s.get("indicator_lead")
         for label in labels:

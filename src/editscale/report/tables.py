@@ -405,7 +405,9 @@ def summary_table(
     that agree), onset_decision (how it was decided, or why each curve showed no onset, e.g. too
     few checkpoints); early_fall (text: the edit count where a fast first fall ends, or "none"),
     early_fall_k, early_fall_ci_low, early_fall_ci_high, early_fall_share (share of the curve's
-    whole drop before it), early_fall_curves; disabling_edits (comma-separated edit indices), n_disabling_edits;
+    whole drop before it), early_fall_curves; first_to_fall (text: which downstream task's own curve
+    broke first, "none", `first_item_fall`), first_to_fall_k, first_to_fall_curve, first_to_fall_shape;
+    disabling_edits (comma-separated edit indices), n_disabling_edits;
     edit_seconds_total, edit_seconds_mean, edit_seconds_median (from `edit_log`; the median is what
     a paused or shared machine barely moves), storage_bytes;
     the two efficacy readings toolkits disagree on (EasyEdit issue #518), side by side (`readings`):
@@ -435,6 +437,7 @@ def summary_table(
         row.update(_curves_at(tables, run, points, window))
         row.update(_onset_columns(rp, edits_done, end))
         row.update(_early_fall_columns(rp))
+        row.update(first_item_fall(rp))
         row.update(leading_indicator(rp))
         dis = [d.edit_index for d in rp.disabling] if rp is not None else []
         row.update(disabling_edits=",".join(str(j) for j in dis), n_disabling_edits=len(dis))
@@ -467,6 +470,10 @@ def _summary_tail_schema() -> dict[str, pl.DataType]:
         "early_fall_ci_high": pl.Float64,
         "early_fall_share": pl.Float64,
         "early_fall_curves": pl.Utf8,
+        "first_to_fall": pl.Utf8,
+        "first_to_fall_k": pl.Float64,
+        "first_to_fall_curve": pl.Utf8,
+        "first_to_fall_shape": pl.Utf8,
         "leading_indicator": pl.Utf8,
         "leading_indicator_onset": pl.Float64,
         "indicator_lead": pl.Float64,
@@ -533,6 +540,29 @@ def _early_fall_columns(rp) -> dict:
                 "early_fall_ci_high": None, "early_fall_share": None, "early_fall_curves": ""}
     return {"early_fall": str(int(round(fall.onset_k))), "early_fall_k": fall.onset_k, "early_fall_ci_low": fall.ci_low,
             "early_fall_ci_high": fall.ci_high, "early_fall_share": fall.drop_share, "early_fall_curves": ",".join(fall.curves_agreeing)}
+
+
+def first_item_fall(rp) -> dict:
+    """Which item (a downstream task: the `{curve}[item]` curves, phases.item_curves) fell first,
+    read off the detectors' accepted breaks on the items' own curves: an item whose curve falls fast
+    from the start (an early fall, ending at its break) fell before any item whose faster fall
+    starts later (an onset); among either, the earlier break first. first_to_fall is the text
+    ("downstream_f1[capital]: early fall until 35"), "none" where no item curve has an accepted
+    break, or "phases not computed"."""
+    from .changepoint import EARLY_FALL
+    from .phases import is_item_curve
+
+    if rp is None:
+        return {"first_to_fall": "phases not computed", "first_to_fall_k": None, "first_to_fall_curve": None, "first_to_fall_shape": None}
+    breaks = [(rank, ph.onset_k, name, ph.shape)
+              for rank, per_curve in enumerate((rp.early_falls or {}, rp.phases))
+              for name, ph in per_curve.items() if is_item_curve(name) and ph.onset_k is not None]
+    if not breaks:
+        return {"first_to_fall": "none", "first_to_fall_k": None, "first_to_fall_curve": None, "first_to_fall_shape": None}
+    _, k, name, shape = min(breaks)
+    words = "early fall until" if shape == EARLY_FALL else "onset at"
+    return {"first_to_fall": f"{name}: {words} {int(round(k))}", "first_to_fall_k": k, "first_to_fall_curve": name,
+            "first_to_fall_shape": shape}
 
 
 def _cost_columns(edit_log: pl.DataFrame | None, storage_bytes: Mapping[str, int] | None, run: str) -> dict:
