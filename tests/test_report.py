@@ -875,6 +875,48 @@ def test_a_published_png_is_compacted_losslessly_and_broken_pngs_are_refused(tmp
         compact_png(small + b"\x00\x00")
 
 
+def test_a_published_figure_whose_drawing_did_not_change_keeps_its_png(tmp_path, monkeypatch):
+    """publish.small_png: each PNG names, in its tEXt chunks, the SVG it was drawn from (hash and
+    size bound), its scale and the renderer. Published again from the same SVG, the PNG is kept
+    byte for byte without rendering (another vl-convert would move pixels, not the picture); a
+    changed SVG, another bound, or a PNG without our text is drawn again."""
+    import vl_convert
+
+    from editscale.report.publish import PNG_RENDERER, PNG_SCALE, PNG_SOURCE, figure_source, png_text, small_png
+
+    res = tmp_path / "results"
+    write_run(res, "long", n_edits=300, every=10, collapse_at=180, outlier_edit=175, seed=4)
+    t = tables.build_tables(_metrics(res), [{"name": "long", "model": "tiny", "method": "rome", "dataset": "cf", "sample": 0, "n_edits": 300}])
+    svg = plots.save_chart(plots.overview_chart(t, "long"), tmp_path / "ov", formats=("svg",))[0]
+    again = plots.save_chart(plots.overview_chart(t, "long"), tmp_path / "ov2", formats=("svg",))[0]
+    assert svg.read_bytes() == again.read_bytes()  # the same tables draw the same SVG
+    out = tmp_path / "pub" / "ov.png"
+    out.parent.mkdir()
+    scale = small_png(svg, out)
+    first = out.read_bytes()
+    text = png_text(first)
+    assert text[PNG_SOURCE] == figure_source(svg.read_bytes(), 300_000) and float(text[PNG_SCALE]) == scale
+    assert text[PNG_RENDERER].startswith("vl-convert-python ")
+
+    renders = []
+    real = vl_convert.svg_to_png
+
+    def counted(svg_text, scale):
+        renders.append(scale)
+        return real(svg_text, scale=scale)
+
+    monkeypatch.setattr(vl_convert, "svg_to_png", counted)
+    assert small_png(svg, out) == scale and out.read_bytes() == first and renders == []
+    small_png(svg, out, max_bytes=299_999)  # another bound: drawn again
+    assert renders == [1.0] and png_text(out.read_bytes())[PNG_SOURCE].endswith("max-bytes 299999")
+    svg.write_text(svg.read_text().replace("</svg>", "<rect width=\"1\" height=\"1\"/></svg>"))
+    small_png(svg, out)  # the drawing changed: drawn again
+    assert len(renders) == 2 and png_text(out.read_bytes())[PNG_SOURCE] == figure_source(svg.read_bytes(), 300_000)
+    out.write_bytes(real(svg.read_text(), scale=1.0))  # a PNG without our text (published before it was kept)
+    small_png(svg, out)
+    assert len(renders) == 3 and PNG_SOURCE in png_text(out.read_bytes())
+
+
 def test_log_spaced_checkpoints_get_a_log_edit_axis_and_linear_ones_keep_theirs():
     """A long study's checkpoints (0, 10, 20, 50, ..., 10,000) on a linear axis crowd its first
     thousand edits into the left edge: their axis is symmetric-log, ticked at powers of ten."""

@@ -1,7 +1,8 @@
 """A study's results for readers (docs/results/<study>/, `editscale merge --publish DIR`): the one
 table a reader looks at first, as CSV and Markdown, the figures (PNG, each under MAX_PNG_BYTES) and
 the provenance, all from the report tables, so that the merge of the committed run records
-regenerates every committed table byte for byte.
+regenerates every committed table byte for byte. A figure whose drawing (SVG) did not change keeps
+its committed PNG: each PNG names the SVG it was drawn from (small_png).
 
 results.csv / results.md, one row per run, in the config's order:
   s_per_edit, steps_per_edit   the edit log's median seconds and mean optimizer steps per edit
@@ -31,6 +32,7 @@ runs read their own statistics (`editscale merge --statistics-per-machine`, prov
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 import zlib
@@ -51,6 +53,10 @@ PNG_SCALES = (1.0, 0.8, 0.65, 0.5, 0.4)  # the first that keeps a figure under i
 # the study's figures (every run in one chart), then each run's overview: the study's overview stacks
 # one panel per run and outgrows MAX_PNG_BYTES at a few runs, a run's own stays readable
 FIGURES = ("edit_scores", "forgetting", "downstream", "weight_distance", "update_norms")
+# a published PNG's tEXt chunks: what it was drawn from, at which scale, by which renderer. A figure
+# whose SVG is unchanged keeps its PNG, so that re-publishing with another (unpinned) vl-convert,
+# whose rasterizer moves pixels but not the picture, leaves the committed bytes alone.
+PNG_SOURCE, PNG_SCALE, PNG_RENDERER = "editscale-source", "editscale-scale", "editscale-renderer"
 
 COLUMNS = {  # column -> what the Markdown header says
     "method": "method", "s_per_edit": "s/edit", "steps_per_edit": "steps/edit", "es_after_edit": "ES",
@@ -186,18 +192,59 @@ def compact_png(png: bytes) -> bytes:
     idat = zlib.compress(zlib.decompress(b"".join(data for kind, data in chunks if kind == b"IDAT")), 9)
     kept = [c for c in chunks if c[0] != b"IDAT"]
     kept.insert(first, (b"IDAT", idat))
+    return png_bytes(kept)
+
+
+def png_bytes(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    """A PNG of these (type, data) chunks, each with its length and CRC (png_chunks' inverse)."""
     return PNG_SIGNATURE + b"".join(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-                                    for kind, data in kept)
+                                    for kind, data in chunks)
+
+
+def png_text(png: bytes) -> dict[str, str]:
+    """A PNG's tEXt chunks as {keyword: text}."""
+    return dict(data.decode("latin-1").split("\0", 1) for kind, data in png_chunks(png) if kind == b"tEXt")
+
+
+def with_png_text(png: bytes, text: Mapping[str, str]) -> bytes:
+    """The same PNG with one tEXt chunk per entry of `text`, right after IHDR (tEXt already there
+    under those keywords dropped)."""
+    chunks = [(kind, data) for kind, data in png_chunks(png)
+              if kind != b"tEXt" or data.split(b"\0", 1)[0].decode("latin-1") not in text]
+    added = [(b"tEXt", f"{key}\0{value}".encode("latin-1")) for key, value in text.items()]
+    return png_bytes(chunks[:1] + added + chunks[1:])
+
+
+def figure_source(svg: bytes, max_bytes: int) -> str:
+    """What a published PNG is drawn from: its SVG's hash and its size bound."""
+    return f"svg-sha256 {hashlib.sha256(svg).hexdigest()} max-bytes {max_bytes}"
+
+
+def _kept_scale(out: Path, source: str) -> float | None:
+    """The scale of the PNG already at `out` when it was drawn from `source`, else None."""
+    try:
+        text = png_text(out.read_bytes())
+        return float(text[PNG_SCALE]) if text.get(PNG_SOURCE) == source else None
+    except (OSError, EditscaleError, KeyError, ValueError, UnicodeDecodeError):
+        return None  # absent, not a PNG, or not one of ours: drawn again
 
 
 def small_png(svg_path: Path, out: Path, max_bytes: int = MAX_PNG_BYTES) -> float:
     """The figure's SVG rendered as PNG at the largest of PNG_SCALES that stays under
-    `max_bytes` once compacted (compact_png); returns the scale."""
+    `max_bytes` once compacted (compact_png); returns the scale. A PNG at `out` drawn from the same
+    SVG and bound (its PNG_SOURCE text) is kept as it is."""
+    from importlib.metadata import version
+
     import vl_convert as vlc
 
-    svg = svg_path.read_text(encoding="utf-8")
+    svg = svg_path.read_bytes()
+    source = figure_source(svg, max_bytes)
+    kept = _kept_scale(out, source)
+    if kept is not None:
+        return kept
     for scale in PNG_SCALES:
-        png = compact_png(vlc.svg_to_png(svg, scale=scale))
+        png = with_png_text(compact_png(vlc.svg_to_png(svg.decode("utf-8"), scale=scale)),
+                            {PNG_SOURCE: source, PNG_SCALE: repr(scale), PNG_RENDERER: f"vl-convert-python {version('vl-convert-python')}"})
         if len(png) < max_bytes:
             with atomic_path(out) as tmp:
                 Path(tmp).write_bytes(png)
