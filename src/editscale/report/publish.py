@@ -242,9 +242,10 @@ def small_png(svg_path: Path, out: Path, max_bytes: int = MAX_PNG_BYTES) -> floa
     kept = _kept_scale(out, source)
     if kept is not None:
         return kept
+    svg_text, renderer = svg.decode("utf-8"), f"vl-convert-python {version('vl-convert-python')}"
     for scale in PNG_SCALES:
-        png = with_png_text(compact_png(vlc.svg_to_png(svg.decode("utf-8"), scale=scale)),
-                            {PNG_SOURCE: source, PNG_SCALE: repr(scale), PNG_RENDERER: f"vl-convert-python {version('vl-convert-python')}"})
+        png = with_png_text(compact_png(vlc.svg_to_png(svg_text, scale=scale)),
+                            {PNG_SOURCE: source, PNG_SCALE: repr(scale), PNG_RENDERER: renderer})
         if len(png) < max_bytes:
             with atomic_path(out) as tmp:
                 Path(tmp).write_bytes(png)
