@@ -139,6 +139,31 @@ def test_machine_info_and_device():
     assert measure_flops("cpu", torch.float32, seconds=0.05) > 1e8
 
 
+@pytest.mark.parametrize("load", [0.0, 64.0])
+def test_doctor_says_when_a_busy_machine_measured_its_matmul_rate(repo_root, tmp_path, monkeypatch, load):
+    """A rate measured while no core was free is several times too low: the report says so (with
+    the load it saw), and stays quiet on an idle machine; --flops measures nothing and says nothing."""
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    # a calibration fitted elsewhere: on the machine the shipped one was fitted on, doctor would
+    # take its rates instead of measuring
+    shipped = json.loads((REPO / "src/editscale/doctor_calibration.json").read_text())
+    (tmp_path / "cal.json").write_text(json.dumps({**shipped, "machine": "another machine"}))
+    rep = doctor(repo_root / "config/test-tiny.yaml", root=tmp_path, calibration=tmp_path / "cal.json")
+    assert rep["machine"]["matmul_rate_from"] == "measured"
+    busy = rep["machine"].get("matmul_rate_busy_load")
+    text = render(rep)
+    said = "busy while the rate was measured"
+    if load and rep["machine"]["device"] == "cpu":
+        assert busy == load and f"{said} (load average {load:.2f} on" in text
+        assert "--flops" in text and "--benchmarks" in text
+    else:
+        assert busy is None and said not in text
+    given = doctor(repo_root / "config/test-tiny.yaml", flops=1e10, root=tmp_path)
+    assert "matmul_rate_busy_load" not in given["machine"] and said not in render(given)
+
+
 def test_doctor_estimates_the_tiny_config(repo_root, tmp_path):
     rep = doctor(repo_root / "config/test-tiny.yaml", bench=False, flops=1e10, root=tmp_path)
     (est,) = rep["runs"]

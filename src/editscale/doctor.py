@@ -124,6 +124,18 @@ def machine_fingerprint(info: dict[str, Any]) -> str:
                                         info.get("gpu_name", ""), info.get("torch")))
 
 
+def busy_load(info: dict[str, Any]) -> float | None:
+    """The 1-minute load average when it leaves no CPU core free for the one-thread matmul
+    measurement (load >= usable CPUs - 0.5), else None. On a CPU device a busy machine measures
+    a rate several times below the idle one (fp32: 12 GFLOP/s on the 2-core AMD VM with two edit
+    chains running, 92 in the shipped calibration, measured idle), and every time estimate grows by as much; on a GPU the rate is the
+    GPU's and the load does not matter."""
+    if info.get("device") != "cpu" or not hasattr(os, "getloadavg"):
+        return None
+    load = os.getloadavg()[0]
+    return load if load >= (info.get("cpu_usable") or 1) - 0.5 else None
+
+
 def measure_flops(device="cpu", dtype=None, seconds: float = 0.15, threads: int | None = None) -> float:
     """Achieved matmul FLOP/s on `device` in `dtype` (default float32; a short loop, a rough, warm
     number), with `threads` torch CPU threads (default: the current setting)."""
@@ -186,8 +198,11 @@ def doctor(configfile: str | Path | None, bench: bool = True, flops: float | Non
             # one thread on the CPU: the edit and evaluation jobs run with `threads: 1`, side by side
             import torch
 
+            load = busy_load(report["machine"])
             rate32 = measure_flops(dev, torch.float32, threads=1)
             rate64 = measure_flops(dev, torch.float64, threads=1)
+            if load is not None:
+                report["machine"]["matmul_rate_busy_load"] = load
         report["machine"]["matmul_flops_fp32"] = rate32
         report["machine"]["matmul_flops_fp64"] = rate64
     if configfile:
@@ -327,6 +342,10 @@ def render(report: dict) -> str:
             lines.append(f"  matmul rate: {m['matmul_flops_fp32'] / 1e9:.0f} GFLOP/s fp32, "
                          f"{(m['matmul_flops_fp64'] or 0) / 1e9:.0f} GFLOP/s fp64 (estimates use x{EFFICIENCY}; "
                          f"{m.get('matmul_rate_from', 'measured')})")
+        if m.get("matmul_rate_busy_load") is not None:
+            lines.append(f"  the machine was busy while the rate was measured (load average {m['matmul_rate_busy_load']:.2f} on "
+                         f"{m['cpu_usable']} usable CPUs): the rate is low and every time estimate below high; measure "
+                         "on an idle machine, pass --flops, or fit the study's own records with --benchmarks")
     for est in report.get("runs", []):
         lines.append("")
         lines.append(f"run {est['run']}: {est['method']} on {est['model']} ({est['params'] / 1e6:.0f} M parameters, "
