@@ -322,6 +322,27 @@ def test_forgetting_table_weights_a_stratified_sample_back_to_every_earlier_edit
     assert row2["forgotten_pct"] == pytest.approx(100 * (1 - sum((hi - lo + 1) * np.mean(v) for (lo, hi), v in rest.items()) / 500))
 
 
+def test_forgetting_table_is_the_same_to_the_bit_whatever_the_order_of_its_rows():
+    """`merge --publish` must regenerate a table bit for bit: the stratified estimates may not
+    depend on the order in which rows (or the strata a group_by makes of them) come, which a
+    float sum otherwise does in its last bits (seen on the long study's 10,000-edit history)."""
+    from editscale.evaluate.history import history_sample
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for k in (2000, 5000, 10000):
+        cases = [{"case_id": f"c{j}", "edit_index": j} for j in range(1, k + 1)]
+        rows += [(k, c["case_id"], c["edit_index"], float(rng.random()), lo, hi) for c, lo, hi in history_sample(cases, k, 500)]
+    hist = _history_rows(rows)
+    es = pl.DataFrame({"run": ["r"] * 10000, "case_id": [f"c{j}" for j in range(1, 10001)], "edit": list(range(1, 10001)),
+                       "es": rng.random(10000).tolist()})
+    first = tables.forgetting_table(hist, es)
+    for seed in range(8):
+        again = tables.forgetting_table(hist.sample(fraction=1.0, shuffle=True, seed=seed), es.sample(fraction=1.0, shuffle=True, seed=seed))
+        for col in first.columns:
+            assert again[col].to_list() == first[col].to_list(), col
+
+
 def test_report_tables_written_with_summary(results, tmp_path):
     out = tmp_path / "tables"
     written = tables.report_tables(RUNS, _metrics(results), out, edit_log=_edit_log(), storage_bytes={"rome-s0": 1234})

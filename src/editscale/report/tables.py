@@ -337,17 +337,22 @@ def _successful_in(bounds: pl.Series, edit_scores: pl.DataFrame | None, threshol
 def _stratified_mean(rows: pl.DataFrame, by: list[str], value: str, pop: str, name: str, scale: float) -> pl.DataFrame:
     """Columns by + [name, name_lo, name_hi]: the stratified mean of `value` (scaled) with its 95 %
     normal interval, the strata being (stratum_lo, stratum_hi) with population sizes `pop`."""
+    # every float sum runs over sorted values: a group's rows (and the strata a group_by makes)
+    # come in no fixed order, and the sum's last bits would follow it, so that merging the same
+    # records twice could publish two tables (tests/test_report.py, ..._whatever_the_order_...)
     strata = (
         rows.filter(pl.col(value).is_not_null())
         .group_by([*by, "stratum_lo", "stratum_hi"])
-        .agg(pl.len().alias("n"), pl.col(value).mean().alias("m"), pl.col(value).var().alias("s2"), pl.col(pop).first().alias("N"))
+        .agg(pl.len().alias("n"), pl.col(value).sort().mean().alias("m"), pl.col(value).sort().var().alias("s2"),
+             pl.col(pop).first().alias("N"))
         .with_columns(pl.max_horizontal(pl.col("N"), pl.col("n")).cast(pl.Float64).alias("N"))
         # one sampled edit of a larger stratum: the largest variance of a 0-1 reading
         .with_columns(pl.when(pl.col("n") < 2).then(pl.when(pl.col("N") > pl.col("n")).then(0.25).otherwise(0.0)).otherwise(pl.col("s2")).alias("s2"))
     )
+    total = pl.col("N").sort().sum()
     est = strata.group_by(by).agg(
-        ((pl.col("N") * pl.col("m")).sum() / pl.col("N").sum()).alias("_m"),
-        ((pl.col("N") / pl.col("N").sum()) ** 2 * (1 - pl.col("n") / pl.col("N")) * pl.col("s2") / pl.col("n")).sum().alias("_v"),
+        ((pl.col("N") * pl.col("m")).sort().sum() / total).alias("_m"),
+        ((pl.col("N") / total) ** 2 * (1 - pl.col("n") / pl.col("N")) * pl.col("s2") / pl.col("n")).sort().sum().alias("_v"),
     )
     half = Z95 * pl.col("_v").sqrt()
     return est.select(
