@@ -126,10 +126,12 @@ def machine_fingerprint(info: dict[str, Any]) -> str:
 
 def busy_load(info: dict[str, Any]) -> float | None:
     """The 1-minute load average when it leaves no CPU core free for the one-thread matmul
-    measurement (load >= usable CPUs - 0.5), else None. On a CPU device a busy machine measures
-    a rate several times below the idle one (fp32: 12 GFLOP/s on the 2-core AMD VM with two edit
-    chains running, 92 in the shipped calibration, measured idle), and every time estimate grows by as much; on a GPU the rate is the
-    GPU's and the load does not matter."""
+    measurement (load >= usable CPUs - 0.5), else None.
+
+    On a CPU device a busy machine measures a rate several times below the idle one (fp32: 12
+    GFLOP/s on the 2-core AMD VM with two edit chains running, 92 in the shipped calibration,
+    measured idle), and every time estimate grows by as much. On a GPU the rate is the GPU's and
+    the load does not matter."""
     if info.get("device") != "cpu" or not hasattr(os, "getloadavg"):
         return None
     load = os.getloadavg()[0]
